@@ -1,0 +1,5 @@
+"""``python -m meshgpu`` runs the CLI."""
+
+from meshgpu.cli import main
+
+main()
