@@ -1,0 +1,165 @@
+"""NVIDIA GPUs through NVML (``nvidia-ml-py``, module ``pynvml``).
+
+Every call blocks in the driver, so the agent runs these methods in a worker thread. A value the
+device does not support (``NVMLError_NotSupported``) is reported as None rather than failing the
+whole sample; a GPU that stops answering (``GPU is lost``) is reported unhealthy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from meshgpu.gpu._types import (
+    LINK_HOSTBRIDGE,
+    LINK_NUMA,
+    LINK_NVLINK,
+    LINK_PCIE_SWITCH,
+    LINK_SYSTEM,
+    GPUInfo,
+    GPUProviderUnavailable,
+    GPUTelemetry,
+)
+from meshgpu.gpu.catalog import lookup
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class NVMLProvider:
+    name = "nvml"
+
+    def __init__(self, nvml: Any | None = None) -> None:
+        """``nvml`` is the ``pynvml`` module (injectable so the mapping is testable without a GPU)."""
+        if nvml is None:
+            try:
+                import pynvml as nvml
+            except ImportError as e:  # pragma: no cover - nvidia-ml-py is a dependency
+                raise GPUProviderUnavailable(f"nvidia-ml-py is not installed: {e}") from e
+        self._n = nvml
+        try:
+            nvml.nvmlInit()
+        except nvml.NVMLError as e:
+            raise GPUProviderUnavailable(f"NVML unavailable: {type(e).__name__}: {e}") from e
+        self._handles = [
+            nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())
+        ]
+
+    def _try(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        try:
+            return fn(*args, **kwargs)
+        except self._n.NVMLError as e:
+            log.debug("nvml call=%s error=%s", getattr(fn, "__name__", fn), e)
+            return None
+
+    def driver_version(self) -> str | None:
+        v = self._try(self._n.nvmlSystemGetDriverVersion)
+        return None if v is None else _text(v)
+
+    def inventory(self) -> list[GPUInfo]:
+        n = self._n
+        out = []
+        for i, h in enumerate(self._handles):
+            product = _text(n.nvmlDeviceGetName(h))
+            model = lookup(product)
+            mem = n.nvmlDeviceGetMemoryInfo(h)
+            cc = self._try(n.nvmlDeviceGetCudaComputeCapability, h)
+            pci = self._try(n.nvmlDeviceGetPciInfo, h)
+            mig = self._try(n.nvmlDeviceGetMigMode, h)
+            limit = self._try(n.nvmlDeviceGetEnforcedPowerLimit, h)
+            out.append(
+                GPUInfo(
+                    index=i,
+                    uuid=_text(n.nvmlDeviceGetUUID(h)),
+                    name=model.name if model else product.removeprefix("NVIDIA ").split()[0],
+                    vendor="nvidia",
+                    memory_mib=int(mem.total // (1024 * 1024)),
+                    product_name=product,
+                    compute_capability=f"{cc[0]}.{cc[1]}" if cc else None,
+                    pci_bus_id=_text(pci.busId) if pci is not None else None,
+                    numa_node=self._try(n.nvmlDeviceGetNumaNodeId, h),
+                    mig_enabled=bool(mig and mig[0] == n.NVML_DEVICE_MIG_ENABLE),
+                    power_limit_w=limit / 1000 if limit is not None else None,
+                )
+            )
+        return out
+
+    def telemetry(self) -> list[GPUTelemetry]:
+        n = self._n
+        out = []
+        for i, h in enumerate(self._handles):
+            util = self._try(n.nvmlDeviceGetUtilizationRates, h)
+            mem = self._try(n.nvmlDeviceGetMemoryInfo, h)
+            if util is None and mem is None:
+                out.append(
+                    GPUTelemetry(
+                        index=i, healthy=False, reasons=("GPU does not answer NVML queries",)
+                    )
+                )
+                continue
+            temp = self._try(n.nvmlDeviceGetTemperature, h, n.NVML_TEMPERATURE_GPU)
+            power = self._try(n.nvmlDeviceGetPowerUsage, h)
+            ecc_u = self._try(
+                n.nvmlDeviceGetTotalEccErrors,
+                h,
+                n.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                n.NVML_VOLATILE_ECC,
+            )
+            ecc_c = self._try(
+                n.nvmlDeviceGetTotalEccErrors,
+                h,
+                n.NVML_MEMORY_ERROR_TYPE_CORRECTED,
+                n.NVML_VOLATILE_ECC,
+            )
+            reasons = []
+            if ecc_u:
+                reasons.append(f"{ecc_u} uncorrected ECC errors since boot")
+            remap = self._try(n.nvmlDeviceGetRemappedRows, h)
+            if remap is not None and len(remap) >= 4 and remap[3]:
+                reasons.append("row remapping failed")
+            out.append(
+                GPUTelemetry(
+                    index=i,
+                    utilization_pct=float(util.gpu) if util is not None else None,
+                    memory_used_mib=int(mem.used // (1024 * 1024)) if mem is not None else None,
+                    temperature_c=float(temp) if temp is not None else None,
+                    power_w=power / 1000 if power is not None else None,
+                    ecc_uncorrected=ecc_u,
+                    ecc_corrected=ecc_c,
+                    healthy=not reasons,
+                    reasons=tuple(reasons),
+                )
+            )
+        return out
+
+    def links(self) -> list[list[int]]:
+        n = self._n
+        levels = {
+            getattr(n, "NVML_TOPOLOGY_INTERNAL", 0): LINK_NVLINK,
+            getattr(n, "NVML_TOPOLOGY_SINGLE", 10): LINK_PCIE_SWITCH,
+            getattr(n, "NVML_TOPOLOGY_MULTIPLE", 20): LINK_PCIE_SWITCH,
+            getattr(n, "NVML_TOPOLOGY_HOSTBRIDGE", 30): LINK_HOSTBRIDGE,
+            getattr(n, "NVML_TOPOLOGY_NODE", 40): LINK_HOSTBRIDGE,
+            getattr(n, "NVML_TOPOLOGY_SYSTEM", 50): LINK_NUMA,
+        }
+        count = len(self._handles)
+        out = [[0] * count for _ in range(count)]
+        for a in range(count):
+            for b in range(a + 1, count):
+                ha, hb = self._handles[a], self._handles[b]
+                p2p = self._try(n.nvmlDeviceGetP2PStatus, ha, hb, n.NVML_P2P_CAPS_INDEX_NVLINK)
+                if p2p == getattr(n, "NVML_P2P_STATUS_OK", 0):
+                    level = LINK_NVLINK
+                else:
+                    common = self._try(n.nvmlDeviceGetTopologyCommonAncestor, ha, hb)
+                    level = levels.get(common, LINK_SYSTEM) if common is not None else LINK_SYSTEM
+                out[a][b] = out[b][a] = level
+        return out
+
+    def close(self) -> None:
+        self._try(self._n.nvmlShutdown)
