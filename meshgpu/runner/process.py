@@ -1,0 +1,230 @@
+"""Runs jobs on this host as supervised processes that outlive the agent (see ``shim.py``).
+
+``ProcessRunner.start`` prepares ``<jobs_dir>/<job_id>/`` (the record: ``job.json``, the working
+directory, the MPI hostfile) and launches the shim in a new session. ``wait`` returns the final
+status; ``stop`` asks for a graceful stop or an abort. ``adopt`` (called once when the agent
+starts) finds every job a previous agent process started: running ones are watched again, ended
+ones report the status their shim recorded, and a shim that vanished without a status (host
+reboot, OOM kill) is reported as lost rather than forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import trio
+
+from meshgpu.runner.jobenv import command_argv
+
+log = logging.getLogger(__name__)
+SHIM = Path(__file__).with_name("shim.py")
+DEFAULT_LOG_CAP = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class JobLaunch:
+    """Everything the shim needs; written to ``job.json``."""
+
+    job_id: str
+    commands: tuple[str, ...]
+    env: dict[str, str]
+    shell: str = "/bin/sh"
+    max_duration_s: int | None = None
+    stop_grace_s: float = 10.0
+    log_cap_bytes: int = DEFAULT_LOG_CAP
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    job_id: str
+    exit_code: int | None
+    reason: (
+        str  # dstack's JobTerminationReason names: done_by_runner, container_exited_with_error, ...
+    )
+    started_at: float | None = None
+    finished_at: float | None = None
+    signal: int | None = None
+    log_truncated: bool = False
+    message: str = ""
+
+
+def _proc_starttime(pid: int) -> int | None:
+    """Kernel start time of ``pid`` (clock ticks since boot): tells a live shim from a reused PID."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class ProcessRunner:
+    def __init__(self, jobs_dir: str | Path) -> None:
+        self.jobs_dir = Path(jobs_dir)
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def job_dir(self, job_id: str) -> Path:
+        if not job_id or "/" in job_id or job_id.startswith("."):
+            raise ValueError(f"invalid job id {job_id!r}")
+        return self.jobs_dir / job_id
+
+    def work_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "work"
+
+    def log_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "output.log"
+
+    def prepare(self, job_id: str, hostfile: str = "") -> Path:
+        """Create the job's directory (and working directory); returns the working directory
+        so the caller can unpack the user's code into it before ``start``."""
+        d = self.job_dir(job_id)
+        if (d / "job.json").exists():
+            raise FileExistsError(f"job {job_id} already exists on this host")
+        (d / "work").mkdir(parents=True, exist_ok=True)
+        (d / "mpi_hostfile").write_text(hostfile)
+        return d / "work"
+
+    async def start(self, launch: JobLaunch) -> None:
+        d = self.job_dir(launch.job_id)
+        work = d / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        record = asdict(launch) | {
+            "argv": command_argv(launch.shell, launch.commands),
+            "cwd": str(work),
+        }
+        (d / "job.json").write_text(json.dumps(record))
+        with open(d / "shim.err", "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(SHIM), str(d)],
+                start_new_session=True,  # the agent's death (or its Ctrl-C) must not reach the job
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                close_fds=True,
+            )
+        # The shim is our child only until the agent restarts; track it by pid + start time.
+        (d / "shim.pid").write_text(
+            json.dumps({"pid": proc.pid, "starttime": _proc_starttime(proc.pid)})
+        )
+        # Kept so ``wait`` can reap it: a shim must not linger as a zombie under the agent.
+        self._children[launch.job_id] = proc
+
+    def _shim_alive(self, job_id: str) -> int | None:
+        info = _read_json(self.job_dir(job_id) / "shim.pid")
+        if not info:
+            return None
+        pid = info["pid"]
+        child = self._children.get(job_id)
+        if child is not None and child.poll() is not None:
+            return None
+        start = _proc_starttime(pid)
+        if start is None or (info.get("starttime") is not None and start != info["starttime"]):
+            return None
+        return pid
+
+    def result(self, job_id: str) -> JobResult | None:
+        """The final status, if the job has ended (None while it runs)."""
+        d = self.job_dir(job_id)
+        st = _read_json(d / "status.json")
+        if st is not None:
+            return JobResult(
+                job_id=job_id,
+                exit_code=st.get("exit_code"),
+                reason=st.get("reason", "executor_error"),
+                started_at=st.get("started_at"),
+                finished_at=st.get("finished_at"),
+                signal=st.get("signal"),
+                log_truncated=bool(st.get("log_truncated")),
+                message=st.get("message", ""),
+            )
+        if self._shim_alive(job_id) is None and (d / "shim.pid").exists():
+            # Re-check: the shim may have written its status between our two reads.
+            st = _read_json(d / "status.json")
+            if st is not None:
+                return self.result(job_id)
+            return JobResult(
+                job_id,
+                None,
+                "executor_error",
+                message="the job's supervisor vanished without a status",
+            )
+        return None
+
+    async def wait(self, job_id: str, poll_s: float = 0.05) -> JobResult:
+        """Wait for the job to end. Uses a pidfd (works for shims we did not start) and falls
+        back to polling where pidfds are unavailable."""
+        while True:
+            res = self.result(job_id)
+            if res is not None:
+                child = self._children.pop(job_id, None)
+                if child is not None:
+                    child.poll()
+                return res
+            pid = self._shim_alive(job_id)
+            if pid is None:
+                await trio.sleep(poll_s)
+                continue
+            try:
+                fd = os.pidfd_open(pid)
+            except (OSError, AttributeError):
+                await trio.sleep(poll_s)
+                continue
+            try:
+                with trio.move_on_after(5):  # bounded, in case the pid was reused under us
+                    await trio.lowlevel.wait_readable(fd)
+            finally:
+                os.close(fd)
+            child = self._children.get(job_id)
+            if child is not None:
+                child.poll()
+
+    def stop(self, job_id: str, grace_s: float, reason: str = "terminated_by_user") -> bool:
+        """Ask the job to stop: SIGTERM, then SIGKILL after ``grace_s`` (0 = abort now).
+        Returns False if it had already ended."""
+        d = self.job_dir(job_id)
+        pid = self._shim_alive(job_id)
+        if pid is None:
+            return False
+        tmp = d / "stop.json.tmp"
+        tmp.write_text(json.dumps({"grace_s": grace_s, "reason": reason}))
+        os.replace(tmp, d / "stop.json")
+        if not (d / "job.pid").exists():
+            return True  # the shim is still starting; it reads stop.json once it is ready
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def adopt(self) -> list[str]:
+        """Job ids found on disk from earlier agent processes, running or ended but unreported."""
+        found = []
+        for d in sorted(self.jobs_dir.iterdir()):
+            if (d / "job.json").exists() and not (d / "reported").exists():
+                found.append(d.name)
+        return found
+
+    def mark_reported(self, job_id: str) -> None:
+        """The final status is committed: adoption after a restart need not report it again."""
+        (self.job_dir(job_id) / "reported").touch()
+
+    def remove(self, job_id: str) -> None:
+        """Delete an ended job's files (logs included)."""
+        if self.result(job_id) is None:
+            raise RuntimeError(f"job {job_id} is still running")
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

@@ -1,0 +1,186 @@
+"""The per-job supervisor process: it outlives the agent.
+
+The agent starts ``python -I -S shim.py JOB_DIR`` in a new session; the shim reads
+``JOB_DIR/job.json``, starts the job in its own process group, copies its output to
+``JOB_DIR/output.log`` (capped), enforces ``max_duration``, handles stop requests and finally
+writes ``JOB_DIR/status.json`` atomically. Because the shim -- not the agent -- is the job's
+parent, an agent that is killed and restarted finds the job still running (``shim.pid``) or its
+final status on disk, and re-adopts it instead of losing it.
+
+Standard library only, and no package imports, so it starts in a few milliseconds with ``-S``.
+
+Stop protocol: the agent writes ``stop.json`` (``{"grace_s": N, "reason": "..."}``) and sends
+SIGTERM to the shim; the shim sends SIGTERM to the job's process group, then SIGKILL after the
+grace period. ``grace_s: 0`` is an abort.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+import time
+
+LOG_NAME = "output.log"
+
+
+def _write_json(path: str, value: object) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def main(job_dir: str) -> int:
+    spec = _read_json(os.path.join(job_dir, "job.json"))
+    log_cap = int(spec.get("log_cap_bytes", 64 << 20))
+    max_duration = spec.get("max_duration_s")
+    default_grace = float(spec.get("stop_grace_s", 10))
+    state: dict = {"stop": None, "deadline": None, "pgid": None}
+
+    def on_term(signum: int, frame: object) -> None:
+        req = _read_json(os.path.join(job_dir, "stop.json"))
+        grace = float(req.get("grace_s", default_grace))
+        if state["stop"] is None:
+            state["stop"] = req.get("reason", "terminated_by_user")
+        if state["pgid"] is not None:
+            _killpg(state["pgid"], signal.SIGKILL if grace <= 0 else signal.SIGTERM)
+        dl = time.monotonic() + grace
+        state["deadline"] = dl if state["deadline"] is None else min(state["deadline"], dl)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    rd, wr = os.pipe()
+    started = time.time()
+    try:
+        pid = os.fork()
+    except OSError as e:
+        _write_json(
+            os.path.join(job_dir, "status.json"),
+            {
+                "exit_code": None,
+                "reason": "executor_error",
+                "message": str(e),
+                "finished_at": time.time(),
+            },
+        )
+        return 1
+    if pid == 0:  # the job
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)  # ignored signals would survive exec
+            os.setpgid(0, 0)
+            os.dup2(wr, 1)
+            os.dup2(wr, 2)
+            os.close(rd)
+            os.close(wr)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.chdir(spec["cwd"])
+            os.execve(spec["argv"][0], spec["argv"], spec["env"])
+        except BaseException as e:  # noqa: BLE001 - report anything, the job cannot start
+            os.write(2, f"meshgpu: cannot start the job: {e}\n".encode())
+            os._exit(127)
+    os.close(wr)
+    try:
+        os.setpgid(pid, pid)
+    except OSError:
+        pass  # the child already did it (or already exited)
+    state["pgid"] = pid
+    # job.pid doubles as "ready for stop requests": the agent signals only once it exists, and
+    # a request written before it is picked up here.
+    _write_json(os.path.join(job_dir, "job.pid"), {"pid": pid, "pgid": pid, "started_at": started})
+    if os.path.exists(os.path.join(job_dir, "stop.json")):
+        on_term(signal.SIGTERM, None)
+
+    max_deadline = time.monotonic() + float(max_duration) if max_duration else None
+
+    written = 0
+    truncated = False
+    log = open(os.path.join(job_dir, LOG_NAME), "ab", buffering=0)  # noqa: SIM115 - closed below
+    eof = False
+    status = None
+    while True:
+        now = time.monotonic()
+        if max_deadline is not None and now >= max_deadline and state["stop"] is None:
+            state["stop"] = "max_duration_exceeded"
+            _killpg(pid, signal.SIGTERM)
+            state["deadline"] = now + default_grace
+        if state["deadline"] is not None and now >= state["deadline"]:
+            _killpg(pid, signal.SIGKILL)
+            state["deadline"] = None
+        if status is None:
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+                # The job is over; whatever it left running in its group goes with it, which
+                # also closes their copies of the output pipe so we reach EOF.
+                _killpg(pid, signal.SIGKILL)
+        if status is not None and eof:
+            break
+        if eof:
+            time.sleep(0.02)  # output closed early (the job redirected it); wait for the exit
+            continue
+        timeout = 0.2
+        if max_deadline is not None:
+            timeout = max(0.0, min(timeout, max_deadline - now))
+        if select.select([rd], [], [], timeout)[0]:
+            chunk = os.read(rd, 65536)
+            if not chunk:
+                eof = True
+                continue
+            if written < log_cap:
+                part = chunk[: log_cap - written]
+                log.write(part)
+                written += len(part)
+                if written >= log_cap and not truncated:
+                    truncated = True
+                    log.write(f"\n[meshgpu: output truncated at {log_cap} bytes]\n".encode())
+    log.close()
+    if os.WIFEXITED(status):
+        code, sig = os.WEXITSTATUS(status), None
+    else:
+        code, sig = 128 + os.WTERMSIG(status), os.WTERMSIG(status)
+    if state["stop"] is not None:
+        reason = state["stop"]
+    elif code == 0:
+        reason = "done_by_runner"
+    else:
+        reason = "container_exited_with_error"
+    _write_json(
+        os.path.join(job_dir, "status.json"),
+        {
+            "exit_code": code,
+            "signal": sig,
+            "reason": reason,
+            "started_at": started,
+            "finished_at": time.time(),
+            "log_truncated": truncated,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
