@@ -1,0 +1,55 @@
+"""The replicated state: commands, the deterministic state machine, records and queries."""
+
+from meshgpu.state.commands import (
+    COMMAND,
+    AssignJobs,
+    Assignment,
+    JobFinished,
+    JobStarted,
+    PruneRuns,
+    RegisterNode,
+    SetPendingReasons,
+    StopRun,
+    SubmitRun,
+    decode,
+    encode,
+)
+from meshgpu.state.machine import Result, StateMachine, expand_jobs
+from meshgpu.state.records import (
+    CodeRef,
+    GPURecord,
+    JobRecord,
+    JobStatus,
+    JobTerminationReason,
+    NodeRecord,
+    RunRecord,
+    RunStatus,
+    RunTerminationReason,
+)
+
+__all__ = [
+    "COMMAND",
+    "AssignJobs",
+    "Assignment",
+    "CodeRef",
+    "GPURecord",
+    "JobFinished",
+    "JobRecord",
+    "JobStarted",
+    "JobStatus",
+    "JobTerminationReason",
+    "NodeRecord",
+    "PruneRuns",
+    "RegisterNode",
+    "Result",
+    "RunRecord",
+    "RunStatus",
+    "RunTerminationReason",
+    "SetPendingReasons",
+    "StateMachine",
+    "StopRun",
+    "SubmitRun",
+    "decode",
+    "encode",
+    "expand_jobs",
+]

@@ -1,0 +1,117 @@
+"""Commands: the only way the replicated state changes. Each is a pydantic model; an entry in the
+Raft log is one encoded command. Time enters through ``at`` (set by the proposer), never read
+inside ``apply``, so every member computes the same state."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from meshgpu.state.records import CodeRef, GPURecord, JobTerminationReason
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    at: float = Field(description="Proposer's wall clock, seconds since the epoch")
+
+
+class RegisterNode(_Command):
+    kind: Literal["register_node"] = "register_node"
+    node_id: str
+    name: str
+    api_url: str | None = None
+    peer_address: str | None = None
+    internal_ip: str = "127.0.0.1"
+    labels: dict[str, str] = Field(default_factory=dict)
+    gpus: list[GPURecord] = Field(default_factory=list)
+    gpu_links: list[list[int]] = Field(default_factory=list)
+    cpu_count: int = 1
+    cpu_arch: str = "x86"
+    memory_mib: int = 0
+    disk_gb: float = 0.0
+    container_runtime: str | None = None
+
+
+class SubmitRun(_Command):
+    kind: Literal["submit_run"] = "submit_run"
+    request_id: str = Field(description="Client-chosen id: a retried submission has effect once")
+    run_id: str
+    run_name: str
+    project: str = "main"
+    user: str = "admin"
+    config: dict[str, Any]
+    run_args: list[str] = Field(default_factory=list)
+    code: CodeRef | None = None
+
+
+class Assignment(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    job_id: str
+    node_id: str
+    gpu_indices: list[int]
+
+
+class AssignJobs(_Command):
+    """The leader's scheduler decisions; re-checked at apply, so a stale decision is refused
+    rather than double-allocating a GPU."""
+
+    kind: Literal["assign_jobs"] = "assign_jobs"
+    assignments: list[Assignment]
+
+
+class SetPendingReasons(_Command):
+    kind: Literal["set_pending_reasons"] = "set_pending_reasons"
+    reasons: dict[str, str]
+
+
+class JobStarted(_Command):
+    kind: Literal["job_started"] = "job_started"
+    job_id: str
+    epoch: int
+    started_at: float
+
+
+class JobFinished(_Command):
+    kind: Literal["job_finished"] = "job_finished"
+    job_id: str
+    epoch: int
+    reason: JobTerminationReason
+    exit_code: int | None = None
+    message: str = ""
+
+
+class StopRun(_Command):
+    kind: Literal["stop_run"] = "stop_run"
+    run_name: str
+    abort: bool = False
+
+
+class PruneRuns(_Command):
+    """Forget finished runs beyond ``keep`` (newest kept) or older than ``max_age_s``."""
+
+    kind: Literal["prune_runs"] = "prune_runs"
+    keep: int = 1000
+    max_age_s: float = 7 * 86400
+
+
+Command = Annotated[
+    RegisterNode
+    | SubmitRun
+    | AssignJobs
+    | SetPendingReasons
+    | JobStarted
+    | JobFinished
+    | StopRun
+    | PruneRuns,
+    Field(discriminator="kind"),
+]
+COMMAND = TypeAdapter(Command)
+
+
+def encode(cmd: _Command) -> bytes:
+    return cmd.model_dump_json().encode()
+
+
+def decode(data: bytes) -> Any:
+    return COMMAND.validate_json(data)

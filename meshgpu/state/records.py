@@ -1,0 +1,187 @@
+"""The replicated records: nodes, runs and jobs, with dstack's status machines and reasons
+(reference/dstack-semantics.md §4), so ``meshgpu ps`` reads like ``dstack ps``."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RunStatus(enum.StrEnum):
+    PENDING = "pending"
+    SUBMITTED = "submitted"
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
+    FAILED = "failed"
+    DONE = "done"
+
+    def is_finished(self) -> bool:
+        return self in (RunStatus.TERMINATED, RunStatus.FAILED, RunStatus.DONE)
+
+
+class JobStatus(enum.StrEnum):
+    SUBMITTED = "submitted"
+    PROVISIONING = "provisioning"
+    PULLING = "pulling"
+    RUNNING = "running"
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
+    ABORTED = "aborted"
+    FAILED = "failed"
+    DONE = "done"
+
+    def is_finished(self) -> bool:
+        return self in (JobStatus.TERMINATED, JobStatus.ABORTED, JobStatus.FAILED, JobStatus.DONE)
+
+    def holds_resources(self) -> bool:
+        return self in (
+            JobStatus.PROVISIONING,
+            JobStatus.PULLING,
+            JobStatus.RUNNING,
+            JobStatus.TERMINATING,
+        )
+
+
+class JobTerminationReason(enum.StrEnum):
+    FAILED_TO_START_DUE_TO_NO_CAPACITY = "failed_to_start_due_to_no_capacity"
+    INTERRUPTED_BY_NO_CAPACITY = "interrupted_by_no_capacity"
+    INSTANCE_UNREACHABLE = "instance_unreachable"
+    WAITING_RUNNER_LIMIT_EXCEEDED = "waiting_runner_limit_exceeded"
+    TERMINATED_BY_USER = "terminated_by_user"
+    SCALED_DOWN = "scaled_down"
+    TERMINATED_BY_SERVER = "terminated_by_server"
+    INACTIVITY_DURATION_EXCEEDED = "inactivity_duration_exceeded"
+    TERMINATED_DUE_TO_UTILIZATION_POLICY = "terminated_due_to_utilization_policy"
+    MAX_DURATION_EXCEEDED = "max_duration_exceeded"
+    CONTAINER_EXITED_WITH_ERROR = "container_exited_with_error"
+    PORTS_BINDING_FAILED = "ports_binding_failed"
+    CREATING_CONTAINER_ERROR = "creating_container_error"
+    EXECUTOR_ERROR = "executor_error"
+    LOG_QUOTA_EXCEEDED = "log_quota_exceeded"
+    ABORTED_BY_USER = "aborted_by_user"
+    DONE_BY_RUNNER = "done_by_runner"
+
+    def to_status(self) -> JobStatus:
+        if self is JobTerminationReason.DONE_BY_RUNNER:
+            return JobStatus.DONE
+        if self is JobTerminationReason.ABORTED_BY_USER:
+            return JobStatus.ABORTED
+        if self in _TERMINATED_REASONS:
+            return JobStatus.TERMINATED
+        return JobStatus.FAILED
+
+
+_TERMINATED_REASONS = frozenset(
+    {
+        JobTerminationReason.TERMINATED_BY_USER,
+        JobTerminationReason.SCALED_DOWN,
+        JobTerminationReason.TERMINATED_BY_SERVER,
+        JobTerminationReason.INACTIVITY_DURATION_EXCEEDED,
+        JobTerminationReason.TERMINATED_DUE_TO_UTILIZATION_POLICY,
+        JobTerminationReason.MAX_DURATION_EXCEEDED,
+    }
+)
+
+
+class RunTerminationReason(enum.StrEnum):
+    ALL_JOBS_DONE = "all_jobs_done"
+    JOB_FAILED = "job_failed"
+    RETRY_LIMIT_EXCEEDED = "retry_limit_exceeded"
+    STOPPED_BY_USER = "stopped_by_user"
+    ABORTED_BY_USER = "aborted_by_user"
+    SERVER_ERROR = "server_error"
+
+    def to_status(self) -> RunStatus:
+        if self is RunTerminationReason.ALL_JOBS_DONE:
+            return RunStatus.DONE
+        if self in (RunTerminationReason.STOPPED_BY_USER, RunTerminationReason.ABORTED_BY_USER):
+            return RunStatus.TERMINATED
+        return RunStatus.FAILED
+
+
+class _Record(BaseModel):
+    # Records are mutated only inside ``StateMachine.apply``; validation on assignment would cost
+    # on every command for no safety gain there.
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class GPURecord(_Record):
+    index: int
+    uuid: str
+    name: str
+    vendor: str
+    memory_mib: int
+    compute_capability: str | None = None
+    numa_node: int | None = None
+    healthy: bool = True
+
+
+class NodeRecord(_Record):
+    node_id: str
+    name: str
+    api_url: str | None = None
+    peer_address: str | None = None
+    internal_ip: str = "127.0.0.1"
+    labels: dict[str, str] = Field(default_factory=dict)
+    gpus: list[GPURecord] = Field(default_factory=list)
+    gpu_links: list[list[int]] = Field(default_factory=list)
+    cpu_count: int = 1
+    cpu_arch: str = "x86"
+    memory_mib: int = 0
+    disk_gb: float = 0.0
+    container_runtime: str | None = None
+    status: str = "active"  # active | draining | dead
+    registered_at: float = 0.0
+
+
+class JobRecord(_Record):
+    job_id: str
+    run_name: str
+    run_id: str
+    job_num: int = 0
+    replica_num: int = 0
+    submission_num: int = 0
+    group: str | None = None
+    status: JobStatus = JobStatus.SUBMITTED
+    termination_reason: JobTerminationReason | None = None
+    termination_message: str = ""
+    resources: dict[str, Any] = Field(default_factory=dict)
+    node_id: str | None = None
+    gpu_indices: list[int] = Field(default_factory=list)
+    epoch: int = 0  # bumped by every assignment; reports from an older epoch are fenced off
+    submitted_at: float = 0.0
+    assigned_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    stop_requested: str | None = None  # "stop" | "abort" while TERMINATING
+    why_pending: str = ""
+
+
+class CodeRef(_Record):
+    """Where the run's uploaded working directory lives (content-addressed)."""
+
+    sha256: str
+    size: int
+    node_id: str
+
+
+class RunRecord(_Record):
+    run_id: str
+    run_name: str
+    project: str = "main"
+    user: str = "admin"
+    request_id: str | None = None
+    config: dict[str, Any]
+    run_args: list[str] = Field(default_factory=list)
+    code: CodeRef | None = None
+    priority: int = 0
+    status: RunStatus = RunStatus.SUBMITTED
+    termination_reason: RunTerminationReason | None = None
+    submitted_at: float = 0.0
+    finished_at: float | None = None
+    job_ids: list[str] = Field(default_factory=list)
