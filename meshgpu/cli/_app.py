@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from meshgpu.cli import _config
+from meshgpu.cli import _agent, _cluster, _config, _runs
 
 app = typer.Typer(
     name="meshgpu",
@@ -14,6 +14,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(_config.app, name="config")
+app.command()(_agent.agent)
+app.command(context_settings={"allow_interspersed_args": False})(_runs.apply)
+app.command(context_settings={"allow_interspersed_args": False})(_runs.submit)
+app.command()(_runs.ps)
+app.command()(_runs.logs)
+app.command()(_runs.stop)
+app.command()(_cluster.nodes)
+app.command()(_cluster.status)
 
 
 def main() -> None:

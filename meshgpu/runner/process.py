@@ -26,6 +26,7 @@ from meshgpu.runner.jobenv import command_argv
 
 log = logging.getLogger(__name__)
 SHIM = Path(__file__).with_name("shim.py")
+LAUNCHER = Path(__file__).with_name("launcher.py")
 DEFAULT_LOG_CAP = 64 << 20
 
 
@@ -40,6 +41,8 @@ class JobLaunch:
     max_duration_s: int | None = None
     stop_grace_s: float = 10.0
     log_cap_bytes: int = DEFAULT_LOG_CAP
+    epoch: int = 0  # the assignment this process serves; a restarted agent reads it back
+    argv: tuple[str, ...] | None = None  # instead of ``shell -c commands`` (e.g. a container)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +65,10 @@ def _proc_starttime(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None  # exited, not yet reaped by its parent: as good as gone
+    return int(fields[19])
 
 
 def _read_json(path: Path) -> dict | None:
@@ -73,10 +79,13 @@ def _read_json(path: Path) -> dict | None:
 
 
 class ProcessRunner:
-    def __init__(self, jobs_dir: str | Path) -> None:
+    def __init__(self, jobs_dir: str | Path, *, use_launcher: bool = True) -> None:
         self.jobs_dir = Path(jobs_dir)
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self.use_launcher = use_launcher
+        self._launcher: tuple[trio.SocketStream, bytearray] | None = None
+        self._launch_lock = trio.Lock() if use_launcher else None
 
     def job_dir(self, job_id: str) -> Path:
         if not job_id or "/" in job_id or job_id.startswith("."):
@@ -103,26 +112,98 @@ class ProcessRunner:
         d = self.job_dir(launch.job_id)
         work = d / "work"
         work.mkdir(parents=True, exist_ok=True)
-        record = asdict(launch) | {
-            "argv": command_argv(launch.shell, launch.commands),
-            "cwd": str(work),
-        }
+        argv = list(launch.argv) if launch.argv else command_argv(launch.shell, launch.commands)
+        record = asdict(launch) | {"argv": argv, "cwd": str(work)}
         (d / "job.json").write_text(json.dumps(record))
-        with open(d / "shim.err", "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(SHIM), str(d)],
-                start_new_session=True,  # the agent's death (or its Ctrl-C) must not reach the job
+        pid = await self._launch_via_launcher(d) if self.use_launcher else None
+        if pid is None:
+            with open(d / "shim.err", "wb") as err:
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", str(SHIM), str(d)],
+                    start_new_session=True,  # the agent's death (or its Ctrl-C) must not reach the job
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    close_fds=True,
+                )
+            # Kept so ``wait`` can reap it: a shim must not linger as a zombie under the agent.
+            self._children[launch.job_id] = proc
+            pid = proc.pid
+        # The shim is our child only until the agent restarts; track it by pid + start time.
+        (d / "shim.pid").write_text(json.dumps({"pid": pid, "starttime": _proc_starttime(pid)}))
+
+    async def _launch_via_launcher(self, job_dir: Path) -> int | None:
+        """Ask the fork server for a supervisor; None if it cannot be had (then spawn directly)."""
+        assert self._launch_lock is not None
+        async with self._launch_lock:
+            for _ in range(2):
+                try:
+                    stream, buf = await self._launcher_conn()
+                    await stream.send_all(str(job_dir).encode() + b"\n")
+                    while b"\n" not in buf:
+                        chunk = await stream.receive_some(4096)
+                        if not chunk:
+                            raise OSError("launcher closed the connection")
+                        buf += chunk
+                    line, _, rest = bytes(buf).partition(b"\n")
+                    buf[:] = rest
+                    reply = json.loads(line)
+                    if "pid" in reply:
+                        return int(reply["pid"])
+                    log.warning("launcher refused: %s", reply.get("error"))
+                    return None
+                except (OSError, trio.BrokenResourceError, ValueError) as e:
+                    log.info("launcher unavailable (%s); restarting it", e)
+                    await self._drop_launcher()
+        return None
+
+    async def _launcher_conn(self) -> tuple[trio.SocketStream, bytearray]:
+        if self._launcher is not None:
+            return self._launcher
+        sock = self.jobs_dir / "launcher.sock"
+        try:
+            stream = await trio.open_unix_socket(str(sock))
+        except OSError:
+            # It daemonizes: this returns as soon as the first process exits.
+            await trio.run_process(
+                [sys.executable, "-I", "-S", str(LAUNCHER), str(self.jobs_dir)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                stderr=err,
-                close_fds=True,
+                stderr=subprocess.DEVNULL,
             )
-        # The shim is our child only until the agent restarts; track it by pid + start time.
-        (d / "shim.pid").write_text(
-            json.dumps({"pid": proc.pid, "starttime": _proc_starttime(proc.pid)})
-        )
-        # Kept so ``wait`` can reap it: a shim must not linger as a zombie under the agent.
-        self._children[launch.job_id] = proc
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        stream = await trio.open_unix_socket(str(sock))
+                        break
+                    except OSError:
+                        await trio.sleep(0.005)
+        self._launcher = (stream, bytearray())
+        return self._launcher
+
+    async def _drop_launcher(self) -> None:
+        if self._launcher is not None:
+            with trio.CancelScope(shield=True):
+                await self._launcher[0].aclose()
+            self._launcher = None
+
+    async def aclose(self, stop_launcher: bool = True) -> None:
+        """Let go of the launcher; stop it too unless told otherwise. Running jobs are not
+        affected either way: their supervisors are separate processes."""
+        await self._drop_launcher()
+        if stop_launcher:
+            info = _read_json(self.jobs_dir / "launcher.pid")
+            if info:
+                try:
+                    os.kill(int(info["pid"]), signal.SIGTERM)
+                except (ProcessLookupError, PermissionError, ValueError, KeyError):
+                    pass
+
+    async def __aenter__(self) -> ProcessRunner:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def _shim_alive(self, job_id: str) -> int | None:
         info = _read_json(self.job_dir(job_id) / "shim.pid")

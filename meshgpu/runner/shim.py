@@ -27,11 +27,11 @@ LOG_NAME = "output.log"
 
 
 def _write_json(path: str, value: object) -> None:
+    # Atomic (rename), not fsynced: these records must survive the agent, not the host -- a
+    # host that reboots takes the job with it, and the leader learns that through gossip/Raft.
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -121,6 +121,11 @@ def main(job_dir: str) -> int:
     log = open(os.path.join(job_dir, LOG_NAME), "ab", buffering=0)  # noqa: SIM115 - closed below
     eof = False
     status = None
+    try:
+        # Readable when the job exits: lets one select() wait for output *and* exit, no polling.
+        exit_fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        exit_fd = None
     while True:
         now = time.monotonic()
         if max_deadline is not None and now >= max_deadline and state["stop"] is None:
@@ -139,13 +144,19 @@ def main(job_dir: str) -> int:
                 _killpg(pid, signal.SIGKILL)
         if status is not None and eof:
             break
-        if eof:
-            time.sleep(0.02)  # output closed early (the job redirected it); wait for the exit
-            continue
         timeout = 0.2
         if max_deadline is not None:
             timeout = max(0.0, min(timeout, max_deadline - now))
-        if select.select([rd], [], [], timeout)[0]:
+        if state["deadline"] is not None:
+            timeout = max(0.0, min(timeout, state["deadline"] - now))
+        watch = [] if eof else [rd]
+        if status is None and exit_fd is not None:
+            watch.append(exit_fd)
+        if not watch:
+            time.sleep(0.02)  # no pidfd, output closed early: poll for the exit
+            continue
+        ready = select.select(watch, [], [], timeout)[0]
+        if rd in ready:
             chunk = os.read(rd, 65536)
             if not chunk:
                 eof = True
@@ -157,6 +168,8 @@ def main(job_dir: str) -> int:
                 if written >= log_cap and not truncated:
                     truncated = True
                     log.write(f"\n[meshgpu: output truncated at {log_cap} bytes]\n".encode())
+    if exit_fd is not None:
+        os.close(exit_fd)
     log.close()
     if os.WIFEXITED(status):
         code, sig = os.WEXITSTATUS(status), None

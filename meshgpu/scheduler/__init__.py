@@ -10,4 +10,13 @@ from meshgpu.scheduler.matching import (
 )
 from meshgpu.scheduler.placement import Plan, plan
 
-__all__ = ["Plan", "choose_gpus", "gpu_matches", "gpus_wanted", "host_fits", "plan", "resources_of"]
+__all__ = [
+    "Plan",
+    "choose_gpus",
+    "gpu_matches",
+    "gpus_wanted",
+    "host_fits",
+    "job_resources",
+    "plan",
+    "resources_of",
+]

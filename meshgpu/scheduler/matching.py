@@ -9,25 +9,36 @@ job may be given; they do not exclude bigger hosts -- a 2-CPU job may run on a 9
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from meshgpu.config.resources import GPUSpec, ResourcesSpec
-from meshgpu.state.records import GPURecord, NodeRecord
-
-
-@lru_cache(maxsize=4096)
-def _parse(key: str) -> ResourcesSpec:
-    import json
-
-    return ResourcesSpec.model_validate(json.loads(key))
+from meshgpu.state.records import GPURecord, JobRecord, NodeRecord
 
 
 def resources_of(raw: dict[str, Any]) -> ResourcesSpec:
-    import json
+    return ResourcesSpec.model_validate(raw)
 
-    return _parse(json.dumps(raw, sort_keys=True))
+
+def job_key(job: JobRecord) -> str:
+    """A canonical text of the job's requirements: jobs with equal keys fit the same hosts."""
+    return job.resources_key or json.dumps(job.resources, sort_keys=True, separators=(",", ":"))
+
+
+_SPECS: dict[str, ResourcesSpec] = {}
+
+
+def job_resources(job: JobRecord) -> ResourcesSpec:
+    """The job's parsed requirements; parsed once per distinct requirement (a queue of a
+    thousand identical jobs parses one spec)."""
+    key = job_key(job)
+    spec = _SPECS.get(key)
+    if spec is None:
+        if len(_SPECS) > 10_000:
+            _SPECS.clear()
+        spec = _SPECS[key] = ResourcesSpec.model_validate(job.resources)
+    return spec
 
 
 def gpus_wanted(gpu: GPUSpec) -> int:

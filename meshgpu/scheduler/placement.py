@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshgpu.scheduler.matching import choose_gpus, host_fits, resources_of
+from meshgpu.scheduler.matching import choose_gpus, host_fits, job_key, job_resources
 from meshgpu.state.commands import Assignment
 from meshgpu.state.machine import StateMachine
-from meshgpu.state.records import JobRecord, RunRecord
+from meshgpu.state.records import JobRecord, NodeRecord, RunRecord
+
+QUEUED = "waiting for capacity: earlier or higher-priority runs are ahead in the queue"
 
 
 @dataclass
@@ -44,13 +46,33 @@ def plan(state: StateMachine) -> Plan:
     ]
     free = {n.node_id: {g.index for g in n.gpus} - state.gpus_in_use(n.node_id) for n in nodes}
     reserved: dict[str, str] = {}  # node_id -> run that waits for it
+    feasible_cache: dict[tuple[str, bool], list[NodeRecord]] = {}
     for run, jobs in _gangs(state):
         image = bool(run.config.get("image"))
+        if len(reserved) == len(nodes) and nodes:
+            # Every host is spoken for by a gang ahead: nothing behind can be placed now. Only
+            # say why, and only where the reason changes (a long queue stays cheap).
+            for job in jobs:
+                key = (job_key(job), image)
+                feasible = feasible_cache.get(key)
+                if feasible is None:
+                    res = job_resources(job)
+                    feasible = feasible_cache[key] = [
+                        n for n in nodes if not host_fits(res, n, image)
+                    ]
+                if feasible and job.why_pending == QUEUED:
+                    continue
+                if feasible:
+                    out.pending[job.job_id] = QUEUED
+                else:
+                    reasons = "; ".join(host_fits(job_resources(job), n, image) for n in nodes)
+                    out.pending[job.job_id] = f"no host can ever run it: {reasons}"
+            continue
         tentative: list[Assignment] = []
         taken: dict[str, set[int]] = {}
         why = ""
         for job in jobs:
-            res = resources_of(job.resources)
+            res = job_resources(job)
             feasible = [n for n in nodes if not host_fits(res, n, image)]
             if not feasible:
                 reasons = (
@@ -79,9 +101,10 @@ def plan(state: StateMachine) -> Plan:
                     break
                 best_free = max(best_free, (len(avail), node.name))
             if not placed:
-                blockers = {reserved[n.node_id] for n in feasible if n.node_id in reserved}
-                if blockers and best_free[0] == 0 and all(n.node_id in reserved for n in feasible):
-                    why = f"waiting behind higher-priority or earlier run(s): {', '.join(sorted(blockers))}"
+                if best_free[0] == 0 and all(n.node_id in reserved for n in feasible):
+                    # Stable wording (no names, no positions): reasons are replicated only when
+                    # they change, and a queue of thousands must not rewrite them on every pass.
+                    why = QUEUED
                 else:
                     where = (
                         f"; largest free: {best_free[0]} on {best_free[1]}" if best_free[1] else ""

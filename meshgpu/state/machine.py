@@ -101,6 +101,8 @@ class StateMachine:
         self.nodes: dict[str, NodeRecord] = {}
         self.runs: dict[str, RunRecord] = {}  # by run name (active runs and retained finished ones)
         self.jobs: dict[str, JobRecord] = {}
+        # Jobs not yet finished: what queries scan, so cost follows the live load, not history.
+        self.active: dict[str, JobRecord] = {}
         self.requests: dict[str, str] = {}  # request_id -> run_name
         self.applied_index = 0
         # Bumped on every change that can free or need capacity: the scheduler's trigger.
@@ -146,6 +148,7 @@ class StateMachine:
         self.nodes = {n["node_id"]: NodeRecord.model_validate(n) for n in doc.get("nodes", [])}
         self.runs = {r["run_name"]: RunRecord.model_validate(r) for r in doc.get("runs", [])}
         self.jobs = {j["job_id"]: JobRecord.model_validate(j) for j in doc.get("jobs", [])}
+        self.active = {k: j for k, j in self.jobs.items() if not j.status.is_finished()}
         self.requests = dict(doc.get("requests", {}))
 
     # -- handlers -----------------------------------------------------------------------------
@@ -188,9 +191,11 @@ class StateMachine:
                 replica_num=spec["replica_num"],
                 group=spec["group"],
                 resources=spec["resources"],
+                resources_key=json.dumps(spec["resources"], sort_keys=True, separators=(",", ":")),
                 submitted_at=cmd.at,
             )
             self.jobs[job.job_id] = job
+            self.active[job.job_id] = job
             run.job_ids.append(job.job_id)
         self.runs[run.run_name] = run
         self.requests[cmd.request_id] = run.run_name
@@ -316,6 +321,7 @@ class StateMachine:
     def _forget_run(self, run: RunRecord) -> None:
         for job_id in run.job_ids:
             self.jobs.pop(job_id, None)
+            self.active.pop(job_id, None)
         if run.request_id is not None and self.requests.get(run.request_id) == run.run_name:
             del self.requests[run.request_id]
         self.runs.pop(run.run_name, None)
@@ -329,6 +335,7 @@ class StateMachine:
         message: str,
     ) -> None:
         freed = job.status.holds_resources()
+        self.active.pop(job.job_id, None)
         job.status = reason.to_status()
         job.termination_reason = reason
         job.termination_message = message
@@ -381,18 +388,18 @@ class StateMachine:
     def gpus_in_use(self, node_id: str) -> set[int]:
         return {
             i
-            for j in self.jobs.values()
+            for j in self.active.values()
             if j.node_id == node_id and j.status.holds_resources()
             for i in j.gpu_indices
         }
 
     def waiting_jobs(self) -> list[JobRecord]:
-        return [j for j in self.jobs.values() if j.status is JobStatus.SUBMITTED]
+        return [j for j in self.active.values() if j.status is JobStatus.SUBMITTED]
 
     def jobs_on_node(self, node_id: str) -> list[JobRecord]:
         """Jobs this node must run or stop (assigned and not finished)."""
         return [
-            j for j in self.jobs.values() if j.node_id == node_id and j.status.holds_resources()
+            j for j in self.active.values() if j.node_id == node_id and j.status.holds_resources()
         ]
 
     def list_runs(self, include_finished: bool = False) -> list[RunRecord]:

@@ -150,6 +150,7 @@ class JobRecord(_Record):
     termination_reason: JobTerminationReason | None = None
     termination_message: str = ""
     resources: dict[str, Any] = Field(default_factory=dict)
+    resources_key: str = ""  # canonical text of ``resources``: equal keys fit the same hosts
     node_id: str | None = None
     gpu_indices: list[int] = Field(default_factory=list)
     epoch: int = 0  # bumped by every assignment; reports from an older epoch are fenced off

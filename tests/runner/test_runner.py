@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from meshgpu.runner import (
@@ -24,6 +26,19 @@ from meshgpu.runner import (
 )
 
 BASE = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+
+@pytest.fixture
+async def make_runner() -> AsyncIterator[Callable[..., ProcessRunner]]:
+    made: list[ProcessRunner] = []
+
+    def make(path: Path, use_launcher: bool = True) -> ProcessRunner:
+        made.append(ProcessRunner(path, use_launcher=use_launcher))
+        return made[-1]
+
+    yield make
+    for r in made:
+        await r.aclose()
 
 
 def launch(
@@ -67,8 +82,10 @@ def test_join_like_dstack() -> None:
     )
 
 
-async def test_runs_job_and_records_output(tmp_path: Path) -> None:
-    r = ProcessRunner(tmp_path)
+async def test_runs_job_and_records_output(
+    tmp_path: Path, make_runner: Callable[..., ProcessRunner]
+) -> None:
+    r = make_runner(tmp_path)
     work = r.prepare("j1")
     (work / "code.txt").write_text("user code")
     env = {"GREETING": "hi"}
@@ -83,8 +100,10 @@ async def test_runs_job_and_records_output(tmp_path: Path) -> None:
     assert res.started_at is not None and res.finished_at >= res.started_at
 
 
-async def test_failure_exit_code(tmp_path: Path) -> None:
-    r = ProcessRunner(tmp_path)
+async def test_failure_exit_code_without_launcher(
+    tmp_path: Path, make_runner: Callable[..., ProcessRunner]
+) -> None:
+    r = make_runner(tmp_path, use_launcher=False)
     await r.start(launch("j", ["echo before", "exit 3", "echo never"]))
     with trio.fail_after(20):
         res = await r.wait("j")
@@ -92,8 +111,10 @@ async def test_failure_exit_code(tmp_path: Path) -> None:
     assert "never" not in r.log_path("j").read_text()
 
 
-async def test_graceful_stop_then_kill_and_abort(tmp_path: Path) -> None:
-    r = ProcessRunner(tmp_path)
+async def test_graceful_stop_then_kill_and_abort(
+    tmp_path: Path, make_runner: Callable[..., ProcessRunner]
+) -> None:
+    r = make_runner(tmp_path)
     polite = "trap 'echo bye; exit 0' TERM; echo ready; while true; do sleep 0.05; done"
     stubborn = "trap '' TERM; echo ready; while true; do sleep 0.05; done"
     await r.start(launch("polite", [polite], shell="/bin/bash"))
@@ -116,8 +137,10 @@ async def test_graceful_stop_then_kill_and_abort(tmp_path: Path) -> None:
     assert not r.stop("abort", grace_s=0)
 
 
-async def test_max_duration_and_background_children(tmp_path: Path) -> None:
-    r = ProcessRunner(tmp_path)
+async def test_max_duration_and_background_children(
+    tmp_path: Path, make_runner: Callable[..., ProcessRunner]
+) -> None:
+    r = make_runner(tmp_path)
     await r.start(launch("slow", ["sleep 30"], max_duration_s=1, stop_grace_s=1))
     await r.start(launch("bg", ["sleep 300 &", "echo $! > bg.pid", "echo main done"]))
     with trio.fail_after(20):
@@ -134,8 +157,8 @@ async def test_max_duration_and_background_children(tmp_path: Path) -> None:
             await trio.sleep(0.02)  # the background child went down with its job
 
 
-async def test_log_cap(tmp_path: Path) -> None:
-    r = ProcessRunner(tmp_path)
+async def test_log_cap(tmp_path: Path, make_runner: Callable[..., ProcessRunner]) -> None:
+    r = make_runner(tmp_path)
     await r.start(
         launch("loud", ["head -c 200000 /dev/zero | tr '\\0' x", "echo end"], log_cap_bytes=10_000)
     )
@@ -168,7 +191,9 @@ AGENT = textwrap.dedent(
 )
 
 
-async def test_agent_sigkill_then_restart_readopts_jobs(tmp_path: Path) -> None:
+async def test_agent_sigkill_then_restart_readopts_jobs(
+    tmp_path: Path, make_runner: Callable[..., ProcessRunner]
+) -> None:
     agent = subprocess.Popen(
         [sys.executable, "-c", AGENT, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
@@ -177,7 +202,7 @@ async def test_agent_sigkill_then_restart_readopts_jobs(tmp_path: Path) -> None:
     agent.wait()
     agent.stdout.close()
     # A new agent process on the same data dir.
-    r = ProcessRunner(tmp_path)
+    r = make_runner(tmp_path)
     assert r.adopt() == ["quick", "survivor"]
     assert r.result("survivor") is None, "the job died with the agent"
     with trio.fail_after(20):
@@ -190,8 +215,10 @@ async def test_agent_sigkill_then_restart_readopts_jobs(tmp_path: Path) -> None:
     assert r.adopt() == ["survivor"]
 
 
-async def test_supervisor_killed_is_reported_not_forgotten(tmp_path: Path) -> None:
-    r = ProcessRunner(tmp_path)
+async def test_supervisor_killed_is_reported_not_forgotten(
+    tmp_path: Path, make_runner: Callable[..., ProcessRunner]
+) -> None:
+    r = make_runner(tmp_path)
     await r.start(launch("victim", ["sleep 30"]))
     info = (tmp_path / "victim" / "shim.pid").read_text()
     with trio.fail_after(10):
@@ -203,3 +230,68 @@ async def test_supervisor_killed_is_reported_not_forgotten(tmp_path: Path) -> No
     assert res.reason == "executor_error" and "vanished" in res.message
     job_pid = json.loads((tmp_path / "victim" / "job.pid").read_text())["pgid"]
     os.killpg(job_pid, signal.SIGKILL)
+
+
+def test_container_command_line() -> None:
+    from meshgpu.runner.container import container_argv, detect_runtime
+
+    argv = container_argv(
+        "/usr/bin/docker",
+        job_id="j1",
+        image="nvcr.io/nvidia/pytorch:24.01",
+        commands=["nvidia-smi", "python t.py"],
+        env={"PATH": "/host/bin", "MESHGPU_NODE_RANK": "0", "HF_TOKEN": "x"},
+        work_dir="/data/jobs/j1/work",
+        gpu_indices=[2, 3],
+        gpu_vendor="nvidia",
+        shm_size_gb=16,
+        privileged=True,
+    )
+    assert argv[:2] == ["/usr/bin/docker", "run"] and "--rm" in argv and "--init" in argv
+    assert argv[argv.index("--gpus") + 1] == '"device=2,3"'
+    assert argv[argv.index("-v") + 1] == "/data/jobs/j1/work:/workflow"
+    assert "MESHGPU_NODE_RANK=0" in argv and "HF_TOKEN=x" in argv and "PATH=/host/bin" not in argv
+    assert argv[argv.index("--shm-size") + 1] == "16384m" and "--privileged" in argv
+    assert argv[-4:] == [
+        "nvcr.io/nvidia/pytorch:24.01",
+        "/bin/sh",
+        "-c",
+        "nvidia-smi && python t.py",
+    ]
+    podman = container_argv(
+        "podman",
+        job_id="j",
+        image="i",
+        commands=[],
+        env={},
+        work_dir="/w",
+        gpu_indices=[0],
+        gpu_vendor="nvidia",
+    )
+    assert podman[podman.index("--device") + 1] == "nvidia.com/gpu=0" and podman[-1] == "i"
+    # A client without a working engine (as on the CI machines) must not count as a runtime.
+    import shutil
+    import subprocess
+
+    docker = shutil.which("docker")
+    engine = (
+        docker is not None
+        and subprocess.run([docker, "info"], capture_output=True, timeout=10).returncode == 0
+    )
+    found = detect_runtime(timeout=10)
+    assert (found is not None) == engine or (found and found.endswith("podman"))
+
+
+async def test_explicit_argv_replaces_the_shell(
+    tmp_path: Path, make_runner: Callable[..., ProcessRunner]
+) -> None:
+    r = make_runner(tmp_path)
+    await r.start(
+        JobLaunch("argv", ("ignored",), dict(BASE), argv=("/bin/echo", "direct", "$NOT_EXPANDED"))
+    )
+    with trio.fail_after(20):
+        res = await r.wait("argv")
+    assert (
+        res.reason == "done_by_runner"
+        and r.log_path("argv").read_text() == "direct $NOT_EXPANDED\n"
+    )

@@ -131,7 +131,7 @@ def test_gang_is_placed_whole_or_not_at_all() -> None:
     # not all at once: it waits whole, and it reserves the hosts it needs.
     assert all(j.why_pending for j in sm.run_jobs(sm.runs["big"]))
     assert all(j.status is JobStatus.SUBMITTED for j in sm.run_jobs(sm.runs["two"]))
-    assert "waiting behind" in sm.run_jobs(sm.runs["two"])[0].why_pending
+    assert "earlier or higher-priority runs are ahead" in sm.run_jobs(sm.runs["two"])[0].why_pending
 
 
 def test_priority_and_backfill_without_delaying_the_head() -> None:

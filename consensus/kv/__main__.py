@@ -1,0 +1,5 @@
+import sys
+
+from consensus.kv.server import main
+
+sys.exit(main())

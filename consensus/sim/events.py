@@ -1,0 +1,13 @@
+"""Event kinds of the simulator's heap."""
+
+TICK = 0
+DELIVER = 1
+SYNC = 2
+SNAP_REPORT = 3
+RESTART = 4
+WORKLOAD = 5
+NEMESIS = 6
+HEAL_NETWORK = 7
+CRASH = 8
+ISOLATE = 9
+UNPAUSE = 10

@@ -1,0 +1,99 @@
+"""``meshgpu agent``: run this host's agent in the foreground."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import trio
+import typer
+
+from meshgpu.cli._common import err, fail
+
+
+def _labels(text: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        k, eq, v = part.partition("=")
+        if not eq or not k.strip():
+            raise fail(f"--labels takes k=v,k=v; got {part!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def agent(
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="State, logs, jobs")] = Path.home()
+    / ".meshgpu",
+    name: Annotated[str, typer.Option("--name", help="Node name")] = socket.gethostname(),
+    bind: Annotated[str, typer.Option("--bind", help="Address to listen on")] = "127.0.0.1",
+    api_port: Annotated[int, typer.Option("--api-port")] = 7480,
+    peer_port: Annotated[int, typer.Option("--peer-port")] = 7481,
+    advertise: Annotated[
+        str | None, typer.Option("--advertise", help="Address peers and jobs use")
+    ] = None,
+    labels: Annotated[str | None, typer.Option("--labels", help="k=v,k=v (e.g. zone=a)")] = None,
+    fake_gpus: Annotated[
+        str | None, typer.Option("--fake-gpus", envvar="MESHGPU_FAKE_GPUS", help="e.g. 8xH100:80GB")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="Join token of an existing mesh")
+    ] = None,
+    join: Annotated[str | None, typer.Option("--join", help="host:port of a member")] = None,
+    no_mdns: Annotated[bool, typer.Option("--no-mdns", help="Do not use mDNS discovery")] = False,
+    code_limit_mb: Annotated[
+        int,
+        typer.Option("--code-limit-mb", envvar="MESHGPU_CODE_LIMIT_MB", help="Largest code upload"),
+    ] = 64,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Run the agent: the first one creates a mesh; it serves the API and runs jobs."""
+    from meshgpu.agent import Agent, AgentSettings
+    from meshgpu.gpu import FakeSpecError
+
+    if token or join:
+        raise fail(
+            "joining an existing mesh (--token/--join) arrives with the mesh milestone; "
+            "this build runs a single-node mesh"
+        )
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    settings = AgentSettings(
+        data_dir=data_dir,
+        name=name,
+        bind=bind,
+        api_port=api_port,
+        peer_port=peer_port,
+        advertise=advertise,
+        labels=_labels(labels),
+        fake_gpus=fake_gpus,
+        code_limit=code_limit_mb << 20,
+    )
+    try:
+        ag = Agent(settings)
+    except FakeSpecError as e:
+        raise fail(str(e)) from None
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(ag.run)
+            err.print(
+                f"meshgpu agent {ag.node_name} serving {url}; client profile: {data_dir / 'client.toml'}"
+            )
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    break
+            nursery.cancel_scope.cancel()
+        await ag.aclose()
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        err.print("agent stopped; running jobs keep running and are re-adopted at the next start")
+    except OSError as e:
+        raise fail(f"cannot start the agent: {e}") from None

@@ -1,0 +1,294 @@
+"""``meshgpu apply|submit|ps|logs|stop``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from meshgpu.cli._common import JsonOpt, UrlOpt, ago, client, err, fail, out, table
+from meshgpu.client import APIError, Client, CodeTooLarge, make_archive
+from meshgpu.config import ConfigError, load_config
+from meshgpu.config.render import plan_lines
+from meshgpu.config.runs import BaseRunConfiguration
+
+FINISHED = {"done", "failed", "terminated"}
+
+
+def _load(path: Path) -> tuple[BaseRunConfiguration, str]:
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        err.print(str(e), markup=False)
+        raise typer.Exit(1) from None
+    if not isinstance(config, BaseRunConfiguration):
+        raise fail(
+            f"{path} is a {config.type} configuration; apply runs (task, service, dev-environment) here"
+        )
+    return config, path.read_text()
+
+
+def _env_values(config: BaseRunConfiguration, pairs: list[str]) -> dict[str, str]:
+    """Fill ``KEY`` sentinels from this shell's environment; ``-e K=V`` overrides."""
+    values: dict[str, str] = {}
+    missing = []
+    for key, value in config.env.items():
+        if value is None:
+            if key in os.environ:
+                values[key] = os.environ[key]
+            else:
+                missing.append(key)
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            if key not in os.environ:
+                raise fail(f"-e {key}: not set in your environment; use -e {key}=VALUE")
+            value = os.environ[key]
+        values[key] = value
+        if key in missing:
+            missing.remove(key)
+    if missing:
+        raise fail(
+            f"{', '.join(missing)} must be set in your environment (the configuration lists them without values)"
+        )
+    return values
+
+
+def _submit(
+    c: Client,
+    config: BaseRunConfiguration,
+    text: str,
+    path: Path,
+    name: str | None,
+    env: list[str],
+    gpu: str | None,
+    args: list[str],
+    code_dir: Path,
+) -> dict[str, Any]:
+    try:
+        data, sha = make_archive(code_dir)
+    except CodeTooLarge as e:
+        raise fail(str(e)) from None
+    c.upload_code(data, sha)
+    body_env = _env_values(config, env)
+    rid = uuid.uuid4().hex
+    for attempt in range(3):  # the same request id: a retry never submits twice
+        try:
+            return c._request(  # noqa: SLF001 - one call site needs the extra fields
+                "POST",
+                "/api/v1/runs",
+                json={
+                    "config": text,
+                    "filename": str(path),
+                    "name": name,
+                    "run_args": args,
+                    "code_sha256": sha,
+                    "request_id": rid,
+                    "env": body_env,
+                    "gpu": gpu,
+                },
+            ).json()
+        except APIError as e:
+            if e.status != 0 or attempt == 2:
+                raise
+            time.sleep(1)
+    raise AssertionError("unreachable")
+
+
+def _run_exit_code(run: dict[str, Any]) -> int:
+    if run["status"] == "done":
+        return 0
+    codes = [j["exit_code"] for j in run["jobs"] if j.get("exit_code")]
+    return codes[0] if codes and 0 < codes[0] < 256 else 1
+
+
+def apply(
+    file: Annotated[Path, typer.Option("-f", "--file", help="Configuration file")] = Path(
+        ".dstack.yml"
+    ),
+    yes: Annotated[bool, typer.Option("-y", "--yes", help="Do not ask for confirmation")] = False,
+    detach: Annotated[bool, typer.Option("-d", "--detach", help="Submit and exit")] = False,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Run name")] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("-e", "--env", help="KEY=VALUE (repeatable)")
+    ] = None,
+    gpu: Annotated[
+        str | None, typer.Option("--gpu", help="Override resources.gpu, e.g. H100:2")
+    ] = None,
+    args: Annotated[list[str] | None, typer.Argument(help="After --: ${{ run.args }}")] = None,
+    url: UrlOpt = None,
+) -> None:
+    """Plan, confirm, run, stream the output; exit with the run's status."""
+    config, text = _load(file)
+    table(["", ""], [[k, v] for k, v in plan_lines(config)], title=f"Plan for {file}")
+    if not yes and not typer.confirm("Submit the run?", default=True):
+        raise typer.Exit(1)
+    with client(url) as c:
+        run = _submit(c, config, text, file, name, env or [], gpu, args or [], Path.cwd())
+        out.print(f"submitted [bold]{run['name']}[/]")
+        if detach:
+            return
+        code = _attach(c, run["name"])
+    raise typer.Exit(code)
+
+
+def _attach(c: Client, name: str) -> int:
+    interrupted = 0
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted += 1
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        try:
+            last = None
+            while True:
+                run = c.run(name)
+                if run["status"] in FINISHED or run["status"] == "running":
+                    break
+                why = run["jobs"][0]["why_pending"] if run["jobs"] else ""
+                if (run["status"], why) != last:
+                    err.print(f"{name}: {run['status']}" + (f" ({why})" if why else ""))
+                    last = (run["status"], why)
+                time.sleep(0.2)
+            for chunk in c.logs(name, follow=True):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            run = c.run(name)
+            while run["status"] not in FINISHED:
+                time.sleep(0.1)
+                run = c.run(name)
+            reason = f" ({run['termination_reason']})" if run["termination_reason"] else ""
+            err.print(f"{name}: {run['status']}{reason}")
+            return _run_exit_code(run)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if interrupted > 1 else on_sigint)
+            try:
+                stop = typer.confirm(f"\nStop the run {name} before detaching?", default=True)
+            except (KeyboardInterrupt, typer.Abort):
+                c.stop(name, abort=True)
+                err.print(f"{name}: aborted")
+                return 130
+            if stop:
+                c.stop(name)
+                err.print(f"{name}: stopping")
+            else:
+                err.print(f"detached; {name} keeps running (meshgpu logs -f {name})")
+            return 130
+    except APIError as e:
+        raise fail(str(e)) from None
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def submit(
+    file: Annotated[Path, typer.Option("-f", "--file", help="Configuration file")] = Path(
+        ".dstack.yml"
+    ),
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Run name")] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("-e", "--env", help="KEY=VALUE (repeatable)")
+    ] = None,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="Override resources.gpu")] = None,
+    args: Annotated[list[str] | None, typer.Argument(help="After --: ${{ run.args }}")] = None,
+    url: UrlOpt = None,
+) -> None:
+    """Submit without asking or attaching; prints the run name."""
+    config, text = _load(file)
+    with client(url) as c:
+        run = _submit(c, config, text, file, name, env or [], gpu, args or [], Path.cwd())
+    print(run["name"])
+
+
+def ps(
+    all: Annotated[bool, typer.Option("-a", "--all", help="Include finished runs")] = False,
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="Jobs, placement, why pending")
+    ] = False,
+    watch: Annotated[bool, typer.Option("-w", "--watch", help="Refresh every 2 s")] = False,
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+) -> None:
+    """Runs and their jobs."""
+    with client(url) as c:
+        while True:
+            runs = c.runs(all=all or as_json and all)
+            if as_json:
+                json.dump(runs, sys.stdout, indent=2)
+                sys.stdout.write("\n")
+                return
+            rows = []
+            for r in runs:
+                first = r["jobs"][0] if r["jobs"] else {}
+                gpus = ",".join(str(g) for g in first.get("gpus", []))
+                where = f"{first.get('node') or '-'}" + (f" gpu {gpus}" if gpus else "")
+                problem = r["termination_reason"] or first.get("why_pending") or ""
+                rows.append(
+                    [r["name"], r["type"], where, r["status"], ago(r["submitted_at"]), problem]
+                )
+                if verbose:
+                    for j in r["jobs"]:
+                        jg = ",".join(str(g) for g in j["gpus"])
+                        rows.append(
+                            [
+                                f"  job {j['job_num']}",
+                                j["group"] or "",
+                                f"{j['node'] or '-'} {jg}",
+                                j["status"],
+                                "",
+                                j["why_pending"]
+                                or j["termination_reason"]
+                                or (f"exit {j['exit_code']}" if j["exit_code"] is not None else ""),
+                            ]
+                        )
+            table(["NAME", "TYPE", "NODE/GPUS", "STATUS", "SUBMITTED", "REASON"], rows)
+            if not watch:
+                return
+            time.sleep(2)
+            if out.is_terminal:
+                out.clear()
+
+
+def logs(
+    run: Annotated[str, typer.Argument(help="Run name")],
+    follow: Annotated[
+        bool, typer.Option("-f", "--follow", help="Keep streaming until the job ends")
+    ] = False,
+    job: Annotated[int, typer.Option("--job", help="Job number (multi-node runs)")] = 0,
+    url: UrlOpt = None,
+) -> None:
+    """A job's output."""
+    with client(url) as c:
+        try:
+            for chunk in c.logs(run, job=job, follow=follow):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+
+def stop(
+    run: Annotated[str, typer.Argument(help="Run name")],
+    abort: Annotated[
+        bool, typer.Option("-x", "--abort", help="Kill at once, no graceful stop")
+    ] = False,
+    yes: Annotated[bool, typer.Option("-y", "--yes", help="Do not ask for confirmation")] = False,
+    url: UrlOpt = None,
+) -> None:
+    """Stop a run (SIGTERM, then SIGKILL after stop_duration), or abort it (-x)."""
+    if not yes and not typer.confirm(
+        f"{'Abort' if abort else 'Stop'} the run {run}?", default=True
+    ):
+        raise typer.Exit(1)
+    with client(url) as c:
+        r = c.stop(run, abort=abort)
+    out.print(f"{r['name']}: {r['status']}")

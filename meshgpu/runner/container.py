@@ -1,0 +1,92 @@
+"""``image:`` jobs through docker or podman, when the host has a working engine.
+
+The container runs under the same supervisor as a process job (``shim.py``): its command line is
+the runtime's ``run`` in the foreground, so output, exit status, stop (SIGTERM is proxied into the
+container by the runtime, SIGKILL after the grace period) and re-adoption work the same way.
+Host networking, as dstack uses for multi-node jobs; the job's working directory (with the user's
+code) is mounted at ``/workflow``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from meshgpu.runner.jobenv import join_commands
+
+_HOST_ONLY = {"PATH", "HOME", "LANG", "USER", "TMPDIR"}
+
+
+def detect_runtime(timeout: float = 5.0) -> str | None:
+    """``docker`` or ``podman`` if its engine answers; a bare client does not count."""
+    for name in ("docker", "podman"):
+        path = shutil.which(name)
+        if not path:
+            continue
+        try:
+            ok = (
+                subprocess.run(
+                    [path, "info"], capture_output=True, timeout=timeout, check=False
+                ).returncode
+                == 0
+            )
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+        if ok:
+            return path
+    return None
+
+
+def container_argv(
+    runtime: str,
+    *,
+    job_id: str,
+    image: str,
+    commands: Sequence[str],
+    env: Mapping[str, str],
+    work_dir: str,
+    gpu_indices: Sequence[int] = (),
+    gpu_vendor: str | None = None,
+    shell: str | None = None,
+    working_dir: str | None = None,
+    shm_size_gb: float | None = None,
+    privileged: bool = False,
+    user: str | None = None,
+    entrypoint: str | None = None,
+) -> list[str]:
+    podman = runtime.rsplit("/", 1)[-1] == "podman"
+    argv = [
+        runtime,
+        "run",
+        "--rm",
+        "--init",
+        "--name",
+        f"meshgpu-{job_id}",
+        "--network",
+        "host",
+        "-v",
+        f"{work_dir}:/workflow",
+        "-w",
+        working_dir or "/workflow",
+    ]
+    if gpu_indices and gpu_vendor == "nvidia":
+        ids = ",".join(str(i) for i in gpu_indices)
+        argv += ["--device", f"nvidia.com/gpu={ids}"] if podman else ["--gpus", f'"device={ids}"']
+    elif gpu_indices and gpu_vendor == "amd":
+        argv += ["--device", "/dev/kfd", "--device", "/dev/dri", "--group-add", "video"]
+    if shm_size_gb:
+        argv += ["--shm-size", f"{int(shm_size_gb * 1024)}m"]
+    if privileged:
+        argv.append("--privileged")
+    if user:
+        argv += ["--user", user]
+    if entrypoint:
+        argv += ["--entrypoint", entrypoint]
+    for key, value in sorted(env.items()):
+        if key not in _HOST_ONLY:
+            argv += ["-e", f"{key}={value}"]
+    argv.append(image)
+    if commands:
+        argv += [shell or "/bin/sh", "-c", join_commands(commands)]
+    return argv

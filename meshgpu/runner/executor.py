@@ -1,0 +1,283 @@
+"""The agent's executor: makes this host's processes follow the replicated state.
+
+Whenever the applied state changes it compares what the state says this node must run with what
+it is running: new assignments are launched (and ``JobStarted`` proposed), jobs the state marks
+TERMINATING are stopped (gracefully, or at once for an abort), and a job whose assignment moved on
+(a newer epoch, or finished by the leader) is stopped here -- fencing, so a job never runs twice.
+Every ended job is reported with ``JobFinished``; after an agent restart, jobs found on disk are
+re-adopted and reported the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshgpu.client.archive import extract_archive
+from meshgpu.config.interpolation import interpolate
+from meshgpu.runner.container import container_argv
+from meshgpu.runner.jobenv import ClusterInfo, JobEnvInputs, JobIdentity, job_environment
+from meshgpu.runner.process import JobLaunch, JobResult, ProcessRunner
+from meshgpu.state import (
+    JobFinished,
+    JobRecord,
+    JobStarted,
+    JobStatus,
+    JobTerminationReason,
+    StateMachine,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+Propose = Callable[[bytes], Awaitable[Any]]
+
+
+def _shell(config: dict[str, Any]) -> str:
+    shell = config.get("shell")
+    if shell in ("sh", "bash"):
+        return shutil.which(shell) or f"/bin/{shell}"
+    if shell:
+        return shell
+    return shutil.which("bash") or "/bin/sh"
+
+
+def stop_grace(config: dict[str, Any]) -> float:
+    """dstack's ``stop_duration``: 300 s by default; ``off`` means no limit (bounded at 1 h)."""
+    value = config.get("stop_duration")
+    if value == "off":
+        return 3600.0
+    return float(value) if isinstance(value, int) else 300.0
+
+
+class Executor:
+    def __init__(
+        self,
+        node_id: str,
+        state: StateMachine,
+        runner: ProcessRunner,
+        propose: Propose,
+        code_dir: Path,
+        gpu_vendor: Callable[[], str | None],
+        on_busy: Callable[[set[int]], None] = lambda _: None,
+        container_runtime: str | None = None,
+    ) -> None:
+        self.container_runtime = container_runtime
+        self.node_id = node_id
+        self.state = state
+        self.runner = runner
+        self.propose = propose
+        self.code_dir = code_dir
+        self.gpu_vendor = gpu_vendor
+        self.on_busy = on_busy
+        self.local: dict[str, int] = {}  # job_id -> epoch launched here
+        self.stopping: set[str] = set()
+        self._changed = trio.Event()
+
+    def notify(self, _index: int = 0) -> None:
+        self._changed.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for job_id in self.runner.adopt():
+                record = json.loads((self.runner.job_dir(job_id) / "job.json").read_text())
+                self.local[job_id] = int(record.get("epoch", 0))
+                nursery.start_soon(self._watch, job_id, self.local[job_id])
+                log.info("job=%s re-adopted epoch=%s", job_id, self.local[job_id])
+            task_status.started()
+            while True:
+                await self._changed.wait()
+                self._changed = trio.Event()
+                self._reconcile()
+
+    def _reconcile(self) -> None:
+        mine = {j.job_id: j for j in self.state.jobs_on_node(self.node_id)}
+        for job in mine.values():
+            if job.job_id not in self.local and job.status is JobStatus.PROVISIONING:
+                self.local[job.job_id] = job.epoch
+                self._nursery.start_soon(self._launch, job.job_id, job.epoch)
+            elif (
+                job.job_id not in self.local
+                and not (self.runner.job_dir(job.job_id) / "job.json").exists()
+            ):
+                # The state says it runs here, but this host has no trace of it (its files
+                # were deleted, or the host was rebuilt): report it lost rather than wait forever.
+                self.local[job.job_id] = job.epoch
+                lost = JobResult(
+                    job.job_id,
+                    None,
+                    "executor_error",
+                    message="the job's files are gone from this host",
+                )
+                self._nursery.start_soon(self._report, job.job_id, job.epoch, lost)
+            elif job.status is JobStatus.TERMINATING and job.job_id in self.local:
+                self._stop(
+                    job.job_id, abort=job.stop_requested == "abort", config=self._config(job)
+                )
+        for job_id, epoch in list(self.local.items()):
+            job = self.state.jobs.get(job_id)
+            moved = job is None or job.node_id != self.node_id or job.epoch != epoch
+            if moved or job.status.is_finished():
+                self._stop(job_id, abort=True, config={}, reason="terminated_by_server")
+        self.on_busy({i for j in mine.values() for i in j.gpu_indices})
+
+    def _config(self, job: JobRecord) -> dict[str, Any]:
+        run = self.state.runs.get(job.run_name)
+        return run.config if run else {}
+
+    def _stop(
+        self, job_id: str, abort: bool, config: dict[str, Any], reason: str = "terminated_by_user"
+    ) -> None:
+        if job_id in self.stopping:
+            return
+        self.stopping.add(job_id)
+        self.runner.stop(
+            job_id,
+            grace_s=0.0 if abort else stop_grace(config),
+            reason="aborted_by_user" if abort else reason,
+        )
+
+    async def _launch(self, job_id: str, epoch: int) -> None:
+        job = self.state.jobs[job_id]
+        run = self.state.runs[job.run_name]
+        config = run.config
+        try:
+            launch = self._prepare(
+                job, run.run_args, config, epoch, run.code.sha256 if run.code else None
+            )
+            await self.runner.start(launch)
+        except Exception as e:  # any failure to start is the job's, not the agent's
+            log.exception("job=%s failed to start", job_id)
+            await self._report(
+                job_id, epoch, JobResult(job_id, None, "executor_error", message=str(e))
+            )
+            return
+        await self._propose_retrying(
+            encode(JobStarted(at=time.time(), job_id=job_id, epoch=epoch, started_at=time.time()))
+        )
+        await self._watch(job_id, epoch)
+
+    def _prepare(
+        self,
+        job: JobRecord,
+        run_args: list[str],
+        config: dict[str, Any],
+        epoch: int,
+        code_sha: str | None,
+    ) -> JobLaunch:
+        nodes = [self.state.jobs[j] for j in self.state.runs[job.run_name].job_ids]
+        ips = tuple(self.state.nodes[n.node_id].internal_ip if n.node_id else "" for n in nodes)
+        cluster = ClusterInfo(
+            node_rank=job.job_num,
+            nodes_ips=ips,
+            gpus_per_node=tuple(len(n.gpu_indices) for n in nodes),
+        )
+        work = self.runner.prepare(job.job_id, hostfile=cluster.hostfile())
+        if code_sha:
+            extract_archive((self.code_dir / f"{code_sha}.tar.gz").read_bytes(), work)
+        hostfile = str(self.runner.job_dir(job.job_id) / "mpi_hostfile")
+        inputs = JobEnvInputs(
+            identity=JobIdentity(job.run_name, job.run_id, job.job_id),
+            cluster=cluster,
+            gpu_indices=tuple(job.gpu_indices),
+            gpu_vendor=self.gpu_vendor() if job.gpu_indices else None,
+            working_dir=str(work),
+            hostfile_path=hostfile,
+        )
+        user_env = {k: v for k, v in (config.get("env") or {}).items() if v is not None}
+        base = {
+            k: os.environ[k] for k in ("PATH", "HOME", "LANG", "USER", "TMPDIR") if k in os.environ
+        }
+        env = job_environment(inputs, user_env, base)
+        commands = list(config.get("commands") or [])
+        if job.group is not None:
+            for g in config.get("groups") or []:
+                if g.get("name") == job.group and g.get("commands"):
+                    commands = list(g["commands"])
+        commands = [
+            interpolate(c, {"run": {"args": shlex.join(run_args)}}, final=True) for c in commands
+        ]
+        max_duration = config.get("max_duration")
+        argv = None
+        if config.get("image"):
+            if not self.container_runtime:
+                raise RuntimeError("this host has no container runtime for image jobs")
+            argv = tuple(
+                container_argv(
+                    self.container_runtime,
+                    job_id=job.job_id,
+                    image=config["image"],
+                    commands=commands,
+                    env=env,
+                    work_dir=str(work),
+                    gpu_indices=job.gpu_indices,
+                    gpu_vendor=inputs.gpu_vendor,
+                    shell=config.get("shell")
+                    if config.get("shell") not in ("sh", "bash")
+                    else f"/bin/{config['shell']}",
+                    working_dir=config.get("working_dir"),
+                    shm_size_gb=(config.get("resources") or {}).get("shm_size"),
+                    privileged=bool(config.get("privileged") or config.get("docker")),
+                    user=config.get("user"),
+                    entrypoint=config.get("entrypoint"),
+                )
+            )
+        launch = JobLaunch(
+            job_id=job.job_id,
+            commands=tuple(commands),
+            env=env,
+            shell=_shell(config),
+            max_duration_s=max_duration if isinstance(max_duration, int) else None,
+            stop_grace_s=stop_grace(config),
+            epoch=epoch,  # in the record, so a restarted agent knows which assignment it runs
+            argv=argv,
+        )
+        return launch
+
+    async def _watch(self, job_id: str, epoch: int) -> None:
+        result = await self.runner.wait(job_id)
+        await self._report(job_id, epoch, result)
+
+    async def _report(self, job_id: str, epoch: int, result: JobResult) -> None:
+        try:
+            reason = JobTerminationReason(result.reason)
+        except ValueError:
+            reason = JobTerminationReason.EXECUTOR_ERROR
+        await self._propose_retrying(
+            encode(
+                JobFinished(
+                    at=time.time(),
+                    job_id=job_id,
+                    epoch=epoch,
+                    reason=reason,
+                    exit_code=result.exit_code,
+                    message=result.message,
+                )
+            )
+        )
+        self.runner.mark_reported(job_id)
+        self.local.pop(job_id, None)
+        self.stopping.discard(job_id)
+        self.notify()
+
+    async def _propose_retrying(self, data: bytes) -> None:
+        """Reports must not be lost: retry (same request id, so once) until they commit."""
+        rid = os.urandom(16)
+        delay = 0.5
+        while True:
+            try:
+                await self.propose(data, request_id=rid)  # type: ignore[call-arg]
+                return
+            except Exception as e:  # no leader for a while: keep the report, try again
+                log.warning("report not committed yet (%s); retrying", e)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -1,0 +1,161 @@
+"""scripts/bench submit: one agent with 8 fake GPUs, driven through its REST API.
+
+- submit->running latency: 100 sequential trivial one-GPU tasks; from the moment the API call is
+  made to the job's own first timestamp (``date +%s.%N`` as its first command); p50/p99;
+- throughput: 1,000 one-GPU ``true`` tasks on 8 fake GPUs, submitted by 16 concurrent clients;
+  jobs/s from the first submit to the last job's finish (as recorded in the state);
+- the agent's RSS after the run.
+
+The last line is JSON with the keys in INTERFACE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import uuid
+from pathlib import Path
+
+import httpx
+import trio
+
+TRIVIAL = "type: task\ncommands:\n  - date +%s.%N\nresources:\n  gpu: 1\n"
+TRUE = "type: task\ncommands: ['true']\nresources:\n  gpu: 1\n"
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def start_agent(data: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    log = open(data.parent / "agent.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshgpu",
+            "agent",
+            "--data-dir",
+            str(data),
+            "--api-port",
+            "0",
+            "--fake-gpus",
+            "8xH100:80GB",
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    profile = data / "client.toml"
+    deadline = time.monotonic() + 60
+    while not profile.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(
+                "agent failed to start: " + (data.parent / "agent.log").read_text()[-2000:]
+            )
+        time.sleep(0.02)
+    doc = tomllib.loads(profile.read_text())
+    return proc, doc["url"], doc["token"]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def main(args: argparse.Namespace) -> dict[str, float]:
+    root = Path(tempfile.mkdtemp(prefix="bench-submit-"))
+    proc, url, token = start_agent(root / "agent")
+    out: dict[str, float] = {}
+    try:
+        async with httpx.AsyncClient(
+            base_url=url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+            limits=httpx.Limits(max_connections=32),
+        ) as c:
+
+            async def submit(cfg: str) -> str:
+                r = await c.post(
+                    "/api/v1/runs", json={"config": cfg, "request_id": uuid.uuid4().hex}
+                )
+                r.raise_for_status()
+                return r.json()["name"]
+
+            async def wait_done(name: str) -> dict:
+                while True:
+                    r = (await c.get(f"/api/v1/runs/{name}")).json()
+                    if r["status"] in ("done", "failed", "terminated"):
+                        return r
+                    await trio.sleep(0.005)
+
+            for _ in range(5):  # warm up
+                await wait_done(await submit(TRIVIAL))
+            lat = []
+            for _ in range(args.sequential):
+                t0 = time.time()
+                name = await submit(TRIVIAL)
+                run = await wait_done(name)
+                assert run["status"] == "done", run
+                text = (await c.get(f"/api/v1/runs/{name}/logs")).text
+                lat.append(float(text.split()[0]) - t0)
+            out["submit_running_p50_ms"] = pct(lat, 50) * 1000
+            out["submit_running_p99_ms"] = pct(lat, 99) * 1000
+            print(
+                f"submit->running ({args.sequential} sequential): p50 {out['submit_running_p50_ms']:.1f} ms, "
+                f"p99 {out['submit_running_p99_ms']:.1f} ms"
+            )
+
+            names: list[str] = []
+            first = time.time()
+            queue = list(range(args.jobs))
+
+            async def submitter() -> None:
+                while queue:
+                    queue.pop()
+                    names.append(await submit(TRUE))
+
+            async with trio.open_nursery() as n:
+                for _ in range(16):
+                    n.start_soon(submitter)
+            submitted = time.time()
+            while (await c.get("/api/v1/status")).json()["active_runs"]:
+                await trio.sleep(0.2)
+            runs = (await c.get("/api/v1/runs", params={"all": "true"})).json()["runs"]
+            wanted = set(names)
+            mine = [r for r in runs if r["name"] in wanted]
+            assert len(mine) == len(names), (len(mine), len(names))
+            last = max(r["finished_at"] for r in mine)
+            bad = [r for r in mine if r["status"] != "done"]
+            assert not bad, bad[:2]
+            out["jobs_per_s"] = len(names) / (last - first)
+            print(
+                f"throughput: {len(names)} one-GPU true tasks on 8 fake GPUs: submitted in "
+                f"{submitted - first:.1f} s, all done after {last - first:.1f} s = {out['jobs_per_s']:.1f} jobs/s"
+            )
+        out["agent_rss_mb"] = rss_mb(proc.pid)
+        print(f"agent RSS after the run: {out['agent_rss_mb']:.0f} MB")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--sequential", type=int, default=100)
+    p.add_argument("--jobs", type=int, default=1000)
+    a = p.parse_args()
+    res = trio.run(main, a)
+    print(json.dumps({k: round(v, 2) for k, v in res.items()}))
+    os._exit(0)
