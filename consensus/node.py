@@ -156,6 +156,11 @@ class RaftNode:
         self.term = 0
         self._since_snapshot = 0
         self.stats = {"writes": 0, "entries_written": 0}
+        # When each peer was last heard from (any message), and since when a leader has been
+        # watching it: liveness facts for the membership manager and for self-fencing.
+        self.last_heard: dict[int, float] = {}
+        self.watch_since: dict[int, float] = {}
+        self.leader_since = 0.0
         self._lazy_hard_state: Any = None
         self._restore_from_storage()
         import random
@@ -195,6 +200,7 @@ class RaftNode:
 
     # -- entry points for the transport (any task) --------------------------------------------
     def deliver(self, msg: Message) -> None:
+        self.last_heard[msg.frm] = trio.current_time()
         self._post("msg", msg)
 
     def report_unreachable(self, node_id: int) -> None:
@@ -461,6 +467,9 @@ class RaftNode:
 
     def _on_soft_state(self, lead: int, role: Role) -> None:
         changed = lead != self.leader
+        if role is Role.LEADER and self.role is not Role.LEADER:
+            self.watch_since.clear()
+            self.leader_since = trio.current_time()
         self.leader, self.role = lead, role
         if changed:
             log.info("node=%s leader=%s role=%s", self.id, lead, role.name.lower())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -23,12 +24,15 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import hypercorn.config
 import hypercorn.trio
 import trio
 
 from consensus.core import Role
 from consensus.node import Duplicate, NodeOptions, RaftNode, bootstrap_storage
+from consensus.storage import DiskStorage
+from consensus.transport import TLSConfig, Transport, parse_address
 from meshgpu.api import create_app
 from meshgpu.api.problems import Problem
 from meshgpu.client.archive import DEFAULT_CODE_LIMIT
@@ -39,10 +43,23 @@ from meshgpu.config.render import to_json
 from meshgpu.config.resources import GPUSpec
 from meshgpu.config.runs import BaseRunConfiguration
 from meshgpu.gpu import FakeProvider, collect_inventory, detect
+from meshgpu.mesh.discovery import Advertiser, browse
+from meshgpu.mesh.join import JoinError, normalize_member_url, request_join
+from meshgpu.mesh.membership import MembershipManager, MembershipPolicy
 from meshgpu.runner import ProcessRunner
 from meshgpu.runner.container import detect_runtime
 from meshgpu.runner.executor import Executor
 from meshgpu.scheduler import plan
+from meshgpu.security import (
+    JoinToken,
+    NodeIdentity,
+    PKIError,
+    create_cluster,
+    fingerprint,
+    hash_api_token,
+    sign_csr,
+    unseal,
+)
 from meshgpu.state import (
     AssignJobs,
     CodeRef,
@@ -51,10 +68,17 @@ from meshgpu.state import (
     Result,
     RunRecord,
     SetPendingReasons,
-    StateMachine,
     StopRun,
     SubmitRun,
     encode,
+)
+from meshgpu.state.cluster import (
+    AdmitNode,
+    CreateToken,
+    InitCluster,
+    Replicated,
+    RevokeToken,
+    encode_cluster,
 )
 
 if TYPE_CHECKING:
@@ -112,6 +136,10 @@ class AgentSettings:
     code_limit: int = DEFAULT_CODE_LIMIT
     tick_s: float = 0.1
     write_client_profile: bool = True
+    token: str | None = None
+    join: list[str] = field(default_factory=list)
+    mdns: bool = True
+    membership: MembershipPolicy = field(default_factory=MembershipPolicy)
 
 
 class Agent:
@@ -119,20 +147,20 @@ class Agent:
         self.settings = settings
         d = settings.data_dir
         d.mkdir(parents=True, exist_ok=True)
-        self.identity = self._identity(d / "node.json")
+        self.identity_path = d / "node.json"
+        self.identity = self._load_identity()
         self.node_id: str = self.identity["node_id"]
         self.node_name = settings.name
-        self.admin_token = self._token(d / "admin.token")
+        self.tls = NodeIdentity(d / "tls")
+        token_file = d / "admin.token"
+        self.admin_token = token_file.read_text().strip() if token_file.exists() else ""
         self.code_dir = d / "code"
         self.code_dir.mkdir(exist_ok=True)
-        self.state = StateMachine()
-        storage = bootstrap_storage(str(d / "raft"), [self.identity["raft_id"]])
-        self.node = RaftNode(
-            self.identity["raft_id"],
-            storage,
-            self.state,
-            options=NodeOptions(tick_s=settings.tick_s),
-        )
+        self.replicated = Replicated()
+        self.state = self.replicated.jobs
+        self.cluster = self.replicated.cluster
+        self.node: RaftNode = None  # type: ignore[assignment]  # created in run()
+        self.transport: Transport | None = None
         self.runner = ProcessRunner(d / "jobs")
         self.gpus = detect(
             settings.fake_gpus, seed=self.node_id, state_file=d / "fake-gpu-state.json"
@@ -148,36 +176,71 @@ class Agent:
         )
         self.container_runtime: str | None = None
         self._demand = trio.Event()
-        self.node.on_apply.append(self._on_apply)
+        self._cluster_version = -1
         self.api_url = ""
+        self.join_token: str | None = None
 
     # -- identity and secrets on disk ---------------------------------------------------------
-    @staticmethod
-    def _identity(path: Path) -> dict[str, Any]:
-        if path.exists():
-            return json.loads(path.read_text())
-        ident = {"node_id": uuid.uuid4().hex[:12], "raft_id": 1, "cluster_id": uuid.uuid4().hex}
-        path.write_text(json.dumps(ident))
-        return ident
+    def _load_identity(self) -> dict[str, Any]:
+        if self.identity_path.exists():
+            return json.loads(self.identity_path.read_text())
+        return {"node_id": uuid.uuid4().hex[:12]}
 
-    @staticmethod
-    def _token(path: Path) -> str:
-        if path.exists():
-            return path.read_text().strip()
-        token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def _save_identity(self) -> None:
+        tmp = self.identity_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.identity))
+        tmp.replace(self.identity_path)
+
+    def _save_admin_token(self, token: str) -> None:
+        path = self.settings.data_dir / "admin.token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token)
-        return token
+        self.admin_token = token
 
     def _gpu_vendor(self) -> str | None:
         inv = self.gpus.inventory()
         return inv[0].vendor if inv else None
 
+    @property
+    def peer_address(self) -> str:
+        return f"{self.settings.advertise or self.settings.bind}:{self.settings.peer_port}"
+
+    def api_token_ok(self, token: str) -> bool:
+        expected = self.cluster.api_token_hash
+        if expected:
+            return hmac.compare_digest(hash_api_token(token), expected)
+        return bool(self.admin_token) and hmac.compare_digest(token, self.admin_token)
+
     # -- wiring ---------------------------------------------------------------------------------
     def _on_apply(self, index: int) -> None:
         self.executor.notify(index)
         self._demand.set()
+        if self.cluster.version != self._cluster_version:
+            self._cluster_version = self.cluster.version
+            self._sync_cluster()
+
+    def _sync_cluster(self) -> None:
+        """Peer addresses from the replicated member list; our CA key if a grant names us."""
+        rid = self.identity.get("raft_id")
+        if self.transport is not None:
+            for m in self.cluster.members.values():
+                if m.raft_id != rid and not m.removed and m.peer_address:
+                    self.transport.set_peer_address(m.raft_id, m.peer_address)
+                    self.node.addresses[m.raft_id] = m.peer_address
+        peers = {
+            str(m.raft_id): m.peer_address for m in self.cluster.members.values() if not m.removed
+        }
+        if peers and peers != self.identity.get("peers"):
+            self.identity["peers"] = peers  # where to find the mesh after a restart
+            self._save_identity()
+        sealed = self.cluster.ca_grants.get(rid) if rid else None
+        if sealed and not self.tls.ca_key_path.exists():
+            try:
+                self.tls.store_ca_key(unseal(bytes.fromhex(sealed), self.tls.private_key()))
+                log.info("received the cluster CA key (this node is a voter)")
+            except Exception as e:  # a grant we cannot open is someone else's problem to fix
+                log.error("cannot open the CA key granted to this node: %s", e)
 
     async def _propose(
         self, data: bytes, request_id: bytes | None = None, timeout: float = 30.0
@@ -190,33 +253,310 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.node.run)
-            if self.node.status()["voters"] == [self.node.id]:
-                self.node.campaign()  # alone: no one to wait for
             cfg = hypercorn.config.Config()
             cfg.bind = [f"{s.bind}:{s.api_port}"]
             cfg.accesslog = None
             cfg.errorlog = logging.getLogger("hypercorn.error")
             cfg.graceful_timeout = 1.0
             binds = await nursery.start(partial(hypercorn.trio.serve, create_app(self), cfg))
-            self.api_url = binds[0]
-            await self._wait_leader()
+            self.api_url = binds[0].replace("0.0.0.0", s.advertise or s.bind)
+            founding = await self._establish_identity()
+            await self._start_consensus(nursery)
+            if founding:
+                await self._init_cluster()
             await self._register()
             await nursery.start(self.executor.run)
             nursery.start_soon(self._scheduler_loop)
+            self.membership = MembershipManager(
+                self.node,
+                self.cluster,
+                self.tls,
+                self._zones,
+                self._propose,
+                s.membership,
+                jobs=self.state,
+            )
+            nursery.start_soon(self.membership.run)
+            nursery.start_soon(self._fence_loop)
+            nursery.start_soon(self._reactivate_loop)
+            if s.mdns:
+                adv = Advertiser(
+                    self.node_name,
+                    self.cluster.cluster_id or self.identity["cluster_id"],
+                    self.api_url,
+                    self.peer_address,
+                    s.advertise or s.bind,
+                )
+                nursery.start_soon(adv.run)
             if s.write_client_profile:
                 write_profile(s.data_dir / "client.toml", self.api_url, self.admin_token)
-            log.info("agent node=%s api=%s ready", self.node_name, self.api_url)
+            log.info(
+                "agent node=%s raft_id=%s api=%s ready", self.node_name, self.node.id, self.api_url
+            )
             task_status.started(self.api_url)
+
+    async def _establish_identity(self) -> bool:
+        """Restart as ourselves, join with a token, or found a new mesh. True when founding."""
+        s = self.settings
+        if self.identity.get("raft_id") and self.tls.exists():
+            return False  # a restart: same node, same certificate, same Raft id
+        if s.token:
+            token = JoinToken.parse(s.token)
+            urls = [normalize_member_url(a) for a in s.join]
+            if not urls and s.mdns:
+                found = await trio.to_thread.run_sync(
+                    browse, token.cluster_id, s.advertise or s.bind, 10.0
+                )
+                urls = [m.api_url for m in found]
+                log.info("mDNS: found %d member(s) of cluster %s", len(urls), token.cluster_id[:8])
+            if not urls:
+                raise JoinError(
+                    "no member to join: none answered on mDNS for this cluster; pass --join host:port"
+                )
+            result = await request_join(
+                urls,
+                token,
+                self.tls,
+                name=self.node_name,
+                node_id=self.node_id,
+                peer_address=self.peer_address,
+                api_url=self.api_url,
+            )
+            self.identity.update(
+                raft_id=result.raft_id,
+                cluster_id=result.cluster_id,
+                peers={str(k): v for k, v in result.members.items()},
+            )
+            self._save_identity()
+            self._save_admin_token(result.api_token)
+            return False
+        self.identity.update(raft_id=1, cluster_id=uuid.uuid4().hex, peers={"1": self.peer_address})
+        host = s.advertise or s.bind
+        create_cluster(self.tls, 1, hosts=(host, "127.0.0.1", "localhost"))
+        if not self.admin_token:
+            self._save_admin_token(secrets.token_urlsafe(32))
+        self._save_identity()
+        return True
+
+    async def _start_consensus(self, nursery: trio.Nursery) -> None:
+        s = self.settings
+        rid = int(self.identity["raft_id"])
+        raft_dir = str(s.data_dir / "raft")
+        storage = bootstrap_storage(raft_dir, [rid]) if rid == 1 else DiskStorage(raft_dir)
+        peers = {int(k): v for k, v in (self.identity.get("peers") or {}).items()}
+        self.node = RaftNode(
+            rid, storage, self.replicated, peers=peers, options=NodeOptions(tick_s=s.tick_s)
+        )
+        self.node.on_apply.append(self._on_apply)
+        node = self.node
+
+        async def deliver(msgs: list[Any]) -> None:
+            for m in msgs:
+                node.deliver(m)
+
+        self.transport = Transport(
+            rid,
+            on_messages=deliver,
+            on_unreachable=node.report_unreachable,
+            on_snapshot_status=node.report_snapshot,
+            peers={k: parse_address(v) for k, v in peers.items() if k != rid and v},
+            tls=TLSConfig.from_files(self.tls.files),
+            host=s.bind,
+            port=s.peer_port,
+        )
+        await nursery.start(self.transport.run)
+        if s.peer_port == 0:  # bound to a free port: advertise the real one
+            s.peer_port = self.transport.port
+            self.identity.setdefault("peers", {})[str(rid)] = self.peer_address
+            self._save_identity()
+        node.attach(self.transport)
+        await nursery.start(node.run)
+        if node.status()["voters"] == [rid]:
+            node.campaign()  # alone: no one to wait for
+        self._sync_cluster()
+        await self._wait_leader()
+
+    async def _init_cluster(self) -> None:
+        ca_pem = self.tls.files.ca_cert.read_bytes()
+        await self._propose(
+            encode_cluster(
+                InitCluster(
+                    at=time.time(),
+                    cluster_id=self.identity["cluster_id"],
+                    ca_cert_pem=ca_pem.decode(),
+                    api_token_hash=hash_api_token(self.admin_token),
+                    founder_raft_id=1,
+                    founder_node_id=self.node_id,
+                    founder_name=self.node_name,
+                    founder_peer_address=self.peer_address,
+                    founder_api_url=self.api_url,
+                )
+            )
+        )
+        self.join_token = await self.create_join_token()
+        path = self.settings.data_dir / "join-token.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"token": self.join_token, "join": self.api_url}, f)
+
+    async def create_join_token(self, ttl_s: float | None = None) -> str:
+        token = JoinToken.create(
+            self.identity["cluster_id"], fingerprint(self.tls.files.ca_cert.read_bytes())
+        )
+        expires = time.time() + ttl_s if ttl_s else None
+        await self._propose(
+            encode_cluster(
+                CreateToken(
+                    at=time.time(),
+                    token_id=token.token_id,
+                    key=token.verification_key(),
+                    expires_at=expires,
+                )
+            )
+        )
+        return str(token)
+
+    async def revoke_join_token(self, token_id: str) -> Result:
+        return await self._propose(encode_cluster(RevokeToken(at=time.time(), token_id=token_id)))
+
+    def _unreachable_nodes(self) -> frozenset[str]:
+        """Members the leader has not heard from within two election timeouts."""
+        now = trio.current_time()
+        limit = 2 * self.node.options.tick_s * self.node.options.election_tick
+        out = set()
+        for m in self.cluster.members.values():
+            if m.removed or m.raft_id == self.node.id:
+                continue
+            # A new leader gives everyone ``limit`` to be heard from before judging.
+            heard = max(self.node.last_heard.get(m.raft_id, 0.0), self.node.leader_since)
+            if now - heard > limit:
+                out.add(m.node_id)
+        return frozenset(out)
+
+    async def _fence_loop(self) -> None:
+        """A host cut off from the leader for long stops its jobs before the leader (after the
+        longer grace period) declares it dead and restarts them elsewhere: a job never runs in
+        two places at once. Short leaderless spells (an election takes a second or two) leave
+        jobs running."""
+        policy = self.settings.membership
+        fence_s = policy.dead_grace_s * policy.fence_fraction
+        last_contact = trio.current_time()
+        while True:
+            await trio.sleep(0.5)
+            now = trio.current_time()
+            node = self.node
+            if node.role is Role.LEADER and len(node.status()["voters"]) == 1:
+                last_contact = now
+                continue
+            heard = (
+                node.last_heard.get(node.leader) if node.leader and node.leader != node.id else None
+            )
+            if node.role is Role.LEADER or (
+                heard is not None
+                and now - heard < 2 * node.options.tick_s * node.options.election_tick
+            ):
+                last_contact = now
+                continue
+            if now - last_contact > fence_s and self.executor.local:
+                log.warning(
+                    "no leader heard for %.0fs: stopping %d local job(s) (fencing)",
+                    now - last_contact,
+                    len(self.executor.local),
+                )
+                self.executor.fence()
+
+    async def _reactivate_loop(self) -> None:
+        """Declared dead while cut off, and back: register again so the scheduler uses us."""
+        while True:
+            await trio.sleep(1.0)
+            me = self.state.nodes.get(self.node_id)
+            if me is not None and me.status == "dead" and self.node.leader:
+                log.info("this host was declared dead while unreachable; registering again")
+                try:
+                    await self._register()
+                except Exception as e:  # no quorum yet: try again on the next round
+                    log.info("re-registration deferred: %s", e)
+
+    def _zones(self) -> dict[int, str]:
+        by_node = {n.node_id: n.labels.get("zone", "") for n in self.state.nodes.values()}
+        return {m.raft_id: by_node.get(m.node_id, "") for m in self.cluster.members.values()}
+
+    async def admit(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /api/v1/join`` on the leader (a follower forwards it there)."""
+        if self.node is None or not self.node.leader:
+            raise Problem(503, "no leader right now", "retry in a few seconds", "unavailable")
+        if self.node.role is not Role.LEADER:
+            leader = self.cluster.members.get(self.node.leader)
+            if leader is None:
+                raise Problem(503, "leader unknown", "retry in a few seconds", "unavailable")
+            async with httpx.AsyncClient(timeout=30) as c:
+                r = await c.post(f"{leader.api_url}/api/v1/join", json=body)
+            if r.status_code >= 400:
+                doc = r.json()
+                raise Problem(
+                    r.status_code,
+                    doc.get("title", "join failed"),
+                    doc.get("detail", ""),
+                    doc.get("code", ""),
+                )
+            return r.json()
+        try:
+            cmd = AdmitNode(
+                at=time.time(),
+                **{
+                    k: body[k]
+                    for k in (
+                        "token_id",
+                        "proof",
+                        "csr_pem",
+                        "name",
+                        "node_id",
+                        "peer_address",
+                        "api_url",
+                    )
+                },
+            )
+        except (KeyError, ValueError) as e:
+            raise Problem(400, "malformed join request", str(e), "invalid_request") from None
+        result: Result = await self._propose(encode_cluster(cmd))
+        if not result.ok:
+            raise Problem(403, "join refused", result.error, result.code)
+        rid = int(result.value)
+        ca = self.tls.ca()
+        if ca is None:
+            raise Problem(
+                503, "this leader cannot sign certificates yet", "retry shortly", "unavailable"
+            )
+        host = cmd.peer_address.rpartition(":")[0]
+        try:
+            cert = sign_csr(ca, cmd.csr_pem.encode(), rid, hosts=(host, "127.0.0.1", "localhost"))
+        except PKIError as e:
+            raise Problem(400, "bad certificate request", str(e), "invalid_csr") from None
+        st = self.node.status()
+        if rid not in st["voters"] and rid not in st["learners"]:
+            await self.node.add_learner(rid, cmd.peer_address)
+        return {
+            "raft_id": rid,
+            "cert_pem": cert.decode(),
+            "ca_pem": self.tls.files.ca_cert.read_text(),
+            "cluster_id": self.cluster.cluster_id,
+            "members": {
+                str(m.raft_id): m.peer_address
+                for m in self.cluster.members.values()
+                if not m.removed
+            },
+            "api_token": self.admin_token,
+        }
 
     async def aclose(self) -> None:
         """After ``run`` is cancelled: release what outlives the nursery. Jobs keep running."""
         with trio.CancelScope(shield=True):
             await self.runner.aclose()
-        self.node.storage.close()
+        if self.node is not None:
+            self.node.storage.close()
 
     async def _wait_leader(self) -> None:
-        with trio.fail_after(30):
+        with trio.fail_after(60):
             while self.node.leader == 0:
                 await trio.sleep(0.01)
 
@@ -263,8 +603,8 @@ class Agent:
             if self.node.role is not Role.LEADER or self.state.demand_version == seen:
                 continue
             seen = self.state.demand_version
-            p = plan(self.state)
             now = time.time()
+            p = plan(self.state, now)  # MARK: exclude=self._unreachable_nodes() once supported
             if p.assignments:
                 await self._propose(encode(AssignJobs(at=now, assignments=p.assignments)))
             changed = {
@@ -277,9 +617,10 @@ class Agent:
     def cluster_status(self) -> dict[str, Any]:
         st = self.node.status()
         return {
-            "cluster_id": self.identity["cluster_id"],
+            "cluster_id": self.cluster.cluster_id or self.identity.get("cluster_id"),
             "node_id": self.node_id,
             "node": self.node_name,
+            "raft_id": self.node.id,
             "leader": st["leader"],
             "role": st["role"],
             "term": st["term"],
@@ -297,9 +638,19 @@ class Agent:
         return [dataclasses.asdict(t) for t in samples]
 
     def roles(self) -> dict[str, str]:
-        return {
-            self.node_id: self.node.role.name.lower() if self.node.role is Role.LEADER else "voter"
-        }
+        """node id -> leader | voter | learner (members of the Raft configuration)."""
+        st = self.node.status()
+        out = {}
+        for m in self.cluster.members.values():
+            if m.removed:
+                continue
+            if m.raft_id == st["leader"]:
+                out[m.node_id] = "leader"
+            elif m.raft_id in st["voters"]:
+                out[m.node_id] = "voter"
+            elif m.raft_id in st["learners"]:
+                out[m.node_id] = "learner"
+        return out
 
     async def store_code(self, data: bytes, claimed_sha: str | None) -> str:
         sha = hashlib.sha256(data).hexdigest()
@@ -438,6 +789,21 @@ class Agent:
             ):
                 return
             await trio.sleep(0.1)
+
+    async def proxy_logs(self, api_url: str, run: str, job: int, follow: bool, auth: str) -> Any:
+        params = {"job": job, "follow": str(follow).lower()}
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as c:
+            try:
+                async with c.stream(
+                    "GET",
+                    f"{api_url}/api/v1/runs/{run}/logs",
+                    params=params,
+                    headers={"Authorization": auth},
+                ) as r:
+                    async for chunk in r.aiter_bytes():
+                        yield chunk
+            except httpx.TransportError as e:
+                yield f"\n[meshgpu: the log stream from {api_url} broke: {e}]\n".encode()
 
     def _ended_on_disk(self, job_id: str) -> bool:
         return self.runner.result(job_id) is not None

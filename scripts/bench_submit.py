@@ -46,6 +46,8 @@ def start_agent(data: Path) -> tuple[subprocess.Popen[bytes], str, str]:
             str(data),
             "--api-port",
             "0",
+            "--peer-port",
+            "0",
             "--fake-gpus",
             "8xH100:80GB",
             "--log-level",

@@ -9,20 +9,15 @@ stuck one. Times are shown relative to the first invocation in the history.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
+from ._checker import CheckResult, PartitionResult, Verdict
 from ._history import Op, Outcome
-
-if TYPE_CHECKING:
-    from ._checker import CheckResult, PartitionResult
 
 __all__ = ["render"]
 
 
 def render(result: CheckResult, *, context: int = 8) -> str:
     """The report behind `CheckResult.report()`."""
-    from ._checker import Verdict
-
     history = result.history
     t0 = min((op.call for op in history), default=0)
     fmt = _Formatter(result, t0)

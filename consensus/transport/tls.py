@@ -129,8 +129,21 @@ class ClusterCA:
         """A certificate for node ``node_id`` (``CN=node-<id>``), usable both to serve and to
         dial. ``hosts`` become extra SANs (IP addresses as IP SANs), for tools that dial by
         address; the transport itself verifies by node name."""
-        name = node_name(node_id)
         key = ec.generate_private_key(ec.SECP256R1())
+        cert = self.sign_node_key(node_id, key.public_key(), hosts=hosts, valid_for=valid_for)
+        return CertifiedKey(cert, key)
+
+    def sign_node_key(
+        self,
+        node_id: int,
+        public_key: ec.EllipticCurvePublicKey,
+        *,
+        hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+        valid_for: datetime.timedelta = datetime.timedelta(days=825),
+    ) -> x509.Certificate:
+        """A node certificate for a key the node generated itself (from its CSR): the private
+        key never leaves the node."""
+        name = node_name(node_id)
         sans: list[x509.GeneralName] = [x509.DNSName(name)]
         for host in hosts:
             try:
@@ -143,7 +156,7 @@ class ClusterCA:
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
             .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _CLOCK_SKEW)
             .not_valid_after(now + valid_for)
@@ -169,13 +182,13 @@ class ClusterCA:
                 critical=False,
             )
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
             )
             .sign(ca_key, hashes.SHA256())
         )
-        return CertifiedKey(cert, key)
+        return cert
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,5 @@
 """The REST API every node serves: FastAPI, run in-process by ``hypercorn.trio.serve``."""
 
-import hmac
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -55,13 +54,14 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
                 "too_large",
             )
         response = await call_next(request)
-        response.headers[APPLIED_HEADER] = str(agent.node.applied)
+        if agent.node is not None:
+            response.headers[APPLIED_HEADER] = str(agent.node.applied)
         return response
 
     async def auth(request: Request) -> None:
         header = request.headers.get("authorization", "")
         token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        if not token or not hmac.compare_digest(token.encode(), agent.admin_token.encode()):
+        if not token or not agent.api_token_ok(token):
             raise Problem(
                 401,
                 "unauthorized",
@@ -80,6 +80,33 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
 
     Auth = Annotated[None, Depends(auth)]
     Read = Annotated[None, Depends(consistent_read)]
+
+    @app.post("/api/v1/join")
+    async def join(request: Request) -> dict[str, Any]:
+        """A new host asks to join; authenticated by its token proof, not a bearer token."""
+        try:
+            body = await request.json()
+        except ValueError:
+            raise Problem(
+                400, "malformed join request", "expected JSON", "invalid_request"
+            ) from None
+        if not isinstance(body, dict):
+            raise Problem(
+                400, "malformed join request", "expected a JSON object", "invalid_request"
+            )
+        return await agent.admit(body)
+
+    @app.post("/api/v1/tokens", status_code=201)
+    async def create_token(_: Auth, ttl_s: float | None = None) -> dict[str, Any]:
+        token = await agent.create_join_token(ttl_s)
+        return {"token": token, "token_id": token.split(".")[3]}
+
+    @app.delete("/api/v1/tokens/{token_id}")
+    async def revoke_token(token_id: str, _: Auth) -> dict[str, Any]:
+        result = await agent.revoke_join_token(token_id)
+        if not result.ok:
+            raise Problem(404, "token not found", result.error, result.code)
+        return {"revoked": token_id}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -143,7 +170,7 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
 
     @app.get("/api/v1/runs/{name}/logs")
     async def logs(
-        name: str, _: Auth, job: int = 0, follow: Annotated[bool, Query()] = False
+        request: Request, name: str, _: Auth, job: int = 0, follow: Annotated[bool, Query()] = False
     ) -> StreamingResponse:
         run = agent.state.runs.get(name)
         if run is None:
@@ -153,9 +180,16 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
             raise Problem(
                 404, "job not found", f"run {name!r} has jobs 0..{len(jobs) - 1}", "not_found"
             )
-        return StreamingResponse(
-            agent.stream_logs(jobs[job].job_id, follow), media_type="text/plain"
-        )
+        target = jobs[job]
+        owner = agent.state.nodes.get(target.node_id) if target.node_id else None
+        if owner is not None and target.node_id != agent.node_id and owner.api_url:
+            # The log lives on the host that ran the job: stream it through from there.
+            auth_header = request.headers.get("authorization", "")
+            return StreamingResponse(
+                agent.proxy_logs(owner.api_url, name, job, follow, auth_header),
+                media_type="text/plain",
+            )
+        return StreamingResponse(agent.stream_logs(target.job_id, follow), media_type="text/plain")
 
     return app
 

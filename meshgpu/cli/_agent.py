@@ -49,17 +49,30 @@ def agent(
         int,
         typer.Option("--code-limit-mb", envvar="MESHGPU_CODE_LIMIT_MB", help="Largest code upload"),
     ] = 64,
+    tick_ms: Annotated[
+        float, typer.Option("--tick-ms", help="Raft tick (election timeout: 10 ticks)")
+    ] = 100.0,
+    dead_grace: Annotated[
+        str, typer.Option("--dead-grace", help="Silence before a host is declared dead")
+    ] = "30s",
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the agent: the first one creates a mesh; it serves the API and runs jobs."""
+    from consensus.storage import CorruptStorageError
     from meshgpu.agent import Agent, AgentSettings
+    from meshgpu.config import parse_duration
     from meshgpu.gpu import FakeSpecError
+    from meshgpu.mesh.join import JoinError
+    from meshgpu.mesh.membership import MembershipPolicy
+    from meshgpu.security import TokenError
 
-    if token or join:
-        raise fail(
-            "joining an existing mesh (--token/--join) arrives with the mesh milestone; "
-            "this build runs a single-node mesh"
-        )
+    if token:
+        try:
+            from meshgpu.security import JoinToken
+
+            JoinToken.parse(token)
+        except TokenError as e:
+            raise fail(str(e)) from None
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
@@ -73,6 +86,11 @@ def agent(
         labels=_labels(labels),
         fake_gpus=fake_gpus,
         code_limit=code_limit_mb << 20,
+        token=token,
+        join=[j.strip() for j in (join or "").split(",") if j.strip()],
+        mdns=not no_mdns,
+        tick_s=tick_ms / 1000,
+        membership=MembershipPolicy(dead_grace_s=float(parse_duration(dead_grace))),
     )
     try:
         ag = Agent(settings)
@@ -85,6 +103,10 @@ def agent(
             err.print(
                 f"meshgpu agent {ag.node_name} serving {url}; client profile: {data_dir / 'client.toml'}"
             )
+            if ag.join_token:
+                err.print(
+                    f"join token for other hosts:\n  meshgpu agent --token {ag.join_token} --join {url}"
+                )
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     break
@@ -95,5 +117,24 @@ def agent(
         trio.run(main)
     except KeyboardInterrupt:
         err.print("agent stopped; running jobs keep running and are re-adopted at the next start")
-    except OSError as e:
-        raise fail(f"cannot start the agent: {e}") from None
+    except BaseException as e:  # noqa: BLE001 - user errors arrive wrapped in exception groups
+        leaf = _leaf(e)
+        if isinstance(leaf, JoinError):
+            raise fail(f"cannot join the mesh: {leaf}") from None
+        if isinstance(leaf, CorruptStorageError):
+            raise fail(str(leaf)) from None
+        if isinstance(leaf, OSError):
+            raise fail(f"cannot start the agent: {leaf}") from None
+        if isinstance(leaf, KeyboardInterrupt):
+            err.print(
+                "agent stopped; running jobs keep running and are re-adopted at the next start"
+            )
+            return
+        raise
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one real error inside nested exception groups (trio wraps errors from nurseries)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -14,6 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(_config.app, name="config")
+app.add_typer(_cluster.token_app, name="token")
 app.command()(_agent.agent)
 app.command(context_settings={"allow_interspersed_args": False})(_runs.apply)
 app.command(context_settings={"allow_interspersed_args": False})(_runs.submit)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Annotated
+
+import typer
 
 from meshgpu.cli._common import JsonOpt, UrlOpt, client, out, table
 
@@ -57,3 +60,30 @@ def status(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
         sys.stdout.write("\n")
         return
     table(["", ""], [[k, v] for k, v in st.items()])
+
+
+token_app = typer.Typer(help="Join tokens for new hosts.", no_args_is_help=True)
+
+
+@token_app.command("create")
+def token_create(
+    ttl: Annotated[str | None, typer.Option("--ttl", help="Expire after e.g. 1h, 7d")] = None,
+    url: UrlOpt = None,
+) -> None:
+    """A join token: on the new host, meshgpu agent --token TOKEN [--join MEMBER]."""
+    from meshgpu.config import parse_duration
+
+    params = {"ttl_s": parse_duration(ttl)} if ttl else {}
+    with client(url) as c:
+        doc = c._request("POST", "/api/v1/tokens", params=params).json()  # noqa: SLF001
+    print(doc["token"])
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (4th field)")], url: UrlOpt = None
+) -> None:
+    """Revoke a join token: hosts can no longer join with it."""
+    with client(url) as c:
+        c._request("DELETE", f"/api/v1/tokens/{token_id}")  # noqa: SLF001
+    out.print(f"revoked {token_id}")

@@ -130,6 +130,12 @@ class Executor:
                 self._stop(job_id, abort=True, config={}, reason="terminated_by_server")
         self.on_busy({i for j in mine.values() for i in j.gpu_indices})
 
+    def fence(self) -> None:
+        """Stop every local job now: this host is cut off, and the leader will run them
+        elsewhere. Their end is reported when the host reconnects."""
+        for job_id in list(self.local):
+            self._stop(job_id, abort=True, config={}, reason="instance_unreachable")
+
     def _config(self, job: JobRecord) -> dict[str, Any]:
         run = self.state.runs.get(job.run_name)
         return run.config if run else {}

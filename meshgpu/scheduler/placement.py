@@ -1,124 +1,564 @@
-"""The placement loop's pure core: (state) -> assignments and why-pending reasons.
+"""The scheduler's pure core: ``plan(state, now) -> Plan`` (assign, preempt, explain).
 
-Waiting jobs are taken in queue order -- priority (high first), then submission time, then job
-number -- and each run's waiting jobs (its gang) are placed together or not at all. A gang that
-cannot be placed now *reserves* the hosts it could use once they free up: gangs behind it may
-only use other hosts, so smaller jobs backfill around a blocked head without ever delaying it,
-and nothing starves. The leader runs this whenever demand or capacity changes and commits the
-result as ``AssignJobs`` (re-checked at apply time).
+Deterministic and I/O-free: the same state and ``now`` give the same plan. The leader runs it
+whenever demand or capacity changes and commits the result (``AssignJobs``, ``PreemptJobs``,
+``SetPendingReasons``); every decision is re-checked when applied.
+
+**Queue.** Strict priority (0-100, high first). At equal priority, projects take turns by fair
+share -- the project holding the fewest GPUs (counting what this plan gives it) goes next -- and
+each project's runs go first in, first out. A gang (the waiting jobs of one run replica) is placed
+whole or not at all, on distinct hosts, inside one ``cluster`` label for multi-node runs;
+placement is atomic per plan, so two half-placed gangs can never hold each other's hosts.
+
+**Backfill.** A gang that cannot start reserves hosts: the ones where it can start soonest (the
+*reserved start* is computed from the deadlines of what runs there, see ``deadlines.py``). Gangs
+behind it may still use a reserved host, but only if
+
+1. they will be gone by the reserved start (their own deadline, from ``max_duration``, is no
+   later), or
+2. they fit in the host's *slack*: what the host will have free at the reserved start beyond the
+   blocked gang's needs.
+
+When the reserved start is unknown (something there has no ``max_duration``) rule 1 never holds
+and the slack is only what is free now beyond the gang's needs -- i.e. no backfill on reserved
+hosts. Either way a backfilled job can never delay a reserved start. The first blocked gang of
+each kind reserves (EASY backfill, with one head per requirement); gangs of the same kind wait
+in FIFO order behind it. A gang blocked only by other gangs' reservations says so and reserves
+nothing.
+
+**Preemption** (opt-in, ``preemption.py``): a gang that does not fit may stop lower-priority
+preemptible gangs when its whole gang then fits; it then reserves the hosts it will start on.
+
+**Why pending.** Every waiting job gets a reason. The wording is stable (no counters that move
+with unrelated load except for the head of each kind), so reasons are re-proposed only when they
+change.
+
+**Cost.** The state keeps waiting gangs grouped in classes (``state/queue.py``): one failed gang
+settles its whole class, so a plan costs what it places plus one step per class, not one per
+queued job; free capacity is indexed by host class and free GPUs (``capacity.py``).
 """
 
 from __future__ import annotations
 
+import heapq
+import json
 from dataclasses import dataclass, field
 
-from meshgpu.scheduler.matching import choose_gpus, host_fits, job_key, job_resources
-from meshgpu.state.commands import Assignment
+from meshgpu.scheduler.capacity import Capacity, Host, HostClass, Reservation
+from meshgpu.scheduler.deadlines import INF, Deadlines
+from meshgpu.scheduler.matching import Req, StaticFit, describe, req_of, spec_of
+from meshgpu.scheduler.policy import SchedulerPolicy
+from meshgpu.scheduler.preemption import Decision, Preemptor
+from meshgpu.state.commands import Assignment, Preemption
 from meshgpu.state.machine import StateMachine
-from meshgpu.state.records import JobRecord, NodeRecord, RunRecord
+from meshgpu.state.queue import Gang, QueueClass
 
 QUEUED = "waiting for capacity: earlier or higher-priority runs are ahead in the queue"
+
+# How a gang failed; decides its reason and whether it reserves.
+NEVER, OVERSIZED, CAPACITY, RESERVED = "never", "oversized", "capacity", "reserved"
+_DURATION_FIELDS = ("max_duration", "stop_duration")
+_Kind = tuple[str, tuple[str, ...]]  # (placement fields but durations, the jobs' resources)
+# Derived from queue class keys, which recur from plan to plan.
+_REQS: dict[tuple[str, tuple[str, ...], int], list[Req]] = {}
+_KINDS: dict[tuple[str, tuple[str, ...]], _Kind] = {}
 
 
 @dataclass
 class Plan:
+    """The decisions of one scheduling pass."""
+
     assignments: list[Assignment] = field(default_factory=list)
     pending: dict[str, str] = field(default_factory=dict)  # job_id -> why it waits
+    preemptions: list[Preemption] = field(default_factory=list)  # for a ``PreemptJobs``
+    # Where each preempting gang (run_name, replica) will start once its victims are gone.
+    preemption_targets: dict[tuple[str, int], list[Assignment]] = field(default_factory=dict)
+    reservations: list[Reservation] = field(default_factory=list)
 
 
-def _gangs(state: StateMachine) -> list[tuple[RunRecord, list[JobRecord]]]:
-    by_run: dict[str, list[JobRecord]] = {}
-    for job in state.waiting_jobs():
-        by_run.setdefault(job.run_name, []).append(job)
-    gangs = []
-    for name, jobs in by_run.items():
-        run = state.runs[name]
-        jobs.sort(key=lambda j: j.job_num)
-        gangs.append((run, jobs))
-    gangs.sort(key=lambda rj: (-rj[0].priority, rj[0].submitted_at, rj[0].run_name))
-    return gangs
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    kind: str
+    reason: str
 
 
-def plan(state: StateMachine) -> Plan:
-    out = Plan()
-    nodes = [
-        n for n in sorted(state.nodes.values(), key=lambda n: n.node_id) if n.status == "active"
-    ]
-    free = {n.node_id: {g.index for g in n.gpus} - state.gpus_in_use(n.node_id) for n in nodes}
-    reserved: dict[str, str] = {}  # node_id -> run that waits for it
-    feasible_cache: dict[tuple[str, bool], list[NodeRecord]] = {}
-    for run, jobs in _gangs(state):
-        image = bool(run.config.get("image"))
-        if len(reserved) == len(nodes) and nodes:
-            # Every host is spoken for by a gang ahead: nothing behind can be placed now. Only
-            # say why, and only where the reason changes (a long queue stays cheap).
-            for job in jobs:
-                key = (job_key(job), image)
-                feasible = feasible_cache.get(key)
-                if feasible is None:
-                    res = job_resources(job)
-                    feasible = feasible_cache[key] = [
-                        n for n in nodes if not host_fits(res, n, image)
-                    ]
-                if feasible and job.why_pending == QUEUED:
-                    continue
-                if feasible:
-                    out.pending[job.job_id] = QUEUED
+def plan(
+    state: StateMachine, now: float | None = None, policy: SchedulerPolicy | None = None
+) -> Plan:
+    """Decide what to start, preempt and say about the waiting queue of ``state``.
+
+    ``now`` (seconds since the epoch, the proposer's clock) turns ``max_duration`` into deadlines
+    for backfill; without it no deadline is known, so nothing is backfilled onto reserved hosts.
+    """
+    return _Planner(state, now, policy or SchedulerPolicy()).run()
+
+
+class _Planner:
+    def __init__(self, state: StateMachine, now: float | None, policy: SchedulerPolicy) -> None:
+        self.state = state
+        self.policy = policy
+        self.deadlines = Deadlines(now, policy)
+        self.cap = Capacity(state, self.deadlines)
+        self.out = Plan()
+        self.failed: dict[_Kind, tuple[_Failure, float]] = {}  # kind -> (failure, its deadline)
+        self.reserved_kinds: set[_Kind] = set()
+        self.no_preempt: set[tuple[_Kind, int]] = set()
+        self.usage = dict(state.project_gpus) if policy.fair_share else {}
+        self.preemptor = Preemptor(self.cap)
+        self._statics: dict[tuple[tuple[str, ...], str | None], int] = {}
+
+    def run(self) -> Plan:
+        try:
+            return self.plan_queue()
+        finally:
+            self.cap.close()
+
+    def plan_queue(self) -> Plan:
+        """Plan the whole queue (the capacity index keeps the plan's changes until closed)."""
+        for priority, classes in self.state.queue.by_priority():
+            self._level(priority, classes)
+        return self.out
+
+    # -- queue order ---------------------------------------------------------------------------
+    def _level(self, priority: int, classes: list[QueueClass]) -> None:
+        """One priority level: merge the classes' FIFO lines, projects taking fair turns."""
+        fair = self.policy.fair_share
+        heap: list[tuple[int, tuple[float, str, int], int]] = []
+        for i, cls in enumerate(classes):
+            heap.append((self.usage.get(cls.project, 0) if fair else 0, cls.order[0], i))
+        heapq.heapify(heap)
+        pos = [0] * len(classes)
+        done: list[list[tuple[Gang, str | None]]] = [[] for _ in classes]
+        while heap:
+            usage, order, i = heapq.heappop(heap)
+            cls = classes[i]
+            if fair and usage != self.usage.get(cls.project, 0):
+                heapq.heappush(heap, (self.usage.get(cls.project, 0), order, i))
+                continue  # its project was served meanwhile: take its turn again later
+            gang = cls.gangs[order]
+            reason, more = self._gang(cls, gang, priority)
+            done[i].append((gang, reason))
+            if not more:
+                self._settle(cls, done[i], reason)
+                continue
+            self._explain(gang, reason)
+            pos[i] += 1
+            if pos[i] < len(cls.order):
+                key = self.usage.get(cls.project, 0) if fair else 0
+                heapq.heappush(heap, (key, cls.order[pos[i]], i))
+
+    def _explain(self, gang: Gang, reason: str | None) -> None:
+        if reason is not None:
+            for job in gang.jobs:
+                self.out.pending[job.job_id] = reason
+
+    def _settle(self, cls: QueueClass, done: list[tuple[Gang, str | None]], reason: str) -> None:
+        """The class's last gang failed: the rest of the class fails too (they fit exactly the
+        same hosts, and capacity only shrinks within a plan). One bulk update for all."""
+        seen = self.failed.get(self._fit_kind(cls))
+        follower = reason if seen is not None and seen[0].kind in (NEVER, OVERSIZED) else QUEUED
+        self.out.pending.update(dict.fromkeys(cls.job_ids, follower))
+        for gang, why in done:
+            for job in gang.jobs:
+                if why is None:
+                    self.out.pending.pop(job.job_id, None)
                 else:
-                    reasons = "; ".join(host_fits(job_resources(job), n, image) for n in nodes)
-                    out.pending[job.job_id] = f"no host can ever run it: {reasons}"
-            continue
-        tentative: list[Assignment] = []
-        taken: dict[str, set[int]] = {}
-        why = ""
-        for job in jobs:
-            res = job_resources(job)
-            feasible = [n for n in nodes if not host_fits(res, n, image)]
-            if not feasible:
-                reasons = (
-                    "; ".join(host_fits(res, n, image) for n in nodes)
-                    or "the mesh has no active nodes"
-                )
-                why = f"no host can ever run it: {reasons}"
-                break
-            placed = False
-            best_free = (0, "")
-            for node in feasible:
-                if node.node_id in reserved:
-                    continue
-                avail = free[node.node_id] - taken.get(node.node_id, set())
-                fit = choose_gpus(res, node, avail)
-                if fit.gpu_indices is not None:
-                    tentative.append(
-                        Assignment(
-                            job_id=job.job_id,
-                            node_id=node.node_id,
-                            gpu_indices=list(fit.gpu_indices),
-                        )
+                    self.out.pending[job.job_id] = why
+
+    # -- one gang ------------------------------------------------------------------------------
+    def _gang(self, cls: QueueClass, gang: Gang, priority: int) -> tuple[str | None, bool]:
+        """Place, preempt for, or explain one gang. Returns (its reason or None if placed,
+        whether the next gang of its class may still be tried)."""
+        kind = self._fit_kind(cls)
+        reqs = self._requirements(cls, gang)
+        end = self.deadlines.of_new(gang.run.config)
+        failure = self._known_failure(kind, end)
+        if failure is None:
+            placed = self._place(gang, reqs, end)
+            if isinstance(placed, list):
+                self.out.assignments.extend(placed)
+                if self.policy.fair_share:
+                    project = gang.run.project
+                    self.usage[project] = self.usage.get(project, 0) + sum(
+                        len(a.gpu_indices) for a in placed
                     )
-                    taken.setdefault(node.node_id, set()).update(fit.gpu_indices)
-                    placed = True
+                return None, True
+            failure = placed
+            self.failed[kind] = (placed, end)
+        if (
+            failure.kind in (CAPACITY, RESERVED)
+            and self.policy.preemption
+            and (kind, priority) not in self.no_preempt
+            and self.preemptor.may_help(priority)
+        ):
+            decision = self.preemptor.try_gang(
+                gang.key,
+                reqs,
+                priority,
+                self._clusters(gang, reqs),
+                [self.cap.feasible(r) for r in reqs],
+            )
+            if decision is not None:
+                return self._preempting(gang, decision), True
+            self.no_preempt.add((kind, priority))
+        if failure.kind in (CAPACITY, OVERSIZED) and kind not in self.reserved_kinds:
+            self.reserved_kinds.add(kind)
+            self._reserve(gang, reqs, failure)
+            return failure.reason, False
+        return (failure.reason if failure.kind in (NEVER, OVERSIZED) else QUEUED), False
+
+    def _known_failure(self, kind: _Kind, end: float) -> _Failure | None:
+        """A failure already seen this plan that settles a gang of ``kind`` ending at ``end``:
+        capacity only shrinks during a plan, and a later deadline only makes backfill harder."""
+        seen = self.failed.get(kind)
+        if seen is None:
+            return None
+        failure, failed_end = seen
+        if failure.kind in (NEVER, OVERSIZED) or end >= failed_end:
+            return failure
+        return None
+
+    def _fit_kind(self, cls: QueueClass) -> _Kind:
+        """What decides where a gang of the class fits, leaving out how long it runs (gangs that
+        differ only in ``max_duration`` share failures and one reservation)."""
+        key = (cls.key[2], cls.key[3])
+        kind = _KINDS.get(key)
+        if kind is None:
+            if len(_KINDS) > 10_000:
+                _KINDS.clear()
+            doc = {k: v for k, v in json.loads(cls.key[2]).items() if k not in _DURATION_FIELDS}
+            kind = _KINDS[key] = (json.dumps(doc, sort_keys=True), cls.key[3])
+        return kind
+
+    def _requirements(self, cls: QueueClass, gang: Gang) -> list[Req]:
+        """One ``Req`` per job of the gang (the same for every gang of the class)."""
+        key = (cls.key[2], cls.key[3], len(gang.jobs))
+        reqs = _REQS.get(key)
+        if reqs is None:
+            if len(_REQS) > 10_000:
+                _REQS.clear()
+            exclusive = len(gang.jobs) > 1
+            reqs = _REQS[key] = [
+                req_of(spec_of(j.resources_key, j.resources), gang.run.config, exclusive)
+                for j in gang.jobs
+            ]
+        return reqs
+
+    def _clusters(self, gang: Gang, reqs: list[Req]) -> list[str | None]:
+        """The clusters a gang may use: any host (None) unless it is a multi-node cluster gang."""
+        if len(reqs) < 2 or not reqs[0].filters.cluster:
+            return [None]
+        seen: dict[str, None] = {}
+        for cls, _ in self.cap.feasible(reqs[0]):
+            seen[cls.cluster] = None
+        return list(seen)
+
+    # -- placing -------------------------------------------------------------------------------
+    def _place(self, gang: Gang, reqs: list[Req], end: float) -> list[Assignment] | _Failure:
+        feasible = [self.cap.feasible(r) for r in reqs]
+        for req, classes in zip(reqs, feasible, strict=True):
+            if not classes:
+                return _Failure(NEVER, "no host can ever run it: " + self.cap.never_reasons(req))
+        clusters = self._clusters(gang, reqs)
+        n = len(reqs)
+        keys = tuple(r.key for r in reqs)
+        sizes = {}
+        for c in clusters:
+            size = self._statics.get((keys, c))
+            if size is None:
+                size = self._statics[(keys, c)] = self._static_hosts(feasible, c)
+            sizes[c] = size
+        if max(sizes.values()) < n:
+            return _Failure(OVERSIZED, self._oversized(reqs, clusters, max(sizes.values())))
+        if len(clusters) > 1:
+            # Try the clusters with the most free room first: the first that fits wins.
+            clusters.sort(key=lambda c: -self._room(feasible, c))
+        blocked = False
+        for cluster in clusters:
+            if sizes[cluster] < n:
+                continue
+            taken: list[tuple[Host, tuple[int, ...], int, Reservation | None, int]] = []
+            used: set[str] = set()
+            for req, classes in zip(reqs, feasible, strict=True):
+                found, skipped = self._find(gang, req, classes, cluster, used, end)
+                blocked = blocked or skipped
+                if found is None:
                     break
-                best_free = max(best_free, (len(avail), node.name))
-            if not placed:
-                if best_free[0] == 0 and all(n.node_id in reserved for n in feasible):
-                    # Stable wording (no names, no positions): reasons are replicated only when
-                    # they change, and a queue of thousands must not rewrite them on every pass.
-                    why = QUEUED
-                else:
-                    where = (
-                        f"; largest free: {best_free[0]} on {best_free[1]}" if best_free[1] else ""
-                    )
-                    why = f"needs {res.gpu.to_spec() if res.gpu.count.max != 0 else 'CPU only'} on one host{where}"
-                # Reserve what this gang could use, so later gangs cannot delay it.
-                for n in feasible:
-                    reserved.setdefault(n.node_id, run.run_name)
-                break
-        if why:
-            for job in jobs:
-                out.pending[job.job_id] = why
-            continue
-        for a in tentative:
-            free[a.node_id] -= set(a.gpu_indices)
-        out.assignments.extend(tentative)
-    return out
+                host, gpus, blocks, charge = found
+                self.cap.take(host, gpus, blocks, end)
+                r = host.reservation if charge else None
+                if r is not None:
+                    r.slack[host.node_id] -= charge
+                taken.append((host, gpus, blocks, r, charge))
+                used.add(host.node_id)
+            if len(taken) == n:
+                return [
+                    Assignment(job_id=job.job_id, node_id=h.node_id, gpu_indices=list(g), blocks=b)
+                    for job, (h, g, b, _, _) in zip(gang.jobs, taken, strict=True)
+                ]
+            for host, gpus, blocks, r, charge in reversed(taken):
+                self.cap.give(host, gpus, blocks)
+                if r is not None:
+                    r.slack[host.node_id] += charge
+        if blocked:
+            return _Failure(RESERVED, QUEUED)
+        return _Failure(CAPACITY, self._capacity_reason(reqs, clusters, feasible))
+
+    def _find(
+        self,
+        gang: Gang,
+        req: Req,
+        classes: list[tuple[HostClass, StaticFit]],
+        cluster: str | None,
+        used: set[str],
+        end: float,
+    ) -> tuple[tuple[Host, tuple[int, ...], int, int] | None, bool]:
+        """Best-fit host for one job: the fewest spare units first. Returns the host, its GPUs,
+        blocks, the slack it consumes on a reserved host -- and whether a reservation was in the
+        way somewhere."""
+        skipped = False
+        hosts = self.cap.hosts
+        top = max(len(cls.buckets) for cls, _ in classes)
+        for spare in range(top):
+            for cls, sf in classes:
+                if cluster is not None and cls.cluster != cluster:
+                    continue
+                v = sf.units + spare
+                if v >= len(cls.buckets):
+                    continue
+                bucket = cls.buckets[v]
+                if not bucket:
+                    continue
+                for node_id in bucket:
+                    host = hosts[node_id]
+                    if node_id in used:
+                        continue
+                    if req.filters.by_name() and req.filters.reject(host.node):
+                        continue
+                    gpus = self.cap.gpus_for(host, sf)
+                    if gpus is None:
+                        continue
+                    blocks = sf.units if host.shape is not None else 0
+                    charge = 0
+                    r = host.reservation
+                    if r is not None and r.gang != gang.key and not (end <= r.start < INF):
+                        charge = self.charge(host, r, gpus, blocks)
+                        if charge > r.slack[host.node_id]:
+                            skipped = True
+                            continue
+                    return (host, gpus, blocks, charge), skipped
+        return None, skipped
+
+    @staticmethod
+    def charge(host: Host, r: Reservation, gpus: tuple[int, ...], blocks: int) -> int:
+        """Units of the reservation's slack a job would use on ``host``. A CPU-only job on a
+        host shared GPU by GPU uses none."""
+        if host.shape is not None:
+            return blocks
+        matching = r.matching.get(host.node_id)
+        return len(gpus) if matching is None else sum(1 for g in gpus if g in matching)
+
+    def _static_hosts(
+        self, feasible: list[list[tuple[HostClass, StaticFit]]], cluster: str | None
+    ) -> int:
+        """How many distinct hosts (in ``cluster``) could run some job of the gang."""
+        seen: set[int] = set()
+        count = 0
+        for classes in feasible:
+            for cls, _ in classes:
+                if cls.uid not in seen and (cluster is None or cls.cluster == cluster):
+                    seen.add(cls.uid)
+                    count += len(cls.members)
+        return count
+
+    def _room(self, feasible: list[list[tuple[HostClass, StaticFit]]], cluster: str | None) -> int:
+        need = feasible[0][0][1].units
+        return sum(
+            len(b) for cls, _ in feasible[0] if cls.cluster == cluster for b in cls.buckets[need:]
+        )
+
+    # -- reasons -------------------------------------------------------------------------------
+    def _capacity_reason(
+        self,
+        reqs: list[Req],
+        clusters: list[str | None],
+        feasible: list[list[tuple[HostClass, StaticFit]]],
+    ) -> str:
+        req = reqs[0]
+        what = describe(req.res)
+        classes = feasible[0]
+        if len(reqs) == 1:
+            host, sf = self._largest(classes)
+            if host.shape is not None:
+                return (
+                    f"needs {sf.units} blocks ({what}) on one host; largest free: "
+                    f"{host.units} blocks on {host.node.name}"
+                )
+            return f"needs {what} on one host; largest free: {host.units} on {host.node.name}"
+        where = " in one cluster" if len(clusters) > 1 else ""
+        room = sum(len(b) for cls, sf in classes for b in cls.buckets[sf.units :])
+        return f"needs {len(reqs)} hosts with {what} each{where}; {room} have room now"
+
+    def _oversized(self, reqs: list[Req], clusters: list[str | None], most: int) -> str:
+        where = " in one cluster" if len(clusters) > 1 else ""
+        return (
+            f"needs {len(reqs)} hosts for {describe(reqs[0].res)} each{where}; only {most} can "
+            "ever run it: waiting for more hosts to join"
+        )
+
+    def _largest(self, classes: list[tuple[HostClass, StaticFit]]) -> tuple[Host, StaticFit]:
+        """The host with the most free units among ``classes`` (first in order on a tie)."""
+        best: tuple[Host, StaticFit] | None = None
+        for cls, sf in classes:
+            for v in range(len(cls.buckets) - 1, -1, -1):
+                if cls.buckets[v]:
+                    if best is None or v > best[0].units:
+                        best = (self.cap.hosts[cls.buckets[v][0]], sf)
+                    break
+        assert best is not None
+        return best
+
+    # -- reservations --------------------------------------------------------------------------
+    def _reserve(self, gang: Gang, reqs: list[Req], failure: _Failure) -> None:
+        """Reserve the hosts where the gang can start soonest (see the module docstring)."""
+        if failure.kind is OVERSIZED and not self.policy.hold_for_oversized_gangs:
+            return
+        clusters = self._clusters(gang, reqs)
+        pools = self._candidates(reqs, clusters)
+        ready: dict[tuple[str, int, frozenset[int] | None], float] = {}
+        best: tuple[float, list[tuple[Host, int, frozenset[int] | None]]] | None = None
+        partial: list[tuple[Host, int, frozenset[int] | None]] = []
+        for cluster in clusters:
+            pool = pools.get(cluster, [])
+            chosen: list[tuple[Host, int, frozenset[int] | None]] = []
+            used: set[str] = set()
+            start = 0.0
+            for req in reqs:
+                pick = None
+                for host in pool:
+                    if host.node_id in used:
+                        continue
+                    sf = self.cap.fit(req, host.cls)
+                    if not sf.ok:
+                        continue
+                    matching = None if sf.all_match else sf.matching
+                    memo = (host.node_id, sf.units, matching)
+                    at = ready.get(memo)
+                    if at is None:
+                        at = ready[memo] = self.cap.ready_at(host, sf.units, matching)[0]
+                    if pick is None or at < pick[0]:
+                        pick = (at, host, sf.units, matching)
+                if pick is None:
+                    break
+                start = max(start, pick[0])
+                chosen.append((pick[1], pick[2], pick[3]))
+                used.add(pick[1].node_id)
+            if len(chosen) == len(reqs):
+                if best is None or start < best[0]:
+                    best = (start, chosen)
+            elif len(chosen) > len(partial):
+                partial = chosen
+        if best is None:
+            if failure.kind is not OVERSIZED or not partial:
+                return  # every candidate host is promised to gangs ahead
+            best = (INF, partial)
+        start, chosen = best
+        r = Reservation(gang.key, start, after=len(self.out.assignments))
+        for host, units, matching in chosen:
+            r.need[host.node_id] = units
+            r.matching[host.node_id] = matching
+            r.slack[host.node_id] = self._slack(host, units, matching, start)
+            self.cap.reserve(host, r)
+        self.out.reservations.append(r)
+
+    def _slack(self, host: Host, units: int, matching: frozenset[int] | None, start: float) -> int:
+        free = self.cap.free_units(host, matching)
+        if start == INF:
+            return max(0, free - units)
+        due = sum(
+            self.cap.units(host, g, b, matching)
+            for e, g, b in self.cap.releases(host)
+            if e <= start
+        )
+        return max(0, free + due - units)
+
+    def _candidates(
+        self, reqs: list[Req], clusters: list[str | None]
+    ) -> dict[str | None, list[Host]]:
+        """Unreserved hosts worth weighing for a reservation, per cluster: the ones with most
+        free units, and the ones whose work ends first -- a bounded number, so a reservation
+        costs the same on a mesh of ten hosts or ten thousand."""
+        by_cluster = clusters != [None]
+        k = max(len(reqs) + 1, self.policy.reservation_candidates // (2 if not by_cluster else 4))
+        fits: dict[int, HostClass] = {}
+        for req in reqs:
+            for cls, _ in self.cap.feasible(req):
+                fits[cls.uid] = cls
+        hosts = self.cap.hosts
+        pools: dict[str | None, dict[str, Host]] = {c: {} for c in clusters}
+
+        def take(host: Host) -> bool:
+            pool = pools.get(host.cls.cluster if by_cluster else None)
+            if pool is None or host.reservation is not None or host.node_id in pool:
+                return False
+            if reqs[0].filters.by_name() and reqs[0].filters.reject(host.node):
+                return False
+            pool[host.node_id] = host
+            return True
+
+        for cluster in clusters:
+            added = 0
+            classes = [c for c in fits.values() if not by_cluster or c.cluster == cluster]
+            top = max((len(c.buckets) for c in classes), default=0)
+            for v in range(top - 1, -1, -1):
+                for cls in classes:
+                    if v < len(cls.buckets):
+                        for node_id in cls.buckets[v]:
+                            added += take(hosts[node_id])
+                            if added >= k:
+                                break
+                    if added >= k:
+                        break
+                if added >= k:
+                    break
+        if self.deadlines.now is not None:
+            full = 0
+            room = {c: k for c in clusters}
+            for _, _, node_id in self.cap.index.by_end:
+                host = hosts.get(node_id)
+                if host is None or host.cls.uid not in fits:
+                    continue
+                c = host.cls.cluster if by_cluster else None
+                if room.get(c, 0) > 0 and take(host):
+                    room[c] -= 1
+                    if room[c] == 0:
+                        full += 1
+                        if full == len(clusters):
+                            break
+        return {c: list(p.values()) for c, p in pools.items()}
+
+    # -- preemption ----------------------------------------------------------------------------
+    def _preempting(self, gang: Gang, d: Decision) -> str:
+        """Record a preemption decision; returns the gang's reason."""
+        targets = [
+            a.model_copy(update={"job_id": job.job_id})
+            for job, a in zip(gang.jobs, d.targets, strict=True)
+        ]
+        self.out.preemption_targets[gang.key] = targets
+        runs = sorted({v.run.run_name for v in d.victims} | {j.run_name for j in d.waits_for})
+        if d.victims:
+            self.out.preemptions.append(
+                Preemption(
+                    by_run=gang.run.run_name,
+                    job_ids=[j.job_id for v in d.victims for j in v.jobs],
+                    message=f"preempted by run {gang.run.run_name} (priority {gang.run.priority})",
+                )
+            )
+        r = Reservation(gang.key, d.start, after=len(self.out.assignments), preempting=True)
+        for host, units, matching in zip(d.hosts, d.need, d.matching, strict=True):
+            r.need[host.node_id] = units
+            r.matching[host.node_id] = matching
+            r.slack[host.node_id] = 0
+            self.cap.reserve(host, r)
+        self.out.reservations.append(r)
+        return f"waiting for run(s) {', '.join(runs)} to stop: it starts on their GPUs (preemption)"

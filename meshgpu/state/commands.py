@@ -31,6 +31,9 @@ class RegisterNode(_Command):
     memory_mib: int = 0
     disk_gb: float = 0.0
     container_runtime: str | None = None
+    blocks: int | Literal["auto"] | None = Field(
+        default=None, description="dstack's blocks: N equal shares of the host; None: GPU by GPU"
+    )
 
 
 class SubmitRun(_Command):
@@ -50,11 +53,13 @@ class Assignment(BaseModel):
     job_id: str
     node_id: str
     gpu_indices: list[int]
+    blocks: int = 0  # on a host split into blocks: how many the job takes
 
 
 class AssignJobs(_Command):
     """The leader's scheduler decisions; re-checked at apply, so a stale decision is refused
-    rather than double-allocating a GPU."""
+    rather than double-allocating a GPU. A gang (the waiting jobs of one run replica) is accepted
+    whole or refused whole, so no run is ever left half placed."""
 
     kind: Literal["assign_jobs"] = "assign_jobs"
     assignments: list[Assignment]
@@ -63,6 +68,24 @@ class AssignJobs(_Command):
 class SetPendingReasons(_Command):
     kind: Literal["set_pending_reasons"] = "set_pending_reasons"
     reasons: dict[str, str]
+
+
+class Preemption(BaseModel):
+    """Stop ``job_ids`` (whole gangs of lower-priority, preemptible runs) so that ``by_run`` fits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    by_run: str
+    job_ids: list[str]
+    message: str = ""
+
+
+class PreemptJobs(_Command):
+    """The scheduler's preemptions: victims get the graceful stop, end ``preempted`` and go back to
+    the queue when their run's ``retry`` covers ``interruption``. Re-checked at apply: a victim
+    that no longer runs, or a preemptor that no longer waits or outranks it, is skipped."""
+
+    kind: Literal["preempt_jobs"] = "preempt_jobs"
+    preemptions: list[Preemption]
 
 
 class JobStarted(_Command):
@@ -100,6 +123,7 @@ Command = Annotated[
     | SubmitRun
     | AssignJobs
     | SetPendingReasons
+    | PreemptJobs
     | JobStarted
     | JobFinished
     | StopRun

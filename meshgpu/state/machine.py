@@ -15,8 +15,10 @@ from typing import Any
 
 from meshgpu.state.commands import (
     AssignJobs,
+    Assignment,
     JobFinished,
     JobStarted,
+    PreemptJobs,
     PruneRuns,
     RegisterNode,
     SetPendingReasons,
@@ -24,6 +26,7 @@ from meshgpu.state.commands import (
     SubmitRun,
     decode,
 )
+from meshgpu.state.queue import WaitQueue
 from meshgpu.state.records import (
     JobRecord,
     JobStatus,
@@ -33,6 +36,8 @@ from meshgpu.state.records import (
     RunStatus,
     RunTerminationReason,
 )
+
+_PREEMPTIBLE_STATUSES = (JobStatus.PROVISIONING, JobStatus.PULLING, JobStatus.RUNNING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +112,24 @@ class StateMachine:
         self.applied_index = 0
         # Bumped on every change that can free or need capacity: the scheduler's trigger.
         self.demand_version = 0
+        self._reset_indexes()
+
+    def _reset_indexes(self) -> None:
+        """Derived indexes (never snapshotted: ``restore`` rebuilds them). They let the scheduler
+        plan in time that follows what changed, not the size of the queue or of the mesh."""
+        # Readers that cache what they derived from the indexes start over when this changes.
+        self.indexes_epoch = getattr(self, "indexes_epoch", 0) + 1
+        self.waiting: dict[str, JobRecord] = {}  # SUBMITTED jobs
+        self.queue = WaitQueue()  # the same jobs, grouped into gangs and classes
+        self.held: dict[str, dict[str, JobRecord]] = {}  # node_id -> jobs holding resources there
+        # node_id -> bumped whenever what the node holds (or a holder's status) changes, so that
+        # per-node work can be cached across plans; ``node_changes`` lists the nodes touched, in
+        # order, from absolute position ``node_changes_base`` (trimmed as it grows), so a reader
+        # that remembers its position visits only what changed since.
+        self.node_versions: dict[str, int] = {}
+        self.node_changes: list[str] = []
+        self.node_changes_base = 0
+        self.project_gpus: dict[str, int] = {}  # GPUs held by each project's jobs (fair share)
 
     # -- consensus interface ------------------------------------------------------------------
     def apply(self, batch: Iterable[tuple[int, bytes]]) -> list[Result]:
@@ -150,6 +173,59 @@ class StateMachine:
         self.jobs = {j["job_id"]: JobRecord.model_validate(j) for j in doc.get("jobs", [])}
         self.active = {k: j for k, j in self.jobs.items() if not j.status.is_finished()}
         self.requests = dict(doc.get("requests", {}))
+        self._reset_indexes()
+        for run in sorted(self.runs.values(), key=lambda r: r.run_name):
+            gangs: dict[int, list[JobRecord]] = {}
+            for job_id in run.job_ids:
+                job = self.jobs[job_id]
+                self._track(job)
+                if job.status is JobStatus.SUBMITTED:
+                    gangs.setdefault(job.replica_num, []).append(job)
+            for jobs in gangs.values():
+                self.queue.add_gang(run, jobs)
+
+    # -- indexes ------------------------------------------------------------------------------
+    def _track(self, job: JobRecord) -> None:
+        """Bring the indexes in line with ``job.status`` (call after every status change). The
+        wait queue is fed whole gangs by the callers that make jobs wait."""
+        job_id = job.job_id
+        if job.status is JobStatus.SUBMITTED:
+            self.waiting[job_id] = job
+        elif self.waiting.pop(job_id, None) is not None:
+            self.queue.discard(job)
+        node = job.node_id
+        if node is None:
+            return
+        holds = job.status.holds_resources()
+        here = self.held.get(node)
+        was = here is not None and job_id in here
+        if holds or was:
+            self.node_versions[node] = self.node_versions.get(node, 0) + 1
+            self._node_changed(node)
+        if holds == was:
+            return
+        run = self.runs.get(job.run_name)
+        project = run.project if run is not None else ""
+        if holds:
+            self.held.setdefault(node, {})[job_id] = job
+            self.project_gpus[project] = self.project_gpus.get(project, 0) + len(job.gpu_indices)
+        else:
+            assert here is not None
+            del here[job_id]
+            left = self.project_gpus.get(project, 0) - len(job.gpu_indices)
+            if left > 0:
+                self.project_gpus[project] = left
+            else:
+                self.project_gpus.pop(project, None)
+
+    def _node_changed(self, node_id: str) -> None:
+        """Note a change to a node's record, status or holdings (every handler that makes one
+        must call this, or readers of ``node_changes`` miss it)."""
+        self.node_changes.append(node_id)
+        if len(self.node_changes) > 200_000:
+            drop = len(self.node_changes) // 2
+            del self.node_changes[:drop]
+            self.node_changes_base += drop
 
     # -- handlers -----------------------------------------------------------------------------
     def _on_register_node(self, cmd: RegisterNode) -> Result:
@@ -157,6 +233,7 @@ class StateMachine:
         existing = self.nodes.get(cmd.node_id)
         node = NodeRecord(**fields, registered_at=existing.registered_at if existing else cmd.at)
         self.nodes[cmd.node_id] = node
+        self._node_changed(cmd.node_id)
         self.demand_version += 1
         return _ok(cmd.node_id)
 
@@ -182,6 +259,8 @@ class StateMachine:
             priority=int(cmd.config.get("priority") or 0),
             submitted_at=cmd.at,
         )
+        self.runs[run.run_name] = run
+        gangs: dict[int, list[JobRecord]] = {}
         for num, spec in enumerate(expand_jobs(cmd)):
             job = JobRecord(
                 job_id=f"{cmd.run_id}-{spec['replica_num']}-{num}-0",
@@ -196,40 +275,92 @@ class StateMachine:
             )
             self.jobs[job.job_id] = job
             self.active[job.job_id] = job
+            self._track(job)
+            gangs.setdefault(job.replica_num, []).append(job)
             run.job_ids.append(job.job_id)
-        self.runs[run.run_name] = run
+        for jobs in gangs.values():
+            self.queue.add_gang(run, jobs)
         self.requests[cmd.request_id] = run.run_name
         self.demand_version += 1
         return _ok(run.run_name)
 
     def _on_assign_jobs(self, cmd: AssignJobs) -> Result:
-        accepted, refused = [], {}
-        taken: dict[str, set[int]] = {}
+        accepted: list[str] = []
+        refused: dict[str, str] = {}
+        gangs: dict[tuple[str, int], list[tuple[Assignment, JobRecord]]] = {}
         for a in cmd.assignments:
             job = self.jobs.get(a.job_id)
-            node = self.nodes.get(a.node_id)
             if job is None or job.status is not JobStatus.SUBMITTED:
                 refused[a.job_id] = "job is no longer waiting"
                 continue
-            if node is None or node.status != "active":
-                refused[a.job_id] = f"node {a.node_id} is not active"
+            gangs.setdefault((job.run_name, job.replica_num), []).append((a, job))
+        gpus_taken: dict[str, set[int]] = {}
+        blocks_taken: dict[str, int] = {}
+        for key, members in gangs.items():
+            why = self._check_gang(key, members, gpus_taken, blocks_taken)
+            if why:
+                for a, _ in members:
+                    refused[a.job_id] = why
                 continue
-            busy = taken.setdefault(a.node_id, self.gpus_in_use(a.node_id))
-            indices = set(a.gpu_indices)
-            valid = {g.index for g in node.gpus}
-            if not indices <= valid or indices & busy or len(indices) != len(a.gpu_indices):
-                refused[a.job_id] = "GPUs are not free"  # a stale decision: never double-allocate
-                continue
-            busy |= indices
-            job.status = JobStatus.PROVISIONING
-            job.node_id = a.node_id
-            job.gpu_indices = sorted(indices)
-            job.epoch += 1
-            job.assigned_at = cmd.at
-            job.why_pending = ""
-            accepted.append(a.job_id)
-            self._update_run(self.runs[job.run_name], cmd.at)
+            for a, job in members:
+                gpus_taken.setdefault(a.node_id, set()).update(a.gpu_indices)
+                blocks_taken[a.node_id] = blocks_taken.get(a.node_id, 0) + a.blocks
+                job.status = JobStatus.PROVISIONING
+                job.node_id = a.node_id
+                job.gpu_indices = sorted(a.gpu_indices)
+                job.blocks = a.blocks
+                job.epoch += 1
+                job.assigned_at = cmd.at
+                job.why_pending = ""
+                self._track(job)
+                accepted.append(a.job_id)
+            self._update_run(self.runs[key[0]], cmd.at)
         return _ok({"accepted": accepted, "refused": refused})
+
+    def _check_gang(
+        self,
+        key: tuple[str, int],
+        members: list[tuple[Assignment, JobRecord]],
+        gpus_taken: dict[str, set[int]],
+        blocks_taken: dict[str, int],
+    ) -> str:
+        """Why this gang's assignments cannot all be accepted ('' if they can)."""
+        gang = self.queue.gangs.get(key)
+        waiting = {j.job_id for j in gang.jobs} if gang is not None else set()
+        given = {a.job_id for a, _ in members}
+        if len(given) != len(members) or given != waiting:
+            return (
+                f"a gang starts whole: {len(given)} of its {len(waiting)} waiting jobs were "
+                "assigned"
+            )
+        gpus: dict[str, set[int]] = {}
+        blocks: dict[str, int] = {}
+        for a, _ in members:
+            node = self.nodes.get(a.node_id)
+            if node is None or node.status != "active":
+                return f"node {a.node_id} is not active"
+            indices = set(a.gpu_indices)
+            healthy = {g.index for g in node.gpus if g.healthy}
+            busy = self.gpus_in_use(a.node_id) | gpus_taken.get(a.node_id, set())
+            mine = gpus.setdefault(a.node_id, set())
+            if (
+                len(indices) != len(a.gpu_indices)
+                or not indices <= healthy
+                or indices & busy
+                or indices & mine
+            ):
+                return "GPUs are not free"  # a stale decision: never double-allocate
+            mine |= indices
+            total = node.block_count()
+            if total is not None:
+                used = self.blocks_in_use(a.node_id) + blocks_taken.get(a.node_id, 0)
+                used += blocks.get(a.node_id, 0)
+                if a.blocks < 1 or used + a.blocks > total:
+                    return f"blocks of {node.name} are not free"
+                blocks[a.node_id] = blocks.get(a.node_id, 0) + a.blocks
+            elif a.blocks:
+                return f"{node.name} is not split into blocks"
+        return ""
 
     def _on_set_pending_reasons(self, cmd: SetPendingReasons) -> Result:
         for job_id, why in cmd.reasons.items():
@@ -237,6 +368,42 @@ class StateMachine:
             if job is not None and job.status is JobStatus.SUBMITTED:
                 job.why_pending = why
         return _ok()
+
+    def _on_preempt_jobs(self, cmd: PreemptJobs) -> Result:
+        preempted: list[str] = []
+        skipped: dict[str, str] = {}
+        for p in cmd.preemptions:
+            by = self.runs.get(p.by_run)
+            if by is None or not any(
+                self.jobs[j].status is JobStatus.SUBMITTED for j in by.job_ids
+            ):
+                skipped.update(dict.fromkeys(p.job_ids, f"run {p.by_run} no longer waits"))
+                continue
+            for job_id in p.job_ids:
+                job = self.jobs.get(job_id)
+                if job is None or job.status not in _PREEMPTIBLE_STATUSES:
+                    skipped[job_id] = "job no longer runs"
+                    continue
+                run = self.runs[job.run_name]
+                if run.priority >= by.priority:
+                    skipped[job_id] = f"run {p.by_run} does not outrank run {run.run_name}"
+                    continue
+                # A gang that lost a member is useless: the whole replica stops.
+                for other in self.run_jobs(run):
+                    if (
+                        other.replica_num == job.replica_num
+                        and other.status in _PREEMPTIBLE_STATUSES
+                    ):
+                        other.status = JobStatus.TERMINATING
+                        other.stop_requested = "stop"  # the graceful stop (stop_duration)
+                        other.preempted_by = by.run_name
+                        other.termination_message = p.message
+                        self._track(other)
+                        preempted.append(other.job_id)
+                self._update_run(run, cmd.at)
+        if preempted:
+            self.demand_version += 1
+        return _ok({"preempted": preempted, "skipped": skipped})
 
     def _fenced(self, job_id: str, epoch: int) -> JobRecord | Result:
         job = self.jobs.get(job_id)
@@ -255,6 +422,7 @@ class StateMachine:
         if job.status in (JobStatus.PROVISIONING, JobStatus.PULLING):
             job.status = JobStatus.RUNNING
             job.started_at = cmd.started_at
+            self._track(job)
             self._update_run(self.runs[job.run_name], cmd.at)
         return _ok()
 
@@ -265,14 +433,25 @@ class StateMachine:
         if job.status.is_finished():
             return _ok()
         reason = cmd.reason
+        run = self.runs[job.run_name]
         # A job stopped by the user reports why from the runner's side ("terminated"); keep the
-        # user's intent (stop vs abort) as the reason.
-        if job.stop_requested == "abort":
+        # user's intent (stop vs abort) as the reason -- or the scheduler's (preempted), unless
+        # the user stopped the run meanwhile.
+        if (
+            job.preempted_by is not None
+            and run.termination_reason is None
+            and reason is not JobTerminationReason.DONE_BY_RUNNER
+        ):
+            reason = JobTerminationReason.PREEMPTED
+        elif job.stop_requested == "abort":
             reason = JobTerminationReason.ABORTED_BY_USER
         elif job.stop_requested == "stop" and reason is not JobTerminationReason.DONE_BY_RUNNER:
             reason = JobTerminationReason.TERMINATED_BY_USER
-        self._finish_job(job, reason, cmd.at, cmd.exit_code, cmd.message)
-        self._update_run(self.runs[job.run_name], cmd.at)
+        message = cmd.message or (job.termination_message if job.preempted_by else "")
+        self._finish_job(job, reason, cmd.at, cmd.exit_code, message)
+        if reason is JobTerminationReason.PREEMPTED:
+            self._requeue_preempted(run, job.replica_num, cmd.at)
+        self._update_run(run, cmd.at)
         return _ok()
 
     def _on_stop_run(self, cmd: StopRun) -> Result:
@@ -299,6 +478,7 @@ class StateMachine:
                 # The agent holding it sees this and stops the process (gracefully unless abort).
                 job.status = JobStatus.TERMINATING
                 job.stop_requested = "abort" if cmd.abort else "stop"
+                self._track(job)
         self._update_run(run, cmd.at)
         return _ok(run.run_name)
 
@@ -319,9 +499,12 @@ class StateMachine:
 
     # -- helpers ------------------------------------------------------------------------------
     def _forget_run(self, run: RunRecord) -> None:
-        for job_id in run.job_ids:
-            self.jobs.pop(job_id, None)
+        for job_id in [*run.job_ids, *run.replaced_job_ids]:
+            job = self.jobs.pop(job_id, None)
             self.active.pop(job_id, None)
+            if job is not None and not job.status.is_finished():
+                job.status = JobStatus.TERMINATED  # forgotten: out of every index
+                self._track(job)
         if run.request_id is not None and self.requests.get(run.request_id) == run.run_name:
             del self.requests[run.request_id]
         self.runs.pop(run.run_name, None)
@@ -342,8 +525,63 @@ class StateMachine:
         job.exit_code = exit_code
         job.finished_at = at
         job.stop_requested = None
+        self._track(job)
         if freed:
             self.demand_version += 1
+
+    @staticmethod
+    def _retries(run: RunRecord, event: str) -> bool:
+        """Does the run's ``retry`` cover ``event`` (no-capacity, interruption, error)?"""
+        retry = run.config.get("retry")
+        if not retry:
+            return False
+        events = retry.get("on_events") if isinstance(retry, dict) else None
+        return events is None or event in events
+
+    def _awaiting_requeue(self, run: RunRecord, job: JobRecord) -> bool:
+        return (
+            job.termination_reason is JobTerminationReason.PREEMPTED
+            and run.termination_reason is None
+            and self._retries(run, "interruption")
+        )
+
+    def _requeue_preempted(self, run: RunRecord, replica: int, at: float) -> None:
+        """Once every job of a preempted gang has stopped, queue it again as a new submission
+        (dstack's retry: ``submission_num + 1``), keeping the run's place in the queue. The
+        retry duration counts from the preemption, so it never runs out here."""
+        gang = [j for j in self.run_jobs(run) if j.replica_num == replica]
+        if not all(j.status.is_finished() for j in gang) or not any(
+            self._awaiting_requeue(run, j) for j in gang
+        ):
+            return
+        if any(
+            j.termination_reason
+            not in (JobTerminationReason.PREEMPTED, JobTerminationReason.DONE_BY_RUNNER)
+            for j in gang
+        ):
+            return  # a member failed on its own: the run fails (see _update_run)
+        fresh = []
+        for old in gang:
+            job = JobRecord(
+                job_id=f"{run.run_id}-{old.replica_num}-{old.job_num}-{old.submission_num + 1}",
+                run_name=run.run_name,
+                run_id=run.run_id,
+                job_num=old.job_num,
+                replica_num=old.replica_num,
+                submission_num=old.submission_num + 1,
+                group=old.group,
+                resources=old.resources,
+                resources_key=old.resources_key,
+                submitted_at=at,
+            )
+            self.jobs[job.job_id] = job
+            self.active[job.job_id] = job
+            run.job_ids[run.job_ids.index(old.job_id)] = job.job_id
+            run.replaced_job_ids.append(old.job_id)
+            self._track(job)
+            fresh.append(job)
+        self.queue.add_gang(run, fresh)
+        self.demand_version += 1
 
     def _update_run(self, run: RunRecord, at: float) -> None:
         """Derive the run's status from its jobs, in dstack's priority order (§4.1)."""
@@ -361,8 +599,14 @@ class StateMachine:
             run.status = run.termination_reason.to_status()
             run.finished_at = at
             return
-        # Any job that ended other than DONE (failed, max_duration, ...) fails the run (dstack).
-        ended_badly = any(j.status.is_finished() and j.status is not JobStatus.DONE for j in jobs)
+        # Any job that ended other than DONE (failed, max_duration, ...) fails the run (dstack);
+        # a preempted one that will be requeued does not.
+        ended_badly = any(
+            j.status.is_finished()
+            and j.status is not JobStatus.DONE
+            and not self._awaiting_requeue(run, j)
+            for j in jobs
+        )
         if run.termination_reason is not None or ended_badly:
             if run.termination_reason is None:
                 run.termination_reason = RunTerminationReason.JOB_FAILED
@@ -371,6 +615,7 @@ class StateMachine:
                     if j.status.holds_resources() and j.status is not JobStatus.TERMINATING:
                         j.status = JobStatus.TERMINATING
                         j.stop_requested = "stop"
+                        self._track(j)
                     elif j.status is JobStatus.SUBMITTED:
                         self._finish_job(j, JobTerminationReason.TERMINATED_BY_SERVER, at, None, "")
                 if all(j.status.is_finished() for j in jobs):
@@ -381,26 +626,24 @@ class StateMachine:
             run.status = RunStatus.RUNNING
         elif any(j.status in (JobStatus.PROVISIONING, JobStatus.PULLING) for j in jobs):
             run.status = RunStatus.PROVISIONING
+        elif any(j.status is JobStatus.TERMINATING for j in jobs):
+            run.status = RunStatus.TERMINATING  # preempted, on its way back to the queue
         else:
             run.status = RunStatus.SUBMITTED
 
     # -- queries ------------------------------------------------------------------------------
     def gpus_in_use(self, node_id: str) -> set[int]:
-        return {
-            i
-            for j in self.active.values()
-            if j.node_id == node_id and j.status.holds_resources()
-            for i in j.gpu_indices
-        }
+        return {i for j in self.held.get(node_id, {}).values() for i in j.gpu_indices}
+
+    def blocks_in_use(self, node_id: str) -> int:
+        return sum(j.blocks for j in self.held.get(node_id, {}).values())
 
     def waiting_jobs(self) -> list[JobRecord]:
-        return [j for j in self.active.values() if j.status is JobStatus.SUBMITTED]
+        return list(self.waiting.values())
 
     def jobs_on_node(self, node_id: str) -> list[JobRecord]:
         """Jobs this node must run or stop (assigned and not finished)."""
-        return [
-            j for j in self.active.values() if j.node_id == node_id and j.status.holds_resources()
-        ]
+        return list(self.held.get(node_id, {}).values())
 
     def list_runs(self, include_finished: bool = False) -> list[RunRecord]:
         runs = [r for r in self.runs.values() if include_finished or not r.status.is_finished()]

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import enum
-from typing import Any
+import math
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,6 +65,8 @@ class JobTerminationReason(enum.StrEnum):
     LOG_QUOTA_EXCEEDED = "log_quota_exceeded"
     ABORTED_BY_USER = "aborted_by_user"
     DONE_BY_RUNNER = "done_by_runner"
+    # meshgpu's own: stopped so that a higher-priority run could start (dstack has no preemption).
+    PREEMPTED = "preempted"
 
     def to_status(self) -> JobStatus:
         if self is JobTerminationReason.DONE_BY_RUNNER:
@@ -74,6 +77,19 @@ class JobTerminationReason(enum.StrEnum):
             return JobStatus.TERMINATED
         return JobStatus.FAILED
 
+    def to_retry_event(self) -> str | None:
+        """The ``retry.on_events`` entry that lets a run retry after this (dstack §4.2)."""
+        if self is JobTerminationReason.FAILED_TO_START_DUE_TO_NO_CAPACITY:
+            return "no-capacity"
+        if self in (
+            JobTerminationReason.INTERRUPTED_BY_NO_CAPACITY,
+            JobTerminationReason.PREEMPTED,
+        ):
+            return "interruption"
+        if self.to_status() is JobStatus.FAILED:
+            return "error"
+        return None
+
 
 _TERMINATED_REASONS = frozenset(
     {
@@ -83,6 +99,7 @@ _TERMINATED_REASONS = frozenset(
         JobTerminationReason.INACTIVITY_DURATION_EXCEEDED,
         JobTerminationReason.TERMINATED_DUE_TO_UTILIZATION_POLICY,
         JobTerminationReason.MAX_DURATION_EXCEEDED,
+        JobTerminationReason.PREEMPTED,
     }
 )
 
@@ -134,8 +151,36 @@ class NodeRecord(_Record):
     memory_mib: int = 0
     disk_gb: float = 0.0
     container_runtime: str | None = None
+    # dstack's ``blocks``: split the host into N equal shares of GPUs/CPUs/memory, each job taking
+    # whole blocks; ``auto`` = as many as GPUs and CPUs both divide into (one per GPU on a usual
+    # GPU host). None (the default): no blocks, the host is shared GPU by GPU.
+    blocks: int | Literal["auto"] | None = None
     status: str = "active"  # active | draining | dead
     registered_at: float = 0.0
+
+    def block_count(self) -> int | None:
+        """How many blocks the host is split into (None: not split, shared GPU by GPU).
+
+        ``blocks`` (or, until the agent has a flag for it, the label ``blocks``) gives N or
+        ``auto``. GPUs and CPUs must divide evenly into blocks (dstack): ``auto`` is the largest
+        count both divide into, and an N that does not divide them is lowered to the largest
+        count below it that does.
+        """
+        raw: Any = self.blocks if self.blocks is not None else self.labels.get("blocks")
+        if raw is None:
+            return None
+        gpus, cpus = len(self.gpus), max(self.cpu_count, 1)
+        if raw == "auto":
+            return math.gcd(gpus, cpus) if gpus else cpus
+        try:
+            n = int(raw)
+        except (TypeError, ValueError):
+            return None
+        if n < 1:
+            return None
+        while n > 1 and (gpus % n or cpus % n):
+            n -= 1
+        return n
 
 
 class JobRecord(_Record):
@@ -153,6 +198,7 @@ class JobRecord(_Record):
     resources_key: str = ""  # canonical text of ``resources``: equal keys fit the same hosts
     node_id: str | None = None
     gpu_indices: list[int] = Field(default_factory=list)
+    blocks: int = 0  # blocks held on a host split into blocks (0 elsewhere)
     epoch: int = 0  # bumped by every assignment; reports from an older epoch are fenced off
     submitted_at: float = 0.0
     assigned_at: float | None = None
@@ -160,6 +206,7 @@ class JobRecord(_Record):
     finished_at: float | None = None
     exit_code: int | None = None
     stop_requested: str | None = None  # "stop" | "abort" while TERMINATING
+    preempted_by: str | None = None  # the run this job is being stopped for
     why_pending: str = ""
 
 
@@ -186,3 +233,6 @@ class RunRecord(_Record):
     submitted_at: float = 0.0
     finished_at: float | None = None
     job_ids: list[str] = Field(default_factory=list)
+    # Earlier submissions of requeued jobs (after a preemption): kept for history, forgotten with
+    # the run.
+    replaced_job_ids: list[str] = Field(default_factory=list)

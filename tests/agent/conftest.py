@@ -23,11 +23,13 @@ from meshgpu.client.http import Profile
 class AgentProc:
     data_dir: Path
     fake_gpus: str
+    name: str = "test-node"
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     token: str = ""
     extra_env: dict[str, str] | None = None
     clients: list[Client] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
 
     def start(self) -> AgentProc:
         profile = self.data_dir / "client.toml"
@@ -44,10 +46,13 @@ class AgentProc:
                 str(self.data_dir),
                 "--api-port",
                 "0",
+                "--peer-port",
+                "0",
                 "--fake-gpus",
                 self.fake_gpus,
                 "--name",
-                "test-node",
+                self.name,
+                *self.extra_args,
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,

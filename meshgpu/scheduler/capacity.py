@@ -1,0 +1,439 @@
+"""Free capacity, indexed so that finding a host costs what a placement touches.
+
+Hosts with identical hardware and placement-relevant labels form a *class*: whether a job can
+ever run on a host is decided once per (class, requirement), not per host. Inside a class, hosts
+sit in buckets by free units (GPUs, or blocks on hosts split into blocks), so a job that needs
+``n`` looks at buckets ``n, n+1, ...`` -- best fit, which keeps whole hosts free for whole-host jobs
+-- and never scans hosts that are full or can never run it.
+
+The index outlives a plan: it belongs to the state object (weakly) and is brought up to date at
+the start of each plan from the state's per-node versions, so a plan pays for the nodes whose
+holdings changed, not for the whole mesh. What a plan changes in it (tentative placements,
+reservations) is rolled back when the plan ends. Buckets and classes are kept in canonical order
+(node id, class signature), so a plan depends only on the state, never on the index's history.
+"""
+
+from __future__ import annotations
+
+import bisect
+import weakref
+from typing import Any
+
+from meshgpu.scheduler.blocks import BlockShape, block_shape
+from meshgpu.scheduler.deadlines import INF, Deadlines, max_duration
+from meshgpu.scheduler.filters import LABEL_KEYS, cluster_of
+from meshgpu.scheduler.matching import Req, StaticFit, pick_gpus, static_fit
+from meshgpu.state.machine import StateMachine
+from meshgpu.state.records import JobRecord, JobStatus, NodeRecord
+
+
+class Reservation:
+    """A blocked gang's claim on hosts: nothing may land there that would still hold them at
+    ``start`` beyond ``slack`` units (see ``placement.py`` for the rule)."""
+
+    __slots__ = ("gang", "start", "need", "slack", "matching", "after", "preempting")
+
+    def __init__(
+        self, gang: tuple[str, int], start: float, after: int = 0, preempting: bool = False
+    ) -> None:
+        self.gang = gang  # (run_name, replica_num)
+        self.start = start  # when the gang can start there at the latest (INF: unknown)
+        self.need: dict[str, int] = {}  # node_id -> units the gang needs there
+        self.slack: dict[str, int] = {}  # node_id -> units others may still take
+        self.matching: dict[str, frozenset[int] | None] = {}  # node_id -> GPUs that count
+        self.after = after  # assignments the plan had made when this was taken
+        self.preempting = preempting  # the gang waits for preempted (stopping) jobs
+
+    def __repr__(self) -> str:
+        return f"Reservation({self.gang}, start={self.start}, need={self.need}, slack={self.slack})"
+
+
+class HostClass:
+    __slots__ = ("sig", "key", "uid", "cluster", "rep", "shape", "members", "buckets")
+
+    def __init__(
+        self, sig: tuple[Any, ...], uid: int, node: NodeRecord, shape: BlockShape | None
+    ) -> None:
+        self.sig = sig
+        self.key = repr(sig)  # canonical order of classes
+        self.uid = uid
+        self.cluster = cluster_of(node)
+        self.rep = node  # any member: static checks only look at what all members share
+        self.shape = shape
+        self.members: list[str] = []  # node ids, sorted
+        top = shape.total if shape is not None else sum(1 for g in node.gpus if g.healthy)
+        self.buckets: list[list[str]] = [[] for _ in range(top + 1)]  # by free units, sorted
+
+
+class Host:
+    """One active node: what it has free (after the current plan's decisions so far)."""
+
+    __slots__ = (
+        "node",
+        "node_id",
+        "version",
+        "healthy",
+        "shape",
+        "cls",
+        "free",
+        "free_blocks",
+        "units",
+        "held",
+        "planned",
+        "reservation",
+        "ends",
+        "ends_key",
+        "rel",
+        "victims",
+    )
+
+    def __init__(
+        self, node: NodeRecord, version: int, cls: HostClass, held: tuple[JobRecord, ...]
+    ) -> None:
+        self.node = node
+        self.node_id = node.node_id
+        self.version = version
+        self.shape = cls.shape
+        self.cls = cls
+        self.healthy = frozenset(g.index for g in node.gpus if g.healthy)
+        self.held = held
+        self.planned: list[tuple[float, tuple[int, ...], int]] = []
+        self.reservation: Reservation | None = None
+        self.ends: Any = None  # (running deadlines, stopping jobs): see Capacity.releases
+        self.ends_key: Any = None
+        self.rel: tuple[Any, list[tuple[float, tuple[int, ...], int]]] | None = None
+        self.victims: Any = None  # the preemption module's per-host cache
+        used = {i for j in held for i in j.gpu_indices}
+        self.free = set(self.healthy - used)
+        if self.shape is not None:
+            blocks = self.shape.total - sum(j.blocks for j in held)
+            if self.shape.gpus:  # a block whose GPUs are unhealthy cannot be handed out
+                blocks = min(blocks, len(self.free) // self.shape.gpus)
+            self.free_blocks = max(blocks, 0)
+            self.units = self.free_blocks
+        else:
+            self.free_blocks = 0
+            self.units = len(self.free)
+
+
+def _signature(node: NodeRecord, shape: BlockShape | None) -> tuple[Any, ...]:
+    healthy = [g for g in node.gpus if g.healthy]
+    return (
+        tuple((g.index, g.name, g.vendor, g.memory_mib, g.compute_capability) for g in healthy),
+        len(node.gpus),
+        node.cpu_count,
+        node.cpu_arch,
+        node.memory_mib,
+        node.disk_gb,
+        bool(node.container_runtime),
+        shape,
+        tuple(node.labels.get(k) for k in LABEL_KEYS),
+    )
+
+
+class HostIndex:
+    """The persistent index of one state's active hosts (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, Host] = {}
+        self.seen: dict[str, tuple[NodeRecord, str]] = {}  # every node: (record, status)
+        self.classes: list[HostClass] = []  # in canonical order
+        self._by_sig: dict[tuple[Any, ...], HostClass] = {}
+        self._sigs: dict[str, tuple[NodeRecord, tuple[Any, ...], BlockShape | None]] = {}
+        self.fits: dict[tuple[str, int], StaticFit] = {}
+        self.feasible: dict[str, list[tuple[HostClass, StaticFit]]] = {}
+        # Hosts whose work has deadlines, those that empty first first: (last, first, node_id).
+        # Rough on purpose (no allowances): it only picks whom to weigh for a reservation.
+        self.by_end: list[tuple[float, float, str]] = []
+        self._end_keys: dict[str, tuple[float, float, str]] = {}
+        self._epoch: int | None = None
+        self._cursor = 0
+
+    def sync(self, state: StateMachine) -> None:
+        """Bring the index up to date with ``state``: the nodes noted in its change feed since
+        the last sync (all nodes the first time, or after a restore)."""
+        base, changes = state.node_changes_base, state.node_changes
+        if (
+            self._epoch != state.indexes_epoch
+            or self._cursor < base
+            or self._cursor > base + len(changes)
+            or len(self.seen) != len(state.nodes)
+        ):
+            for node_id in [n for n in self.seen if n not in state.nodes]:
+                del self.seen[node_id]
+                self._drop(node_id)
+            todo: Any = state.nodes
+        else:
+            todo = dict.fromkeys(changes[self._cursor - base :])
+        self._epoch = state.indexes_epoch
+        self._cursor = base + len(changes)
+        versions = state.node_versions
+        for node_id in todo:
+            node = state.nodes.get(node_id)
+            if node is None:
+                self._drop(node_id)
+                self.seen.pop(node_id, None)
+                continue
+            host = self.hosts.get(node_id)
+            if host is not None:
+                if (
+                    host.node is node
+                    and host.version == versions.get(node_id, 0)
+                    and node.status == "active"
+                ):
+                    continue
+            elif self.seen.get(node_id) == (node, node.status):
+                continue  # known and still not active
+            self.refresh(state, node_id)
+
+    def refresh(self, state: StateMachine, node_id: str) -> None:
+        """Rebuild one host from the state (also: roll back what a plan did to it)."""
+        self._drop(node_id)
+        node = state.nodes.get(node_id)
+        if node is None:
+            return
+        self.seen[node_id] = (node, node.status)
+        if node.status != "active":
+            return  # draining and dead nodes take nothing new
+        cls = self._class_of(node)
+        held = tuple(state.held.get(node_id, {}).values())
+        host = Host(node, state.node_versions.get(node_id, 0), cls, held)
+        self.hosts[node_id] = host
+        bisect.insort(cls.members, node_id)
+        bisect.insort(cls.buckets[host.units], node_id)
+        ends = []
+        for j in held:
+            run = state.runs.get(j.run_name)
+            limit = max_duration(run.config) if run is not None else None
+            if j.status is JobStatus.TERMINATING:
+                ends.append(-INF)  # stopping: soon
+            elif limit is not None:
+                ends.append((j.started_at or j.assigned_at or 0.0) + limit)
+        if ends:
+            key = (max(ends), min(ends), node_id)
+            self._end_keys[node_id] = key
+            bisect.insort(self.by_end, key)
+
+    def _drop(self, node_id: str) -> None:
+        key = self._end_keys.pop(node_id, None)
+        if key is not None:
+            i = bisect.bisect_left(self.by_end, key)
+            if i < len(self.by_end) and self.by_end[i] == key:
+                del self.by_end[i]
+        host = self.hosts.pop(node_id, None)
+        if host is None:
+            return
+        cls = host.cls
+        _remove(cls.members, node_id)
+        _remove(cls.buckets[host.units], node_id)
+
+    def _class_of(self, node: NodeRecord) -> HostClass:
+        cached = self._sigs.get(node.node_id)
+        if cached is not None and cached[0] is node:
+            sig, shape = cached[1], cached[2]
+        else:
+            shape = block_shape(node)
+            sig = _signature(node, shape)
+            self._sigs[node.node_id] = (node, sig, shape)
+        cls = self._by_sig.get(sig)
+        if cls is None:
+            cls = self._by_sig[sig] = HostClass(sig, len(self._by_sig), node, shape)
+            self.classes.append(cls)
+            self.classes.sort(key=lambda c: c.key)
+            self.feasible.clear()  # a new kind of host: recompute where requests fit
+        return cls
+
+    def move(self, host: Host, units: int) -> None:
+        buckets = host.cls.buckets
+        _remove(buckets[host.units], host.node_id)
+        host.units = units
+        bisect.insort(buckets[units], host.node_id)
+
+
+def _remove(ids: list[str], node_id: str) -> None:
+    i = bisect.bisect_left(ids, node_id)
+    if i < len(ids) and ids[i] == node_id:
+        del ids[i]
+
+
+_INDEXES: weakref.WeakKeyDictionary[StateMachine, HostIndex] = weakref.WeakKeyDictionary()
+
+
+class Capacity:
+    """One plan's view of the index. ``close()`` rolls back what the plan did to it."""
+
+    def __init__(self, state: StateMachine, deadlines: Deadlines) -> None:
+        self.state = state
+        self.deadlines = deadlines
+        index = _INDEXES.get(state)
+        if index is None:
+            index = _INDEXES[state] = HostIndex()
+        index.sync(state)
+        self.index = index
+        self.hosts = index.hosts
+        self.touched: set[str] = set()
+
+    def close(self) -> None:
+        for node_id in self.touched:
+            self.index.refresh(self.state, node_id)
+        self.touched.clear()
+
+    @property
+    def classes(self) -> list[HostClass]:
+        return self.index.classes
+
+    def members(self, cls: HostClass) -> list[Host]:
+        return [self.hosts[n] for n in cls.members]
+
+    def bucket(self, cls: HostClass, units: int) -> list[str]:
+        return cls.buckets[units]
+
+    # -- static --------------------------------------------------------------------------------
+    def fit(self, req: Req, cls: HostClass) -> StaticFit:
+        key = (req.key, cls.uid)
+        hit = self.index.fits.get(key)
+        if hit is None:
+            if len(self.index.fits) > 100_000:
+                self.index.fits.clear()
+            hit = self.index.fits[key] = static_fit(req, cls.rep, cls.shape)
+        return hit
+
+    def feasible(self, req: Req) -> list[tuple[HostClass, StaticFit]]:
+        """The classes that can run the job (were they idle), in canonical order."""
+        hit = self.index.feasible.get(req.key)
+        if hit is None:
+            if len(self.index.feasible) > 10_000:
+                self.index.feasible.clear()
+            hit = self.index.feasible[req.key] = [
+                (c, f) for c in self.classes if (f := self.fit(req, c)).ok
+            ]
+        return [(c, f) for c, f in hit if c.members]
+
+    def never_reasons(self, req: Req, limit: int = 3) -> str:
+        """Why no host can run the job: the first few hosts' reasons."""
+        ids = sorted(self.hosts)
+        if not ids:
+            return "the mesh has no active nodes"
+        shown = []
+        for node_id in ids[:limit]:
+            host = self.hosts[node_id]
+            why = static_fit(req, host.node, host.shape).reason
+            if not why and req.filters.by_name():
+                why = req.filters.reject(host.node)
+            shown.append(why)
+        more = f"; and {len(ids) - limit} more hosts" if len(ids) > limit else ""
+        return "; ".join(shown) + more
+
+    # -- dynamic -------------------------------------------------------------------------------
+    def gpus_for(self, host: Host, sf: StaticFit) -> tuple[int, ...] | None:
+        """The GPUs the job would get on ``host`` now, topology-aware (None: it does not fit)."""
+        if host.shape is not None and host.free_blocks < sf.units:
+            return None
+        n = sf.gpus
+        if n == 0:
+            return ()
+        free = host.free if sf.all_match else host.free & sf.matching
+        if len(free) < n:
+            return None
+        node = host.node
+        return pick_gpus(node, [g for g in node.gpus if g.index in free], n)
+
+    def take(self, host: Host, gpus: tuple[int, ...], blocks: int, end: float) -> None:
+        self.touched.add(host.node_id)
+        host.free.difference_update(gpus)
+        host.planned.append((end, gpus, blocks))
+        host.rel = None
+        self._rebucket(host, -blocks)
+
+    def give(self, host: Host, gpus: tuple[int, ...], blocks: int) -> None:
+        """Undo a ``take`` (a gang that did not fit whole)."""
+        host.free.update(gpus)
+        host.rel = None
+        for i in range(len(host.planned) - 1, -1, -1):
+            if host.planned[i][1] == gpus and host.planned[i][2] == blocks:
+                del host.planned[i]
+                break
+        self._rebucket(host, blocks)
+
+    def _rebucket(self, host: Host, blocks: int) -> None:
+        if host.shape is not None:
+            host.free_blocks += blocks
+            self.index.move(host, host.free_blocks)
+        else:
+            self.index.move(host, len(host.free))
+
+    def reserve(self, host: Host, r: Reservation) -> None:
+        self.touched.add(host.node_id)
+        host.reservation = r
+
+    # -- time ----------------------------------------------------------------------------------
+    def config_of(self, job: JobRecord) -> dict[str, Any]:
+        run = self.state.runs.get(job.run_name)
+        return run.config if run is not None else {}
+
+    def releases(self, host: Host) -> list[tuple[float, tuple[int, ...], int]]:
+        """(deadline, GPUs, blocks) of everything on the host, earliest first."""
+        key = (self.deadlines.policy, self.deadlines.now is None)
+        if host.ends is None or host.ends_key != key:
+            # Deadlines of running work do not depend on ``now``: cached until the host changes;
+            # a stopping job's does (``now`` + its stop budget): kept apart.
+            host.ends_key = key
+            running = []
+            stopping = []
+            for j in host.held:
+                cfg = self.config_of(j)
+                if j.status is JobStatus.TERMINATING:
+                    stopping.append((cfg, tuple(j.gpu_indices), j.blocks))
+                else:
+                    running.append((self.deadlines.of_held(j, cfg), tuple(j.gpu_indices), j.blocks))
+            running.sort(key=lambda r: r[0])
+            host.ends = (running, stopping)
+        running, stopping = host.ends
+        if not stopping and not host.planned:
+            return running
+        rel_key = (key, self.deadlines.now)
+        if host.rel is not None and host.rel[0] == rel_key:
+            return host.rel[1]
+        out = list(running)
+        out.extend((self.deadlines.of_stopping(cfg), g, b) for cfg, g, b in stopping)
+        out.extend(host.planned)
+        out.sort(key=lambda r: r[0])
+        host.rel = (rel_key, out)
+        return out
+
+    def ready_at(
+        self, host: Host, units: int, matching: frozenset[int] | None
+    ) -> tuple[float, int]:
+        """When the host will have ``units`` free at the latest, and how many it will have free
+        then beyond them (the slack). (INF, 0) when no deadline guarantees it."""
+        have = self.free_units(host, matching)
+        if have >= units:
+            return (self.deadlines.now or 0.0), have - units
+        releases = self.releases(host)
+        start = INF
+        for end, gpus, blocks in releases:
+            if end == INF:
+                break
+            have += self.units(host, gpus, blocks, matching)
+            if have >= units:
+                start = end
+                break
+        if start == INF:
+            return INF, 0
+        # Everything due by then (ties included) is gone by then.
+        total = self.free_units(host, matching) + sum(
+            self.units(host, g, b, matching) for e, g, b in releases if e <= start
+        )
+        return start, total - units
+
+    def free_units(self, host: Host, matching: frozenset[int] | None) -> int:
+        if host.shape is not None:
+            return host.free_blocks
+        return len(host.free) if matching is None else len(host.free & matching)
+
+    def units(
+        self, host: Host, gpus: tuple[int, ...], blocks: int, matching: frozenset[int] | None
+    ) -> int:
+        if host.shape is not None:
+            return blocks
+        return len(gpus) if matching is None else sum(1 for g in gpus if g in matching)

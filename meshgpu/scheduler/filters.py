@@ -1,0 +1,174 @@
+"""Run-level placement filters (dstack's profile params) matched against node labels.
+
+A mesh has no cloud catalogue to filter, so the facts come from labels that an agent registers
+(``--labels``) or a fleet plugin sets:
+
+=================== ============================ ==============================================
+run field           node label                   match
+=================== ============================ ==============================================
+``fleets``          ``fleet``                    equal (``<project>/<fleet>`` matches ``fleet``)
+``backends``        ``backend``                  equal, case-insensitive
+``regions``         ``region``                   equal, case-insensitive
+``availability_zones`` ``zone``                  equal, case-insensitive
+``instance_types``  ``instance_type``            equal, case-insensitive
+``reservation``     ``reservation``              equal
+``spot_policy``     ``spot`` (``true``/``false``) ``spot`` needs spot, ``on-demand`` (the
+                                                  default) refuses it, ``auto`` takes either
+``max_price``       ``price`` ($/h)              price <= max_price (no label: free)
+``instances``       node name, internal IP,      any entry matches
+                    ``fleet`` + ``instance``
+=================== ============================ ==============================================
+
+A filter the run sets excludes nodes that lack the label: asking for ``fleets: [a]`` means "only
+fleet a". ``placement: cluster`` (the default for multi-node runs, as dstack requires cluster
+fleets for them) keeps a gang on hosts with one value of the ``cluster`` label; hosts without the
+label form one cluster of their own, so a plain LAN mesh is one cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from meshgpu.state.records import NodeRecord
+
+# Labels that can change a placement decision: part of a host's class signature.
+LABEL_KEYS = (
+    "fleet",
+    "backend",
+    "region",
+    "zone",
+    "instance_type",
+    "reservation",
+    "spot",
+    "price",
+    "cluster",
+    "preemption",
+)
+
+
+def _lower(values: Any) -> frozenset[str] | None:
+    return frozenset(str(v).lower() for v in values) if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class RunFilters:
+    """Where a run may be placed, from its configuration."""
+
+    key: str  # canonical text: equal keys, equal filters
+    image: bool = False
+    fleets: frozenset[str] | None = None
+    backends: frozenset[str] | None = None
+    regions: frozenset[str] | None = None
+    zones: frozenset[str] | None = None
+    instance_types: frozenset[str] | None = None
+    reservation: str | None = None
+    spot_policy: str = "on-demand"
+    max_price: float | None = None
+    instances: tuple[tuple[tuple[str, Any], ...], ...] = ()
+    cluster: bool = True  # multi-node gangs stay in one cluster (``placement: any`` turns it off)
+
+    def by_name(self) -> bool:
+        """Do the filters look at the node's name (``instances``), not only at its class?"""
+        return bool(self.instances)
+
+    def reject(self, node: NodeRecord, by_name: bool = True) -> str:
+        """Why the run may not use this node ('' if it may). ``by_name=False`` leaves out the
+        ``instances`` filter, the one part that differs between hosts of one class."""
+        if self.image and not node.container_runtime:
+            return f"{node.name} has no container runtime (docker/podman) for image jobs"
+        labels = node.labels
+        if self.fleets is not None:
+            fleet = labels.get("fleet")
+            if fleet is None or not any(f == fleet or f.endswith("/" + fleet) for f in self.fleets):
+                return f"{node.name} is not in fleet {'/'.join(sorted(self.fleets))}"
+        for name, allowed, label in (
+            ("backend", self.backends, "backend"),
+            ("region", self.regions, "region"),
+            ("zone", self.zones, "zone"),
+            ("instance type", self.instance_types, "instance_type"),
+        ):
+            if allowed is not None and str(labels.get(label, "")).lower() not in allowed:
+                return f"{node.name}'s {name} is not {'/'.join(sorted(allowed))}"
+        if self.reservation is not None and labels.get("reservation") != self.reservation:
+            return f"{node.name} is not in reservation {self.reservation}"
+        spot = str(labels.get("spot", "false")).lower() == "true"
+        if self.spot_policy == "spot" and not spot:
+            return f"{node.name} is not a spot instance (spot_policy: spot)"
+        if self.spot_policy == "on-demand" and spot:
+            return f"{node.name} is a spot instance (spot_policy: on-demand)"
+        if self.max_price is not None and "price" in labels:
+            try:
+                price = float(labels["price"])
+            except ValueError:
+                price = float("inf")
+            if price > self.max_price:
+                return f"{node.name} costs ${labels['price']}/h, over max_price ${self.max_price}"
+        if (
+            by_name
+            and self.instances
+            and not any(_instance_matches(dict(ref), node) for ref in self.instances)
+        ):
+            return f"{node.name} is not among the run's instances"
+        return ""
+
+
+def _instance_matches(ref: dict[str, Any], node: NodeRecord) -> bool:
+    if ref.get("name") is not None:
+        return ref["name"] in (node.name, node.node_id)
+    if ref.get("hostname") is not None:
+        return ref["hostname"] in (node.internal_ip, node.name)
+    return node.labels.get("fleet") == ref.get("fleet") and node.labels.get("instance") == str(
+        ref.get("instance")
+    )
+
+
+_CACHE: dict[str, RunFilters] = {}
+
+
+def run_filters(config: dict[str, Any]) -> RunFilters:
+    """The run's filters, parsed once per distinct combination."""
+    doc = {
+        "image": bool(config.get("image")),
+        "fleets": config.get("fleets"),
+        "backends": config.get("backends"),
+        "regions": config.get("regions"),
+        "zones": config.get("availability_zones"),
+        "instance_types": config.get("instance_types"),
+        "reservation": config.get("reservation"),
+        "spot_policy": config.get("spot_policy") or "on-demand",
+        "max_price": config.get("max_price"),
+        "instances": config.get("instances"),
+        "cluster": config.get("placement") != "any",
+    }
+    key = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    if len(_CACHE) > 10_000:
+        _CACHE.clear()
+    instances = tuple(
+        tuple(sorted((k, v) for k, v in ref.items() if v is not None))
+        for ref in (doc["instances"] or [])
+        if isinstance(ref, dict)
+    )
+    hit = _CACHE[key] = RunFilters(
+        key=key,
+        image=doc["image"],
+        fleets=frozenset(doc["fleets"]) if doc["fleets"] else None,
+        backends=_lower(doc["backends"]),
+        regions=_lower(doc["regions"]),
+        zones=_lower(doc["zones"]),
+        instance_types=_lower(doc["instance_types"]),
+        reservation=doc["reservation"],
+        spot_policy=doc["spot_policy"],
+        max_price=doc["max_price"],
+        instances=instances,
+        cluster=doc["cluster"],
+    )
+    return hit
+
+
+def cluster_of(node: NodeRecord) -> str:
+    return node.labels.get("cluster", "")

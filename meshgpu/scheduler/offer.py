@@ -1,0 +1,118 @@
+"""``meshgpu offer``: where would a request fit now?
+
+Every active host that could ever run the request is an offer. It is ``idle`` when the request
+fits there now -- with the GPUs it would get, chosen as the scheduler would -- and ``busy`` when
+it could run there once work ends. With ``after_queue=True`` the waiting queue is planned first:
+what it would take is gone and hosts reserved for blocked gangs count as busy unless the backfill
+rule would admit the request (so a deep queue shows why a new run would wait).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshgpu.config.resources import ResourcesSpec
+from meshgpu.scheduler.deadlines import INF
+from meshgpu.scheduler.matching import req_of
+from meshgpu.scheduler.placement import _Planner
+from meshgpu.scheduler.policy import SchedulerPolicy
+from meshgpu.state.machine import StateMachine
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    node_id: str
+    node: str
+    availability: str  # "idle" (fits now) | "busy" (could run it once work there ends)
+    gpu_indices: tuple[int, ...]  # the GPUs it would get now (empty when busy)
+    gpus: str  # the host's GPUs, e.g. "8xH100:80GB"
+    free_gpus: int
+    total_gpus: int
+    blocks: int | None = None  # on a host split into blocks: how many the request takes
+    free_blocks: int | None = None
+    total_blocks: int | None = None
+    reserved_for: str | None = None  # a waiting run holds this host (after_queue only)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def offer(
+    state: StateMachine,
+    resources: ResourcesSpec | dict[str, Any],
+    *,
+    config: dict[str, Any] | None = None,
+    nodes: int = 1,
+    now: float | None = None,
+    after_queue: bool = False,
+    policy: SchedulerPolicy | None = None,
+) -> list[Offer]:
+    """Hosts for one job of ``resources`` (with the run-level filters of ``config``; ``nodes``
+    > 1 means a job of a multi-node gang, which takes whole hosts split into blocks). Idle offers
+    come first, in the order the scheduler would pick them."""
+    res = (
+        resources
+        if isinstance(resources, ResourcesSpec)
+        else ResourcesSpec.model_validate(resources)
+    )
+    planner = _Planner(state, now, policy or SchedulerPolicy())
+    try:
+        if after_queue:
+            planner.plan_queue()
+        return _offers(planner, res, config, nodes)
+    finally:
+        planner.cap.close()
+
+
+def _offers(
+    planner: _Planner, res: ResourcesSpec, config: dict[str, Any] | None, nodes: int
+) -> list[Offer]:
+    cap = planner.cap
+    req = req_of(res, config, exclusive=nodes > 1)
+    end = planner.deadlines.of_new(config or {})
+    idle: list[tuple[int, str, Offer]] = []
+    busy: list[Offer] = []
+    for cls, sf in cap.feasible(req):
+        for host in cap.members(cls):
+            node = host.node
+            if req.filters.by_name() and req.filters.reject(node):
+                continue
+            gpus = cap.gpus_for(host, sf)
+            r = host.reservation
+            held_for = None
+            if gpus is not None and r is not None and not (end <= r.start < INF):
+                blocks = sf.units if host.shape is not None else 0
+                if planner.charge(host, r, gpus, blocks) > r.slack[host.node_id]:
+                    held_for = r.gang[0]
+                    gpus = None
+            shape = host.shape
+            item = Offer(
+                node_id=host.node_id,
+                node=node.name,
+                availability="idle" if gpus is not None else "busy",
+                gpu_indices=gpus or (),
+                gpus=_host_gpus(node.gpus),
+                free_gpus=len(host.free),
+                total_gpus=len(node.gpus),
+                blocks=sf.units if shape is not None else None,
+                free_blocks=host.free_blocks if shape is not None else None,
+                total_blocks=shape.total if shape is not None else None,
+                reserved_for=held_for,
+                labels=dict(node.labels),
+            )
+            if gpus is not None:
+                idle.append((host.units - sf.units, node.name, item))
+            else:
+                busy.append(item)
+    idle.sort(key=lambda t: t[:2])
+    busy.sort(key=lambda o: o.node)
+    return [o for _, _, o in idle] + busy
+
+
+def _host_gpus(gpus: list[Any]) -> str:
+    if not gpus:
+        return "none"
+    kinds: dict[str, int] = {}
+    for g in gpus:
+        key = f"{g.name}:{round(g.memory_mib / 1024)}GB"
+        kinds[key] = kinds.get(key, 0) + 1
+    return ", ".join(f"{n}x{k}" for k, n in kinds.items())

@@ -1,0 +1,309 @@
+"""Cluster-level replicated state: identity, admission tokens, members and CA-key grants.
+
+Kept apart from the jobs state (``machine.py``) and multiplexed on the same Raft log by
+``Replicated``: entries that start with ``CLUSTER_TAG`` are cluster commands. Deterministic like
+every state machine here: ``AdmitNode`` checks the join proof *in apply* (a pure HMAC), so every
+member reaches the same verdict and the same Raft id.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from meshgpu.security.tokens import check_proof
+from meshgpu.state.machine import Result, StateMachine
+
+CLUSTER_TAG = b"C"
+
+
+class _Cmd(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    at: float
+
+
+class InitCluster(_Cmd):
+    kind: Literal["init_cluster"] = "init_cluster"
+    cluster_id: str
+    ca_cert_pem: str
+    api_token_hash: str
+    founder_raft_id: int
+    founder_node_id: str
+    founder_name: str
+    founder_peer_address: str
+    founder_api_url: str
+
+
+class CreateToken(_Cmd):
+    kind: Literal["create_token"] = "create_token"
+    token_id: str
+    key: str
+    expires_at: float | None = None
+
+
+class RevokeToken(_Cmd):
+    kind: Literal["revoke_token"] = "revoke_token"
+    token_id: str
+
+
+class AdmitNode(_Cmd):
+    kind: Literal["admit_node"] = "admit_node"
+    token_id: str
+    proof: str
+    csr_pem: str
+    name: str
+    node_id: str
+    peer_address: str
+    api_url: str
+
+
+class GrantCAKey(_Cmd):
+    kind: Literal["grant_ca_key"] = "grant_ca_key"
+    raft_id: int
+    sealed_hex: str
+
+
+class RemoveMember(_Cmd):
+    kind: Literal["remove_member"] = "remove_member"
+    raft_id: int
+
+
+class NodeUnreachable(_Cmd):
+    """The leader has not heard from a host for the grace period: it is dead to the scheduler,
+    and the jobs it held fail with ``instance_unreachable`` (retried per their policy)."""
+
+    kind: Literal["node_unreachable"] = "node_unreachable"
+    node_id: str
+
+
+ClusterCommand = Annotated[
+    InitCluster
+    | CreateToken
+    | RevokeToken
+    | AdmitNode
+    | GrantCAKey
+    | RemoveMember
+    | NodeUnreachable,
+    Field(discriminator="kind"),
+]
+_ADAPTER = TypeAdapter(ClusterCommand)
+
+
+def decode_cluster(data: bytes) -> Any:
+    """The command, or a failed Result if this build cannot read it."""
+    try:
+        return _ADAPTER.validate_json(data)
+    except ValueError as e:
+        return Result(False, None, f"cannot decode cluster command: {e}", "undecodable")
+
+
+def encode_cluster(cmd: _Cmd) -> bytes:
+    return CLUSTER_TAG + cmd.model_dump_json().encode()
+
+
+class Member(BaseModel):
+    raft_id: int
+    node_id: str
+    name: str
+    peer_address: str
+    api_url: str
+    joined_at: float
+    csr_pem: str = ""  # the member's public key: the CA key is sealed to it on promotion
+    removed: bool = False
+
+
+class ClusterState:
+    def __init__(self) -> None:
+        self.cluster_id = ""
+        self.ca_cert_pem = ""
+        self.api_token_hash = ""
+        self.tokens: dict[str, dict[str, Any]] = {}
+        self.members: dict[int, Member] = {}
+        self.ca_grants: dict[int, str] = {}
+        self.next_raft_id = 2
+        self.version = 0  # bumped on every change: the agent re-syncs peer addresses on change
+
+    def apply_one(self, data: bytes) -> Result:
+        cmd = decode_cluster(data)
+        if isinstance(cmd, Result):
+            return cmd
+        return self.apply_cmd(cmd)
+
+    def apply_cmd(self, cmd: Any) -> Result:
+        self.version += 1
+        return getattr(self, "_on_" + cmd.kind)(cmd)
+
+    def _on_init_cluster(self, c: InitCluster) -> Result:
+        if self.cluster_id:
+            return Result(False, None, "cluster already initialized", "exists")
+        self.cluster_id, self.ca_cert_pem, self.api_token_hash = (
+            c.cluster_id,
+            c.ca_cert_pem,
+            c.api_token_hash,
+        )
+        self.members[c.founder_raft_id] = Member(
+            raft_id=c.founder_raft_id,
+            node_id=c.founder_node_id,
+            name=c.founder_name,
+            peer_address=c.founder_peer_address,
+            api_url=c.founder_api_url,
+            joined_at=c.at,
+        )
+        self.next_raft_id = max(self.next_raft_id, c.founder_raft_id + 1)
+        return Result(True, self.cluster_id)
+
+    def _on_create_token(self, c: CreateToken) -> Result:
+        self.tokens[c.token_id] = {
+            "key": c.key,
+            "created_at": c.at,
+            "expires_at": c.expires_at,
+            "revoked": False,
+        }
+        return Result(True, c.token_id)
+
+    def _on_revoke_token(self, c: RevokeToken) -> Result:
+        tok = self.tokens.get(c.token_id)
+        if tok is None:
+            return Result(False, None, f"no token {c.token_id}", "not_found")
+        tok["revoked"] = True
+        return Result(True, c.token_id)
+
+    def _on_admit_node(self, c: AdmitNode) -> Result:
+        tok = self.tokens.get(c.token_id)
+        if tok is None or tok["revoked"]:
+            return Result(
+                False,
+                None,
+                "unknown or revoked join token: create a new one with meshgpu token create",
+                "bad_token",
+            )
+        if tok["expires_at"] is not None and c.at > tok["expires_at"]:
+            return Result(False, None, "the join token has expired: create a new one", "bad_token")
+        if not check_proof(tok["key"], c.csr_pem.encode(), c.name, c.proof):
+            return Result(False, None, "the join proof does not match the token", "bad_token")
+        # A node that rejoins as itself keeps its Raft id (and is not a new member).
+        for m in self.members.values():
+            if m.node_id == c.node_id and not m.removed:
+                m.peer_address, m.api_url, m.name, m.csr_pem = (
+                    c.peer_address,
+                    c.api_url,
+                    c.name,
+                    c.csr_pem,
+                )
+                return Result(True, m.raft_id)
+        rid = self.next_raft_id
+        self.next_raft_id += 1
+        self.members[rid] = Member(
+            raft_id=rid,
+            node_id=c.node_id,
+            name=c.name,
+            peer_address=c.peer_address,
+            api_url=c.api_url,
+            joined_at=c.at,
+            csr_pem=c.csr_pem,
+        )
+        return Result(True, rid)
+
+    def _on_grant_ca_key(self, c: GrantCAKey) -> Result:
+        self.ca_grants[c.raft_id] = c.sealed_hex
+        return Result(True, c.raft_id)
+
+    def _on_remove_member(self, c: RemoveMember) -> Result:
+        m = self.members.get(c.raft_id)
+        if m is None:
+            return Result(False, None, f"no member {c.raft_id}", "not_found")
+        m.removed = True
+        self.ca_grants.pop(c.raft_id, None)
+        return Result(True, c.raft_id)
+
+    def _on_node_unreachable(self, c: NodeUnreachable) -> Result:
+        # Handled by ``Replicated``, which owns the jobs state too.
+        return Result(True, c.node_id)
+
+    def member_by_node(self, node_id: str) -> Member | None:
+        return next(
+            (m for m in self.members.values() if m.node_id == node_id and not m.removed), None
+        )
+
+    def snapshot_doc(self) -> dict[str, Any]:
+        return {
+            "cluster_id": self.cluster_id,
+            "ca_cert_pem": self.ca_cert_pem,
+            "api_token_hash": self.api_token_hash,
+            "tokens": self.tokens,
+            "members": [m.model_dump() for m in self.members.values()],
+            "ca_grants": {str(k): v for k, v in self.ca_grants.items()},
+            "next_raft_id": self.next_raft_id,
+        }
+
+    def restore_doc(self, doc: dict[str, Any]) -> None:
+        self.cluster_id = doc.get("cluster_id", "")
+        self.ca_cert_pem = doc.get("ca_cert_pem", "")
+        self.api_token_hash = doc.get("api_token_hash", "")
+        self.tokens = doc.get("tokens", {})
+        self.members = {m["raft_id"]: Member.model_validate(m) for m in doc.get("members", [])}
+        self.ca_grants = {int(k): v for k, v in doc.get("ca_grants", {}).items()}
+        self.next_raft_id = doc.get("next_raft_id", 2)
+        self.version += 1
+
+
+class Replicated:
+    """The node's one state machine: jobs state and cluster state on one log."""
+
+    def __init__(self) -> None:
+        self.jobs = StateMachine()
+        self.cluster = ClusterState()
+
+    def apply(self, batch: list[tuple[int, bytes]]) -> list[Result]:
+        results: list[Result] = []
+        run: list[tuple[int, bytes]] = []
+        for index, data in batch:
+            if data[:1] == CLUSTER_TAG:
+                if run:
+                    results.extend(self.jobs.apply(run))
+                    run = []
+                self.jobs.applied_index = index
+                cmd = decode_cluster(data[1:])
+                if isinstance(cmd, Result):
+                    results.append(cmd)
+                    continue
+                results.append(self.cluster.apply_cmd(cmd))
+                if isinstance(cmd, NodeUnreachable):
+                    self._node_unreachable(cmd)
+            else:
+                run.append((index, data))
+        if run:
+            results.extend(self.jobs.apply(run))
+        return results
+
+    def _node_unreachable(self, c: NodeUnreachable) -> None:
+        from meshgpu.state.records import JobTerminationReason
+
+        jobs = self.jobs
+        node = jobs.nodes.get(c.node_id)
+        if node is None:
+            return
+        node.status = "dead"
+        jobs.demand_version += 1
+        for job in jobs.jobs_on_node(c.node_id):
+            jobs._finish_job(
+                job,
+                JobTerminationReason.INSTANCE_UNREACHABLE,
+                c.at,
+                None,
+                f"host {node.name} unreachable",
+            )
+            jobs._update_run(jobs.runs[job.run_name], c.at)
+
+    def snapshot(self) -> bytes:
+        return json.dumps(
+            {"jobs": json.loads(self.jobs.snapshot()), "cluster": self.cluster.snapshot_doc()},
+            separators=(",", ":"),
+        ).encode()
+
+    def restore(self, data: bytes) -> None:
+        doc = json.loads(data) if data else {}
+        self.jobs.restore(json.dumps(doc.get("jobs", {})).encode())
+        self.cluster.restore_doc(doc.get("cluster", {}))

@@ -1,0 +1,162 @@
+"""The wait queue: waiting jobs grouped the way the scheduler consumes them, kept up to date by
+``StateMachine`` on every change so that a plan never re-sorts or re-groups ten thousand jobs.
+
+A *gang* is what must start together: the waiting jobs of one run replica (all nodes of a task,
+one replica of a service). Gangs with the same priority, project and placement requirements form a
+*class*; inside a class gangs stay in FIFO order (run submission time, then name, then replica).
+The scheduler merges classes in priority order and, at equal priority, across projects -- and
+because every gang of a class fits exactly the same hosts, one failed gang settles the rest of its
+class for that plan.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshgpu.state.records import JobRecord, RunRecord
+
+# Run-level fields that decide *where* a job may run (or for how long it will hold it). Runs equal
+# in these (and in their jobs' resources) are interchangeable to the scheduler.
+PLACEMENT_FIELDS = (
+    "fleets",
+    "backends",
+    "regions",
+    "availability_zones",
+    "instance_types",
+    "instances",
+    "spot_policy",
+    "max_price",
+    "reservation",
+    "max_duration",
+    "stop_duration",
+    "placement",
+)
+
+GangKey = tuple[str, int]  # (run_name, replica_num)
+OrderKey = tuple[float, str, int]  # (run submitted_at, run_name, replica_num)
+ClassKey = tuple[int, str, str, tuple[str, ...]]  # (priority, project, placement key, job keys)
+
+
+def placement_key(config: dict[str, Any]) -> str:
+    """Canonical text of the run fields that matter for placement (see ``PLACEMENT_FIELDS``)."""
+    doc = {k: config[k] for k in PLACEMENT_FIELDS if config.get(k) not in (None, [], {})}
+    if config.get("image"):
+        doc["image"] = True  # which image does not matter; that one needs a container runtime does
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(eq=False, slots=True)
+class Gang:
+    """The waiting jobs of one run replica, in job-number order."""
+
+    key: GangKey
+    run: RunRecord
+    order: OrderKey
+    jobs: list[JobRecord]
+    cls: QueueClass
+
+
+@dataclass(eq=False, slots=True)
+class QueueClass:
+    """Gangs that are interchangeable to the scheduler, in FIFO order."""
+
+    key: ClassKey
+    order: list[OrderKey] = field(default_factory=list)  # sorted
+    gangs: dict[OrderKey, Gang] = field(default_factory=dict)
+    job_ids: dict[str, None] = field(default_factory=dict)  # an ordered set of waiting job ids
+
+    @property
+    def priority(self) -> int:
+        return self.key[0]
+
+    @property
+    def project(self) -> str:
+        return self.key[1]
+
+    def head(self) -> Gang | None:
+        return self.gangs[self.order[0]] if self.order else None
+
+    def in_order(self) -> list[Gang]:
+        return [self.gangs[k] for k in self.order]
+
+
+class WaitQueue:
+    """Index of waiting jobs: by gang, by class, by priority."""
+
+    def __init__(self) -> None:
+        self.gangs: dict[GangKey, Gang] = {}
+        self.classes: dict[ClassKey, QueueClass] = {}
+        self._by_job: dict[str, Gang] = {}
+        self._levels: list[tuple[int, list[QueueClass]]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._by_job)
+
+    def add_gang(self, run: RunRecord, jobs: list[JobRecord]) -> None:
+        """Queue jobs that became waiting together (a submission, or a requeued gang)."""
+        if not jobs:
+            return
+        jobs = sorted(jobs, key=lambda j: j.job_num)
+        key = (run.run_name, jobs[0].replica_num)
+        old = self.gangs.get(key)
+        if old is not None:
+            # Should not happen (gangs are queued whole); merge rather than lose a job.
+            jobs = sorted(
+                {j.job_id: j for j in [*old.jobs, *jobs]}.values(), key=lambda j: j.job_num
+            )
+            self._drop_gang(old)
+        ckey: ClassKey = (
+            run.priority,
+            run.project,
+            placement_key(run.config),
+            tuple(j.resources_key for j in jobs),
+        )
+        cls = self.classes.get(ckey)
+        if cls is None:
+            cls = self.classes[ckey] = QueueClass(ckey)
+            self._levels = None
+        order = (run.submitted_at, run.run_name, key[1])
+        gang = Gang(key, run, order, list(jobs), cls)
+        self.gangs[key] = gang
+        bisect.insort(cls.order, order)
+        cls.gangs[order] = gang
+        for j in jobs:
+            cls.job_ids[j.job_id] = None
+            self._by_job[j.job_id] = gang
+
+    def discard(self, job: JobRecord) -> None:
+        """The job no longer waits (assigned, stopped, forgotten)."""
+        gang = self._by_job.pop(job.job_id, None)
+        if gang is None:
+            return
+        gang.jobs = [j for j in gang.jobs if j.job_id != job.job_id]
+        del gang.cls.job_ids[job.job_id]
+        if not gang.jobs:
+            self._drop_gang(gang)
+
+    def _drop_gang(self, gang: Gang) -> None:
+        cls = gang.cls
+        for j in gang.jobs:
+            cls.job_ids.pop(j.job_id, None)
+            self._by_job.pop(j.job_id, None)
+        i = bisect.bisect_left(cls.order, gang.order)
+        if i < len(cls.order) and cls.order[i] == gang.order:
+            del cls.order[i]
+        cls.gangs.pop(gang.order, None)
+        self.gangs.pop(gang.key, None)
+        if not cls.order:
+            del self.classes[cls.key]
+            self._levels = None
+
+    def gang_of(self, job_id: str) -> Gang | None:
+        return self._by_job.get(job_id)
+
+    def by_priority(self) -> list[tuple[int, list[QueueClass]]]:
+        """Classes grouped by priority, highest first (classes in a stable order)."""
+        levels: dict[int, list[QueueClass]] = {}
+        for cls in self.classes.values():
+            levels.setdefault(cls.priority, []).append(cls)
+        return [(p, sorted(levels[p], key=lambda c: c.key)) for p in sorted(levels, reverse=True)]

@@ -1,0 +1,248 @@
+"""A mesh of real agent processes on loopback: join with a token, any node accepts work, jobs
+land on whichever host has the GPUs, logs are proxied, losing the leader loses nothing."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from meshgpu.client import APIError
+from tests.agent.conftest import AgentProc, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[list[AgentProc]]:
+    fast = ["--tick-ms", "50"]
+    a = AgentProc(
+        tmp_path / "a",
+        "2xH100:80GB",
+        name="node-a",
+        extra_args=["--peer-port", str(free_port()), *fast],
+    )
+    agents = [a]
+    try:
+        a.data_dir.mkdir()
+        a.start()
+        token = json.loads((a.data_dir / "join-token.json").read_text())["token"]
+        for name in ("b", "c"):
+            ag = AgentProc(
+                tmp_path / name,
+                "2xH100:80GB",
+                name=f"node-{name}",
+                extra_args=[
+                    "--peer-port",
+                    str(free_port()),
+                    "--token",
+                    token,
+                    "--join",
+                    a.url,
+                    *fast,
+                ],
+            )
+            ag.data_dir.mkdir()
+            agents.append(ag.start())
+        yield agents
+    finally:
+        for ag in agents:
+            ag.close_clients()
+            ag.stop()
+            ag.kill_jobs()
+
+
+def test_join_promote_place_across_hosts_and_survive_the_leader(
+    mesh: list[AgentProc], tmp_path: Path
+) -> None:
+    a, b, c = mesh
+    ca, cb, cc = a.client(), b.client(), c.client()
+    nodes = wait_for(lambda: (ns := ca.nodes()) and len(ns) == 3 and ns)
+    assert {n["name"] for n in nodes} == {"node-a", "node-b", "node-c"}
+    # The two joiners are promoted once caught up: three voters.
+    st = wait_for(lambda: (s := cb.status()) and len(s["voters"]) == 3 and s, timeout=30)
+    assert st["cluster_id"] == ca.status()["cluster_id"]
+    # Any node accepts work; 2-GPU tasks land on three different hosts.
+    gate = tmp_path / "gate"
+    cfg = f"type: task\ncommands:\n  - echo on $(hostname) rank $DSTACK_NODE_RANK\n  - while [ ! -e {gate} ]; do sleep 0.05; done\nresources:\n  gpu: 2\n"
+    for cl, name in ((ca, "via-a"), (cb, "via-b"), (cc, "via-c")):
+        cl.submit(cfg, name=name)
+    runs = wait_for(
+        lambda: (
+            (r := [cc.run(n) for n in ("via-a", "via-b", "via-c")])
+            and all(x["status"] == "running" for x in r)
+            and r
+        ),
+        timeout=30,
+    )
+    assert len({r["jobs"][0]["node"] for r in runs}) == 3
+    # Logs of a job on another host are proxied by the node asked.
+    for r in runs:
+        assert b"rank 0" in b"".join(ca.logs(r["name"]))
+    gate.touch()
+    wait_for(
+        lambda: all(cb.run(n)["status"] == "done" for n in ("via-a", "via-b", "via-c")), timeout=30
+    )
+
+    # Kill the leader: the survivors elect one and keep accepting work.
+    leader_raft = ca.status()["leader"]
+    victim = next(ag for ag in mesh if ag.client().status()["raft_id"] == leader_raft)
+    survivors = [ag for ag in mesh if ag is not victim]
+    t = time.monotonic()
+    victim.kill()
+    sc = survivors[0].client()
+
+    def accepted() -> bool:
+        try:  # one request id for every retry: a retry after a lost answer is not a new run
+            sc.submit(
+                "type: task\ncommands: [echo after-failover]\n",
+                name="after",
+                request_id="after-failover-1",
+            )
+            return True
+        except APIError:
+            return False
+
+    wait_for(accepted, timeout=30)
+    took = time.monotonic() - t
+    run = wait_for(lambda: (r := sc.run("after")) and r["status"] == "done" and r, timeout=30)
+    assert run["jobs"][0]["node"] != victim.name
+    assert took < 15
+
+
+def test_a_host_without_a_valid_token_is_refused(mesh: list[AgentProc], tmp_path: Path) -> None:
+    a = mesh[0]
+    token = json.loads((a.data_dir / "join-token.json").read_text())["token"]
+    parts = token.split(".")
+    forged = ".".join([*parts[:4], "not-the-secret"])
+    d = tmp_path / "intruder"
+    d.mkdir()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshgpu",
+            "agent",
+            "--data-dir",
+            str(d),
+            "--api-port",
+            "0",
+            "--peer-port",
+            str(free_port()),
+            "--token",
+            forged,
+            "--join",
+            a.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 1 and "refused" in r.stderr and "Traceback" not in r.stderr
+    # A revoked token stops working too.
+    ca = a.client()
+    doc = ca._request("POST", "/api/v1/tokens").json()  # noqa: SLF001
+    ca._request("DELETE", f"/api/v1/tokens/{doc['token_id']}")  # noqa: SLF001
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshgpu",
+            "agent",
+            "--data-dir",
+            str(tmp_path / "late"),
+            "--api-port",
+            "0",
+            "--peer-port",
+            str(free_port()),
+            "--token",
+            doc["token"],
+            "--join",
+            a.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 1 and "revoked" in r.stderr
+    # And the peer port refuses a client without a cluster certificate.
+    assert httpx.get(f"{a.url}/healthz").status_code == 200
+
+
+def test_a_dead_host_is_declared_and_its_job_is_fenced_when_it_returns(tmp_path: Path) -> None:
+    import signal as sig
+
+    fast = ["--tick-ms", "50", "--dead-grace", "3s"]
+    a = AgentProc(
+        tmp_path / "a",
+        "1xH100:80GB",
+        name="node-a",
+        extra_args=["--peer-port", str(free_port()), *fast],
+    )
+    agents = [a]
+    try:
+        a.data_dir.mkdir()
+        a.start()
+        token = json.loads((a.data_dir / "join-token.json").read_text())["token"]
+        b = AgentProc(
+            tmp_path / "b",
+            "2xH100:80GB",
+            name="node-b",
+            extra_args=["--peer-port", str(free_port()), "--token", token, "--join", a.url, *fast],
+        )
+        b.data_dir.mkdir()
+        agents.append(b.start())
+        ca = a.client()
+        wait_for(lambda: len(ca.nodes()) == 2)
+        # Only node-b has 2 GPUs: the job must land there.
+        ca.submit(
+            "type: task\ncommands: ['echo $$ > pid; sleep 600']\nresources:\n  gpu: 2\n",
+            name="victim",
+        )
+        run = wait_for(lambda: (r := ca.run("victim")) and r["status"] == "running" and r)
+        assert run["jobs"][0]["node"] == "node-b"
+        job_id = run["jobs"][0]["job_id"]
+        pidfile = b.data_dir / "jobs" / job_id / "work" / "pid"
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip()))
+        assert b.proc is not None
+        b.proc.send_signal(sig.SIGSTOP)  # the host hangs (or is cut off)
+        run = wait_for(
+            lambda: (r := ca.run("victim")) and r["status"] == "failed" and r, timeout=30
+        )
+        assert run["jobs"][0]["termination_reason"] == "instance_unreachable"
+        assert next(n for n in ca.nodes() if n["name"] == "node-b")["status"] == "dead"
+        b.proc.send_signal(sig.SIGCONT)
+
+        # Back, it learns its job was failed over and stops it: never two copies.
+        def gone() -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+            except OSError:
+                return True
+
+        wait_for(gone, timeout=30)
+        # And it registers again as a live host.
+        wait_for(
+            lambda: next(n for n in ca.nodes() if n["name"] == "node-b")["status"] == "active",
+            timeout=30,
+        )
+    finally:
+        for ag in agents:
+            if ag.proc is not None and ag.proc.poll() is None:
+                ag.proc.send_signal(sig.SIGCONT)
+            ag.close_clients()
+            ag.stop()
+            ag.kill_jobs()
