@@ -64,6 +64,7 @@ from meshgpu.state import (
     AssignJobs,
     CodeRef,
     GPURecord,
+    PreemptJobs,
     RegisterNode,
     Result,
     RunRecord,
@@ -605,6 +606,8 @@ class Agent:
             seen = self.state.demand_version
             now = time.time()
             p = plan(self.state, now)  # MARK: exclude=self._unreachable_nodes() once supported
+            if p.preemptions:
+                await self._propose(encode(PreemptJobs(at=now, preemptions=p.preemptions)))
             if p.assignments:
                 await self._propose(encode(AssignJobs(at=now, assignments=p.assignments)))
             changed = {

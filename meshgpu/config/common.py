@@ -339,6 +339,10 @@ class ProfileParams(Model):
     instances: list[InstanceRef] | None = None
     tags: dict[str, str] | None = None
     backend_options: list[dict[str, Any]] | dict[str, Any] | None = None
+    preemptible: bool | None = Field(
+        default=None,
+        description="meshgpu extension: a higher-priority run may stop this one when it then fits",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ sit in buckets by free units (GPUs, or blocks on hosts split into blocks), so a 
 -- and never scans hosts that are full or can never run it.
 
 The index outlives a plan: it belongs to the state object (weakly) and is brought up to date at
-the start of each plan from the state's per-node versions, so a plan pays for the nodes whose
-holdings changed, not for the whole mesh. What a plan changes in it (tentative placements,
+the start of each plan from the state's node change feed (``node_changes``, ``node_versions``),
+so a plan pays for the nodes whose record or holdings changed, not for the whole mesh. What a plan changes in it (tentative placements,
 reservations) is rolled back when the plan ends. Buckets and classes are kept in canonical order
 (node id, class signature), so a plan depends only on the state, never on the index's history.
 """
@@ -29,7 +29,7 @@ from meshgpu.state.records import JobRecord, JobStatus, NodeRecord
 
 class Reservation:
     """A blocked gang's claim on hosts: nothing may land there that would still hold them at
-    ``start`` beyond ``slack`` units (see ``placement.py`` for the rule)."""
+    ``start`` beyond ``slack`` units (the rule is in ``backfill.py``)."""
 
     __slots__ = ("gang", "start", "need", "slack", "matching", "after", "preempting")
 
@@ -49,7 +49,9 @@ class Reservation:
 
 
 class HostClass:
-    __slots__ = ("sig", "key", "uid", "cluster", "rep", "shape", "members", "buckets")
+    """Hosts alike in everything placement looks at: their members by free units."""
+
+    __slots__ = ("sig", "key", "uid", "cluster", "rep", "shape", "members", "buckets", "top")
 
     def __init__(
         self, sig: tuple[Any, ...], uid: int, node: NodeRecord, shape: BlockShape | None
@@ -63,6 +65,17 @@ class HostClass:
         self.members: list[str] = []  # node ids, sorted
         top = shape.total if shape is not None else sum(1 for g in node.gpus if g.healthy)
         self.buckets: list[list[str]] = [[] for _ in range(top + 1)]  # by free units, sorted
+        self.top = -1  # the highest non-empty bucket (-1: none)
+
+    def add(self, node_id: str, units: int) -> None:
+        bisect.insort(self.buckets[units], node_id)
+        if units > self.top:
+            self.top = units
+
+    def discard(self, node_id: str, units: int) -> None:
+        _remove(self.buckets[units], node_id)
+        while self.top >= 0 and not self.buckets[self.top]:
+            self.top -= 1
 
 
 class Host:
@@ -84,6 +97,7 @@ class Host:
         "ends",
         "ends_key",
         "rel",
+        "prof",
         "victims",
     )
 
@@ -102,6 +116,7 @@ class Host:
         self.ends: Any = None  # (running deadlines, stopping jobs): see Capacity.releases
         self.ends_key: Any = None
         self.rel: tuple[Any, list[tuple[float, tuple[int, ...], int]]] | None = None
+        self.prof: tuple[Any, tuple[int, float], list[float]] | None = None
         self.victims: Any = None  # the preemption module's per-host cache
         used = {i for j in held for i in j.gpu_indices}
         self.free = set(self.healthy - used)
@@ -136,6 +151,7 @@ class HostIndex:
 
     def __init__(self) -> None:
         self.hosts: dict[str, Host] = {}
+        self.order: list[str] = []  # ids of active hosts, sorted
         self.seen: dict[str, tuple[NodeRecord, str]] = {}  # every node: (record, status)
         self.classes: list[HostClass] = []  # in canonical order
         self._by_sig: dict[tuple[Any, ...], HostClass] = {}
@@ -148,6 +164,8 @@ class HostIndex:
         self._end_keys: dict[str, tuple[float, float, str]] = {}
         self._epoch: int | None = None
         self._cursor = 0
+        # How many hosts could ever run a request (per cluster): valid while membership holds.
+        self.statics: dict[Any, int] = {}
 
     def sync(self, state: StateMachine) -> None:
         """Bring the index up to date with ``state``: the nodes noted in its change feed since
@@ -165,6 +183,12 @@ class HostIndex:
             todo: Any = state.nodes
         else:
             todo = dict.fromkeys(changes[self._cursor - base :])
+            # A node's status may have been set in place (a node declared dead) without a note
+            # in the feed: one cheap look at every status keeps dead hosts out regardless.
+            hosts = self.hosts
+            for node_id, node in state.nodes.items():
+                if node.status != "active" and node_id in hosts:
+                    todo[node_id] = None
         self._epoch = state.indexes_epoch
         self._cursor = base + len(changes)
         versions = state.node_versions
@@ -188,19 +212,22 @@ class HostIndex:
 
     def refresh(self, state: StateMachine, node_id: str) -> None:
         """Rebuild one host from the state (also: roll back what a plan did to it)."""
-        self._drop(node_id)
         node = state.nodes.get(node_id)
-        if node is None:
+        if node is None or node.status != "active":
+            self._drop(node_id)
+            if node is not None:
+                self.seen[node_id] = (node, node.status)  # draining/dead: takes nothing new
             return
         self.seen[node_id] = (node, node.status)
-        if node.status != "active":
-            return  # draining and dead nodes take nothing new
         cls = self._class_of(node)
+        self._drop(node_id, keep=cls)
         held = tuple(state.held.get(node_id, {}).values())
         host = Host(node, state.node_versions.get(node_id, 0), cls, held)
         self.hosts[node_id] = host
-        bisect.insort(cls.members, node_id)
-        bisect.insort(cls.buckets[host.units], node_id)
+        _insert(self.order, node_id)
+        if _insert(cls.members, node_id):
+            self.statics.clear()
+        cls.add(node_id, host.units)
         ends = []
         for j in held:
             run = state.runs.get(j.run_name)
@@ -214,7 +241,8 @@ class HostIndex:
             self._end_keys[node_id] = key
             bisect.insort(self.by_end, key)
 
-    def _drop(self, node_id: str) -> None:
+    def _drop(self, node_id: str, keep: HostClass | None = None) -> None:
+        """Take a host out of the index (``keep``: the class it goes back into at once)."""
         key = self._end_keys.pop(node_id, None)
         if key is not None:
             i = bisect.bisect_left(self.by_end, key)
@@ -223,9 +251,12 @@ class HostIndex:
         host = self.hosts.pop(node_id, None)
         if host is None:
             return
-        cls = host.cls
-        _remove(cls.members, node_id)
-        _remove(cls.buckets[host.units], node_id)
+        if keep is None:
+            _remove(self.order, node_id)
+        host.cls.discard(node_id, host.units)
+        if keep is not host.cls:
+            _remove(host.cls.members, node_id)
+            self.statics.clear()
 
     def _class_of(self, node: NodeRecord) -> HostClass:
         cached = self._sigs.get(node.node_id)
@@ -244,10 +275,18 @@ class HostIndex:
         return cls
 
     def move(self, host: Host, units: int) -> None:
-        buckets = host.cls.buckets
-        _remove(buckets[host.units], host.node_id)
+        host.cls.discard(host.node_id, host.units)
         host.units = units
-        bisect.insort(buckets[units], host.node_id)
+        host.cls.add(host.node_id, units)
+
+
+def _insert(ids: list[str], node_id: str) -> bool:
+    """Insert into a sorted list unless there; True if inserted."""
+    i = bisect.bisect_left(ids, node_id)
+    if i < len(ids) and ids[i] == node_id:
+        return False
+    ids.insert(i, node_id)
+    return True
 
 
 def _remove(ids: list[str], node_id: str) -> None:
@@ -271,12 +310,30 @@ class Capacity:
         index.sync(state)
         self.index = index
         self.hosts = index.hosts
-        self.touched: set[str] = set()
+        # node_id -> what the host looked like before this plan touched it
+        self.touched: dict[str, tuple[set[int], int, int, Reservation | None]] = {}
 
     def close(self) -> None:
-        for node_id in self.touched:
-            self.index.refresh(self.state, node_id)
+        """Undo the plan's tentative changes (the state, not the plan, decides what holds)."""
+        for node_id, (free, free_blocks, units, reservation) in self.touched.items():
+            host = self.hosts[node_id]
+            host.free = free
+            host.free_blocks = free_blocks
+            host.planned = []
+            host.reservation = reservation
+            host.rel = None
+            if host.units != units:
+                self.index.move(host, units)
         self.touched.clear()
+
+    def _touch(self, host: Host) -> None:
+        if host.node_id not in self.touched:
+            self.touched[host.node_id] = (
+                set(host.free),
+                host.free_blocks,
+                host.units,
+                host.reservation,
+            )
 
     @property
     def classes(self) -> list[HostClass]:
@@ -338,8 +395,16 @@ class Capacity:
         node = host.node
         return pick_gpus(node, [g for g in node.gpus if g.index in free], n)
 
+    def static_hosts(self, keys: Any, count: Any) -> int:
+        """``count()`` cached in the index under ``keys`` until hosts join, leave or change
+        class."""
+        hit = self.index.statics.get(keys)
+        if hit is None:
+            hit = self.index.statics[keys] = count()
+        return hit
+
     def take(self, host: Host, gpus: tuple[int, ...], blocks: int, end: float) -> None:
-        self.touched.add(host.node_id)
+        self._touch(host)
         host.free.difference_update(gpus)
         host.planned.append((end, gpus, blocks))
         host.rel = None
@@ -363,7 +428,7 @@ class Capacity:
             self.index.move(host, len(host.free))
 
     def reserve(self, host: Host, r: Reservation) -> None:
-        self.touched.add(host.node_id)
+        self._touch(host)
         host.reservation = r
 
     # -- time ----------------------------------------------------------------------------------
@@ -425,6 +490,27 @@ class Capacity:
             self.units(host, g, b, matching) for e, g, b in releases if e <= start
         )
         return start, total - units
+
+    def ready_time(self, host: Host, units: int, matching: frozenset[int] | None) -> float:
+        """``ready_at(...)[0]``, from a per-host profile (units -> time) kept while the host's
+        free units and deadlines stay the same."""
+        if matching is not None:
+            return self.ready_at(host, units, matching)[0]
+        releases = self.releases(host)
+        have = self.free_units(host, None)
+        prof = host.prof
+        now = self.deadlines.now or 0.0
+        if prof is None or prof[0] is not releases or prof[1] != (have, now):
+            times = [now] * (have + 1)
+            got = have
+            for end, gpus, blocks in releases:
+                if end == INF:
+                    break
+                got += self.units(host, gpus, blocks, None)
+                times.extend([end] * (got + 1 - len(times)))
+            prof = host.prof = (releases, (have, now), times)
+        times = prof[2]
+        return times[units] if units < len(times) else INF
 
     def free_units(self, host: Host, matching: frozenset[int] | None) -> int:
         if host.shape is not None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshgpu.config.resources import ResourcesSpec
-from meshgpu.scheduler.deadlines import INF
 from meshgpu.scheduler.matching import req_of
 from meshgpu.scheduler.placement import _Planner
 from meshgpu.scheduler.policy import SchedulerPolicy
@@ -77,12 +76,11 @@ def _offers(
             if req.filters.by_name() and req.filters.reject(node):
                 continue
             gpus = cap.gpus_for(host, sf)
-            r = host.reservation
             held_for = None
-            if gpus is not None and r is not None and not (end <= r.start < INF):
+            if gpus is not None:
                 blocks = sf.units if host.shape is not None else 0
-                if planner.charge(host, r, gpus, blocks) > r.slack[host.node_id]:
-                    held_for = r.gang[0]
+                if planner.backfill.admits(host, ("", -1), end, gpus, blocks) is None:
+                    held_for = host.reservation.gang[0] if host.reservation else None
                     gpus = None
             shape = host.shape
             item = Offer(

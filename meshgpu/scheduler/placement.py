@@ -10,19 +10,9 @@ each project's runs go first in, first out. A gang (the waiting jobs of one run 
 whole or not at all, on distinct hosts, inside one ``cluster`` label for multi-node runs;
 placement is atomic per plan, so two half-placed gangs can never hold each other's hosts.
 
-**Backfill.** A gang that cannot start reserves hosts: the ones where it can start soonest (the
-*reserved start* is computed from the deadlines of what runs there, see ``deadlines.py``). Gangs
-behind it may still use a reserved host, but only if
-
-1. they will be gone by the reserved start (their own deadline, from ``max_duration``, is no
-   later), or
-2. they fit in the host's *slack*: what the host will have free at the reserved start beyond the
-   blocked gang's needs.
-
-When the reserved start is unknown (something there has no ``max_duration``) rule 1 never holds
-and the slack is only what is free now beyond the gang's needs -- i.e. no backfill on reserved
-hosts. Either way a backfilled job can never delay a reserved start. The first blocked gang of
-each kind reserves (EASY backfill, with one head per requirement); gangs of the same kind wait
+**Backfill** (``backfill.py``). A gang that cannot start reserves the hosts where it can start
+soonest; others may use them only when that cannot delay its reserved start. The first blocked
+gang of each kind reserves (EASY backfill, one head per requirement); gangs of the same kind wait
 in FIFO order behind it. A gang blocked only by other gangs' reservations says so and reserves
 nothing.
 
@@ -44,8 +34,9 @@ import heapq
 import json
 from dataclasses import dataclass, field
 
+from meshgpu.scheduler.backfill import Backfill
 from meshgpu.scheduler.capacity import Capacity, Host, HostClass, Reservation
-from meshgpu.scheduler.deadlines import INF, Deadlines
+from meshgpu.scheduler.deadlines import Deadlines
 from meshgpu.scheduler.matching import Req, StaticFit, describe, req_of, spec_of
 from meshgpu.scheduler.policy import SchedulerPolicy
 from meshgpu.scheduler.preemption import Decision, Preemptor
@@ -105,7 +96,7 @@ class _Planner:
         self.no_preempt: set[tuple[_Kind, int]] = set()
         self.usage = dict(state.project_gpus) if policy.fair_share else {}
         self.preemptor = Preemptor(self.cap)
-        self._statics: dict[tuple[tuple[str, ...], str | None], int] = {}
+        self.backfill = Backfill(self.cap, policy)
 
     def run(self) -> Plan:
         try:
@@ -203,7 +194,15 @@ class _Planner:
             self.no_preempt.add((kind, priority))
         if failure.kind in (CAPACITY, OVERSIZED) and kind not in self.reserved_kinds:
             self.reserved_kinds.add(kind)
-            self._reserve(gang, reqs, failure)
+            r = self.backfill.reserve(
+                gang.key,
+                reqs,
+                self._clusters(gang, reqs),
+                oversized=failure.kind == OVERSIZED,
+                after=len(self.out.assignments),
+            )
+            if r is not None:
+                self.out.reservations.append(r)
             return failure.reason, False
         return (failure.reason if failure.kind in (NEVER, OVERSIZED) else QUEUED), False
 
@@ -262,17 +261,16 @@ class _Planner:
         clusters = self._clusters(gang, reqs)
         n = len(reqs)
         keys = tuple(r.key for r in reqs)
-        sizes = {}
-        for c in clusters:
-            size = self._statics.get((keys, c))
-            if size is None:
-                size = self._statics[(keys, c)] = self._static_hosts(feasible, c)
-            sizes[c] = size
+        sizes = {
+            c: self.cap.static_hosts((keys, c), lambda c=c: self._static_hosts(feasible, c))
+            for c in clusters
+        }
         if max(sizes.values()) < n:
             return _Failure(OVERSIZED, self._oversized(reqs, clusters, max(sizes.values())))
         if len(clusters) > 1:
             # Try the clusters with the most free room first: the first that fits wins.
-            clusters.sort(key=lambda c: -self._room(feasible, c))
+            room = self._room(feasible)
+            clusters.sort(key=lambda c: -room.get(c, 0))
         blocked = False
         for cluster in clusters:
             if sizes[cluster] < n:
@@ -318,13 +316,18 @@ class _Planner:
         way somewhere."""
         skipped = False
         hosts = self.cap.hosts
-        top = max(len(cls.buckets) for cls, _ in classes)
-        for spare in range(top):
-            for cls, sf in classes:
-                if cluster is not None and cls.cluster != cluster:
-                    continue
+        live = [
+            (cls, sf)
+            for cls, sf in classes
+            if cls.top >= sf.units and (cluster is None or cls.cluster == cluster)
+        ]
+        if not live:
+            return None, False  # nowhere has room: no need to look host by host
+        top = max(cls.top - sf.units for cls, sf in live)
+        for spare in range(top + 1):
+            for cls, sf in live:
                 v = sf.units + spare
-                if v >= len(cls.buckets):
+                if v > cls.top:
                     continue
                 bucket = cls.buckets[v]
                 if not bucket:
@@ -339,24 +342,12 @@ class _Planner:
                     if gpus is None:
                         continue
                     blocks = sf.units if host.shape is not None else 0
-                    charge = 0
-                    r = host.reservation
-                    if r is not None and r.gang != gang.key and not (end <= r.start < INF):
-                        charge = self.charge(host, r, gpus, blocks)
-                        if charge > r.slack[host.node_id]:
-                            skipped = True
-                            continue
+                    charge = self.backfill.admits(host, gang.key, end, gpus, blocks)
+                    if charge is None:
+                        skipped = True
+                        continue
                     return (host, gpus, blocks, charge), skipped
         return None, skipped
-
-    @staticmethod
-    def charge(host: Host, r: Reservation, gpus: tuple[int, ...], blocks: int) -> int:
-        """Units of the reservation's slack a job would use on ``host``. A CPU-only job on a
-        host shared GPU by GPU uses none."""
-        if host.shape is not None:
-            return blocks
-        matching = r.matching.get(host.node_id)
-        return len(gpus) if matching is None else sum(1 for g in gpus if g in matching)
 
     def _static_hosts(
         self, feasible: list[list[tuple[HostClass, StaticFit]]], cluster: str | None
@@ -371,11 +362,15 @@ class _Planner:
                     count += len(cls.members)
         return count
 
-    def _room(self, feasible: list[list[tuple[HostClass, StaticFit]]], cluster: str | None) -> int:
-        need = feasible[0][0][1].units
-        return sum(
-            len(b) for cls, _ in feasible[0] if cls.cluster == cluster for b in cls.buckets[need:]
-        )
+    @staticmethod
+    def _room(feasible: list[list[tuple[HostClass, StaticFit]]]) -> dict[str, int]:
+        """Per cluster: hosts with room for the gang's first job now."""
+        room: dict[str, int] = {}
+        for cls, sf in feasible[0]:
+            if cls.top >= sf.units:
+                n = sum(len(cls.buckets[v]) for v in range(sf.units, cls.top + 1))
+                room[cls.cluster] = room.get(cls.cluster, 0) + n
+        return room
 
     # -- reasons -------------------------------------------------------------------------------
     def _capacity_reason(
@@ -407,135 +402,15 @@ class _Planner:
         )
 
     def _largest(self, classes: list[tuple[HostClass, StaticFit]]) -> tuple[Host, StaticFit]:
-        """The host with the most free units among ``classes`` (first in order on a tie)."""
-        best: tuple[Host, StaticFit] | None = None
+        """The host with the most free units among ``classes`` (on a tie, the first by id)."""
+        best: tuple[int, str, StaticFit] | None = None
         for cls, sf in classes:
-            for v in range(len(cls.buckets) - 1, -1, -1):
-                if cls.buckets[v]:
-                    if best is None or v > best[0].units:
-                        best = (self.cap.hosts[cls.buckets[v][0]], sf)
-                    break
+            if cls.top >= 0:
+                node_id = cls.buckets[cls.top][0]
+                if best is None or (cls.top, best[1]) > (best[0], node_id):
+                    best = (cls.top, node_id, sf)
         assert best is not None
-        return best
-
-    # -- reservations --------------------------------------------------------------------------
-    def _reserve(self, gang: Gang, reqs: list[Req], failure: _Failure) -> None:
-        """Reserve the hosts where the gang can start soonest (see the module docstring)."""
-        if failure.kind is OVERSIZED and not self.policy.hold_for_oversized_gangs:
-            return
-        clusters = self._clusters(gang, reqs)
-        pools = self._candidates(reqs, clusters)
-        ready: dict[tuple[str, int, frozenset[int] | None], float] = {}
-        best: tuple[float, list[tuple[Host, int, frozenset[int] | None]]] | None = None
-        partial: list[tuple[Host, int, frozenset[int] | None]] = []
-        for cluster in clusters:
-            pool = pools.get(cluster, [])
-            chosen: list[tuple[Host, int, frozenset[int] | None]] = []
-            used: set[str] = set()
-            start = 0.0
-            for req in reqs:
-                pick = None
-                for host in pool:
-                    if host.node_id in used:
-                        continue
-                    sf = self.cap.fit(req, host.cls)
-                    if not sf.ok:
-                        continue
-                    matching = None if sf.all_match else sf.matching
-                    memo = (host.node_id, sf.units, matching)
-                    at = ready.get(memo)
-                    if at is None:
-                        at = ready[memo] = self.cap.ready_at(host, sf.units, matching)[0]
-                    if pick is None or at < pick[0]:
-                        pick = (at, host, sf.units, matching)
-                if pick is None:
-                    break
-                start = max(start, pick[0])
-                chosen.append((pick[1], pick[2], pick[3]))
-                used.add(pick[1].node_id)
-            if len(chosen) == len(reqs):
-                if best is None or start < best[0]:
-                    best = (start, chosen)
-            elif len(chosen) > len(partial):
-                partial = chosen
-        if best is None:
-            if failure.kind is not OVERSIZED or not partial:
-                return  # every candidate host is promised to gangs ahead
-            best = (INF, partial)
-        start, chosen = best
-        r = Reservation(gang.key, start, after=len(self.out.assignments))
-        for host, units, matching in chosen:
-            r.need[host.node_id] = units
-            r.matching[host.node_id] = matching
-            r.slack[host.node_id] = self._slack(host, units, matching, start)
-            self.cap.reserve(host, r)
-        self.out.reservations.append(r)
-
-    def _slack(self, host: Host, units: int, matching: frozenset[int] | None, start: float) -> int:
-        free = self.cap.free_units(host, matching)
-        if start == INF:
-            return max(0, free - units)
-        due = sum(
-            self.cap.units(host, g, b, matching)
-            for e, g, b in self.cap.releases(host)
-            if e <= start
-        )
-        return max(0, free + due - units)
-
-    def _candidates(
-        self, reqs: list[Req], clusters: list[str | None]
-    ) -> dict[str | None, list[Host]]:
-        """Unreserved hosts worth weighing for a reservation, per cluster: the ones with most
-        free units, and the ones whose work ends first -- a bounded number, so a reservation
-        costs the same on a mesh of ten hosts or ten thousand."""
-        by_cluster = clusters != [None]
-        k = max(len(reqs) + 1, self.policy.reservation_candidates // (2 if not by_cluster else 4))
-        fits: dict[int, HostClass] = {}
-        for req in reqs:
-            for cls, _ in self.cap.feasible(req):
-                fits[cls.uid] = cls
-        hosts = self.cap.hosts
-        pools: dict[str | None, dict[str, Host]] = {c: {} for c in clusters}
-
-        def take(host: Host) -> bool:
-            pool = pools.get(host.cls.cluster if by_cluster else None)
-            if pool is None or host.reservation is not None or host.node_id in pool:
-                return False
-            if reqs[0].filters.by_name() and reqs[0].filters.reject(host.node):
-                return False
-            pool[host.node_id] = host
-            return True
-
-        for cluster in clusters:
-            added = 0
-            classes = [c for c in fits.values() if not by_cluster or c.cluster == cluster]
-            top = max((len(c.buckets) for c in classes), default=0)
-            for v in range(top - 1, -1, -1):
-                for cls in classes:
-                    if v < len(cls.buckets):
-                        for node_id in cls.buckets[v]:
-                            added += take(hosts[node_id])
-                            if added >= k:
-                                break
-                    if added >= k:
-                        break
-                if added >= k:
-                    break
-        if self.deadlines.now is not None:
-            full = 0
-            room = {c: k for c in clusters}
-            for _, _, node_id in self.cap.index.by_end:
-                host = hosts.get(node_id)
-                if host is None or host.cls.uid not in fits:
-                    continue
-                c = host.cls.cluster if by_cluster else None
-                if room.get(c, 0) > 0 and take(host):
-                    room[c] -= 1
-                    if room[c] == 0:
-                        full += 1
-                        if full == len(clusters):
-                            break
-        return {c: list(p.values()) for c, p in pools.items()}
+        return self.cap.hosts[best[1]], best[2]
 
     # -- preemption ----------------------------------------------------------------------------
     def _preempting(self, gang: Gang, d: Decision) -> str:
@@ -554,11 +429,8 @@ class _Planner:
                     message=f"preempted by run {gang.run.run_name} (priority {gang.run.priority})",
                 )
             )
-        r = Reservation(gang.key, d.start, after=len(self.out.assignments), preempting=True)
-        for host, units, matching in zip(d.hosts, d.need, d.matching, strict=True):
-            r.need[host.node_id] = units
-            r.matching[host.node_id] = matching
-            r.slack[host.node_id] = 0
-            self.cap.reserve(host, r)
-        self.out.reservations.append(r)
+        hosts = list(zip(d.hosts, d.need, d.matching, strict=True))
+        self.out.reservations.append(
+            self.backfill.hold(gang.key, d.start, hosts, after=len(self.out.assignments))
+        )
         return f"waiting for run(s) {', '.join(runs)} to stop: it starts on their GPUs (preemption)"

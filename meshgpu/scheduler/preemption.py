@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshgpu.scheduler.capacity import Capacity, Host, HostClass
 from meshgpu.scheduler.matching import Req, StaticFit, pick_gpus
@@ -70,6 +71,12 @@ class _OnHost:
     running: list[JobRecord]
     stopping: list[JobRecord]
     lowest: float  # lowest priority among runs that may be preemptible here
+    by_priority: list[tuple[int, int]]  # (priority, units) of those runs' jobs here, by priority
+    stopping_units: int
+
+    def room_below(self, priority: int) -> int:
+        """Units that stopping and preemptible lower-priority work here could free."""
+        return self.stopping_units + sum(u for p, u in self.by_priority if p < priority)
 
 
 @dataclass(eq=False)
@@ -78,6 +85,10 @@ class Preemptor:
     claimed: set[tuple[str, int]] = field(default_factory=set)  # victims promised this plan
     _gangs: dict[tuple[str, int], Victim | None] = field(default_factory=dict)
     _lowest: float | None = None
+    _relevant: list[Host] | None = None
+    _options: dict[Any, dict[str | None, list[tuple[Host, StaticFit]]]] = field(
+        default_factory=dict
+    )
 
     def _on(self, host: Host) -> _OnHost:
         cached = host.victims
@@ -85,6 +96,7 @@ class Preemptor:
             state = self.cap.state
             running, stopping = [], []
             lowest = math.inf
+            by_priority = []
             for job in host.held:
                 if job.status is JobStatus.TERMINATING:
                     stopping.append(job)
@@ -93,8 +105,22 @@ class Preemptor:
                 run = state.runs.get(job.run_name)
                 if run is not None and preemptible(run, [host.node]):
                     lowest = min(lowest, run.priority)
-            cached = host.victims = _OnHost(running, stopping, lowest)
+                    by_priority.append((run.priority, _units(host, job, None)))
+            units = sum(_units(host, j, None) for j in stopping)
+            by_priority.sort()
+            cached = host.victims = _OnHost(running, stopping, lowest, by_priority, units)
         return cached
+
+    def _relevant_hosts(self) -> list[Host]:
+        """Hosts with work that could make room: preemptible or already stopping (per plan)."""
+        if self._relevant is None:
+            hosts = self.cap.hosts
+            self._relevant = [
+                h
+                for node_id in self.cap.index.order
+                if (on := self._on(h := hosts[node_id])).stopping or on.lowest < math.inf
+            ]
+        return self._relevant
 
     def may_help(self, priority: int) -> bool:
         """Could any running gang be preempted for this priority? (Priorities start at 0.)"""
@@ -136,7 +162,15 @@ class Preemptor:
     ) -> Decision | None:
         """The cheapest way to make the whole gang fit by stopping lower-priority victims."""
         best: tuple[tuple[float, ...], Decision] | None = None
+        self._options = {}
+        by_cluster = clusters != [None]
         for cluster in clusters:
+            # Not even enough hosts that could make room: no need to weigh victims.
+            if any(
+                len(self._hosts_for(classes, cluster, priority, by_cluster)) < len(reqs)
+                for classes in classes_of
+            ):
+                continue
             decision = self._in_cluster(gang_key, reqs, priority, cluster, classes_of)
             if decision is None:
                 continue
@@ -146,6 +180,8 @@ class Preemptor:
         if best is None:
             return None
         decision = best[1]
+        if not decision.victims and not decision.waits_for:
+            return None  # it would fit as it is: not a preemption (reservations are in its way)
         for v in decision.victims:
             self.claimed.add(v.key)
         return decision
@@ -168,22 +204,19 @@ class Preemptor:
         matchings: list[frozenset[int] | None] = []
         for job_num, (req, classes) in enumerate(zip(reqs, classes_of, strict=True)):
             best = None
-            for cls, sf in classes:
-                if cluster is not None and cls.cluster != cluster:
+            for host, sf in self._hosts_for(classes, cluster, priority, cluster is not None):
+                if host.node_id in used:
                     continue
-                for host in self.cap.members(cls):
-                    if host.node_id in used:
-                        continue
-                    r = host.reservation
-                    if r is not None and r.gang != gang_key:
-                        continue  # promised to a gang ahead in the queue
-                    if req.filters.by_name() and req.filters.reject(host.node):
-                        continue
-                    option = self._on_host(host, sf, priority, taken)
-                    if option is not None and (best is None or option[0] < best[0]):
-                        best = (option[0], host, sf, option[1], option[2])
-                        if option[0] == _NO_VICTIMS:
-                            break
+                r = host.reservation
+                if r is not None and r.gang != gang_key:
+                    continue  # promised to a gang ahead in the queue
+                if req.filters.by_name() and req.filters.reject(host.node):
+                    continue
+                option = self._on_host(host, sf, priority, taken)
+                if option is not None and (best is None or option[0] < best[0]):
+                    best = (option[0], host, sf, option[1], option[2])
+                    if option[0] == _NO_VICTIMS:
+                        break
             if best is None:
                 return None
             _, host, sf, chosen, stopping = best
@@ -208,6 +241,38 @@ class Preemptor:
         ends = [dl.of_held(j, self.cap.config_of(j)) for j in waits]
         ends += [dl.of_stopping(v.run.config) for v in victims]
         return Decision(targets, victims, waits, hosts, needs, matchings, max(ends, default=0.0))
+
+    def _hosts_for(
+        self,
+        classes: list[tuple[HostClass, StaticFit]],
+        cluster: str | None,
+        priority: int,
+        by_cluster: bool,
+    ) -> list[tuple[Host, StaticFit]]:
+        """Hosts where the job could fit after preempting (in node order): those with room
+        already, and those whose free, stopping and lower-priority preemptible work add up to
+        enough. Computed for all clusters at once, once per attempt."""
+        key = (tuple((cls.uid, sf.units) for cls, sf in classes), priority)
+        split = self._options.get(key)
+        if split is None:
+            fits = {cls.uid: sf for cls, sf in classes}
+            out: dict[str, tuple[Host, StaticFit]] = {}
+            for host in self._relevant_hosts():
+                sf = fits.get(host.cls.uid)
+                if sf is None:
+                    continue
+                if _free(host, None) + self._on(host).room_below(priority) >= sf.units:
+                    out[host.node_id] = (host, sf)
+            for cls, sf in classes:
+                for v in range(sf.units, cls.top + 1):
+                    for node_id in cls.buckets[v]:
+                        out[node_id] = (self.cap.hosts[node_id], sf)
+            split = {}
+            for node_id in sorted(out):
+                host, sf = out[node_id]
+                split.setdefault(host.cls.cluster if by_cluster else None, []).append((host, sf))
+            self._options[key] = split
+        return split.get(cluster, [])
 
     def _on_host(
         self, host: Host, sf: StaticFit, priority: int, taken: set[tuple[str, int]]

@@ -285,8 +285,7 @@ class Replicated:
         node = jobs.nodes.get(c.node_id)
         if node is None:
             return
-        node.status = "dead"
-        jobs.demand_version += 1
+        jobs.set_node_status(c.node_id, "dead")
         for job in jobs.jobs_on_node(c.node_id):
             jobs._finish_job(
                 job,

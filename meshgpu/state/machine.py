@@ -204,19 +204,30 @@ class StateMachine:
             self._node_changed(node)
         if holds == was:
             return
-        run = self.runs.get(job.run_name)
-        project = run.project if run is not None else ""
         if holds:
             self.held.setdefault(node, {})[job_id] = job
-            self.project_gpus[project] = self.project_gpus.get(project, 0) + len(job.gpu_indices)
         else:
             assert here is not None
             del here[job_id]
-            left = self.project_gpus.get(project, 0) - len(job.gpu_indices)
+        gpus = len(job.gpu_indices)
+        if gpus:
+            run = self.runs.get(job.run_name)
+            project = run.project if run is not None else ""
+            left = self.project_gpus.get(project, 0) + (gpus if holds else -gpus)
             if left > 0:
                 self.project_gpus[project] = left
             else:
                 self.project_gpus.pop(project, None)
+
+    def set_node_status(self, node_id: str, status: str) -> None:
+        """Mark a node active, draining or dead (for handlers that decide it, e.g. a host found
+        unreachable): the record is replaced and the change noted for the scheduler."""
+        node = self.nodes.get(node_id)
+        if node is None or node.status == status:
+            return
+        self.nodes[node_id] = node.model_copy(update={"status": status})
+        self._node_changed(node_id)
+        self.demand_version += 1
 
     def _node_changed(self, node_id: str) -> None:
         """Note a change to a node's record, status or holdings (every handler that makes one
@@ -294,17 +305,15 @@ class StateMachine:
                 refused[a.job_id] = "job is no longer waiting"
                 continue
             gangs.setdefault((job.run_name, job.replica_num), []).append((a, job))
-        gpus_taken: dict[str, set[int]] = {}
-        blocks_taken: dict[str, int] = {}
         for key, members in gangs.items():
-            why = self._check_gang(key, members, gpus_taken, blocks_taken)
+            # Checked against the state as it stands, which already holds the gangs accepted
+            # before this one in the same command.
+            why = self._check_gang(key, members)
             if why:
                 for a, _ in members:
                     refused[a.job_id] = why
                 continue
             for a, job in members:
-                gpus_taken.setdefault(a.node_id, set()).update(a.gpu_indices)
-                blocks_taken[a.node_id] = blocks_taken.get(a.node_id, 0) + a.blocks
                 job.status = JobStatus.PROVISIONING
                 job.node_id = a.node_id
                 job.gpu_indices = sorted(a.gpu_indices)
@@ -317,13 +326,7 @@ class StateMachine:
             self._update_run(self.runs[key[0]], cmd.at)
         return _ok({"accepted": accepted, "refused": refused})
 
-    def _check_gang(
-        self,
-        key: tuple[str, int],
-        members: list[tuple[Assignment, JobRecord]],
-        gpus_taken: dict[str, set[int]],
-        blocks_taken: dict[str, int],
-    ) -> str:
+    def _check_gang(self, key: tuple[str, int], members: list[tuple[Assignment, JobRecord]]) -> str:
         """Why this gang's assignments cannot all be accepted ('' if they can)."""
         gang = self.queue.gangs.get(key)
         waiting = {j.job_id for j in gang.jobs} if gang is not None else set()
@@ -341,7 +344,7 @@ class StateMachine:
                 return f"node {a.node_id} is not active"
             indices = set(a.gpu_indices)
             healthy = {g.index for g in node.gpus if g.healthy}
-            busy = self.gpus_in_use(a.node_id) | gpus_taken.get(a.node_id, set())
+            busy = self.gpus_in_use(a.node_id)
             mine = gpus.setdefault(a.node_id, set())
             if (
                 len(indices) != len(a.gpu_indices)
@@ -353,8 +356,7 @@ class StateMachine:
             mine |= indices
             total = node.block_count()
             if total is not None:
-                used = self.blocks_in_use(a.node_id) + blocks_taken.get(a.node_id, 0)
-                used += blocks.get(a.node_id, 0)
+                used = self.blocks_in_use(a.node_id) + blocks.get(a.node_id, 0)
                 if a.blocks < 1 or used + a.blocks > total:
                     return f"blocks of {node.name} are not free"
                 blocks[a.node_id] = blocks.get(a.node_id, 0) + a.blocks

@@ -404,6 +404,9 @@ class Simulator:
                     self._check(m, ev)
                 for w in self._watchers:
                     w(m.index, ev, self.now)
+        if m.core.leave_done:
+            m.alive = False  # the shell stops once the leave broadcast is out
+            return
         self._schedule_tick(m)
 
     def _schedule_tick(self, m: SimMember) -> None:

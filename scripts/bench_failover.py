@@ -1,0 +1,161 @@
+"""scripts/bench failover: a 3-agent mesh on loopback (separate processes, fake GPUs, default
+timing: 100 ms ticks, election timeout 10 ticks). Five times: SIGKILL the leader, then measure
+the time until a submission through a survivor is accepted and until a job from it runs; the
+killed agent is restarted (same data dir: it rejoins as itself) between repetitions.
+
+The last line is JSON with the keys in INTERFACE.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import uuid
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Agent:
+    def __init__(self, root: Path, name: str) -> None:
+        self.name, self.data = name, root / name
+        self.data.mkdir()
+        self.api, self.peer = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.api}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, token: str | None = None, join: str | None = None) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "meshgpu",
+            "agent",
+            "--data-dir",
+            str(self.data),
+            "--api-port",
+            str(self.api),
+            "--peer-port",
+            str(self.peer),
+            "--fake-gpus",
+            "1xH100:80GB",
+            "--name",
+            self.name,
+            "--no-mdns",
+            "--log-level",
+            "warning",
+        ]
+        if token:
+            args += ["--token", token, "--join", join or ""]
+        (self.data / "client.toml").unlink(missing_ok=True)
+        log = open(self.data.parent / f"{self.name}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 60
+        while not (self.data / "client.toml").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{self.name} failed to start")
+            time.sleep(0.05)
+        self.token = tomllib.loads((self.data / "client.toml").read_text())["token"]
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="bench-failover-"))
+    agents = [Agent(root, f"n{i}") for i in range(3)]
+    agents[0].start()
+    token = json.loads((agents[0].data / "join-token.json").read_text())["token"]
+    for a in agents[1:]:
+        a.start(token, agents[0].url)
+    headers = {"Authorization": f"Bearer {agents[0].token}"}
+    c = httpx.Client(timeout=5, headers=headers)
+    try:
+        deadline = time.monotonic() + 60
+        while len(c.get(f"{agents[0].url}/api/v1/status").json()["voters"]) < 3:
+            if time.monotonic() > deadline:
+                raise SystemExit("voters were not promoted")
+            time.sleep(0.2)
+        accept, run = [], []
+        for rep in range(5):
+            status = None
+            for a in agents:
+                try:
+                    status = c.get(f"{a.url}/api/v1/status").json()
+                    break
+                except httpx.HTTPError:
+                    continue
+            assert status is not None
+            leader = next(
+                a
+                for a in agents
+                if c.get(f"{a.url}/api/v1/status").json()["raft_id"] == status["leader"]
+            )
+            survivor = next(a for a in agents if a is not leader)
+            rid = uuid.uuid4().hex
+            body = {"config": "type: task\ncommands: ['date +%s.%N']\n", "request_id": rid}
+            t0 = time.time()
+            leader.kill()
+            while True:
+                try:
+                    r = c.post(f"{survivor.url}/api/v1/runs", json=body, timeout=3)
+                    if r.status_code == 201:
+                        break
+                except httpx.HTTPError:
+                    pass
+            t_accept = time.time()
+            name = r.json()["name"]
+            while True:
+                doc = c.get(f"{survivor.url}/api/v1/runs/{name}").json()
+                if doc["status"] in ("done", "failed"):
+                    break
+                time.sleep(0.02)
+            text = c.get(f"{survivor.url}/api/v1/runs/{name}/logs").text
+            t_run = float(text.split()[0]) if text.strip() else float("nan")
+            accept.append(t_accept - t0)
+            run.append(t_run - t0)
+            print(
+                f"rep {rep + 1}: accepted after {accept[-1] * 1000:.0f} ms, job ran after {run[-1] * 1000:.0f} ms "
+                f"({doc['status']} on {doc['jobs'][0]['node']})"
+            )
+            leader.start()  # rejoins as itself
+        out = {
+            "failover_accept_p50_ms": round(statistics.median(accept) * 1000, 1),
+            "failover_accept_max_ms": round(max(accept) * 1000, 1),
+            "failover_run_p50_ms": round(statistics.median(run) * 1000, 1),
+        }
+        print(json.dumps(out))
+    finally:
+        c.close()
+        for a in agents:
+            a.stop()
+        for pid in (root).glob("*/jobs/launcher.pid"):
+            try:
+                os.kill(json.loads(pid.read_text())["pid"], signal.SIGTERM)
+            except (OSError, ValueError, KeyError):
+                pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Builders for scheduler tests: hosts, runs, and applying a plan the way the leader does."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from meshgpu.config.resources import parse_resources
+from meshgpu.scheduler import Plan, SchedulerPolicy, plan
+from meshgpu.state import (
+    AssignJobs,
+    GPURecord,
+    JobFinished,
+    JobStarted,
+    JobStatus,
+    JobTerminationReason,
+    PreemptJobs,
+    RegisterNode,
+    SetPendingReasons,
+    StateMachine,
+    SubmitRun,
+)
+
+_ids = itertools.count()
+
+
+def host(
+    node_id: str,
+    gpus: int = 8,
+    name: str = "H100",
+    mem_gb: int = 80,
+    *,
+    labels: dict[str, str] | None = None,
+    blocks: int | str | None = None,
+    cpus: int = 64,
+    memory_gb: int = 512,
+    unhealthy: tuple[int, ...] = (),
+    numa: int = 2,
+    links: list[list[int]] | None = None,
+    runtime: str | None = None,
+    vendor: str = "nvidia",
+) -> RegisterNode:
+    per_numa = max(1, gpus // numa)
+    return RegisterNode(
+        at=1.0,
+        node_id=node_id,
+        name=node_id,
+        gpus=[
+            GPURecord(
+                index=i,
+                uuid=f"{node_id}-{i}",
+                name=name,
+                vendor=vendor,
+                memory_mib=mem_gb * 1024,
+                compute_capability="9.0" if name == "H100" else "8.0",
+                numa_node=i // per_numa,
+                healthy=i not in unhealthy,
+            )
+            for i in range(gpus)
+        ],
+        gpu_links=links or [],
+        cpu_count=cpus,
+        memory_mib=memory_gb * 1024,
+        disk_gb=2000,
+        labels=labels or {},
+        blocks=blocks,
+        container_runtime=runtime,
+    )
+
+
+_RES: dict[str, dict[str, Any]] = {}
+
+
+def resources(gpu: Any = None, **more: Any) -> dict[str, Any]:
+    """The normalized ``resources`` mapping a parsed configuration would carry."""
+    raw = {"gpu": gpu, **more} if gpu is not None else dict(more)
+    key = repr(sorted(raw.items()))
+    if key not in _RES:
+        _RES[key] = parse_resources(raw).model_dump(mode="json")
+    return _RES[key]
+
+
+def task(
+    gpu: Any = None,
+    *,
+    nodes: int = 1,
+    priority: int = 0,
+    max_duration: int | None = None,
+    preemptible: bool = False,
+    retry: bool = False,
+    **config: Any,
+) -> dict[str, Any]:
+    res = config.pop("resources", None) or resources(gpu)
+    out: dict[str, Any] = {
+        "type": "task",
+        "commands": ["run"],
+        "nodes": nodes,
+        "priority": priority,
+        "resources": res,
+        **config,
+    }
+    if max_duration is not None:
+        out["max_duration"] = max_duration
+    if preemptible:
+        out["preemptible"] = True
+    if retry:
+        out["retry"] = {"on_events": ["no-capacity", "interruption", "error"], "duration": 3600}
+    return out
+
+
+def submit(name: str, config: dict[str, Any], at: float = 2.0, project: str = "main") -> SubmitRun:
+    return SubmitRun(
+        at=at,
+        request_id=f"req-{next(_ids)}",
+        run_id=f"id-{name}",
+        run_name=name,
+        project=project,
+        config=config,
+    )
+
+
+def world(*cmds: Any) -> StateMachine:
+    sm = StateMachine()
+    for c in cmds:
+        sm.apply_command(c)
+    return sm
+
+
+def apply_plan(sm: StateMachine, p: Plan, at: float = 3.0, start: bool = True) -> dict[str, Any]:
+    """Commit a plan as the leader does; assigned jobs start at once when ``start``."""
+    out: dict[str, Any] = {}
+    if p.preemptions:
+        out["preempt"] = sm.apply_command(PreemptJobs(at=at, preemptions=p.preemptions)).value
+    res = sm.apply_command(AssignJobs(at=at, assignments=p.assignments)).value
+    out.update(res)
+    if start:
+        for job_id in res["accepted"]:
+            job = sm.jobs[job_id]
+            sm.apply_command(JobStarted(at=at, job_id=job_id, epoch=job.epoch, started_at=at))
+    sm.apply_command(SetPendingReasons(at=at, reasons=p.pending))
+    return out
+
+
+def schedule(
+    sm: StateMachine, now: float | None = 3.0, policy: SchedulerPolicy | None = None
+) -> tuple[Plan, dict[str, Any]]:
+    p = plan(sm, now=now, policy=policy)
+    return p, apply_plan(sm, p, at=3.0 if now is None else now)
+
+
+def jobs(sm: StateMachine, run: str) -> list[Any]:
+    return sm.run_jobs(sm.runs[run])
+
+
+def finish(
+    sm: StateMachine,
+    run: str,
+    at: float = 9.0,
+    reason: JobTerminationReason = JobTerminationReason.DONE_BY_RUNNER,
+) -> None:
+    for j in jobs(sm, run):
+        if j.status.holds_resources():
+            sm.apply_command(JobFinished(at=at, job_id=j.job_id, epoch=j.epoch, reason=reason))
+
+
+def status(sm: StateMachine, run: str) -> set[JobStatus]:
+    return {j.status for j in jobs(sm, run)}
