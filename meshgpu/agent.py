@@ -420,20 +420,6 @@ class Agent:
     async def revoke_join_token(self, token_id: str) -> Result:
         return await self._propose(encode_cluster(RevokeToken(at=time.time(), token_id=token_id)))
 
-    def _unreachable_nodes(self) -> frozenset[str]:
-        """Members the leader has not heard from within two election timeouts."""
-        now = trio.current_time()
-        limit = 2 * self.node.options.tick_s * self.node.options.election_tick
-        out = set()
-        for m in self.cluster.members.values():
-            if m.removed or m.raft_id == self.node.id:
-                continue
-            # A new leader gives everyone ``limit`` to be heard from before judging.
-            heard = max(self.node.last_heard.get(m.raft_id, 0.0), self.node.leader_since)
-            if now - heard > limit:
-                out.add(m.node_id)
-        return frozenset(out)
-
     async def _fence_loop(self) -> None:
         """A host cut off from the leader for long stops its jobs before the leader (after the
         longer grace period) declares it dead and restarts them elsewhere: a job never runs in
@@ -603,9 +589,18 @@ class Agent:
             self._demand = trio.Event()
             if self.node.role is not Role.LEADER or self.state.demand_version == seen:
                 continue
+            # A new leader first learns which hosts answer (the membership manager marks the
+            # silent ones unreachable after one election timeout), so nothing new is placed on a
+            # host that died with the old leader.
+            o = self.node.options
+            settle = self.node.leader_since + 2 * 2 * o.tick_s * o.election_tick
+            if trio.current_time() < settle and len(self.node.status()["voters"]) > 1:
+                await trio.sleep_until(settle)
+                self._demand.set()
+                continue
             seen = self.state.demand_version
             now = time.time()
-            p = plan(self.state, now)  # MARK: exclude=self._unreachable_nodes() once supported
+            p = plan(self.state, now)
             if p.preemptions:
                 await self._propose(encode(PreemptJobs(at=now, preemptions=p.preemptions)))
             if p.assignments:

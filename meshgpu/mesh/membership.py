@@ -34,6 +34,7 @@ from meshgpu.state.cluster import (
     GrantCAKey,
     NodeUnreachable,
     RemoveMember,
+    SetNodeStatus,
     encode_cluster,
 )
 from meshgpu.state.machine import StateMachine
@@ -98,13 +99,23 @@ class MembershipManager:
         if self.jobs is not None:
             for m in self.cluster.members.values():
                 node = self.jobs.nodes.get(m.node_id)
-                if (
-                    m.removed
-                    or m.raft_id == self.node.id
-                    or node is None
-                    or node.status != "active"
-                ):
+                if m.removed or m.raft_id == self.node.id or node is None:
                     continue
+                if node.status not in ("active", "unreachable"):
+                    continue
+                # Silent for two election timeouts: no new work goes there (its jobs keep
+                # running); heard from again: back in service.
+                election = self._election_s()
+                if now - self.node.leader_since < election:
+                    break  # a new leader: give every host one election timeout to be heard
+                wanted = "active" if self._alive(m.raft_id, now, election) else "unreachable"
+                if node.status != wanted:
+                    await self.propose(
+                        encode_cluster(
+                            SetNodeStatus(at=time.time(), node_id=m.node_id, status=wanted)
+                        )
+                    )
+                    return
                 if (
                     not self._alive(m.raft_id, now, p.dead_grace_s)
                     and now - self._started(m.raft_id, now) > p.dead_grace_s

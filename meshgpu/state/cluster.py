@@ -78,6 +78,15 @@ class NodeUnreachable(_Cmd):
     node_id: str
 
 
+class SetNodeStatus(_Cmd):
+    """The leader's view of a host between "heard from" and "dead": ``unreachable`` keeps new
+    work off it (its jobs keep running), ``active`` brings it back."""
+
+    kind: Literal["set_node_status"] = "set_node_status"
+    node_id: str
+    status: Literal["active", "unreachable"]
+
+
 ClusterCommand = Annotated[
     InitCluster
     | CreateToken
@@ -85,7 +94,8 @@ ClusterCommand = Annotated[
     | AdmitNode
     | GrantCAKey
     | RemoveMember
-    | NodeUnreachable,
+    | NodeUnreachable
+    | SetNodeStatus,
     Field(discriminator="kind"),
 ]
 _ADAPTER = TypeAdapter(ClusterCommand)
@@ -218,6 +228,9 @@ class ClusterState:
         self.ca_grants.pop(c.raft_id, None)
         return Result(True, c.raft_id)
 
+    def _on_set_node_status(self, c: SetNodeStatus) -> Result:
+        return Result(True, c.node_id)  # handled by ``Replicated``
+
     def _on_node_unreachable(self, c: NodeUnreachable) -> Result:
         # Handled by ``Replicated``, which owns the jobs state too.
         return Result(True, c.node_id)
@@ -272,6 +285,10 @@ class Replicated:
                 results.append(self.cluster.apply_cmd(cmd))
                 if isinstance(cmd, NodeUnreachable):
                     self._node_unreachable(cmd)
+                elif isinstance(cmd, SetNodeStatus):
+                    node = self.jobs.nodes.get(cmd.node_id)
+                    if node is not None and node.status in ("active", "unreachable"):
+                        self.jobs.set_node_status(cmd.node_id, cmd.status)
             else:
                 run.append((index, data))
         if run:
