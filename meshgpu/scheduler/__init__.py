@@ -12,7 +12,6 @@ from meshgpu.scheduler.matching import (
     gpus_wanted,
     host_fits,
     job_resources,
-    resources_of,
 )
 from meshgpu.scheduler.offer import Offer, offer
 from meshgpu.scheduler.placement import QUEUED, Plan, plan
@@ -31,5 +30,4 @@ __all__ = [
     "job_resources",
     "offer",
     "plan",
-    "resources_of",
 ]

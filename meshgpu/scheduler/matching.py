@@ -27,10 +27,6 @@ from meshgpu.scheduler.filters import RunFilters, run_filters
 from meshgpu.state.records import GPURecord, JobRecord, NodeRecord
 
 
-def resources_of(raw: dict[str, Any]) -> ResourcesSpec:
-    return ResourcesSpec.model_validate(raw)
-
-
 def job_key(job: JobRecord) -> str:
     """A canonical text of the job's requirements: jobs with equal keys fit the same hosts."""
     return job.resources_key or json.dumps(job.resources, sort_keys=True, separators=(",", ":"))
