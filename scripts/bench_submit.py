@@ -68,6 +68,13 @@ def start_agent(data: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     return proc, doc["url"], doc["token"]
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far: the agent's cost, which unlike wall time
+    hardly moves when other work shares the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -119,6 +126,7 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
             )
 
             names: list[str] = []
+            cpu0 = cpu_s(proc.pid)
             first = time.time()
             queue = list(range(args.jobs))
 
@@ -141,9 +149,31 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
             bad = [r for r in mine if r["status"] != "done"]
             assert not bad, bad[:2]
             out["jobs_per_s"] = len(names) / (last - first)
+            # Where a GPU slot's time goes: a job's own run (supervisor start to its end being
+            # reported), the end-report-to-next-assignment gap (commit, plan, commit), and the
+            # assignment-to-start delay (job dir, fork server, supervisor).
+            jobs = sorted((j for r in mine for j in r["jobs"]), key=lambda j: j["assigned_at"])
+            by_gpu: dict[int, list[dict]] = {}
+            for j in jobs:
+                by_gpu.setdefault(j["gpus"][0], []).append(j)
+            run_ms = [(j["finished_at"] - j["started_at"]) * 1000 for j in jobs]
+            start_ms = [(j["started_at"] - j["assigned_at"]) * 1000 for j in jobs]
+            gap_ms = [
+                (b["assigned_at"] - a["finished_at"]) * 1000
+                for js in by_gpu.values()
+                for a, b in zip(js, js[1:], strict=False)
+                if b["submitted_at"] < a["finished_at"]  # the next one was already waiting
+            ]
+            if gap_ms:
+                print(
+                    f"per GPU slot (p50): assigned->started {pct(start_ms, 50):.1f} ms, "
+                    f"started->end reported {pct(run_ms, 50):.1f} ms, "
+                    f"end reported->next assigned {pct(gap_ms, 50):.1f} ms"
+                )
+            out["agent_cpu_ms_per_job"] = (cpu_s(proc.pid) - cpu0) * 1000 / len(names)
             print(
                 f"throughput: {len(names)} one-GPU true tasks on 8 fake GPUs: submitted in "
-                f"{submitted - first:.1f} s, all done after {last - first:.1f} s = {out['jobs_per_s']:.1f} jobs/s"
+                f"{submitted - first:.1f} s, all done after {last - first:.1f} s = {out['jobs_per_s']:.1f} jobs/s; agent CPU {out['agent_cpu_ms_per_job']:.2f} ms per job"
             )
         out["agent_rss_mb"] = rss_mb(proc.pid)
         print(f"agent RSS after the run: {out['agent_rss_mb']:.0f} MB")

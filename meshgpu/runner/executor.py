@@ -5,7 +5,8 @@ it is running: new assignments are launched (and ``JobStarted`` proposed), jobs 
 TERMINATING are stopped (gracefully, or at once for an abort), and a job whose assignment moved on
 (a newer epoch, or finished by the leader) is stopped here -- fencing, so a job never runs twice.
 Every ended job is reported with ``JobFinished``; after an agent restart, jobs found on disk are
-re-adopted and reported the same way.
+re-adopted and reported the same way. Reports go through one queue, in order: whatever piles up
+while the previous report commits goes out as one ``JobReports`` entry.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from meshgpu.runner.process import JobLaunch, JobResult, ProcessRunner
 from meshgpu.state import (
     JobFinished,
     JobRecord,
+    JobReports,
     JobStarted,
     JobStatus,
     JobTerminationReason,
@@ -81,6 +83,9 @@ class Executor:
         self.local: dict[str, int] = {}  # job_id -> epoch launched here
         self.stopping: set[str] = set()
         self._changed = trio.Event()
+        # Reports waiting to be proposed, in order (see _reporter).
+        self._reports: list[JobStarted | JobFinished] = []
+        self._reports_ready = trio.Event()
 
     def notify(self, _index: int = 0) -> None:
         self._changed.set()
@@ -93,6 +98,7 @@ class Executor:
                 self.local[job_id] = int(record.get("epoch", 0))
                 nursery.start_soon(self._watch, job_id, self.local[job_id])
                 log.info("job=%s re-adopted epoch=%s", job_id, self.local[job_id])
+            nursery.start_soon(self._reporter)
             task_status.started()
             while True:
                 await self._changed.wait()
@@ -167,9 +173,8 @@ class Executor:
                 job_id, epoch, JobResult(job_id, None, "executor_error", message=str(e))
             )
             return
-        await self._propose_retrying(
-            encode(JobStarted(at=time.time(), job_id=job_id, epoch=epoch, started_at=time.time()))
-        )
+        now = time.time()
+        self._enqueue(JobStarted(at=now, job_id=job_id, epoch=epoch, started_at=now))
         await self._watch(job_id, epoch)
 
     def _prepare(
@@ -258,22 +263,39 @@ class Executor:
             reason = JobTerminationReason(result.reason)
         except ValueError:
             reason = JobTerminationReason.EXECUTOR_ERROR
-        await self._propose_retrying(
-            encode(
-                JobFinished(
-                    at=time.time(),
-                    job_id=job_id,
-                    epoch=epoch,
-                    reason=reason,
-                    exit_code=result.exit_code,
-                    message=result.message,
-                )
+        self._enqueue(
+            JobFinished(
+                at=time.time(),
+                job_id=job_id,
+                epoch=epoch,
+                reason=reason,
+                exit_code=result.exit_code,
+                message=result.message,
             )
         )
-        self.runner.mark_reported(job_id)
-        self.local.pop(job_id, None)
-        self.stopping.discard(job_id)
-        self.notify()
+
+    def _enqueue(self, report: JobStarted | JobFinished) -> None:
+        self._reports.append(report)
+        self._reports_ready.set()
+
+    async def _reporter(self) -> None:
+        """Propose queued reports, oldest first, all that are waiting in one entry. A job's
+        files are marked reported (and it is forgotten here) only once its end is committed."""
+        while True:
+            await self._reports_ready.wait()
+            self._reports_ready = trio.Event()
+            batch, self._reports = self._reports, []
+            if not batch:
+                continue
+            cmd = batch[0] if len(batch) == 1 else JobReports(at=time.time(), reports=batch)
+            await self._propose_retrying(encode(cmd))
+            for r in batch:
+                if isinstance(r, JobFinished):
+                    self.runner.mark_reported(r.job_id)
+                    if self.local.get(r.job_id) == r.epoch:
+                        self.local.pop(r.job_id, None)
+                    self.stopping.discard(r.job_id)
+            self.notify()
 
     async def _propose_retrying(self, data: bytes) -> None:
         """Reports must not be lost: retry (same request id, so once) until they commit."""

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -86,6 +87,7 @@ class ProcessRunner:
         self.use_launcher = use_launcher
         self._launcher: tuple[trio.SocketStream, bytearray] | None = None
         self._launch_lock = trio.Lock() if use_launcher else None
+        self._launch_waiting: list[dict[str, Any]] = []
 
     def job_dir(self, job_id: str) -> Path:
         if not job_id or "/" in job_id or job_id.startswith("."):
@@ -133,29 +135,42 @@ class ProcessRunner:
         (d / "shim.pid").write_text(json.dumps({"pid": pid, "starttime": _proc_starttime(pid)}))
 
     async def _launch_via_launcher(self, job_dir: Path) -> int | None:
-        """Ask the fork server for a supervisor; None if it cannot be had (then spawn directly)."""
+        """Ask the fork server for a supervisor; None if it cannot be had (then spawn directly).
+
+        Requests are combined: whoever holds the connection sends every request waiting at that
+        moment and reads all their replies, so eight jobs assigned at once cost one round trip
+        instead of eight in a row."""
         assert self._launch_lock is not None
+        slot: dict[str, Any] = {"dir": job_dir, "done": False, "pid": None}
+        self._launch_waiting.append(slot)
         async with self._launch_lock:
+            if slot["done"]:
+                return slot["pid"]
+            batch, self._launch_waiting = self._launch_waiting, []
             for _ in range(2):
                 try:
                     stream, buf = await self._launcher_conn()
-                    await stream.send_all(str(job_dir).encode() + b"\n")
-                    while b"\n" not in buf:
-                        chunk = await stream.receive_some(4096)
-                        if not chunk:
-                            raise OSError("launcher closed the connection")
-                        buf += chunk
-                    line, _, rest = bytes(buf).partition(b"\n")
-                    buf[:] = rest
-                    reply = json.loads(line)
-                    if "pid" in reply:
-                        return int(reply["pid"])
-                    log.warning("launcher refused: %s", reply.get("error"))
-                    return None
+                    await stream.send_all(b"".join(str(s["dir"]).encode() + b"\n" for s in batch))
+                    for s in batch:
+                        while b"\n" not in buf:
+                            chunk = await stream.receive_some(65536)
+                            if not chunk:
+                                raise OSError("launcher closed the connection")
+                            buf += chunk
+                        line, _, rest = bytes(buf).partition(b"\n")
+                        buf[:] = rest
+                        reply = json.loads(line)
+                        if "pid" not in reply:
+                            log.warning("launcher refused: %s", reply.get("error"))
+                        s["pid"], s["done"] = reply.get("pid"), True
+                    return slot["pid"]
                 except (OSError, trio.BrokenResourceError, ValueError) as e:
                     log.info("launcher unavailable (%s); restarting it", e)
                     await self._drop_launcher()
-        return None
+                    batch = [s for s in batch if not s["done"]]
+            for s in batch:
+                s["done"] = True  # the callers spawn their supervisors directly
+        return slot["pid"]
 
     async def _launcher_conn(self) -> tuple[trio.SocketStream, bytearray]:
         if self._launcher is not None:

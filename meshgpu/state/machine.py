@@ -17,6 +17,7 @@ from meshgpu.state.commands import (
     AssignJobs,
     Assignment,
     JobFinished,
+    JobReports,
     JobStarted,
     PreemptJobs,
     PruneRuns,
@@ -324,6 +325,7 @@ class StateMachine:
                 self._track(job)
                 accepted.append(a.job_id)
             self._update_run(self.runs[key[0]], cmd.at)
+        self._set_pending_reasons(cmd.pending_reasons)
         return _ok({"accepted": accepted, "refused": refused})
 
     def _check_gang(self, key: tuple[str, int], members: list[tuple[Assignment, JobRecord]]) -> str:
@@ -365,11 +367,14 @@ class StateMachine:
         return ""
 
     def _on_set_pending_reasons(self, cmd: SetPendingReasons) -> Result:
-        for job_id, why in cmd.reasons.items():
+        self._set_pending_reasons(cmd.reasons)
+        return _ok()
+
+    def _set_pending_reasons(self, reasons: dict[str, str]) -> None:
+        for job_id, why in reasons.items():
             job = self.jobs.get(job_id)
             if job is not None and job.status is JobStatus.SUBMITTED:
                 job.why_pending = why
-        return _ok()
 
     def _on_preempt_jobs(self, cmd: PreemptJobs) -> Result:
         preempted: list[str] = []
@@ -455,6 +460,10 @@ class StateMachine:
             self._requeue_preempted(run, job.replica_num, cmd.at)
         self._update_run(run, cmd.at)
         return _ok()
+
+    def _on_job_reports(self, cmd: JobReports) -> Result:
+        results = [self.apply_command(r) for r in cmd.reports]
+        return _ok([{"ok": r.ok, "code": r.code} for r in results])
 
     def _on_stop_run(self, cmd: StopRun) -> Result:
         run = self.runs.get(cmd.run_name)
