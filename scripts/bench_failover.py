@@ -9,84 +9,22 @@ The last line is JSON with the keys in INTERFACE.md.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import tomllib
 import uuid
 from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Agent:
-    def __init__(self, root: Path, name: str) -> None:
-        self.name, self.data = name, root / name
-        self.data.mkdir()
-        self.api, self.peer = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.api}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, token: str | None = None, join: str | None = None) -> None:
-        args = [
-            sys.executable,
-            "-m",
-            "meshgpu",
-            "agent",
-            "--data-dir",
-            str(self.data),
-            "--api-port",
-            str(self.api),
-            "--peer-port",
-            str(self.peer),
-            "--fake-gpus",
-            "1xH100:80GB",
-            "--name",
-            self.name,
-            "--no-mdns",
-            "--log-level",
-            "warning",
-        ]
-        if token:
-            args += ["--token", token, "--join", join or ""]
-        (self.data / "client.toml").unlink(missing_ok=True)
-        log = open(self.data.parent / f"{self.name}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 60
-        while not (self.data / "client.toml").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{self.name} failed to start")
-            time.sleep(0.05)
-        self.token = tomllib.loads((self.data / "client.toml").read_text())["token"]
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+from meshgpu.testing import AgentProcess
 
 
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-failover-"))
-    agents = [Agent(root, f"n{i}") for i in range(3)]
+    agents = [AgentProcess(root, f"n{i}") for i in range(3)]
     agents[0].start()
-    token = json.loads((agents[0].data / "join-token.json").read_text())["token"]
+    token = agents[0].join_token()
     for a in agents[1:]:
         a.start(token, agents[0].url)
     headers = {"Authorization": f"Bearer {agents[0].token}"}
@@ -150,11 +88,7 @@ def main() -> None:
         c.close()
         for a in agents:
             a.stop()
-        for pid in (root).glob("*/jobs/launcher.pid"):
-            try:
-                os.kill(json.loads(pid.read_text())["pid"], signal.SIGTERM)
-            except (OSError, ValueError, KeyError):
-                pass
+            a.kill_jobs()
 
 
 if __name__ == "__main__":

@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
-import tomllib
 import uuid
 from pathlib import Path
 
 import httpx
 import trio
+
+from meshgpu.testing import AgentProcess
 
 TRIVIAL = "type: task\ncommands:\n  - date +%s.%N\nresources:\n  gpu: 1\n"
 TRUE = "type: task\ncommands: ['true']\nresources:\n  gpu: 1\n"
@@ -32,40 +31,6 @@ TRUE = "type: task\ncommands: ['true']\nresources:\n  gpu: 1\n"
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
-def start_agent(data: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    log = open(data.parent / "agent.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "meshgpu",
-            "agent",
-            "--data-dir",
-            str(data),
-            "--api-port",
-            "0",
-            "--peer-port",
-            "0",
-            "--fake-gpus",
-            "8xH100:80GB",
-            "--log-level",
-            "warning",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    profile = data / "client.toml"
-    deadline = time.monotonic() + 60
-    while not profile.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(
-                "agent failed to start: " + (data.parent / "agent.log").read_text()[-2000:]
-            )
-        time.sleep(0.02)
-    doc = tomllib.loads(profile.read_text())
-    return proc, doc["url"], doc["token"]
 
 
 def cpu_s(pid: int) -> float:
@@ -84,7 +49,10 @@ def rss_mb(pid: int) -> float:
 
 async def main(args: argparse.Namespace) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="bench-submit-"))
-    proc, url, token = start_agent(root / "agent")
+    agent = AgentProcess(root, "agent", fake_gpus="8xH100:80GB")
+    agent.start()
+    proc, url, token = agent.proc, agent.url, agent.token
+    assert proc is not None
     out: dict[str, float] = {}
     try:
         async with httpx.AsyncClient(
@@ -178,8 +146,8 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
         out["agent_rss_mb"] = rss_mb(proc.pid)
         print(f"agent RSS after the run: {out['agent_rss_mb']:.0f} MB")
     finally:
-        proc.terminate()
-        proc.wait(10)
+        agent.stop()
+        agent.kill_jobs()
     return out
 
 
