@@ -1,5 +1,5 @@
-# Shared by scripts/*: make sure .venv exists with the project (and, if asked, its test extra).
-# Usage: . scripts/_venv.sh [extra]
+# Shared by scripts/*: make sure .venv exists with the project (and, if asked, its extras).
+# Usage: . scripts/_venv.sh [extra[,extra...]]    e.g. test,torch
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"

@@ -6,7 +6,9 @@ namespaces it owns:
 
 * the client: ``env.*`` (registry_auth, probes) and ``run.args`` (commands), plus ``env`` sentinels;
 * the leader at job submission: ``secrets.*`` (env values, registry_auth);
-* the agent at job start: ``groups[i].nodes[j].IP_ADDRESS`` and ``dstack.node_rank``/``job_num``.
+* the agent at job start: ``groups[i].nodes[j].IP_ADDRESS`` (tasks),
+  ``groups[i].replicas[j].IP_ADDRESS`` (services) and ``dstack.node_rank``/``job_num``; group
+  references are checked at parse time (commands only, within the groups' sizes).
 
 ``$${{`` escapes a reference: it is left as ``${{`` and never resolved.
 """
@@ -14,7 +16,7 @@ namespaces it owns:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 KNOWN_NAMESPACES = ("secrets", "env", "run", "dstack", "groups")
@@ -101,3 +103,58 @@ def interpolate(text: str, namespaces: Mapping[str, Lookup], *, final: bool = Fa
     if missing:
         raise InterpolationError(f"not found: {', '.join(missing)}")
     return out
+
+
+# ``groups[i].nodes[j].IP_ADDRESS`` (tasks) and ``groups[i].replicas[j].IP_ADDRESS`` (services):
+# the only names the ``groups`` namespace has (dstack's ``nodes_interpolator``).
+_GROUP_IP = re.compile(r"^\[(\d+)\]\.(nodes|replicas)\[(\d+)\]\.IP_ADDRESS$")
+
+
+def group_refs(text: str, member: str) -> list[tuple[int, int]]:
+    """``(i, j)`` of every unescaped ``groups[i].<member>[j].IP_ADDRESS`` in ``text``; raises
+    InterpolationError for any other ``groups`` name (a typo, or ``nodes`` in a service)."""
+    out = []
+    for ref in references(text):
+        if ref.namespace != "groups":
+            continue
+        m = _GROUP_IP.match(ref.name)
+        if not m or m.group(2) != member:
+            raise InterpolationError(
+                f"unknown reference ${{{{ {ref} }}}}: use ${{{{ groups[i].{member}[j].IP_ADDRESS }}}}"
+            )
+        out.append((int(m.group(1)), int(m.group(3))))
+    return out
+
+
+def check_group_refs(text: str, sizes: Sequence[int], member: str) -> None:
+    """Submit-time check of ``text``'s group references against the groups' sizes (nodes of a
+    task's groups; the replicas a service's groups start with)."""
+    for i, j in group_refs(text, member):
+        if i >= len(sizes):
+            raise InterpolationError(
+                f"${{{{ groups[{i}].{member}[{j}].IP_ADDRESS }}}}: there are {len(sizes)} groups "
+                f"(groups[0] to groups[{len(sizes) - 1}])"
+            )
+        if j >= sizes[i]:
+            raise InterpolationError(
+                f"${{{{ groups[{i}].{member}[{j}].IP_ADDRESS }}}}: group {i} starts with "
+                f"{sizes[i]} {member}"
+                + (f" ({member}[0] to {member}[{sizes[i] - 1}])" if sizes[i] else "")
+            )
+
+
+def group_ips(ips: Sequence[Sequence[str]], member: str) -> Callable[[str], str]:
+    """The ``groups`` namespace at job start: ``ips[i][j]`` is the address of the j-th node
+    (task) or replica (service) of group i, ``""`` while it has none."""
+
+    def lookup(name: str) -> str:
+        text = f"${{{{ groups{name} }}}}"
+        [(i, j)] = group_refs(text, member)
+        check_group_refs(text, [len(g) for g in ips], member)
+        if not ips[i][j]:
+            raise InterpolationError(
+                f"${{{{ groups[{i}].{member}[{j}].IP_ADDRESS }}}} has no address yet: it is not placed"
+            )
+        return ips[i][j]
+
+    return lookup

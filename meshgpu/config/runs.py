@@ -28,6 +28,7 @@ from meshgpu.config.common import (
     VolumeMount,
 )
 from meshgpu.config.errors import RuleError
+from meshgpu.config.interpolation import InterpolationError, check_group_refs, references
 from meshgpu.config.resources import ResourcesSpec
 
 DEFAULT_STOP_DURATION = 300
@@ -168,6 +169,35 @@ class DevEnvironmentConfiguration(BaseRunConfiguration):
         return self
 
 
+def _check_group_refs(
+    env: dict[str, str | None],
+    commands: dict[str, list[str]],
+    sizes: list[int],
+    member: str,
+) -> None:
+    """dstack checks ``${{ groups[i].<member>[j].IP_ADDRESS }}`` at submit: in commands only
+    (resolved at job start, when every node has its address), within the groups' sizes."""
+
+    def refs(text: str) -> list[str]:
+        try:
+            return [r.namespace for r in references(text)]
+        except InterpolationError:
+            return []  # malformed: the loader reports it, with its line
+
+    for key, value in env.items():
+        if value and "groups" in refs(value):
+            raise RuleError(
+                "env", f"env {key}: groups references are resolved in commands only, not in env"
+            )
+    for field, texts in commands.items():
+        for text in texts:
+            if "groups" in refs(text):
+                try:
+                    check_group_refs(text, sizes, member)
+                except InterpolationError as e:
+                    raise RuleError(field, str(e)) from None
+
+
 class TaskGroup(Model):
     """One group of a heterogeneous multi-node task (``groups:``)."""
 
@@ -231,6 +261,14 @@ class TaskConfiguration(BaseRunConfiguration):
             object.__setattr__(self, "groups", _name_groups(self.groups))
         elif not self.commands and not self.image:
             raise ValueError("a task needs commands, or an image whose entrypoint runs the work")
+        # A task without groups is one group (dstack's ``node_groups``): groups[0].nodes[j].
+        groups = self.groups or [TaskGroup(nodes=self.nodes or 1, commands=self.commands)]
+        _check_group_refs(
+            self.env,
+            {"groups" if self.groups else "commands": [c for g in groups for c in g.commands]},
+            [g.nodes for g in groups],
+            "nodes",
+        )
         return self
 
     def total_nodes(self) -> int:
@@ -467,6 +505,13 @@ class ServiceConfiguration(BaseRunConfiguration):
                 raise RuleError("scaling", "scaling needs a replica range such as replicas: 1..4")
         if self.https == "auto" and self.gateway is False:
             raise RuleError("https", "https: auto needs a gateway")
+        groups = self.replica_groups()
+        _check_group_refs(
+            self.env,
+            {"commands": self.commands, "replicas": [c for g in groups for c in g.commands]},
+            [g.replicas.min or 0 for g in groups],
+            "replicas",
+        )
         return self
 
     def replica_groups(self) -> list[ServiceGroup]:

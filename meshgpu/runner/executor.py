@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from meshgpu.client.archive import extract_archive
-from meshgpu.config.interpolation import interpolate
+from meshgpu.config.interpolation import group_ips, interpolate
 from meshgpu.runner.container import container_argv
 from meshgpu.runner.jobenv import ClusterInfo, JobEnvInputs, JobIdentity, job_environment
 from meshgpu.runner.process import JobLaunch, JobResult, ProcessRunner
@@ -185,11 +185,12 @@ class Executor:
         epoch: int,
         code_sha: str | None,
     ) -> JobLaunch:
-        nodes = [self.state.jobs[j] for j in self.state.runs[job.run_name].job_ids]
-        ips = tuple(self.state.nodes[n.node_id].internal_ip if n.node_id else "" for n in nodes)
+        jobs = [self.state.jobs[j] for j in self.state.runs[job.run_name].job_ids]
+        # The job's cluster is its replica: every node of a task, one replica of a service.
+        nodes = [n for n in jobs if n.replica_num == job.replica_num]
         cluster = ClusterInfo(
-            node_rank=job.job_num,
-            nodes_ips=ips,
+            node_rank=[n.job_id for n in nodes].index(job.job_id),
+            nodes_ips=tuple(self._ip(n) for n in nodes),
             gpus_per_node=tuple(len(n.gpu_indices) for n in nodes),
         )
         work = self.runner.prepare(job.job_id, hostfile=cluster.hostfile())
@@ -214,9 +215,11 @@ class Executor:
             for g in config.get("groups") or []:
                 if g.get("name") == job.group and g.get("commands"):
                     commands = list(g["commands"])
-        commands = [
-            interpolate(c, {"run": {"args": shlex.join(run_args)}}, final=True) for c in commands
-        ]
+        namespaces = {
+            "run": {"args": shlex.join(run_args)},
+            "groups": self._groups_namespace(config, jobs),
+        }
+        commands = [interpolate(c, namespaces, final=True) for c in commands]
         max_duration = config.get("max_duration")
         argv = None
         if config.get("image"):
@@ -253,6 +256,21 @@ class Executor:
             argv=argv,
         )
         return launch
+
+    def _ip(self, job: JobRecord) -> str:
+        """The address of the host a job is placed on ('' while it is not placed)."""
+        node = self.state.nodes.get(job.node_id) if job.node_id else None
+        return node.internal_ip if node is not None else ""
+
+    def _groups_namespace(
+        self, config: dict[str, Any], jobs: list[JobRecord]
+    ) -> Callable[[str], str]:
+        """``${{ groups[i].nodes[j].IP_ADDRESS }}`` (tasks) or ``groups[i].replicas[j]``
+        (services): the address of the j-th job of the i-th group, in job order. A run without
+        groups is one group (dstack's ``node_groups`` / ``replica_groups``)."""
+        names = [g.get("name") for g in config.get("groups") or []] or [None]
+        ips = [[self._ip(j) for j in jobs if j.group == name] for name in names]
+        return group_ips(ips, "nodes" if config.get("type") == "task" else "replicas")
 
     async def _watch(self, job_id: str, epoch: int) -> None:
         result = await self.runner.wait(job_id)

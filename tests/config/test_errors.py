@@ -135,3 +135,41 @@ def test_clear_messages(text: str, fragment: str) -> None:
     out = problems(text)
     assert any(fragment in line for line in out), out
     assert all(line.startswith("f.yml:") for line in out)
+
+
+def test_group_references_checked_at_submit() -> None:
+    groups = "type: task\ngroups:\n  - nodes: 1\n    commands: [a]\n  - nodes: 2\n    commands:\n"
+    assert parse_config(groups + "      - b ${{ groups[1].nodes[1].IP_ADDRESS }}\n")
+    assert problems(groups + "      - b ${{ groups[1].nodes[2].IP_ADDRESS }}\n") == [
+        "f.yml:2:1: groups: ${{ groups[1].nodes[2].IP_ADDRESS }}: group 1 starts with 2 nodes "
+        "(nodes[0] to nodes[1])"
+    ]
+    assert problems(groups + "      - b ${{ groups[2].nodes[0].IP_ADDRESS }}\n") == [
+        "f.yml:2:1: groups: ${{ groups[2].nodes[0].IP_ADDRESS }}: there are 2 groups "
+        "(groups[0] to groups[1])"
+    ]
+    assert problems(groups + "      - b ${{ groups[0].nodes[0].IP }}\n") == [
+        "f.yml:2:1: groups: unknown reference ${{ groups[0].nodes[0].IP }}: use "
+        "${{ groups[i].nodes[j].IP_ADDRESS }}"
+    ]
+    # A task without groups is groups[0]; an escaped reference is not checked.
+    plain = "type: task\nnodes: 2\ncommands:\n  - a ${{ groups[0].nodes[1].IP_ADDRESS }}\n"
+    assert parse_config(plain + "  - $${{ groups[0].nodes[9].IP_ADDRESS }}\n")
+    assert problems(plain + "  - a ${{ groups[0].nodes[2].IP_ADDRESS }}\n") == [
+        "f.yml:3:1: commands: ${{ groups[0].nodes[2].IP_ADDRESS }}: group 0 starts with 2 nodes "
+        "(nodes[0] to nodes[1])"
+    ]
+    assert problems(plain + "env: ['HEAD=${{ groups[0].nodes[0].IP_ADDRESS }}']\n") == [
+        "f.yml:5:1: env: env HEAD: groups references are resolved in commands only, not in env"
+    ]
+    # Services name replicas, and only those they start with.
+    service = "type: service\nport: 80\ncommands:\n  - a ${{ groups[0].replicas[0].IP_ADDRESS }}\n"
+    assert parse_config(service)
+    assert problems(service + "replicas: 0..2\nscaling: {metric: rps, target: 1}\n") == [
+        "f.yml:3:1: commands: ${{ groups[0].replicas[0].IP_ADDRESS }}: group 0 starts with 0 "
+        "replicas"
+    ]
+    assert problems(service.replace("replicas[0]", "nodes[0]")) == [
+        "f.yml:3:1: commands: unknown reference ${{ groups[0].nodes[0].IP_ADDRESS }}: use "
+        "${{ groups[i].replicas[j].IP_ADDRESS }}"
+    ]

@@ -29,6 +29,7 @@ def available() -> str:
 class Host:
     ns: str
     ip: str
+    ifname: str = "eth0"  # the same name in every namespace, as on real hosts (GLOO_SOCKET_IFNAME)
 
 
 @dataclass
@@ -50,15 +51,16 @@ class Net:
                 _run("ip", "netns", "add", ns)
                 _run("ip", "link", "add", veth, "type", "veth", "peer", "name", f"{veth}b")
                 _run("ip", "link", "set", veth, "netns", ns)
+                host = Host(ns, f"10.213.{net.subnet}.{i}")
+                _run("ip", "-n", ns, "link", "set", veth, "name", host.ifname)
                 _run("ip", "link", "set", f"{veth}b", "master", net.bridge)
                 _run("ip", "link", "set", f"{veth}b", "up")
-                ip = f"10.213.{net.subnet}.{i}"
-                _run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", veth)
-                _run("ip", "-n", ns, "link", "set", veth, "up")
+                _run("ip", "-n", ns, "addr", "add", f"{host.ip}/24", "dev", host.ifname)
+                _run("ip", "-n", ns, "link", "set", host.ifname, "up")
                 _run("ip", "-n", ns, "link", "set", "lo", "up")
                 # mDNS: multicast goes out of the veth
-                _run("ip", "-n", ns, "route", "add", "224.0.0.0/4", "dev", veth)
-                net.hosts.append(Host(ns, ip))
+                _run("ip", "-n", ns, "route", "add", "224.0.0.0/4", "dev", host.ifname)
+                net.hosts.append(host)
         except BaseException:
             net.delete()
             raise

@@ -7,125 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from meshgpu.client import APIError, Client
-from meshgpu.client.http import Profile
-from tests.e2e.netns import Host, Net, available
+from meshgpu.client import Client
+from tests.e2e.agents import NsAgent, wait_for
+from tests.e2e.netns import Net, available
 
 REASON = available()
 if REASON and os.environ.get("CI") == "true":
     raise RuntimeError(f"under CI these tests must run: {REASON}")
 pytestmark = pytest.mark.skipif(bool(REASON), reason=REASON or "ok")
-
-
-class NsAgent:
-    def __init__(self, host: Host, root: Path, name: str, token: str | None = None) -> None:
-        self.host, self.name, self.token = host, name, token
-        self.data = root / name
-        self.data.mkdir()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"http://{host.ip}:7480"
-        self._client: Client | None = None
-
-    def start(self, timeout: float = 60) -> NsAgent:
-        args = [
-            "ip",
-            "netns",
-            "exec",
-            self.host.ns,
-            sys.executable,
-            "-m",
-            "meshgpu",
-            "agent",
-            "--data-dir",
-            str(self.data),
-            "--bind",
-            self.host.ip,
-            "--api-port",
-            "7480",
-            "--peer-port",
-            "7481",
-            "--fake-gpus",
-            "1xH100:80GB",
-            "--name",
-            self.name,
-            "--tick-ms",
-            "50",
-            "--dead-grace",
-            "2s",
-        ]
-        if self.token:
-            args += ["--token", self.token]
-        (self.data / "client.toml").unlink(missing_ok=True)
-        log = open(self.data.parent / f"{self.name}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while not (self.data / "client.toml").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{self.name} did not start: "
-                    + (self.data.parent / f"{self.name}.log").read_text()[-3000:]
-                )
-            time.sleep(0.05)
-        return self
-
-    def client(self) -> Client:
-        if self._client is None:
-            doc = tomllib.loads((self.data / "client.toml").read_text())
-            self._client = Client(Profile(self.url, doc["token"]), timeout=10)
-        return self._client
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def cleanup(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        self.kill()
-        for pidfile in [
-            *(self.data / "jobs").glob("*/job.pid"),
-            *(self.data / "jobs").glob("*/shim.pid"),
-            self.data / "jobs" / "launcher.pid",
-        ]:
-            try:
-                info = json.loads(pidfile.read_text())
-                if "pgid" in info:
-                    os.killpg(info["pgid"], signal.SIGKILL)
-                else:
-                    os.kill(info["pid"], signal.SIGKILL)
-            except (OSError, ValueError, KeyError):
-                pass
-
-
-def wait_for(pred, timeout: float = 30, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            v = pred()
-            if v:
-                return v
-        except (APIError, OSError) as e:
-            last = e
-        time.sleep(interval)
-    raise AssertionError(f"condition not met in time (last error: {last})")
 
 
 @pytest.fixture
