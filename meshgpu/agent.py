@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import hypercorn.config
@@ -64,6 +64,7 @@ from meshgpu.state import (
     AssignJobs,
     CodeRef,
     GPURecord,
+    NodeRecord,
     PreemptJobs,
     RegisterNode,
     Result,
@@ -136,6 +137,8 @@ class AgentSettings:
     peer_port: int = 7481
     advertise: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    # dstack's blocks: split this host into N equal shares (or "auto"); None: GPU by GPU.
+    blocks: int | Literal["auto"] | None = None
     fake_gpus: str | None = None
     code_limit: int = DEFAULT_CODE_LIMIT
     tick_s: float = 0.1
@@ -581,7 +584,19 @@ class Agent:
             container_runtime=self.container_runtime.rsplit("/", 1)[-1]
             if self.container_runtime
             else None,
+            blocks=self.settings.blocks,
         )
+        if cmd.blocks is not None:
+            split = NodeRecord(**cmd.model_dump(exclude={"kind", "at"})).block_count()
+            lowered = cmd.blocks != "auto" and split != cmd.blocks
+            (log.warning if lowered else log.info)(
+                "blocks=%s: %d GPUs and %d CPUs split into %s block(s)%s",
+                cmd.blocks,
+                len(cmd.gpus),
+                cmd.cpu_count,
+                split,
+                " (blocks must divide both evenly)" if lowered else "",
+            )
         await self._propose(encode(cmd))
 
     async def _scheduler_loop(self) -> None:

@@ -6,7 +6,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from meshgpu.api import problems
+from meshgpu.api import metrics, offers, problems
 from meshgpu.api.problems import Problem
 from meshgpu.api.views import node_view, run_view
 
@@ -216,6 +216,8 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
             )
         return StreamingResponse(agent.stream_logs(target.job_id, follow), media_type="text/plain")
 
+    app.include_router(offers.router(agent, Auth, Read))
+    app.include_router(metrics.router(agent, Auth, Read))
     return app
 
 

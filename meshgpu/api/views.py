@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from meshgpu.scheduler.offer import Offer
 from meshgpu.state import JobRecord, NodeRecord, RunRecord, StateMachine
 
 
@@ -49,6 +51,7 @@ def run_view(r: RunRecord, state: StateMachine) -> dict[str, Any]:
 
 def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, Any]:
     busy = state.gpus_in_use(n.node_id)
+    blocks = n.block_count()
     return {
         "node_id": n.node_id,
         "name": n.name,
@@ -63,4 +66,12 @@ def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, A
         "disk_gb": n.disk_gb,
         "container_runtime": n.container_runtime,
         "gpus": [g.model_dump() | {"busy": g.index in busy} for g in n.gpus],
+        # dstack's blocks: how many equal shares the host is split into (None: GPU by GPU).
+        "blocks": blocks,
+        "busy_blocks": state.blocks_in_use(n.node_id) if blocks is not None else None,
     }
+
+
+def offer_view(o: Offer) -> dict[str, Any]:
+    """One host in ``GET /api/v1/offers`` (``meshgpu offer --json``)."""
+    return dataclasses.asdict(o) | {"gpu_indices": list(o.gpu_indices)}

@@ -6,7 +6,7 @@ import logging
 import signal
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import trio
 import typer
@@ -26,6 +26,21 @@ def _labels(text: str | None) -> dict[str, str]:
     return out
 
 
+def _blocks(text: str | None) -> int | Literal["auto"] | None:
+    """``--blocks N|auto`` as dstack's fleets take it: a positive whole number or ``auto``."""
+    if text is None:
+        return None
+    value = text.strip().lower()
+    if value == "auto":
+        return "auto"
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise fail(
+        f"--blocks takes a positive whole number (e.g. --blocks 4: four equal shares of this "
+        f"host's GPUs, CPUs and memory) or auto (as many as the GPU and CPU counts both divide into); got {text!r}"
+    )
+
+
 def agent(
     data_dir: Annotated[Path, typer.Option("--data-dir", help="State, logs, jobs")] = Path.home()
     / ".meshgpu",
@@ -37,6 +52,14 @@ def agent(
         str | None, typer.Option("--advertise", help="Address peers and jobs use")
     ] = None,
     labels: Annotated[str | None, typer.Option("--labels", help="k=v,k=v (e.g. zone=a)")] = None,
+    blocks: Annotated[
+        str | None,
+        typer.Option(
+            "--blocks",
+            envvar="MESHGPU_BLOCKS",
+            help="Split this host into N equal blocks of GPUs/CPUs/memory, or auto (dstack's blocks)",
+        ),
+    ] = None,
     fake_gpus: Annotated[
         str | None, typer.Option("--fake-gpus", envvar="MESHGPU_FAKE_GPUS", help="e.g. 8xH100:80GB")
     ] = None,
@@ -84,6 +107,7 @@ def agent(
         peer_port=peer_port,
         advertise=advertise,
         labels=_labels(labels),
+        blocks=_blocks(blocks),
         fake_gpus=fake_gpus,
         code_limit=code_limit_mb << 20,
         token=token,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from meshgpu.cli import _agent, _cluster, _config, _runs
+from meshgpu.cli import _agent, _cluster, _config, _metrics, _offer, _runs
 
 app = typer.Typer(
     name="meshgpu",
@@ -23,6 +23,8 @@ app.command()(_runs.logs)
 app.command()(_runs.stop)
 app.command()(_cluster.nodes)
 app.command()(_cluster.status)
+app.command()(_offer.offer)
+app.command()(_metrics.metrics)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ def nodes(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
             )
             summary += f", {unhealthy} unhealthy)" if unhealthy else ")"
         labels = ",".join(f"{k}={v}" for k, v in n["labels"].items())
+        blocks = n.get("blocks")
         rows.append(
             [
                 n["name"],
@@ -39,10 +40,11 @@ def nodes(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
                 f"{n['cpu_count']} {n['cpu_arch']}",
                 f"{n['memory_gb']}GB",
                 summary,
+                f"{n['busy_blocks']}/{blocks} busy" if blocks is not None else "-",
                 labels or "-",
             ]
         )
-    table(["NAME", "ROLE", "STATUS", "CPU", "MEMORY", "GPUS", "LABELS"], rows)
+    table(["NAME", "ROLE", "STATUS", "CPU", "MEMORY", "GPUS", "BLOCKS", "LABELS"], rows)
     if ns and any(n["gpus"] for n in ns):
         for n in ns:
             for g in n["gpus"]:

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from meshgpu.client import APIError, Client, load_profile
@@ -18,12 +19,14 @@ from meshgpu.client import APIError, Client, load_profile
 UrlOpt = Annotated[str | None, typer.Option("--url", help="Any node's API URL (or MESHGPU_URL)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
-out = Console(soft_wrap=True, highlight=False)
-err = Console(stderr=True, soft_wrap=True, highlight=False)
+# No emoji codes: a user's text such as gpu=H100:x:y must print as written, not as an emoji.
+out = Console(soft_wrap=True, highlight=False, emoji=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", markup=True)
+    # Messages quote what users wrote (fleets: [prod]): never read them as markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True)
     return typer.Exit(code)
 
 

@@ -153,3 +153,29 @@ class Client:
                 yield from r.iter_bytes()
         except httpx.TransportError as e:
             raise APIError(0, f"log stream from {self.profile.url} broke", str(e)) from None
+
+    def offers(self, **params: Any) -> dict[str, Any]:
+        """``GET /api/v1/offers``: ``gpu``, ``cpu``, ``memory``, ``disk``, ``shm_size``,
+        ``resources`` (JSON text), ``nodes``, ``fleet`` (a list), ``after_queue``."""
+        query = {k: v for k, v in params.items() if v is not None}
+        if "after_queue" in query:
+            query["after_queue"] = str(bool(query["after_queue"])).lower()
+        return self._request("GET", "/api/v1/offers", params=query).json()
+
+    def offers_for(
+        self, config_text: str, filename: str = "<config>", **overrides: Any
+    ) -> dict[str, Any]:
+        """``POST /api/v1/offers``: offers for a run configuration (``gpu``, ``cpu``,
+        ``memory``, ``disk``, ``nodes``, ``after_queue`` override or add)."""
+        body = {"config": config_text, "filename": filename}
+        body |= {k: v for k, v in overrides.items() if v is not None}
+        return self._request("POST", "/api/v1/offers", json=body).json()
+
+    def run_metrics(self, name: str, job: int | None = None) -> dict[str, Any]:
+        """CPU, memory and GPU use of a run's jobs, sampled on the hosts that run them."""
+        params = {"job": job} if job is not None else {}
+        return self._request("GET", f"/api/v1/runs/{name}/metrics", params=params).json()
+
+    def prometheus(self) -> str:
+        """The node's ``/metrics`` page (Prometheus text format)."""
+        return self._request("GET", "/metrics").text

@@ -13,7 +13,7 @@ from meshgpu.scheduler.matching import (
     host_fits,
     job_resources,
 )
-from meshgpu.scheduler.offer import Offer, offer
+from meshgpu.scheduler.offer import Offer, no_offer_reason, offer
 from meshgpu.scheduler.placement import QUEUED, Plan, plan
 from meshgpu.scheduler.policy import SchedulerPolicy
 
@@ -28,6 +28,7 @@ __all__ = [
     "gpus_wanted",
     "host_fits",
     "job_resources",
+    "no_offer_reason",
     "offer",
     "plan",
 ]

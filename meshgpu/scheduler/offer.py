@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshgpu.config.resources import ResourcesSpec
+from meshgpu.scheduler.capacity import Capacity
+from meshgpu.scheduler.deadlines import Deadlines
 from meshgpu.scheduler.matching import req_of
 from meshgpu.scheduler.placement import _Planner
 from meshgpu.scheduler.policy import SchedulerPolicy
@@ -60,6 +62,27 @@ def offer(
         return _offers(planner, res, config, nodes)
     finally:
         planner.cap.close()
+
+
+def no_offer_reason(
+    state: StateMachine,
+    resources: ResourcesSpec | dict[str, Any],
+    *,
+    config: dict[str, Any] | None = None,
+    nodes: int = 1,
+) -> str:
+    """Why no host can ever run the request (what an empty ``offer`` means), in the words a
+    waiting job's ``why_pending`` uses."""
+    res = (
+        resources
+        if isinstance(resources, ResourcesSpec)
+        else ResourcesSpec.model_validate(resources)
+    )
+    cap = Capacity(state, Deadlines(None, SchedulerPolicy()))
+    try:
+        return cap.never_reasons(req_of(res, config, exclusive=nodes > 1))
+    finally:
+        cap.close()
 
 
 def _offers(

@@ -161,7 +161,7 @@ class NodeRecord(_Record):
     def block_count(self) -> int | None:
         """How many blocks the host is split into (None: not split, shared GPU by GPU).
 
-        ``blocks`` (or, until the agent has a flag for it, the label ``blocks``) gives N or
+        ``blocks`` (``meshgpu agent --blocks``; without it, the label ``blocks``) gives N or
         ``auto``. GPUs and CPUs must divide evenly into blocks (dstack): ``auto`` is the largest
         count both divide into, and an N that does not divide them is lowered to the largest
         count below it that does.
@@ -178,6 +178,8 @@ class NodeRecord(_Record):
             return None
         if n < 1:
             return None
+        # Every count that divides both divides their gcd: start there, not at a huge N.
+        n = min(n, math.gcd(gpus, cpus))
         while n > 1 and (gpus % n or cpus % n):
             n -= 1
         return n
