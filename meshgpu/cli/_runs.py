@@ -93,6 +93,7 @@ def _submit(
                     "request_id": rid,
                     "env": body_env,
                     "gpu": gpu,
+                    "in_place": True,  # an active run differing only in priority is updated
                 },
             ).json()
         except APIError as e:
@@ -132,7 +133,13 @@ def apply(
         raise typer.Exit(1)
     with client(url) as c:
         run = _submit(c, config, text, file, name, env or [], gpu, args or [], Path.cwd())
-        out.print(f"submitted [bold]{run['name']}[/]")
+        if run.get("updated_in_place"):
+            out.print(
+                f"run [bold]{run['name']}[/] is active and differs only in priority: "
+                f"updated it in place to priority {run['priority']}"
+            )
+        else:
+            out.print(f"submitted [bold]{run['name']}[/]")
         if detach:
             return
         code = _attach(c, run["name"])
@@ -206,6 +213,8 @@ def submit(
     config, text = _load(file)
     with client(url) as c:
         run = _submit(c, config, text, file, name, env or [], gpu, args or [], Path.cwd())
+    if run.get("updated_in_place"):
+        err.print(f"{run['name']}: active; updated in place to priority {run['priority']}")
     print(run["name"])
 
 
@@ -232,15 +241,15 @@ def ps(
                 gpus = ",".join(str(g) for g in first.get("gpus", []))
                 where = f"{first.get('node') or '-'}" + (f" gpu {gpus}" if gpus else "")
                 problem = r["termination_reason"] or first.get("why_pending") or ""
-                rows.append(
-                    [r["name"], r["type"], where, r["status"], ago(r["submitted_at"]), problem]
-                )
+                status = r.get("status_message") or r["status"]
+                rows.append([r["name"], r["type"], where, status, ago(r["submitted_at"]), problem])
                 if verbose:
                     for j in r["jobs"]:
                         jg = ",".join(str(g) for g in j["gpus"])
+                        sub = j.get("submission_num") or 0
                         rows.append(
                             [
-                                f"  job {j['job_num']}",
+                                f"  job {j['job_num']}" + (f" (submission {sub})" if sub else ""),
                                 j["group"] or "",
                                 f"{j['node'] or '-'} {jg}",
                                 j["status"],
