@@ -158,22 +158,33 @@ def _attach(c: Client, name: str) -> int:
     try:
         try:
             last = None
+            streamed = None  # the submission of job 0 whose output was shown
             while True:
                 run = c.run(name)
-                if run["status"] in FINISHED or run["status"] == "running":
+                first = run["jobs"][0] if run["jobs"] else {}
+                if run["status"] in FINISHED and first.get("job_id") == streamed:
                     break
-                why = run["jobs"][0]["why_pending"] if run["jobs"] else ""
-                if (run["status"], why) != last:
-                    err.print(f"{name}: {run['status']}" + (f" ({why})" if why else ""))
-                    last = (run["status"], why)
+                if run["status"] in FINISHED or run["status"] == "running":
+                    # Its output, and again after each resubmission (retry) until it ends.
+                    if streamed is not None:
+                        sub = first.get("submission_num")
+                        err.print(f"{name}: retrying (submission {sub})")
+                    streamed = first.get("job_id")
+                    for chunk in c.logs(name, follow=True):
+                        sys.stdout.buffer.write(chunk)
+                        sys.stdout.flush()
+                    while True:  # until it ends or is resubmitted
+                        run = c.run(name)
+                        if run["status"] in FINISHED or run["jobs"][0]["job_id"] != streamed:
+                            break
+                        time.sleep(0.1)
+                    continue
+                why = first.get("why_pending") or ""
+                status = run.get("status_message") or run["status"]
+                if (status, why) != last:
+                    err.print(f"{name}: {status}" + (f" ({why})" if why else ""))
+                    last = (status, why)
                 time.sleep(0.2)
-            for chunk in c.logs(name, follow=True):
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-            run = c.run(name)
-            while run["status"] not in FINISHED:
-                time.sleep(0.1)
-                run = c.run(name)
             reason = f" ({run['termination_reason']})" if run["termination_reason"] else ""
             err.print(f"{name}: {run['status']}{reason}")
             return _run_exit_code(run)
