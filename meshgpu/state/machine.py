@@ -38,7 +38,7 @@ from meshgpu.state.records import (
     RunStatus,
     RunTerminationReason,
 )
-from meshgpu.state.retry import backoff, decide
+from meshgpu.state.retry import decide
 
 _PREEMPTIBLE_STATUSES = (JobStatus.PROVISIONING, JobStatus.PULLING, JobStatus.RUNNING)
 
@@ -411,7 +411,7 @@ class StateMachine:
                         self._track(other)
                         preempted.append(other.job_id)
                 # An interruption: resubmitted once stopped if the run's retry covers it.
-                self._replica_failed(run, job, "interruption", cmd.at, p.message)
+                self._replica_failed(run, job, "interruption", cmd.at, p.message, preempted=True)
                 self._update_run(run, cmd.at)
         if preempted:
             self.demand_version += 1
@@ -600,11 +600,17 @@ class StateMachine:
         self._update_run(run, at)
 
     def _replica_failed(
-        self, run: RunRecord, failed: JobRecord, event: str | None, at: float, message: str
+        self,
+        run: RunRecord,
+        failed: JobRecord,
+        event: str | None,
+        at: float,
+        message: str,
+        preempted: bool = False,
     ) -> None:
         """A job of the replica failed (or is being preempted): stop the whole replica to
         resubmit it, if the run's ``retry`` covers ``event``; otherwise the run fails."""
-        verdict = decide(run.config, failed, event, at, message)
+        verdict = decide(run.config, failed, event, at, message, preempted=preempted)
         if isinstance(verdict, RunTerminationReason):
             self._end_run(run, verdict, at)
             return
@@ -661,7 +667,7 @@ class StateMachine:
                 submitted_at=at,
                 retry_since=retry.since,
                 retry_attempt=retry.attempt,
-                not_before=retry.at + backoff(retry.attempt),
+                not_before=retry.not_before,
                 why_pending=f"retrying after {retry.event}: {retry.message}",
             )
             self.jobs[job.job_id] = job

@@ -232,9 +232,10 @@ class ReplicaRetry(_Record):
 
     replica_num: int
     event: str  # the retry event: error | interruption
-    since: float  # when the streak of failures this retry belongs to began
-    attempt: int  # 1 for the first retry of a streak
+    since: float | None  # when the streak of failures this retry belongs to began
+    attempt: int  # 1 for the first retry of a streak (a preemption keeps the count)
     at: float  # when it was decided (the failure's time)
+    not_before: float  # the new submission may not start earlier (backoff)
     message: str = ""
 
 

@@ -17,6 +17,9 @@ crashes on start is retried for ``duration``, then the run fails with ``retry_li
 The *backoff*: the first resubmission of a streak may start at once, the next ones wait 15 s,
 30 s, 1 m, 2 m, 5 m, then 10 m each (dstack's delays), so a crash loop costs little.
 
+A *preemption* is an interruption (the policy must cover it) but not a failure of the replica:
+it is resubmitted at once, without backoff, and leaves the streak as it was.
+
 Pure functions of records and times carried by commands: no clock is read here.
 """
 
@@ -57,14 +60,33 @@ def backoff(attempt: int) -> float:
 
 
 def decide(
-    config: dict[str, Any], failed: JobRecord, event: str | None, at: float, message: str = ""
+    config: dict[str, Any],
+    failed: JobRecord,
+    event: str | None,
+    at: float,
+    message: str = "",
+    *,
+    preempted: bool = False,
 ) -> ReplicaRetry | RunTerminationReason:
     """The replica of ``failed`` ended with ``event`` at ``at``: resubmit it (the returned
     ``ReplicaRetry``), or fail the run (``job_failed`` when the policy does not cover the event,
-    ``retry_limit_exceeded`` when the streak has outlasted ``duration``)."""
+    ``retry_limit_exceeded`` when the streak has outlasted ``duration``).
+
+    A preemption is an interruption the policy must cover, but no failure of the replica's: it
+    goes back to the queue at once, and neither starts, extends nor ends a streak."""
     policy = retry_policy(config)
     if policy is None or event is None or event not in policy.events or policy.duration <= 0:
         return RunTerminationReason.JOB_FAILED
+    if preempted:
+        return ReplicaRetry(
+            replica_num=failed.replica_num,
+            event=event,
+            since=failed.retry_since,
+            attempt=failed.retry_attempt,
+            at=at,
+            not_before=at,
+            message=message,
+        )
     ran = at - failed.started_at if failed.started_at is not None else 0.0
     if failed.retry_since is None or ran >= policy.duration:
         since, attempt = at, 1  # a new streak: the replica had recovered (or never failed)
@@ -78,5 +100,6 @@ def decide(
         since=since,
         attempt=attempt,
         at=at,
+        not_before=at + backoff(attempt),
         message=message,
     )
