@@ -70,6 +70,7 @@ from meshgpu.state import (
     Result,
     RunRecord,
     SetPendingReasons,
+    SetRunPriority,
     StopRun,
     SubmitRun,
     encode,
@@ -603,13 +604,18 @@ class Agent:
         """On the leader: place waiting jobs whenever demand or capacity changes."""
         seen = -1
         self._reasons: dict[str, str] = {}  # why-pending reasons this leader last proposed
+        wake = float("inf")  # trio time to plan again unasked: a retry backoff ends
         while True:
-            await self._demand.wait()
+            with trio.move_on_at(wake) as timer:
+                await self._demand.wait()
             self._demand = trio.Event()
+            due = timer.cancelled_caught
+            if due:
+                wake = float("inf")
             if self.node.role is not Role.LEADER:
                 self._reasons = {}
                 continue
-            if self.state.demand_version == seen:
+            if self.state.demand_version == seen and not due:
                 continue
             # A new leader first learns which hosts answer, so nothing new is placed on a host
             # that died with the old leader: it waits until every active host has been heard
@@ -618,12 +624,14 @@ class Agent:
             o = self.node.options
             cap = self.node.leader_since + 2 * 2 * o.tick_s * o.election_tick
             if trio.current_time() < cap and not self._hosts_heard():
-                await trio.sleep(min(o.tick_s, max(cap - trio.current_time(), 0)))
-                self._demand.set()
+                wake = min(wake, trio.current_time() + o.tick_s)
                 continue
             seen = self.state.demand_version
             now = time.time()
             p = plan(self.state, now)
+            wake = float("inf")
+            if p.wake_at is not None:
+                wake = trio.current_time() + max(0.0, p.wake_at - now) + 0.01
             if p.preemptions:
                 try:
                     await self._propose(encode(PreemptJobs(at=now, preemptions=p.preemptions)))
@@ -719,7 +727,8 @@ class Agent:
             tmp.replace(path)
         return sha
 
-    async def submit(self, body: SubmitBody) -> RunRecord:
+    async def submit(self, body: SubmitBody) -> tuple[RunRecord, bool]:
+        """Submit a run; returns it and whether an active run was updated in place instead."""
         try:
             config = parse_config(body.config, body.filename)
         except ConfigError as e:
@@ -778,6 +787,10 @@ class Agent:
                 )
             code = CodeRef(sha256=body.code_sha256, size=path.stat().st_size, node_id=self.node_id)
         config_json = to_json(config)
+        if body.in_place and chosen:
+            updated = await self._update_in_place(chosen, config_json, body.run_args)
+            if updated is not None:
+                return updated, True
         for attempt in range(5):
             name = chosen or self._generate_name()
             # A generated name can collide with a concurrent submission: pick another. The
@@ -802,7 +815,27 @@ class Agent:
                 result.error,
                 result.code,
             )
-        return self.state.runs[result.value]
+        return self.state.runs[result.value], False
+
+    async def _update_in_place(
+        self, name: str, config: dict[str, Any], run_args: list[str]
+    ) -> RunRecord | None:
+        """dstack's in-place update: an active run whose configuration differs from ``config``
+        only in ``priority`` takes the new priority rather than a new submission. None when the
+        run is not such a run (a name in use is then refused as ever). The working directory is
+        not compared: the configuration file usually lives in it."""
+        run = self.state.runs.get(name)
+        if run is None or run.status.is_finished() or run.termination_reason is not None:
+            return None
+        priority = int(config.get("priority") or 0)
+        rest = {k: v for k, v in config.items() if k != "priority"}
+        if (
+            priority == run.priority
+            or run.run_args != run_args
+            or rest != {k: v for k, v in run.config.items() if k != "priority"}
+        ):
+            return None
+        return await self.set_priority(name, priority)
 
     def _generate_name(self) -> str:
         rng = _NAME_RNG
@@ -818,6 +851,18 @@ class Agent:
                 404, "run not found", f"no run named {name!r}; see meshgpu ps -a", "not_found"
             )
         await self._propose(encode(StopRun(at=time.time(), run_name=name, abort=abort)))
+        return self.state.runs[name]
+
+    async def set_priority(self, name: str, priority: int) -> RunRecord:
+        if name not in self.state.runs:
+            raise Problem(
+                404, "run not found", f"no run named {name!r}; see meshgpu ps -a", "not_found"
+            )
+        cmd = SetRunPriority(at=time.time(), run_name=name, priority=priority)
+        result: Result = await self._propose(encode(cmd))
+        if not result.ok:
+            status = 404 if result.code == "not_found" else 409
+            raise Problem(status, "priority not changed", result.error, result.code)
         return self.state.runs[name]
 
     async def stream_logs(self, job_id: str, follow: bool) -> Any:

@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from meshgpu.api import metrics, offers, problems
 from meshgpu.api.problems import Problem
@@ -29,10 +29,22 @@ class SubmitBody(BaseModel):
         default_factory=dict, description="Values for env sentinels, -e overrides"
     )
     gpu: str | None = Field(default=None, description="Override resources.gpu (the --gpu flag)")
+    in_place: bool = Field(
+        default=False,
+        description="If an active run has this name and the configuration differs only in "
+        "priority, change its priority instead (answered 200 with updated_in_place)",
+    )
 
 
 class StopBody(BaseModel):
     abort: bool = False
+
+
+class RunUpdate(BaseModel):
+    """What may change in an active run without a restart (dstack: ``priority``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    priority: int = Field(ge=0, le=100, description="The run's new priority, 0..100")
 
 
 class _LimitsAndIndex:
@@ -170,8 +182,16 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
 
     @app.post("/api/v1/runs", status_code=201)
     async def submit(body: SubmitBody, _: Auth) -> JSONResponse:
-        run = await agent.submit(body)
+        run, updated = await agent.submit(body)
+        if updated:
+            view = run_view(run, agent.state) | {"updated_in_place": ["priority"]}
+            return JSONResponse(view, status_code=200)
         return JSONResponse(run_view(run, agent.state), status_code=201)
+
+    @app.patch("/api/v1/runs/{name}")
+    async def update_run(name: str, body: RunUpdate, _: Auth) -> dict[str, Any]:
+        run = await agent.set_priority(name, body.priority)
+        return run_view(run, agent.state)
 
     @app.post("/api/v1/runs/{name}/stop")
     async def stop(name: str, body: StopBody, _: Auth) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from meshgpu.scheduler.offer import Offer
-from meshgpu.state import JobRecord, NodeRecord, RunRecord, StateMachine
+from meshgpu.state import JobRecord, JobStatus, NodeRecord, RunRecord, RunStatus, StateMachine
 
 
 def job_view(j: JobRecord, state: StateMachine) -> dict[str, Any]:
@@ -15,6 +15,7 @@ def job_view(j: JobRecord, state: StateMachine) -> dict[str, Any]:
         "job_id": j.job_id,
         "job_num": j.job_num,
         "replica_num": j.replica_num,
+        "submission_num": j.submission_num,
         "group": j.group,
         "status": j.status.value,
         "termination_reason": j.termination_reason.value if j.termination_reason else None,
@@ -32,6 +33,17 @@ def job_view(j: JobRecord, state: StateMachine) -> dict[str, Any]:
     }
 
 
+def run_status_message(r: RunRecord, state: StateMachine) -> str:
+    """What ``ps`` shows as the status: dstack's ``retrying`` for a run waiting to run again
+    after a failure its ``retry`` covers, else the status itself."""
+    if r.status in (RunStatus.PENDING, RunStatus.SUBMITTED) and (
+        r.retrying
+        or any(j.submission_num > 0 and j.status is JobStatus.SUBMITTED for j in state.run_jobs(r))
+    ):
+        return "retrying"
+    return r.status.value
+
+
 def run_view(r: RunRecord, state: StateMachine) -> dict[str, Any]:
     return {
         "name": r.run_name,
@@ -40,6 +52,7 @@ def run_view(r: RunRecord, state: StateMachine) -> dict[str, Any]:
         "user": r.user,
         "type": r.config.get("type"),
         "status": r.status.value,
+        "status_message": run_status_message(r, state),
         "termination_reason": r.termination_reason.value if r.termination_reason else None,
         "priority": r.priority,
         "submitted_at": r.submitted_at,

@@ -93,6 +93,7 @@ def _submit(
                     "request_id": rid,
                     "env": body_env,
                     "gpu": gpu,
+                    "in_place": True,  # an active run differing only in priority is updated
                 },
             ).json()
         except APIError as e:
@@ -132,7 +133,13 @@ def apply(
         raise typer.Exit(1)
     with client(url) as c:
         run = _submit(c, config, text, file, name, env or [], gpu, args or [], Path.cwd())
-        out.print(f"submitted [bold]{run['name']}[/]")
+        if run.get("updated_in_place"):
+            out.print(
+                f"run [bold]{run['name']}[/] is active and differs only in priority: "
+                f"updated it in place to priority {run['priority']}"
+            )
+        else:
+            out.print(f"submitted [bold]{run['name']}[/]")
         if detach:
             return
         code = _attach(c, run["name"])
@@ -151,22 +158,33 @@ def _attach(c: Client, name: str) -> int:
     try:
         try:
             last = None
+            streamed = None  # the submission of job 0 whose output was shown
             while True:
                 run = c.run(name)
-                if run["status"] in FINISHED or run["status"] == "running":
+                first = run["jobs"][0] if run["jobs"] else {}
+                if run["status"] in FINISHED and first.get("job_id") == streamed:
                     break
-                why = run["jobs"][0]["why_pending"] if run["jobs"] else ""
-                if (run["status"], why) != last:
-                    err.print(f"{name}: {run['status']}" + (f" ({why})" if why else ""))
-                    last = (run["status"], why)
+                if run["status"] in FINISHED or run["status"] == "running":
+                    # Its output, and again after each resubmission (retry) until it ends.
+                    if streamed is not None:
+                        sub = first.get("submission_num")
+                        err.print(f"{name}: retrying (submission {sub})")
+                    streamed = first.get("job_id")
+                    for chunk in c.logs(name, follow=True):
+                        sys.stdout.buffer.write(chunk)
+                        sys.stdout.flush()
+                    while True:  # until it ends or is resubmitted
+                        run = c.run(name)
+                        if run["status"] in FINISHED or run["jobs"][0]["job_id"] != streamed:
+                            break
+                        time.sleep(0.1)
+                    continue
+                why = first.get("why_pending") or ""
+                status = run.get("status_message") or run["status"]
+                if (status, why) != last:
+                    err.print(f"{name}: {status}" + (f" ({why})" if why else ""))
+                    last = (status, why)
                 time.sleep(0.2)
-            for chunk in c.logs(name, follow=True):
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-            run = c.run(name)
-            while run["status"] not in FINISHED:
-                time.sleep(0.1)
-                run = c.run(name)
             reason = f" ({run['termination_reason']})" if run["termination_reason"] else ""
             err.print(f"{name}: {run['status']}{reason}")
             return _run_exit_code(run)
@@ -206,6 +224,8 @@ def submit(
     config, text = _load(file)
     with client(url) as c:
         run = _submit(c, config, text, file, name, env or [], gpu, args or [], Path.cwd())
+    if run.get("updated_in_place"):
+        err.print(f"{run['name']}: active; updated in place to priority {run['priority']}")
     print(run["name"])
 
 
@@ -232,15 +252,15 @@ def ps(
                 gpus = ",".join(str(g) for g in first.get("gpus", []))
                 where = f"{first.get('node') or '-'}" + (f" gpu {gpus}" if gpus else "")
                 problem = r["termination_reason"] or first.get("why_pending") or ""
-                rows.append(
-                    [r["name"], r["type"], where, r["status"], ago(r["submitted_at"]), problem]
-                )
+                status = r.get("status_message") or r["status"]
+                rows.append([r["name"], r["type"], where, status, ago(r["submitted_at"]), problem])
                 if verbose:
                     for j in r["jobs"]:
                         jg = ",".join(str(g) for g in j["gpus"])
+                        sub = j.get("submission_num") or 0
                         rows.append(
                             [
-                                f"  job {j['job_num']}",
+                                f"  job {j['job_num']}" + (f" (submission {sub})" if sub else ""),
                                 j["group"] or "",
                                 f"{j['node'] or '-'} {jg}",
                                 j["status"],

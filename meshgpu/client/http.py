@@ -137,6 +137,10 @@ class Client:
         }
         return self._request("POST", "/api/v1/runs", json=body).json()
 
+    def set_priority(self, name: str, priority: int) -> dict[str, Any]:
+        """Change an active run's priority in place (0..100)."""
+        return self._request("PATCH", f"/api/v1/runs/{name}", json={"priority": priority}).json()
+
     def stop(self, name: str, abort: bool = False) -> dict[str, Any]:
         return self._request("POST", f"/api/v1/runs/{name}/stop", json={"abort": abort}).json()
 

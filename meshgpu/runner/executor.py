@@ -60,6 +60,30 @@ def stop_grace(config: dict[str, Any]) -> float:
     return float(value) if isinstance(value, int) else 300.0
 
 
+def startup_waits_for(state: StateMachine, job: JobRecord) -> str | None:
+    """dstack's ``startup_order`` for the jobs of one replica: ``master-first`` starts the
+    workers once the master (its first job) runs, ``workers-first`` the master once every worker
+    runs; ``any`` (the default) starts each job as soon as it is placed. Returns what the job
+    waits for (None: launch it now). Checked on every state change, so a waiting job stays
+    provisioning until the jobs it follows are RUNNING in the replicated state."""
+    run = state.runs.get(job.run_name)
+    order = run.config.get("startup_order") if run is not None else None
+    if order not in ("master-first", "workers-first"):
+        return None
+    replica = [j for j in (state.jobs[i] for i in run.job_ids) if j.replica_num == job.replica_num]
+    master = min(j.job_num for j in replica)
+    if order == "master-first":
+        follows = [j for j in replica if j.job_num == master and j.job_id != job.job_id]
+    elif job.job_num == master:
+        follows = [j for j in replica if j.job_id != job.job_id]
+    else:
+        follows = []
+    late = [j for j in follows if j.status is not JobStatus.RUNNING]
+    if not late:
+        return None
+    return f"{order}: waiting for job(s) {', '.join(str(j.job_num) for j in late)} to run"
+
+
 class Executor:
     def __init__(
         self,
@@ -109,8 +133,9 @@ class Executor:
         mine = {j.job_id: j for j in self.state.jobs_on_node(self.node_id)}
         for job in mine.values():
             if job.job_id not in self.local and job.status is JobStatus.PROVISIONING:
-                self.local[job.job_id] = job.epoch
-                self._nursery.start_soon(self._launch, job.job_id, job.epoch)
+                if startup_waits_for(self.state, job) is None:
+                    self.local[job.job_id] = job.epoch
+                    self._nursery.start_soon(self._launch, job.job_id, job.epoch)
             elif (
                 job.job_id not in self.local
                 and not (self.runner.job_dir(job.job_id) / "job.json").exists()
@@ -124,6 +149,14 @@ class Executor:
                     "executor_error",
                     message="the job's files are gone from this host",
                 )
+                if job.status is JobStatus.TERMINATING:
+                    # Stopped while it waited for its turn (startup_order): it never started.
+                    lost = JobResult(
+                        job.job_id,
+                        None,
+                        "terminated_by_server",
+                        message="stopped before it started",
+                    )
                 self._nursery.start_soon(self._report, job.job_id, job.epoch, lost)
             elif job.status is JobStatus.TERMINATING and job.job_id in self.local:
                 self._stop(

@@ -19,6 +19,9 @@ nothing.
 **Preemption** (opt-in, ``preemption.py``): a gang that does not fit may stop lower-priority
 preemptible gangs when its whole gang then fits; it then reserves the hosts it will start on.
 
+**Retry backoff.** A resubmitted gang (``retry``) that must wait out its backoff keeps its place
+and blocks nobody; ``Plan.wake_at`` says when to plan again.
+
 **Why pending.** Every waiting job gets a reason. The wording is stable (no counters that move
 with unrelated load except for the head of each kind), so reasons are re-proposed only when they
 change.
@@ -43,6 +46,7 @@ from meshgpu.scheduler.preemption import Decision, Preemptor
 from meshgpu.state.commands import Assignment, Preemption
 from meshgpu.state.machine import StateMachine
 from meshgpu.state.queue import Gang, QueueClass
+from meshgpu.state.retry import backoff
 
 QUEUED = "waiting for capacity: earlier or higher-priority runs are ahead in the queue"
 
@@ -65,6 +69,8 @@ class Plan:
     # Where each preempting gang (run_name, replica) will start once its victims are gone.
     preemption_targets: dict[tuple[str, int], list[Assignment]] = field(default_factory=dict)
     reservations: list[Reservation] = field(default_factory=list)
+    # The earliest time a resubmitted gang backing off (``retry``) may start: plan again then.
+    wake_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +166,9 @@ class _Planner:
     def _gang(self, cls: QueueClass, gang: Gang, priority: int) -> tuple[str | None, bool]:
         """Place, preempt for, or explain one gang. Returns (its reason or None if placed,
         whether the next gang of its class may still be tried)."""
+        backing_off = self._backing_off(gang)
+        if backing_off is not None:
+            return backing_off, True
         kind = self._fit_kind(cls)
         reqs = self._requirements(cls, gang)
         end = self.deadlines.of_new(gang.run.config)
@@ -205,6 +214,20 @@ class _Planner:
                 self.out.reservations.append(r)
             return failure.reason, False
         return (failure.reason if failure.kind in (NEVER, OVERSIZED) else QUEUED), False
+
+    def _backing_off(self, gang: Gang) -> str | None:
+        """Why a resubmitted gang may not start yet (its retry backoff), or None. It keeps its
+        place and blocks nobody meanwhile; the plan says when to look again."""
+        job = gang.jobs[0]
+        now = self.deadlines.now
+        if now is None or job.not_before <= now:
+            return None
+        wake = self.out.wake_at
+        self.out.wake_at = job.not_before if wake is None else min(wake, job.not_before)
+        return (
+            f"retrying (attempt {job.retry_attempt}): backing off "
+            f"{backoff(job.retry_attempt):g}s after repeated failures"
+        )
 
     def _known_failure(self, kind: _Kind, end: float) -> _Failure | None:
         """A failure already seen this plan that settles a gang of ``kind`` ending at ``end``:

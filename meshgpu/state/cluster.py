@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from meshgpu.security.tokens import check_proof
 from meshgpu.state.machine import Result, StateMachine
+from meshgpu.state.records import JobTerminationReason
 
 CLUSTER_TAG = b"C"
 
@@ -296,22 +297,17 @@ class Replicated:
         return results
 
     def _node_unreachable(self, c: NodeUnreachable) -> None:
-        from meshgpu.state.records import JobTerminationReason
-
         jobs = self.jobs
         node = jobs.nodes.get(c.node_id)
         if node is None:
             return
         jobs.set_node_status(c.node_id, "dead")
-        for job in jobs.jobs_on_node(c.node_id):
-            jobs._finish_job(
-                job,
-                JobTerminationReason.INSTANCE_UNREACHABLE,
-                c.at,
-                None,
-                f"host {node.name} unreachable",
-            )
-            jobs._update_run(jobs.runs[job.run_name], c.at)
+        jobs.fail_node_jobs(
+            c.node_id,
+            JobTerminationReason.INSTANCE_UNREACHABLE,
+            c.at,
+            f"host {node.name} unreachable",
+        )
 
     def snapshot(self) -> bytes:
         return json.dumps(

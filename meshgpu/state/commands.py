@@ -122,6 +122,16 @@ class StopRun(_Command):
     abort: bool = False
 
 
+class SetRunPriority(_Command):
+    """Change an active run's ``priority`` in place (dstack allows it for every run type): its
+    waiting jobs move to their new place in the queue, and its running jobs are weighed at the
+    new priority by preemption."""
+
+    kind: Literal["set_run_priority"] = "set_run_priority"
+    run_name: str
+    priority: int = Field(ge=0, le=100)
+
+
 class PruneRuns(_Command):
     """Forget finished runs beyond ``keep`` (newest kept) or older than ``max_age_s``."""
 
@@ -140,6 +150,7 @@ Command = Annotated[
     | JobFinished
     | JobReports
     | StopRun
+    | SetRunPriority
     | PruneRuns,
     Field(discriminator="kind"),
 ]

@@ -23,6 +23,7 @@ from meshgpu.state.commands import (
     PruneRuns,
     RegisterNode,
     SetPendingReasons,
+    SetRunPriority,
     StopRun,
     SubmitRun,
     decode,
@@ -33,10 +34,12 @@ from meshgpu.state.records import (
     JobStatus,
     JobTerminationReason,
     NodeRecord,
+    ReplicaRetry,
     RunRecord,
     RunStatus,
     RunTerminationReason,
 )
+from meshgpu.state.retry import decide
 
 _PREEMPTIBLE_STATUSES = (JobStatus.PROVISIONING, JobStatus.PULLING, JobStatus.RUNNING)
 
@@ -201,8 +204,7 @@ class StateMachine:
         here = self.held.get(node)
         was = here is not None and job_id in here
         if holds or was:
-            self.node_versions[node] = self.node_versions.get(node, 0) + 1
-            self._node_changed(node)
+            self._touch_node(node)
         if holds == was:
             return
         if holds:
@@ -229,6 +231,12 @@ class StateMachine:
         self.nodes[node_id] = node.model_copy(update={"status": status})
         self._node_changed(node_id)
         self.demand_version += 1
+
+    def _touch_node(self, node_id: str) -> None:
+        """What the node holds changed (or a holder's status or run): cached per-node work of
+        the scheduler is stale."""
+        self.node_versions[node_id] = self.node_versions.get(node_id, 0) + 1
+        self._node_changed(node_id)
 
     def _node_changed(self, node_id: str) -> None:
         """Note a change to a node's record, status or holdings (every handler that makes one
@@ -402,11 +410,13 @@ class StateMachine:
                         and other.status in _PREEMPTIBLE_STATUSES
                     ):
                         other.status = JobStatus.TERMINATING
-                        other.stop_requested = "stop"  # the graceful stop (stop_duration)
+                        other.stop_requested = "server"  # the graceful stop (stop_duration)
                         other.preempted_by = by.run_name
                         other.termination_message = p.message
                         self._track(other)
                         preempted.append(other.job_id)
+                # An interruption: resubmitted once stopped if the run's retry covers it.
+                self._replica_failed(run, job, "interruption", cmd.at, p.message, preempted=True)
                 self._update_run(run, cmd.at)
         if preempted:
             self.demand_version += 1
@@ -440,30 +450,42 @@ class StateMachine:
         if job.status.is_finished():
             return _ok()
         reason = cmd.reason
-        run = self.runs[job.run_name]
-        # A job stopped by the user reports why from the runner's side ("terminated"); keep the
-        # user's intent (stop vs abort) as the reason -- or the scheduler's (preempted), unless
-        # the user stopped the run meanwhile.
-        if (
-            job.preempted_by is not None
-            and run.termination_reason is None
-            and reason is not JobTerminationReason.DONE_BY_RUNNER
-        ):
-            reason = JobTerminationReason.PREEMPTED
-        elif job.stop_requested == "abort":
+        # A job told to stop reports why from the runner's side ("terminated", or the exit code
+        # of a SIGTERM); keep the intent as the reason: the user's (stop vs abort) first, then
+        # the scheduler's (preempted), then meshgpu's own. A job that finished anyway is done.
+        if job.stop_requested == "abort":
             reason = JobTerminationReason.ABORTED_BY_USER
-        elif job.stop_requested == "stop" and reason is not JobTerminationReason.DONE_BY_RUNNER:
-            reason = JobTerminationReason.TERMINATED_BY_USER
+        elif reason is not JobTerminationReason.DONE_BY_RUNNER:
+            if job.stop_requested == "stop":
+                reason = JobTerminationReason.TERMINATED_BY_USER
+            elif job.preempted_by is not None:
+                reason = JobTerminationReason.PREEMPTED
+            elif job.stop_requested == "server":
+                reason = JobTerminationReason.TERMINATED_BY_SERVER
         message = cmd.message or (job.termination_message if job.preempted_by else "")
         self._finish_job(job, reason, cmd.at, cmd.exit_code, message)
-        if reason is JobTerminationReason.PREEMPTED:
-            self._requeue_preempted(run, job.replica_num, cmd.at)
-        self._update_run(run, cmd.at)
+        self._job_ended(job, cmd.at)
         return _ok()
 
     def _on_job_reports(self, cmd: JobReports) -> Result:
         results = [self.apply_command(r) for r in cmd.reports]
         return _ok([{"ok": r.ok, "code": r.code} for r in results])
+
+    def fail_node_jobs(
+        self, node_id: str, reason: JobTerminationReason, at: float, message: str = ""
+    ) -> list[str]:
+        """End every job the node holds with ``reason`` (its host is gone, so nobody else will
+        report them); each run then goes on as for any other failure -- the replica resubmitted
+        if the run's ``retry`` covers the event, the run failed otherwise. For handlers of
+        commands that decide a host is lost (``cluster.NodeUnreachable``)."""
+        ended = []
+        for job in self.jobs_on_node(node_id):
+            if job.status.is_finished():
+                continue
+            self._finish_job(job, reason, at, None, message)
+            self._job_ended(job, at)
+            ended.append(job.job_id)
+        return ended
 
     def _on_stop_run(self, cmd: StopRun) -> Result:
         run = self.runs.get(cmd.run_name)
@@ -476,6 +498,7 @@ class StateMachine:
             if cmd.abort
             else RunTerminationReason.STOPPED_BY_USER
         )
+        run.retrying.clear()
         for job_id in run.job_ids:
             job = self.jobs[job_id]
             if job.status is JobStatus.SUBMITTED:
@@ -492,6 +515,27 @@ class StateMachine:
                 self._track(job)
         self._update_run(run, cmd.at)
         return _ok(run.run_name)
+
+    def _on_set_run_priority(self, cmd: SetRunPriority) -> Result:
+        run = self.runs.get(cmd.run_name)
+        if run is None:
+            return _err("not_found", f"no run named {cmd.run_name!r}")
+        if run.status.is_finished() or run.termination_reason is not None:
+            return _err("finished", f"run {cmd.run_name!r} has finished or is stopping")
+        if run.priority == cmd.priority:
+            return _ok(run.priority)
+        run.priority = cmd.priority
+        run.config = {**run.config, "priority": cmd.priority}
+        jobs = self.run_jobs(run)
+        self.queue.reclassify(
+            run, sorted({j.replica_num for j in jobs if j.status is JobStatus.SUBMITTED})
+        )
+        for node_id in sorted(
+            {j.node_id for j in jobs if j.node_id and j.status.holds_resources()}
+        ):
+            self._touch_node(node_id)  # preemption weighs its running jobs anew
+        self.demand_version += 1
+        return _ok(run.priority)
 
     def _on_prune_runs(self, cmd: PruneRuns) -> Result:
         finished = sorted(
@@ -540,37 +584,83 @@ class StateMachine:
         if freed:
             self.demand_version += 1
 
-    @staticmethod
-    def _retries(run: RunRecord, event: str) -> bool:
-        """Does the run's ``retry`` cover ``event`` (no-capacity, interruption, error)?"""
-        retry = run.config.get("retry")
-        if not retry:
-            return False
-        events = retry.get("on_events") if isinstance(retry, dict) else None
-        return events is None or event in events
+    # -- run policies: retry, stop criteria ---------------------------------------------------
+    def _job_ended(self, job: JobRecord, at: float) -> None:
+        """What a job's end means for its run. Unless the run is already ending or the job's
+        replica is already being resubmitted (then the end was asked for), it is news: a master
+        done under ``stop_criteria: master-done`` ends the run; a failure resubmits the replica
+        or fails the run (``retry``)."""
+        run = self.runs[job.run_name]
+        if run.termination_reason is None and self._retry_of(run, job.replica_num) is None:
+            reason = job.termination_reason
+            if job.status is JobStatus.DONE:
+                if job.job_num == 0 and run.config.get("stop_criteria") == "master-done":
+                    self._end_run(run, RunTerminationReason.ALL_JOBS_DONE, at)
+            elif reason is not None:
+                exit_code = f" (exit {job.exit_code})" if job.exit_code is not None else ""
+                self._replica_failed(
+                    run,
+                    job,
+                    reason.to_retry_event(),
+                    at,
+                    f"job {job.job_num} ended {reason.value}{exit_code}",
+                )
+        self._resubmit_if_stopped(run, job.replica_num, at)
+        self._update_run(run, at)
 
-    def _awaiting_requeue(self, run: RunRecord, job: JobRecord) -> bool:
-        return (
-            job.termination_reason is JobTerminationReason.PREEMPTED
-            and run.termination_reason is None
-            and self._retries(run, "interruption")
-        )
-
-    def _requeue_preempted(self, run: RunRecord, replica: int, at: float) -> None:
-        """Once every job of a preempted gang has stopped, queue it again as a new submission
-        (dstack's retry: ``submission_num + 1``), keeping the run's place in the queue. The
-        retry duration counts from the preemption, so it never runs out here."""
-        gang = [j for j in self.run_jobs(run) if j.replica_num == replica]
-        if not all(j.status.is_finished() for j in gang) or not any(
-            self._awaiting_requeue(run, j) for j in gang
-        ):
+    def _replica_failed(
+        self,
+        run: RunRecord,
+        failed: JobRecord,
+        event: str | None,
+        at: float,
+        message: str,
+        preempted: bool = False,
+    ) -> None:
+        """A job of the replica failed (or is being preempted): stop the whole replica to
+        resubmit it, if the run's ``retry`` covers ``event``; otherwise the run fails."""
+        verdict = decide(run.config, failed, event, at, message, preempted=preempted)
+        if isinstance(verdict, RunTerminationReason):
+            self._end_run(run, verdict, at)
             return
-        if any(
-            j.termination_reason
-            not in (JobTerminationReason.PREEMPTED, JobTerminationReason.DONE_BY_RUNNER)
-            for j in gang
-        ):
-            return  # a member failed on its own: the run fails (see _update_run)
+        run.retrying.append(verdict)
+        for job in self.run_jobs(run):
+            if job.replica_num == failed.replica_num:
+                self._stop_job(job, at)
+        self._resubmit_if_stopped(run, failed.replica_num, at)
+
+    def _end_run(self, run: RunRecord, reason: RunTerminationReason, at: float) -> None:
+        """Decide how the run ends and stop what is left of it (the run finishes when its last
+        job has stopped)."""
+        run.termination_reason = reason
+        run.retrying.clear()
+        for job in self.run_jobs(run):
+            self._stop_job(job, at)
+
+    def _stop_job(self, job: JobRecord, at: float) -> None:
+        """meshgpu's own stop: a waiting job ends at once, a placed one stops gracefully."""
+        if job.status is JobStatus.SUBMITTED:
+            self._finish_job(job, JobTerminationReason.TERMINATED_BY_SERVER, at, None, "")
+        elif job.status.holds_resources() and job.status is not JobStatus.TERMINATING:
+            job.status = JobStatus.TERMINATING
+            job.stop_requested = "server"
+            self._track(job)
+
+    @staticmethod
+    def _retry_of(run: RunRecord, replica: int) -> ReplicaRetry | None:
+        return next((r for r in run.retrying if r.replica_num == replica), None)
+
+    def _resubmit_if_stopped(self, run: RunRecord, replica: int, at: float) -> None:
+        """Once every job of a replica being retried has stopped, queue it again as a new
+        submission (dstack's ``submission_num + 1``), keeping the run's place in the queue and
+        waiting out the backoff (``retry.py``)."""
+        retry = self._retry_of(run, replica)
+        if retry is None or run.termination_reason is not None:
+            return
+        gang = [j for j in self.run_jobs(run) if j.replica_num == replica]
+        if not all(j.status.is_finished() for j in gang):
+            return
+        run.retrying.remove(retry)
         fresh = []
         for old in gang:
             job = JobRecord(
@@ -584,6 +674,10 @@ class StateMachine:
                 resources=old.resources,
                 resources_key=old.resources_key,
                 submitted_at=at,
+                retry_since=retry.since,
+                retry_attempt=retry.attempt,
+                not_before=retry.not_before,
+                why_pending=f"retrying after {retry.event}: {retry.message}",
             )
             self.jobs[job.job_id] = job
             self.active[job.job_id] = job
@@ -595,10 +689,11 @@ class StateMachine:
         self.demand_version += 1
 
     def _update_run(self, run: RunRecord, at: float) -> None:
-        """Derive the run's status from its jobs, in dstack's priority order (§4.1)."""
-        jobs = [self.jobs[j] for j in run.job_ids]
+        """Derive the run's status from its jobs, in dstack's priority order (§4.1). The
+        decisions (fail, done, resubmit) are taken when jobs end (``_job_ended``)."""
         if run.status.is_finished():
             return
+        jobs = self.run_jobs(run)
         if all(j.status.is_finished() for j in jobs):
             if run.termination_reason is None:
                 all_done = all(j.status is JobStatus.DONE for j in jobs)
@@ -610,35 +705,16 @@ class StateMachine:
             run.status = run.termination_reason.to_status()
             run.finished_at = at
             return
-        # Any job that ended other than DONE (failed, max_duration, ...) fails the run (dstack);
-        # a preempted one that will be requeued does not.
-        ended_badly = any(
-            j.status.is_finished()
-            and j.status is not JobStatus.DONE
-            and not self._awaiting_requeue(run, j)
-            for j in jobs
-        )
-        if run.termination_reason is not None or ended_badly:
-            if run.termination_reason is None:
-                run.termination_reason = RunTerminationReason.JOB_FAILED
-                # One node of a gang failed: the rest of the gang stops too.
-                for j in jobs:
-                    if j.status.holds_resources() and j.status is not JobStatus.TERMINATING:
-                        j.status = JobStatus.TERMINATING
-                        j.stop_requested = "stop"
-                        self._track(j)
-                    elif j.status is JobStatus.SUBMITTED:
-                        self._finish_job(j, JobTerminationReason.TERMINATED_BY_SERVER, at, None, "")
-                if all(j.status.is_finished() for j in jobs):
-                    self._update_run(run, at)
-                    return
+        if run.termination_reason is not None:
             run.status = RunStatus.TERMINATING
         elif any(j.status is JobStatus.RUNNING for j in jobs):
             run.status = RunStatus.RUNNING
         elif any(j.status in (JobStatus.PROVISIONING, JobStatus.PULLING) for j in jobs):
             run.status = RunStatus.PROVISIONING
+        elif run.retrying:
+            run.status = RunStatus.PENDING  # stopping replicas to resubmit them (dstack)
         elif any(j.status is JobStatus.TERMINATING for j in jobs):
-            run.status = RunStatus.TERMINATING  # preempted, on its way back to the queue
+            run.status = RunStatus.TERMINATING
         else:
             run.status = RunStatus.SUBMITTED
 

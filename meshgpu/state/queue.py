@@ -127,6 +127,16 @@ class WaitQueue:
             cls.job_ids[j.job_id] = None
             self._by_job[j.job_id] = gang
 
+    def reclassify(self, run: RunRecord, replicas: list[int]) -> None:
+        """Move the run's waiting gangs to the classes its changed fields (a new priority) put
+        them in; each keeps its place, which follows the run's submission time."""
+        for replica in replicas:
+            gang = self.gangs.get((run.run_name, replica))
+            if gang is not None:
+                jobs = gang.jobs
+                self._drop_gang(gang)
+                self.add_gang(run, jobs)
+
     def discard(self, job: JobRecord) -> None:
         """The job no longer waits (assigned, stopped, forgotten)."""
         gang = self._by_job.pop(job.job_id, None)

@@ -78,13 +78,14 @@ class JobTerminationReason(enum.StrEnum):
         return JobStatus.FAILED
 
     def to_retry_event(self) -> str | None:
-        """The ``retry.on_events`` entry that lets a run retry after this (dstack §4.2)."""
+        """The ``retry.on_events`` entry that lets a run retry after this (dstack §4.2).
+
+        Unlike dstack, a host lost from the mesh (``instance_unreachable``) is an *interruption*,
+        not an error: meshgpu hosts are peers that come and go, and the job did nothing wrong.
+        """
         if self is JobTerminationReason.FAILED_TO_START_DUE_TO_NO_CAPACITY:
             return "no-capacity"
-        if self in (
-            JobTerminationReason.INTERRUPTED_BY_NO_CAPACITY,
-            JobTerminationReason.PREEMPTED,
-        ):
+        if self in _INTERRUPTIONS:
             return "interruption"
         if self.to_status() is JobStatus.FAILED:
             return "error"
@@ -99,6 +100,15 @@ _TERMINATED_REASONS = frozenset(
         JobTerminationReason.INACTIVITY_DURATION_EXCEEDED,
         JobTerminationReason.TERMINATED_DUE_TO_UTILIZATION_POLICY,
         JobTerminationReason.MAX_DURATION_EXCEEDED,
+        JobTerminationReason.PREEMPTED,
+    }
+)
+
+
+_INTERRUPTIONS = frozenset(
+    {
+        JobTerminationReason.INTERRUPTED_BY_NO_CAPACITY,
+        JobTerminationReason.INSTANCE_UNREACHABLE,
         JobTerminationReason.PREEMPTED,
     }
 )
@@ -207,9 +217,28 @@ class JobRecord(_Record):
     started_at: float | None = None
     finished_at: float | None = None
     exit_code: int | None = None
-    stop_requested: str | None = None  # "stop" | "abort" while TERMINATING
+    # While TERMINATING: "stop" / "abort" (the user's), "server" (meshgpu's own: the rest of a
+    # failed gang, a replica to resubmit, workers after a master-done).
+    stop_requested: str | None = None
     preempted_by: str | None = None  # the run this job is being stopped for
     why_pending: str = ""
+    # Retry (see ``RunRecord.retrying``): a resubmission is attempt ``retry_attempt`` of a streak
+    # of failures that began at ``retry_since``, and waits in the queue until ``not_before``.
+    retry_since: float | None = None
+    retry_attempt: int = 0
+    not_before: float = 0.0
+
+
+class ReplicaRetry(_Record):
+    """A replica being stopped so that it can be resubmitted (dstack's retry)."""
+
+    replica_num: int
+    event: str  # the retry event: error | interruption
+    since: float | None  # when the streak of failures this retry belongs to began
+    attempt: int  # 1 for the first retry of a streak (a preemption keeps the count)
+    at: float  # when it was decided (the failure's time)
+    not_before: float  # the new submission may not start earlier (backoff)
+    message: str = ""
 
 
 class CodeRef(_Record):
@@ -235,6 +264,7 @@ class RunRecord(_Record):
     submitted_at: float = 0.0
     finished_at: float | None = None
     job_ids: list[str] = Field(default_factory=list)
-    # Earlier submissions of requeued jobs (after a preemption): kept for history, forgotten with
-    # the run.
+    # Earlier submissions of resubmitted jobs (retry): kept for history, forgotten with the run.
     replaced_job_ids: list[str] = Field(default_factory=list)
+    # Replicas whose jobs are stopping to be resubmitted (one entry per replica).
+    retrying: list[ReplicaRetry] = Field(default_factory=list)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -198,3 +200,129 @@ def test_clear_errors(agent: AgentProc, tmp_path: Path) -> None:
             f"{agent.url}/api/v1/status", headers={"Authorization": f"Bearer {agent.token}"}
         ).headers["x-meshgpu-applied-index"],
     )
+
+
+def test_retry_on_error_resubmits_the_job_until_it_succeeds(
+    agent: AgentProc, tmp_path: Path
+) -> None:
+    c = agent.client()
+    marker, gate = tmp_path / "attempted", tmp_path / "gate"
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    write(
+        proj,
+        "flaky.yml",
+        f"""
+type: task
+name: flaky
+retry:
+  on_events: [error]
+commands:
+  - if [ ! -e {marker} ]; then touch {marker}; echo first-attempt; fi
+  - if [ ! -e {gate} ]; then while [ ! -e {gate} ]; do sleep 0.05; done; exit 1; fi
+  - echo second-attempt
+""",
+    )
+    # apply stays attached across the resubmission: both outputs, then the run's exit status.
+    out = tmp_path / "apply.out"
+    env = dict(os.environ) | {"MESHGPU_URL": agent.url, "MESHGPU_TOKEN": agent.token}
+    with open(out, "wb") as f:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "meshgpu", "apply", "-f", "flaky.yml", "-y"],
+            cwd=proj,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: b"first-attempt" in out.read_bytes())
+            gate.touch()  # the first attempt fails now, while apply streams its output
+            assert cli.wait(60) == 0, out.read_text()
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait()
+    text = out.read_text()
+    assert "second-attempt" in text and "flaky: retrying (submission 1)" in text, text
+    run = c.run("flaky")
+    assert run["status"] == "done" and run["termination_reason"] == "all_jobs_done"
+    [job] = run["jobs"]
+    assert job["submission_num"] == 1 and job["exit_code"] == 0
+    assert b"".join(c.logs("flaky")) == b"second-attempt\n"
+    ps = agent.cli("ps", "-a", "-v")
+    assert "(submission 1)" in ps.stdout
+
+
+def test_priority_changes_in_place(agent: AgentProc, tmp_path: Path) -> None:
+    c = agent.client()
+    gate = tmp_path / "gate"
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    wait = f"while [ ! -e {gate} ]; do sleep 0.05; done"
+    c.submit(f"type: task\ncommands: ['{wait}']\nresources:\n  gpu: 8\n", name="hog")
+    wait_for(lambda: c.run("hog")["status"] == "running")
+    queued = f"type: task\nname: NAME\ncommands: ['{wait}']\nresources:\n  gpu: 8\n"
+    for name in ("first", "second"):
+        c.submit(queued.replace("NAME", name))
+    auth = {"Authorization": f"Bearer {agent.token}"}
+    r = httpx.patch(f"{agent.url}/api/v1/runs/second", json={"priority": 20}, headers=auth)
+    assert r.status_code == 200 and r.json()["priority"] == 20
+    assert c.run("second")["config"]["priority"] == 20
+    bad = httpx.patch(f"{agent.url}/api/v1/runs/second", json={"priority": 101}, headers=auth)
+    assert bad.status_code == 422 and "priority" in bad.json()["detail"]
+    assert bad.headers["content-type"] == "application/problem+json"
+    with pytest.raises(APIError) as e:
+        c.set_priority("nope", 5)
+    assert e.value.status == 404
+    # apply of the same configuration with only the priority changed updates it in place...
+    write(
+        proj,
+        "first.yml",
+        queued.replace("NAME", "first").replace("type: task", "type: task\npriority: 30"),
+    )
+    r = agent.cli("apply", "-f", "first.yml", "-y", "-d", cwd=proj)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "differs only in priority" in r.stdout and c.run("first")["priority"] == 30
+    # ...but any other difference is refused as before.
+    write(proj, "other.yml", queued.replace("NAME", "first").replace("gpu: 8", "gpu: 4"))
+    r = agent.cli("apply", "-f", "other.yml", "-y", "-d", cwd=proj)
+    assert r.returncode == 1 and "is active" in r.stderr, r.stdout + r.stderr
+    gate.touch()  # everything finishes; "first" (30) ran before "second" (20)
+    done = wait_for(
+        lambda: (
+            (rs := {n: c.run(n) for n in ("first", "second")})
+            and all(x["status"] == "done" for x in rs.values())
+            and rs
+        )
+    )
+    assert done["first"]["jobs"][0]["started_at"] <= done["second"]["jobs"][0]["started_at"]
+
+
+@pytest.mark.slow
+def test_a_second_retry_waits_out_its_backoff_then_runs(agent: AgentProc, tmp_path: Path) -> None:
+    """The leader plans again when a backoff ends, with nothing else happening in the mesh."""
+    c = agent.client()
+    count = tmp_path / "count"
+    c.submit(
+        f"""
+type: task
+retry: true
+commands:
+  - echo x >> {count}
+  - test $(wc -l < {count}) -ge 3
+""",
+        name="twice",
+    )
+    pending = wait_for(
+        lambda: (
+            (r := c.run("twice"))
+            and r["jobs"][0]["submission_num"] == 2
+            and "backing off" in r["jobs"][0]["why_pending"]
+            and r
+        )
+    )
+    assert pending["status_message"] == "retrying"
+    run = wait_for(lambda: (r := c.run("twice")) and r["status"] in ("done", "failed") and r, 60)
+    assert run["status"] == "done" and run["jobs"][0]["submission_num"] == 2
+    j = run["jobs"][0]
+    assert j["started_at"] - j["submitted_at"] >= 14  # the 15 s backoff of a second retry
