@@ -9,7 +9,6 @@ host except the founding configuration.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import hmac
 import json
 import logging
@@ -43,10 +42,12 @@ from meshgpu.config.render import to_json
 from meshgpu.config.resources import GPUSpec
 from meshgpu.config.runs import BaseRunConfiguration
 from meshgpu.gpu import FakeProvider, collect_inventory, detect
+from meshgpu.mesh.address import choose_address, host_port, is_unspecified
 from meshgpu.mesh.discovery import Advertiser, browse
 from meshgpu.mesh.join import JoinError, normalize_member_url, request_join
 from meshgpu.mesh.membership import MembershipManager, MembershipPolicy
 from meshgpu.runner import ProcessRunner
+from meshgpu.runner.code import CodeDigestError, CodeStore, push_targets
 from meshgpu.runner.container import detect_runtime
 from meshgpu.runner.executor import Executor
 from meshgpu.scheduler import plan
@@ -142,6 +143,8 @@ class AgentSettings:
     blocks: int | Literal["auto"] | None = None
     fake_gpus: str | None = None
     code_limit: int = DEFAULT_CODE_LIMIT
+    # Other members an upload is copied to before it is acknowledged (docs/operations.md).
+    code_copies: int = 2
     tick_s: float = 0.1
     write_client_profile: bool = True
     token: str | None = None
@@ -163,7 +166,7 @@ class Agent:
         token_file = d / "admin.token"
         self.admin_token = token_file.read_text().strip() if token_file.exists() else ""
         self.code_dir = d / "code"
-        self.code_dir.mkdir(exist_ok=True)
+        self.code = CodeStore(self.code_dir, lambda: self.admin_token, limit=settings.code_limit)
         self.replicated = Replicated()
         self.state = self.replicated.jobs
         self.cluster = self.replicated.cluster
@@ -181,11 +184,16 @@ class Agent:
             self.code_dir,
             self._gpu_vendor,
             on_busy=self.gpus.set_busy if isinstance(self.gpus, FakeProvider) else lambda _: None,
+            code=self.code,
         )
         self.container_runtime: str | None = None
         self._demand = trio.Event()
         self._cluster_version = -1
         self.api_url = ""
+        self._bound_api_port = settings.api_port
+        # The address peers and jobs reach this host at: --advertise, else --bind, else (bound
+        # to every address) the one on the route to the mesh, chosen in ``run``.
+        self.host = settings.advertise or settings.bind
         self.join_token: str | None = None
 
     # -- identity and secrets on disk ---------------------------------------------------------
@@ -212,7 +220,7 @@ class Agent:
 
     @property
     def peer_address(self) -> str:
-        return f"{self.settings.advertise or self.settings.bind}:{self.settings.peer_port}"
+        return host_port(self.host, self.settings.peer_port)
 
     def api_token_ok(self, token: str) -> bool:
         expected = self.cluster.api_token_hash
@@ -262,12 +270,13 @@ class Agent:
         s = self.settings
         async with trio.open_nursery() as nursery:
             cfg = hypercorn.config.Config()
-            cfg.bind = [f"{s.bind}:{s.api_port}"]
+            cfg.bind = [host_port(s.bind, s.api_port)]
             cfg.accesslog = None
             cfg.errorlog = logging.getLogger("hypercorn.error")
             cfg.graceful_timeout = 1.0
             binds = await nursery.start(partial(hypercorn.trio.serve, create_app(self), cfg))
-            self.api_url = binds[0].replace("0.0.0.0", s.advertise or s.bind)
+            self._bound_api_port = int(binds[0].rpartition(":")[2])
+            await self._choose_host(self._known_member_hosts())
             founding = await self._establish_identity()
             await self._start_consensus(nursery)
             if founding:
@@ -293,7 +302,7 @@ class Agent:
                     self.cluster.cluster_id or self.identity["cluster_id"],
                     self.api_url,
                     self.peer_address,
-                    s.advertise or s.bind,
+                    self.host,
                 )
                 nursery.start_soon(adv.run)
             if s.write_client_profile:
@@ -302,6 +311,25 @@ class Agent:
                 "agent node=%s raft_id=%s api=%s ready", self.node_name, self.node.id, self.api_url
             )
             task_status.started(self.api_url)
+
+    def _known_member_hosts(self) -> list[str]:
+        """Hosts of the mesh known before joining it: --join targets, and (after a restart)
+        the peers remembered from last time."""
+        hosts = [httpx.URL(normalize_member_url(a)).host for a in self.settings.join]
+        rid = str(self.identity.get("raft_id"))
+        for k, address in (self.identity.get("peers") or {}).items():
+            if k != rid and address:
+                hosts.append(parse_address(address)[0])
+        return hosts
+
+    async def _choose_host(self, targets: list[str]) -> None:
+        """Bound to every address, with no --advertise: advertise the one on the route towards
+        ``targets`` (meshgpu/mesh/address.py), and the API URL with it."""
+        s = self.settings
+        if not s.advertise and is_unspecified(s.bind):
+            self.host = await trio.to_thread.run_sync(choose_address, s.bind, targets)
+            log.info("bound to %s: advertising %s", s.bind or "every address", self.host)
+        self.api_url = f"http://{host_port(self.host, self._bound_api_port)}"
 
     async def _establish_identity(self) -> bool:
         """Restart as ourselves, join with a token, or found a new mesh. True when founding."""
@@ -316,6 +344,7 @@ class Agent:
                     browse, token.cluster_id, s.advertise or s.bind, 10.0
                 )
                 urls = [m.api_url for m in found]
+                await self._choose_host([httpx.URL(u).host for u in urls])
                 log.info("mDNS: found %d member(s) of cluster %s", len(urls), token.cluster_id[:8])
             if not urls:
                 raise JoinError(
@@ -339,8 +368,7 @@ class Agent:
             self._save_admin_token(result.api_token)
             return False
         self.identity.update(raft_id=1, cluster_id=uuid.uuid4().hex, peers={"1": self.peer_address})
-        host = s.advertise or s.bind
-        create_cluster(self.tls, 1, hosts=(host, "127.0.0.1", "localhost"))
+        create_cluster(self.tls, 1, hosts=(self.host, "127.0.0.1", "localhost"))
         if not self.admin_token:
             self._save_admin_token(secrets.token_urlsafe(32))
         self._save_identity()
@@ -563,7 +591,7 @@ class Agent:
             node_id=self.node_id,
             name=self.node_name,
             api_url=self.api_url,
-            internal_ip=self.settings.advertise or self.settings.bind,
+            internal_ip=self.host,
             labels=self.settings.labels,
             gpus=[
                 GPURecord(
@@ -711,21 +739,22 @@ class Agent:
                 out[m.node_id] = "learner"
         return out
 
-    async def store_code(self, data: bytes, claimed_sha: str | None) -> str:
-        sha = hashlib.sha256(data).hexdigest()
-        if claimed_sha and claimed_sha != sha:
-            raise Problem(
-                400,
-                "code archive corrupted in transit",
-                f"sha256 {sha} != {claimed_sha}",
-                "bad_digest",
-            )
-        path = self.code_dir / f"{sha}.tar.gz"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            await trio.to_thread.run_sync(tmp.write_bytes, data)
-            tmp.replace(path)
-        return sha
+    async def store_code(self, data: bytes, claimed_sha: str | None) -> tuple[str, list[str]]:
+        """``POST /api/v1/code``: store the archive, then copy it to up to ``code_copies`` other
+        active members before answering, so the run outlives this host. Returns the SHA-256 and
+        the names of the members that hold a copy."""
+        sha = await self.put_code(data, claimed_sha)
+        holders = await self.code.push(
+            sha, data, push_targets(self.state.nodes, self.node_id), self.settings.code_copies
+        )
+        return sha, [self.state.nodes[h].name for h in holders if h in self.state.nodes]
+
+    async def put_code(self, data: bytes, claimed_sha: str | None) -> str:
+        """Store an archive here only (a copy pushed by the member that accepted it)."""
+        try:
+            return await self.code.put(data, claimed_sha)
+        except CodeDigestError as e:
+            raise Problem(400, "code archive corrupted in transit", str(e), "bad_digest") from None
 
     async def submit(self, body: SubmitBody) -> tuple[RunRecord, bool]:
         """Submit a run; returns it and whether an active run was updated in place instead."""
@@ -777,15 +806,19 @@ class Agent:
         chosen = body.name or config.name
         code = None
         if body.code_sha256:
-            path = self.code_dir / f"{body.code_sha256}.tar.gz"
-            if not path.exists():
+            if not self.code.has(body.code_sha256):
                 raise Problem(
                     400,
                     "unknown code archive",
-                    "upload it first (POST /api/v1/code)",
+                    "upload it first (POST /api/v1/code) to the node you submit to",
                     "unknown_code",
                 )
-            code = CodeRef(sha256=body.code_sha256, size=path.stat().st_size, node_id=self.node_id)
+            code = CodeRef(
+                sha256=body.code_sha256,
+                size=self.code.path(body.code_sha256).stat().st_size,
+                node_id=self.node_id,
+                holders=self.code.holders(body.code_sha256),
+            )
         config_json = to_json(config)
         if body.in_place and chosen:
             updated = await self._update_in_place(chosen, config_json, body.run_args)

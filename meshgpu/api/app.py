@@ -3,12 +3,13 @@
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from meshgpu.api import metrics, offers, problems
 from meshgpu.api.problems import Problem
 from meshgpu.api.views import node_view, run_view
+from meshgpu.runner.code import valid_sha256
 
 if TYPE_CHECKING:
     from meshgpu.agent import Agent  # noqa: F401
@@ -64,7 +65,7 @@ class _LimitsAndIndex:
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         limit = (
             agent.settings.code_limit + (64 << 10)
-            if scope["path"] == "/api/v1/code"
+            if scope["path"].startswith("/api/v1/code")
             else MAX_JSON_BODY
         )
         if length is not None and length.isdigit() and int(length) > limit:
@@ -198,8 +199,7 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
         run = await agent.stop(name, body.abort)
         return run_view(run, agent.state)
 
-    @app.post("/api/v1/code", status_code=201)
-    async def upload_code(request: Request, _: Auth) -> dict[str, Any]:
+    async def read_archive(request: Request) -> bytes:
         data = bytearray()
         async for chunk in request.stream():
             data += chunk
@@ -210,8 +210,34 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
                     f"over the {agent.settings.code_limit} byte limit",
                     "too_large",
                 )
-        sha = await agent.store_code(bytes(data), request.headers.get("x-content-sha256"))
+        return bytes(data)
+
+    @app.post("/api/v1/code", status_code=201)
+    async def upload_code(request: Request, _: Auth) -> dict[str, Any]:
+        """An uploaded working directory; copied to other members before the answer, which
+        names them (``copies``)."""
+        data = await read_archive(request)
+        sha, holders = await agent.store_code(data, request.headers.get("x-content-sha256"))
+        return {"sha256": sha, "size": len(data), "copies": holders}
+
+    def checked_sha(sha: str) -> str:
+        if not valid_sha256(sha):
+            raise Problem(404, "unknown code archive", f"{sha!r} is not a SHA-256", "not_found")
+        return sha
+
+    @app.put("/api/v1/code/{sha}")
+    async def put_code(sha: str, request: Request, _: Auth) -> dict[str, Any]:
+        """A copy of an upload, pushed by the member that accepted it (stored, not copied on)."""
+        data = await read_archive(request)
+        await agent.put_code(data, checked_sha(sha))
         return {"sha256": sha, "size": len(data)}
+
+    @app.get("/api/v1/code/{sha}")
+    async def get_code(sha: str, _: Auth) -> FileResponse:
+        """An archive this node holds (a host about to run a job fetches it); 404 otherwise."""
+        if not agent.code.has(checked_sha(sha)):
+            raise Problem(404, "unknown code archive", f"this node has no {sha}", "not_found")
+        return FileResponse(agent.code.path(sha), media_type="application/gzip")
 
     @app.get("/api/v1/runs/{name}/logs")
     async def logs(

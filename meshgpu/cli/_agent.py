@@ -45,7 +45,9 @@ def agent(
     data_dir: Annotated[Path, typer.Option("--data-dir", help="State, logs, jobs")] = Path.home()
     / ".meshgpu",
     name: Annotated[str, typer.Option("--name", help="Node name")] = socket.gethostname(),
-    bind: Annotated[str, typer.Option("--bind", help="Address to listen on")] = "127.0.0.1",
+    bind: Annotated[
+        str, typer.Option("--bind", help="Address to listen on (0.0.0.0 or :: for all)")
+    ] = "127.0.0.1",
     api_port: Annotated[int, typer.Option("--api-port")] = 7480,
     peer_port: Annotated[int, typer.Option("--peer-port")] = 7481,
     advertise: Annotated[
@@ -72,6 +74,14 @@ def agent(
         int,
         typer.Option("--code-limit-mb", envvar="MESHGPU_CODE_LIMIT_MB", help="Largest code upload"),
     ] = 64,
+    code_copies: Annotated[
+        int,
+        typer.Option(
+            "--code-copies",
+            envvar="MESHGPU_CODE_COPIES",
+            help="Other members an upload is copied to before it is acknowledged",
+        ),
+    ] = 2,
     tick_ms: Annotated[
         float, typer.Option("--tick-ms", help="Raft tick (election timeout: 10 ticks)")
     ] = 100.0,
@@ -110,6 +120,7 @@ def agent(
         blocks=_blocks(blocks),
         fake_gpus=fake_gpus,
         code_limit=code_limit_mb << 20,
+        code_copies=max(code_copies, 0),
         token=token,
         join=[j.strip() for j in (join or "").split(",") if j.strip()],
         mdns=not no_mdns,

@@ -5,8 +5,10 @@ it is running: new assignments are launched (and ``JobStarted`` proposed), jobs 
 TERMINATING are stopped (gracefully, or at once for an abort), and a job whose assignment moved on
 (a newer epoch, or finished by the leader) is stopped here -- fencing, so a job never runs twice.
 Every ended job is reported with ``JobFinished``; after an agent restart, jobs found on disk are
-re-adopted and reported the same way. Reports go through one queue, in order: whatever piles up
-while the previous report commits goes out as one ``JobReports`` entry.
+re-adopted and reported the same way. A job whose uploaded code this host lacks starts only
+once the archive has been fetched from a member that holds it (meshgpu/runner/code.py). Reports
+go through one queue, in order: whatever piles up while the previous report commits goes out as
+one ``JobReports`` entry.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import trio
 
 from meshgpu.client.archive import extract_archive
 from meshgpu.config.interpolation import group_ips, interpolate
+from meshgpu.runner.code import CodeStore, fetch_sources
 from meshgpu.runner.container import container_argv
 from meshgpu.runner.jobenv import ClusterInfo, JobEnvInputs, JobIdentity, job_environment
 from meshgpu.runner.process import JobLaunch, JobResult, ProcessRunner
 from meshgpu.state import (
+    CodeRef,
     JobFinished,
     JobRecord,
     JobReports,
@@ -95,8 +99,10 @@ class Executor:
         gpu_vendor: Callable[[], str | None],
         on_busy: Callable[[set[int]], None] = lambda _: None,
         container_runtime: str | None = None,
+        code: CodeStore | None = None,
     ) -> None:
         self.container_runtime = container_runtime
+        self.code = code  # fetches archives this host lacks (None: only local ones)
         self.node_id = node_id
         self.state = state
         self.runner = runner
@@ -106,6 +112,7 @@ class Executor:
         self.on_busy = on_busy
         self.local: dict[str, int] = {}  # job_id -> epoch launched here
         self.stopping: set[str] = set()
+        self._fetching: dict[str, trio.CancelScope] = {}  # job_id -> its code fetch
         self._changed = trio.Event()
         # Reports waiting to be proposed, in order (see _reporter).
         self._reports: list[JobStarted | JobFinished] = []
@@ -185,6 +192,8 @@ class Executor:
         if job_id in self.stopping:
             return
         self.stopping.add(job_id)
+        if job_id in self._fetching:  # its code is still on the way: it never starts
+            self._fetching[job_id].cancel()
         self.runner.stop(
             job_id,
             grace_s=0.0 if abort else stop_grace(config),
@@ -196,6 +205,17 @@ class Executor:
         run = self.state.runs[job.run_name]
         config = run.config
         try:
+            if run.code is not None:
+                try:
+                    with trio.CancelScope() as self._fetching[job_id]:  # _stop cancels it
+                        await self._ensure_code(run.code)
+                finally:
+                    del self._fetching[job_id]
+                if job_id in self.stopping:  # stopped, or moved away, while it was fetched
+                    await self._report(
+                        job_id, epoch, JobResult(job_id, None, "terminated_by_server")
+                    )
+                    return
             launch = self._prepare(
                 job, run.run_args, config, epoch, run.code.sha256 if run.code else None
             )
@@ -209,6 +229,16 @@ class Executor:
         now = time.time()
         self._enqueue(JobStarted(at=now, job_id=job_id, epoch=epoch, started_at=now))
         await self._watch(job_id, epoch)
+
+    async def _ensure_code(self, code: CodeRef) -> None:
+        """The run's archive on this host before ``_prepare`` unpacks it: only the node that
+        accepted the upload and the holders it copied it to start with it; any other host
+        fetches it (verified, once per host) or fails the job saying from whom it could not."""
+        if self.code is None or self.code.has(code.sha256):
+            return
+        await self.code.fetch(
+            code.sha256, code.size, lambda: fetch_sources(code, self.state.nodes, self.node_id)
+        )
 
     def _prepare(
         self,

@@ -316,8 +316,12 @@ class ProcessRunner:
         return found
 
     def mark_reported(self, job_id: str) -> None:
-        """The final status is committed: adoption after a restart need not report it again."""
-        (self.job_dir(job_id) / "reported").touch()
+        """The final status is committed: adoption after a restart need not report it again.
+        A job that failed before its directory was made (its code never came) has nothing to
+        mark."""
+        d = self.job_dir(job_id)
+        if d.is_dir():
+            (d / "reported").touch()
 
     def remove(self, job_id: str) -> None:
         """Delete an ended job's files (logs included)."""

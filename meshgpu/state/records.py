@@ -242,11 +242,14 @@ class ReplicaRetry(_Record):
 
 
 class CodeRef(_Record):
-    """Where the run's uploaded working directory lives (content-addressed)."""
+    """Where the run's uploaded working directory lives (content-addressed): ``node_id``
+    accepted the upload and pushed copies to ``holders`` (meshgpu/runner/code.py); a host that
+    runs one of the run's jobs fetches it from them, or from any member that has it."""
 
     sha256: str
     size: int
     node_id: str
+    holders: list[str] = Field(default_factory=list)
 
 
 class RunRecord(_Record):

@@ -26,9 +26,13 @@ class NsAgent:
         token: str | None = None,
         fake_gpus: str = "1xH100:80GB",
         env: dict[str, str] | None = None,
+        bind: str | None = None,
+        extra: list[str] | None = None,
     ) -> None:
         self.host, self.name, self.token = host, name, token
         self.fake_gpus, self.env = fake_gpus, env or {}
+        self.bind = bind or host.ip  # e.g. 0.0.0.0: the agent must find host.ip itself
+        self.extra = list(extra or [])
         self.data = root / name
         self.data.mkdir()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -48,7 +52,7 @@ class NsAgent:
             "--data-dir",
             str(self.data),
             "--bind",
-            self.host.ip,
+            self.bind,
             "--api-port",
             "7480",
             "--peer-port",
@@ -61,6 +65,7 @@ class NsAgent:
             "50",
             "--dead-grace",
             "2s",
+            *self.extra,
         ]
         if self.token:
             args += ["--token", self.token]
