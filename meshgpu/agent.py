@@ -44,8 +44,10 @@ from meshgpu.config.runs import BaseRunConfiguration
 from meshgpu.gpu import FakeProvider, collect_inventory, detect
 from meshgpu.mesh.address import choose_address, host_port, is_unspecified
 from meshgpu.mesh.discovery import Advertiser, browse
+from meshgpu.mesh.gossip import GossipConfig
 from meshgpu.mesh.join import JoinError, normalize_member_url, request_join
 from meshgpu.mesh.membership import MembershipManager, MembershipPolicy
+from meshgpu.mesh.node_gossip import MeshGossip
 from meshgpu.runner import ProcessRunner
 from meshgpu.runner.code import CodeDigestError, CodeStore, push_targets
 from meshgpu.runner.container import detect_runtime
@@ -151,6 +153,7 @@ class AgentSettings:
     join: list[str] = field(default_factory=list)
     mdns: bool = True
     membership: MembershipPolicy = field(default_factory=MembershipPolicy)
+    gossip: GossipConfig = field(default_factory=GossipConfig.lan)
 
 
 class Agent:
@@ -195,6 +198,8 @@ class Agent:
         # to every address) the one on the route to the mesh, chosen in ``run``.
         self.host = settings.advertise or settings.bind
         self.join_token: str | None = None
+        self.gossip = MeshGossip(self, settings.gossip)
+        self.cut_off = False  # no leader heard for the fencing period (see _fence_loop)
 
     # -- identity and secrets on disk ---------------------------------------------------------
     def _load_identity(self) -> dict[str, Any]:
@@ -292,7 +297,9 @@ class Agent:
                 self._propose,
                 s.membership,
                 jobs=self.state,
+                gossip=self.gossip,
             )
+            nursery.start_soon(self.gossip.run)
             nursery.start_soon(self.membership.run)
             nursery.start_soon(self._fence_loop)
             nursery.start_soon(self._reactivate_loop)
@@ -395,6 +402,7 @@ class Agent:
             on_messages=deliver,
             on_unreachable=node.report_unreachable,
             on_snapshot_status=node.report_snapshot,
+            on_request=self.gossip.handle_request,  # gossip streams share the peer port
             peers={k: parse_address(v) for k, v in peers.items() if k != rid and v},
             tls=TLSConfig.from_files(self.tls.files),
             host=s.bind,
@@ -469,6 +477,7 @@ class Agent:
             node = self.node
             if node.role is Role.LEADER and len(node.status()["voters"]) == 1:
                 last_contact = now
+                self.cut_off = False
                 continue
             heard = (
                 node.last_heard.get(node.leader) if node.leader and node.leader != node.id else None
@@ -478,8 +487,11 @@ class Agent:
                 and now - heard < 2 * node.options.tick_s * node.options.election_tick
             ):
                 last_contact = now
+                self.cut_off = False
                 continue
-            if now - last_contact > fence_s and self.executor.local:
+            # Gossip tells the leader (metadata "f"): it may fail this host's jobs over at once.
+            self.cut_off = now - last_contact > fence_s
+            if self.cut_off and self.executor.local:
                 log.warning(
                     "no leader heard for %.0fs: stopping %d local job(s) (fencing)",
                     now - last_contact,

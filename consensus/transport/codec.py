@@ -66,6 +66,9 @@ class FrameType(enum.IntEnum):
     """``[crc32]`` of the whole snapshot data."""
     SNAP_ACK = 6
     """``[ok]``: the receiver has handed the snapshot to its node (sent back to the sender)."""
+    APP = 7
+    """Opaque bytes of an application protocol carried beside Raft (``StreamKind.APP``): one
+    request frame from the dialer, one reply frame back."""
 
 
 class StreamKind(enum.IntEnum):
@@ -74,6 +77,9 @@ class StreamKind(enum.IntEnum):
 
     MESSAGES = 0
     SNAPSHOT = 1
+    APP = 2
+    """One request and its reply for the application that embeds the transport (e.g. a gossip
+    layer's push/pull exchanges), so that it shares the port and the mutual TLS with Raft."""
 
 
 _FRAME_TYPES: dict[int, FrameType] = {int(t): t for t in FrameType}

@@ -6,10 +6,15 @@ Task tree (everything under the nursery of ``run``, which the caller starts)::
     ├── serve_listeners ── one task per accepted connection
     │     accept (TLS handshake, HELLO) → receive MESSAGES frames → on_messages(batch)
     │                                   or receive snapshots    → on_messages([snap]) → SNAP_ACK
+    │                                   or one APP request      → on_request(peer, body) → reply
     └── per peer (own cancel scope; removed with remove_peer)
           ├── sender:          dial ─► write whatever the PeerQueue holds, one write per drain
           │                        └► watch the stream for EOF (the peer never talks back)
           └── snapshot sender: one fresh connection per MsgSnap, chunked; on_snapshot_status
+
+``request`` (called by the embedding application, not by Raft) dials a fresh ``APP`` connection,
+writes one frame and reads one reply: the application's own request/response protocol rides on
+the same port, certificates and identity checks as Raft, and never queues behind Raft traffic.
 
 Outbound flow control is etcd's: ``send_batch`` never blocks. Each peer has a bounded queue;
 when it is full, or the peer is known to be down (we are waiting out a reconnect backoff), the
@@ -37,7 +42,7 @@ from .backoff import Backoff
 from .codec import FrameType, StreamKind
 from .config import TransportConfig
 from .connection import CONNECTION_ERRORS, FramedStream, accept, dial
-from .errors import FrameError, PeerIdentityError
+from .errors import FrameError, PeerIdentityError, TransportError
 from .peer_queue import PeerQueue
 from .snapshot_stream import receive_snapshots, send_snapshot
 from .tls import TLSConfig
@@ -76,6 +81,8 @@ class TransportStats:
     snapshots_sent: int = 0
     snapshots_failed: int = 0
     snapshots_received: int = 0
+    requests_received: int = 0
+    """``APP`` requests handed to ``on_request``."""
 
 
 def _ignore_unreachable(peer_id: int) -> None:
@@ -125,6 +132,9 @@ class Transport:
             connection to it broke (map to ``RawNode.report_unreachable``).
         on_snapshot_status: ``on_snapshot_status(peer_id, ok)`` once per MsgSnap handed to
             ``send_batch`` (map to ``RawNode.report_snapshot``).
+        on_request: ``await on_request(peer_id, body) -> reply`` for each ``APP`` request an
+            authenticated peer sends (see ``request``); without it such connections are refused.
+            An exception it raises closes that one connection.
         host, port: where to listen; port 0 picks a free port (``run`` reports it).
         peers: ``{peer_id: (host, port)}``; change later with ``add_peer``/``remove_peer``.
         tls: the mutual-TLS contexts. Required unless ``plaintext=True``.
@@ -144,6 +154,7 @@ class Transport:
         on_messages: Callable[[list[Message]], Awaitable[None] | None],
         on_unreachable: Callable[[int], None] = _ignore_unreachable,
         on_snapshot_status: Callable[[int, bool], None] = _ignore_snapshot_status,
+        on_request: Callable[[int, bytes], Awaitable[bytes]] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         peers: Mapping[int, Address] | None = None,
@@ -164,6 +175,7 @@ class Transport:
         self._on_messages = on_messages
         self._on_unreachable = on_unreachable
         self._on_snapshot_status = on_snapshot_status
+        self._on_request = on_request
         self._host = host
         self._port = port
         self._server_context: ssl.SSLContext | None = tls.server if tls else None
@@ -328,6 +340,33 @@ class Transport:
         """Same as ``send_batch`` (the name the node runtime's ``Transport`` protocol uses)."""
         self.send_batch(msgs)
 
+    async def request(
+        self, peer_id: int, body: bytes, *, address: Address | None = None, timeout: float
+    ) -> bytes:
+        """Send ``body`` to ``peer_id``'s ``on_request`` over a connection of its own and return
+        the reply, within ``timeout`` seconds for the whole exchange.
+
+        ``address`` defaults to the peer's known address. Raises ``TransportError`` when the
+        peer cannot be reached, is not who it should be, refuses, or does not answer in time."""
+        if address is None:
+            peer = self._peers.get(peer_id)
+            if peer is None:
+                raise TransportError(f"no address known for node {peer_id}")
+            address = peer.address
+        try:
+            with trio.fail_after(timeout):
+                conn = await self._dial(peer_id, address, StreamKind.APP)
+                try:
+                    await conn.send_all(codec.encode_frame(FrameType.APP, body))
+                    frame = await conn.receive_frame()
+                finally:
+                    await conn.aclose()
+        except CONNECTION_ERRORS as exc:
+            raise TransportError(f"request to node {peer_id} failed: {_describe(exc)}") from exc
+        if frame is None or frame[0] is not FrameType.APP:
+            raise TransportError(f"node {peer_id} closed the request without a reply")
+        return frame[1]
+
     def _queue_snapshot(self, m: Message) -> None:
         peer = self._peers.get(m.to)
         if peer is None:
@@ -349,12 +388,12 @@ class Transport:
                 nursery.start_soon(self._send_messages, peer)
                 nursery.start_soon(self._send_snapshots, peer)
 
-    async def _dial(self, peer: _Peer, kind: StreamKind) -> FramedStream:
+    async def _dial(self, peer_id: int, address: Address, kind: StreamKind) -> FramedStream:
         with trio.fail_after(self.config.connect_timeout):
             return await dial(
                 self.node_id,
-                peer.id,
-                peer.address,
+                peer_id,
+                address,
                 kind,
                 client_context=self._client_context,
                 max_frame_size=self.config.max_frame_size,
@@ -367,7 +406,7 @@ class Transport:
         while True:
             peer.state = PeerState.CONNECTING
             try:
-                conn = await self._dial(peer, StreamKind.MESSAGES)
+                conn = await self._dial(peer.id, peer.address, StreamKind.MESSAGES)
             except CONNECTION_ERRORS as exc:
                 # Report only if something was waiting: an idle peer being redialed is not news.
                 self._mark_down(peer, f"dial failed: {_describe(exc)}", report=len(peer.queue) > 0)
@@ -462,7 +501,7 @@ class Transport:
             peer.snapshot_in_flight = True
             ok = False
             try:
-                conn = await self._dial(peer, StreamKind.SNAPSHOT)
+                conn = await self._dial(peer.id, peer.address, StreamKind.SNAPSHOT)
                 try:
                     ok = await send_snapshot(conn, msg, self.config)
                 finally:
@@ -518,6 +557,8 @@ class Transport:
         try:
             if kind is StreamKind.MESSAGES:
                 await self._receive_messages(conn)
+            elif kind is StreamKind.APP:
+                await self._answer_request(conn)
             else:
                 count = await receive_snapshots(
                     conn, cfg, self._check_sender(conn.peer_id), self._deliver_snapshot
@@ -566,6 +607,26 @@ class Transport:
     async def _deliver_snapshot(self, msg: Message) -> None:
         self.stats.snapshots_received += 1
         await self._deliver([msg])
+
+    async def _answer_request(self, conn: FramedStream) -> None:
+        if self._on_request is None:
+            raise FrameError("this node serves no APP requests")
+        with trio.fail_after(self.config.handshake_timeout):
+            frame = await conn.receive_frame()
+        if frame is None:
+            return
+        frame_type, body = frame
+        if frame_type is not FrameType.APP:
+            raise FrameError(f"{frame_type.name} frame on an APP stream")
+        self.stats.requests_received += 1
+        try:
+            reply = await self._on_request(conn.peer_id, body)
+        except Exception as exc:
+            # The application's bug or refusal ends this request, never the transport (whose
+            # nursery also carries Raft).
+            log.exception("request handler failed node=%d peer=%d", self.node_id, conn.peer_id)
+            raise FrameError(f"request handler failed: {exc!r}") from exc
+        await conn.send_all(codec.encode_frame(FrameType.APP, reply), self.config.write_timeout)
 
     async def _receive_messages(self, conn: FramedStream) -> None:
         peer_id = conn.peer_id

@@ -156,15 +156,22 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
 
     @app.get("/api/v1/nodes")
     async def nodes(_: Auth, __: Read) -> dict[str, Any]:
+        """The replicated records, each with this node's gossip view of the host (``gossip``:
+        alive/suspect/dead/left, load, reported GPU faults; ``null`` when gossip does not
+        know it) and live ``telemetry`` (sampled now for this host, from gossip for peers)."""
         roles = agent.roles()
         telemetry = await agent.local_telemetry()
+        gossip = agent.gossip
         views = []
         for n in agent.state.nodes.values():
             view = node_view(n, agent.state, roles.get(n.node_id, ""))
+            view["gossip"] = gossip.node_view(n.node_id)
             if n.node_id == agent.node_id:
-                view["telemetry"] = telemetry  # sampled now; peers' come through gossip later
+                view["telemetry"] = telemetry
+            else:
+                view["telemetry"] = gossip.telemetry(n.node_id)
             views.append(view)
-        return {"nodes": views}
+        return {"nodes": views, "gossip": gossip.summary(set(agent.state.nodes))}
 
     @app.get("/api/v1/runs")
     async def list_runs(_: Auth, __: Read, all: bool = False) -> dict[str, Any]:

@@ -88,6 +88,14 @@ def agent(
     dead_grace: Annotated[
         str, typer.Option("--dead-grace", help="Silence before a host is declared dead")
     ] = "30s",
+    gossip: Annotated[
+        str,
+        typer.Option(
+            "--gossip",
+            help="Gossip timing: lan (default), wan or local, optionally with knob=value "
+            "overrides, e.g. local,probe_interval=0.5",
+        ),
+    ] = "lan",
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the agent: the first one creates a mesh; it serves the API and runs jobs."""
@@ -95,6 +103,8 @@ def agent(
     from meshgpu.agent import Agent, AgentSettings
     from meshgpu.config import parse_duration
     from meshgpu.gpu import FakeSpecError
+    from meshgpu.mesh.gossip import ConfigError as GossipConfigError
+    from meshgpu.mesh.gossip import GossipConfig
     from meshgpu.mesh.join import JoinError
     from meshgpu.mesh.membership import MembershipPolicy
     from meshgpu.security import TokenError
@@ -106,6 +116,10 @@ def agent(
             JoinToken.parse(token)
         except TokenError as e:
             raise fail(str(e)) from None
+    try:
+        gossip_config = GossipConfig.from_spec(gossip)
+    except GossipConfigError as e:
+        raise fail(f"--gossip: {e}") from None
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
@@ -126,6 +140,7 @@ def agent(
         mdns=not no_mdns,
         tick_s=tick_ms / 1000,
         membership=MembershipPolicy(dead_grace_s=float(parse_duration(dead_grace))),
+        gossip=gossip_config,
     )
     try:
         ag = Agent(settings)

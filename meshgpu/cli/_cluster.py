@@ -32,11 +32,13 @@ def nodes(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
             summary += f", {unhealthy} unhealthy)" if unhealthy else ")"
         labels = ",".join(f"{k}={v}" for k, v in n["labels"].items())
         blocks = n.get("blocks")
+        gossip = n.get("gossip") or {}
         rows.append(
             [
                 n["name"],
                 n["role"],
                 n["status"],
+                gossip.get("state", "-"),
                 f"{n['cpu_count']} {n['cpu_arch']}",
                 f"{n['memory_gb']}GB",
                 summary,
@@ -44,12 +46,14 @@ def nodes(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
                 labels or "-",
             ]
         )
-    table(["NAME", "ROLE", "STATUS", "CPU", "MEMORY", "GPUS", "BLOCKS", "LABELS"], rows)
+    table(["NAME", "ROLE", "STATUS", "GOSSIP", "CPU", "MEMORY", "GPUS", "BLOCKS", "LABELS"], rows)
     if ns and any(n["gpus"] for n in ns):
         for n in ns:
             for g in n["gpus"]:
+                fault = "" if g["healthy"] else f" UNHEALTHY: {g.get('health_reason') or '?'}"
                 out.print(
-                    f"  {n['name']} gpu{g['index']}: {g['name']} {g['memory_mib'] // 1024}GB {g['uuid']}"
+                    f"  {n['name']} gpu{g['index']}: {g['name']} {g['memory_mib'] // 1024}GB "
+                    f"{g['uuid']}{fault}"
                 )
 
 

@@ -5,11 +5,15 @@ e.g. ``8xH100:80GB``, ``2xMI300X:192GB``, ``4xA100:40GB,2xT4``. Memory defaults 
 
 Telemetry is plausible and controllable: GPUs that jobs hold (``set_busy``) show utilization,
 heat and power; ``set_state`` (or a JSON state file, re-read at each sample, for tests that drive
-an agent process from outside) overrides any value or marks a GPU unhealthy.
+an agent process from outside) overrides any value or marks a GPU unhealthy. Faults can be
+injected the way NVML reports them: ``{"3": {"xid": 79}}`` (an XID event; a list for several)
+or ``{"3": {"ecc_uncorrected": 2}}`` make GPU 3 unhealthy with that reason; ``healthy`` given
+outright wins; removing the entry (or ``{}``) heals it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -25,6 +29,8 @@ from meshgpu.gpu._types import (
     GPUTelemetry,
 )
 from meshgpu.gpu.catalog import lookup
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(GPUTelemetry)) - {"index"}
 
 _GROUP = re.compile(
     r"^\s*(?:(\d+)\s*[xX*]\s*)?([A-Za-z][A-Za-z0-9_-]*)\s*(?::\s*([0-9.]+\s*[A-Za-z]*))?\s*$"
@@ -150,9 +156,19 @@ class FakeProvider:
                 "healthy": True,
                 "reasons": (),
             }
-            values.update(self._overrides.get(g.index, {}))
-            values.update(file_overrides.get(g.index, {}))
-            values["reasons"] = tuple(values.get("reasons") or ())
+            overrides = self._overrides.get(g.index, {}) | file_overrides.get(g.index, {})
+            values.update({k: v for k, v in overrides.items() if k in _FIELDS})
+            reasons = list(values.get("reasons") or ())
+            # Faults as NVML reports them: an XID event or uncorrected ECC errors make the GPU
+            # unhealthy, unless the override says outright whether it is healthy.
+            xids = overrides.get("xid")
+            for xid in xids if isinstance(xids, list) else [xids] if xids else []:
+                reasons.append(f"XID {xid}")
+            if values.get("ecc_uncorrected"):
+                reasons.append(f"{values['ecc_uncorrected']} uncorrected ECC errors")
+            values["reasons"] = tuple(reasons)
+            if "healthy" not in overrides:
+                values["healthy"] = not reasons
             out.append(GPUTelemetry(**values))
         return out
 

@@ -88,6 +88,15 @@ class SetNodeStatus(_Cmd):
     status: Literal["active", "unreachable"]
 
 
+class InstallGossipKey(_Cmd):
+    """A new cluster gossip key (hex of 32 random bytes, chosen by the proposer): members seal
+    datagrams with it from when they apply this, and still open packets sealed with the key it
+    replaces (kept as the secondary), so a rotation loses nothing while it spreads."""
+
+    kind: Literal["install_gossip_key"] = "install_gossip_key"
+    key_hex: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 ClusterCommand = Annotated[
     InitCluster
     | CreateToken
@@ -96,7 +105,8 @@ ClusterCommand = Annotated[
     | GrantCAKey
     | RemoveMember
     | NodeUnreachable
-    | SetNodeStatus,
+    | SetNodeStatus
+    | InstallGossipKey,
     Field(discriminator="kind"),
 ]
 _ADAPTER = TypeAdapter(ClusterCommand)
@@ -133,6 +143,10 @@ class ClusterState:
         self.tokens: dict[str, dict[str, Any]] = {}
         self.members: dict[int, Member] = {}
         self.ca_grants: dict[int, str] = {}
+        # Gossip datagram keys (hex), primary first: plaintext here like the join tokens' keys.
+        # The log and snapshots travel only over mutual TLS to admitted members and rest in
+        # their data dirs beside their private keys (docs/operations.md, "Gossip").
+        self.gossip_keys: list[str] = []
         self.next_raft_id = 2
         self.version = 0  # bumped on every change: the agent re-syncs peer addresses on change
 
@@ -229,6 +243,10 @@ class ClusterState:
         self.ca_grants.pop(c.raft_id, None)
         return Result(True, c.raft_id)
 
+    def _on_install_gossip_key(self, c: InstallGossipKey) -> Result:
+        self.gossip_keys = [c.key_hex, *[k for k in self.gossip_keys if k != c.key_hex]][:2]
+        return Result(True, len(self.gossip_keys))
+
     def _on_set_node_status(self, c: SetNodeStatus) -> Result:
         return Result(True, c.node_id)  # handled by ``Replicated``
 
@@ -249,6 +267,7 @@ class ClusterState:
             "tokens": self.tokens,
             "members": [m.model_dump() for m in self.members.values()],
             "ca_grants": {str(k): v for k, v in self.ca_grants.items()},
+            "gossip_keys": self.gossip_keys,
             "next_raft_id": self.next_raft_id,
         }
 
@@ -259,6 +278,7 @@ class ClusterState:
         self.tokens = doc.get("tokens", {})
         self.members = {m["raft_id"]: Member.model_validate(m) for m in doc.get("members", [])}
         self.ca_grants = {int(k): v for k, v in doc.get("ca_grants", {}).items()}
+        self.gossip_keys = list(doc.get("gossip_keys", []))
         self.next_raft_id = doc.get("next_raft_id", 2)
         self.version += 1
 

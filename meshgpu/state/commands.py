@@ -36,6 +36,23 @@ class RegisterNode(_Command):
     )
 
 
+class GPUHealth(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    index: int
+    healthy: bool
+    reason: str = ""
+
+
+class SetGPUHealth(_Command):
+    """The leader's verdict on GPUs of one host, from the health the host reports through gossip
+    (ECC errors, XIDs, a GPU that stopped answering): an unhealthy GPU takes no new jobs (jobs
+    already on it keep running); ``healthy=True`` puts it back in service."""
+
+    kind: Literal["set_gpu_health"] = "set_gpu_health"
+    node_id: str
+    gpus: list[GPUHealth]
+
+
 class SubmitRun(_Command):
     kind: Literal["submit_run"] = "submit_run"
     request_id: str = Field(description="Client-chosen id: a retried submission has effect once")
@@ -151,7 +168,8 @@ Command = Annotated[
     | JobReports
     | StopRun
     | SetRunPriority
-    | PruneRuns,
+    | PruneRuns
+    | SetGPUHealth,
     Field(discriminator="kind"),
 ]
 COMMAND = TypeAdapter(Command)

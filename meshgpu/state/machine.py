@@ -22,6 +22,7 @@ from meshgpu.state.commands import (
     PreemptJobs,
     PruneRuns,
     RegisterNode,
+    SetGPUHealth,
     SetPendingReasons,
     SetRunPriority,
     StopRun,
@@ -252,10 +253,43 @@ class StateMachine:
         fields = cmd.model_dump(exclude={"kind", "at"})
         existing = self.nodes.get(cmd.node_id)
         node = NodeRecord(**fields, registered_at=existing.registered_at if existing else cmd.at)
+        if existing is not None:
+            # A host registering again (a restart, back from the dead) does not clear a GPU's
+            # fault: it stays unhealthy until the host reports it healthy (SetGPUHealth).
+            faulty = {g.uuid: g for g in existing.gpus if not g.healthy}
+            if faulty:
+                node.gpus = [
+                    g.model_copy(update={"healthy": False, "health_reason": bad.health_reason})
+                    if g.healthy and (bad := faulty.get(g.uuid)) is not None
+                    else g
+                    for g in node.gpus
+                ]
         self.nodes[cmd.node_id] = node
         self._node_changed(cmd.node_id)
         self.demand_version += 1
         return _ok(cmd.node_id)
+
+    def _on_set_gpu_health(self, cmd: SetGPUHealth) -> Result:
+        node = self.nodes.get(cmd.node_id)
+        if node is None:
+            return _err("not_found", f"no node {cmd.node_id}")
+        verdicts = {h.index: h for h in cmd.gpus}
+        gpus = []
+        changed = []
+        for g in node.gpus:
+            h = verdicts.get(g.index)
+            reason = "" if h is None or h.healthy else h.reason
+            if h is None or (g.healthy, g.health_reason) == (h.healthy, reason):
+                gpus.append(g)
+                continue
+            gpus.append(g.model_copy(update={"healthy": h.healthy, "health_reason": reason}))
+            changed.append(g.index)
+        if changed:
+            # A new record (the scheduler's index notices the object changed) in the feed.
+            self.nodes[cmd.node_id] = node.model_copy(update={"gpus": gpus})
+            self._node_changed(cmd.node_id)
+            self.demand_version += 1
+        return _ok(changed)
 
     def _on_submit_run(self, cmd: SubmitRun) -> Result:
         if cmd.request_id in self.requests:

@@ -145,6 +145,7 @@ class GPURecord(_Record):
     compute_capability: str | None = None
     numa_node: int | None = None
     healthy: bool = True
+    health_reason: str = ""  # why it is unhealthy, as its host reported it
 
 
 class NodeRecord(_Record):

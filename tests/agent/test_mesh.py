@@ -17,6 +17,9 @@ import pytest
 from meshgpu.client import APIError
 from tests.agent.conftest import AgentProc, wait_for
 
+# Gossip timing for tests: memberlist's local profile, faster probes (suspicion 1.5-9 s).
+FAST_GOSSIP = ["--gossip", "local,probe_interval=0.5,probe_timeout=0.2,gossip_interval=0.05"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -185,7 +188,7 @@ def test_a_host_without_a_valid_token_is_refused(mesh: list[AgentProc], tmp_path
 def test_a_dead_host_is_declared_and_its_job_is_fenced_when_it_returns(tmp_path: Path) -> None:
     import signal as sig
 
-    fast = ["--tick-ms", "50", "--dead-grace", "3s"]
+    fast = ["--tick-ms", "50", "--dead-grace", "3s", *FAST_GOSSIP]
     a = AgentProc(
         tmp_path / "a",
         "1xH100:80GB",
@@ -243,6 +246,83 @@ def test_a_dead_host_is_declared_and_its_job_is_fenced_when_it_returns(tmp_path:
         for ag in agents:
             if ag.proc is not None and ag.proc.poll() is None:
                 ag.proc.send_signal(sig.SIGCONT)
+            ag.close_clients()
+            ag.stop()
+            ag.kill_jobs()
+
+
+def test_gossip_sees_a_death_and_a_gpu_fault_keeps_work_off_the_gpu(tmp_path: Path) -> None:
+    fast = ["--tick-ms", "50", "--dead-grace", "3s", *FAST_GOSSIP]
+    specs = {"a": "1xH100:80GB", "b": "2xH100:80GB", "c": "1xH100:80GB"}
+    agents: list[AgentProc] = []
+    try:
+        for name, gpus in specs.items():
+            join = []
+            if agents:
+                token = json.loads((agents[0].data_dir / "join-token.json").read_text())["token"]
+                join = ["--token", token, "--join", agents[0].url]
+            ag = AgentProc(
+                tmp_path / name,
+                gpus,
+                name=f"node-{name}",
+                extra_args=["--peer-port", str(free_port()), *join, *fast],
+            )
+            ag.data_dir.mkdir()
+            agents.append(ag.start())
+        a, b, c = agents
+        ca, cc = a.client(), c.client()
+
+        def gossip_states(client: object) -> dict[str, str | None]:
+            return {
+                n["name"]: (n["gossip"] or {}).get("state")
+                for n in client.nodes()  # type: ignore[attr-defined]
+            }
+
+        # Every node's gossip view has every host alive, with live telemetry of its peers.
+        everyone = {"node-a": "alive", "node-b": "alive", "node-c": "alive"}
+        wait_for(lambda: gossip_states(ca) == everyone and gossip_states(cc) == everyone)
+        peer_b = next(n for n in ca.nodes() if n["name"] == "node-b")
+        assert [t["index"] for t in peer_b["telemetry"]] == [0, 1]
+
+        # An XID on node-b's GPU 1 (the fake GPU's NVML-like fault knob): the leader turns
+        # the gossiped fault into a replicated verdict, seen on every node.
+        (b.data_dir / "fake-gpu-state.json").write_text(json.dumps({"1": {"xid": 79}}))
+
+        def b_gpus(client: object) -> list[dict]:
+            nodes = client.nodes()  # type: ignore[attr-defined]
+            return next(n for n in nodes if n["name"] == "node-b")["gpus"]
+
+        wait_for(lambda: not b_gpus(cc)[1]["healthy"])
+        assert b_gpus(cc)[1]["health_reason"] == "XID 79" and b_gpus(cc)[0]["healthy"]
+        # Only node-b has two GPUs, one of them faulty now: a 2-GPU task waits ...
+        gate = tmp_path / "gate"
+        cc.submit(
+            f"type: task\ncommands: ['while [ ! -e {gate} ]; do sleep 0.05; done']\n"
+            "resources:\n  gpu: 2\n",
+            name="two",
+        )
+        job = wait_for(lambda: (j := cc.run("two")["jobs"][0])["why_pending"] and j)
+        assert job["status"] == "submitted"
+        # ... until the GPU recovers; then it runs there on both GPUs.
+        (b.data_dir / "fake-gpu-state.json").write_text("{}")
+        job = wait_for(lambda: (j := cc.run("two")["jobs"][0])["status"] == "running" and j)
+        assert job["node"] == "node-b" and sorted(job["gpus"]) == [0, 1]
+        assert b_gpus(ca)[1]["healthy"]
+        gate.touch()
+
+        # node-c dies (SIGKILL: no goodbye): gossip declares it dead everywhere, and the leader
+        # marks the host dead once Raft has been silent for the grace period too.
+        c.kill()
+        cb = b.client()
+        wait_for(lambda: gossip_states(ca)["node-c"] == "dead", timeout=30)
+        wait_for(lambda: gossip_states(cb)["node-c"] == "dead", timeout=30)
+        wait_for(
+            lambda: next(n for n in ca.nodes() if n["name"] == "node-c")["status"] == "dead",
+            timeout=30,
+        )
+        assert gossip_states(ca)["node-a"] == gossip_states(ca)["node-b"] == "alive"
+    finally:
+        for ag in agents:
             ag.close_clients()
             ag.stop()
             ag.kill_jobs()

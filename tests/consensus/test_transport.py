@@ -33,6 +33,7 @@ from consensus.transport import (
     TLSConfig,
     Transport,
     TransportConfig,
+    TransportError,
     client_context,
     codec,
     node_id_from_name,
@@ -727,6 +728,59 @@ async def test_close_shuts_down_cleanly(pki: PKI) -> None:
         a.transport.send_batch([heartbeat(1, 2)])  # ignored after close, no report
         assert a.unreachable == []
     # Leaving the nursery means both run() calls returned: no task outlived its transport.
+
+
+# ------------------------------------------------------------------------------------------
+# APP requests: the embedding application's request/response beside Raft
+
+
+async def test_app_requests_ride_the_same_port_and_identity(pki: PKI, impostor_pki: PKI) -> None:
+    seen: list[tuple[int, bytes]] = []
+
+    async def echo(peer_id: int, body: bytes) -> bytes:
+        seen.append((peer_id, body))
+        if body == b"boom":
+            raise RuntimeError("handler bug")
+        return b"re:" + body
+
+    async with trio.open_nursery() as nursery:
+        server = Transport(
+            2, on_messages=Inbox(), on_request=echo, host=LOCALHOST, tls=pki.tls(2), config=FAST
+        )
+        await nursery.start(server.run)
+        silent = await start_node(nursery, 3, pki.tls(3))  # serves no APP requests
+        client = await start_node(nursery, 1, pki.tls(1), {2: (LOCALHOST, server.port)})
+        reply = await client.transport.request(2, b"ping", timeout=TIMEOUT)
+        assert reply == b"re:ping"
+        # The handler learns who asked from the certificate; an explicit address works too.
+        again = await client.transport.request(
+            2, b"x", address=(LOCALHOST, server.port), timeout=TIMEOUT
+        )
+        assert again == b"re:x" and seen == [(1, b"ping"), (1, b"x")]
+        # A failing handler ends that request only; the server keeps answering.
+        with pytest.raises(TransportError):
+            await client.transport.request(2, b"boom", timeout=TIMEOUT)
+        assert await client.transport.request(2, b"ok", timeout=TIMEOUT) == b"re:ok"
+        # A node without a handler refuses; an unknown peer has no address.
+        with pytest.raises(TransportError):
+            await client.transport.request(
+                3, b"ping", address=(LOCALHOST, silent.port), timeout=TIMEOUT
+            )
+        with pytest.raises(TransportError):
+            await client.transport.request(9, b"ping", timeout=TIMEOUT)
+        # The address must belong to the node named: node 3's port does not answer as node 2.
+        with pytest.raises(TransportError):
+            await client.transport.request(
+                2, b"ping", address=(LOCALHOST, silent.port), timeout=TIMEOUT
+            )
+        # A client from another CA never reaches the handler.
+        impostor = await start_node(nursery, 1, impostor_pki.tls(1))
+        with pytest.raises(TransportError):
+            await impostor.transport.request(
+                2, b"evil", address=(LOCALHOST, server.port), timeout=TIMEOUT
+            )
+        assert b"evil" not in [b for _, b in seen]
+        nursery.cancel_scope.cancel()
 
 
 # ------------------------------------------------------------------------------------------

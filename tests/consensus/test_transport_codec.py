@@ -339,6 +339,7 @@ DECODERS = {
     FrameType.SNAP_END: decode_snap_end,
     FrameType.SNAP_ACK: decode_snap_ack,
     FrameType.SNAP_CHUNK: lambda body: body,
+    FrameType.APP: lambda body: body,  # opaque: the embedding application decodes it
 }
 
 

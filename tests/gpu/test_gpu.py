@@ -74,6 +74,28 @@ def test_fake_telemetry_follows_busy_gpus_and_overrides(tmp_path: Path) -> None:
     assert p.links()[0][1] == LINK_NVLINK
 
 
+def test_fake_faults_are_injected_like_nvml_reports_them(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    p = FakeProvider("4xH100", state_file=state)
+    state.write_text(
+        json.dumps(
+            {
+                "0": {"xid": 79},
+                "1": {"ecc_uncorrected": 2},
+                "2": {"xid": [48, 63], "healthy": True},  # said outright: healthy wins
+                "3": {"bogus": 1},  # unknown knobs are ignored, not a crash
+            }
+        )
+    )
+    t = {s.index: s for s in p.telemetry()}
+    assert not t[0].healthy and t[0].reasons == ("XID 79",)
+    assert not t[1].healthy and t[1].reasons == ("2 uncorrected ECC errors",)
+    assert t[2].healthy and t[2].reasons == ("XID 48", "XID 63")
+    assert t[3].healthy
+    state.write_text("{}")  # the fault clears
+    assert all(s.healthy for s in p.telemetry())
+
+
 def test_fake_links_split_by_numa_for_big_boxes() -> None:
     links = FakeProvider("16xH100").links()
     assert links[0][7] == LINK_NVLINK and links[0][8] == LINK_NUMA and links[3][3] == 0

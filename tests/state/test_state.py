@@ -12,6 +12,7 @@ from meshgpu.config.render import to_json
 from meshgpu.scheduler import plan
 from meshgpu.state import (
     AssignJobs,
+    GPUHealth,
     GPURecord,
     JobFinished,
     JobStarted,
@@ -20,6 +21,7 @@ from meshgpu.state import (
     PruneRuns,
     RegisterNode,
     RunStatus,
+    SetGPUHealth,
     SetPendingReasons,
     StateMachine,
     StopRun,
@@ -114,6 +116,55 @@ def test_two_4gpu_tasks_get_disjoint_gpus_third_waits_then_runs() -> None:
     assert sm.runs["a"].status is RunStatus.DONE
     schedule(sm)
     assert c.status is JobStatus.PROVISIONING and set(c.gpu_indices) == set(a.gpu_indices)
+
+
+def test_an_unhealthy_gpu_takes_no_new_work_until_it_recovers() -> None:
+    sm = StateMachine()
+    apply(sm, node("n1", 2))
+    schedule(sm)  # the scheduler's index has seen the healthy host
+    res = apply(
+        sm,
+        SetGPUHealth(
+            at=2.0, node_id="n1", gpus=[GPUHealth(index=0, healthy=False, reason="XID 79")]
+        ),
+    )
+    assert res[0].ok and res[0].value == [0]
+    gpu0 = sm.nodes["n1"].gpus[0]
+    assert (gpu0.healthy, gpu0.health_reason) == (False, "XID 79")
+    # Repeating a verdict changes nothing; an unknown host is refused.
+    version = sm.demand_version
+    again = SetGPUHealth(
+        at=2.1, node_id="n1", gpus=[GPUHealth(index=0, healthy=False, reason="XID 79")]
+    )
+    assert apply(sm, again)[0].value == []
+    assert sm.demand_version == version
+    ghost = SetGPUHealth(at=2.2, node_id="nope", gpus=[GPUHealth(index=0, healthy=False)])
+    assert apply(sm, ghost)[0].code == "not_found"
+    # One GPU left: a 1-GPU task lands on GPU 1, a 2-GPU task waits.
+    apply(sm, submit("one", task("1")), submit("two", task("2"), at=3))
+    schedule(sm)
+    assert sm.run_jobs(sm.runs["one"])[0].gpu_indices == [1]
+    assert sm.run_jobs(sm.runs["two"])[0].status is JobStatus.SUBMITTED
+    # A stale decision naming the faulty GPU is refused at apply.
+    two = sm.run_jobs(sm.runs["two"])[0]
+    stale = AssignJobs(
+        at=3.5,
+        assignments=[{"job_id": two.job_id, "node_id": "n1", "gpu_indices": [0]}],  # type: ignore[list-item]
+    )
+    assert apply(sm, stale)[0].value["refused"]
+    # Re-registering (a restart) does not clear the fault; the host's report does.
+    apply(sm, node("n1", 2))
+    assert not sm.nodes["n1"].gpus[0].healthy
+    apply(sm, SetGPUHealth(at=4.0, node_id="n1", gpus=[GPUHealth(index=0, healthy=True)]))
+    assert sm.nodes["n1"].gpus[0].healthy and not sm.nodes["n1"].gpus[0].health_reason
+    finish(sm, "one")
+    schedule(sm)
+    assert sorted(sm.run_jobs(sm.runs["two"])[0].gpu_indices) == [0, 1]
+    # Restored from a snapshot, the verdicts are there.
+    apply(sm, SetGPUHealth(at=5.0, node_id="n1", gpus=[GPUHealth(index=1, healthy=False)]))
+    copy = StateMachine()
+    copy.restore(sm.snapshot())
+    assert [g.healthy for g in copy.nodes["n1"].gpus] == [True, False]
 
 
 def test_gang_is_placed_whole_or_not_at_all() -> None:

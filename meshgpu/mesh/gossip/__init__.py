@@ -8,6 +8,10 @@ with confirmations), :mod:`.awareness` (local health), :mod:`.queue` (transmit-l
 broadcasts), :mod:`.members` (member table), :mod:`.codec` (msgpack wire format); :mod:`.core`
 ties them together behind :class:`Gossip`. :mod:`.sim` runs thousands of cores in virtual
 time.
+
+:mod:`.keyring` seals datagrams with the cluster's gossip keys (AES-GCM), and
+:mod:`.shell` is the trio shell that runs a core on a UDP socket with streams over the Raft
+transport; the shell is not re-exported here, so that importing the pure core never imports trio.
 """
 
 from .codec import VERSION, decode, encode
@@ -15,6 +19,7 @@ from .config import GossipConfig, push_pull_scale, retransmit_limit, suspicion_t
 from .core import Gossip, Outgoing
 from .errors import ConfigError, DecodeError, GossipError, MetaTooLarge
 from .events import EventKind, MemberEvent
+from .keyring import Keyring, new_key
 from .members import MemberInfo
 from .messages import (
     Ack,
@@ -45,6 +50,7 @@ __all__ = [
     "GossipConfig",
     "GossipError",
     "IndirectPing",
+    "Keyring",
     "MemberEvent",
     "MemberInfo",
     "MemberRecord",
@@ -59,6 +65,7 @@ __all__ = [
     "Suspect",
     "decode",
     "encode",
+    "new_key",
     "push_pull_scale",
     "retransmit_limit",
     "suspicion_timeout",

@@ -134,6 +134,36 @@ class GossipConfig:
         except KeyError:
             raise ConfigError(f"unknown gossip profile {name!r}; use lan, wan or local") from None
 
+    @classmethod
+    def from_spec(cls, spec: str) -> GossipConfig:
+        """``PROFILE[,knob=value,...]``: a profile with some knobs changed, e.g. ``wan`` or
+        ``local,probe_interval=0.3,probe_timeout=0.1`` (the agent's ``--gossip`` flag). Knobs
+        are the field names of this class; values take the type of the profile's value."""
+        name, *pairs = (part.strip() for part in spec.split(","))
+        cfg = cls.profile(name or "lan")
+        changes: dict[str, object] = {}
+        for pair in pairs:
+            if not pair:
+                continue
+            key, eq, text = (x.strip() for x in pair.partition("="))
+            if not eq or not hasattr(cfg, key):
+                raise ConfigError(f"gossip setting {pair!r} is not knob=value with a known knob")
+            current = getattr(cfg, key)
+            try:
+                if isinstance(current, bool):
+                    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(text)
+                    changes[key] = text.lower() in ("true", "1", "yes")
+                elif isinstance(current, int):
+                    changes[key] = int(text)
+                else:
+                    changes[key] = float(text)
+            except ValueError:
+                raise ConfigError(
+                    f"gossip setting {key}={text!r} needs a {type(current).__name__}"
+                ) from None
+        return cfg.replace(**changes)
+
     def replace(self, **changes: object) -> GossipConfig:
         """A copy with ``changes`` applied, validated."""
         cfg = dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,308 @@
+"""The agent's gossip: a :class:`~meshgpu.mesh.gossip.shell.GossipShell` on the UDP side of the
+peer port, fed with this host's metadata and read by the API and the leader.
+
+Lifecycle (one task under the agent's nursery, started once the node has its identity and the
+Raft log has caught up far enough to hold the cluster's gossip key):
+
+1. wait for a gossip key in the replicated cluster state; the leader installs one when there is
+   none (a new cluster, or one created before gossip existed);
+2. bind UDP on ``--bind``:``--peer-port`` (the number Raft uses for TCP) and start the shell;
+   streams (push/pull, fallback pings) are ``APP`` requests on the Raft transport;
+3. join through the Raft members' peer addresses (retried while this member is alone);
+4. sample GPU telemetry every ``telemetry_interval_s`` and publish metadata
+   (:mod:`meshgpu.mesh.node_meta`); follow key rotations.
+
+Member ids are node ids (the ids of the replicated node records), so the gossip view and the
+records line up one to one. The incarnation starts from the wall clock in milliseconds, so a
+restarted agent always comes back above anything its previous run said (memberlist#311).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from consensus.core import ProposalDropped, Role
+from consensus.node import NotLeader, Timeout
+from consensus.transport import parse_address
+from meshgpu.mesh.gossip import (
+    Addr,
+    Gossip,
+    GossipConfig,
+    Keyring,
+    MemberInfo,
+    MemberState,
+    MetaTooLarge,
+    new_key,
+)
+from meshgpu.mesh.gossip.shell import GossipShell, TransportStreams
+from meshgpu.mesh.node_meta import build_meta, decisive, parse_meta, variants
+from meshgpu.state.cluster import InstallGossipKey, encode_cluster
+
+if TYPE_CHECKING:
+    from meshgpu.agent import Agent
+
+log = logging.getLogger(__name__)
+
+
+class MeshGossip:
+    """Gossip for one agent; see the module docstring."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        config: GossipConfig | None = None,
+        *,
+        telemetry_interval_s: float = 2.0,
+        telemetry_refresh_s: float = 10.0,
+        join_retry_s: float = 3.0,
+    ) -> None:
+        self.agent = agent
+        self.config = config if config is not None else GossipConfig.lan()
+        self.telemetry_interval_s = telemetry_interval_s
+        self.telemetry_refresh_s = telemetry_refresh_s
+        self.join_retry_s = join_retry_s
+        self.shell: GossipShell | None = None
+        self._keys: tuple[str, ...] = ()
+        self._book: dict[Addr, int] = {}
+        self._book_version = -1
+        self._rng = random.Random()
+
+    # ------------------------------------------------------------------ what others read
+
+    @property
+    def running_since(self) -> float | None:
+        """When this member's gossip started (trio clock); ``None`` while it is not running."""
+        return self.shell.started_at if self.shell is not None else None
+
+    def member(self, node_id: str) -> MemberInfo | None:
+        """This member's view of ``node_id`` (``None``: unknown, or gossip not running)."""
+        return self.shell.member(node_id) if self.shell is not None else None
+
+    def node_view(self, node_id: str) -> dict[str, Any] | None:
+        """The gossip part of ``GET /api/v1/nodes`` for one node."""
+        info = self.member(node_id)
+        if info is None:
+            return None
+        meta = parse_meta(info.meta)
+        return {
+            "state": info.state.name.lower(),
+            "incarnation": info.incarnation,
+            "for_s": round(max(0.0, trio.current_time() - info.state_since), 1),
+            "busy": list(meta.busy),
+            "unhealthy": {str(k): v for k, v in (meta.unhealthy or {}).items()},
+            "cut_off": meta.cut_off,
+        }
+
+    def telemetry(self, node_id: str) -> list[dict[str, Any]] | None:
+        """A peer's last published per-GPU telemetry (``None``: none known)."""
+        info = self.member(node_id)
+        if info is None or info.state not in (MemberState.ALIVE, MemberState.SUSPECT):
+            return None
+        return [dict(row) for row in parse_meta(info.meta).telemetry]
+
+    def summary(self, registered: set[str]) -> dict[str, Any]:
+        """This member's gossip status; ``registered``: node ids with a replicated record (gossip
+        members without one are listed, e.g. a host that joined gossip but not yet Raft)."""
+        shell = self.shell
+        if shell is None:
+            return {"running": False}
+        members = shell.members()
+        states = {s.name.lower(): 0 for s in MemberState}
+        for m in members:
+            states[m.state.name.lower()] += 1
+        return {
+            "running": True,
+            "member": shell.core.id,
+            "port": shell.port,
+            "members": states,
+            "health_score": shell.core.health_score,
+            "unregistered": [
+                {"node_id": m.id, "name": parse_meta(m.meta).name, "state": m.state.name.lower()}
+                for m in members
+                if m.id not in registered
+            ],
+            "stats": dict(shell.stats) | {f"core_{k}": v for k, v in shell.core.stats.items()},
+        }
+
+    async def handle_request(self, peer_id: int, body: bytes) -> bytes:
+        """The Raft transport's ``on_request``: a gossip stream from an authenticated peer."""
+        shell = self.shell
+        return shell.handle_stream(body) if shell is not None else b""
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self) -> None:
+        agent = self.agent
+        keys = await self._wait_for_keys()
+        addr = parse_address(agent.peer_address)
+        core = Gossip(
+            agent.node_id,
+            addr,
+            self._meta(None),
+            self.config,
+            incarnation=int(time.time() * 1000),
+        )
+        shell = GossipShell(
+            core,
+            self._keyring(keys),
+            TransportStreams(agent.transport, self._resolve),  # type: ignore[arg-type]
+            host=agent.settings.bind,
+            port=agent.settings.peer_port,  # the real number once the transport bound it
+        )
+        async with trio.open_nursery() as nursery:
+            failures = 0
+            while True:
+                try:
+                    await nursery.start(shell.run)
+                    break
+                except OSError as e:
+                    # Not fatal: liveness falls back to Raft alone until the port frees up.
+                    log.log(
+                        logging.ERROR if failures == 0 else logging.DEBUG,
+                        "gossip cannot bind UDP %s:%d (%s); retrying, Raft alone says who is up",
+                        agent.settings.bind,
+                        agent.settings.peer_port,
+                        e,
+                    )
+                    failures += 1
+                    await trio.sleep(5.0)
+            self.shell = shell
+            try:
+                nursery.start_soon(self._join_loop, shell)
+                nursery.start_soon(self._meta_loop, shell)
+                nursery.start_soon(self._key_loop, shell)
+                await trio.sleep_forever()
+            finally:
+                self.shell = None
+
+    async def _wait_for_keys(self) -> list[str]:
+        agent = self.agent
+        while not agent.cluster.gossip_keys:
+            if agent.node.role is Role.LEADER:
+                try:
+                    await agent._propose(  # noqa: SLF001 - the agent's one way to propose
+                        encode_cluster(InstallGossipKey(at=time.time(), key_hex=new_key().hex()))
+                    )
+                    log.info("installed a cluster gossip key")
+                except (NotLeader, Timeout, ProposalDropped) as e:
+                    log.info("gossip key deferred: %s", e)
+            await trio.sleep(0.2)
+        return list(agent.cluster.gossip_keys)
+
+    def _keyring(self, keys: list[str]) -> Keyring:
+        self._keys = tuple(keys)
+        return Keyring([bytes.fromhex(k) for k in keys], self.agent.cluster.cluster_id)
+
+    async def _key_loop(self, shell: GossipShell) -> None:
+        while True:
+            await trio.sleep(1.0)
+            keys = self.agent.cluster.gossip_keys
+            if keys and tuple(keys) != self._keys:
+                shell.set_keyring(self._keyring(list(keys)))
+                log.info("gossip keys rotated (%d in the ring)", len(keys))
+
+    def _seeds(self) -> list[Addr]:
+        me = self.agent.identity.get("raft_id")
+        seeds = []
+        for m in self.agent.cluster.members.values():
+            if m.removed or m.raft_id == me or not m.peer_address:
+                continue
+            try:
+                seeds.append(parse_address(m.peer_address))
+            except ValueError:
+                continue
+        return seeds
+
+    async def _join_loop(self, shell: GossipShell) -> None:
+        """Join while alone (at start, or after every other member was lost); once in, SWIM's
+        push/pull and reconnects keep the view whole."""
+        attempts = 0
+        while True:
+            seeds = self._seeds()
+            if seeds and shell.core.live_count() <= 1:
+                picked = self._rng.sample(seeds, min(3, len(seeds)))
+                log.log(
+                    logging.INFO if attempts == 0 else logging.DEBUG,
+                    "gossip joining through %s",
+                    ", ".join(f"{h}:{p}" for h, p in picked),
+                )
+                shell.join(picked)
+                attempts += 1
+            else:
+                attempts = 0
+            await trio.sleep(self.join_retry_s)
+
+    def _resolve(self, addr: Addr) -> int | None:
+        """The Raft id at a gossip address: the transport dials (and authenticates) by id."""
+        cluster = self.agent.cluster
+        if self._book_version != cluster.version:
+            book = {}
+            for m in cluster.members.values():
+                if not m.removed and m.peer_address:
+                    try:
+                        book[parse_address(m.peer_address)] = m.raft_id
+                    except ValueError:
+                        continue
+            self._book, self._book_version = book, cluster.version
+        rid = self._book.get(addr)
+        if rid is None and self.shell is not None:  # admitted, but not applied here yet
+            for info in self.shell.members():
+                if info.addr == addr:
+                    return parse_meta(info.meta).raft_id
+        return rid
+
+    # ------------------------------------------------------------------ metadata
+
+    def _meta(self, telemetry: Any) -> dict[str, Any]:
+        agent = self.agent
+        record = agent.state.nodes.get(agent.node_id)
+        busy = set()
+        for job_id in list(agent.executor.local):
+            job = agent.state.jobs.get(job_id)
+            if job is not None and job.node_id == agent.node_id:
+                busy.update(job.gpu_indices)
+        return build_meta(
+            raft_id=int(agent.identity.get("raft_id") or 0),
+            name=agent.node_name,
+            api_url=agent.api_url,
+            labels=agent.settings.labels,
+            gpus=record.gpus if record is not None else [],
+            telemetry=telemetry,
+            busy=busy,
+            cut_off=agent.cut_off,
+        )
+
+    async def _meta_loop(self, shell: GossipShell) -> None:
+        published: dict[str, Any] | None = None
+        published_at = -float("inf")
+        too_large = False
+        while True:
+            try:
+                samples = await trio.to_thread.run_sync(self.agent.gpus.telemetry)
+            except Exception as e:  # a driver hiccup: publish no health rather than stop
+                log.warning("GPU telemetry failed: %s", e)
+                samples = None
+            meta = self._meta(samples)
+            now = trio.current_time()
+            if (
+                published is None
+                or decisive(meta) != decisive(published)
+                or (meta != published and now - published_at >= self.telemetry_refresh_s)
+            ):
+                for candidate in variants(meta):
+                    try:
+                        shell.update_meta(candidate)
+                        break
+                    except MetaTooLarge:
+                        continue
+                else:
+                    if not too_large:
+                        log.warning("gossip metadata does not fit even trimmed; not updated")
+                    too_large = True
+                published, published_at = meta, now
+            await trio.sleep(self.telemetry_interval_s)
