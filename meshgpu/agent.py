@@ -947,4 +947,11 @@ class Agent:
                 yield f"\n[meshgpu: the log stream from {api_url} broke: {e}]\n".encode()
 
     def _ended_on_disk(self, job_id: str) -> bool:
-        return self.runner.result(job_id) is not None
+        """Nothing more will be written to the job's log here: its supervisor recorded the end,
+        or the job never started on this host (it failed before launch: no record, no log)."""
+        if self.runner.result(job_id) is not None:
+            return True
+        try:
+            return not (self.runner.job_dir(job_id) / "job.json").exists()
+        except ValueError:
+            return True
