@@ -60,6 +60,7 @@ from meshgpu.security import (
     create_cluster,
     fingerprint,
     hash_api_token,
+    seal,
     sign_csr,
     unseal,
 )
@@ -579,7 +580,9 @@ class Agent:
                 for m in self.cluster.members.values()
                 if not m.removed
             },
-            "api_token": self.admin_token,
+            # Sealed to the key of the CSR: the join travels over plain HTTP, and only the
+            # host that holds that key (the one whose proof was checked) can read the token.
+            "api_token_sealed": seal(self.admin_token.encode(), cmd.csr_pem.encode()).hex(),
         }
 
     async def aclose(self) -> None:

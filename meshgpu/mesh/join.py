@@ -10,8 +10,10 @@ prior trust. The member forwards the request to the leader, which checks the pro
 (``AdmitNode``), signs the CSR and adds the host as a learner.
 
 Why the API port and not the peer port: the peer port speaks only mutual TLS, which a host
-without a certificate yet cannot complete; the join needs no TLS because nothing in it is secret
-(the proof is bound to the CSR, and the reply is verified against the pinned CA).
+without a certificate yet cannot complete; the join needs no TLS: the proof is bound to the CSR (a replayed request only
+gets a certificate for someone else's key), the reply is verified against the pinned CA, and the
+one secret in it, the cluster API token, is sealed to the CSR's public key (ECDH + AES-GCM), so
+an eavesdropper learns nothing it can use.
 """
 
 from __future__ import annotations
@@ -21,8 +23,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from cryptography.exceptions import InvalidTag
 
-from meshgpu.security import JoinToken, NodeIdentity, PKIError, fingerprint, verify_node_cert
+from meshgpu.security import (
+    JoinToken,
+    NodeIdentity,
+    PKIError,
+    fingerprint,
+    unseal,
+    verify_node_cert,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +106,18 @@ async def request_join(
                 verify_node_cert(ca_pem, cert_pem, int(doc["raft_id"]))
             except PKIError as e:
                 raise JoinError(str(e)) from None
+            try:
+                api_token = unseal(
+                    bytes.fromhex(doc["api_token_sealed"]), identity.private_key()
+                ).decode()
+            except (KeyError, ValueError, InvalidTag) as e:
+                raise JoinError(f"{url} sent an API token this host cannot open: {e!r}") from None
             identity.install(ca_pem, cert_pem)
             return JoinResult(
                 int(doc["raft_id"]),
                 doc["cluster_id"],
                 {int(k): v for k, v in doc["members"].items()},
-                doc["api_token"],
+                api_token,
             )
     raise JoinError(
         "no member answered: " + "; ".join(errors) if errors else "no member address to try"
