@@ -85,12 +85,20 @@ class Timeout(Exception):
     request id to find out: it will not take effect twice)."""
 
 
+_UNKNOWN = object()
+
+
 @dataclass(frozen=True, slots=True)
 class Duplicate:
-    """The request id had already been applied (at ``index``); the request had effect once."""
+    """The request id had already been applied (at ``index``); the request had effect once.
+
+    ``result`` is what that application returned when this node still remembers it; results are
+    kept in memory only (the dedup window itself is in snapshots), so after a restart, or for an
+    old request, ``known`` is False and the caller must look the outcome up in its state."""
 
     index: int
     result: Any = None
+    known: bool = True
 
 
 @dataclass(slots=True)
@@ -237,7 +245,7 @@ class RaftNode:
                 if waiter.done:
                     return waiter.result
                 if rid in self._dedup:
-                    return Duplicate(self._dedup[rid], self._results.get(rid))
+                    return self._duplicate(rid)
                 waiter.rearm()
                 refused: list[ProposalDropped] = []
                 done = trio.Event()
@@ -513,7 +521,7 @@ class RaftNode:
                 dups[rid] = self._dedup[rid]
                 batch.append((e.index, b""))  # already applied once: apply as a no-op
                 rids.append(b"")
-                self._wake(rid, Duplicate(self._dedup[rid], self._results.get(rid)), e.index)
+                self._wake(rid, self._duplicate(rid), e.index)
                 continue
             self._dedup[rid] = e.index
             batch.append((e.index, payload))
@@ -523,6 +531,12 @@ class RaftNode:
         while len(self._dedup) > self.options.dedup_window:
             self._dedup.popitem(last=False)
         self._since_snapshot += len(entries)
+
+    def _duplicate(self, rid: bytes) -> Duplicate:
+        result = self._results.get(rid, _UNKNOWN)
+        if result is _UNKNOWN:
+            return Duplicate(self._dedup[rid], None, known=False)
+        return Duplicate(self._dedup[rid], result)
 
     def _flush(self, batch: list[tuple[int, bytes]], rids: list[bytes]) -> None:
         if not batch:

@@ -269,7 +269,9 @@ class Agent:
     ) -> Any:
         result = await self.node.propose(data, request_id=request_id, timeout=timeout)
         if isinstance(result, Duplicate):
-            return result.result
+            # Applied once already. Its result is forgotten after a restart of this node: then
+            # the caller reads the outcome from the state (a submission: by its request id).
+            return result.result if result.known else Result(True, None, code="duplicate")
         return result
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -854,6 +856,18 @@ class Agent:
                 code=code,
             )
             result: Result = await self._propose(encode(cmd), request_id=rid.encode())
+            if result.code == "duplicate":  # this request was applied before: find its run
+                name = self.state.requests.get(rid)
+                result = (
+                    Result(True, name)
+                    if name is not None
+                    else Result(
+                        False,
+                        error="this request id was already used by a submission that was "
+                        "refused; submit again with a new request id",
+                        code="request_id_used",
+                    )
+                )
             if result.ok or chosen or result.code != "name_in_use":
                 break
         if not result.ok:

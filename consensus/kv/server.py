@@ -89,6 +89,8 @@ class KVServer:
                     timeout=req.get("timeout", 5.0),
                 )
                 if isinstance(result, Duplicate):
+                    if not result.known:  # applied once, but what it returned is forgotten
+                        return {"ok": False, "error": "duplicate", "unknown": True}
                     return {"ok": True, "value": result.result, "duplicate": True}
                 return {"ok": True, "value": result}
             if op == "get":

@@ -17,6 +17,7 @@ import pytest
 
 from meshgpu.client import Client
 from meshgpu.client.http import Profile
+from meshgpu.testing import free_port, kill_job_processes
 
 
 @dataclass
@@ -111,34 +112,64 @@ class AgentProc:
 
     def kill_jobs(self) -> None:
         """Jobs outlive agents by design; tests must not leave them behind."""
-        for pidfile in (self.data_dir / "jobs").glob("*/job.pid"):
-            try:
-                os.killpg(json.loads(pidfile.read_text())["pgid"], signal.SIGKILL)
-            except (ProcessLookupError, PermissionError, ValueError, KeyError):
-                pass
-        for pidfile in [
-            *(self.data_dir / "jobs").glob("*/shim.pid"),
-            self.data_dir / "jobs" / "launcher.pid",
-        ]:
-            if not pidfile.exists():
-                continue
-            try:
-                os.kill(json.loads(pidfile.read_text())["pid"], signal.SIGKILL)
-            except (ProcessLookupError, PermissionError, ValueError, KeyError):
-                pass
+        kill_job_processes(self.data_dir)
+
+    def close(self) -> None:
+        """Clients, the agent (woken first if a test stopped it), its jobs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+        self.close_clients()
+        self.stop()
+        self.kill_jobs()
+
+
+def start_mesh(
+    root: Path, specs: dict[str, str], extra: list[str] | None = None
+) -> list[AgentProc]:
+    """Agents ``node-<name>`` with the fake GPUs of ``specs`` (in order): the first founds the
+    cluster, the others join it with its token. Each gets a fixed peer port, so a restarted one
+    rejoins as itself. On a failure to start, those started are stopped again."""
+    agents: list[AgentProc] = []
+    try:
+        for name, gpus in specs.items():
+            join: list[str] = []
+            if agents:
+                token = json.loads((agents[0].data_dir / "join-token.json").read_text())["token"]
+                join = ["--token", token, "--join", agents[0].url]
+            ag = AgentProc(
+                root / name,
+                gpus,
+                name=f"node-{name}",
+                extra_args=["--peer-port", str(free_port()), *join, *(extra or [])],
+            )
+            ag.data_dir.mkdir()
+            agents.append(ag.start())
+    except BaseException:
+        stop_all(agents)
+        raise
+    return agents
+
+
+def stop_all(agents: list[AgentProc]) -> None:
+    for ag in agents:
+        ag.close()
 
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProc]:
-    a = AgentProc(tmp_path / "agent", "8xH100:80GB", extra_env={"MESHGPU_CODE_LIMIT_MB": "1"})
+    yield from running(
+        AgentProc(tmp_path / "agent", "8xH100:80GB", extra_env={"MESHGPU_CODE_LIMIT_MB": "1"})
+    )
+
+
+def running(a: AgentProc) -> Iterator[AgentProc]:
+    """Start ``a`` for a fixture to yield; closed (with its jobs) afterwards."""
     a.data_dir.mkdir()
     a.start()
     try:
         yield a
     finally:
-        a.close_clients()
-        a.stop()
-        a.kill_jobs()
+        a.close()
 
 
 def wait_for(predicate, timeout: float = 30, interval: float = 0.05):  # type: ignore[no-untyped-def]

@@ -4,7 +4,6 @@ land on whichever host has the GPUs, logs are proxied, losing the leader loses n
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -15,55 +14,20 @@ import httpx
 import pytest
 
 from meshgpu.client import APIError
-from tests.agent.conftest import AgentProc, wait_for
+from meshgpu.testing import free_port
+from tests.agent.conftest import AgentProc, start_mesh, stop_all, wait_for
 
 # Gossip timing for tests: memberlist's local profile, faster probes (suspicion 1.5-9 s).
 FAST_GOSSIP = ["--gossip", "local,probe_interval=0.5,probe_timeout=0.2,gossip_interval=0.05"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[list[AgentProc]]:
-    fast = ["--tick-ms", "50"]
-    a = AgentProc(
-        tmp_path / "a",
-        "2xH100:80GB",
-        name="node-a",
-        extra_args=["--peer-port", str(free_port()), *fast],
-    )
-    agents = [a]
+    agents = start_mesh(tmp_path, dict.fromkeys("abc", "2xH100:80GB"), ["--tick-ms", "50"])
     try:
-        a.data_dir.mkdir()
-        a.start()
-        token = json.loads((a.data_dir / "join-token.json").read_text())["token"]
-        for name in ("b", "c"):
-            ag = AgentProc(
-                tmp_path / name,
-                "2xH100:80GB",
-                name=f"node-{name}",
-                extra_args=[
-                    "--peer-port",
-                    str(free_port()),
-                    "--token",
-                    token,
-                    "--join",
-                    a.url,
-                    *fast,
-                ],
-            )
-            ag.data_dir.mkdir()
-            agents.append(ag.start())
         yield agents
     finally:
-        for ag in agents:
-            ag.close_clients()
-            ag.stop()
-            ag.kill_jobs()
+        stop_all(agents)
 
 
 def test_join_promote_place_across_hosts_and_survive_the_leader(
@@ -189,25 +153,9 @@ def test_a_dead_host_is_declared_and_its_job_is_fenced_when_it_returns(tmp_path:
     import signal as sig
 
     fast = ["--tick-ms", "50", "--dead-grace", "3s", *FAST_GOSSIP]
-    a = AgentProc(
-        tmp_path / "a",
-        "1xH100:80GB",
-        name="node-a",
-        extra_args=["--peer-port", str(free_port()), *fast],
-    )
-    agents = [a]
+    agents = start_mesh(tmp_path, {"a": "1xH100:80GB", "b": "2xH100:80GB"}, fast)
+    a, b = agents
     try:
-        a.data_dir.mkdir()
-        a.start()
-        token = json.loads((a.data_dir / "join-token.json").read_text())["token"]
-        b = AgentProc(
-            tmp_path / "b",
-            "2xH100:80GB",
-            name="node-b",
-            extra_args=["--peer-port", str(free_port()), "--token", token, "--join", a.url, *fast],
-        )
-        b.data_dir.mkdir()
-        agents.append(b.start())
         ca = a.client()
         wait_for(lambda: len(ca.nodes()) == 2)
         # Only node-b has 2 GPUs: the job must land there.
@@ -243,32 +191,14 @@ def test_a_dead_host_is_declared_and_its_job_is_fenced_when_it_returns(tmp_path:
             timeout=30,
         )
     finally:
-        for ag in agents:
-            if ag.proc is not None and ag.proc.poll() is None:
-                ag.proc.send_signal(sig.SIGCONT)
-            ag.close_clients()
-            ag.stop()
-            ag.kill_jobs()
+        stop_all(agents)
 
 
 def test_gossip_sees_a_death_and_a_gpu_fault_keeps_work_off_the_gpu(tmp_path: Path) -> None:
     fast = ["--tick-ms", "50", "--dead-grace", "3s", *FAST_GOSSIP]
     specs = {"a": "1xH100:80GB", "b": "2xH100:80GB", "c": "1xH100:80GB"}
-    agents: list[AgentProc] = []
+    agents = start_mesh(tmp_path, specs, fast)
     try:
-        for name, gpus in specs.items():
-            join = []
-            if agents:
-                token = json.loads((agents[0].data_dir / "join-token.json").read_text())["token"]
-                join = ["--token", token, "--join", agents[0].url]
-            ag = AgentProc(
-                tmp_path / name,
-                gpus,
-                name=f"node-{name}",
-                extra_args=["--peer-port", str(free_port()), *join, *fast],
-            )
-            ag.data_dir.mkdir()
-            agents.append(ag.start())
         a, b, c = agents
         ca, cc = a.client(), c.client()
 
@@ -322,7 +252,4 @@ def test_gossip_sees_a_death_and_a_gpu_fault_keeps_work_off_the_gpu(tmp_path: Pa
         )
         assert gossip_states(ca)["node-a"] == gossip_states(ca)["node-b"] == "alive"
     finally:
-        for ag in agents:
-            ag.close_clients()
-            ag.stop()
-            ag.kill_jobs()
+        stop_all(agents)

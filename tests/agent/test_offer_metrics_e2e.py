@@ -12,21 +12,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.agent.conftest import AgentProc, wait_for
-from tests.agent.test_mesh import free_port
+from tests.agent.conftest import AgentProc, running, start_mesh, stop_all, wait_for
 
 
 @pytest.fixture
 def blocks_agent(tmp_path: Path) -> Iterator[AgentProc]:
-    a = AgentProc(tmp_path / "agent", "8xH100:80GB", extra_args=["--blocks", "2"])
-    a.data_dir.mkdir()
-    a.start()
-    try:
-        yield a
-    finally:
-        a.close_clients()
-        a.stop()
-        a.kill_jobs()
+    yield from running(AgentProc(tmp_path / "agent", "8xH100:80GB", extra_args=["--blocks", "2"]))
 
 
 def _json(r: subprocess.CompletedProcess[str]) -> dict:
@@ -149,26 +140,9 @@ def test_agent_refuses_a_bad_blocks_value(value: str, tmp_path: Path) -> None:
 
 
 def test_metrics_of_a_job_on_another_host_are_proxied(tmp_path: Path) -> None:
-    fast = ["--tick-ms", "50"]
-    a = AgentProc(
-        tmp_path / "a",
-        "2xH100:80GB",
-        name="node-a",
-        extra_args=["--peer-port", str(free_port()), *fast],
-    )
-    agents = [a]
+    agents = start_mesh(tmp_path, {"a": "2xH100:80GB", "b": "2xA100:40GB"}, ["--tick-ms", "50"])
+    a, _ = agents
     try:
-        a.data_dir.mkdir()
-        a.start()
-        token = json.loads((a.data_dir / "join-token.json").read_text())["token"]
-        b = AgentProc(
-            tmp_path / "b",
-            "2xA100:40GB",
-            name="node-b",
-            extra_args=["--peer-port", str(free_port()), "--token", token, "--join", a.url, *fast],
-        )
-        b.data_dir.mkdir()
-        agents.append(b.start())
         ca = a.client()
         wait_for(lambda: len(ca.nodes()) == 2)
         # Offers see the whole mesh from any node: only node-b has A100s.
@@ -191,7 +165,4 @@ def test_metrics_of_a_job_on_another_host_are_proxied(tmp_path: Path) -> None:
             gate.touch()
         wait_for(lambda: ca.run("on-b")["status"] == "done")
     finally:
-        for ag in agents:
-            ag.close_clients()
-            ag.stop()
-            ag.kill_jobs()
+        stop_all(agents)

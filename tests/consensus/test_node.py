@@ -95,6 +95,31 @@ async def test_request_id_applies_once_even_through_another_member(cluster: Clus
     assert cluster.nodes[1].fsm.get("x") == 2  # the retry did not overwrite the later write
 
 
+async def test_a_duplicate_after_a_restart_says_its_result_is_unknown(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Results live in memory; a node that learned of a request only through a snapshot knows
+    the request id was applied (the dedup window is in snapshots) but not what it returned: it
+    must say so rather than answer None as if that were the result."""
+    cluster = Cluster(tmp_path, nursery, [1, 2, 3])
+    for i in cluster.ids:
+        await cluster.start(i, snapshot_every=5)
+    await cluster.leader()
+    cluster.kill(3)
+    rid = b"client-7-cas-1"
+    assert await cluster.nodes[2].propose(put("y", 1), request_id=rid, timeout=5) is True
+    again = await cluster.nodes[2].propose(put("y", 1), request_id=rid, timeout=5)
+    assert isinstance(again, Duplicate) and again.known and again.result is True, again
+    for i in range(30):  # snapshots and compaction: node 3 catches up from a snapshot
+        await cluster.nodes[1].propose(put(f"z{i}", i), timeout=5)
+    back = await cluster.start(3, snapshot_every=5)
+    with trio.fail_after(10):
+        while back.fsm.get("z29") != 29:
+            await trio.sleep(0.01)
+    late = await back.propose(put("y", 1), request_id=rid, timeout=5)
+    assert isinstance(late, Duplicate) and not late.known and late.result is None, late
+
+
 async def test_leader_killed_survivors_elect_and_it_restarts_from_disk(cluster: Cluster) -> None:
     old = await cluster.leader()
     for i in range(20):
