@@ -173,6 +173,7 @@ class Agent:
         self.code = CodeStore(self.code_dir, lambda: self.admin_token, limit=settings.code_limit)
         self.replicated = Replicated()
         self.state = self.replicated.jobs
+        self._members, self._members_at = b"", -1e9
         self.cluster = self.replicated.cluster
         self.node: RaftNode = None  # type: ignore[assignment]  # created in run()
         self.transport: Transport | None = None
@@ -702,6 +703,18 @@ class Agent:
                 self._reasons, seen = {}, -1
                 await trio.sleep(o.tick_s)
                 self._demand.set()
+
+    def members_header(self) -> bytes:
+        """API URLs of the live members, for clients to fall back on (cached for a second)."""
+        now = time.monotonic()
+        if now - self._members_at > 1.0:
+            self._members_at = now
+            self._members = ",".join(
+                n.api_url
+                for n in self.state.nodes.values()
+                if n.api_url and n.status != "dead" and n.node_id != self.node_id
+            ).encode()
+        return self._members
 
     def _hosts_heard(self) -> bool:
         """Has this leader heard from every host the state calls active since it took over?"""

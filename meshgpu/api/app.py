@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from meshgpu.api import metrics, offers, problems
 from meshgpu.api.problems import Problem
 from meshgpu.api.views import node_view, run_view
+from meshgpu.client.http import MEMBERS_HEADER
 from meshgpu.runner.code import valid_sha256
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 MAX_JSON_BODY = 1 << 20
 APPLIED_HEADER = "X-Meshgpu-Applied-Index"
 APPLIED_HEADER_B = APPLIED_HEADER.lower().encode()
+MEMBERS_HEADER_B = MEMBERS_HEADER.lower().encode()
 
 
 class SubmitBody(BaseModel):
@@ -84,6 +86,9 @@ class _LimitsAndIndex:
                     *message.get("headers", ()),
                     (APPLIED_HEADER_B, b"%d" % agent.node.applied),
                 ]
+                members = agent.members_header()
+                if members:  # where a client can go when this node does not answer
+                    headers.append((MEMBERS_HEADER_B, members))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -21,10 +21,17 @@ class APIError(Exception):
         self.status, self.title, self.detail, self.code = status, title, detail, code
 
 
+MEMBERS_HEADER = "X-Meshgpu-Members"
+
+
 @dataclass(frozen=True)
 class Profile:
     url: str
     token: str
+    # Other nodes' API URLs to fall back on when ``url`` does not answer (any node accepts
+    # work); learned from responses and kept in the profile file (``path``) when there is one.
+    members: tuple[str, ...] = ()
+    path: Path | None = None
 
 
 def default_config_path() -> Path:
@@ -40,36 +47,80 @@ def load_profile(url: str | None = None, token: str | None = None) -> Profile:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise APIError(0, f"cannot read the client profile {path}", str(e)) from None
-    url = url or os.environ.get("MESHGPU_URL") or data.get("url")
+    given = url or os.environ.get("MESHGPU_URL")
     token = token or os.environ.get("MESHGPU_TOKEN") or data.get("token")
-    if not url:
+    # ``--url``/``MESHGPU_URL`` may list several nodes, comma-separated: the first is asked
+    # first, the rest when it does not answer.
+    urls = [u.strip().rstrip("/") for u in (given or data.get("url") or "").split(",")]
+    urls = [u for u in urls if u]
+    if not urls:
         raise APIError(
             0,
             "no meshgpu node to talk to",
             f"start an agent (meshgpu agent) or pass --url / set MESHGPU_URL; looked for {path}",
         )
-    return Profile(url.rstrip("/"), token or "")
+    members = [*urls[1:]]
+    if not given:  # members remembered in the profile belong to the profile's node
+        members += [str(m).rstrip("/") for m in data.get("members") or []]
+    return Profile(
+        urls[0],
+        token or "",
+        tuple(dict.fromkeys(m for m in members if m != urls[0])),
+        path if path.exists() and not given else None,
+    )
 
 
-def write_profile(path: Path, url: str, token: str) -> None:
+def write_profile(
+    path: Path, url: str, token: str, members: tuple[str, ...] | list[str] = ()
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f'url = "{url}"\ntoken = "{token}"\n')
+    text = f'url = "{url}"\ntoken = "{token}"\n'
+    if members:
+        text += "members = [" + ", ".join(f'"{m}"' for m in members) + "]\n"
+    tmp.write_text(text)
     tmp.chmod(0o600)
     tmp.replace(path)
 
 
 class Client:
+    """One node's API, with the others as fallbacks: a request that cannot reach a node (or
+    gets no answer) is sent to the next member it knows. Every write carries what makes it
+    idempotent (submissions a request id; stop, priority and code uploads are idempotent by
+    nature), so a retry on another node never does the thing twice."""
+
     def __init__(self, profile: Profile, timeout: float = 30.0) -> None:
         self.profile = profile
+        self._urls = [profile.url, *profile.members]
         self._http = httpx.Client(
             base_url=profile.url,
             headers={"Authorization": f"Bearer {profile.token}"} if profile.token else {},
             timeout=httpx.Timeout(timeout, connect=5.0),
         )
 
+    @property
+    def url(self) -> str:
+        """The node this client talks to now."""
+        return str(self._http.base_url).rstrip("/")
+
     def close(self) -> None:
         self._http.close()
+
+    def _learn_members(self, r: httpx.Response) -> None:
+        header = r.headers.get(MEMBERS_HEADER)
+        if not header:
+            return
+        members = [u for u in header.split(",") if u and u != self.url]
+        known = [u for u in self._urls if u != self.url]
+        if set(members) <= set(known):
+            return
+        self._urls = [self.url, *dict.fromkeys([*members, *known])]
+        p = self.profile
+        if p.path is not None and self.url == p.url:
+            try:
+                write_profile(p.path, p.url, p.token, tuple(self._urls[1:]))
+            except OSError:
+                pass  # a read-only profile: the members are only remembered for this process
 
     def __enter__(self) -> Client:
         return self
@@ -78,12 +129,24 @@ class Client:
         self.close()
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            r = self._http.request(method, path, **kw)
-        except httpx.TransportError as e:
+        failures: list[str] = []
+        r = None
+        for _ in range(len(self._urls)):
+            try:
+                r = self._http.request(method, path, **kw)
+                break
+            except httpx.TransportError as e:
+                failures.append(f"{self.url}: {type(e).__name__}: {e}")
+                if not self._next_member():
+                    break
+        if r is None:
             raise APIError(
-                0, f"cannot reach {self.profile.url}", f"{type(e).__name__}: {e}"
-            ) from None
+                0,
+                f"cannot reach {self.profile.url}"
+                + (" nor any other member it knows" if len(self._urls) > 1 else ""),
+                "; ".join(failures),
+            )
+        self._learn_members(r)
         if r.status_code >= 400:
             try:
                 doc = r.json()
@@ -93,6 +156,14 @@ class Client:
                 r.status_code, doc.get("title", "error"), doc.get("detail", ""), doc.get("code", "")
             )
         return r
+
+    def _next_member(self) -> bool:
+        """Talk to the next member from now on; False if there is no other."""
+        if len(self._urls) < 2:
+            return False
+        i = self._urls.index(self.url) if self.url in self._urls else -1
+        self._http.base_url = httpx.URL(self._urls[(i + 1) % len(self._urls)])
+        return True
 
     # -- endpoints ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

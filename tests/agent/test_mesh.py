@@ -4,6 +4,7 @@ land on whichever host has the GPUs, logs are proxied, losing the leader loses n
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from meshgpu.client import APIError
+from meshgpu.client.http import write_profile
 from meshgpu.testing import free_port
 from tests.agent.conftest import AgentProc, start_mesh, stop_all, wait_for
 
@@ -66,6 +68,28 @@ def test_join_promote_place_across_hosts_and_survive_the_leader(
     leader_raft = ca.status()["leader"]
     victim = next(ag for ag in mesh if ag.client().status()["raft_id"] == leader_raft)
     survivors = [ag for ag in mesh if ag is not victim]
+    # A CLI whose profile names the leader learns the other members from its answers ...
+    profile = tmp_path / "client.toml"
+    write_profile(profile, victim.url, victim.token)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGPU_")}
+    env["MESHGPU_CONFIG"] = str(profile)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meshgpu", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=work,
+            timeout=60,
+            check=False,
+        )
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "task.yml").write_text("type: task\ncommands: [echo via-cli]\n")
+    assert cli("status", "--json").returncode == 0
+    assert all(ag.url in profile.read_text() for ag in survivors)
     t = time.monotonic()
     victim.kill()
     sc = survivors[0].client()
@@ -86,6 +110,12 @@ def test_join_promote_place_across_hosts_and_survive_the_leader(
     run = wait_for(lambda: (r := sc.run("after")) and r["status"] == "done" and r, timeout=30)
     assert run["jobs"][0]["node"] != victim.name
     assert took < 15
+    # ... and goes to them when the node it names is dead: submit and ps still work.
+    r = cli("submit", "-f", "task.yml", "--name", "via-cli")
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = wait_for(lambda: (x := sc.run("via-cli")) and x["status"] == "done" and x, timeout=30)
+    r = cli("ps", "-a", "--json")
+    assert r.returncode == 0 and "via-cli" in r.stdout, r.stdout + r.stderr
 
 
 def test_a_host_without_a_valid_token_is_refused(mesh: list[AgentProc], tmp_path: Path) -> None:
