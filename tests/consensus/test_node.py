@@ -89,6 +89,8 @@ async def test_request_id_applies_once_even_through_another_member(cluster: Clus
     rid = b"client-42-req-1"
     first = await cluster.nodes[1].propose(put("x", 1), request_id=rid, timeout=5)
     await cluster.nodes[2].propose(put("x", 2), timeout=5)
+    # Once node 3 has applied the first (else its waiter is answered by that application).
+    await cluster.nodes[3].read_index(timeout=5)
     again = await cluster.nodes[3].propose(put("x", 1), request_id=rid, timeout=5)
     assert first is True and isinstance(again, Duplicate)
     await cluster.nodes[1].read_index()
