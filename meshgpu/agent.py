@@ -45,7 +45,7 @@ from meshgpu.gpu import FakeProvider, collect_inventory, detect
 from meshgpu.mesh.address import choose_address, host_port, is_unspecified
 from meshgpu.mesh.discovery import Advertiser, browse
 from meshgpu.mesh.gossip import GossipConfig
-from meshgpu.mesh.join import JoinError, normalize_member_url, request_join
+from meshgpu.mesh.join import JoinError, join_urls, normalize_member_url, request_join
 from meshgpu.mesh.membership import MembershipManager, MembershipPolicy
 from meshgpu.mesh.node_gossip import MeshGossip
 from meshgpu.runner import ProcessRunner
@@ -349,7 +349,7 @@ class Agent:
             return False  # a restart: same node, same certificate, same Raft id
         if s.token:
             token = JoinToken.parse(s.token)
-            urls = [normalize_member_url(a) for a in s.join]
+            urls = [u for a in s.join for u in join_urls(a)]
             if not urls and s.mdns:
                 found = await trio.to_thread.run_sync(
                     browse, token.cluster_id, s.advertise or s.bind, 10.0

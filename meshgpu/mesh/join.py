@@ -49,6 +49,20 @@ class JoinResult:
     api_token: str
 
 
+def join_urls(address: str, api_port: int = 7480) -> list[str]:
+    """API URLs to try for a ``--join`` address. INTERFACE.md's form is a member's *peer*
+    address (``host:7481``), and people also pass its API address: a ``host:port`` whose port is
+    not the API's is tried as given, then at the default API port of the same host (the peer
+    port speaks only mutual TLS, so a plain-HTTP join there fails at once)."""
+    url = normalize_member_url(address, api_port)
+    if address.startswith(("http://", "https://")):
+        return [url]
+    parsed = httpx.URL(url)
+    if parsed.port == api_port:
+        return [url]
+    return [url, str(parsed.copy_with(port=api_port)).rstrip("/")]
+
+
 def normalize_member_url(address: str, default_port: int = 7480) -> str:
     if address.startswith(("http://", "https://")):
         return address.rstrip("/")

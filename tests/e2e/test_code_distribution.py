@@ -92,7 +92,15 @@ def test_a_job_on_another_host_fetches_the_upload_from_the_accepting_node(
     ha, hb = lab.hosts(2)
     # No copies: the only way for b to get the code is to fetch it from a.
     a = lab.start(ha, "a", fake_gpus="1xA100:40GB", bind="0.0.0.0", extra=["--code-copies", "0"])
-    b = lab.start(hb, "b", _token(a), fake_gpus="1xH100:80GB", bind="0.0.0.0")
+    # b joins through a's *peer* address, as INTERFACE.md writes it (not by mDNS).
+    b = lab.start(
+        hb,
+        "b",
+        _token(a),
+        fake_gpus="1xH100:80GB",
+        bind="0.0.0.0",
+        extra=["--join", f"{ha.ip}:7481", "--no-mdns"],
+    )
     for x in (a, b):  # the API URL it advertises is its namespace's address, not 0.0.0.0
         profile = tomllib.loads((x.data / "client.toml").read_text())
         assert profile["url"] == f"http://{x.host.ip}:7480"

@@ -84,3 +84,12 @@ def test_inside_namespaces_the_namespace_address_is_chosen() -> None:
         assert choose(b.ns, "192.0.2.1") == b.ip  # unroutable target: falls through
     finally:
         net.delete()
+
+
+def test_join_urls_try_the_peer_address_then_the_api_port() -> None:
+    from meshgpu.mesh.join import join_urls
+
+    assert join_urls("10.0.0.2:7481") == ["http://10.0.0.2:7481", "http://10.0.0.2:7480"]
+    assert join_urls("10.0.0.2") == ["http://10.0.0.2:7480"]
+    assert join_urls("10.0.0.2:7480") == ["http://10.0.0.2:7480"]
+    assert join_urls("http://10.0.0.2:9000/") == ["http://10.0.0.2:9000"]
