@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -130,6 +131,7 @@ _NOUNS = [
 ]
 
 
+MAX_REASONS = 2000  # why-pending reasons per Raft entry
 _NAME_RNG = random.Random()  # seeded once from the OS (seeding per name cost 5% of a submit)
 
 
@@ -557,6 +559,8 @@ class Agent:
         except (KeyError, ValueError) as e:
             raise Problem(400, "malformed join request", str(e), "invalid_request") from None
         result: Result = await self._propose(encode_cluster(cmd))
+        if result.code == "duplicate":  # applied before, its answer forgotten: ask again
+            raise Problem(503, "join in progress", "retry the join shortly", "unavailable")
         if not result.ok:
             raise Problem(403, "join refused", result.error, result.code)
         rid = int(result.value)
@@ -651,6 +655,7 @@ class Agent:
         seen = -1
         self._reasons: dict[str, str] = {}  # why-pending reasons this leader last proposed
         wake = float("inf")  # trio time to plan again unasked: a retry backoff ends
+        reasons_since = -1.0
         while True:
             with trio.move_on_at(wake) as timer:
                 await self._demand.wait()
@@ -658,8 +663,10 @@ class Agent:
             due = timer.cancelled_caught
             if due:
                 wake = float("inf")
+            if self.node.role is not Role.LEADER or self.node.leader_since != reasons_since:
+                self._reasons = {}  # another leader may have set reasons meanwhile
+                reasons_since = self.node.leader_since
             if self.node.role is not Role.LEADER:
-                self._reasons = {}
                 continue
             if self.state.demand_version == seen and not due:
                 continue
@@ -678,21 +685,25 @@ class Agent:
             wake = float("inf")
             if p.wake_at is not None:
                 wake = trio.current_time() + max(0.0, p.wake_at - now) + 0.01
-            if p.preemptions:
-                try:
-                    await self._propose(encode(PreemptJobs(at=now, preemptions=p.preemptions)))
-                except Exception as e:
-                    log.warning("preemptions not committed (%s); will plan again", e)
             # Only reasons that differ from what the state holds; the set difference runs in C
-            # (a deep queue makes this the scheduler's hottest line otherwise).
-            changed = dict(p.pending.items() - self._reasons.items())
-            self._reasons = p.pending
-            changed = {
+            # (a deep queue makes this the scheduler's hottest line otherwise). At most
+            # MAX_REASONS per entry: the rest go with the next plan, which comes at once.
+            diff = {
                 j: why
-                for j, why in changed.items()
+                for j, why in dict(p.pending.items() - self._reasons.items()).items()
                 if j in self.state.jobs and self.state.jobs[j].why_pending != why
             }
+            changed = dict(itertools.islice(diff.items(), MAX_REASONS))
+            if len(changed) < len(diff):
+                self._reasons = {
+                    j: w for j, w in p.pending.items() if j not in diff or j in changed
+                }
+                seen, wake = -1, min(wake, trio.current_time())
+            else:
+                self._reasons = p.pending
             try:
+                if p.preemptions:
+                    await self._propose(encode(PreemptJobs(at=now, preemptions=p.preemptions)))
                 if p.assignments:
                     cmd = AssignJobs(at=now, assignments=p.assignments, pending_reasons=changed)
                     await self._propose(encode(cmd))

@@ -86,9 +86,14 @@ class _LimitsAndIndex:
                     *message.get("headers", ()),
                     (APPLIED_HEADER_B, b"%d" % agent.node.applied),
                 ]
-                members = agent.members_header()
-                if members:  # where a client can go when this node does not answer
-                    headers.append((MEMBERS_HEADER_B, members))
+                # Where a client can go when this node does not answer: only on answers to
+                # authenticated API calls (not to anyone who asks /healthz or fails a token).
+                if message.get("status", 500) < 400 and scope["path"].startswith(
+                    ("/api/v1/runs", "/api/v1/status", "/api/v1/nodes")
+                ):
+                    members = agent.members_header()
+                    if members:
+                        headers.append((MEMBERS_HEADER_B, members))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -232,16 +237,20 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
         sha, holders = await agent.store_code(data, request.headers.get("x-content-sha256"))
         return {"sha256": sha, "size": len(data), "copies": holders}
 
-    def checked_sha(sha: str) -> str:
+    def checked_sha(sha: str, status: int = 404) -> str:
         if not valid_sha256(sha):
-            raise Problem(404, "unknown code archive", f"{sha!r} is not a SHA-256", "not_found")
+            if status == 404:  # GET: no such archive here, whatever was asked
+                raise Problem(404, "unknown code archive", f"{sha!r} is not a SHA-256", "not_found")
+            raise Problem(
+                status, "bad archive name", f"{sha!r} is not a SHA-256 (64 hex digits)", "bad_sha"
+            )
         return sha
 
     @app.put("/api/v1/code/{sha}")
     async def put_code(sha: str, request: Request, _: Auth) -> dict[str, Any]:
         """A copy of an upload, pushed by the member that accepted it (stored, not copied on)."""
         data = await read_archive(request)
-        await agent.put_code(data, checked_sha(sha))
+        await agent.put_code(data, checked_sha(sha, 400))
         return {"sha256": sha, "size": len(data)}
 
     @app.get("/api/v1/code/{sha}")

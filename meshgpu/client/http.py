@@ -83,6 +83,15 @@ def write_profile(
     tmp.replace(path)
 
 
+def _plain_url(u: str) -> bool:
+    """An http(s) URL with a host and nothing that could break the profile file."""
+    try:
+        url = httpx.URL(u)
+    except (httpx.InvalidURL, ValueError):
+        return False
+    return url.scheme in ("http", "https") and bool(url.host) and not set('"\\\n') & set(u)
+
+
 class Client:
     """One node's API, with the others as fallbacks: a request that cannot reach a node (or
     gets no answer) is sent to the next member it knows. Every write carries what makes it
@@ -107,10 +116,10 @@ class Client:
         self._http.close()
 
     def _learn_members(self, r: httpx.Response) -> None:
-        header = r.headers.get(MEMBERS_HEADER)
+        header = r.headers.get(MEMBERS_HEADER) if r.is_success else None
         if not header:
             return
-        members = [u for u in header.split(",") if u and u != self.url]
+        members = [u for u in header.split(",") if _plain_url(u) and u != self.url]
         known = [u for u in self._urls if u != self.url]
         if set(members) <= set(known):
             return

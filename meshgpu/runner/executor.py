@@ -44,6 +44,18 @@ from meshgpu.state import (
 )
 
 log = logging.getLogger(__name__)
+MAX_BATCH = 500  # reports per Raft entry
+MAX_MESSAGE = 2000  # characters of a report's message
+
+
+def _read_started(job_dir: Path) -> float | None:
+    """When the job's process started, from its supervisor's ``job.pid`` (None: not yet)."""
+    try:
+        return float(json.loads((job_dir / "job.pid").read_text())["started_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 Propose = Callable[[bytes], Awaitable[Any]]
 
 
@@ -82,7 +94,9 @@ def startup_waits_for(state: StateMachine, job: JobRecord) -> str | None:
         follows = [j for j in replica if j.job_id != job.job_id]
     else:
         follows = []
-    late = [j for j in follows if j.status is not JobStatus.RUNNING]
+    # Started is enough: a short job may start and end in one committed entry (its host
+    # batches reports), so this host may never see it RUNNING.
+    late = [j for j in follows if j.started_at is None and j.status is not JobStatus.RUNNING]
     if not late:
         return None
     return f"{order}: waiting for job(s) {', '.join(str(j.job_num) for j in late)} to run"
@@ -112,6 +126,7 @@ class Executor:
         self.on_busy = on_busy
         self.local: dict[str, int] = {}  # job_id -> epoch launched here
         self.stopping: set[str] = set()
+        self._stop_args: dict[str, tuple[float, str]] = {}  # job -> (grace, reason) of its stop
         self._fetching: dict[str, trio.CancelScope] = {}  # job_id -> its code fetch
         self._changed = trio.Event()
         # Reports waiting to be proposed, in order (see _reporter).
@@ -125,8 +140,21 @@ class Executor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for job_id in self.runner.adopt():
-                record = json.loads((self.runner.job_dir(job_id) / "job.json").read_text())
+                d = self.runner.job_dir(job_id)
+                record = json.loads((d / "job.json").read_text())
                 self.local[job_id] = int(record.get("epoch", 0))
+                # Its start may not have been committed before the restart (reports queue in
+                # memory): report it again; a JobStarted for a running job changes nothing.
+                started = _read_started(d)
+                if started is not None:
+                    self._enqueue(
+                        JobStarted(
+                            at=time.time(),
+                            job_id=job_id,
+                            epoch=self.local[job_id],
+                            started_at=started,
+                        )
+                    )
                 nursery.start_soon(self._watch, job_id, self.local[job_id])
                 log.info("job=%s re-adopted epoch=%s", job_id, self.local[job_id])
             nursery.start_soon(self._reporter)
@@ -194,11 +222,12 @@ class Executor:
         self.stopping.add(job_id)
         if job_id in self._fetching:  # its code is still on the way: it never starts
             self._fetching[job_id].cancel()
-        self.runner.stop(
-            job_id,
-            grace_s=0.0 if abort else stop_grace(config),
-            reason="aborted_by_user" if abort else reason,
+        self._stop_args[job_id] = (
+            0.0 if abort else stop_grace(config),
+            "aborted_by_user" if abort else reason,
         )
+        grace, why = self._stop_args[job_id]
+        self.runner.stop(job_id, grace_s=grace, reason=why)
 
     async def _launch(self, job_id: str, epoch: int) -> None:
         job = self.state.jobs[job_id]
@@ -211,15 +240,18 @@ class Executor:
                         await self._ensure_code(run.code)
                 finally:
                     del self._fetching[job_id]
-                if job_id in self.stopping:  # stopped, or moved away, while it was fetched
-                    await self._report(
-                        job_id, epoch, JobResult(job_id, None, "terminated_by_server")
-                    )
-                    return
+            if job_id in self.stopping:  # stopped, or moved away, before it could start
+                await self._report(job_id, epoch, JobResult(job_id, None, "terminated_by_server"))
+                return
             launch = self._prepare(
                 job, run.run_args, config, epoch, run.code.sha256 if run.code else None
             )
             await self.runner.start(launch)
+            if job_id in self.stopping:
+                # Stopped while its supervisor was being started: ask again now that its pid is
+                # known (the first request may have come before the supervisor could see it).
+                grace, why = self._stop_args[job_id]
+                self.runner.stop(job_id, grace_s=grace, reason=why)
         except Exception as e:  # any failure to start is the job's, not the agent's
             log.exception("job=%s failed to start", job_id)
             await self._report(
@@ -351,7 +383,7 @@ class Executor:
                 epoch=epoch,
                 reason=reason,
                 exit_code=result.exit_code,
-                message=result.message,
+                message=result.message[:MAX_MESSAGE],
             )
         )
 
@@ -365,7 +397,10 @@ class Executor:
         while True:
             await self._reports_ready.wait()
             self._reports_ready = trio.Event()
-            batch, self._reports = self._reports, []
+            # Bounded entries: a backlog (no leader for a while) goes out in several.
+            batch, self._reports = self._reports[:MAX_BATCH], self._reports[MAX_BATCH:]
+            if self._reports:
+                self._reports_ready.set()
             if not batch:
                 continue
             cmd = batch[0] if len(batch) == 1 else JobReports(at=time.time(), reports=batch)
@@ -376,6 +411,7 @@ class Executor:
                     if self.local.get(r.job_id) == r.epoch:
                         self.local.pop(r.job_id, None)
                     self.stopping.discard(r.job_id)
+                    self._stop_args.pop(r.job_id, None)
             self.notify()
 
     async def _propose_retrying(self, data: bytes) -> None:

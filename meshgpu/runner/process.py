@@ -294,12 +294,18 @@ class ProcessRunner:
         Returns False if it had already ended."""
         d = self.job_dir(job_id)
         pid = self._shim_alive(job_id)
-        if pid is None:
+        if pid is None and not (
+            (d / "job.json").exists()
+            and not (d / "shim.pid").exists()
+            and not (d / "status.json").exists()
+        ):
             return False
+        # Alive, or still being launched (its record is written, its pid not yet): the request
+        # is left where the supervisor looks once it is ready, and signalled when it can be.
         tmp = d / "stop.json.tmp"
         tmp.write_text(json.dumps({"grace_s": grace_s, "reason": reason}))
         os.replace(tmp, d / "stop.json")
-        if not (d / "job.pid").exists():
+        if pid is None or not (d / "job.pid").exists():
             return True  # the shim is still starting; it reads stop.json once it is ready
         try:
             os.kill(pid, signal.SIGTERM)

@@ -55,6 +55,9 @@ class StubAgent:
         self.gpus = FakeProvider("8xH100:80GB", seed=node_id)
         self.runner = ProcessRunner(tmp / "jobs", use_launcher=False)
 
+    def members_header(self) -> bytes:
+        return b"http://peer-1:7480"
+
     def api_token_ok(self, token: str) -> bool:
         return token == TOKEN
 

@@ -295,3 +295,22 @@ async def test_explicit_argv_replaces_the_shell(
         res.reason == "done_by_runner"
         and r.log_path("argv").read_text() == "direct $NOT_EXPANDED\n"
     )
+
+
+async def test_a_stop_while_the_supervisor_is_being_launched_is_not_lost(tmp_path: Path) -> None:
+    """Between the job's record being written and its supervisor's pid being known, a stop
+    must still reach the job (else a fenced job could run on as a copy)."""
+    r = ProcessRunner(tmp_path / "jobs", use_launcher=True)
+    try:
+        r.prepare("j1")
+        launch = JobLaunch(job_id="j1", commands=("sleep 3",), env={"PATH": "/usr/bin:/bin"})
+        async with trio.open_nursery() as n:
+            n.start_soon(r.start, launch)
+            while not (r.job_dir("j1") / "job.json").exists():
+                await trio.sleep(0)
+            assert r.stop("j1", grace_s=0.0, reason="terminated_by_server")
+        with trio.fail_after(20):
+            res = await r.wait("j1")
+        assert res.reason != "done_by_runner", res
+    finally:
+        await r.aclose()

@@ -101,3 +101,28 @@ async def test_two_hosts_start_in_order(order: str, tmp_path: Path) -> None:
         for r in runners:
             await r.aclose()
     assert started == [first.job_num, second.job_num]
+
+
+def test_a_master_that_started_and_ended_in_one_entry_releases_the_workers() -> None:
+    """A short master's host batches its start and end into one entry: the workers' host never
+    sees it RUNNING, and must not wait for that forever."""
+    from meshgpu.scheduler import plan
+    from meshgpu.state import JobFinished, JobReports, JobStarted, JobTerminationReason
+    from tests.scheduler._world import apply_plan, host, jobs, submit, task, world
+
+    config = task("H100:8", nodes=2) | {"commands": ["true"], "startup_order": "master-first"}
+    sm = world(host("n0"), host("n1"), submit("d", config, at=0))
+    apply_plan(sm, plan(sm, now=1), at=1, start=False)
+    m, w = jobs(sm, "d")
+    assert startup_waits_for(sm, w) is not None  # the master has not started yet
+    done = JobTerminationReason.DONE_BY_RUNNER
+    sm.apply_command(
+        JobReports(
+            at=3,
+            reports=[
+                JobStarted(at=2, job_id=m.job_id, epoch=m.epoch, started_at=2),
+                JobFinished(at=3, job_id=m.job_id, epoch=m.epoch, reason=done, exit_code=0),
+            ],
+        )
+    )
+    assert startup_waits_for(sm, w) is None

@@ -264,7 +264,9 @@ class GossipShell:
                     reply = await self._streams.request(
                         out.to, out.data, max(0.0, deadline - trio.current_time())
                     )
-            except (StreamError, trio.TooSlowError) as exc:
+            except (StreamError, trio.TooSlowError, OSError, ValueError) as exc:
+                # ValueError: an address a peer gossiped that cannot even be dialled (a host
+                # label over 63 characters...): a failed exchange, never the shell's end.
                 stats["stream_failures"] += 1
                 log.debug("gossip stream to %s:%s failed: %s", out.to[0], out.to[1], exc)
                 return
