@@ -132,7 +132,16 @@ class ProcessRunner:
             self._children[launch.job_id] = proc
             pid = proc.pid
         # The shim is our child only until the agent restarts; track it by pid + start time.
-        (d / "shim.pid").write_text(json.dumps({"pid": pid, "starttime": _proc_starttime(pid)}))
+        # Unless the supervisor wrote it first (it does, once it holds the job's lock): the
+        # file names the one supervisor of the job, never a repeated launch that left at once.
+        tmp = d / f"shim.pid.{pid}"
+        tmp.write_text(json.dumps({"pid": pid, "starttime": _proc_starttime(pid)}))
+        try:
+            os.link(tmp, d / "shim.pid")
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
 
     async def _launch_via_launcher(self, job_dir: Path) -> int | None:
         """Ask the fork server for a supervisor; None if it cannot be had (then spawn directly).

@@ -16,6 +16,7 @@ grace period. ``grace_s: 0`` is an abort.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
@@ -50,7 +51,28 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
+def _starttime(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def main(job_dir: str) -> int:
+    # One supervisor per job, ever: a launch repeated after a lost answer (the fork server's
+    # connection broke mid-batch) finds the lock held, or the job already started, and leaves.
+    lock = os.open(os.path.join(job_dir, "shim.lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return 0
+    if os.path.exists(os.path.join(job_dir, "job.pid")):
+        return 0
+    me = os.getpid()
+    # Which supervisor the agent must watch: this one (the agent writes the file only when it
+    # is not there yet, so a repeated launch's pid never replaces this one).
+    _write_json(os.path.join(job_dir, "shim.pid"), {"pid": me, "starttime": _starttime(me)})
     spec = _read_json(os.path.join(job_dir, "job.json"))
     log_cap = int(spec.get("log_cap_bytes", 64 << 20))
     max_duration = spec.get("max_duration_s")

@@ -314,3 +314,29 @@ async def test_a_stop_while_the_supervisor_is_being_launched_is_not_lost(tmp_pat
         assert res.reason != "done_by_runner", res
     finally:
         await r.aclose()
+
+
+async def test_a_repeated_launch_never_runs_the_job_twice(tmp_path: Path) -> None:
+    """A launch request repeated after a lost answer (the fork server's connection broke)
+    starts a second supervisor for the same job dir: it must leave without running the job, and
+    the agent keeps watching the first one."""
+    r = ProcessRunner(tmp_path / "jobs", use_launcher=True)
+    marks = tmp_path / "marks"
+    try:
+        r.prepare("j1")
+        launch = JobLaunch(
+            job_id="j1",
+            commands=(f"echo ran >> {marks}", "sleep 0.5"),
+            env={"PATH": "/usr/bin:/bin"},
+        )
+        await r.start(launch)
+        first = json.loads((r.job_dir("j1") / "shim.pid").read_text())["pid"]
+        again = await r._launch_via_launcher(r.job_dir("j1"))  # the repeated request
+        assert again is not None and again != first
+        with trio.fail_after(20):
+            res = await r.wait("j1")
+        assert res.reason == "done_by_runner", res
+        assert json.loads((r.job_dir("j1") / "shim.pid").read_text())["pid"] == first
+        assert marks.read_text() == "ran\n"
+    finally:
+        await r.aclose()
