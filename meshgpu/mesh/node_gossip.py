@@ -201,10 +201,36 @@ class MeshGossip:
     async def _key_loop(self, shell: GossipShell) -> None:
         while True:
             await trio.sleep(1.0)
+            await self._rotate_keys()
             keys = self.agent.cluster.gossip_keys
             if keys and tuple(keys) != self._keys:
                 shell.set_keyring(self._keyring(list(keys)))
                 log.info("gossip keys rotated (%d in the ring)", len(keys))
+
+    async def _rotate_keys(self) -> None:
+        """On the leader: a new key once a member is removed (it still holds the old one),
+        and the old one dropped once the new one has had time to reach everyone."""
+        agent = self.agent
+        if agent.node.role is not Role.LEADER:
+            return
+        cluster = agent.cluster
+        action = cluster.gossip_key_action(time.time())
+        if action is None:
+            return
+        if action == "rotate":
+            cmd = InstallGossipKey(at=time.time(), key_hex=new_key().hex())
+        else:
+            cmd = InstallGossipKey(at=time.time(), key_hex=cluster.gossip_keys[0], retire=True)
+        try:
+            await agent._propose(encode_cluster(cmd))  # noqa: SLF001 - the agent's one way
+            log.info(
+                "gossip key %s",
+                "rotated: a member was removed"
+                if action == "rotate"
+                else "ring trimmed to the new key",
+            )
+        except (NotLeader, Timeout, ProposalDropped) as e:
+            log.info("gossip key change deferred: %s", e)
 
     def _seeds(self) -> list[Addr]:
         me = self.agent.identity.get("raft_id")

@@ -95,6 +95,9 @@ class InstallGossipKey(_Cmd):
 
     kind: Literal["install_gossip_key"] = "install_gossip_key"
     key_hex: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # Drop every other key: once a rotation has spread, the key it replaced (which a removed
+    # member may still hold) stops opening packets.
+    retire: bool = False
 
 
 ClusterCommand = Annotated[
@@ -147,6 +150,10 @@ class ClusterState:
         # The log and snapshots travel only over mutual TLS to admitted members and rest in
         # their data dirs beside their private keys (docs/operations.md, "Gossip").
         self.gossip_keys: list[str] = []
+        # When the primary gossip key was installed: how many members had been removed by then,
+        # and the command's time (see ``gossip_key_action``).
+        self.gossip_key_removed = 0
+        self.gossip_key_at = 0.0
         self.next_raft_id = 2
         self.version = 0  # bumped on every change: the agent re-syncs peer addresses on change
 
@@ -244,8 +251,30 @@ class ClusterState:
         return Result(True, c.raft_id)
 
     def _on_install_gossip_key(self, c: InstallGossipKey) -> Result:
+        if c.retire:
+            if not self.gossip_keys or self.gossip_keys[0] != c.key_hex:
+                return Result(False, None, "only the primary key can be kept alone", "stale")
+            self.gossip_keys = [c.key_hex]
+            return Result(True, 1)
+        if self.gossip_keys and self.gossip_keys[0] == c.key_hex:
+            return Result(True, len(self.gossip_keys))
         self.gossip_keys = [c.key_hex, *[k for k in self.gossip_keys if k != c.key_hex]][:2]
+        self.gossip_key_removed = sum(m.removed for m in self.members.values())
+        self.gossip_key_at = c.at
         return Result(True, len(self.gossip_keys))
+
+    def gossip_key_action(self, now: float, retire_after_s: float = 30.0) -> str | None:
+        """What the leader should do with the gossip keys now: ``"rotate"`` when a member was
+        removed since the primary key was installed (the removed host holds it), ``"retire"``
+        once a rotation is ``retire_after_s`` old (every member has had time to apply it), else
+        None."""
+        if not self.gossip_keys:
+            return None
+        if sum(m.removed for m in self.members.values()) > self.gossip_key_removed:
+            return "rotate"
+        if len(self.gossip_keys) > 1 and now - self.gossip_key_at >= retire_after_s:
+            return "retire"
+        return None
 
     def _on_set_node_status(self, c: SetNodeStatus) -> Result:
         return Result(True, c.node_id)  # handled by ``Replicated``
@@ -268,6 +297,8 @@ class ClusterState:
             "members": [m.model_dump() for m in self.members.values()],
             "ca_grants": {str(k): v for k, v in self.ca_grants.items()},
             "gossip_keys": self.gossip_keys,
+            "gossip_key_removed": self.gossip_key_removed,
+            "gossip_key_at": self.gossip_key_at,
             "next_raft_id": self.next_raft_id,
         }
 
@@ -279,6 +310,8 @@ class ClusterState:
         self.members = {m["raft_id"]: Member.model_validate(m) for m in doc.get("members", [])}
         self.ca_grants = {int(k): v for k, v in doc.get("ca_grants", {}).items()}
         self.gossip_keys = list(doc.get("gossip_keys", []))
+        self.gossip_key_removed = int(doc.get("gossip_key_removed", 0))
+        self.gossip_key_at = float(doc.get("gossip_key_at", 0.0))
         self.next_raft_id = doc.get("next_raft_id", 2)
         self.version += 1
 

@@ -127,3 +127,37 @@ def test_the_gossip_key_lives_in_the_replicated_cluster_state() -> None:
     assert copy.gossip_keys == [third, second]
     with pytest.raises(ValueError):
         InstallGossipKey(at=1.0, key_hex="not-a-key")
+
+
+def test_removing_a_member_rotates_the_gossip_key_then_retires_the_old_one() -> None:
+    """A removed host still holds the gossip key: the leader installs a new one, and once every
+    member has had time to apply it, drops the old one, after which the removed host's packets
+    no longer open."""
+    from meshgpu.state.cluster import Member, RemoveMember
+
+    cluster = ClusterState()
+    for rid in (1, 2, 3):
+        cluster.members[rid] = Member(
+            raft_id=rid,
+            node_id=f"n{rid}",
+            name=f"n{rid}",
+            peer_address=f"10.0.0.{rid}:7481",
+            api_url=f"http://10.0.0.{rid}:7480",
+            joined_at=0.0,
+        )
+    old, new = f"{1:064x}", f"{2:064x}"
+    assert cluster.apply_cmd(InstallGossipKey(at=10.0, key_hex=old)).ok
+    assert cluster.gossip_key_action(now=1000.0) is None  # nothing to do
+    assert cluster.apply_cmd(RemoveMember(at=20.0, raft_id=3)).ok
+    assert cluster.gossip_key_action(now=21.0) == "rotate"
+    assert cluster.apply_cmd(InstallGossipKey(at=22.0, key_hex=new)).ok
+    assert cluster.gossip_keys == [new, old]  # both open packets while the rotation spreads
+    assert cluster.gossip_key_action(now=30.0) is None
+    assert cluster.gossip_key_action(now=52.0) == "retire"
+    # Only the primary may be kept alone (a stale retire changes nothing).
+    assert not cluster.apply_cmd(InstallGossipKey(at=52.0, key_hex=old, retire=True)).ok
+    assert cluster.apply_cmd(InstallGossipKey(at=52.0, key_hex=new, retire=True)).ok
+    assert cluster.gossip_keys == [new] and cluster.gossip_key_action(now=99.0) is None
+    copy = ClusterState()
+    copy.restore_doc(cluster.snapshot_doc())
+    assert (copy.gossip_keys, copy.gossip_key_removed, copy.gossip_key_at) == ([new], 1, 22.0)
