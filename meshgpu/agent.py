@@ -71,6 +71,7 @@ from meshgpu.state import (
     GPURecord,
     NodeRecord,
     PreemptJobs,
+    PruneRuns,
     RegisterNode,
     Result,
     RunRecord,
@@ -157,6 +158,8 @@ class AgentSettings:
     mdns: bool = True
     membership: MembershipPolicy = field(default_factory=MembershipPolicy)
     gossip: GossipConfig = field(default_factory=GossipConfig.lan)
+    keep_runs: int = 1000  # finished runs kept in the state (newest first) ...
+    keep_runs_for_s: float = 7 * 86400  # ... and for at most this long
 
 
 class Agent:
@@ -309,6 +312,7 @@ class Agent:
             nursery.start_soon(self.membership.run)
             nursery.start_soon(self._fence_loop)
             nursery.start_soon(self._reactivate_loop)
+            nursery.start_soon(self._retention_loop)
             if s.mdns:
                 adv = Advertiser(
                     self.node_name,
@@ -504,6 +508,26 @@ class Agent:
                     len(self.executor.local),
                 )
                 self.executor.fence()
+
+    async def _retention_loop(self) -> None:
+        """On the leader: forget finished runs beyond the retention policy (count and age), so
+        the state -- and every snapshot -- stays bounded; every host then deletes the files of
+        jobs the state no longer knows (``Executor.collect``)."""
+        s = self.settings
+        while True:
+            await trio.sleep(10.0)
+            if self.node.role is Role.LEADER:
+                finished = [r for r in self.state.runs.values() if r.status.is_finished()]
+                now = time.time()
+                old = any(now - (r.finished_at or now) > s.keep_runs_for_s for r in finished)
+                # A little past the limit before pruning: one entry per 10% of the count.
+                if old or len(finished) > s.keep_runs + max(s.keep_runs // 10, 1):
+                    cmd = PruneRuns(at=now, keep=s.keep_runs, max_age_s=s.keep_runs_for_s)
+                    try:
+                        await self._propose(encode(cmd))
+                    except Exception as e:  # no quorum now: the next round tries again
+                        log.info("pruning deferred: %s", e)
+            await trio.to_thread.run_sync(self.executor.collect)
 
     async def _reactivate_loop(self) -> None:
         """Declared dead while cut off, and back: register again so the scheduler uses us."""

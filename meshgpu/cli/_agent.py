@@ -88,6 +88,22 @@ def agent(
     dead_grace: Annotated[
         str, typer.Option("--dead-grace", help="Silence before a host is declared dead")
     ] = "30s",
+    keep_runs: Annotated[
+        int,
+        typer.Option(
+            "--keep-runs",
+            envvar="MESHGPU_KEEP_RUNS",
+            help="Finished runs kept (newest first); older ones are forgotten, logs included",
+        ),
+    ] = 1000,
+    keep_runs_for: Annotated[
+        str,
+        typer.Option(
+            "--keep-runs-for",
+            envvar="MESHGPU_KEEP_RUNS_FOR",
+            help="Finished runs older than this are forgotten (e.g. 7d)",
+        ),
+    ] = "7d",
     gossip: Annotated[
         str,
         typer.Option(
@@ -116,6 +132,14 @@ def agent(
             JoinToken.parse(token)
         except TokenError as e:
             raise fail(str(e)) from None
+    if keep_runs < 0:
+        raise fail(f"--keep-runs must be 0 or more, not {keep_runs}")
+    try:
+        keep_runs_for_s = parse_duration(keep_runs_for)
+    except ValueError as e:
+        raise fail(f"--keep-runs-for: {e} (write e.g. 12h or 7d)") from None
+    if not isinstance(keep_runs_for_s, int) or keep_runs_for_s <= 0:
+        raise fail(f"--keep-runs-for must be a positive duration such as 7d, not {keep_runs_for!r}")
     try:
         gossip_config = GossipConfig.from_spec(gossip)
     except GossipConfigError as e:
@@ -141,6 +165,8 @@ def agent(
         tick_s=tick_ms / 1000,
         membership=MembershipPolicy(dead_grace_s=float(parse_duration(dead_grace))),
         gossip=gossip_config,
+        keep_runs=keep_runs,
+        keep_runs_for_s=float(keep_runs_for_s),
     )
     try:
         ag = Agent(settings)

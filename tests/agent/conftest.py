@@ -62,6 +62,10 @@ class AgentProc:
         deadline = time.monotonic() + 30
         while not profile.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait()
+                self.log.close()
                 raise RuntimeError(
                     f"agent did not start: {(self.data_dir.parent / f'{self.data_dir.name}.log').read_text()[-2000:]}"
                 )
