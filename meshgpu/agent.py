@@ -528,6 +528,8 @@ class Agent:
                     except Exception as e:  # no quorum now: the next round tries again
                         log.info("pruning deferred: %s", e)
             await trio.to_thread.run_sync(self.executor.collect)
+            referenced = {r.code.sha256 for r in self.state.runs.values() if r.code is not None}
+            await trio.to_thread.run_sync(self.code.collect, referenced)
 
     async def _reactivate_loop(self) -> None:
         """Declared dead while cut off, and back: register again so the scheduler uses us."""

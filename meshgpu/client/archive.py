@@ -4,6 +4,7 @@ directory is a repository, otherwise a built-in subset of the rules), capped in 
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import hashlib
 import io
 import os
@@ -96,7 +97,12 @@ def make_archive(root: str | Path, limit: int = DEFAULT_CODE_LIMIT) -> tuple[byt
             ".gitignore or .dstackignore, or mount data with volumes"
         )
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
+    # Reproducible: no timestamps (the gzip header's included), owners or order from the disk,
+    # so an unchanged directory gives the same archive, hash and stored file every time.
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
         for f in sorted(files):
             info = tar.gettarinfo(str(root / f), arcname=f)
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -143,6 +144,22 @@ class CodeStore:
 
     def has(self, sha: str) -> bool:
         return valid_sha256(sha) and self.path(sha).exists()
+
+    def collect(self, referenced: set[str], min_age_s: float = 3600.0) -> int:
+        """Delete archives no run refers to any more (their runs were pruned), once they are
+        ``min_age_s`` old (a fresh upload waits for its submission). Returns how many went."""
+        gone = 0
+        now = time.time()
+        for f in self.directory.glob("*.tar.gz"):
+            sha = f.name.removesuffix(".tar.gz")
+            try:
+                if sha not in referenced and now - f.stat().st_mtime > min_age_s:
+                    f.unlink()
+                    self._holders.pop(sha, None)
+                    gone += 1
+            except OSError:
+                continue
+        return gone
 
     def holders(self, sha: str) -> list[str]:
         """The members this node pushed ``sha`` to (since it started)."""

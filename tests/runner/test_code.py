@@ -270,3 +270,37 @@ async def test_a_job_stopped_while_its_code_is_fetched_never_starts(tmp_path: Pa
     assert isinstance(report, JobFinished) and report.reason == "terminated_by_server"
     assert not runner.job_dir(job_id).exists() and not ex._fetching
     await runner.aclose()
+
+
+def test_an_unchanged_directory_gives_the_same_archive(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from meshgpu.client.archive import extract_archive, make_archive
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("print('a')\n")
+    (tmp_path / "b.txt").write_text("b\n")
+    first = make_archive(tmp_path)
+    time.sleep(1.1)  # the gzip header's time would differ by a second
+    os.utime(tmp_path / "b.txt")
+    assert make_archive(tmp_path) == first
+    (tmp_path / "b.txt").write_text("changed\n")
+    assert make_archive(tmp_path)[1] != first[1]
+    out = tmp_path / "out"
+    extract_archive(first[0], out)
+    assert (out / "src" / "a.py").read_text() == "print('a')\n"
+
+
+async def test_archives_no_run_refers_to_are_collected_once_old(tmp_path: Path) -> None:
+    import os
+
+    store = CodeStore(tmp_path / "code", lambda: "t", limit=1 << 20)
+    kept = await store.put(b"kept")
+    old = await store.put(b"old")
+    fresh = await store.put(b"fresh")
+    past = os.stat(store.path(old)).st_mtime - 7200
+    for sha in (kept, old):
+        os.utime(store.path(sha), (past, past))
+    assert store.collect({kept}) == 1
+    assert store.has(kept) and store.has(fresh) and not store.has(old)
