@@ -34,14 +34,12 @@ from consensus.node import Duplicate, NodeOptions, RaftNode, bootstrap_storage
 from consensus.storage import DiskStorage
 from consensus.transport import TLSConfig, Transport, parse_address
 from meshgpu.api import create_app
-from meshgpu.api.problems import Problem
+from meshgpu.api.problems import Problem, parse_run_config
 from meshgpu.client.archive import DEFAULT_CODE_LIMIT
 from meshgpu.client.http import write_profile
-from meshgpu.config import ConfigError, parse_config
 from meshgpu.config.interpolation import references
 from meshgpu.config.render import to_json
 from meshgpu.config.resources import GPUSpec
-from meshgpu.config.runs import BaseRunConfiguration
 from meshgpu.gpu import FakeProvider, collect_inventory, detect
 from meshgpu.mesh.address import choose_address, host_port, is_unspecified
 from meshgpu.mesh.discovery import Advertiser, browse
@@ -825,23 +823,12 @@ class Agent:
 
     async def submit(self, body: SubmitBody) -> tuple[RunRecord, bool]:
         """Submit a run; returns it and whether an active run was updated in place instead."""
-        try:
-            config = parse_config(body.config, body.filename)
-        except ConfigError as e:
-            raise Problem(
-                400,
-                "invalid configuration",
-                str(e),
-                "invalid_config",
-                issues=[i.to_dict() for i in e.issues],
-            ) from None
-        if not isinstance(config, BaseRunConfiguration):
-            raise Problem(
-                400,
-                f"{config.type} configurations are not runs",
-                f"submit a task, service or dev-environment; {config.type}s are applied with their own command",
-                "not_a_run",
-            )
+        config = parse_run_config(
+            body.config,
+            body.filename,
+            400,
+            "submit a task, service or dev-environment; {type}s are applied with their own command",
+        )
         updates: dict[str, Any] = {}
         if body.env:
             updates["env"] = {**config.env, **body.env}

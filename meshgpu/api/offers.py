@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from meshgpu.api.problems import Problem
+from meshgpu.api.problems import Problem, parse_run_config
 from meshgpu.api.views import offer_view
 from meshgpu.config import ConfigError, ResourcesSpec, parse_config
 from meshgpu.config.render import to_json
@@ -124,23 +124,9 @@ def config_of_query(
 def config_of_body(body: OfferBody) -> BaseRunConfiguration:
     """The run configuration of a ``POST /offers`` body, with the CLI's overrides applied."""
     text = body.config if isinstance(body.config, str) else json.dumps(body.config)
-    try:
-        config = parse_config(text, body.filename)
-    except ConfigError as e:
-        raise Problem(
-            422,
-            "invalid configuration",
-            str(e),
-            "invalid_config",
-            issues=[i.to_dict() for i in e.issues],
-        ) from None
-    if not isinstance(config, BaseRunConfiguration):
-        raise Problem(
-            422,
-            f"{config.type} configurations are not runs",
-            "offers answer for a task, service or dev-environment",
-            "not_a_run",
-        )
+    config = parse_run_config(
+        text, body.filename, 422, "offers answer for a task, service or dev-environment"
+    )
     fields = {k: getattr(body, k) for k in ("gpu", "cpu", "memory", "disk")}
     override = _resources_override(
         {k: v for k, v in fields.items() if v is not None}, "invalid resources override"

@@ -52,3 +52,30 @@ def install(app: FastAPI) -> None:
         ]
         detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors)
         return problem_response(422, "invalid request", detail, "invalid_request", errors=errors)
+
+
+def parse_run_config(text: str, filename: str, status: int, not_a_run: str) -> Any:
+    """A run configuration (task, service, dev-environment) from a request's YAML, or a
+    problem with every located issue (``status``; ``not_a_run`` says what to do instead when the
+    file is another kind)."""
+    from meshgpu.config import ConfigError, parse_config
+    from meshgpu.config.runs import BaseRunConfiguration
+
+    try:
+        config = parse_config(text, filename)
+    except ConfigError as e:
+        raise Problem(
+            status,
+            "invalid configuration",
+            str(e),
+            "invalid_config",
+            issues=[i.to_dict() for i in e.issues],
+        ) from None
+    if not isinstance(config, BaseRunConfiguration):
+        raise Problem(
+            status,
+            f"{config.type} configurations are not runs",
+            not_a_run.format(type=config.type),
+            "not_a_run",
+        )
+    return config
