@@ -525,7 +525,7 @@ class Agent:
                         await self._propose(encode(cmd))
                     except Exception as e:  # no quorum now: the next round tries again
                         log.info("pruning deferred: %s", e)
-            await trio.to_thread.run_sync(self.executor.collect)
+            await trio.to_thread.run_sync(self.executor.collect, self.executor.known_jobs())
             referenced = {r.code.sha256 for r in self.state.runs.values() if r.code is not None}
             await trio.to_thread.run_sync(self.code.collect, referenced)
 

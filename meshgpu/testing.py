@@ -14,6 +14,22 @@ import time
 import tomllib
 from pathlib import Path
 
+from meshgpu.state import GPURecord, RegisterNode
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far: a process's cost, which unlike wall time
+    hardly moves when other work shares the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -37,7 +53,6 @@ class AgentProcess:
         fake_gpus: str = "1xH100:80GB",
         extra: list[str] | None = None,
         log_level: str = "warning",
-        prefix: list[str] | None = None,
     ) -> None:
         self.name = name
         self.data = root / name
@@ -49,12 +64,10 @@ class AgentProcess:
         self.fake_gpus = fake_gpus
         self.extra = list(extra or [])
         self.log_level = log_level
-        self.prefix = list(prefix or [])  # e.g. ["ip", "netns", "exec", NS]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self, token: str | None = None, join: str | None = None) -> list[str]:
         args = [
-            *self.prefix,
             sys.executable,
             "-m",
             "meshgpu",
@@ -159,3 +172,51 @@ def kill_job_processes(data_dir: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def host(
+    node_id: str,
+    gpus: int = 8,
+    name: str = "H100",
+    mem_gb: int = 80,
+    *,
+    labels: dict[str, str] | None = None,
+    blocks: int | str | None = None,
+    cpus: int = 64,
+    memory_gb: int = 512,
+    unhealthy: tuple[int, ...] = (),
+    numa: int = 2,
+    links: list[list[int]] | None = None,
+    runtime: str | None = None,
+    vendor: str = "nvidia",
+    disk_gb: float = 2000,
+    at: float = 1.0,
+) -> RegisterNode:
+    """The registration of a host with ``gpus`` identical GPUs spread over ``numa`` NUMA
+    nodes, for the scheduler's tests and simulators."""
+    per_numa = max(1, gpus // numa)
+    return RegisterNode(
+        at=at,
+        node_id=node_id,
+        name=node_id,
+        gpus=[
+            GPURecord(
+                index=i,
+                uuid=f"{node_id}-{i}",
+                name=name,
+                vendor=vendor,
+                memory_mib=mem_gb * 1024,
+                compute_capability="9.0" if name == "H100" else "8.0",
+                numa_node=i // per_numa,
+                healthy=i not in unhealthy,
+            )
+            for i in range(gpus)
+        ],
+        gpu_links=links or [],
+        cpu_count=cpus,
+        memory_mib=memory_gb * 1024,
+        disk_gb=disk_gb,
+        labels=labels or {},
+        blocks=blocks,
+        container_runtime=runtime,
+    )

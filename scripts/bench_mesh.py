@@ -21,14 +21,9 @@ from pathlib import Path
 import httpx
 import trio
 
-from meshgpu.testing import AgentProcess
+from meshgpu.testing import AgentProcess, cpu_s
 
 TRUE = "type: task\ncommands: ['true']\nresources:\n  gpu: 1\n"
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def main(args: argparse.Namespace) -> dict[str, float]:

@@ -35,17 +35,16 @@ from meshgpu.config.resources import parse_resources  # noqa: E402
 from meshgpu.scheduler import plan  # noqa: E402
 from meshgpu.state import (  # noqa: E402
     AssignJobs,
-    GPURecord,
     JobFinished,
     JobStarted,
     JobStatus,
     JobTerminationReason,
     PreemptJobs,
-    RegisterNode,
     SetPendingReasons,
     StateMachine,
     SubmitRun,
 )
+from meshgpu.testing import host  # noqa: E402
 
 SHAPES = [  # (nodes, GPUs per node, weight)
     (1, 1, 35),
@@ -63,32 +62,17 @@ STOP_DELAY_S = 20.0  # how long a preempted job takes to stop gracefully
 
 
 def register_hosts(sm: StateMachine, hosts: int) -> None:
-    links = [[0 if a != b else 0 for b in range(8)] for a in range(8)]
+    links = [[0] * 8 for _ in range(8)]  # a known topology without NVLink
     for i in range(hosts):
-        node_id = f"h{i:04d}"
-        gpus = [
-            GPURecord(
-                index=g,
-                uuid=f"{node_id}-{g}",
-                name="H100",
-                vendor="nvidia",
-                memory_mib=80 * 1024,
-                compute_capability="9.0",
-                numa_node=g // 4,
-            )
-            for g in range(8)
-        ]
         sm.apply_command(
-            RegisterNode(
-                at=0.0,
-                node_id=node_id,
-                name=node_id,
-                gpus=gpus,
-                gpu_links=links,
-                cpu_count=128,
-                memory_mib=2048 * 1024,
+            host(
+                f"h{i:04d}",
+                cpus=128,
+                memory_gb=2048,
                 disk_gb=8000,
+                links=links,
                 labels={"cluster": f"rack{i // 40:02d}", "fleet": "main"},
+                at=0.0,
             )
         )
 

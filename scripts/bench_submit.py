@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from meshgpu.testing import AgentProcess
+from meshgpu.testing import AgentProcess, cpu_s, rss_mb
 
 TRIVIAL = "type: task\ncommands:\n  - date +%s.%N\nresources:\n  gpu: 1\n"
 TRUE = "type: task\ncommands: ['true']\nresources:\n  gpu: 1\n"
@@ -31,20 +31,6 @@ TRUE = "type: task\ncommands: ['true']\nresources:\n  gpu: 1\n"
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far: the agent's cost, which unlike wall time
-    hardly moves when other work shares the machine."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def main(args: argparse.Namespace) -> dict[str, float]:

@@ -204,14 +204,17 @@ class Executor:
                 self._stop(job_id, abort=True, config={}, reason="terminated_by_server")
         self.on_busy({i for j in mine.values() for i in j.gpu_indices})
 
-    def collect(self) -> int:
-        """Delete the files (logs included) of jobs that ended, were reported, and that the
-        state has forgotten (their runs were pruned). Runs in a worker thread; returns how many
-        job directories went."""
+    def known_jobs(self) -> set[str]:
+        """Jobs whose files must stay: those the state knows and those running here."""
+        return {*self.state.jobs, *self.local}
+
+    def collect(self, known: set[str]) -> int:
+        """Delete the files (logs included) of jobs that ended, were reported, and are not
+        ``known`` (``known_jobs()``, taken on the event loop: this runs in a worker thread,
+        away from the state). Returns how many job directories went."""
         gone = 0
-        jobs = dict(self.state.jobs)  # a copy: the state changes under a worker thread
         for d in self.runner.jobs_dir.iterdir():
-            if d.name in jobs or d.name in self.local or not (d / "reported").exists():
+            if d.name in known or not (d / "reported").exists():
                 continue
             if self.runner.result(d.name) is None:
                 continue  # still running (it should not be): never delete a live job's files

@@ -3,7 +3,6 @@ the polling helper the end-to-end tests wait with."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from meshgpu.client import APIError, Client
 from meshgpu.client.http import Profile
+from meshgpu.testing import kill_job_processes
 from tests.e2e.netns import Host
 
 
@@ -103,19 +103,7 @@ class NsAgent:
         if self._client is not None:
             self._client.close()
         self.kill()
-        for pidfile in [
-            *(self.data / "jobs").glob("*/job.pid"),
-            *(self.data / "jobs").glob("*/shim.pid"),
-            self.data / "jobs" / "launcher.pid",
-        ]:
-            try:
-                info = json.loads(pidfile.read_text())
-                if "pgid" in info:
-                    os.killpg(info["pgid"], signal.SIGKILL)
-                else:
-                    os.kill(info["pid"], signal.SIGKILL)
-            except (OSError, ValueError, KeyError):
-                pass
+        kill_job_processes(self.data)
 
 
 def wait_for(pred, timeout: float = 30, interval: float = 0.1):  # type: ignore[no-untyped-def]

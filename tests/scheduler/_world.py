@@ -9,63 +9,18 @@ from meshgpu.config.resources import parse_resources
 from meshgpu.scheduler import Plan, SchedulerPolicy, plan
 from meshgpu.state import (
     AssignJobs,
-    GPURecord,
     JobFinished,
     JobStarted,
     JobStatus,
     JobTerminationReason,
     PreemptJobs,
-    RegisterNode,
     SetPendingReasons,
     StateMachine,
     SubmitRun,
 )
+from meshgpu.testing import host as host  # the tests' host builder, re-exported
 
 _ids = itertools.count()
-
-
-def host(
-    node_id: str,
-    gpus: int = 8,
-    name: str = "H100",
-    mem_gb: int = 80,
-    *,
-    labels: dict[str, str] | None = None,
-    blocks: int | str | None = None,
-    cpus: int = 64,
-    memory_gb: int = 512,
-    unhealthy: tuple[int, ...] = (),
-    numa: int = 2,
-    links: list[list[int]] | None = None,
-    runtime: str | None = None,
-    vendor: str = "nvidia",
-) -> RegisterNode:
-    per_numa = max(1, gpus // numa)
-    return RegisterNode(
-        at=1.0,
-        node_id=node_id,
-        name=node_id,
-        gpus=[
-            GPURecord(
-                index=i,
-                uuid=f"{node_id}-{i}",
-                name=name,
-                vendor=vendor,
-                memory_mib=mem_gb * 1024,
-                compute_capability="9.0" if name == "H100" else "8.0",
-                numa_node=i // per_numa,
-                healthy=i not in unhealthy,
-            )
-            for i in range(gpus)
-        ],
-        gpu_links=links or [],
-        cpu_count=cpus,
-        memory_mib=memory_gb * 1024,
-        disk_gb=2000,
-        labels=labels or {},
-        blocks=blocks,
-        container_runtime=runtime,
-    )
 
 
 _RES: dict[str, dict[str, Any]] = {}

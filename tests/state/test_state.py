@@ -13,7 +13,6 @@ from meshgpu.scheduler import plan
 from meshgpu.state import (
     AssignJobs,
     GPUHealth,
-    GPURecord,
     JobFinished,
     JobStarted,
     JobStatus,
@@ -28,31 +27,13 @@ from meshgpu.state import (
     SubmitRun,
     encode,
 )
+from meshgpu.testing import host
 
 _ids = itertools.count()
 
 
 def node(node_id: str = "n1", gpus: int = 8, name: str = "H100", mem_gb: int = 80) -> RegisterNode:
-    return RegisterNode(
-        at=1.0,
-        node_id=node_id,
-        name=node_id,
-        gpus=[
-            GPURecord(
-                index=i,
-                uuid=f"{node_id}-{i}",
-                name=name,
-                vendor="nvidia",
-                memory_mib=mem_gb * 1024,
-                compute_capability="9.0",
-                numa_node=0 if i < gpus // 2 else 1,
-            )
-            for i in range(gpus)
-        ],
-        cpu_count=64,
-        memory_mib=512 * 1024,
-        disk_gb=2000,
-    )
+    return host(node_id, gpus, name, mem_gb)
 
 
 def submit(name: str, yaml_text: str, at: float = 2.0, request_id: str | None = None) -> SubmitRun:
