@@ -17,6 +17,7 @@ import os
 import random
 import secrets
 import socket
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from consensus.node import Duplicate, NodeOptions, RaftNode, bootstrap_storage
 from consensus.storage import DiskStorage
 from consensus.transport import TLSConfig, Transport, parse_address
 from meshgpu.api import create_app
-from meshgpu.api.problems import Problem, parse_run_config
+from meshgpu.api.problems import Problem, parse_run_config_async
 from meshgpu.client.archive import DEFAULT_CODE_LIMIT
 from meshgpu.client.http import write_profile
 from meshgpu.config.interpolation import references
@@ -42,9 +43,16 @@ from meshgpu.config.render import to_json
 from meshgpu.config.resources import GPUSpec
 from meshgpu.gpu import FakeProvider, collect_inventory, detect
 from meshgpu.mesh.address import choose_address, host_port, is_unspecified
+from meshgpu.mesh.admission import JoinRefused, check_join
 from meshgpu.mesh.discovery import Advertiser, browse
 from meshgpu.mesh.gossip import GossipConfig
-from meshgpu.mesh.join import JoinError, join_urls, normalize_member_url, request_join
+from meshgpu.mesh.join import (
+    JoinError,
+    normalize_member_url,
+    pinned_context,
+    request_join,
+    resolve_join_urls,
+)
 from meshgpu.mesh.membership import MembershipManager, MembershipPolicy
 from meshgpu.mesh.node_gossip import MeshGossip
 from meshgpu.runner import ProcessRunner
@@ -131,6 +139,8 @@ _NOUNS = [
 
 
 MAX_REASONS = 2000  # why-pending reasons per Raft entry
+# The founding agent's join token (join-token.json): many hosts may join with it, for a day.
+STARTUP_TOKEN_TTL_S = 86400.0
 _NAME_RNG = random.Random()  # seeded once from the OS (seeding per name cost 5% of a submit)
 
 
@@ -150,6 +160,9 @@ class AgentSettings:
     # Other members an upload is copied to before it is acknowledged (docs/operations.md).
     code_copies: int = 2
     tick_s: float = 0.1
+    # Serve the REST API over TLS with this node's certificate from the cluster CA (off only
+    # behind a proxy that terminates TLS).
+    api_tls: bool = True
     write_client_profile: bool = True
     token: str | None = None
     join: list[str] = field(default_factory=list)
@@ -173,7 +186,12 @@ class Agent:
         token_file = d / "admin.token"
         self.admin_token = token_file.read_text().strip() if token_file.exists() else ""
         self.code_dir = d / "code"
-        self.code = CodeStore(self.code_dir, lambda: self.admin_token, limit=settings.code_limit)
+        self.code = CodeStore(
+            self.code_dir,
+            lambda: self.admin_token,
+            limit=settings.code_limit,
+            verify=self.client_ssl,
+        )
         self.replicated = Replicated()
         self.state = self.replicated.jobs
         self._members, self._members_at = b"", -1e9
@@ -204,6 +222,8 @@ class Agent:
         self.host = settings.advertise or settings.bind
         self.join_token: str | None = None
         self.gossip = MeshGossip(self, settings.gossip)
+        self._client_ssl: ssl.SSLContext | None = None
+        self._join_nonces: dict[str, float] = {}  # nonces of join requests checked lately
         self.cut_off = False  # no leader heard for the fencing period (see _fence_loop)
 
     # -- identity and secrets on disk ---------------------------------------------------------
@@ -281,15 +301,13 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
         async with trio.open_nursery() as nursery:
-            cfg = hypercorn.config.Config()
-            cfg.bind = [host_port(s.bind, s.api_port)]
-            cfg.accesslog = None
-            cfg.errorlog = logging.getLogger("hypercorn.error")
-            cfg.graceful_timeout = 1.0
-            binds = await nursery.start(partial(hypercorn.trio.serve, create_app(self), cfg))
-            self._bound_api_port = int(binds[0].rpartition(":")[2])
+            # Bound first (the API URL names the real port), served once this node has its
+            # certificate: a joiner gets it from the join, a founder makes it.
+            api_socket = _listen(s.bind, s.api_port)
+            self._bound_api_port = api_socket.getsockname()[1]
             await self._choose_host(self._known_member_hosts())
             founding = await self._establish_identity()
+            await self._serve_api(nursery, api_socket)
             await self._start_consensus(nursery)
             if founding:
                 await self._init_cluster()
@@ -321,11 +339,43 @@ class Agent:
                 )
                 nursery.start_soon(adv.run)
             if s.write_client_profile:
-                write_profile(s.data_dir / "client.toml", self.api_url, self.admin_token)
+                write_profile(
+                    s.data_dir / "client.toml",
+                    self.api_url,
+                    self.admin_token,
+                    ca=self.tls.files.ca_cert.read_text() if s.api_tls else None,
+                )
             log.info(
                 "agent node=%s raft_id=%s api=%s ready", self.node_name, self.node.id, self.api_url
             )
             task_status.started(self.api_url)
+
+    async def _serve_api(self, nursery: trio.Nursery, sock: socket.socket) -> None:
+        s = self.settings
+        cfg = hypercorn.config.Config()
+        cfg.bind = [f"fd://{sock.detach()}"]
+        if s.api_tls:
+            cfg.certfile = str(self.tls.files.cert)
+            cfg.keyfile = str(self.tls.files.key)
+        cfg.accesslog = None
+        cfg.errorlog = logging.getLogger("hypercorn.error")
+        cfg.graceful_timeout = 1.0
+        await nursery.start(partial(hypercorn.trio.serve, create_app(self), cfg))
+
+    def client_ssl(self) -> ssl.SSLContext:
+        """For this agent's calls to other members' APIs: trusts the cluster CA only, and
+        presents this node's certificate."""
+        if self._client_ssl is None:
+            files = self.tls.files
+            ctx = pinned_context(files.ca_cert.read_bytes())
+            ctx.load_cert_chain(str(files.cert), str(files.key))
+            self._client_ssl = ctx
+        return self._client_ssl
+
+    def http_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An HTTP client for other members' APIs (https with the cluster CA, or plain http
+        where a member serves it so)."""
+        return httpx.AsyncClient(verify=self.client_ssl(), **kwargs)
 
     def _known_member_hosts(self) -> list[str]:
         """Hosts of the mesh known before joining it: --join targets, and (after a restart)
@@ -344,7 +394,8 @@ class Agent:
         if not s.advertise and is_unspecified(s.bind):
             self.host = await trio.to_thread.run_sync(choose_address, s.bind, targets)
             log.info("bound to %s: advertising %s", s.bind or "every address", self.host)
-        self.api_url = f"http://{host_port(self.host, self._bound_api_port)}"
+        scheme = "https" if s.api_tls else "http"
+        self.api_url = f"{scheme}://{host_port(self.host, self._bound_api_port)}"
 
     async def _establish_identity(self) -> bool:
         """Restart as ourselves, join with a token, or found a new mesh. True when founding."""
@@ -353,7 +404,7 @@ class Agent:
             return False  # a restart: same node, same certificate, same Raft id
         if s.token:
             token = JoinToken.parse(s.token)
-            urls = [u for a in s.join for u in join_urls(a)]
+            urls = [u for a in s.join for u in await resolve_join_urls(a)]
             if not urls and s.mdns:
                 found = await trio.to_thread.run_sync(
                     browse, token.cluster_id, s.advertise or s.bind, 10.0
@@ -365,6 +416,11 @@ class Agent:
                 raise JoinError(
                     "no member to join: none answered on mDNS for this cluster; pass --join host:port"
                 )
+            if s.peer_port == 0:  # the members must learn a real port: pick a free one now
+                family = socket.AF_INET6 if ":" in s.bind else socket.AF_INET
+                with socket.socket(family) as probe:
+                    probe.bind((s.bind.strip("[]") if not is_unspecified(s.bind) else "", 0))
+                    s.peer_port = probe.getsockname()[1]
             result = await request_join(
                 urls,
                 token,
@@ -445,24 +501,35 @@ class Agent:
                 )
             )
         )
-        self.join_token = await self.create_join_token()
+        self.join_token = await self.create_join_token(STARTUP_TOKEN_TTL_S, reusable=True)
         path = self.settings.data_dir / "join-token.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"token": self.join_token, "join": self.api_url}, f)
+            json.dump(
+                {
+                    "token": self.join_token,
+                    "join": self.peer_address,
+                    "api_url": self.api_url,
+                    "expires_at": time.time() + STARTUP_TOKEN_TTL_S,
+                    "reusable": True,
+                },
+                f,
+            )
 
-    async def create_join_token(self, ttl_s: float | None = None) -> str:
+    async def create_join_token(self, ttl_s: float | None, reusable: bool = False) -> str:
+        """A new join token; ``ttl_s`` None: it never expires. Only its verifier (a public
+        key) enters the replicated state."""
         token = JoinToken.create(
             self.identity["cluster_id"], fingerprint(self.tls.files.ca_cert.read_bytes())
         )
-        expires = time.time() + ttl_s if ttl_s else None
         await self._propose(
             encode_cluster(
                 CreateToken(
                     at=time.time(),
                     token_id=token.token_id,
-                    key=token.verification_key(),
-                    expires_at=expires,
+                    verifier=token.verifier(),
+                    expires_at=time.time() + ttl_s if ttl_s else None,
+                    reusable=reusable,
                 )
             )
         )
@@ -546,54 +613,57 @@ class Agent:
         return {m.raft_id: by_node.get(m.node_id, "") for m in self.cluster.members.values()}
 
     async def admit(self, body: dict[str, Any]) -> dict[str, Any]:
-        """``POST /api/v1/join`` on the leader (a follower forwards it there)."""
+        """``POST /api/v1/join`` on the leader (a follower forwards it there). The request is
+        checked completely before anything is proposed (``meshgpu/mesh/admission.py``)."""
         if self.node is None or not self.node.leader:
             raise Problem(503, "no leader right now", "retry in a few seconds", "unavailable")
         if self.node.role is not Role.LEADER:
             leader = self.cluster.members.get(self.node.leader)
             if leader is None:
                 raise Problem(503, "leader unknown", "retry in a few seconds", "unavailable")
-            async with httpx.AsyncClient(timeout=30) as c:
-                r = await c.post(f"{leader.api_url}/api/v1/join", json=body)
-            if r.status_code >= 400:
+            try:
+                async with self.http_client(timeout=30) as c:
+                    r = await c.post(f"{leader.api_url}/api/v1/join", json=body)
                 doc = r.json()
+            except (httpx.HTTPError, ValueError) as e:
+                raise Problem(
+                    503, "the leader did not answer", f"retry shortly ({e})", "unavailable"
+                ) from None
+            if r.status_code >= 400:
                 raise Problem(
                     r.status_code,
                     doc.get("title", "join failed"),
                     doc.get("detail", ""),
                     doc.get("code", ""),
                 )
-            return r.json()
+            return doc
         try:
-            cmd = AdmitNode(
-                at=time.time(),
-                **{
-                    k: body[k]
-                    for k in (
-                        "token_id",
-                        "proof",
-                        "csr_pem",
-                        "name",
-                        "node_id",
-                        "peer_address",
-                        "api_url",
-                    )
-                },
-            )
-        except (KeyError, ValueError) as e:
-            raise Problem(400, "malformed join request", str(e), "invalid_request") from None
-        result: Result = await self._propose(encode_cluster(cmd))
-        if result.code == "duplicate":  # applied before, its answer forgotten: ask again
-            raise Problem(503, "join in progress", "retry the join shortly", "unavailable")
-        if not result.ok:
-            raise Problem(403, "join refused", result.error, result.code)
-        rid = int(result.value)
+            req = check_join(body, self.cluster, time.time(), self._join_nonces)
+        except JoinRefused as e:
+            raise Problem(e.status, e.title, e.detail, e.code) from None
         ca = self.tls.ca()
         if ca is None:
             raise Problem(
                 503, "this leader cannot sign certificates yet", "retry shortly", "unavailable"
             )
-        host = cmd.peer_address.rpartition(":")[0]
+        cmd = AdmitNode(
+            at=time.time(),
+            token_id=req.token_id,
+            nonce=req.nonce,
+            csr_pem=req.csr_pem,
+            name=req.name,
+            node_id=req.node_id,
+            peer_address=req.peer_address,
+            api_url=req.api_url,
+        )
+        result: Result = await self._propose(encode_cluster(cmd))
+        if result.code == "duplicate":  # applied before, its answer forgotten: ask again
+            raise Problem(503, "join in progress", "retry the join shortly", "unavailable")
+        if not result.ok:
+            status = 409 if result.code == "member_conflict" else 403
+            raise Problem(status, "join refused", result.error, result.code)
+        rid = int(result.value)
+        host = cmd.peer_address.rpartition(":")[0].strip("[]")
         try:
             cert = sign_csr(ca, cmd.csr_pem.encode(), rid, hosts=(host, "127.0.0.1", "localhost"))
         except PKIError as e:
@@ -611,8 +681,9 @@ class Agent:
                 for m in self.cluster.members.values()
                 if not m.removed
             },
-            # Sealed to the key of the CSR: the join travels over plain HTTP, and only the
-            # host that holds that key (the one whose proof was checked) can read the token.
+            # Sealed to the key of the CSR: only the host that holds that key (the one whose
+            # signed request was checked) can read the token, even where the join travels
+            # over plain HTTP (--api-tls off).
             "api_token_sealed": seal(self.admin_token.encode(), cmd.csr_pem.encode()).hex(),
         }
 
@@ -624,9 +695,27 @@ class Agent:
             self.node.storage.close()
 
     async def _wait_leader(self) -> None:
-        with trio.fail_after(60):
-            while self.node.leader == 0:
-                await trio.sleep(0.01)
+        """Until a leader is known. A restart that cannot reach a quorum (peers down, a
+        partition) keeps waiting -- it is not an error, and the API answers meanwhile -- and
+        says so, less and less often."""
+        start = trio.current_time()
+        say_at = start + 5.0
+        while self.node.leader == 0:
+            await trio.sleep(0.01)
+            now = trio.current_time()
+            if now >= say_at:
+                st = self.node.status()
+                peers = ", ".join(
+                    f"{k}={v}" for k, v in sorted(self.node.addresses.items()) if k != self.node.id
+                )
+                log.warning(
+                    "no leader after %.0fs: waiting for a quorum of voters %s to answer "
+                    "(peers: %s); still trying",
+                    now - start,
+                    st["voters"],
+                    peers or "none known",
+                )
+                say_at = now + min(60.0, 2 * (say_at - start))
 
     async def _register(self) -> None:
         inv = await trio.to_thread.run_sync(collect_inventory, self.gpus, self.settings.data_dir)
@@ -730,7 +819,12 @@ class Agent:
                     await self._propose(encode(PreemptJobs(at=now, preemptions=p.preemptions)))
                 if p.assignments:
                     cmd = AssignJobs(at=now, assignments=p.assignments, pending_reasons=changed)
-                    await self._propose(encode(cmd))
+                    res = await self._propose(encode(cmd))
+                    if isinstance(res, Result) and res.ok and (res.value or {}).get("refused"):
+                        # Stale: the state bumped demand, so the next plan comes at once; a
+                        # tick's pause keeps a decision refused again and again from
+                        # flooding the log.
+                        await trio.sleep(o.tick_s)
                 elif changed:
                     await self._propose(encode(SetPendingReasons(at=now, reasons=changed)))
             except Exception as e:  # lost leadership or quorum meanwhile: plan again later
@@ -823,7 +917,7 @@ class Agent:
 
     async def submit(self, body: SubmitBody) -> tuple[RunRecord, bool]:
         """Submit a run; returns it and whether an active run was updated in place instead."""
-        config = parse_run_config(
+        config = await parse_run_config_async(
             body.config,
             body.filename,
             400,
@@ -987,7 +1081,7 @@ class Agent:
 
     async def proxy_logs(self, api_url: str, run: str, job: int, follow: bool, auth: str) -> Any:
         params = {"job": job, "follow": str(follow).lower()}
-        async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as c:
+        async with self.http_client(timeout=httpx.Timeout(30, read=None)) as c:
             try:
                 async with c.stream(
                     "GET",
@@ -1009,3 +1103,21 @@ class Agent:
             return not (self.runner.job_dir(job_id) / "job.json").exists()
         except ValueError:
             return True
+
+
+def _listen(bind: str, port: int) -> socket.socket:
+    """A listening TCP socket for the API (``bind`` empty or unspecified: every address)."""
+    host = bind.strip("[]") or None
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, address = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and is_unspecified(bind):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock

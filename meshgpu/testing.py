@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -29,6 +30,14 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cluster_ca_context(data_dir: Path) -> ssl.SSLContext:
+    """What a test's HTTP client verifies an agent's API with: the cluster CA in ``data_dir``
+    (host names unchecked, as meshgpu's own clients do)."""
+    ctx = ssl.create_default_context(cafile=str(data_dir / "tls" / "ca.crt"))
+    ctx.check_hostname = False
+    return ctx
 
 
 def free_port() -> int:
@@ -59,7 +68,7 @@ class AgentProcess:
         self.data.mkdir(parents=True, exist_ok=True)
         self.log_path = root / f"{name}.log"
         self.api_port, self.peer_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.api_port}"
+        self.url = f"https://127.0.0.1:{self.api_port}"
         self.token = ""
         self.fake_gpus = fake_gpus
         self.extra = list(extra or [])
@@ -107,6 +116,11 @@ class AgentProcess:
             time.sleep(0.02)
         doc = tomllib.loads(profile.read_text())
         self.url, self.token = doc["url"], doc["token"]
+
+    @property
+    def verify(self) -> ssl.SSLContext:
+        """For ``httpx``'s ``verify=``: this agent's cluster CA."""
+        return cluster_ca_context(self.data)
 
     def join_token(self) -> str:
         """The join token a founding agent wrote to its data dir."""

@@ -28,7 +28,7 @@ def main() -> None:
     for a in agents[1:]:
         a.start(token, agents[0].url)
     headers = {"Authorization": f"Bearer {agents[0].token}"}
-    c = httpx.Client(timeout=5, headers=headers)
+    c = httpx.Client(timeout=5, headers=headers, verify=agents[0].verify)
     try:
         deadline = time.monotonic() + 60
         while len(c.get(f"{agents[0].url}/api/v1/status").json()["voters"]) < 3:

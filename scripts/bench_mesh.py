@@ -38,7 +38,11 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
         headers = {"Authorization": f"Bearer {agents[0].token}"}
         clients = [
             httpx.AsyncClient(
-                base_url=a.url, headers=headers, timeout=60, limits=httpx.Limits(max_connections=16)
+                base_url=a.url,
+                headers=headers,
+                timeout=60,
+                limits=httpx.Limits(max_connections=16),
+                verify=a.verify,
             )
             for a in agents
         ]

@@ -46,6 +46,7 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
             headers={"Authorization": f"Bearer {token}"},
             timeout=60,
             limits=httpx.Limits(max_connections=32),
+            verify=agent.verify,
         ) as c:
 
             async def submit(cfg: str) -> str:

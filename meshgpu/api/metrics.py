@@ -15,7 +15,7 @@ import trio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from meshgpu.api.problems import Problem
+from meshgpu.api.problems import Problem, bearer_token, responses
 from meshgpu.api.prometheus import CONTENT_TYPE, node_families, render
 from meshgpu.runner.usage import GroupUsage, cpu_percent, job_pgid, sample_groups
 from meshgpu.state import JobRecord
@@ -109,7 +109,7 @@ async def _ask_owner(
         entry["error"] = "the host running the job has no API address"
         return entry
     try:
-        async with httpx.AsyncClient(timeout=PROXY_TIMEOUT_S) as c:
+        async with agent.http_client(timeout=PROXY_TIMEOUT_S) as c:
             r = await c.get(
                 f"{owner.api_url}/api/v1/runs/{run}/metrics",
                 params={"job": j.job_num, "local": "true"},
@@ -208,13 +208,22 @@ def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037
     """The metrics routes (``auth``/``read``: the app's dependencies; see offers.py)."""
     r = APIRouter()
 
-    @r.get("/metrics", response_class=Response)
+    @r.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics(_: auth) -> Response:
         """Prometheus text format. It names the runs with jobs on this host, so it takes the
         bearer token like the rest of the API (Prometheus: ``authorization.credentials_file``)."""
         return Response(await scrape(agent), media_type=CONTENT_TYPE)
 
-    @r.get("/api/v1/runs/{name}/metrics")
+    @r.get("/api/v1/runs/{name}/metrics", responses=responses(404))
     async def job_metrics(
         request: Request,
         name: str,
@@ -225,7 +234,8 @@ def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037
             bool, Query(description="Answer for jobs on this node only (no proxying)")
         ] = False,
     ) -> dict[str, Any]:
-        auth_header = request.headers.get("authorization", "")
+        # Asked of the hosts that run the jobs with the caller's token (canonical form).
+        auth_header = f"Bearer {bearer_token(request.headers.get('authorization', ''))}"
         return await run_metrics(agent, name, job, auth_header, local)
 
     return r

@@ -112,6 +112,14 @@ def agent(
             "overrides, e.g. local,probe_interval=0.5",
         ),
     ] = "lan",
+    api_tls: Annotated[
+        str,
+        typer.Option(
+            "--api-tls",
+            help="on (default): serve the API over TLS with a certificate from the cluster CA; "
+            "off: plain HTTP, only behind a proxy that terminates TLS",
+        ),
+    ] = "on",
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the agent: the first one creates a mesh; it serves the API and runs jobs."""
@@ -132,6 +140,8 @@ def agent(
             JoinToken.parse(token)
         except TokenError as e:
             raise fail(str(e)) from None
+    if api_tls not in ("on", "off"):
+        raise fail(f"--api-tls takes on or off, not {api_tls!r}")
     if keep_runs < 0:
         raise fail(f"--keep-runs must be 0 or more, not {keep_runs}")
     try:
@@ -167,6 +177,7 @@ def agent(
         gossip=gossip_config,
         keep_runs=keep_runs,
         keep_runs_for_s=float(keep_runs_for_s),
+        api_tls=api_tls == "on",
     )
     try:
         ag = Agent(settings)
@@ -181,7 +192,7 @@ def agent(
             )
             if ag.join_token:
                 err.print(
-                    f"join token for other hosts:\n  meshgpu agent --token {ag.join_token} --join {url}"
+                    f"join token for other hosts:\n  meshgpu agent --token {ag.join_token} --join {ag.peer_address}"
                 )
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:

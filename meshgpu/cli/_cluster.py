@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from meshgpu.cli._common import JsonOpt, UrlOpt, client, out, table
+from meshgpu.cli._common import JsonOpt, UrlOpt, client, fail, out, table
 
 
 def nodes(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
@@ -73,13 +73,29 @@ token_app = typer.Typer(help="Join tokens for new hosts.", no_args_is_help=True)
 
 @token_app.command("create")
 def token_create(
-    ttl: Annotated[str | None, typer.Option("--ttl", help="Expire after e.g. 1h, 7d")] = None,
+    ttl: Annotated[
+        str, typer.Option("--ttl", help="Expire after e.g. 1h, 7d; 'never' for no expiry")
+    ] = "24h",
+    reusable: Annotated[
+        bool,
+        typer.Option("--reusable", help="Many hosts may join with it (default: single-use)"),
+    ] = False,
     url: UrlOpt = None,
 ) -> None:
-    """A join token: on the new host, meshgpu agent --token TOKEN [--join MEMBER]."""
+    """A join token: on the new host, meshgpu agent --token TOKEN [--join MEMBER]. Single-use
+    unless --reusable; expires after --ttl (a day by default)."""
     from meshgpu.config import parse_duration
 
-    params = {"ttl_s": parse_duration(ttl)} if ttl else {}
+    if ttl.strip().lower() == "never":
+        ttl_s = 0
+    else:
+        try:
+            ttl_s = parse_duration(ttl)
+        except ValueError as e:
+            raise fail(f"--ttl: {e} (write e.g. 1h or 7d, or never)") from None
+        if not isinstance(ttl_s, int) or ttl_s <= 0:
+            raise fail(f"--ttl must be a positive duration such as 1h, or never; not {ttl!r}")
+    params = {"ttl_s": ttl_s, "reusable": str(reusable).lower()}
     with client(url) as c:
         doc = c._request("POST", "/api/v1/tokens", params=params).json()  # noqa: SLF001
     print(doc["token"])

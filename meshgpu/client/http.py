@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -32,6 +33,19 @@ class Profile:
     # work); learned from responses and kept in the profile file (``path``) when there is one.
     members: tuple[str, ...] = ()
     path: Path | None = None
+    # The cluster CA (PEM) the node's certificate must chain to; None: the system's CAs (a
+    # node behind a proxy with a public certificate, or plain http).
+    ca: str | None = None
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """What httpx checks the node's certificate against."""
+        if not self.ca:
+            return True
+        ctx = ssl.create_default_context(cadata=self.ca)
+        # The cluster CA signs member certificates only: one from it is a member of this
+        # cluster, whatever address it was reached at (meshgpu/mesh/join.py pinned_context).
+        ctx.check_hostname = False
+        return ctx
 
 
 def default_config_path() -> Path:
@@ -39,7 +53,8 @@ def default_config_path() -> Path:
 
 
 def load_profile(url: str | None = None, token: str | None = None) -> Profile:
-    """``--url``/``MESHGPU_URL`` and ``MESHGPU_TOKEN`` win over the client profile file."""
+    """``--url``/``MESHGPU_URL``, ``MESHGPU_TOKEN`` and ``MESHGPU_CA`` (a PEM file) win over
+    the client profile file."""
     data: dict[str, Any] = {}
     path = default_config_path()
     if path.exists():
@@ -62,24 +77,39 @@ def load_profile(url: str | None = None, token: str | None = None) -> Profile:
     members = [*urls[1:]]
     if not given:  # members remembered in the profile belong to the profile's node
         members += [str(m).rstrip("/") for m in data.get("members") or []]
+    ca = data.get("ca") or None
+    ca_file = os.environ.get("MESHGPU_CA")
+    if ca_file:
+        try:
+            ca = Path(ca_file).read_text()
+        except OSError as e:
+            raise APIError(0, f"cannot read MESHGPU_CA={ca_file}", str(e)) from None
     return Profile(
         urls[0],
         token or "",
         tuple(dict.fromkeys(m for m in members if m != urls[0])),
         path if path.exists() and not given else None,
+        ca,
     )
 
 
 def write_profile(
-    path: Path, url: str, token: str, members: tuple[str, ...] | list[str] = ()
+    path: Path,
+    url: str,
+    token: str,
+    members: tuple[str, ...] | list[str] = (),
+    ca: str | None = None,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     text = f'url = "{url}"\ntoken = "{token}"\n'
     if members:
         text += "members = [" + ", ".join(f'"{m}"' for m in members) + "]\n"
-    tmp.write_text(text)
-    tmp.chmod(0o600)
+    if ca:
+        text += f'ca = """\n{ca.strip()}\n"""\n'
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     tmp.replace(path)
 
 
@@ -105,6 +135,7 @@ class Client:
             base_url=profile.url,
             headers={"Authorization": f"Bearer {profile.token}"} if profile.token else {},
             timeout=httpx.Timeout(timeout, connect=5.0),
+            verify=profile.verify(),
         )
 
     @property
@@ -127,7 +158,7 @@ class Client:
         p = self.profile
         if p.path is not None and self.url == p.url:
             try:
-                write_profile(p.path, p.url, p.token, tuple(self._urls[1:]))
+                write_profile(p.path, p.url, p.token, tuple(self._urls[1:]), p.ca)
             except OSError:
                 pass  # a read-only profile: the members are only remembered for this process
 

@@ -40,6 +40,7 @@ from meshgpu.mesh.gossip import (
     new_key,
 )
 from meshgpu.mesh.gossip.shell import GossipShell, TransportStreams
+from meshgpu.mesh.join import answer_api_query
 from meshgpu.mesh.node_meta import build_meta, decisive, parse_meta, variants
 from meshgpu.state.cluster import InstallGossipKey, encode_cluster
 
@@ -153,6 +154,7 @@ class MeshGossip:
             TransportStreams(agent.transport, self._resolve),  # type: ignore[arg-type]
             host=agent.settings.bind,
             port=agent.settings.peer_port,  # the real number once the transport bound it
+            on_plain=lambda data: answer_api_query(data, agent.api_url),
         )
         async with trio.open_nursery() as nursery:
             failures = 0

@@ -10,14 +10,19 @@ from meshgpu.security.pki import (
     unseal,
     verify_node_cert,
 )
-from meshgpu.security.tokens import JoinToken, TokenError, check_proof, hash_api_token
+from meshgpu.security.tokens import (
+    JoinToken,
+    TokenError,
+    check_join_signature,
+    hash_api_token,
+)
 
 __all__ = [
     "JoinToken",
     "NodeIdentity",
     "PKIError",
     "TokenError",
-    "check_proof",
+    "check_join_signature",
     "create_cluster",
     "fingerprint",
     "hash_api_token",

@@ -2,8 +2,11 @@
 
 Kept apart from the jobs state (``machine.py``) and multiplexed on the same Raft log by
 ``Replicated``: entries that start with ``CLUSTER_TAG`` are cluster commands. Deterministic like
-every state machine here: ``AdmitNode`` checks the join proof *in apply* (a pure HMAC), so every
-member reaches the same verdict and the same Raft id.
+every state machine here. The leader checks a join request completely (signature, time, nonce,
+CSR, addresses) *before* it proposes ``AdmitNode`` (``meshgpu/mesh/admission.py``), so a bogus
+request never reaches the log; apply then re-checks what a concurrent entry could have changed
+(the token still usable, the nonce unused, the node id and peer address free), so every member
+reaches the same verdict and the same Raft id.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from meshgpu.security.tokens import check_proof
+from meshgpu.security.tokens import JOIN_WINDOW_S
 from meshgpu.state.machine import Result, StateMachine
 from meshgpu.state.records import JobTerminationReason
 
@@ -39,9 +42,12 @@ class InitCluster(_Cmd):
 
 class CreateToken(_Cmd):
     kind: Literal["create_token"] = "create_token"
-    token_id: str
-    key: str
+    token_id: str = Field(pattern=r"^[0-9a-f]{8}$")
+    # The Ed25519 public key of the token's secret (hex): checks join signatures, cannot make one.
+    verifier: str = Field(pattern=r"^[0-9a-f]{64}$")
     expires_at: float | None = None
+    # Single-use unless asked: the first host admitted with it uses it up.
+    reusable: bool = False
 
 
 class RevokeToken(_Cmd):
@@ -50,9 +56,12 @@ class RevokeToken(_Cmd):
 
 
 class AdmitNode(_Cmd):
+    """Proposed only after the leader verified the request's signature, time, CSR and
+    addresses (``meshgpu/mesh/admission.py``)."""
+
     kind: Literal["admit_node"] = "admit_node"
     token_id: str
-    proof: str
+    nonce: str
     csr_pem: str
     name: str
     node_id: str
@@ -188,12 +197,51 @@ class ClusterState:
 
     def _on_create_token(self, c: CreateToken) -> Result:
         self.tokens[c.token_id] = {
-            "key": c.key,
+            "verifier": c.verifier,
             "created_at": c.at,
             "expires_at": c.expires_at,
             "revoked": False,
+            "reusable": c.reusable,
+            "used_by": [],  # node ids admitted with it
+            "nonces": {},  # nonce -> time: refused when seen again within the join window
         }
         return Result(True, c.token_id)
+
+    def token_problem(self, token_id: str, node_id: str, now: float) -> str | None:
+        """Why ``token_id`` cannot admit ``node_id`` at ``now``; None when it can. A single-use
+        token already used by this same node still can (the answer to its join was lost)."""
+        tok = self.tokens.get(token_id)
+        if tok is None or tok.get("revoked") or "verifier" not in tok:
+            return "unknown or revoked join token: create a new one with meshgpu token create"
+        if tok["expires_at"] is not None and now > tok["expires_at"]:
+            return "the join token has expired: create a new one with meshgpu token create"
+        used = tok.get("used_by", [])
+        if not tok.get("reusable") and used and node_id not in used:
+            return (
+                "the join token was already used (tokens are single-use): create a new one with "
+                "meshgpu token create, or --reusable for a token many hosts share"
+            )
+        return None
+
+    def member_conflict(self, node_id: str, peer_address: str, csr_pem: str) -> str | None:
+        """Why a host cannot be admitted with these identifiers; None when it can. A member that
+        joins again as itself must come with the same key and addresses (a retry); nobody may
+        take over another member's node id or peer address."""
+        for m in self.members.values():
+            if m.removed:
+                continue
+            if m.node_id == node_id and (m.peer_address != peer_address or m.csr_pem != csr_pem):
+                return (
+                    f"node id {node_id} is already member {m.raft_id} ({m.name}) with another "
+                    "key or address: remove it first (meshgpu node remove) or start the new host "
+                    "with a fresh data dir"
+                )
+            if m.node_id != node_id and m.peer_address == peer_address:
+                return (
+                    f"peer address {peer_address} belongs to member {m.raft_id} ({m.name}): "
+                    "remove it first or give this host another --advertise/--peer-port"
+                )
+        return None
 
     def _on_revoke_token(self, c: RevokeToken) -> Result:
         tok = self.tokens.get(c.token_id)
@@ -203,28 +251,28 @@ class ClusterState:
         return Result(True, c.token_id)
 
     def _on_admit_node(self, c: AdmitNode) -> Result:
-        tok = self.tokens.get(c.token_id)
-        if tok is None or tok["revoked"]:
-            return Result(
-                False,
-                None,
-                "unknown or revoked join token: create a new one with meshgpu token create",
-                "bad_token",
-            )
-        if tok["expires_at"] is not None and c.at > tok["expires_at"]:
-            return Result(False, None, "the join token has expired: create a new one", "bad_token")
-        if not check_proof(tok["key"], c.csr_pem.encode(), c.name, c.proof):
-            return Result(False, None, "the join proof does not match the token", "bad_token")
-        # A node that rejoins as itself keeps its Raft id (and is not a new member).
-        for m in self.members.values():
-            if m.node_id == c.node_id and not m.removed:
-                m.peer_address, m.api_url, m.name, m.csr_pem = (
-                    c.peer_address,
-                    c.api_url,
-                    c.name,
-                    c.csr_pem,
-                )
-                return Result(True, m.raft_id)
+        why = self.token_problem(c.token_id, c.node_id, c.at)
+        if why is not None:
+            return Result(False, None, why, "bad_token")
+        tok = self.tokens[c.token_id]
+        nonces: dict[str, float] = tok.setdefault("nonces", {})
+        for n, t in list(nonces.items()):
+            if c.at - t > 2 * JOIN_WINDOW_S:
+                del nonces[n]
+        if c.nonce in nonces:
+            return Result(False, None, "this join request was replayed", "replay")
+        conflict = self.member_conflict(c.node_id, c.peer_address, c.csr_pem)
+        if conflict is not None:
+            return Result(False, None, conflict, "member_conflict")
+        nonces[c.nonce] = c.at
+        used: list[str] = tok.setdefault("used_by", [])
+        if c.node_id not in used:
+            used.append(c.node_id)
+        # A node that joins again as itself (same key, same addresses) keeps its Raft id.
+        m = self.member_by_node(c.node_id)
+        if m is not None:
+            m.api_url, m.name = c.api_url, c.name
+            return Result(True, m.raft_id)
         rid = self.next_raft_id
         self.next_raft_id += 1
         self.members[rid] = Member(

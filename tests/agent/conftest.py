@@ -17,7 +17,7 @@ import pytest
 
 from meshgpu.client import Client
 from meshgpu.client.http import Profile
-from meshgpu.testing import free_port, kill_job_processes
+from meshgpu.testing import cluster_ca_context, free_port, kill_job_processes
 
 
 @dataclass
@@ -74,6 +74,11 @@ class AgentProc:
         self.url, self.token = doc["url"], doc["token"]
         return self
 
+    @property
+    def verify(self):  # type: ignore[no-untyped-def]
+        """For ``httpx``'s ``verify=``: this agent's cluster CA."""
+        return cluster_ca_context(self.data_dir)
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
@@ -91,7 +96,7 @@ class AgentProc:
             self.log.close()
 
     def client(self) -> Client:
-        c = Client(Profile(self.url, self.token))
+        c = Client(Profile(self.url, self.token, ca=(self.data_dir / "tls" / "ca.crt").read_text()))
         self.clients.append(c)
         return c
 
@@ -103,7 +108,11 @@ class AgentProc:
     def cli(
         self, *args: str, cwd: Path | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ) | {"MESHGPU_URL": self.url, "MESHGPU_TOKEN": self.token}
+        env = dict(os.environ) | {
+            "MESHGPU_URL": self.url,
+            "MESHGPU_TOKEN": self.token,
+            "MESHGPU_CA": str(self.data_dir / "tls" / "ca.crt"),
+        }
         return subprocess.run(
             [sys.executable, "-m", "meshgpu", *args],
             capture_output=True,

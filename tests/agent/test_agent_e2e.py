@@ -173,9 +173,11 @@ def test_clear_errors(agent: AgentProc, tmp_path: Path) -> None:
     with pytest.raises(APIError) as e:
         c.run("nope")
     assert e.value.status == 404 and "meshgpu ps -a" in e.value.detail
-    bad = httpx.get(f"{agent.url}/api/v1/runs", headers={"Authorization": "Bearer wrong"})
+    bad = httpx.get(
+        f"{agent.url}/api/v1/runs", headers={"Authorization": "Bearer wrong"}, verify=agent.verify
+    )
     assert bad.status_code == 401 and bad.headers["content-type"] == "application/problem+json"
-    assert httpx.get(f"{agent.url}/healthz").json()["ok"] is True
+    assert httpx.get(f"{agent.url}/healthz", verify=agent.verify).json()["ok"] is True
     big = tmp_path / "big"
     big.mkdir()
     (big / "blob.bin").write_bytes(
@@ -190,6 +192,7 @@ def test_clear_errors(agent: AgentProc, tmp_path: Path) -> None:
         f"{agent.url}/api/v1/code",
         content=b"x" * (3 << 20),
         headers={"Authorization": f"Bearer {agent.token}"},
+        verify=agent.verify,
     )
     assert up.status_code == 413
     r = agent.cli("logs", "nope")
@@ -197,7 +200,9 @@ def test_clear_errors(agent: AgentProc, tmp_path: Path) -> None:
     assert re.search(
         r"\d+",
         httpx.get(
-            f"{agent.url}/api/v1/status", headers={"Authorization": f"Bearer {agent.token}"}
+            f"{agent.url}/api/v1/status",
+            headers={"Authorization": f"Bearer {agent.token}"},
+            verify=agent.verify,
         ).headers["x-meshgpu-applied-index"],
     )
 

@@ -16,6 +16,7 @@ import pytest
 
 from meshgpu.client import APIError
 from meshgpu.client.http import write_profile
+from meshgpu.security import JoinToken
 from meshgpu.testing import free_port
 from tests.agent.conftest import AgentProc, start_mesh, stop_all, wait_for
 
@@ -70,7 +71,9 @@ def test_join_promote_place_across_hosts_and_survive_the_leader(
     survivors = [ag for ag in mesh if ag is not victim]
     # A CLI whose profile names the leader learns the other members from its answers ...
     profile = tmp_path / "client.toml"
-    write_profile(profile, victim.url, victim.token)
+    write_profile(
+        profile, victim.url, victim.token, ca=(victim.data_dir / "tls" / "ca.crt").read_text()
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGPU_")}
     env["MESHGPU_CONFIG"] = str(profile)
 
@@ -122,7 +125,7 @@ def test_a_host_without_a_valid_token_is_refused(mesh: list[AgentProc], tmp_path
     a = mesh[0]
     token = json.loads((a.data_dir / "join-token.json").read_text())["token"]
     parts = token.split(".")
-    forged = ".".join([*parts[:4], "not-the-secret"])
+    forged = ".".join([*parts[:4], JoinToken.create("x", "y").secret])  # well-formed, wrong
     d = tmp_path / "intruder"
     d.mkdir()
     r = subprocess.run(
@@ -176,7 +179,7 @@ def test_a_host_without_a_valid_token_is_refused(mesh: list[AgentProc], tmp_path
     )
     assert r.returncode == 1 and "revoked" in r.stderr
     # And the peer port refuses a client without a cluster certificate.
-    assert httpx.get(f"{a.url}/healthz").status_code == 200
+    assert httpx.get(f"{a.url}/healthz", verify=a.verify).status_code == 200
 
 
 def test_a_dead_host_is_declared_and_its_job_is_fenced_when_it_returns(tmp_path: Path) -> None:

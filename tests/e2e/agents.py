@@ -36,7 +36,7 @@ class NsAgent:
         self.data = root / name
         self.data.mkdir()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"http://{host.ip}:7480"
+        self.url = f"https://{host.ip}:7480"
         self._client: Client | None = None
 
     def start(self, timeout: float = 60) -> NsAgent:
@@ -91,7 +91,7 @@ class NsAgent:
     def client(self) -> Client:
         if self._client is None:
             doc = tomllib.loads((self.data / "client.toml").read_text())
-            self._client = Client(Profile(self.url, doc["token"]), timeout=10)
+            self._client = Client(Profile(self.url, doc["token"], ca=doc.get("ca")), timeout=10)
         return self._client
 
     def kill(self) -> None:

@@ -32,7 +32,7 @@ import math
 import socket
 from collections import Counter
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -87,8 +87,16 @@ class GossipShell:
         leave_on_exit: bool = True,
         leave_timeout: float = 2.0,
         on_event: Callable[[MemberEvent], None] | None = None,
+        on_plain: Callable[[bytes], bytes | None] | None = None,
+        plain_rate: float = 20.0,
     ) -> None:
         self.core = core
+        # Unsealed datagrams the embedding application answers itself (the agent: "where is
+        # your API?", see meshgpu/mesh/join.py), at most ``plain_rate`` answers a second.
+        self._on_plain = on_plain
+        self._plain_rate = plain_rate
+        self._plain_budget = plain_rate
+        self._plain_at = 0.0
         self._keyring = keyring
         self._streams = streams
         self._host = host
@@ -233,7 +241,8 @@ class GossipShell:
             try:
                 packet = self._keyring.open(data)
             except DecodeError:
-                stats["bad_auth"] += 1
+                if not self._answer_plain(data, source):
+                    stats["bad_auth"] += 1
                 continue
             try:
                 out = core.receive(trio.current_time(), (source[0], source[1]), packet)
@@ -242,6 +251,27 @@ class GossipShell:
                 log.debug("dropped a bad gossip packet from %s: %s", source[0], exc)
                 continue
             self._dispatch(out)
+
+    def _answer_plain(self, data: bytes, source: Any) -> bool:
+        """Queue the application's answer to an unsealed datagram; True if it had one."""
+        if self._on_plain is None:
+            return False
+        reply = self._on_plain(data)
+        if reply is None:
+            return False
+        now = trio.current_time()
+        self._plain_budget = min(
+            self._plain_rate, self._plain_budget + (now - self._plain_at) * self._plain_rate
+        )
+        self._plain_at = now
+        if self._plain_budget >= 1.0:
+            self._plain_budget -= 1.0
+            try:
+                self._send.send_nowait(((source[0], source[1]), reply))
+            except trio.WouldBlock:
+                self.stats["datagrams_dropped"] += 1
+        self.stats["plain_answered"] += 1
+        return True
 
     async def _sender(self, sock: trio.socket.SocketType) -> None:
         async for to, data in self._outbox:
