@@ -36,11 +36,12 @@ from consensus.storage import DiskStorage
 from consensus.transport import TLSConfig, Transport, parse_address
 from meshgpu.api import create_app
 from meshgpu.api.problems import Problem, parse_run_config_async
-from meshgpu.client.archive import DEFAULT_CODE_LIMIT
+from meshgpu.client.archive import DEFAULT_CODE_LIMIT, ArchiveLimits, ArchiveRefused
 from meshgpu.client.http import write_profile
 from meshgpu.config.interpolation import references
 from meshgpu.config.render import to_json
 from meshgpu.config.resources import GPUSpec
+from meshgpu.datadir import open_private, private_dir, secure_data_dir, write_private
 from meshgpu.gpu import FakeProvider, collect_inventory, detect
 from meshgpu.mesh.address import choose_address, host_port, is_unspecified
 from meshgpu.mesh.admission import JoinRefused, check_join
@@ -157,6 +158,11 @@ class AgentSettings:
     blocks: int | Literal["auto"] | None = None
     fake_gpus: str | None = None
     code_limit: int = DEFAULT_CODE_LIMIT
+    # What an archive may expand to (None: 16 x code_limit) and hold (docs/operations.md).
+    code_expanded_limit: int | None = None
+    code_max_files: int | None = None
+    # Free space kept on the data dir's disk: writes are refused (507) below it.
+    min_free: int = 64 << 20
     # Other members an upload is copied to before it is acknowledged (docs/operations.md).
     code_copies: int = 2
     tick_s: float = 0.1
@@ -177,12 +183,14 @@ class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         d = settings.data_dir
-        d.mkdir(parents=True, exist_ok=True)
+        # Private to this user (0700/0600), whatever an older version or a hand left behind.
+        private_dir(d)
+        secure_data_dir(d)
         self.identity_path = d / "node.json"
         self.identity = self._load_identity()
         self.node_id: str = self.identity["node_id"]
         self.node_name = settings.name
-        self.tls = NodeIdentity(d / "tls")
+        self.tls = NodeIdentity(private_dir(d / "tls"))
         token_file = d / "admin.token"
         self.admin_token = token_file.read_text().strip() if token_file.exists() else ""
         self.code_dir = d / "code"
@@ -191,6 +199,10 @@ class Agent:
             lambda: self.admin_token,
             limit=settings.code_limit,
             verify=self.client_ssl,
+            archive_limits=ArchiveLimits.for_upload_limit(
+                settings.code_limit, settings.code_expanded_limit, settings.code_max_files
+            ),
+            min_free=settings.min_free,
         )
         self.replicated = Replicated()
         self.state = self.replicated.jobs
@@ -233,14 +245,11 @@ class Agent:
         return {"node_id": uuid.uuid4().hex[:12]}
 
     def _save_identity(self) -> None:
-        tmp = self.identity_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.identity))
-        tmp.replace(self.identity_path)
+        write_private(self.identity_path, json.dumps(self.identity))
 
     def _save_admin_token(self, token: str) -> None:
         path = self.settings.data_dir / "admin.token"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(open_private(path), "w") as f:
             f.write(token)
         self.admin_token = token
 
@@ -278,8 +287,12 @@ class Agent:
             str(m.raft_id): m.peer_address for m in self.cluster.members.values() if not m.removed
         }
         if peers and peers != self.identity.get("peers"):
-            self.identity["peers"] = peers  # where to find the mesh after a restart
-            self._save_identity()
+            old, self.identity["peers"] = self.identity.get("peers"), peers  # for restarts
+            try:
+                self._save_identity()
+            except OSError as e:  # a full disk: tried again at the next membership change
+                self.identity["peers"] = old
+                log.warning("cannot save the member list to %s: %s", self.identity_path, e)
         sealed = self.cluster.ca_grants.get(rid) if rid else None
         if sealed and not self.tls.ca_key_path.exists():
             try:
@@ -452,7 +465,11 @@ class Agent:
         storage = bootstrap_storage(raft_dir, [rid]) if rid == 1 else DiskStorage(raft_dir)
         peers = {int(k): v for k, v in (self.identity.get("peers") or {}).items()}
         self.node = RaftNode(
-            rid, storage, self.replicated, peers=peers, options=NodeOptions(tick_s=s.tick_s)
+            rid,
+            storage,
+            self.replicated,
+            peers=peers,
+            options=NodeOptions(tick_s=s.tick_s, min_free_bytes=s.min_free),
         )
         self.node.on_apply.append(self._on_apply)
         node = self.node
@@ -914,6 +931,8 @@ class Agent:
             return await self.code.put(data, claimed_sha)
         except CodeDigestError as e:
             raise Problem(400, "code archive corrupted in transit", str(e), "bad_digest") from None
+        except ArchiveRefused as e:
+            raise Problem(e.status, "code archive refused", str(e), e.code) from None
 
     async def submit(self, body: SubmitBody) -> tuple[RunRecord, bool]:
         """Submit a run; returns it and whether an active run was updated in place instead."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -82,6 +84,30 @@ def agent(
             help="Other members an upload is copied to before it is acknowledged",
         ),
     ] = 2,
+    code_expanded_limit_mb: Annotated[
+        int | None,
+        typer.Option(
+            "--code-expanded-limit-mb",
+            envvar="MESHGPU_CODE_EXPANDED_LIMIT_MB",
+            help="Most an uploaded archive may expand to (default: 16 x --code-limit-mb)",
+        ),
+    ] = None,
+    code_max_files: Annotated[
+        int,
+        typer.Option(
+            "--code-max-files",
+            envvar="MESHGPU_CODE_MAX_FILES",
+            help="Most files and directories an uploaded archive may hold",
+        ),
+    ] = 100_000,
+    min_free_mb: Annotated[
+        int,
+        typer.Option(
+            "--min-free-mb",
+            envvar="MESHGPU_MIN_FREE_MB",
+            help="Free space kept on the data dir's disk: writes are refused (507) below it",
+        ),
+    ] = 64,
     tick_ms: Annotated[
         float, typer.Option("--tick-ms", help="Raft tick (election timeout: 10 ticks)")
     ] = 100.0,
@@ -123,9 +149,10 @@ def agent(
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the agent: the first one creates a mesh; it serves the API and runs jobs."""
-    from consensus.storage import CorruptStorageError
+    from consensus.storage import CorruptStorageError, StorageFull
     from meshgpu.agent import Agent, AgentSettings
     from meshgpu.config import parse_duration
+    from meshgpu.datadir import DataDirError
     from meshgpu.gpu import FakeSpecError
     from meshgpu.mesh.gossip import ConfigError as GossipConfigError
     from meshgpu.mesh.gossip import GossipConfig
@@ -144,6 +171,15 @@ def agent(
         raise fail(f"--api-tls takes on or off, not {api_tls!r}")
     if keep_runs < 0:
         raise fail(f"--keep-runs must be 0 or more, not {keep_runs}")
+    for flag, value in (
+        ("--code-expanded-limit-mb", code_expanded_limit_mb),
+        ("--code-max-files", code_max_files),
+    ):
+        if value is not None and value <= 0:
+            raise fail(f"{flag} must be a positive number, not {value}")
+    if min_free_mb < 0:
+        raise fail(f"--min-free-mb must be 0 or more, not {min_free_mb}")
+    _check_data_dir(data_dir)
     try:
         keep_runs_for_s = parse_duration(keep_runs_for)
     except ValueError as e:
@@ -168,6 +204,9 @@ def agent(
         blocks=_blocks(blocks),
         fake_gpus=fake_gpus,
         code_limit=code_limit_mb << 20,
+        code_expanded_limit=code_expanded_limit_mb << 20 if code_expanded_limit_mb else None,
+        code_max_files=code_max_files,
+        min_free=min_free_mb << 20,
         code_copies=max(code_copies, 0),
         token=token,
         join=[j.strip() for j in (join or "").split(",") if j.strip()],
@@ -181,8 +220,10 @@ def agent(
     )
     try:
         ag = Agent(settings)
-    except FakeSpecError as e:
+    except (FakeSpecError, DataDirError) as e:
         raise fail(str(e)) from None
+    except OSError as e:
+        raise fail(f"cannot start the agent: {e}") from None
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -210,6 +251,8 @@ def agent(
             raise fail(f"cannot join the mesh: {leaf}") from None
         if isinstance(leaf, CorruptStorageError):
             raise fail(str(leaf)) from None
+        if isinstance(leaf, StorageFull):
+            raise fail(f"cannot start the agent: {leaf}") from None
         if isinstance(leaf, OSError):
             raise fail(f"cannot start the agent: {leaf}") from None
         if isinstance(leaf, KeyboardInterrupt):
@@ -218,6 +261,25 @@ def agent(
             )
             return
         raise
+
+
+def _check_data_dir(path: Path) -> None:
+    """The data dir must be a directory this process can write (made if missing): otherwise one
+    line that says so, not a traceback from wherever the first write happens to be."""
+    if path.exists() and not path.is_dir():
+        raise fail(f"--data-dir {path} is not a directory; give a directory (made if missing)")
+    probe = path / f".meshgpu-write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)  # written, then the disk filled: not left behind
+        raise fail(
+            f"--data-dir {path} is not writable ({e.strerror or e}); give a directory this "
+            "user can write, on a disk with free space"
+        ) from None
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import subprocess
 import time
 from pathlib import Path
 
@@ -223,3 +224,80 @@ async def test_the_api_is_tls_pinned_to_the_cluster_ca(founder: AgentProcess):
     with pytest.raises(httpx.ConnectError):  # the system's CAs do not vouch for it
         httpx.get(f"{founder.url}/healthz")
     assert httpx.get(f"{founder.url}/healthz", verify=founder.verify).status_code == 200
+
+
+def test_a_member_is_joinable_through_its_peer_address_whatever_its_api_port(
+    founder: AgentProcess, tmp_path: Path
+):
+    """``--join HOST:PEERPORT`` (INTERFACE.md's form) with the member's API on a random port:
+    the peer port says where the API is."""
+    assert f":{founder.api_port}" in founder.url and founder.api_port != 7480
+    joiner = AgentProcess(tmp_path, "via-peer-port")
+    try:
+        joiner.start(founder.join_token(), f"127.0.0.1:{founder.peer_port}")
+        nodes = httpx.get(
+            f"{joiner.url}/api/v1/nodes",
+            headers={"Authorization": f"Bearer {joiner.token}"},
+            verify=joiner.verify,
+        ).json()["nodes"]
+        assert {n["name"] for n in nodes} >= {"founder", "via-peer-port"}
+    finally:
+        joiner.stop()
+        joiner.kill_jobs()
+
+
+def test_a_restart_that_finds_no_leader_keeps_trying_and_says_so(tmp_path: Path):
+    """The probe restarted a voter whose peers were down: it died of ``TooSlowError`` after 60 s.
+    It must keep waiting (the API answering meanwhile), say why, and carry on once a peer is
+    back."""
+    a, b = AgentProcess(tmp_path, "a", log_level="info"), AgentProcess(tmp_path, "b")
+    try:
+        a.start()
+        b.start(a.join_token(), a.url)
+        deadline = time.monotonic() + 60
+        while (
+            len(
+                httpx.get(
+                    f"{a.url}/api/v1/status",
+                    headers={"Authorization": f"Bearer {a.token}"},
+                    verify=a.verify,
+                ).json()["voters"]
+            )
+            < 2
+        ):
+            assert time.monotonic() < deadline, "b was not promoted to voter"
+            time.sleep(0.2)
+        b.stop()
+        a.stop()
+        # Alone of two voters: no quorum, no leader (and so no client profile written yet:
+        # start it by hand rather than waiting for one).
+        with open(a.log_path, "ab") as log:
+            a.proc = subprocess.Popen(a.argv(), stdout=log, stderr=subprocess.STDOUT)
+        t = time.monotonic()
+        serving = False
+        while "no leader after" not in a.log_tail(20000) or not serving:
+            assert a.alive() and time.monotonic() - t < 30, a.log_tail()
+            try:
+                r = httpx.get(f"{a.url}/healthz", verify=a.verify, timeout=1.0)
+            except httpx.ConnectError:
+                assert not serving, "the API stopped answering"
+            else:
+                assert r.status_code == 200
+                serving = True
+            time.sleep(0.2)
+        b.start()
+        deadline = time.monotonic() + 60
+        while True:
+            st = httpx.get(
+                f"{a.url}/api/v1/status",
+                headers={"Authorization": f"Bearer {a.token}"},
+                verify=a.verify,
+            ).json()
+            if st["leader"]:
+                break
+            assert time.monotonic() < deadline, a.log_tail()
+            time.sleep(0.2)
+    finally:
+        for x in (a, b):
+            x.stop()
+            x.kill_jobs()
