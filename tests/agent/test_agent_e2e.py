@@ -230,7 +230,11 @@ commands:
     )
     # apply stays attached across the resubmission: both outputs, then the run's exit status.
     out = tmp_path / "apply.out"
-    env = dict(os.environ) | {"MESHGPU_URL": agent.url, "MESHGPU_TOKEN": agent.token}
+    env = dict(os.environ) | {
+        "MESHGPU_URL": agent.url,
+        "MESHGPU_TOKEN": agent.token,
+        "MESHGPU_CA": str(agent.data_dir / "tls" / "ca.crt"),
+    }
     with open(out, "wb") as f:
         cli = subprocess.Popen(
             [sys.executable, "-m", "meshgpu", "apply", "-f", "flaky.yml", "-y"],
@@ -270,10 +274,14 @@ def test_priority_changes_in_place(agent: AgentProc, tmp_path: Path) -> None:
     for name in ("first", "second"):
         c.submit(queued.replace("NAME", name))
     auth = {"Authorization": f"Bearer {agent.token}"}
-    r = httpx.patch(f"{agent.url}/api/v1/runs/second", json={"priority": 20}, headers=auth)
+    r = httpx.patch(
+        f"{agent.url}/api/v1/runs/second", json={"priority": 20}, headers=auth, verify=agent.verify
+    )
     assert r.status_code == 200 and r.json()["priority"] == 20
     assert c.run("second")["config"]["priority"] == 20
-    bad = httpx.patch(f"{agent.url}/api/v1/runs/second", json={"priority": 101}, headers=auth)
+    bad = httpx.patch(
+        f"{agent.url}/api/v1/runs/second", json={"priority": 101}, headers=auth, verify=agent.verify
+    )
     assert bad.status_code == 422 and "priority" in bad.json()["detail"]
     assert bad.headers["content-type"] == "application/problem+json"
     with pytest.raises(APIError) as e:

@@ -111,6 +111,7 @@ def test_a_job_on_another_host_fetches_the_upload_from_the_accepting_node(
     proj = _project(tmp_path)
     env = os.environ | {
         "MESHGPU_URL": a.url,
+        "MESHGPU_CA": str(a.data / "tls" / "ca.crt"),
         "MESHGPU_TOKEN": tomllib.loads((a.data / "client.toml").read_text())["token"],
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }

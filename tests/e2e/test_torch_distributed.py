@@ -117,7 +117,12 @@ def meshgpu_logs(agent: NsAgent, run: str, job: int) -> str:
         capture_output=True,
         text=True,
         timeout=60,
-        env=os.environ | {"MESHGPU_URL": agent.url, "MESHGPU_TOKEN": token},
+        env=os.environ
+        | {
+            "MESHGPU_URL": agent.url,
+            "MESHGPU_TOKEN": token,
+            "MESHGPU_CA": str(agent.data / "tls" / "ca.crt"),
+        },
         check=False,
     )
     assert out.returncode == 0, out.stderr

@@ -89,7 +89,8 @@ def test_inside_namespaces_the_namespace_address_is_chosen() -> None:
 def test_join_urls_try_the_peer_address_then_the_api_port() -> None:
     from meshgpu.mesh.join import join_urls
 
-    assert join_urls("10.0.0.2:7481") == ["http://10.0.0.2:7481", "http://10.0.0.2:7480"]
-    assert join_urls("10.0.0.2") == ["http://10.0.0.2:7480"]
-    assert join_urls("10.0.0.2:7480") == ["http://10.0.0.2:7480"]
+    # Without a scheme: HTTPS (request_join tries plain HTTP after each, for --api-tls off).
+    assert join_urls("10.0.0.2:7481") == ["https://10.0.0.2:7481", "https://10.0.0.2:7480"]
+    assert join_urls("10.0.0.2") == ["https://10.0.0.2:7480"]
+    assert join_urls("10.0.0.2:7480") == ["https://10.0.0.2:7480"]
     assert join_urls("http://10.0.0.2:9000/") == ["http://10.0.0.2:9000"]
