@@ -11,9 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-CORPUS = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "compat" / "dstack-configs" / "valid"
-)
+CORPUS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "dstack-configs" / "valid"
 
 
 def main() -> int:

@@ -1,20 +1,10 @@
-"""Where the shared design material lives: ``shared/`` beside the checkout (or MESHGPU_SHARED)."""
+"""Test data kept in the repository (a fresh clone needs nothing beside it)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-def shared_dir() -> Path:
-    env = os.environ.get("MESHGPU_SHARED")
-    if env:
-        return Path(env)
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "compat"
-        if candidate.is_dir():
-            return parent / "shared"
-    return Path(__file__).resolve().parents[2] / "shared"
-
-
-CORPUS = shared_dir() / "compat" / "dstack-configs"
+# dstack's configurations for compatibility tests: see fixtures/dstack-configs/PROVENANCE.md.
+CORPUS = FIXTURES / "dstack-configs"

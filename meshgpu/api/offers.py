@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from meshgpu.api.problems import Problem, parse_run_config
+from meshgpu.api.problems import Problem, parse_run_config_async
 from meshgpu.api.views import offer_view
 from meshgpu.config import ConfigError, ResourcesSpec, parse_config
 from meshgpu.config.render import to_json
@@ -93,7 +93,7 @@ def config_of_query(
     if resources:
         try:
             raw = json.loads(resources)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
             raise Problem(
                 422,
                 "invalid resources",
@@ -121,10 +121,10 @@ def config_of_query(
     return config
 
 
-def config_of_body(body: OfferBody) -> BaseRunConfiguration:
+async def config_of_body(body: OfferBody) -> BaseRunConfiguration:
     """The run configuration of a ``POST /offers`` body, with the CLI's overrides applied."""
     text = body.config if isinstance(body.config, str) else json.dumps(body.config)
-    config = parse_run_config(
+    config = await parse_run_config_async(
         text, body.filename, 422, "offers answer for a task, service or dev-environment"
     )
     fields = {k: getattr(body, k) for k in ("gpu", "cpu", "memory", "disk")}
@@ -251,7 +251,7 @@ def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037 - 
 
     @r.post("/api/v1/offers")
     async def post_offers(body: OfferBody, _: auth, __: read) -> dict[str, Any]:
-        config = config_of_body(body)
+        config = await config_of_body(body)
         return answer(agent.state, config, now=time.time(), after_queue=body.after_queue)
 
     return r

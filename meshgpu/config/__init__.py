@@ -14,7 +14,13 @@ from meshgpu.config.infra import (
     VolumeConfiguration,
 )
 from meshgpu.config.interpolation import InterpolationError, interpolate, references
-from meshgpu.config.loader import CONFIG_TYPES, Configuration, load_config, parse_config
+from meshgpu.config.loader import (
+    CONFIG_TYPES,
+    Configuration,
+    load_config,
+    parse_config,
+    parse_config_async,
+)
 from meshgpu.config.resources import CPUSpec, DiskSpec, GPUSpec, ResourcesSpec, parse_resources
 from meshgpu.config.runs import (
     DevEnvironmentConfiguration,
@@ -49,6 +55,7 @@ __all__ = [
     "interpolate",
     "load_config",
     "parse_config",
+    "parse_config_async",
     "parse_duration",
     "parse_memory",
     "parse_resources",

@@ -11,6 +11,7 @@ import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from meshgpu.config._units import Shorthand, parse_duration
+from meshgpu.config.errors import RuleError
 
 
 class Model(BaseModel):
@@ -88,6 +90,81 @@ IdleDuration = Annotated[int | None, BeforeValidator(_idle), WithJsonSchema(_OFF
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+# Linux refuses to exec (E2BIG) a process with one environment or argument string over
+# MAX_ARG_STRLEN (32 pages: 131072 bytes, "KEY=", the value and the closing NUL included), or with
+# all of them together over about a quarter of the stack limit (2 MiB with the usual 8 MiB). A
+# variable is also passed as one ``-e KEY=VALUE`` argument to a container engine. Refuse such an
+# environment where it is written, not when the job starts: one variable within 128 KiB, all of a
+# configuration's within 1 MiB (leaving the rest for the job's own variables and its command).
+MAX_ENV_ENTRY_BYTES = 131072
+MAX_ENV_TOTAL_BYTES = 1 << 20
+
+
+def env_size_problem(env: dict[str, str | None]) -> tuple[str, str] | None:
+    """``(variable, message)`` for an environment too large to exec a process with, or None."""
+    total = 0
+    for key, value in env.items():
+        size = len(key.encode("utf-8", "surrogatepass")) + 2  # "=" and the NUL
+        size += len(value.encode("utf-8", "surrogatepass")) if value else 0
+        if size > MAX_ENV_ENTRY_BYTES:
+            return key, (
+                f"env {key}: the variable is {size} bytes ({key}=VALUE), over Linux's "
+                f"{MAX_ENV_ENTRY_BYTES}-byte limit for one variable (the job could not start): "
+                "put the value in a file the run reads and pass its path"
+            )
+        total += size
+        if total > MAX_ENV_TOTAL_BYTES:
+            return key, (
+                f"env: the variables up to {key} take more than {MAX_ENV_TOTAL_BYTES} bytes, "
+                "too many for a process's environment (the job could not start): put large "
+                "values in files the run reads and pass their paths"
+            )
+    return None
+
+
+def _env_checked(v: Any) -> Any:
+    out = _env(v)
+    problem = env_size_problem(out)
+    if problem is not None:
+        raise RuleError(*problem)  # points at the variable's key in a mapping
+    return out
+
+
+def _env_overrides(v: Any) -> Any:
+    """The API's ``env`` overrides (``-e KEY=VALUE``, values for sentinels): the file's rules."""
+    if not isinstance(v, dict):
+        return v  # the field's type reports it
+    for key, value in v.items():
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"env {key!r}: the value has a lone UTF-16 surrogate, which is not text"
+                ) from None
+    return _env_checked(v)
+
+
+# ``env`` of an API request: names as in a file, no value missing, sizes a process can exec with.
+EnvOverrides = Annotated[dict[str, str], BeforeValidator(_env_overrides)]
+
+
+def _utf8(v: str) -> str:
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"character {e.start + 1} is a lone UTF-16 surrogate (U+{ord(v[e.start]):04X}), "
+                "not text: send the character it was meant to be"
+            ) from None
+    return v
+
+
+# A string from an API request that can be stored and answered: JSON's "\ud800" decodes to a lone
+# surrogate, which no UTF-8 encoder (responses, the replicated log) accepts.
+Utf8Str = Annotated[str, AfterValidator(_utf8)]
+
 
 def _env(v: Any) -> Any:
     """List ``KEY=VAL``/``KEY`` or mapping -> ``{KEY: value}``; None marks a sentinel ``KEY``
@@ -126,7 +203,7 @@ def _env(v: Any) -> Any:
 
 Env = Annotated[
     dict[str, str | None],
-    BeforeValidator(_env),
+    BeforeValidator(_env_checked),
     WithJsonSchema(
         {
             "anyOf": [

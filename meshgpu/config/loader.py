@@ -4,6 +4,12 @@ PyYAML composes a node tree that remembers where each value sits; we build plain
 from it while recording ``path -> (line, col)``, then validate with pydantic and translate each
 pydantic error back to the file position of the field it names, with a spelling suggestion for an
 unknown key.
+
+A configuration comes from people and from the API alike, so reading one is bounded before any
+value is built (``_check_bounds``, over PyYAML's event stream): the text size, the number of
+aliases, the nodes and scalar characters the aliases expand to (an alias counts as the whole value
+it stands for, each time it is used) and the nesting depth (aliases included). A 300-byte "billion
+laughs" document is refused at the alias that crosses a limit instead of being expanded.
 """
 
 from __future__ import annotations
@@ -54,6 +60,24 @@ CONFIG_TYPES: dict[str, type[BaseModel]] = {
 Path_ = tuple[str | int, ...]
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
+# Bounds on one configuration (the dstack corpus: at most 3 KB, depth 4, no aliases). Each is far
+# above any real file and low enough that the worst document within them parses in well under a
+# second and a few MB: the text is a quarter of an API body (1 MiB); 50 000 nodes take about
+# 0.4 s to build; the values aliases expand to may not exceed what an API body could carry written
+# out; 64 levels keep the recursive walk far from Python's recursion limit.
+MAX_CONFIG_BYTES = 256 << 10
+MAX_ALIASES = 128
+MAX_NODES = 50_000
+MAX_EXPANDED_CHARS = 1 << 20
+MAX_DEPTH = 64
+
+# ``parse_config_async`` (the API): a parse runs in a worker thread, at most this many at once
+# (parsing is pure Python: more threads would only take the GIL from the event loop), and the
+# request gets an answer after ``PARSE_TIMEOUT`` s at the latest, waiting for a thread included.
+# A thread cannot be stopped: the bounds above are what keep each parse short.
+PARSE_THREADS = 2
+PARSE_TIMEOUT = 10.0
+
 
 class _Positions(dict[Path_, tuple[int, int]]):
     """Where each value (and, under ``("key",) + path``, each mapping key) starts, 1-based."""
@@ -95,13 +119,203 @@ def _build(
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_build(item, path + (i,), pos, issues, file) for i, item in enumerate(node.value)]
-    return _scalar(node)
+    try:
+        return _scalar(node)
+    except _BadValue as e:
+        e.path = e.path or path
+        raise
 
 
 def _scalar(node: yaml.Node) -> Any:
     # The safe constructor resolves tags (int, float, bool, null, timestamps) exactly as PyYAML
     # does for ``safe_load``; a throwaway instance is cheap.
-    return yaml.SafeLoader("").construct_object(node, deep=True)
+    try:
+        return yaml.SafeLoader("").construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
+        # An explicit tag the value does not fit (``!!int abc``, ``!!binary x``) or an unknown one.
+        problem = getattr(e, "problem", None) or str(e)
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise _BadValue(node, f"cannot read this value as {tag}: {problem}") from None
+
+
+class _BadValue(Exception):
+    def __init__(self, node: yaml.Node, message: str) -> None:
+        super().__init__(message)
+        self.node, self.message = node, message
+        self.path: Path_ = ()
+
+
+class _Bounds:
+    """Running totals of ``_check_bounds``; per open collection, ``[anchor, nodes and characters
+    before it, its depth, the deepest level reached inside it]``."""
+
+    __slots__ = ("aliases", "anchors", "chars", "frames", "nodes", "open")
+
+    def __init__(self) -> None:
+        self.aliases = self.nodes = self.chars = 0
+        self.anchors: dict[str, tuple[int, int, int]] = {}  # anchor -> nodes, chars, height
+        self.frames: list[list[Any]] = []
+        self.open: set[str] = set()
+
+
+def _bounds_issue(file: str, mark: Any, message: str) -> ConfigError:
+    line, col = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+    return ConfigError([ConfigIssue(file, line, col, "", message)])
+
+
+def _check_text(text: str, file: str) -> None:
+    """The size limit, and no lone UTF-16 surrogates (a JSON ``"\\ud800"``): they are not text,
+    and UTF-8 (YAML's reader, the API's responses, the replicated log) cannot encode them."""
+    if len(text) > MAX_CONFIG_BYTES:  # UTF-8 has at least a byte per character
+        raise _too_large(file, f"at least {len(text)}")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise _surrogate(file, text, e.start) from None
+    if size > MAX_CONFIG_BYTES:
+        raise _too_large(file, str(size))
+
+
+def _too_large(file: str, size: str | None) -> ConfigError:
+    return ConfigError(
+        [
+            ConfigIssue(
+                file,
+                None,
+                None,
+                "",
+                f"the configuration is {size + ' bytes, ' if size else ''}over the "
+                f"{MAX_CONFIG_BYTES}-byte limit: "
+                "keep large data (scripts, lists) in files the run reads instead",
+            )
+        ]
+    )
+
+
+def _surrogate(file: str, text: str, index: int) -> ConfigError:
+    line = text.count("\n", 0, index) + 1
+    col = index - (text.rfind("\n", 0, index) + 1) + 1
+    return ConfigError(
+        [
+            ConfigIssue(
+                file,
+                line,
+                col,
+                "",
+                f"character U+{ord(text[index]):04X} is a lone UTF-16 surrogate, not text: "
+                "remove it or write the character it was meant to be (a client sent "
+                "half of a surrogate pair)",
+            )
+        ]
+    )
+
+
+def _check_bounds(text: str, file: str) -> None:
+    """Walk the YAML event stream once, before composing, and stop at the first limit crossed.
+
+    An alias adds the nodes, characters and depth of the whole value its anchor stands for, each
+    time it is used, which is what building the value would cost. Counting events costs a few
+    percent of a parse; nothing is expanded."""
+    b = _Bounds()
+    for event in yaml.parse(text, Loader=_Loader):
+        cls = type(event)
+        if cls is yaml.ScalarEvent:
+            value = event.value
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:  # an escaped "\\ud800" (the pure-Python reader)
+                    raise _bounds_issue(
+                        file,
+                        event.start_mark,
+                        f"character U+{ord(value[e.start]):04X} is a lone UTF-16 surrogate, "
+                        "not text: remove it or write the character it was meant to be",
+                    ) from None
+            nodes, chars, height = 1, len(value), 0
+            if event.anchor is not None:
+                b.anchors[event.anchor] = (nodes, chars, height)
+        elif cls is yaml.AliasEvent:
+            b.aliases += 1
+            if b.aliases > MAX_ALIASES:
+                raise _bounds_issue(
+                    file,
+                    event.start_mark,
+                    f"more than {MAX_ALIASES} YAML aliases (*name): write the values out or "
+                    "use fewer aliases",
+                )
+            if event.anchor in b.open:
+                raise _bounds_issue(
+                    file,
+                    event.start_mark,
+                    f"alias *{event.anchor} is inside the value of its own anchor "
+                    f"&{event.anchor}, which makes it infinitely deep: refer to it after the "
+                    "value ends",
+                )
+            # An undefined alias is left to the composer, which reports it.
+            nodes, chars, height = b.anchors.get(event.anchor, (1, 0, 0))
+        elif cls is yaml.SequenceStartEvent or cls is yaml.MappingStartEvent:
+            depth = len(b.frames) + 1
+            if depth > MAX_DEPTH:
+                raise _bounds_issue(
+                    file,
+                    event.start_mark,
+                    f"nested more than {MAX_DEPTH} levels deep: flatten the structure",
+                )
+            b.frames.append([event.anchor, b.nodes, b.chars, depth, depth])
+            if event.anchor is not None:
+                b.open.add(event.anchor)
+            b.nodes += 1
+            _check_totals(b, file, event.start_mark)
+            continue
+        elif cls is yaml.SequenceEndEvent or cls is yaml.MappingEndEvent:
+            anchor, nodes_before, chars_before, depth, deepest = b.frames.pop()
+            if b.frames:
+                b.frames[-1][4] = max(b.frames[-1][4], deepest)
+            if anchor is not None:
+                b.open.discard(anchor)
+                b.anchors[anchor] = (
+                    b.nodes - nodes_before,
+                    b.chars - chars_before,
+                    deepest - depth + 1,
+                )
+            continue
+        else:
+            continue
+        # A scalar or an alias, inside the innermost open collection (if any).
+        b.nodes += nodes
+        b.chars += chars
+        if b.frames and height:
+            frame = b.frames[-1]
+            reached = frame[3] + height
+            if reached > MAX_DEPTH:
+                raise _bounds_issue(
+                    file,
+                    event.start_mark,
+                    f"with its aliases expanded, the value is nested more than {MAX_DEPTH} "
+                    "levels deep: write the values out or use fewer nested anchors",
+                )
+            frame[4] = max(frame[4], reached)
+        _check_totals(b, file, event.start_mark)
+
+
+def _check_totals(b: _Bounds, file: str, mark: Any) -> None:
+    if b.nodes > MAX_NODES:
+        raise _bounds_issue(
+            file,
+            mark,
+            f"YAML aliases expand to more than {MAX_NODES} nodes: write the values out or use "
+            "fewer anchors"
+            if b.aliases
+            else f"more than {MAX_NODES} values in one configuration: split it or keep the data "
+            "in files the run reads",
+        )
+    if b.chars > MAX_EXPANDED_CHARS:
+        raise _bounds_issue(
+            file,
+            mark,
+            f"YAML aliases expand to more than {MAX_EXPANDED_CHARS} characters of values: write "
+            "the values out or use fewer anchors",
+        )
 
 
 def _issue(file: str, node: yaml.Node, path: Path_, message: str) -> ConfigIssue:
@@ -293,8 +507,14 @@ def _check_exclusive(
 
 
 def parse_config(text: str, file: str = "<string>") -> Configuration:
-    """Parse one configuration document; raise ConfigError listing every problem."""
+    """Parse one configuration document; raise ConfigError listing every problem.
+
+    Input is bounded first (see ``MAX_CONFIG_BYTES`` and the other limits above): a document
+    over a limit is refused without building its values."""
+    file = _printable(file)
+    _check_text(text, file)
     try:
+        _check_bounds(text, file)
         node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -311,7 +531,10 @@ def parse_config(text: str, file: str = "<string>") -> Configuration:
         )
     issues: list[ConfigIssue] = []
     pos = _Positions()
-    data = _build(node, (), pos, issues, file)
+    try:
+        data = _build(node, (), pos, issues, file)
+    except _BadValue as e:
+        raise ConfigError([_issue(file, e.node, e.path, e.message)]) from None
     if not isinstance(data, dict):
         raise ConfigError(
             [
@@ -367,11 +590,60 @@ def parse_config(text: str, file: str = "<string>") -> Configuration:
     return config  # type: ignore[return-value]
 
 
+def _printable(file: str) -> str:
+    """A file name from an API request is echoed in every issue: no lone surrogates in it."""
+    if file.isascii():
+        return file
+    return file.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+async def parse_config_async(
+    text: str, file: str = "<string>", timeout: float = PARSE_TIMEOUT
+) -> Configuration:
+    """``parse_config`` off the event loop: in a worker thread (``PARSE_THREADS`` at most), with
+    an answer within ``timeout`` seconds; past it, a ConfigError (the thread, which cannot be
+    stopped, finishes on its own and keeps its slot until then)."""
+    import trio
+
+    global _PARSE_LIMITER
+    if _PARSE_LIMITER is None:  # made here: importing trio would slow every CLI command down
+        _PARSE_LIMITER = trio.lowlevel.RunVar("meshgpu.config.parse_limiter")
+    limiter = _PARSE_LIMITER.get(None)
+    if limiter is None:
+        limiter = trio.CapacityLimiter(PARSE_THREADS)
+        _PARSE_LIMITER.set(limiter)
+    with trio.move_on_after(timeout):
+        return await trio.to_thread.run_sync(
+            parse_config, text, file, abandon_on_cancel=True, limiter=limiter
+        )
+    raise ConfigError(
+        [
+            ConfigIssue(
+                _printable(file),
+                None,
+                None,
+                "",
+                f"reading the configuration took more than {timeout:g} s (this agent may be busy "
+                "reading others): try again, or make the file smaller and simpler",
+            )
+        ]
+    )
+
+
+# One limiter per trio run (a CapacityLimiter belongs to the run that uses it).
+_PARSE_LIMITER: Any = None
+
+
 def load_config(path: str | Path) -> Configuration:
     """Read and parse a configuration file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)  # not a whole multi-GB file to refuse it
+        if len(data) > MAX_CONFIG_BYTES:
+            raise _too_large(str(p), None)
+        # Universal newlines, as reading in text mode gives.
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except FileNotFoundError:
         raise ConfigError([ConfigIssue(str(p), None, None, "", "file not found")]) from None
     except (OSError, UnicodeDecodeError) as e:
