@@ -46,7 +46,7 @@ def _spawn(job_dir: str, listener: socket.socket, conn: socket.socket) -> int:
             conn.close()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the shim waits for its own child
             err = os.open(
-                os.path.join(job_dir, "shim.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
+                os.path.join(job_dir, "shim.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
             )
             os.dup2(err, 2)
             os.close(err)
@@ -72,7 +72,10 @@ def serve(directory: str) -> int:
     listener.bind(path)
     os.chmod(path, 0o600)
     listener.listen(64)
-    with open(os.path.join(directory, "launcher.pid.tmp"), "w") as f:
+    pid_tmp = os.open(
+        os.path.join(directory, "launcher.pid.tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+    )
+    with open(pid_tmp, "w") as f:
         json.dump({"pid": os.getpid()}, f)
     os.replace(os.path.join(directory, "launcher.pid.tmp"), os.path.join(directory, "launcher.pid"))
     children: set[int] = set()

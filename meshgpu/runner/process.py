@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from meshgpu.datadir import open_private, private_dir
 from meshgpu.runner.jobenv import command_argv
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,12 @@ def _proc_starttime(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, mode 0600 (like everything in the data dir)."""
+    with os.fdopen(open_private(path), "w") as f:
+        f.write(text)
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -82,7 +89,7 @@ def _read_json(path: Path) -> dict | None:
 class ProcessRunner:
     def __init__(self, jobs_dir: str | Path, *, use_launcher: bool = True) -> None:
         self.jobs_dir = Path(jobs_dir)
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.jobs_dir)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self.use_launcher = use_launcher
         self._launcher: tuple[trio.SocketStream, bytearray] | None = None
@@ -106,20 +113,21 @@ class ProcessRunner:
         d = self.job_dir(job_id)
         if (d / "job.json").exists():
             raise FileExistsError(f"job {job_id} already exists on this host")
-        (d / "work").mkdir(parents=True, exist_ok=True)
-        (d / "mpi_hostfile").write_text(hostfile)
+        # Private (0700/0600) like the whole data dir: the job runs as this user and can use
+        # them; nobody else may read its output, config or code.
+        private_dir(private_dir(d) / "work")
+        _write_private(d / "mpi_hostfile", hostfile)
         return d / "work"
 
     async def start(self, launch: JobLaunch) -> None:
         d = self.job_dir(launch.job_id)
-        work = d / "work"
-        work.mkdir(parents=True, exist_ok=True)
+        work = private_dir(private_dir(d) / "work")
         argv = list(launch.argv) if launch.argv else command_argv(launch.shell, launch.commands)
         record = asdict(launch) | {"argv": argv, "cwd": str(work)}
-        (d / "job.json").write_text(json.dumps(record))
+        _write_private(d / "job.json", json.dumps(record))
         pid = await self._launch_via_launcher(d) if self.use_launcher else None
         if pid is None:
-            with open(d / "shim.err", "wb") as err:
+            with os.fdopen(open_private(d / "shim.err"), "wb") as err:
                 proc = subprocess.Popen(
                     [sys.executable, "-I", "-S", str(SHIM), str(d)],
                     start_new_session=True,  # the agent's death (or its Ctrl-C) must not reach the job
@@ -135,7 +143,7 @@ class ProcessRunner:
         # Unless the supervisor wrote it first (it does, once it holds the job's lock): the
         # file names the one supervisor of the job, never a repeated launch that left at once.
         tmp = d / f"shim.pid.{pid}"
-        tmp.write_text(json.dumps({"pid": pid, "starttime": _proc_starttime(pid)}))
+        _write_private(tmp, json.dumps({"pid": pid, "starttime": _proc_starttime(pid)}))
         try:
             os.link(tmp, d / "shim.pid")
         except FileExistsError:
@@ -312,7 +320,7 @@ class ProcessRunner:
         # Alive, or still being launched (its record is written, its pid not yet): the request
         # is left where the supervisor looks once it is ready, and signalled when it can be.
         tmp = d / "stop.json.tmp"
-        tmp.write_text(json.dumps({"grace_s": grace_s, "reason": reason}))
+        _write_private(tmp, json.dumps({"grace_s": grace_s, "reason": reason}))
         os.replace(tmp, d / "stop.json")
         if pid is None or not (d / "job.pid").exists():
             return True  # the shim is still starting; it reads stop.json once it is ready
@@ -336,7 +344,7 @@ class ProcessRunner:
         mark."""
         d = self.job_dir(job_id)
         if d.is_dir():
-            (d / "reported").touch()
+            (d / "reported").touch(mode=0o600)
 
     def remove(self, job_id: str) -> None:
         """Delete an ended job's files (logs included)."""

@@ -31,7 +31,7 @@ def _write_json(path: str, value: object) -> None:
     # Atomic (rename), not fsynced: these records must survive the agent, not the host -- a
     # host that reboots takes the job with it, and the leader learns that through gossip/Raft.
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         json.dump(value, f)
     os.replace(tmp, path)
 
@@ -62,7 +62,7 @@ def _starttime(pid: int) -> int | None:
 def main(job_dir: str) -> int:
     # One supervisor per job, ever: a launch repeated after a lost answer (the fork server's
     # connection broke mid-batch) finds the lock held, or the job already started, and leaves.
-    lock = os.open(os.path.join(job_dir, "shim.lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+    lock = os.open(os.path.join(job_dir, "shim.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -140,7 +140,10 @@ def main(job_dir: str) -> int:
 
     written = 0
     truncated = False
-    log = open(os.path.join(job_dir, LOG_NAME), "ab", buffering=0)  # noqa: SIM115 - closed below
+    # Mode 0600, like everything in the agent's data dir (set here, not by umask: the job
+    # inherits the umask).
+    log_fd = os.open(os.path.join(job_dir, LOG_NAME), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = open(log_fd, "ab", buffering=0)  # noqa: SIM115 - closed below
     eof = False
     status = None
     try:

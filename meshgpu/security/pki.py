@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from consensus.transport import ClusterCA, NodeTLSFiles
 from consensus.transport.tls import CertifiedKey
+from meshgpu.datadir import open_private, private_dir
 
 
 class PKIError(ValueError):
@@ -37,9 +38,8 @@ def fingerprint(cert_pem: bytes) -> str:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    private_dir(path.parent)
+    with os.fdopen(open_private(path), "wb") as f:
         f.write(data)
 
 
@@ -91,9 +91,8 @@ class NodeIdentity:
         return csr.public_bytes(serialization.Encoding.PEM)
 
     def install(self, ca_pem: bytes, cert_pem: bytes) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.files.ca_cert.write_bytes(ca_pem)
-        self.files.cert.write_bytes(cert_pem)
+        _write_private(self.files.ca_cert, ca_pem)  # 0600 like all of the data dir
+        _write_private(self.files.cert, cert_pem)
 
     def ca(self) -> ClusterCA | None:
         """The CA, if this node holds its key (voters)."""

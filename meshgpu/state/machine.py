@@ -172,7 +172,6 @@ class StateMachine:
     def restore(self, data: bytes) -> None:
         doc = json.loads(data) if data else {}
         self.applied_index = doc.get("applied_index", 0)
-        self.demand_version = doc.get("demand_version", 0)
         self.nodes = {n["node_id"]: NodeRecord.model_validate(n) for n in doc.get("nodes", [])}
         self.runs = {r["run_name"]: RunRecord.model_validate(r) for r in doc.get("runs", [])}
         self.jobs = {j["job_id"]: JobRecord.model_validate(j) for j in doc.get("jobs", [])}
@@ -188,16 +187,28 @@ class StateMachine:
                     gangs.setdefault(job.replica_num, []).append(job)
             for jobs in gangs.values():
                 self.queue.add_gang(run, jobs)
+        # Set last: rebuilding the indexes goes through ``_track``, which counts transitions.
+        self.demand_version = doc.get("demand_version", 0)
 
     # -- indexes ------------------------------------------------------------------------------
     def _track(self, job: JobRecord) -> None:
         """Bring the indexes in line with ``job.status`` (call after every status change). The
-        wait queue is fed whole gangs by the callers that make jobs wait."""
+        wait queue is fed whole gangs by the callers that make jobs wait.
+
+        Also the scheduler's trigger for job transitions: ``demand_version`` is bumped when a
+        job stops waiting without being placed (stopped, aborted, forgotten: the jobs behind
+        it may go now, and a plan that placed it is refused), when a placed job is asked to
+        stop (capacity is about to come back, what preemption may take changes), and when a
+        job lets go of its resources. Every handler changes job status through here, so no
+        path can free capacity without waking the scheduler. Only placing a job (the
+        scheduler's own decision) does not: it uses capacity up."""
         job_id = job.job_id
         if job.status is JobStatus.SUBMITTED:
             self.waiting[job_id] = job
         elif self.waiting.pop(job_id, None) is not None:
             self.queue.discard(job)
+            if not job.status.holds_resources():
+                self.demand_version += 1
         node = job.node_id
         if node is None:
             return
@@ -206,6 +217,8 @@ class StateMachine:
         was = here is not None and job_id in here
         if holds or was:
             self._touch_node(node)
+        if job.status is JobStatus.TERMINATING or (was and not holds):
+            self.demand_version += 1
         if holds == was:
             return
         if holds:
@@ -355,6 +368,9 @@ class StateMachine:
             if why:
                 for a, _ in members:
                     refused[a.job_id] = why
+                # A stale decision: the gang still waits, and what the plan meant for it (and
+                # for the jobs behind it) did not happen. Plan again on the state as it stands.
+                self.demand_version += 1
                 continue
             for a, job in members:
                 job.status = JobStatus.PROVISIONING
@@ -606,7 +622,6 @@ class StateMachine:
         exit_code: int | None,
         message: str,
     ) -> None:
-        freed = job.status.holds_resources()
         self.active.pop(job.job_id, None)
         job.status = reason.to_status()
         job.termination_reason = reason
@@ -614,9 +629,7 @@ class StateMachine:
         job.exit_code = exit_code
         job.finished_at = at
         job.stop_requested = None
-        self._track(job)
-        if freed:
-            self.demand_version += 1
+        self._track(job)  # wakes the scheduler: the job let go of its place or its resources
 
     # -- run policies: retry, stop criteria ---------------------------------------------------
     def _job_ended(self, job: JobRecord, at: float) -> None:
