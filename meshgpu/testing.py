@@ -14,6 +14,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from meshgpu.state import GPURecord, RegisterNode
 
@@ -38,6 +39,22 @@ def cluster_ca_context(data_dir: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(data_dir / "tls" / "ca.crt"))
     ctx.check_hostname = False
     return ctx
+
+
+async def list_all(client: Any, path: str, key: str, **params: Any) -> list[dict[str, Any]]:
+    """Every item of a paginated list (``GET /api/v1/runs``, ``/api/v1/nodes``) through an
+    ``httpx.AsyncClient``: the largest pages, following ``next_cursor`` to the end."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = params | {"limit": 1000} | ({"cursor": cursor} if cursor else {})
+        r = await client.get(path, params=query)
+        r.raise_for_status()
+        doc = r.json()
+        items += doc[key]
+        cursor = doc.get("next_cursor")
+        if not cursor:
+            return items
 
 
 def free_port() -> int:

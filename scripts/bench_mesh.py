@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from meshgpu.testing import AgentProcess, cpu_s
+from meshgpu.testing import AgentProcess, cpu_s, list_all
 
 TRUE = "type: task\ncommands: ['true']\nresources:\n  gpu: 1\n"
 
@@ -49,7 +49,7 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
         c0 = clients[0]
         with trio.fail_after(120):  # every host registered with its GPUs
             while True:
-                nodes = (await c0.get("/api/v1/nodes")).json()["nodes"]
+                nodes = await list_all(c0, "/api/v1/nodes", "nodes")
                 if len([n for n in nodes if n["status"] == "active" and n["gpus"]]) == len(agents):
                     break
                 await trio.sleep(0.2)
@@ -78,7 +78,7 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
             while (await c0.get("/api/v1/status")).json()["active_runs"]:
                 await trio.sleep(0.2)
         cpu = sum(cpu_s(a.pid) for a in agents) - cpu0
-        runs = (await c0.get("/api/v1/runs", params={"all": "true"})).json()["runs"]
+        runs = await list_all(c0, "/api/v1/runs", "runs", all="true")
         wanted = set(names)
         mine = [r for r in runs if r["name"] in wanted]
         assert len(mine) == len(names), (len(mine), len(names))

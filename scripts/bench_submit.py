@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from meshgpu.testing import AgentProcess, cpu_s, rss_mb
+from meshgpu.testing import AgentProcess, cpu_s, list_all, rss_mb
 
 TRIVIAL = "type: task\ncommands:\n  - date +%s.%N\nresources:\n  gpu: 1\n"
 TRUE = "type: task\ncommands: ['true']\nresources:\n  gpu: 1\n"
@@ -96,7 +96,7 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
             submitted = time.time()
             while (await c.get("/api/v1/status")).json()["active_runs"]:
                 await trio.sleep(0.2)
-            runs = (await c.get("/api/v1/runs", params={"all": "true"})).json()["runs"]
+            runs = await list_all(c, "/api/v1/runs", "runs", all="true")
             wanted = set(names)
             mine = [r for r in runs if r["name"] in wanted]
             assert len(mine) == len(names), (len(mine), len(names))

@@ -1,21 +1,38 @@
 """The REST API every node serves: FastAPI, run in-process by ``hypercorn.trio.serve``."""
 
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from meshgpu.api import metrics, offers, problems
+from meshgpu.api import metrics, offers, problems, views
 from meshgpu.api.problems import Problem
-from meshgpu.api.views import node_view, run_view
+from meshgpu.api.views import node_view, run_summary, run_view
 from meshgpu.client.http import MEMBERS_HEADER
+from meshgpu.config.common import EnvOverrides, Utf8Str
 from meshgpu.runner.code import valid_sha256
 
 if TYPE_CHECKING:
     from meshgpu.agent import Agent  # noqa: F401
 
 MAX_JSON_BODY = 1 << 20
+# Answered without a bearer token: liveness, a new host's join (its token proof is the
+# credential) and the cluster CA it checks first, and the API's description. Everything else is
+# checked before its body is read.
+PUBLIC_PATHS = frozenset({"/healthz", "/api/v1/join", "/api/v1/join/ca", "/openapi.json"})
+AUTHENTICATED = "meshgpu.authenticated"  # set in the ASGI scope once the token checked out
+BEARER_DOC = "The cluster's API token (~/.meshgpu/client.toml)"
+ARCHIVE_BODY = {  # a code archive's body (read as it streams, not as a parameter)
+    "requestBody": {
+        "required": True,
+        "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+DEFAULT_TOKEN_TTL_S = 86400.0
+MAX_TOKEN_TTL_S = 366 * 86400.0
 APPLIED_HEADER = "X-Meshgpu-Applied-Index"
 APPLIED_HEADER_B = APPLIED_HEADER.lower().encode()
 MEMBERS_HEADER_B = MEMBERS_HEADER.lower().encode()
@@ -23,15 +40,17 @@ MEMBERS_HEADER_B = MEMBERS_HEADER.lower().encode()
 
 class SubmitBody(BaseModel):
     config: str = Field(description="The configuration file's text (YAML)")
-    filename: str = "<config>"
-    name: str | None = None
-    run_args: list[str] = Field(default_factory=list)
+    filename: Utf8Str = "<config>"
+    name: Utf8Str | None = None
+    run_args: list[Utf8Str] = Field(default_factory=list)
     code_sha256: str | None = None
     request_id: str = Field(min_length=8, max_length=128, description="Idempotency key")
-    env: dict[str, str] = Field(
-        default_factory=dict, description="Values for env sentinels, -e overrides"
+    env: EnvOverrides = Field(
+        default_factory=dict,
+        description="Values for env sentinels, -e overrides (one variable within 128 KiB, "
+        "all within 1 MiB)",
     )
-    gpu: str | None = Field(default=None, description="Override resources.gpu (the --gpu flag)")
+    gpu: Utf8Str | None = Field(default=None, description="Override resources.gpu (the --gpu flag)")
     in_place: bool = Field(
         default=False,
         description="If an active run has this name and the configuration differs only in "
@@ -50,10 +69,18 @@ class RunUpdate(BaseModel):
     priority: int = Field(ge=0, le=100, description="The run's new priority, 0..100")
 
 
-class _LimitsAndIndex:
-    """Refuse bodies over the limit before reading them, and stamp every response with the
-    applied index it was read at. Plain ASGI: Starlette's ``BaseHTTPMiddleware`` costs a task
-    group and a stream per request, a tenth of a submission's time."""
+class _TooLarge(Exception):
+    """Raised into the app by ``receive`` once a request body has passed its limit."""
+
+
+class _Guard:
+    """What every request meets before the app: the bearer token checked (all but
+    ``PUBLIC_PATHS``) before a byte of the body is read; the body held to its limit as it
+    streams in, declared (Content-Length) or not (chunked), answered 413 the moment it passes;
+    and every response stamped with the applied index it was read at. Authentication cannot
+    wait for the routes' ``auth`` dependency: FastAPI reads and parses a body before it runs a
+    route's dependencies. Plain ASGI: Starlette's ``BaseHTTPMiddleware`` costs a task group and
+    a stream per request, a tenth of a submission's time."""
 
     def __init__(self, app: Any, agent: "Agent") -> None:  # noqa: UP037
         self.app = app
@@ -64,21 +91,7 @@ class _LimitsAndIndex:
             await self.app(scope, receive, send)
             return
         agent = self.agent
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        limit = (
-            agent.settings.code_limit + (64 << 10)
-            if scope["path"].startswith("/api/v1/code")
-            else MAX_JSON_BODY
-        )
-        if length is not None and length.isdigit() and int(length) > limit:
-            response = problems.problem_response(
-                413,
-                "request too large",
-                f"{int(length)} bytes is over the {limit} byte limit",
-                "too_large",
-            )
-            await response(scope, receive, send)
-            return
+        path = scope["path"]
 
         async def send_with_index(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start" and agent.node is not None:
@@ -88,7 +101,7 @@ class _LimitsAndIndex:
                 ]
                 # Where a client can go when this node does not answer: only on answers to
                 # authenticated API calls (not to anyone who asks /healthz or fails a token).
-                if message.get("status", 500) < 400 and scope["path"].startswith(
+                if message.get("status", 500) < 400 and path.startswith(
                     ("/api/v1/runs", "/api/v1/status", "/api/v1/nodes")
                 ):
                     members = agent.members_header()
@@ -97,25 +110,83 @@ class _LimitsAndIndex:
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_index)
+        if path not in PUBLIC_PATHS:
+            header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            token = problems.bearer_token(header.decode("latin-1"))
+            if not token or not agent.api_token_ok(token):
+                e = problems.unauthorized()
+                response = problems.problem_response(
+                    e.status, e.title, e.detail, e.code, headers=e.headers
+                )
+                await response(scope, receive, send_with_index)
+                return
+            scope[AUTHENTICATED] = True
+
+        limit = (
+            agent.settings.code_limit + (64 << 10)
+            if path.startswith("/api/v1/code")
+            else MAX_JSON_BODY
+        )
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _too_large(f"{int(length)} bytes is over the {limit} byte limit")(
+                scope, receive, send_with_index
+            )
+            return
+
+        received = 0
+        tripped = started = False
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received, tripped
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    tripped = True
+                    raise _TooLarge
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if tripped:
+                return  # what the app makes of a body it could not finish: the 413 instead
+            started = started or message["type"] == "http.response.start"
+            await send_with_index(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not tripped:
+                raise
+        if tripped and not started:
+            await _too_large(f"the body is over the {limit} byte limit")(
+                scope, receive, send_with_index
+            )
+
+
+def _too_large(detail: str) -> Any:
+    return problems.problem_response(413, "request too large", detail, "too_large")
 
 
 def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are evaluated (FastAPI)
     app = FastAPI(title="meshgpu", version="0.1.0", docs_url=None, redoc_url=None)
     problems.install(app)
 
-    app.add_middleware(_LimitsAndIndex, agent=agent)
+    app.add_middleware(_Guard, agent=agent)
 
-    async def auth(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    bearer = HTTPBearer(scheme_name="bearer", auto_error=False, description=BEARER_DOC)
+
+    async def auth(
+        request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> None:
+        """The bearer token; ``_Guard`` checked it before the body was read (the dependency
+        documents it in /openapi.json, and holds a route to it wherever the app is served)."""
+        if request.scope.get(AUTHENTICATED):
+            return
+        token = problems.bearer_token(request.headers.get("authorization", ""))
         if not token or not agent.api_token_ok(token):
-            raise Problem(
-                401,
-                "unauthorized",
-                "send Authorization: Bearer <token> (see ~/.meshgpu/client.toml)",
-                "unauthorized",
-            )
+            raise problems.unauthorized()
 
     async def consistent_read(consistent: bool = False) -> None:
         if consistent:
@@ -129,9 +200,11 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
     Auth = Annotated[None, Depends(auth)]
     Read = Annotated[None, Depends(consistent_read)]
 
-    @app.post("/api/v1/join")
+    @app.post("/api/v1/join", responses=problems.responses(400, 403, 409, 503, 507))
     async def join(request: Request) -> dict[str, Any]:
-        """A new host asks to join; authenticated by its token proof, not a bearer token."""
+        """A new host asks to join; authenticated by the token's signature over the request
+        (``meshgpu/mesh/join.py``), not a bearer token. Checked completely before anything is
+        proposed."""
         try:
             body = await request.json()
         except ValueError:
@@ -144,12 +217,39 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
             )
         return await agent.admit(body)
 
-    @app.post("/api/v1/tokens", status_code=201)
-    async def create_token(_: Auth, ttl_s: float | None = None) -> dict[str, Any]:
-        token = await agent.create_join_token(ttl_s)
-        return {"token": token, "token_id": token.split(".")[3]}
+    @app.get("/api/v1/join/ca")
+    async def join_ca() -> dict[str, Any]:
+        """The cluster CA certificate, for a joining host to check against the fingerprint in
+        its token before it trusts this API's certificate (public: it is no secret)."""
+        return {
+            "ca_pem": agent.tls.files.ca_cert.read_text(),
+            "cluster_id": agent.cluster.cluster_id or agent.identity.get("cluster_id"),
+        }
 
-    @app.delete("/api/v1/tokens/{token_id}")
+    @app.post("/api/v1/tokens", status_code=201, responses=problems.responses(503, 507))
+    async def create_token(
+        _: Auth,
+        ttl_s: Annotated[
+            float,
+            Query(
+                ge=0,
+                le=MAX_TOKEN_TTL_S,
+                description="Seconds until the token expires (default a day); 0: never",
+            ),
+        ] = DEFAULT_TOKEN_TTL_S,
+        reusable: Annotated[
+            bool, Query(description="Let many hosts join with it (default: single-use)")
+        ] = False,
+    ) -> dict[str, Any]:
+        token = await agent.create_join_token(ttl_s or None, reusable=reusable)
+        return {
+            "token": token,
+            "token_id": token.split(".")[3],
+            "expires_in_s": ttl_s or None,
+            "reusable": reusable,
+        }
+
+    @app.delete("/api/v1/tokens/{token_id}", responses=problems.responses(404, 503, 507))
     async def revoke_token(token_id: str, _: Auth) -> dict[str, Any]:
         result = await agent.revoke_join_token(token_id)
         if not result.ok:
@@ -164,41 +264,89 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
     async def status(_: Auth, __: Read) -> dict[str, Any]:
         return agent.cluster_status()
 
-    @app.get("/api/v1/nodes")
-    async def nodes(_: Auth, __: Read) -> dict[str, Any]:
-        """The replicated records, each with this node's gossip view of the host (``gossip``:
-        alive/suspect/dead/left, load, reported GPU faults; ``null`` when gossip does not
-        know it) and live ``telemetry`` (sampled now for this host, from gossip for peers)."""
+    Limit = Annotated[
+        int,
+        Query(ge=1, le=views.MAX_LIMIT, description=f"At most this many (<= {views.MAX_LIMIT})"),
+    ]
+    Cursor = Annotated[
+        str | None,
+        Query(max_length=1024, description="The next_cursor of the page before; none: the first"),
+    ]
+
+    @app.get("/api/v1/nodes", response_model=views.NodePage)
+    async def nodes(
+        _: Auth, __: Read, limit: Limit = views.DEFAULT_LIMIT, cursor: Cursor = None
+    ) -> JSONResponse:
+        """The replicated records, newest first, a page at a time; each with this node's
+        gossip view of the host (``gossip``: alive/suspect/dead/left, load, reported GPU faults;
+        ``null`` when gossip does not know it) and live ``telemetry`` (sampled now for this
+        host, from gossip for peers)."""
+        after = views.decode_cursor("nodes", cursor) if cursor else None
+        found, last = views.page(agent.state.nodes.values(), views.node_key, limit, after)
         roles = agent.roles()
-        telemetry = await agent.local_telemetry()
         gossip = agent.gossip
-        views = []
-        for n in agent.state.nodes.values():
+        rows = []
+        for n in found:
             view = node_view(n, agent.state, roles.get(n.node_id, ""))
             view["gossip"] = gossip.node_view(n.node_id)
             if n.node_id == agent.node_id:
-                view["telemetry"] = telemetry
+                view["telemetry"] = await agent.local_telemetry()
             else:
                 view["telemetry"] = gossip.telemetry(n.node_id)
-            views.append(view)
-        return {"nodes": views, "gossip": gossip.summary(set(agent.state.nodes))}
+            rows.append(view)
+        return JSONResponse(
+            {
+                "nodes": rows,
+                "gossip": gossip.summary(set(agent.state.nodes)),
+                "next_cursor": views.encode_cursor("nodes", last) if last else None,
+            }
+        )
 
-    @app.get("/api/v1/runs")
-    async def list_runs(_: Auth, __: Read, all: bool = False) -> dict[str, Any]:
-        return {
-            "runs": [run_view(r, agent.state) for r in agent.state.list_runs(include_finished=all)]
-        }
+    @app.get("/api/v1/runs", response_model=views.RunPage)
+    async def list_runs(
+        _: Auth,
+        __: Read,
+        all: Annotated[bool, Query(description="Finished runs too (else active only)")] = False,
+        limit: Limit = views.DEFAULT_LIMIT,
+        cursor: Cursor = None,
+    ) -> JSONResponse:
+        """Runs, newest first, a page at a time; without their configurations (``GET
+        /api/v1/runs/{name}`` has it)."""
+        after = views.decode_cursor("runs", cursor) if cursor else None
+        runs = agent.state.runs.values()
+        if not all:
+            runs = [r for r in runs if not r.status.is_finished()]
+        found, last = views.page(runs, views.run_key, limit, after)
+        return JSONResponse(
+            {
+                "runs": [run_summary(r, agent.state) for r in found],
+                "next_cursor": views.encode_cursor("runs", last) if last else None,
+            }
+        )
 
-    @app.get("/api/v1/runs/{name}")
-    async def get_run(name: str, _: Auth, __: Read) -> dict[str, Any]:
+    @app.get("/api/v1/runs/{name}", response_model=views.RunView, responses=problems.responses(404))
+    async def get_run(name: str, _: Auth, __: Read) -> JSONResponse:
+        """One run with its configuration."""
         run = agent.state.runs.get(name)
         if run is None:
             raise Problem(
                 404, "run not found", f"no run named {name!r}; see meshgpu ps -a", "not_found"
             )
-        return run_view(run, agent.state)
+        return JSONResponse(run_view(run, agent.state))
 
-    @app.post("/api/v1/runs", status_code=201)
+    @app.post(
+        "/api/v1/runs",
+        status_code=201,
+        response_model=views.SubmittedRun,
+        responses={
+            200: {
+                "description": "An active run of that name differed only in priority: its "
+                "priority was changed in place (in_place)",
+                "model": views.SubmittedRun,
+            },
+            **problems.responses(409, 503, 507),
+        },
+    )
     async def submit(body: SubmitBody, _: Auth) -> JSONResponse:
         run, updated = await agent.submit(body)
         if updated:
@@ -206,35 +354,55 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
             return JSONResponse(view, status_code=200)
         return JSONResponse(run_view(run, agent.state), status_code=201)
 
-    @app.patch("/api/v1/runs/{name}")
-    async def update_run(name: str, body: RunUpdate, _: Auth) -> dict[str, Any]:
+    @app.patch(
+        "/api/v1/runs/{name}",
+        response_model=views.RunView,
+        responses=problems.responses(404, 409, 503, 507),
+    )
+    async def update_run(name: str, body: RunUpdate, _: Auth) -> JSONResponse:
         run = await agent.set_priority(name, body.priority)
-        return run_view(run, agent.state)
+        return JSONResponse(run_view(run, agent.state))
 
-    @app.post("/api/v1/runs/{name}/stop")
-    async def stop(name: str, body: StopBody, _: Auth) -> dict[str, Any]:
+    @app.post(
+        "/api/v1/runs/{name}/stop",
+        response_model=views.RunView,
+        responses=problems.responses(404, 503, 507),
+    )
+    async def stop(name: str, body: StopBody, _: Auth) -> JSONResponse:
         run = await agent.stop(name, body.abort)
-        return run_view(run, agent.state)
+        return JSONResponse(run_view(run, agent.state))
 
     async def read_archive(request: Request) -> bytes:
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > agent.settings.code_limit:
-                raise Problem(
-                    413,
-                    "code archive too large",
-                    f"over the {agent.settings.code_limit} byte limit",
-                    "too_large",
-                )
+        async with aclosing(request.stream()) as stream:
+            async for chunk in stream:
+                data += chunk
+                if len(data) > agent.settings.code_limit:
+                    raise Problem(
+                        413,
+                        "code archive too large",
+                        f"over the {agent.settings.code_limit} byte limit",
+                        "too_large",
+                    )
         return bytes(data)
 
-    @app.post("/api/v1/code", status_code=201)
-    async def upload_code(request: Request, _: Auth) -> dict[str, Any]:
+    @app.post(
+        "/api/v1/code",
+        status_code=201,
+        openapi_extra=ARCHIVE_BODY,
+        responses=problems.responses(400, 507),
+    )
+    async def upload_code(
+        request: Request,
+        _: Auth,
+        x_content_sha256: Annotated[
+            str | None, Header(description="The archive's SHA-256: checked before storing")
+        ] = None,
+    ) -> dict[str, Any]:
         """An uploaded working directory; copied to other members before the answer, which
         names them (``copies``)."""
         data = await read_archive(request)
-        sha, holders = await agent.store_code(data, request.headers.get("x-content-sha256"))
+        sha, holders = await agent.store_code(data, x_content_sha256)
         return {"sha256": sha, "size": len(data), "copies": holders}
 
     def checked_sha(sha: str, status: int = 404) -> str:
@@ -246,21 +414,44 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
             )
         return sha
 
-    @app.put("/api/v1/code/{sha}")
+    @app.put(
+        "/api/v1/code/{sha}", openapi_extra=ARCHIVE_BODY, responses=problems.responses(400, 507)
+    )
     async def put_code(sha: str, request: Request, _: Auth) -> dict[str, Any]:
         """A copy of an upload, pushed by the member that accepted it (stored, not copied on)."""
         data = await read_archive(request)
         await agent.put_code(data, checked_sha(sha, 400))
         return {"sha256": sha, "size": len(data)}
 
-    @app.get("/api/v1/code/{sha}")
+    @app.get(
+        "/api/v1/code/{sha}",
+        response_class=FileResponse,
+        responses={
+            200: {
+                "description": "The archive (tar.gz)",
+                "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+            },
+            **problems.responses(404),
+        },
+    )
     async def get_code(sha: str, _: Auth) -> FileResponse:
         """An archive this node holds (a host about to run a job fetches it); 404 otherwise."""
         if not agent.code.has(checked_sha(sha)):
             raise Problem(404, "unknown code archive", f"this node has no {sha}", "not_found")
         return FileResponse(agent.code.path(sha), media_type="application/gzip")
 
-    @app.get("/api/v1/runs/{name}/logs")
+    @app.get(
+        "/api/v1/runs/{name}/logs",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "The job's output as it was written (streamed: with follow, "
+                "until the job ends)",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            **problems.responses(404),
+        },
+    )
     async def logs(
         request: Request, name: str, _: Auth, job: int = 0, follow: Annotated[bool, Query()] = False
     ) -> StreamingResponse:
@@ -275,8 +466,10 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
         target = jobs[job]
         owner = agent.state.nodes.get(target.node_id) if target.node_id else None
         if owner is not None and target.node_id != agent.node_id and owner.api_url:
-            # The log lives on the host that ran the job: stream it through from there.
-            auth_header = request.headers.get("authorization", "")
+            # The log lives on the host that ran the job: stream it through from there (with
+            # the caller's token, in the canonical form every version of the agent accepts).
+            token = problems.bearer_token(request.headers.get("authorization", ""))
+            auth_header = f"Bearer {token}"
             return StreamingResponse(
                 agent.proxy_logs(owner.api_url, name, job, follow, auth_header),
                 media_type="text/plain",
@@ -285,6 +478,13 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
 
     app.include_router(offers.router(agent, Auth, Read))
     app.include_router(metrics.router(agent, Auth, Read))
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problems.document(FastAPI.openapi(app), PUBLIC_PATHS)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
-from typing import Any
+import heapq
+import json
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, Field
+
+from meshgpu.api.problems import Problem
 from meshgpu.scheduler.offer import Offer
 from meshgpu.state import JobRecord, JobStatus, NodeRecord, RunRecord, RunStatus, StateMachine
 
@@ -44,7 +53,8 @@ def run_status_message(r: RunRecord, state: StateMachine) -> str:
     return r.status.value
 
 
-def run_view(r: RunRecord, state: StateMachine) -> dict[str, Any]:
+def run_summary(r: RunRecord, state: StateMachine) -> dict[str, Any]:
+    """A run as lists show it (``GET /api/v1/runs``): everything but its configuration."""
     return {
         "name": r.run_name,
         "id": r.run_id,
@@ -57,9 +67,14 @@ def run_view(r: RunRecord, state: StateMachine) -> dict[str, Any]:
         "priority": r.priority,
         "submitted_at": r.submitted_at,
         "finished_at": r.finished_at,
-        "config": r.config,
         "jobs": [job_view(j, state) for j in state.run_jobs(r)],
     }
+
+
+def run_view(r: RunRecord, state: StateMachine) -> dict[str, Any]:
+    """One run (``GET /api/v1/runs/{name}``, answers to writes): the summary and its
+    configuration (every field, defaults filled)."""
+    return run_summary(r, state) | {"config": r.config}
 
 
 def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, Any]:
@@ -88,3 +103,149 @@ def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, A
 def offer_view(o: Offer) -> dict[str, Any]:
     """One host in ``GET /api/v1/offers`` (``meshgpu offer --json``)."""
     return dataclasses.asdict(o) | {"gpu_indices": list(o.gpu_indices)}
+
+
+# -- pages ------------------------------------------------------------------------------------
+# Lists are answered a page at a time, newest first. A cursor is opaque to clients: the sort key
+# of the last item of the page before (URL-safe base64 of JSON, tagged with what it lists), so
+# pages stay consistent while items come and go (keyset pagination: nothing is skipped or shown
+# twice because an earlier item was added or forgotten).
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+T = TypeVar("T")
+Key = tuple[float, str]
+
+
+def encode_cursor(kind: str, key: Key) -> str:
+    raw = json.dumps([kind, *key], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(kind: str, cursor: str) -> Key:
+    """The key a cursor of ``kind`` stands for; 422 for anything an earlier answer did not give."""
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error):
+        doc = None
+    if (
+        isinstance(doc, list)
+        and len(doc) == 3
+        and doc[0] == kind
+        and isinstance(doc[1], int | float)
+        and not isinstance(doc[1], bool)
+        and math.isfinite(doc[1])
+        and isinstance(doc[2], str)
+    ):
+        return float(doc[1]), doc[2]
+    raise Problem(
+        422,
+        "invalid cursor",
+        f"{cursor[:80]!r} is not a cursor of {kind}: pass back the next_cursor of an earlier "
+        "answer unchanged, or none for the first page",
+        "invalid_cursor",
+    )
+
+
+def page(
+    items: Iterable[T], key: Callable[[T], Key], limit: int, after: Key | None
+) -> tuple[list[T], Key | None]:
+    """The ``limit`` items with the greatest keys below ``after`` (all if None), greatest
+    first, and the key to continue after (None: this is the last page)."""
+    if after is not None:
+        items = (i for i in items if key(i) < after)
+    top = heapq.nlargest(limit + 1, items, key=key)
+    if len(top) > limit:
+        return top[:limit], key(top[limit - 1])
+    return top, None
+
+
+def run_key(r: RunRecord) -> Key:
+    return r.submitted_at, r.run_name
+
+
+def node_key(n: NodeRecord) -> Key:
+    return n.registered_at, n.node_id
+
+
+# -- documented shapes ------------------------------------------------------------------------
+# The views above answer as plain dicts (no per-item validation on the way out); these models
+# document them in /openapi.json, where schemathesis checks every answer against them.
+
+
+class JobView(BaseModel):
+    job_id: str
+    job_num: int
+    replica_num: int
+    submission_num: int
+    group: str | None
+    status: str
+    termination_reason: str | None
+    termination_message: str
+    exit_code: int | None
+    node: str | None
+    node_id: str | None
+    gpus: list[int]
+    resources: dict[str, Any]
+    why_pending: str
+    submitted_at: float
+    assigned_at: float | None
+    started_at: float | None
+    finished_at: float | None
+
+
+class RunSummary(BaseModel):
+    name: str
+    id: str
+    project: str
+    user: str
+    type: str | None
+    status: str
+    status_message: str = Field(description="The status as ps shows it (e.g. retrying)")
+    termination_reason: str | None
+    priority: int
+    submitted_at: float
+    finished_at: float | None
+    jobs: list[JobView]
+
+
+class RunView(RunSummary):
+    config: dict[str, Any] = Field(description="The configuration: every field, defaults filled")
+
+
+class SubmittedRun(RunView):
+    updated_in_place: list[str] | None = Field(
+        default=None, description="Present (['priority']) when an active run was updated"
+    )
+
+
+class RunPage(BaseModel):
+    runs: list[RunSummary] = Field(description="Newest first; no configurations")
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null: none")
+
+
+class NodeView(BaseModel):
+    node_id: str
+    name: str
+    role: str
+    status: str
+    api_url: str | None
+    internal_ip: str
+    labels: dict[str, str]
+    cpu_count: int
+    cpu_arch: str
+    memory_gb: float
+    disk_gb: float
+    container_runtime: str | None
+    gpus: list[dict[str, Any]]
+    blocks: int | None
+    busy_blocks: int | None
+    gossip: dict[str, Any] | None = Field(description="This node's gossip view of the host")
+    telemetry: list[dict[str, Any]] | None = Field(description="Per-GPU telemetry, if known")
+
+
+class NodePage(BaseModel):
+    nodes: list[NodeView] = Field(description="Newest (last registered) first")
+    gossip: dict[str, Any] = Field(description="This node's gossip status")
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null: none")

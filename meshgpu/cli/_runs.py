@@ -229,8 +229,31 @@ def submit(
     print(run["name"])
 
 
+PS_DEFAULT = 100  # active runs ps shows without -n/-a (dstack: one page of 100)
+
+
+def _ps_runs(c: Client, all: bool, last: int | None) -> tuple[list[dict[str, Any]], bool]:
+    """What ``ps`` lists (newest first), and whether there is more than it shows. As dstack:
+    the active runs (the last ``PS_DEFAULT``), or the last finished one when none is active;
+    ``-n N``: the last N runs, finished or not; ``-a``: every run (page after page)."""
+    if last is not None:
+        return c.runs(all=True, limit=last), False
+    if all:
+        return c.runs(all=True), False
+    page = c.runs_page(all=False, limit=PS_DEFAULT)
+    if page["runs"]:
+        return page["runs"], bool(page["next_cursor"])
+    return c.runs_page(all=True, limit=1)["runs"], False
+
+
 def ps(
-    all: Annotated[bool, typer.Option("-a", "--all", help="Include finished runs")] = False,
+    all: Annotated[
+        bool, typer.Option("-a", "--all", help="Every run, finished ones too (all pages)")
+    ] = False,
+    last: Annotated[
+        int | None,
+        typer.Option("-n", "--last", min=1, help="The last N runs, finished or not"),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("-v", "--verbose", help="Jobs, placement, why pending")
     ] = False,
@@ -238,10 +261,11 @@ def ps(
     as_json: JsonOpt = False,
     url: UrlOpt = None,
 ) -> None:
-    """Runs and their jobs."""
+    """Runs and their jobs, newest first: the active ones (or the last finished one if none is
+    active); -n N for the last N runs, -a for every run."""
     with client(url) as c:
         while True:
-            runs = c.runs(all=all or as_json and all)
+            runs, more = _ps_runs(c, all, last)
             if as_json:
                 json.dump(runs, sys.stdout, indent=2)
                 sys.stdout.write("\n")
@@ -271,6 +295,8 @@ def ps(
                             ]
                         )
             table(["NAME", "TYPE", "NODE/GPUS", "STATUS", "SUBMITTED", "REASON"], rows)
+            if more:
+                err.print(f"the last {len(runs)} shown; -n N or -a for more")
             if not watch:
                 return
             time.sleep(2)

@@ -23,6 +23,7 @@ class APIError(Exception):
 
 
 MEMBERS_HEADER = "X-Meshgpu-Members"
+PAGE_MAX = 1000  # the largest page a list endpoint answers (``limit``)
 
 
 @dataclass(frozen=True)
@@ -210,10 +211,40 @@ class Client:
         return self._request("GET", "/api/v1/status").json()
 
     def nodes(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/api/v1/nodes").json()["nodes"]
+        """Every host, newest first (all pages)."""
+        return self._collect("/api/v1/nodes", "nodes", {}, None)
 
-    def runs(self, all: bool = False) -> list[dict[str, Any]]:
-        return self._request("GET", "/api/v1/runs", params={"all": str(all).lower()}).json()["runs"]
+    def runs_page(
+        self, *, all: bool = False, limit: int = 100, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """One page of runs, newest first: ``runs`` (without configurations) and
+        ``next_cursor`` (None at the end). ``all``: finished runs too."""
+        params: dict[str, Any] = {"all": str(all).lower(), "limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        return self._request("GET", "/api/v1/runs", params=params).json()
+
+    def runs(self, all: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+        """Runs newest first, without configurations (``run`` has one): active ones, or every
+        one with ``all``; at most ``limit`` (None: every page)."""
+        return self._collect("/api/v1/runs", "runs", {"all": str(all).lower()}, limit)
+
+    def _collect(
+        self, path: str, key: str, params: dict[str, Any], limit: int | None
+    ) -> list[dict[str, Any]]:
+        """The items of a paginated list, following ``next_cursor`` (a cursor is good at any
+        member, so a fallback to another node mid-way carries on where it was)."""
+        items: list[dict[str, Any]] = []
+        cursor = None
+        while limit is None or len(items) < limit:
+            size = PAGE_MAX if limit is None else min(PAGE_MAX, limit - len(items))
+            query = params | {"limit": size} | ({"cursor": cursor} if cursor else {})
+            doc = self._request("GET", path, params=query).json()
+            items += doc[key]
+            cursor = doc.get("next_cursor")
+            if not cursor:
+                break
+        return items
 
     def run(self, name: str, consistent: bool = False) -> dict[str, Any]:
         return self._request(

@@ -43,6 +43,19 @@ class _Node:
         return None
 
 
+class _Gossip:
+    """No gossip running: what ``GET /api/v1/nodes`` reads of it."""
+
+    def node_view(self, node_id: str) -> dict[str, Any] | None:
+        return None
+
+    def telemetry(self, node_id: str) -> list[dict[str, Any]] | None:
+        return None
+
+    def summary(self, registered: set[str]) -> dict[str, Any]:
+        return {"running": False}
+
+
 class StubAgent:
     def __init__(self, state: StateMachine, tmp: Path, node_id: str = "n1") -> None:
         self.state = state
@@ -54,9 +67,18 @@ class StubAgent:
         self.identity: dict[str, Any] = {}
         self.gpus = FakeProvider("8xH100:80GB", seed=node_id)
         self.runner = ProcessRunner(tmp / "jobs", use_launcher=False)
+        self.gossip = _Gossip()
 
     def members_header(self) -> bytes:
         return b"http://peer-1:7480"
+
+    def roles(self) -> dict[str, str]:
+        return {self.node_id: "leader"}
+
+    async def local_telemetry(self) -> list[dict[str, Any]]:
+        return [
+            {"index": t.index, "utilization_pct": t.utilization_pct} for t in self.gpus.telemetry()
+        ]
 
     def api_token_ok(self, token: str) -> bool:
         return token == TOKEN
