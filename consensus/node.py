@@ -19,6 +19,15 @@ own state machine), and remembers applied request ids -- in the snapshot too -- 
 retries a request (after a timeout, a leader change, or through another member) has it applied
 once. While there is no leader, ``propose`` holds the request and re-submits it when a leader
 appears, until its deadline.
+
+A disk that cannot take a write (full, read-only: ``StorageFull``) does not stop the member. The
+owner loop retries the same write, backing off to ``storage_retry_s``, until it succeeds; while it
+waits it still steps what peers send and answers the leader's heartbeats (they promise nothing
+durable), so the leader keeps this member in view, but it sends nothing that needs the disk (no
+appends acknowledged, no votes), sends no heartbeats of its own (a leader that cannot write lets
+the others elect one that can), and refuses proposals at once with ``StorageFull`` (as it does
+while free space is under ``min_free_bytes``). When space returns the write goes through and the
+member catches up by itself.
 """
 
 from __future__ import annotations
@@ -43,15 +52,21 @@ from consensus.core import (
     DropReason,
     EntryType,
     Message,
+    MessageType,
     ProposalDropped,
     RawNode,
     Ready,
     Role,
     decode_conf_change,
 )
-from consensus.storage import DiskStorage
+from consensus.storage import DiskStorage, StorageFull, free_bytes
 
 log = logging.getLogger(__name__)
+
+
+# Messages that promise nothing durable: sent, or dropped, while a write waits for space.
+_HEARTBEAT_ANSWERS = frozenset({MessageType.HEARTBEAT_RESP})
+_LEADER_HEARTBEATS = frozenset({MessageType.HEARTBEAT})
 
 
 class StateMachine(Protocol):
@@ -111,6 +126,11 @@ class NodeOptions:
     """How many recent request ids are remembered for idempotency (oldest forgotten first)."""
     propose_retry_s: float = 2.0
     """Re-submit a request not applied within this time (its forward may have been lost)."""
+    min_free_bytes: int = 0
+    """Proposals through this node are refused (``StorageFull``) while its data directory has
+    less free space than this: what is left stays for the entries and votes of the others."""
+    storage_retry_s: float = 1.0
+    """How often a write the disk refused is tried again (at most; it starts faster)."""
     seed: int | None = None
 
 
@@ -170,6 +190,9 @@ class RaftNode:
         self.watch_since: dict[int, float] = {}
         self.leader_since = 0.0
         self._lazy_hard_state: Any = None
+        # Why this node cannot write now (a write the disk refused is being retried), or None.
+        self.storage_error: str | None = None
+        self._free: tuple[float, int] = (-1e9, 0)  # (when, bytes) of the last free-space check
         self._restore_from_storage()
         import random
 
@@ -240,20 +263,24 @@ class RaftNode:
         envelope = msgpack.packb([rid, data])
         waiter = self._waiters.setdefault(rid, _Waiter())
         deadline = trio.current_time() + timeout
+        first = True
         try:
             while True:
                 if waiter.done:
                     return waiter.result
                 if rid in self._dedup:
                     return self._duplicate(rid)
+                self.check_writable(first)
+                first = False
                 waiter.rearm()
-                refused: list[ProposalDropped] = []
+                refused: list[Exception] = []
                 done = trio.Event()
                 self._post("propose", (envelope, refused, done))
                 await done.wait()
-                if refused and refused[0].reason not in (
-                    DropReason.NO_LEADER,
-                    DropReason.TRANSFER_IN_PROGRESS,
+                if refused and (
+                    not isinstance(refused[0], ProposalDropped)
+                    or refused[0].reason
+                    not in (DropReason.NO_LEADER, DropReason.TRANSFER_IN_PROGRESS)
                 ):
                     raise refused[0]
                 wait_until = min(deadline, trio.current_time() + self.options.propose_retry_s)
@@ -269,6 +296,36 @@ class RaftNode:
         finally:
             if self._waiters.get(rid) is waiter:
                 del self._waiters[rid]
+
+    def check_writable(self, first: bool = True) -> None:
+        """Raise ``StorageFull`` if this node cannot take writes now: a write its disk refused
+        is pending, or its free space is under ``min_free_bytes``. ``first``: the request has
+        not been proposed yet (otherwise it may still take effect once space is freed)."""
+        if self.storage_error is not None:
+            later = (
+                ""
+                if first
+                else " (this request is in the log here: it may still take effect once space "
+                "is freed; retry it with the same request id to find out)"
+            )
+            raise StorageFull(self.storage_error + later)
+        reserve = self.options.min_free_bytes
+        if reserve <= 0:
+            return
+        now = trio.current_time()
+        when, free = self._free
+        if now - when > 0.5:  # a statvfs costs microseconds, but not on every proposal
+            try:
+                free = free_bytes(self.storage.directory)
+            except OSError:
+                free = reserve
+            self._free = (now, free)
+        if free < reserve:
+            raise StorageFull(
+                f"the data directory {self.storage.directory} has {free / 2**20:.1f} MiB free, "
+                f"under the {reserve / 2**20:.0f} MiB this node keeps in reserve: writes are "
+                "refused until space is freed (reads still work)"
+            )
 
     async def read_index(self, timeout: float = 10.0) -> int:
         """A linearizable read barrier: returns once this node has applied everything committed
@@ -313,6 +370,7 @@ class RaftNode:
     ) -> None:
         if self.role is not Role.LEADER:
             raise NotLeader(self.leader)
+        self.check_writable()
         rid = self.new_request_id()
         cc = ConfChange(cc_type, node_id, msgpack.packb([rid, address]))
         waiter = self._waiters.setdefault(rid, _Waiter())
@@ -403,10 +461,13 @@ class RaftNode:
             raw.tick()
         elif kind == "propose":
             envelope, refused, done = value
-            try:
-                raw.propose(envelope)
-            except ProposalDropped as e:
-                refused.append(e)
+            if self.storage_error is not None:
+                refused.append(StorageFull(self.storage_error))
+            else:
+                try:
+                    raw.propose(envelope)
+                except ProposalDropped as e:
+                    refused.append(e)
             done.set()
         elif kind == "conf":
             cc, refused, done = value
@@ -432,9 +493,10 @@ class RaftNode:
     async def _process_ready(self, rd: Ready) -> None:
         storage = self.storage
         # 1. persist: the fsync point. Nothing below happens before it.
+        stalled = False
         if rd.must_sync or rd.entries or rd.snapshot is not None:
             hs = rd.hard_state or self._lazy_hard_state
-            await trio.to_thread.run_sync(storage.write, rd.entries, hs, rd.snapshot)
+            stalled = await self._persist(rd.entries, hs, rd.snapshot)
             self._lazy_hard_state = None
             self.stats["writes"] += 1
             self.stats["entries_written"] += len(rd.entries)
@@ -451,8 +513,9 @@ class RaftNode:
         # 2. send
         if rd.messages and self.transport is not None:
             self.transport.send(rd.messages)
-        # 3. apply
-        if rd.soft_state is not None:
+        # 3. apply (a stalled write followed the leader and role as they changed: ``rd``'s are
+        # older than those)
+        if rd.soft_state is not None and not stalled:
             self._on_soft_state(rd.soft_state.lead, rd.soft_state.role)
         if rd.hard_state is not None:
             self.term = rd.hard_state.term
@@ -472,6 +535,67 @@ class RaftNode:
         self._wake_applied()
         if self._since_snapshot >= self.options.snapshot_every:
             self._take_snapshot()
+
+    async def _persist(self, entries: Sequence[Any], hs: Any, snapshot: Any) -> bool:
+        """``storage.write`` in a worker thread, retried while the disk refuses it (see the
+        module docstring). True if it had to wait."""
+        delay = min(0.05, self.options.storage_retry_s)
+        stalled = False
+        while True:
+            try:
+                await trio.to_thread.run_sync(self.storage.write, entries, hs, snapshot)
+            except StorageFull as e:
+                if self.storage_error is None:
+                    log.error(
+                        "node=%s cannot persist the Raft log: %s; refusing writes and retrying "
+                        "until space is freed",
+                        self.id,
+                        e,
+                    )
+                    self.storage_error = (
+                        f"this node cannot write to its data directory ({e}): writes are "
+                        "refused until space is freed (reads still work)"
+                    )
+                    for w in self._waiters.values():
+                        if not w.done:  # their callers hear now, not at their deadline
+                            w.retry = True
+                            w.event.set()
+                stalled = True
+                self._follow_soft_state()
+                with trio.move_on_after(delay):
+                    await self._serve_stalled()
+                delay = min(delay * 2, self.options.storage_retry_s)
+                continue
+            if self.storage_error is not None:
+                log.warning("node=%s the data directory takes writes again", self.id)
+                self.storage_error = None
+            return stalled
+
+    def _follow_soft_state(self) -> None:
+        """While a write waits: ``leader`` and ``role`` as the core has them now (a stalled
+        leader is deposed by the others; callers must not take it for the leader)."""
+        r = self.raw.raft
+        if r.lead != self.leader or r.role is not self.role:
+            self._on_soft_state(r.lead, r.role)
+
+    async def _serve_stalled(self) -> None:
+        """While a write waits for space: step what arrives (but no proposals: they would only
+        pile up in memory), answer heartbeats, and send no heartbeats of our own."""
+        raw = self.raw
+        while True:
+            kind, value = await self._inbox.receive()
+            if kind == "msg" and value.type is MessageType.PROP:
+                continue
+            if kind == "conf":
+                value[1].append(StorageFull(self.storage_error or "no space"))
+                value[2].set()
+                continue
+            self._handle(kind, value)
+            self._follow_soft_state()
+            raw.take_messages(_LEADER_HEARTBEATS)  # dropped: let a leader that can write lead
+            answers = raw.take_messages(_HEARTBEAT_ANSWERS)
+            if answers and self.transport is not None:
+                self.transport.send(answers)
 
     def _on_soft_state(self, lead: int, role: Role) -> None:
         changed = lead != self.leader
@@ -570,7 +694,13 @@ class RaftNode:
 
     def _take_snapshot(self) -> None:
         started = time.perf_counter()
-        self.raw.compact(self.applied, self._snapshot_data())
+        try:
+            self.raw.compact(self.applied, self._snapshot_data())
+        except StorageFull as e:  # the log stays as it is; try again a little later
+            every = self.options.snapshot_every
+            self._since_snapshot = every - max(1, every // 10)
+            log.warning("node=%s snapshot deferred: %s", self.id, e)
+            return
         self._since_snapshot = 0
         log.info(
             "node=%s snapshot index=%s took_ms=%.1f",

@@ -32,7 +32,7 @@ import trio
 
 from consensus.core import Role
 from consensus.node import Duplicate, NodeOptions, RaftNode, bootstrap_storage
-from consensus.storage import DiskStorage
+from consensus.storage import DiskStorage, StorageFull
 from consensus.transport import TLSConfig, Transport, parse_address
 from meshgpu.api import create_app
 from meshgpu.api.problems import Problem, parse_run_config_async
@@ -847,7 +847,7 @@ class Agent:
             except Exception as e:  # lost leadership or quorum meanwhile: plan again later
                 log.warning("scheduler decisions not committed (%s); will plan again", e)
                 self._reasons, seen = {}, -1
-                await trio.sleep(o.tick_s)
+                await trio.sleep(1.0 if isinstance(e, StorageFull) else o.tick_s)  # disk full
                 self._demand.set()
 
     def members_header(self) -> bytes:

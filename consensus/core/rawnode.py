@@ -215,6 +215,18 @@ class RawNode:
         return snap
 
     # -- outputs ----------------------------------------------------------------------------
+    def take_messages(self, types: frozenset[MessageType]) -> list[Message]:
+        """Take the pending messages of ``types`` out of the next ``Ready`` (they will not be in
+        it). Only for messages that promise nothing durable -- heartbeats and their responses
+        (etcd sends everything but append and vote responses before persisting): a runtime whose
+        persistence of the outstanding ``Ready`` is stalled (a full disk) still answers the
+        leader's heartbeats with them."""
+        r = self.raft
+        taken = [m for m in r.msgs if m.type in types]
+        if taken:
+            r.msgs = [m for m in r.msgs if m.type not in types]
+        return taken
+
     def has_ready(self) -> bool:
         if self._outstanding:
             return False

@@ -17,6 +17,10 @@ Recovery refuses to start on damage it cannot explain (checksum mismatch, a gap 
 commit index beyond the log): it raises ``CorruptStorageError`` with what to do. A transaction that
 was torn by a crash is rolled back by SQLite's WAL recovery, which is exactly the "torn tail"
 case: the batch either fully happened or did not.
+
+A write the disk cannot take (full, over quota, read-only, failing) raises ``StorageFull`` with
+SQLite's own reason (never masked by a failed ROLLBACK): its transaction is rolled back, the mirror
+is untouched and a snapshot file it began is removed, so the same write may simply be retried.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import sqlite3
 import struct
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -41,6 +46,7 @@ from consensus.core.types import (
     SnapshotMetadata,
 )
 from consensus.storage._faults import crash_point
+from consensus.storage._full import StorageFull, is_full
 from consensus.storage._snapshot import (
     CorruptStorageError,
     fsync_dir,
@@ -80,15 +86,30 @@ class DiskStorage(MemoryStorage):
     def __init__(self, directory: str | Path) -> None:
         super().__init__()
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = self.directory / "raft.db"
         self._lock = threading.Lock()
+        # The log is private (0600): created so before SQLite opens it, since SQLite gives the
+        # -wal and -shm files it creates later the database file's mode.
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
         self._snapshot_file: Path | None = None
-        self._load()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            self._load()
+        except sqlite3.Error as e:
+            self._db.close()
+            if is_full(e):
+                raise StorageFull(f"cannot open {self.path}: {e}") from e
+            raise CorruptStorageError(f"cannot open {self.path}: {e}") from e
+        except BaseException:
+            self._db.close()
+            raise
 
     # -- recovery ---------------------------------------------------------------------------
     def _meta(self, key: str) -> object | None:
@@ -166,11 +187,39 @@ class DiskStorage(MemoryStorage):
                 f"{self.directory} already holds Raft state; refusing to bootstrap over it"
             )
         conf = [sorted(conf_state.voters), sorted(conf_state.learners), sorted(conf_state.removed)]
-        with self._lock:
-            self._db.execute("INSERT INTO meta VALUES ('bootstrap_conf', ?)", (_pack(conf),))
+        with self._lock, self._transaction() as db:
+            db.execute("INSERT INTO meta VALUES ('bootstrap_conf', ?)", (_pack(conf),))
         self._snapshot = Snapshot(SnapshotMetadata(0, 0, conf_state))
 
     # -- durable writes (worker thread) -------------------------------------------------------
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (the caller holds ``_lock``). On any failure it is rolled
+        back -- unless SQLite already did (a full disk makes it), when ROLLBACK itself would
+        fail and hide the reason -- and a full disk is raised as ``StorageFull``."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException as e:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the first error is the one that matters
+            if is_full(e) and not isinstance(e, StorageFull):
+                raise StorageFull(f"cannot write to {self.path}: {e}") from e
+            raise
+
+    def _write_snapshot(self, snapshot: Snapshot) -> Path:
+        try:
+            return write_snapshot(self.directory, snapshot)
+        except OSError as e:
+            if is_full(e):
+                raise StorageFull(f"cannot write a snapshot to {self.directory}: {e}") from e
+            raise
+
     def write(
         self,
         entries: Sequence[Entry] = (),
@@ -180,11 +229,9 @@ class DiskStorage(MemoryStorage):
         """Make one Ready batch durable: one transaction, one fsync. Does not touch the mirror."""
         snap_file = None
         if snapshot is not None and snapshot.metadata.index > 0:
-            snap_file = write_snapshot(self.directory, snapshot)
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            snap_file = self._write_snapshot(snapshot)
+        try:
+            with self._lock, self._transaction() as db:
                 if snap_file is not None:
                     md = snapshot.metadata  # type: ignore[union-attr]
                     # A snapshot from the leader replaces the whole log (as the mirror's
@@ -215,10 +262,10 @@ class DiskStorage(MemoryStorage):
                         "hard_state", [hard_state.term, hard_state.vote, hard_state.commit]
                     )
                 crash_point("write_before_commit")
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        except BaseException:
+            if snap_file is not None and snap_file != self._snapshot_file:
+                snap_file.unlink(missing_ok=True)  # not recorded: a stray file, space back
+            raise
         crash_point("write_after_commit")
         if snap_file is not None:
             self._retire_snapshots(snap_file)
@@ -270,19 +317,21 @@ class DiskStorage(MemoryStorage):
     def create_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> Snapshot:
         """Durably record a snapshot of the application at ``index`` (entries are kept until
         ``compact``, so slow followers can still be fed from the log)."""
+        previous = self._snapshot
         snap = MemoryStorage.create_snapshot(self, index, conf_state, data)
-        path = write_snapshot(self.directory, snap)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+        path = None
+        try:
+            path = self._write_snapshot(snap)
+            with self._lock, self._transaction():
                 self._put_meta(
                     "snapshot", {"index": index, "term": snap.metadata.term, "file": path.name}
                 )
                 crash_point("create_snapshot_before_commit")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        except BaseException:
+            self._snapshot = previous  # the mirror never claims a snapshot the disk lacks
+            if path is not None and path != self._snapshot_file:
+                path.unlink(missing_ok=True)
+            raise
         self._retire_snapshots(path)
         return snap
 
@@ -295,16 +344,10 @@ class DiskStorage(MemoryStorage):
         if index < self.first_index():
             return
         term = self.term(index)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("DELETE FROM entries WHERE idx <= ?", (index,))
-                self._put_meta("log_start", [index, term])
-                crash_point("compact_before_commit")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM entries WHERE idx <= ?", (index,))
+            self._put_meta("log_start", [index, term])
+            crash_point("compact_before_commit")
         MemoryStorage.compact(self, index)
 
     def close(self) -> None:

@@ -57,14 +57,18 @@ def write_snapshot(directory: Path, snap: Snapshot) -> Path:
     )
     final = directory / snapshot_name(md.index, md.term)
     tmp = final.with_suffix(".snap.tmp")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + struct.pack(">I", len(header)) + header)
-        half = len(snap.data) // 2
-        f.write(snap.data[:half])
-        crash_point("snapshot_partial_write")
-        f.write(snap.data[half:])
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(MAGIC + struct.pack(">I", len(header)) + header)
+            half = len(snap.data) // 2
+            f.write(snap.data[:half])
+            crash_point("snapshot_partial_write")
+            f.write(snap.data[half:])
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk gets its space back at once
+        raise
     crash_point("snapshot_before_rename")
     os.replace(tmp, final)
     crash_point("snapshot_before_dir_fsync")

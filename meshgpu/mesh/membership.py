@@ -34,6 +34,7 @@ import trio
 
 from consensus.core import ProposalDropped, Role
 from consensus.node import NotLeader, RaftNode, Timeout
+from consensus.storage import StorageFull
 from meshgpu.mesh.gossip import MemberInfo, MemberState
 from meshgpu.mesh.node_meta import parse_meta
 from meshgpu.security import NodeIdentity, seal
@@ -149,7 +150,7 @@ class MembershipManager:
                 continue
             try:
                 await self.step(trio.current_time())
-            except (NotLeader, Timeout, ProposalDropped) as e:
+            except (NotLeader, Timeout, ProposalDropped, StorageFull) as e:
                 log.info("membership change deferred: %s", e)
 
     def _alive(self, rid: int, now: float, within: float) -> bool:

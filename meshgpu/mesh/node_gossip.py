@@ -28,6 +28,7 @@ import trio
 
 from consensus.core import ProposalDropped, Role
 from consensus.node import NotLeader, Timeout
+from consensus.storage import StorageFull
 from consensus.transport import parse_address
 from meshgpu.mesh.gossip import (
     Addr,
@@ -191,7 +192,7 @@ class MeshGossip:
                         encode_cluster(InstallGossipKey(at=time.time(), key_hex=new_key().hex()))
                     )
                     log.info("installed a cluster gossip key")
-                except (NotLeader, Timeout, ProposalDropped) as e:
+                except (NotLeader, Timeout, ProposalDropped, StorageFull) as e:
                     log.info("gossip key deferred: %s", e)
             await trio.sleep(0.2)
         return list(agent.cluster.gossip_keys)
@@ -231,7 +232,7 @@ class MeshGossip:
                 if action == "rotate"
                 else "ring trimmed to the new key",
             )
-        except (NotLeader, Timeout, ProposalDropped) as e:
+        except (NotLeader, Timeout, ProposalDropped, StorageFull) as e:
             log.info("gossip key change deferred: %s", e)
 
     def _seeds(self) -> list[Addr]:

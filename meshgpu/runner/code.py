@@ -12,7 +12,9 @@ die. So:
   anything is stored; concurrent jobs of one run on one host fetch once.
 
 Every archive is written atomically (a temporary file, fsync, rename), so an archive's path that
-exists always holds the complete, verified archive.
+exists always holds the complete, verified archive. An upload (``put``) is first walked through,
+in a worker thread, with the limits that unpacking applies (``check_archive``): one that expands
+too far, or holds an unsafe entry, is refused then, not when a job first unpacks it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import os
 import random
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
@@ -31,6 +34,9 @@ from pathlib import Path
 import httpx
 import trio
 
+from consensus.storage import FULL_ERRNOS, StorageFull, free_bytes
+from meshgpu.client.archive import ArchiveLimits, check_archive
+from meshgpu.datadir import open_private, private_dir
 from meshgpu.state import CodeRef, NodeRecord
 
 log = logging.getLogger(__name__)
@@ -93,7 +99,7 @@ def push_targets(nodes: Mapping[str, NodeRecord], me: str) -> list[Source]:
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.part")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(open_private(tmp), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -112,7 +118,9 @@ class CodeStore:
 
     ``token`` gives the bearer token for node-to-node calls (the cluster's API token, which every
     member holds). ``fetch_for_s`` bounds how long a fetch keeps retrying before the job fails;
-    ``push_for_s`` how long an upload waits for its copies.
+    ``push_for_s`` how long an upload waits for its copies. ``archive_limits``: how far an
+    archive may expand (default: scaled from ``limit``), checked at upload and at unpacking.
+    ``min_free`` bytes of the disk are kept free: an upload that would leave less is refused.
     """
 
     def __init__(
@@ -125,9 +133,18 @@ class CodeStore:
         push_for_s: float = 10.0,
         backoff_s: tuple[float, float] = (0.5, 5.0),
         transport: httpx.AsyncBaseTransport | None = None,
+        verify: Callable[[], ssl.SSLContext | bool] = lambda: True,
+        archive_limits: ArchiveLimits | None = None,
+        min_free: int = 0,
     ) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        self.archive_limits = archive_limits or ArchiveLimits.for_upload_limit(limit)
+        # Archives checked at once (each a worker thread inflating up to the limits): a burst
+        # of uploads queues here rather than taking every core.
+        self._checking = trio.CapacityLimiter(2)
+        self.min_free = min_free
+        self._verify = verify  # the TLS context for other members' APIs (the cluster CA)
+        private_dir(directory)
         self._token = token
         self.limit = limit
         self.fetch_for_s = fetch_for_s
@@ -166,20 +183,42 @@ class CodeStore:
         return list(self._holders.get(sha, ()))
 
     async def put(self, data: bytes, claimed: str | None = None) -> str:
-        """Store ``data`` under its SHA-256 (refused if it is not ``claimed``); returns it."""
+        """Store ``data`` under its SHA-256 (refused if it is not ``claimed``); returns it.
+        ``ArchiveRefused`` for an archive that unpacking would refuse (checked in a worker
+        thread), ``StorageFull`` when the disk cannot take it."""
         sha = hashlib.sha256(data).hexdigest()
         if claimed and claimed != sha:
             raise CodeDigestError(f"sha256 {sha} != {claimed}")
         path = self.path(sha)
         if not path.exists():
-            await trio.to_thread.run_sync(_write_atomic, path, data)
+            await trio.to_thread.run_sync(
+                check_archive, data, self.archive_limits, limiter=self._checking
+            )
+            await trio.to_thread.run_sync(self._write, path, data)
         return sha
+
+    def _write(self, path: Path, data: bytes) -> None:
+        free = free_bytes(self.directory)
+        if free - len(data) < self.min_free:
+            raise StorageFull(
+                f"{self.directory} has {free / 2**20:.1f} MiB free: storing a "
+                f"{len(data) / 2**20:.1f} MiB archive would leave less than the "
+                f"{self.min_free / 2**20:.0f} MiB this node keeps in reserve; free space on this "
+                "host or upload to another member"
+            )
+        try:
+            _write_atomic(path, data)
+        except OSError as e:
+            if e.errno in FULL_ERRNOS:
+                raise StorageFull(f"cannot store the archive in {self.directory}: {e}") from e
+            raise
 
     def _client(self, timeout: httpx.Timeout) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             timeout=timeout,
             headers={"Authorization": f"Bearer {self._token()}"},
             transport=self._transport,
+            verify=self._verify(),
         )
 
     # -- push: the accepting node copies a fresh upload to other members ------------------------

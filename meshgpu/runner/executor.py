@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from meshgpu.client.archive import extract_archive
+from meshgpu.client.archive import ArchiveLimits, ArchiveRefused, extract_archive
 from meshgpu.config.interpolation import group_ips, interpolate
 from meshgpu.runner.code import CodeStore, fetch_sources
 from meshgpu.runner.container import container_argv
@@ -261,9 +261,9 @@ class Executor:
             if job_id in self.stopping:  # stopped, or moved away, before it could start
                 await self._report(job_id, epoch, JobResult(job_id, None, "terminated_by_server"))
                 return
-            launch = self._prepare(
-                job, run.run_args, config, epoch, run.code.sha256 if run.code else None
-            )
+            launch = self._prepare(job, run.run_args, config, epoch)
+            if run.code is not None:
+                await self._unpack(run.code.sha256, self.runner.job_dir(job_id) / "work")
             await self.runner.start(launch)
             if job_id in self.stopping:
                 # Stopped while its supervisor was being started: ask again now that its pid is
@@ -290,13 +290,24 @@ class Executor:
             code.sha256, code.size, lambda: fetch_sources(code, self.state.nodes, self.node_id)
         )
 
+    async def _unpack(self, sha: str, work: Path) -> None:
+        """The run's archive into the job's working directory, in a worker thread (an archive
+        may be large: the event loop must keep serving), within the archive limits: one that
+        expands too far or holds an unsafe entry (a copy from a member that never checked it)
+        fails the job, saying why."""
+        limits = self.code.archive_limits if self.code is not None else ArchiveLimits()
+        archive = self.code_dir / f"{sha}.tar.gz"
+        try:
+            await trio.to_thread.run_sync(extract_archive, archive, work, limits)
+        except ArchiveRefused as e:
+            raise RuntimeError(f"the code archive {sha[:12]} was not unpacked: {e}") from None
+
     def _prepare(
         self,
         job: JobRecord,
         run_args: list[str],
         config: dict[str, Any],
         epoch: int,
-        code_sha: str | None,
     ) -> JobLaunch:
         jobs = [self.state.jobs[j] for j in self.state.runs[job.run_name].job_ids]
         # The job's cluster is its replica: every node of a task, one replica of a service.
@@ -307,8 +318,6 @@ class Executor:
             gpus_per_node=tuple(len(n.gpu_indices) for n in nodes),
         )
         work = self.runner.prepare(job.job_id, hostfile=cluster.hostfile())
-        if code_sha:
-            extract_archive((self.code_dir / f"{code_sha}.tar.gz").read_bytes(), work)
         hostfile = str(self.runner.job_dir(job.job_id) / "mpi_hostfile")
         inputs = JobEnvInputs(
             identity=JobIdentity(job.run_name, job.run_id, job.job_id),
@@ -425,7 +434,10 @@ class Executor:
             await self._propose_retrying(encode(cmd))
             for r in batch:
                 if isinstance(r, JobFinished):
-                    self.runner.mark_reported(r.job_id)
+                    try:
+                        self.runner.mark_reported(r.job_id)
+                    except OSError as e:  # a full disk: a restart reports the end again
+                        log.warning("job=%s not marked reported: %s", r.job_id, e)
                     if self.local.get(r.job_id) == r.epoch:
                         self.local.pop(r.job_id, None)
                     self.stopping.discard(r.job_id)

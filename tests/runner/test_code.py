@@ -5,7 +5,10 @@ each other. HTTP is an in-process httpx.MockTransport; the files are real."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +39,22 @@ from meshgpu.state import (
     SubmitRun,
 )
 
-ARCHIVE = b"\x1f\x8b pretend this is a tar.gz"
+
+def _tar_gz(files: dict[str, bytes]) -> bytes:
+    """A small real archive (stores check what they are given)."""
+    buf = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+ARCHIVE = _tar_gz({"data.txt": b"payload\n"})
 SHA = hashlib.sha256(ARCHIVE).hexdigest()
 SRC = [Source(f"id{i}", f"n{i}", f"http://n{i}:7480") for i in range(3)]
 
@@ -296,9 +314,9 @@ async def test_archives_no_run_refers_to_are_collected_once_old(tmp_path: Path) 
     import os
 
     store = CodeStore(tmp_path / "code", lambda: "t", limit=1 << 20)
-    kept = await store.put(b"kept")
-    old = await store.put(b"old")
-    fresh = await store.put(b"fresh")
+    kept = await store.put(_tar_gz({"kept": b""}))
+    old = await store.put(_tar_gz({"old": b""}))
+    fresh = await store.put(_tar_gz({"fresh": b""}))
     past = os.stat(store.path(old)).st_mtime - 7200
     for sha in (kept, old):
         os.utime(store.path(sha), (past, past))
