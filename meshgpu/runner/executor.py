@@ -236,6 +236,12 @@ class Executor:
         self, job_id: str, abort: bool, config: dict[str, Any], reason: str = "terminated_by_user"
     ) -> None:
         if job_id in self.stopping:
+            # Already stopping: only an abort during a graceful stop changes anything (it
+            # must not wait out the grace period; the supervisor takes the shorter deadline).
+            grace, why = self._stop_args.get(job_id, (0.0, reason))
+            if abort and grace > 0:
+                self._stop_args[job_id] = (0.0, why)
+                self.runner.stop(job_id, grace_s=0.0, reason=why)
             return
         self.stopping.add(job_id)
         if job_id in self._fetching:  # its code is still on the way: it never starts

@@ -543,10 +543,11 @@ class StateMachine:
             return _err("not_found", f"no run named {cmd.run_name!r}")
         if run.status.is_finished():
             return _ok(run.run_name)
+        # An abort may follow a stop (it cuts the grace period short); a stop never softens
+        # an abort.
+        abort = cmd.abort or run.termination_reason is RunTerminationReason.ABORTED_BY_USER
         run.termination_reason = (
-            RunTerminationReason.ABORTED_BY_USER
-            if cmd.abort
-            else RunTerminationReason.STOPPED_BY_USER
+            RunTerminationReason.ABORTED_BY_USER if abort else RunTerminationReason.STOPPED_BY_USER
         )
         run.retrying.clear()
         for job_id in run.job_ids:
@@ -561,7 +562,7 @@ class StateMachine:
             elif job.status.holds_resources():
                 # The agent holding it sees this and stops the process (gracefully unless abort).
                 job.status = JobStatus.TERMINATING
-                job.stop_requested = "abort" if cmd.abort else "stop"
+                job.stop_requested = "abort" if abort or job.stop_requested == "abort" else "stop"
                 self._track(job)
         self._update_run(run, cmd.at)
         return _ok(run.run_name)

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -123,6 +124,32 @@ commands:
         rude["termination_reason"] == "aborted_by_user" and rude["jobs"][0]["status"] == "aborted"
     )
     assert b"graceful-exit" not in b"".join(c.logs("rude"))
+
+
+def test_abort_cuts_a_graceful_stop_short(agent: AgentProc) -> None:
+    """A job that ignores SIGTERM, stopped with a long stop_duration, then aborted: the abort
+    does not wait out the grace period."""
+    c = agent.client()
+    cfg = """
+type: task
+shell: bash
+stop_duration: 5m
+commands:
+  - trap 'echo ignoring-term' TERM; echo ready; while true; do sleep 0.05; done
+"""
+    c.submit(cfg, name="stubborn")
+    wait_for(lambda: b"ready" in b"".join(c.logs("stubborn")))
+    c.stop("stubborn")
+    wait_for(lambda: b"ignoring-term" in b"".join(c.logs("stubborn")))
+    assert c.run("stubborn")["status"] == "terminating"
+    t = time.monotonic()
+    c.stop("stubborn", abort=True)
+    run = wait_for(lambda: (r := c.run("stubborn")) and r["status"] == "terminated" and r)
+    assert time.monotonic() - t < 20
+    assert run["termination_reason"] == "aborted_by_user"
+    # A later graceful stop does not soften the abort.
+    c.stop("stubborn")
+    assert c.run("stubborn")["termination_reason"] == "aborted_by_user"
 
 
 def test_max_duration_ends_the_job(agent: AgentProc) -> None:
