@@ -15,6 +15,8 @@ def nodes(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
     """Members, roles, GPUs, health and labels."""
     with client(url) as c:
         ns = c.nodes()
+    if not as_json:  # the API pages newest first; a table reads best by name
+        ns.sort(key=lambda n: n["name"])
     if as_json:
         json.dump(ns, sys.stdout, indent=2)
         sys.stdout.write("\n")
