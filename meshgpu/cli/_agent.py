@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import trio
 import typer
 
-from meshgpu.cli._common import err, fail
+from meshgpu.cli._common import err, fail, positive_duration
 
 
 def _labels(text: str | None) -> dict[str, str]:
@@ -180,12 +180,7 @@ def agent(
     if min_free_mb < 0:
         raise fail(f"--min-free-mb must be 0 or more, not {min_free_mb}")
     _check_data_dir(data_dir)
-    try:
-        keep_runs_for_s = parse_duration(keep_runs_for)
-    except ValueError as e:
-        raise fail(f"--keep-runs-for: {e} (write e.g. 12h or 7d)") from None
-    if not isinstance(keep_runs_for_s, int) or keep_runs_for_s <= 0:
-        raise fail(f"--keep-runs-for must be a positive duration such as 7d, not {keep_runs_for!r}")
+    keep_runs_for_s = positive_duration("--keep-runs-for", keep_runs_for, "12h or 7d")
     try:
         gossip_config = GossipConfig.from_spec(gossip)
     except GossipConfigError as e:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from meshgpu.cli._common import JsonOpt, UrlOpt, client, fail, out, table
+from meshgpu.cli._common import JsonOpt, UrlOpt, client, out, positive_duration, table
 
 
 def nodes(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
@@ -86,17 +86,8 @@ def token_create(
 ) -> None:
     """A join token: on the new host, meshgpu agent --token TOKEN [--join MEMBER]. Single-use
     unless --reusable; expires after --ttl (a day by default)."""
-    from meshgpu.config import parse_duration
-
-    if ttl.strip().lower() == "never":
-        ttl_s = 0
-    else:
-        try:
-            ttl_s = parse_duration(ttl)
-        except ValueError as e:
-            raise fail(f"--ttl: {e} (write e.g. 1h or 7d, or never)") from None
-        if not isinstance(ttl_s, int) or ttl_s <= 0:
-            raise fail(f"--ttl must be a positive duration such as 1h, or never; not {ttl!r}")
+    never = ttl.strip().lower() == "never"
+    ttl_s = 0 if never else positive_duration("--ttl", ttl, "1h or 7d, or never")
     params = {"ttl_s": ttl_s, "reusable": str(reusable).lower()}
     with client(url) as c:
         doc = c._request("POST", "/api/v1/tokens", params=params).json()  # noqa: SLF001

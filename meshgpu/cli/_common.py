@@ -30,6 +30,19 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def positive_duration(option: str, text: str, example: str) -> int:
+    """Seconds of a duration option (``12h``, ``7d``), or a clear error naming ``option``."""
+    from meshgpu.config import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as e:
+        raise fail(f"{option}: {e} (write e.g. {example})") from None
+    if not isinstance(seconds, int) or seconds <= 0:
+        raise fail(f"{option} must be a positive duration such as {example}, not {text!r}")
+    return seconds
+
+
 @contextlib.contextmanager
 def client(url: str | None) -> Iterator[Client]:
     try:

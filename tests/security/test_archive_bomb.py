@@ -45,6 +45,7 @@ from meshgpu.state import (
     SubmitRun,
 )
 from meshgpu.testing import AgentProcess
+from tests.security._health import Watch
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -305,22 +306,6 @@ def agent(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
     yield a
     a.stop()
     a.kill_jobs()
-
-
-class Watch:
-    """Samples /healthz while a scenario runs: the slowest answer must stay under a second."""
-
-    def __init__(self, agent: AgentProcess) -> None:
-        self.agent, self.worst, self.samples = agent, 0.0, 0
-
-    async def run(self, client: httpx.AsyncClient) -> None:
-        while True:
-            t = time.monotonic()
-            r = await client.get(f"{self.agent.url}/healthz", timeout=5)
-            assert r.status_code == 200
-            self.worst = max(self.worst, time.monotonic() - t)
-            self.samples += 1
-            await trio.sleep(0.05)
 
 
 async def test_a_gzip_bomb_upload_is_refused_and_the_agent_keeps_answering(

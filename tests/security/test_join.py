@@ -18,6 +18,7 @@ import trio
 
 from meshgpu.security import JoinToken, NodeIdentity
 from meshgpu.testing import AgentProcess
+from tests.security._health import Watch
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +49,6 @@ def new_identity(tmp: Path) -> NodeIdentity:
     ident = NodeIdentity(tmp / secrets.token_hex(4))
     ident.ensure_key()
     return ident
-
-
-class Watch:
-    """Samples /healthz while a scenario runs: the slowest answer must stay under a second."""
-
-    def __init__(self, agent: AgentProcess) -> None:
-        self.agent, self.worst, self.samples = agent, 0.0, 0
-
-    async def run(self, client: httpx.AsyncClient) -> None:
-        while True:
-            t = time.monotonic()
-            r = await client.get(f"{self.agent.url}/healthz", timeout=5)
-            assert r.status_code == 200
-            self.worst = max(self.worst, time.monotonic() - t)
-            self.samples += 1
-            await trio.sleep(0.05)
 
 
 def commit_index(a: AgentProcess) -> int:
