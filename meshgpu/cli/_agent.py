@@ -14,6 +14,7 @@ import trio
 import typer
 
 from meshgpu.cli._common import err, fail, positive_duration
+from meshgpu.datadir import private_dir
 
 
 def _labels(text: str | None) -> dict[str, str]:
@@ -265,7 +266,7 @@ def _check_data_dir(path: Path) -> None:
         raise fail(f"--data-dir {path} is not a directory; give a directory (made if missing)")
     probe = path / f".meshgpu-write-test-{os.getpid()}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        private_dir(path)  # made 0700 if missing: a fresh data dir is private from the start
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:

@@ -286,3 +286,29 @@ def test_a_restart_that_finds_no_leader_keeps_trying_and_says_so(tmp_path: Path)
         for x in (a, b):
             x.stop()
             x.kill_jobs()
+
+
+def test_with_api_tls_off_the_api_is_plain_http_and_joins_still_work(tmp_path: Path):
+    """``--api-tls off`` (TLS terminated by a proxy in front): the API answers plain HTTP, and
+    a joiner given the peer address finds it (HTTPS refused, plain HTTP next) and is admitted --
+    the signed request and the sealed reply need no TLS."""
+    a = AgentProcess(tmp_path, "plain", extra=["--api-tls", "off"])
+    b = AgentProcess(tmp_path, "joiner")
+    try:
+        a.start()
+        assert a.url.startswith("http://")
+        assert httpx.get(f"{a.url}/healthz").status_code == 200
+        b.start(a.join_token(), f"127.0.0.1:{a.peer_port}")
+        names = {
+            n["name"]
+            for n in httpx.get(
+                f"{b.url}/api/v1/nodes",
+                headers={"Authorization": f"Bearer {b.token}"},
+                verify=b.verify,
+            ).json()["nodes"]
+        }
+        assert names == {"plain", "joiner"}
+    finally:
+        for x in (a, b):
+            x.stop()
+            x.kill_jobs()
