@@ -103,7 +103,7 @@ def test_a_job_on_another_host_fetches_the_upload_from_the_accepting_node(
     )
     for x in (a, b):  # the API URL it advertises is its namespace's address, not 0.0.0.0
         profile = tomllib.loads((x.data / "client.toml").read_text())
-        assert profile["url"] == f"http://{x.host.ip}:7480"
+        assert profile["url"] == f"https://{x.host.ip}:7480"
     c = a.client()
     nodes = wait_for(lambda: (n := c.nodes()) and len(n) == 2 and n, timeout=60)
     assert {n["name"]: n["internal_ip"] for n in nodes} == {"a": ha.ip, "b": hb.ip}

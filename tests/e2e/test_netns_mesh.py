@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshgpu.client import Client
+from meshgpu.security import JoinToken
 from tests.e2e.agents import NsAgent, wait_for
 from tests.e2e.netns import Net, available
 
@@ -105,6 +106,7 @@ def test_mesh_across_namespaces(mesh: tuple[Net, list[NsAgent]], tmp_path: Path)
         assert run["status"] != "done" or len(starts) == 1
     # A host with a forged token is refused.
     parts = json.loads((agents[0].data / "join-token.json").read_text())["token"].split(".")
-    intruder = NsAgent(victim.host, tmp_path, "intruder", ".".join([*parts[:4], "wrong"]))
+    wrong = JoinToken.create("x", "y").secret  # well-formed, not this token's
+    intruder = NsAgent(victim.host, tmp_path, "intruder", ".".join([*parts[:4], wrong]))
     with pytest.raises(RuntimeError, match="refused"):
         intruder.start(timeout=60)
