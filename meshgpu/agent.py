@@ -17,7 +17,6 @@ import os
 import random
 import secrets
 import socket
-import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -50,12 +49,14 @@ from meshgpu.mesh.gossip import GossipConfig
 from meshgpu.mesh.join import (
     JoinError,
     normalize_member_url,
-    pinned_context,
     request_join,
     resolve_join_urls,
 )
 from meshgpu.mesh.membership import MembershipManager, MembershipPolicy
 from meshgpu.mesh.node_gossip import MeshGossip
+from meshgpu.peer import PeerClient, PeerError, PeerServer
+from meshgpu.peer.client import PeerCodeLink
+from meshgpu.peer.host import host_handlers
 from meshgpu.runner import ProcessRunner
 from meshgpu.runner.code import CodeDigestError, CodeStore, push_targets
 from meshgpu.runner.container import detect_runtime
@@ -194,11 +195,12 @@ class Agent:
         token_file = d / "admin.token"
         self.admin_token = token_file.read_text().strip() if token_file.exists() else ""
         self.code_dir = d / "code"
+        # Node-to-node calls ride the mutual-TLS peer port (meshgpu/peer), not the API.
+        self.peer = PeerClient(lambda: self.transport, self._locate_member)
         self.code = CodeStore(
             self.code_dir,
-            lambda: self.admin_token,
+            PeerCodeLink(self.peer),
             limit=settings.code_limit,
-            verify=self.client_ssl,
             archive_limits=ArchiveLimits.for_upload_limit(
                 settings.code_limit, settings.code_expanded_limit, settings.code_max_files
             ),
@@ -234,7 +236,6 @@ class Agent:
         self.host = settings.advertise or settings.bind
         self.join_token: str | None = None
         self.gossip = MeshGossip(self, settings.gossip)
-        self._client_ssl: ssl.SSLContext | None = None
         self._join_nonces: dict[str, float] = {}  # nonces of join requests checked lately
         self.cut_off = False  # no leader heard for the fencing period (see _fence_loop)
 
@@ -260,6 +261,30 @@ class Agent:
     @property
     def peer_address(self) -> str:
         return host_port(self.host, self.settings.peer_port)
+
+    def _locate_member(self, node_id: str) -> tuple[int, tuple[str, int]] | None:
+        """A current member's Raft id and peer address, for the peer client."""
+        for m in self.cluster.members.values():
+            if m.node_id == node_id and not m.removed and m.peer_address:
+                return m.raft_id, parse_address(m.peer_address)
+        return None
+
+    def _peer_server(self) -> PeerServer:
+        from meshgpu.api.metrics import run_metrics
+
+        return PeerServer(
+            host_handlers(
+                cluster=self.cluster,
+                state=self.state,
+                code=self.code,
+                code_put=self.put_code,
+                stream_logs=self.stream_logs,
+                metrics=lambda run, job: run_metrics(self, run, job, local=True),
+                admit=self.admit,
+                is_leader=lambda: self.node.role is Role.LEADER,
+                gossip=self.gossip.handle_request,
+            )
+        )
 
     def api_token_ok(self, token: str) -> bool:
         expected = self.cluster.api_token_hash
@@ -375,21 +400,6 @@ class Agent:
         cfg.graceful_timeout = 1.0
         await nursery.start(partial(hypercorn.trio.serve, create_app(self), cfg))
 
-    def client_ssl(self) -> ssl.SSLContext:
-        """For this agent's calls to other members' APIs: trusts the cluster CA only, and
-        presents this node's certificate."""
-        if self._client_ssl is None:
-            files = self.tls.files
-            ctx = pinned_context(files.ca_cert.read_bytes())
-            ctx.load_cert_chain(str(files.cert), str(files.key))
-            self._client_ssl = ctx
-        return self._client_ssl
-
-    def http_client(self, **kwargs: Any) -> httpx.AsyncClient:
-        """An HTTP client for other members' APIs (https with the cluster CA, or plain http
-        where a member serves it so)."""
-        return httpx.AsyncClient(verify=self.client_ssl(), **kwargs)
-
     def _known_member_hosts(self) -> list[str]:
         """Hosts of the mesh known before joining it: --join targets, and (after a restart)
         the peers remembered from last time."""
@@ -483,7 +493,7 @@ class Agent:
             on_messages=deliver,
             on_unreachable=node.report_unreachable,
             on_snapshot_status=node.report_snapshot,
-            on_request=self.gossip.handle_request,  # gossip streams share the peer port
+            on_stream=self._peer_server().handle,  # peer calls and gossip streams
             peers={k: parse_address(v) for k, v in peers.items() if k != rid and v},
             tls=TLSConfig.from_files(self.tls.files),
             host=s.bind,
@@ -639,21 +649,13 @@ class Agent:
             if leader is None:
                 raise Problem(503, "leader unknown", "retry in a few seconds", "unavailable")
             try:
-                async with self.http_client(timeout=30) as c:
-                    r = await c.post(f"{leader.api_url}/api/v1/join", json=body)
-                doc = r.json()
-            except (httpx.HTTPError, ValueError) as e:
-                raise Problem(
-                    503, "the leader did not answer", f"retry shortly ({e})", "unavailable"
-                ) from None
-            if r.status_code >= 400:
-                raise Problem(
-                    r.status_code,
-                    doc.get("title", "join failed"),
-                    doc.get("detail", ""),
-                    doc.get("code", ""),
-                )
-            return doc
+                return await self.peer.join(leader.node_id, body, timeout=30)
+            except PeerError as e:
+                if e.code == "unavailable" and e.title != "not the leader":
+                    raise Problem(
+                        503, "the leader did not answer", f"retry shortly ({e})", "unavailable"
+                    ) from None
+                raise Problem(e.status, e.title or "join failed", e.detail, e.code) from None
         try:
             req = check_join(body, self.cluster, time.time(), self._join_nonces)
         except JoinRefused as e:
@@ -1098,20 +1100,13 @@ class Agent:
                 return
             await trio.sleep(0.1)
 
-    async def proxy_logs(self, api_url: str, run: str, job: int, follow: bool, auth: str) -> Any:
-        params = {"job": job, "follow": str(follow).lower()}
-        async with self.http_client(timeout=httpx.Timeout(30, read=None)) as c:
-            try:
-                async with c.stream(
-                    "GET",
-                    f"{api_url}/api/v1/runs/{run}/logs",
-                    params=params,
-                    headers={"Authorization": auth},
-                ) as r:
-                    async for chunk in r.aiter_bytes():
-                        yield chunk
-            except httpx.TransportError as e:
-                yield f"\n[meshgpu: the log stream from {api_url} broke: {e}]\n".encode()
+    async def proxy_logs(self, node_id: str, run: str, job: int, follow: bool) -> Any:
+        """A job's log from the member that runs it, over the peer port."""
+        try:
+            async for chunk in self.peer.logs(node_id, run, job, follow):
+                yield chunk
+        except PeerError as e:
+            yield f"\n[meshgpu: the log stream from {node_id} broke: {e}]\n".encode()
 
     def _ended_on_disk(self, job_id: str) -> bool:
         """Nothing more will be written to the job's log here: its supervisor recorded the end,

@@ -26,6 +26,7 @@ Typical use by a node runtime::
 and ``send`` is an alias of ``send_batch``.
 """
 
+from .app_stream import AppStream
 from .codec import FrameType, StreamKind
 from .config import TransportConfig
 from .errors import FrameError, PeerIdentityError, TransportError
@@ -44,6 +45,7 @@ from .tls import (
 )
 
 __all__ = [
+    "AppStream",
     "CertifiedKey",
     "ClusterCA",
     "FrameError",

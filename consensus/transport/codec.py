@@ -67,8 +67,9 @@ class FrameType(enum.IntEnum):
     SNAP_ACK = 6
     """``[ok]``: the receiver has handed the snapshot to its node (sent back to the sender)."""
     APP = 7
-    """Opaque bytes of an application protocol carried beside Raft (``StreamKind.APP``): one
-    request frame from the dialer, one reply frame back."""
+    """Opaque bytes of an application protocol carried beside Raft (``StreamKind.APP``): a
+    request frame from the dialer and a reply frame back, or as many of each as the application
+    exchanges on the connection (see ``AppStream``)."""
 
 
 class StreamKind(enum.IntEnum):
@@ -78,8 +79,9 @@ class StreamKind(enum.IntEnum):
     MESSAGES = 0
     SNAPSHOT = 1
     APP = 2
-    """One request and its reply for the application that embeds the transport (e.g. a gossip
-    layer's push/pull exchanges), so that it shares the port and the mutual TLS with Raft."""
+    """Requests and replies for the application that embeds the transport (e.g. a gossip
+    layer's push/pull exchanges, chunked transfers), so that it shares the port and the mutual
+    TLS with Raft: one request and its reply, or a stream of ``APP`` frames each way."""
 
 
 _FRAME_TYPES: dict[int, FrameType] = {int(t): t for t in FrameType}

@@ -7,6 +7,7 @@ Task tree (everything under the nursery of ``run``, which the caller starts)::
     │     accept (TLS handshake, HELLO) → receive MESSAGES frames → on_messages(batch)
     │                                   or receive snapshots    → on_messages([snap]) → SNAP_ACK
     │                                   or one APP request      → on_request(peer, body) → reply
+│                                   or an APP stream        → on_stream(peer, AppStream)
     └── per peer (own cancel scope; removed with remove_peer)
           ├── sender:          dial ─► write whatever the PeerQueue holds, one write per drain
           │                        └► watch the stream for EOF (the peer never talks back)
@@ -15,6 +16,10 @@ Task tree (everything under the nursery of ``run``, which the caller starts)::
 ``request`` (called by the embedding application, not by Raft) dials a fresh ``APP`` connection,
 writes one frame and reads one reply: the application's own request/response protocol rides on
 the same port, certificates and identity checks as Raft, and never queues behind Raft traffic.
+``open_stream`` dials the same kind of connection and hands it over as an ``AppStream``, for an
+application that sends or answers in many frames (chunked transfers, followed logs); an acceptor
+given ``on_stream`` gets every ``APP`` connection that way (and answers ``request`` by reading
+one body and sending one back).
 
 Outbound flow control is etcd's: ``send_batch`` never blocks. Each peer has a bounded queue;
 when it is full, or the peer is known to be down (we are waiting out a reconnect backoff), the
@@ -30,7 +35,8 @@ import enum
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
@@ -38,6 +44,7 @@ import trio
 from consensus.core.types import LOCAL_MESSAGES, NONE, Message, MessageType
 
 from . import codec
+from .app_stream import AppStream
 from .backoff import Backoff
 from .codec import FrameType, StreamKind
 from .config import TransportConfig
@@ -135,6 +142,10 @@ class Transport:
         on_request: ``await on_request(peer_id, body) -> reply`` for each ``APP`` request an
             authenticated peer sends (see ``request``); without it such connections are refused.
             An exception it raises closes that one connection.
+        on_stream: ``await on_stream(peer_id, stream)`` for each ``APP`` connection an
+            authenticated peer opens, instead of ``on_request``: the ``AppStream`` is the whole
+            connection (read the first body within a timeout of your own), closed when it
+            returns. An exception it raises closes that one connection.
         host, port: where to listen; port 0 picks a free port (``run`` reports it).
         peers: ``{peer_id: (host, port)}``; change later with ``add_peer``/``remove_peer``.
         tls: the mutual-TLS contexts. Required unless ``plaintext=True``.
@@ -155,6 +166,7 @@ class Transport:
         on_unreachable: Callable[[int], None] = _ignore_unreachable,
         on_snapshot_status: Callable[[int, bool], None] = _ignore_snapshot_status,
         on_request: Callable[[int, bytes], Awaitable[bytes]] | None = None,
+        on_stream: Callable[[int, AppStream], Awaitable[None]] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         peers: Mapping[int, Address] | None = None,
@@ -176,6 +188,7 @@ class Transport:
         self._on_unreachable = on_unreachable
         self._on_snapshot_status = on_snapshot_status
         self._on_request = on_request
+        self._on_stream = on_stream
         self._host = host
         self._port = port
         self._server_context: ssl.SSLContext | None = tls.server if tls else None
@@ -366,6 +379,31 @@ class Transport:
         if frame is None or frame[0] is not FrameType.APP:
             raise TransportError(f"node {peer_id} closed the request without a reply")
         return frame[1]
+
+    @asynccontextmanager
+    async def open_stream(
+        self, peer_id: int, *, address: Address | None = None
+    ) -> AsyncIterator[AppStream]:
+        """``async with transport.open_stream(peer) as stream``: a fresh ``APP`` connection to
+        ``peer_id`` (dialed within ``connect_timeout``), closed when the block ends. Bound the
+        exchange with your own timeouts; ``TransportError`` when the peer cannot be reached or
+        is not who it should be, and for any failure of the stream itself."""
+        if address is None:
+            peer = self._peers.get(peer_id)
+            if peer is None:
+                raise TransportError(f"no address known for node {peer_id}")
+            address = peer.address
+        try:
+            conn = await self._dial(peer_id, address, StreamKind.APP)
+        except CONNECTION_ERRORS as exc:
+            raise TransportError(f"stream to node {peer_id} failed: {_describe(exc)}") from exc
+        stream = AppStream(
+            conn, max_body=self.config.max_frame_size, write_timeout=self.config.write_timeout
+        )
+        try:
+            yield stream
+        finally:
+            await conn.aclose()
 
     def _queue_snapshot(self, m: Message) -> None:
         peer = self._peers.get(m.to)
@@ -609,6 +647,24 @@ class Transport:
         await self._deliver([msg])
 
     async def _answer_request(self, conn: FramedStream) -> None:
+        if self._on_stream is not None:
+            self.stats.requests_received += 1
+            stream = AppStream(
+                conn, max_body=self.config.max_frame_size, write_timeout=self.config.write_timeout
+            )
+            try:
+                await self._on_stream(conn.peer_id, stream)
+            except TransportError as exc:
+                log.debug(
+                    "stream ended node=%d peer=%d error=%s",
+                    self.node_id,
+                    conn.peer_id,
+                    _describe(exc),
+                )
+            except Exception as exc:
+                log.exception("stream handler failed node=%d peer=%d", self.node_id, conn.peer_id)
+                raise FrameError(f"stream handler failed: {exc!r}") from exc
+            return
         if self._on_request is None:
             raise FrameError("this node serves no APP requests")
         with trio.fail_after(self.config.handshake_timeout):

@@ -465,14 +465,12 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
             )
         target = jobs[job]
         owner = agent.state.nodes.get(target.node_id) if target.node_id else None
-        if owner is not None and target.node_id != agent.node_id and owner.api_url:
-            # The log lives on the host that ran the job: stream it through from there (with
-            # the caller's token, in the canonical form every version of the agent accepts).
-            token = problems.bearer_token(request.headers.get("authorization", ""))
-            auth_header = f"Bearer {token}"
+        if owner is not None and target.node_id != agent.node_id:
+            # The log lives on the host that ran the job: stream it through from there, over
+            # the peer port (the caller was authenticated here; members trust each other's
+            # certificates, not tokens).
             return StreamingResponse(
-                agent.proxy_logs(owner.api_url, name, job, follow, auth_header),
-                media_type="text/plain",
+                agent.proxy_logs(owner.node_id, name, job, follow), media_type="text/plain"
             )
         return StreamingResponse(agent.stream_logs(target.job_id, follow), media_type="text/plain")
 

@@ -1,22 +1,22 @@
 """``GET /metrics`` (Prometheus) and ``GET /api/v1/runs/{name}/metrics`` (``meshgpu metrics``).
 
 A job's CPU, memory and GPU use is only visible on the host that runs it, so the node asked
-samples its own jobs and asks each other host for the jobs there -- as logs are proxied -- with
-``local=true``, which tells that host to answer for itself only (replicas that disagree about
-where a job runs can never bounce a request around).
+samples its own jobs and asks each other host, over the peer port (meshgpu/peer), for its own
+sample of the jobs there: the ``local=true`` answer, which a host gives for itself only (replicas
+that disagree about where a job runs can never bounce a request around).
 """
 
 import dataclasses
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import trio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from meshgpu.api.problems import Problem, bearer_token, responses
+from meshgpu.api.problems import Problem, responses
 from meshgpu.api.prometheus import CONTENT_TYPE, node_families, render
+from meshgpu.peer import PeerError
 from meshgpu.runner.usage import GroupUsage, cpu_percent, job_pgid, sample_groups
 from meshgpu.state import JobRecord
 
@@ -97,35 +97,21 @@ async def _sample_here(agent: "Agent", jobs: list[JobRecord]) -> dict[str, dict[
     return out
 
 
-async def _ask_owner(
-    agent: "Agent",  # noqa: UP037
-    j: JobRecord,
-    run: str,
-    auth: str,
-) -> dict[str, Any]:
+async def _ask_owner(agent: "Agent", j: JobRecord, run: str) -> dict[str, Any]:  # noqa: UP037
     entry = _job_base(agent, j)
     owner = agent.state.nodes.get(j.node_id or "")
-    if owner is None or not owner.api_url:
-        entry["error"] = "the host running the job has no API address"
+    if owner is None:
+        entry["error"] = "the host running the job is not known"
         return entry
     try:
-        async with agent.http_client(timeout=PROXY_TIMEOUT_S) as c:
-            r = await c.get(
-                f"{owner.api_url}/api/v1/runs/{run}/metrics",
-                params={"job": j.job_num, "local": "true"},
-                headers={"Authorization": auth},
-            )
-    except httpx.HTTPError as e:
-        entry["error"] = f"cannot reach {owner.name}: {type(e).__name__}: {e}"
+        doc = await agent.peer.metrics(owner.node_id, run, j.job_num, timeout=PROXY_TIMEOUT_S)
+    except PeerError as e:
+        if e.code == "unavailable":
+            entry["error"] = f"cannot reach {owner.name}: {e}"
+        else:
+            entry["error"] = f"{owner.name} answered {e.status}: {e.title}"
         return entry
-    if r.status_code >= 400:
-        try:
-            doc = r.json()
-        except ValueError:
-            doc = {"title": r.reason_phrase}
-        entry["error"] = f"{owner.name} answered {r.status_code}: {doc.get('title')}"
-        return entry
-    jobs = r.json().get("jobs") or [entry | {"error": f"{owner.name} sent no sample"}]
+    jobs = doc.get("jobs") or [entry | {"error": f"{owner.name} sent no sample"}]
     return jobs[0]
 
 
@@ -133,7 +119,6 @@ async def run_metrics(
     agent: "Agent",  # noqa: UP037
     name: str,
     job: int | None,
-    auth: str,
     local: bool,
 ) -> dict[str, Any]:
     run = agent.state.runs.get(name)
@@ -168,7 +153,7 @@ async def run_metrics(
             elsewhere.append(j)
 
     async def remote(j: JobRecord) -> None:
-        entries[j.job_id] = await _ask_owner(agent, j, name, auth)
+        entries[j.job_id] = await _ask_owner(agent, j, name)
 
     async def local_jobs() -> None:
         entries.update(await _sample_here(agent, here))
@@ -234,9 +219,8 @@ def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037
             bool, Query(description="Answer for jobs on this node only (no proxying)")
         ] = False,
     ) -> dict[str, Any]:
-        # Asked of the hosts that run the jobs with the caller's token (canonical form).
-        auth_header = f"Bearer {bearer_token(request.headers.get('authorization', ''))}"
-        return await run_metrics(agent, name, job, auth_header, local)
+        # The hosts that run the jobs are asked over the peer port (meshgpu/peer).
+        return await run_metrics(agent, name, job, local)
 
     return r
 

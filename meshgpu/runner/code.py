@@ -11,6 +11,9 @@ die. So:
   the others say 404), retrying with backoff for a bounded time. The SHA-256 is checked before
   anything is stored; concurrent jobs of one run on one host fetch once.
 
+Archives travel over the mutual-TLS peer port (``meshgpu/peer``: a ``CodeLink`` given to the
+store), so no API token is needed between members.
+
 Every archive is written atomically (a temporary file, fsync, rename), so an archive's path that
 exists always holds the complete, verified archive. An upload (``put``) is first walked through,
 in a worker thread, with the limits that unpacking applies (``check_archive``): one that expands
@@ -24,14 +27,12 @@ import logging
 import os
 import random
 import re
-import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-import httpx
 import trio
 
 from consensus.storage import FULL_ERRNOS, StorageFull, free_bytes
@@ -109,15 +110,36 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-class _Unusable(Exception):
-    """This source cannot supply the archive (it lacks it, refused, or sent bad bytes)."""
+class CodeUnavailable(Exception):
+    """This member cannot supply or take the archive (it lacks it, refused, is unreachable, or
+    sent bad bytes); the message says which."""
+
+
+class CodeLink(Protocol):
+    """How archives travel between members (``meshgpu.peer.client.PeerCodeLink``)."""
+
+    async def fetch(self, src: Source, sha: str, cap: int, timeout: float) -> bytes:
+        """The archive from ``src``: at most ``cap`` bytes. Raises ``CodeUnavailable``."""
+        ...
+
+    async def push(self, src: Source, sha: str, data: bytes, timeout: float) -> None:
+        """Store a copy on ``src``. Raises ``CodeUnavailable``."""
+        ...
+
+
+class _NoLink:
+    async def fetch(self, src: Source, sha: str, cap: int, timeout: float) -> bytes:
+        raise CodeUnavailable("no link to other members")
+
+    async def push(self, src: Source, sha: str, data: bytes, timeout: float) -> None:
+        raise CodeUnavailable("no link to other members")
 
 
 class CodeStore:
     """This host's code archives: stored, served, pushed to peers and fetched from them.
 
-    ``token`` gives the bearer token for node-to-node calls (the cluster's API token, which every
-    member holds). ``fetch_for_s`` bounds how long a fetch keeps retrying before the job fails;
+    ``link`` carries archives to and from other members (none: this host keeps its own only).
+    ``fetch_for_s`` bounds how long a fetch keeps retrying before the job fails;
     ``push_for_s`` how long an upload waits for its copies. ``archive_limits``: how far an
     archive may expand (default: scaled from ``limit``), checked at upload and at unpacking.
     ``min_free`` bytes of the disk are kept free: an upload that would leave less is refused.
@@ -126,14 +148,12 @@ class CodeStore:
     def __init__(
         self,
         directory: Path,
-        token: Callable[[], str],
+        link: CodeLink | None = None,
         *,
         limit: int,
         fetch_for_s: float = 120.0,
         push_for_s: float = 10.0,
         backoff_s: tuple[float, float] = (0.5, 5.0),
-        transport: httpx.AsyncBaseTransport | None = None,
-        verify: Callable[[], ssl.SSLContext | bool] = lambda: True,
         archive_limits: ArchiveLimits | None = None,
         min_free: int = 0,
     ) -> None:
@@ -143,14 +163,12 @@ class CodeStore:
         # of uploads queues here rather than taking every core.
         self._checking = trio.CapacityLimiter(2)
         self.min_free = min_free
-        self._verify = verify  # the TLS context for other members' APIs (the cluster CA)
         private_dir(directory)
-        self._token = token
+        self.link: CodeLink = link if link is not None else _NoLink()
         self.limit = limit
         self.fetch_for_s = fetch_for_s
         self.push_for_s = push_for_s
         self.backoff_s = backoff_s
-        self._transport = transport  # tests hand in an httpx.MockTransport
         self._locks: dict[str, trio.Lock] = {}
         self._holders: dict[str, list[str]] = {}
 
@@ -213,14 +231,6 @@ class CodeStore:
                 raise StorageFull(f"cannot store the archive in {self.directory}: {e}") from e
             raise
 
-    def _client(self, timeout: httpx.Timeout) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            timeout=timeout,
-            headers={"Authorization": f"Bearer {self._token()}"},
-            transport=self._transport,
-            verify=self._verify(),
-        )
-
     # -- push: the accepting node copies a fresh upload to other members ------------------------
     async def push(
         self, sha: str, data: bytes, targets: Sequence[Source], copies: int
@@ -233,24 +243,20 @@ class CodeStore:
             return confirmed
         queue = iter(targets)
 
-        async def worker(client: httpx.AsyncClient) -> None:
+        async def worker() -> None:
             for target in queue:  # one shared iterator: each target is tried by one worker
                 try:
-                    r = await client.put(f"{target.api_url}/api/v1/code/{sha}", content=data)
-                    if r.status_code < 300:
-                        confirmed.append(target.node_id)
-                        return
-                    log.warning(
-                        "code=%s push to %s refused: HTTP %d", sha[:12], target.name, r.status_code
-                    )
-                except httpx.HTTPError as e:
+                    await self.link.push(target, sha, data, self.push_for_s)
+                except CodeUnavailable as e:
                     log.warning("code=%s push to %s failed: %s", sha[:12], target.name, e)
+                    continue
+                confirmed.append(target.node_id)
+                return
 
-        async with self._client(httpx.Timeout(self.push_for_s)) as client:
-            with trio.move_on_after(self.push_for_s):
-                async with trio.open_nursery() as nursery:
-                    for _ in range(min(copies, len(targets))):
-                        nursery.start_soon(worker, client)
+        with trio.move_on_after(self.push_for_s):
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(copies, len(targets))):
+                    nursery.start_soon(worker)
         if len(confirmed) < min(copies, len(targets)):
             log.warning(
                 "code=%s copied to %d of %d other member(s): its runs depend on fewer hosts",
@@ -286,22 +292,21 @@ class CodeStore:
         delay, max_delay = self.backoff_s
         errors: dict[str, str] = {}
         current: str | None = None
-        async with self._client(httpx.Timeout(30.0, connect=5.0)) as client:
-            with trio.move_on_after(self.fetch_for_s):
-                while True:
-                    for src in sources():
-                        current = src.name
-                        try:
-                            await self._fetch_from(client, src, sha, size)
-                        except (_Unusable, httpx.HTTPError) as e:
-                            errors[src.name] = str(e) or type(e).__name__
-                            continue
-                        log.info("code=%s fetched from %s", sha[:12], src.name)
-                        return
-                    current = None
-                    log.info("code=%s not fetched yet (%s); retrying", sha[:12], errors)
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, max_delay)
+        with trio.move_on_after(self.fetch_for_s):
+            while True:
+                for src in sources():
+                    current = src.name
+                    try:
+                        await self._fetch_from(src, sha, size)
+                    except CodeUnavailable as e:
+                        errors[src.name] = str(e) or type(e).__name__
+                        continue
+                    log.info("code=%s fetched from %s", sha[:12], src.name)
+                    return
+                current = None
+                log.info("code=%s not fetched yet (%s); retrying", sha[:12], errors)
+                await trio.sleep(delay)
+                delay = min(delay * 2, max_delay)
         if current is not None:
             errors.setdefault(current, "timed out")
         tried = "; ".join(f"{name}: {why}" for name, why in errors.items()) or "no member to ask"
@@ -310,22 +315,12 @@ class CodeStore:
             f"from {', '.join(errors) or 'any member'} ({tried})"
         )
 
-    async def _fetch_from(
-        self, client: httpx.AsyncClient, src: Source, sha: str, size: int | None
-    ) -> None:
+    async def _fetch_from(self, src: Source, sha: str, size: int | None) -> None:
         cap = min(size, self.limit) if size is not None else self.limit
-        async with client.stream("GET", f"{src.api_url}/api/v1/code/{sha}") as r:
-            if r.status_code == 404:
-                raise _Unusable("does not have it")
-            if r.status_code >= 300:
-                raise _Unusable(f"HTTP {r.status_code}")
-            data = bytearray()
-            async with aclosing(r.aiter_bytes()) as chunks:
-                async for chunk in chunks:
-                    data += chunk
-                    if len(data) > cap:
-                        raise _Unusable(f"sent more than the archive's {cap} bytes")
+        data = await self.link.fetch(src, sha, cap, 30.0)
+        if len(data) > cap:
+            raise CodeUnavailable(f"sent more than the archive's {cap} bytes")
         got = hashlib.sha256(data).hexdigest()
         if got != sha:
-            raise _Unusable(f"sent bytes whose SHA-256 is {got[:12]}, refused")
-        await trio.to_thread.run_sync(_write_atomic, self.path(sha), bytes(data))
+            raise CodeUnavailable(f"sent bytes whose SHA-256 is {got[:12]}, refused")
+        await trio.to_thread.run_sync(_write_atomic, self.path(sha), data)

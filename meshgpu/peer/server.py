@@ -1,0 +1,239 @@
+"""The callee side of the peer protocol: one ``on_stream`` for every ``APP`` connection of the
+transport, gossip's included.
+
+``PeerServer.handle(peer_id, stream)`` reads the first body (within ``first_timeout``) and
+dispatches on its first byte: a gossip packet (anything not ``wire.MAGIC``) is answered by the
+gossip handler in one body, as ``Transport.request`` expects; a peer-protocol CALL is checked
+and run:
+
+- **who**: ``peer_id`` is the node id in the caller's certificate (the transport checked it
+  against the cluster CA), and it must be a current member of the replicated configuration
+  (``is_member``): a removed member's certificate is still valid, its calls are refused (403).
+  The API's bearer tokens play no part here.
+- **how much**: at most ``max_streams`` calls at once (more are answered 503 at once, so a
+  flood of followed logs cannot crowd out gossip and Raft, which have their own connections
+  anyway); each op bounds its request body, and a reply body is bounded by its reader.
+- **how long**: ``idle`` seconds for any expected frame; replies block while the caller is not
+  reading (backpressure) for at most ``write_timeout`` (followed logs: ``log_write_timeout``).
+
+Ops (``args`` are msgpack maps; ``→`` what the reply is):
+
+    code.get   {sha}               → DATA (the archive) END {size}      404 if not here
+    code.put   {sha} + DATA body   → END {sha256}                       (a pushed copy)
+    logs       {run, job, follow}  → DATA ... END                       this host's log only
+    metrics    {run, job}          → END {run, jobs}                    this host's jobs only
+    join       {body}              → END {join reply}                   on the leader only
+
+A handler refuses by raising an exception with ``status``/``title``/``detail``/``code``
+attributes (``PeerError``, or the API's ``Problem``): the caller gets it as an ERROR frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from consensus.transport import TransportError
+
+from . import wire
+from .wire import Channel, Kind, PeerError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_S = 10.0
+"""A followed log that has been quiet this long sends an empty DATA frame, so the caller can
+tell a quiet job from a dead peer (its ``idle`` is longer)."""
+JOIN_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHandlers:
+    """What this host answers with; each is plain async code with no transport in it."""
+
+    is_member: Callable[[int], bool]
+    gossip: Callable[[int, bytes], Awaitable[bytes]]
+    code_path: Callable[[str], Path | None]
+    """The archive's path if this host holds it (``None``: it does not; raise for a bad sha)."""
+    code_put: Callable[[bytes, str], Awaitable[Any]]
+    code_limit: int
+    logs: Callable[[str, int, bool], AsyncIterator[bytes]]
+    metrics: Callable[[str, int | None], Awaitable[dict[str, Any]]]
+    admit: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _refusal(exc: BaseException) -> PeerError | None:
+    if isinstance(exc, PeerError):
+        return exc
+    status, title = getattr(exc, "status", None), getattr(exc, "title", None)
+    if type(status) is int and isinstance(title, str):
+        return PeerError(
+            status, title, str(getattr(exc, "detail", "")), str(getattr(exc, "code", ""))
+        )
+    return None
+
+
+class PeerServer:
+    def __init__(
+        self,
+        handlers: PeerHandlers,
+        *,
+        max_streams: int = 64,
+        first_timeout: float = 5.0,
+        idle: float = 30.0,
+        log_write_timeout: float = 300.0,
+    ) -> None:
+        self.h = handlers
+        self.max_streams = max_streams
+        self.first_timeout = first_timeout
+        self.idle = idle
+        self.log_write_timeout = log_write_timeout
+        self.active = 0
+        self.stats = {"calls": 0, "refused": 0, "busy": 0, "errors": 0, "gossip": 0}
+        self._ops: dict[str, Callable[[Channel, dict[str, Any]], Awaitable[None]]] = {
+            "code.get": self._code_get,
+            "code.put": self._code_put,
+            "logs": self._logs,
+            "metrics": self._metrics,
+            "join": self._join,
+        }
+
+    async def handle(self, peer_id: int, ch: Channel) -> None:
+        """The transport's ``on_stream``."""
+        try:
+            first = await ch.receive(timeout=self.first_timeout)
+        except trio.TooSlowError:
+            return
+        if first is None:
+            return
+        if not wire.is_peer_body(first):
+            self.stats["gossip"] += 1
+            await ch.send(await self.h.gossip(peer_id, first))
+            return
+        try:
+            kind, payload = wire.parse(first)
+            if kind is not Kind.CALL:
+                raise ProtocolError(f"a stream opens with CALL, not {kind.name}")
+            op, args = wire.decode_call(payload)
+            run = self._ops.get(op)
+            if run is None:
+                raise ProtocolError(f"unknown op {op!r}", 404, "unknown_op")
+            if not self.h.is_member(peer_id):
+                self.stats["refused"] += 1
+                log.warning("peer call %s from node %d refused: not a current member", op, peer_id)
+                raise PeerError(403, "not a member", f"node {peer_id} is not a member", "denied")
+            if self.active >= self.max_streams:
+                self.stats["busy"] += 1
+                raise PeerError(503, "too many peer calls", "retry shortly", "unavailable")
+        except PeerError as err:
+            await wire.send_error(ch, err)
+            return
+        self.stats["calls"] += 1
+        self.active += 1
+        try:
+            await run(ch, args)
+        except Exception as exc:
+            err = _refusal(exc)
+            if err is None:
+                self.stats["errors"] += 1
+                if isinstance(exc, TransportError):
+                    return  # the stream broke: there is no one to tell
+                log.exception("peer call %s from node %d failed", op, peer_id)
+                err = PeerError(500, "internal error", type(exc).__name__, "internal")
+            with contextlib.suppress(Exception):  # the stream may be what failed
+                await wire.send_error(ch, err)
+        finally:
+            self.active -= 1
+
+    # -- ops ----------------------------------------------------------------------------------
+
+    async def _no_body(self, ch: Channel) -> None:
+        await wire.read_body(ch, idle=self.idle, cap=0)
+
+    async def _code_get(self, ch: Channel, args: dict[str, Any]) -> None:
+        sha = _str(args, "sha")
+        await self._no_body(ch)
+        path = self.h.code_path(sha)
+        if path is None:
+            raise PeerError(404, "unknown code archive", f"this node has no {sha}", "not_found")
+        size = 0
+        try:
+            f = await trio.open_file(path, "rb")
+        except FileNotFoundError:
+            raise PeerError(
+                404, "unknown code archive", f"this node has no {sha}", "not_found"
+            ) from None
+        async with f:
+            while chunk := await f.read(4 * wire.CHUNK):
+                size += len(chunk)
+                await wire.send_data(ch, chunk)
+        await wire.send_end(ch, {"size": size})
+
+    async def _code_put(self, ch: Channel, args: dict[str, Any]) -> None:
+        sha = _str(args, "sha")
+        data = await wire.read_body(ch, idle=self.idle, cap=self.h.code_limit)
+        stored = await self.h.code_put(data, sha)
+        await wire.send_end(ch, {"sha256": stored})
+
+    async def _logs(self, ch: Channel, args: dict[str, Any]) -> None:
+        run, job, follow = _str(args, "run"), _int(args, "job"), bool(args.get("follow"))
+        await self._no_body(ch)
+        chunks = self.h.logs(run, job, follow)
+        # The log is read in a task of its own, so that a quiet followed job can be told from
+        # a dead peer (a keepalive) without cancelling the reader in the middle of a read.
+        send, receive = trio.open_memory_channel[bytes](1)
+
+        async def read() -> None:
+            async with send, aclosing(chunks):
+                async for chunk in chunks:
+                    await send.send(chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            while True:
+                chunk = b""  # nothing for a while: an empty DATA frame says "still here"
+                with trio.move_on_after(KEEPALIVE_S if follow else math.inf):
+                    try:
+                        chunk = await receive.receive()
+                    except trio.EndOfChannel:
+                        break
+                if chunk:
+                    await wire.send_data(ch, chunk, timeout=self.log_write_timeout)
+                else:
+                    await ch.send(wire.frame(Kind.DATA), timeout=self.log_write_timeout)
+        await wire.send_end(ch)
+
+    async def _metrics(self, ch: Channel, args: dict[str, Any]) -> None:
+        run, job = _str(args, "run"), args.get("job")
+        if job is not None and type(job) is not int:
+            raise ProtocolError("job is an integer or null")
+        await self._no_body(ch)
+        await wire.send_end(ch, await self.h.metrics(run, job))
+
+    async def _join(self, ch: Channel, args: dict[str, Any]) -> None:
+        body = args.get("body")
+        if not isinstance(body, dict):
+            raise ProtocolError("join takes {body: {...}}")
+        await self._no_body(ch)
+        await wire.send_end(ch, await self.h.admit(body))
+
+
+def _str(args: dict[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or len(value) > 1024:
+        raise ProtocolError(f"{key} is a string")
+    return value
+
+
+def _int(args: dict[str, Any], key: str) -> int:
+    value = args.get(key)
+    if type(value) is not int:
+        raise ProtocolError(f"{key} is an integer")
+    return value
