@@ -10,6 +10,7 @@ detail, code), or 503 ``unavailable`` when the member could not be reached or an
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -44,7 +45,7 @@ class PeerClient:
 
     @asynccontextmanager
     async def _call(
-        self, node_id: str, op: str, args: dict[str, Any], body: bytes = b""
+        self, node_id: str, op: str, args: dict[str, Any], *, body_follows: bool = False
     ) -> AsyncIterator[Channel]:
         transport = self._transport()
         if transport is None:
@@ -56,9 +57,8 @@ class PeerClient:
         try:
             async with transport.open_stream(raft_id, address=address) as stream:
                 await stream.send(wire.encode_call(op, args))
-                if body:
-                    await wire.send_data(stream, body)
-                await wire.send_end(stream)
+                if not body_follows:
+                    await wire.send_end(stream)
                 yield stream
         except TransportError as exc:
             raise PeerError.unavailable(str(exc)) from exc
@@ -73,8 +73,26 @@ class PeerClient:
     async def push_code(self, node_id: str, sha: str, data: bytes, *, timeout: float) -> str:
         """Store a copy of the archive on ``node_id``; returns the SHA-256 it stored."""
         with _deadline(timeout):
-            async with self._call(node_id, "code.put", {"sha": sha}, data) as ch:
-                result = await wire.read_result(ch, idle=self.idle)
+            async with self._call(node_id, "code.put", {"sha": sha}, body_follows=True) as ch:
+
+                async def upload() -> None:
+                    # A refusal (over the callee's limit, a full disk) may come while the body
+                    # is still going out: the reply is read meanwhile, and ends the upload.
+                    with contextlib.suppress(TransportError, trio.BrokenResourceError):
+                        await wire.send_data(ch, data)
+                        await wire.send_end(ch)
+
+                refused: PeerError | None = None
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(upload)
+                    try:
+                        result = await wire.read_result(ch, idle=self.idle)
+                    except PeerError as e:  # raised out here, not in an exception group
+                        refused = e
+                    finally:
+                        nursery.cancel_scope.cancel()
+                if refused is not None:
+                    raise refused
         return str((result or {}).get("sha256", ""))
 
     async def logs(self, node_id: str, run: str, job: int, follow: bool) -> AsyncIterator[bytes]:

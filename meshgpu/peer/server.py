@@ -139,13 +139,16 @@ class PeerServer:
         self.active += 1
         try:
             await run(ch, args)
-        except Exception as exc:
+        except Exception as caught:
+            exc = caught
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]  # a refusal raised in a handler's own task
             err = _refusal(exc)
             if err is None:
                 self.stats["errors"] += 1
                 if isinstance(exc, TransportError):
                     return  # the stream broke: there is no one to tell
-                log.exception("peer call %s from node %d failed", op, peer_id)
+                log.error("peer call %s from node %d failed", op, peer_id, exc_info=caught)
                 err = PeerError(500, "internal error", type(exc).__name__, "internal")
             with contextlib.suppress(Exception):  # the stream may be what failed
                 await wire.send_error(ch, err)

@@ -104,9 +104,7 @@ def parse(body: bytes) -> tuple[Kind, bytes]:
 
 def _unpack(payload: bytes) -> Any:
     try:
-        return msgpack.unpackb(
-            payload, raw=False, strict_map_key=True, max_buffer_size=len(payload)
-        )
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several types for bad bytes
         raise ProtocolError(f"undecodable payload: {exc}") from None
 

@@ -1,7 +1,8 @@
 """Code archives between hosts (meshgpu/runner/code.py): where a host looks for an archive it
 lacks, what it accepts (only bytes with the right SHA-256), that concurrent jobs fetch once, that
 a fetch gives up in bounded time naming whom it asked, and that an upload's copies stand in for
-each other. HTTP is an in-process httpx.MockTransport; the files are real."""
+each other. The link between members is an in-process fake (the peer port's own is tested in
+tests/peer/); the files are real."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
@@ -23,6 +23,7 @@ from meshgpu.runner.code import (
     CodeDigestError,
     CodeFetchError,
     CodeStore,
+    CodeUnavailable,
     Source,
     fetch_sources,
     push_targets,
@@ -59,13 +60,36 @@ SHA = hashlib.sha256(ARCHIVE).hexdigest()
 SRC = [Source(f"id{i}", f"n{i}", f"http://n{i}:7480") for i in range(3)]
 
 
+class FakeLink:
+    """``handler(method, src_name, sha, data)`` answers each call: bytes for a fetch, or raise
+    ``CodeUnavailable``; it may be async."""
+
+    def __init__(self, handler: Callable[..., object]) -> None:
+        self.handler = handler
+
+    async def _call(self, *args: object) -> object:
+        result = self.handler(*args)
+        if hasattr(result, "__await__"):
+            result = await result  # type: ignore[misc]
+        return result
+
+    async def fetch(self, src: Source, sha: str, cap: int, timeout: float) -> bytes:
+        data = await self._call("GET", src.name, sha, b"")
+        assert isinstance(data, bytes)
+        if len(data) > cap:  # the peer client stops reading there
+            raise CodeUnavailable(f"sent more than the archive's {cap} bytes")
+        return data
+
+    async def push(self, src: Source, sha: str, data: bytes, timeout: float) -> None:
+        await self._call("PUT", src.name, sha, data)
+
+
 def _store(tmp_path: Path, handler: Callable[..., object], **kw: object) -> CodeStore:
     kw = {"fetch_for_s": 5.0, "backoff_s": (0.01, 0.05), **kw}
     return CodeStore(
         tmp_path / "code",
-        lambda: "tok",
+        FakeLink(handler),
         limit=1 << 20,
-        transport=httpx.MockTransport(handler),  # type: ignore[arg-type]
         **kw,  # type: ignore[arg-type]
     )
 
@@ -79,15 +103,14 @@ async def test_fetch_skips_missing_and_corrupt_copies_and_stores_a_verified_one(
 ) -> None:
     asked: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        asked.append(request.url.host)
-        assert request.headers["authorization"] == "Bearer tok"
-        assert request.url.path == f"/api/v1/code/{SHA}"
-        if request.url.host == "n0":
-            return httpx.Response(404)
-        if request.url.host == "n1":
-            return httpx.Response(200, content=ARCHIVE + b"tampered")
-        return httpx.Response(200, content=ARCHIVE)
+    def handler(method: str, name: str, sha: str, data: bytes) -> bytes:
+        asked.append(name)
+        assert (method, sha) == ("GET", SHA)
+        if name == "n0":
+            raise CodeUnavailable("does not have it")
+        if name == "n1":
+            return ARCHIVE + b"tampered"
+        return ARCHIVE
 
     store = _store(tmp_path, handler)
     path = await store.fetch(SHA, len(ARCHIVE) + 100, lambda: SRC)
@@ -101,11 +124,11 @@ async def test_fetch_skips_missing_and_corrupt_copies_and_stores_a_verified_one(
 async def test_a_wrong_hash_is_refused_and_the_job_learns_whom_it_asked(tmp_path: Path) -> None:
     rounds = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        rounds.append(request.url.host)
-        if request.url.host == "n1":
-            raise httpx.ConnectError("connection refused")
-        return httpx.Response(200, content=b"not the archive")
+    def handler(method: str, name: str, sha: str, data: bytes) -> bytes:
+        rounds.append(name)
+        if name == "n1":
+            raise CodeUnavailable("connection refused")
+        return b"not the archive"
 
     store = _store(tmp_path, handler, fetch_for_s=0.5)
     with pytest.raises(CodeFetchError) as e:
@@ -118,7 +141,7 @@ async def test_a_wrong_hash_is_refused_and_the_job_learns_whom_it_asked(tmp_path
 
 
 async def test_more_bytes_than_the_archive_has_are_refused(tmp_path: Path) -> None:
-    store = _store(tmp_path, lambda r: httpx.Response(200, content=ARCHIVE), fetch_for_s=0.2)
+    store = _store(tmp_path, lambda *a: ARCHIVE, fetch_for_s=0.2)
     with pytest.raises(CodeFetchError, match="more than the archive's 5 bytes"):
         await store.fetch(SHA, 5, lambda: SRC[:1])
 
@@ -126,11 +149,11 @@ async def test_more_bytes_than_the_archive_has_are_refused(tmp_path: Path) -> No
 async def test_concurrent_jobs_of_a_run_fetch_once(tmp_path: Path) -> None:
     gets = 0
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(*args: object) -> bytes:
         nonlocal gets
         gets += 1
         await trio.sleep(0.05)  # still in flight when the other jobs ask
-        return httpx.Response(200, content=ARCHIVE)
+        return ARCHIVE
 
     store = _store(tmp_path, handler)
     paths: list[Path] = []
@@ -145,7 +168,7 @@ async def test_concurrent_jobs_of_a_run_fetch_once(tmp_path: Path) -> None:
 
 
 async def test_put_refuses_bytes_that_do_not_match_the_claimed_hash(tmp_path: Path) -> None:
-    store = _store(tmp_path, lambda r: httpx.Response(500))
+    store = _store(tmp_path, lambda *a: b"")
     with pytest.raises(CodeDigestError):
         await store.put(b"other bytes", SHA)
     assert not store.has(SHA)
@@ -158,12 +181,11 @@ async def test_put_refuses_bytes_that_do_not_match_the_claimed_hash(tmp_path: Pa
 async def test_a_failed_copy_is_replaced_by_the_next_member(tmp_path: Path) -> None:
     received: dict[str, bytes] = {}
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        assert request.method == "PUT" and request.url.path == f"/api/v1/code/{SHA}"
-        if request.url.host == "n0":
-            return httpx.Response(507)
-        received[request.url.host] = request.content
-        return httpx.Response(200, json={"sha256": SHA})
+    def handler(method: str, name: str, sha: str, data: bytes) -> None:
+        assert (method, sha) == ("PUT", SHA)
+        if name == "n0":
+            raise CodeUnavailable("refused (507 insufficient storage)")
+        received[name] = data
 
     store = _store(tmp_path, handler)
     assert await store.push(SHA, ARCHIVE, SRC, 0) == []
@@ -252,8 +274,8 @@ async def test_a_job_whose_code_cannot_be_fetched_fails_with_executor_error(
 ) -> None:
     sm, job_id = _one_job_placed_here()
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused")
+    def handler(*args: object) -> bytes:
+        raise CodeUnavailable("connection refused")
 
     store = _store(tmp_path, handler, fetch_for_s=0.2)
     runner = ProcessRunner(tmp_path / "jobs", use_launcher=False)
@@ -271,7 +293,7 @@ async def test_a_job_stopped_while_its_code_is_fetched_never_starts(tmp_path: Pa
     sm, job_id = _one_job_placed_here()
     asked = trio.Event()
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(*args: object) -> bytes:
         asked.set()
         await trio.sleep_forever()
         raise AssertionError("unreachable")
@@ -313,7 +335,7 @@ def test_an_unchanged_directory_gives_the_same_archive(tmp_path: Path) -> None:
 async def test_archives_no_run_refers_to_are_collected_once_old(tmp_path: Path) -> None:
     import os
 
-    store = CodeStore(tmp_path / "code", lambda: "t", limit=1 << 20)
+    store = CodeStore(tmp_path / "code", limit=1 << 20)
     kept = await store.put(_tar_gz({"kept": b""}))
     old = await store.put(_tar_gz({"old": b""}))
     fresh = await store.put(_tar_gz({"fresh": b""}))

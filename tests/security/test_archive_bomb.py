@@ -207,9 +207,7 @@ class Ticker:
 async def test_an_upload_is_checked_in_a_worker_thread_and_a_bomb_is_not_stored(
     tmp_path: Path,
 ) -> None:
-    store = CodeStore(
-        tmp_path / "code", lambda: "t", limit=8 * MiB, archive_limits=ArchiveLimits(GiB)
-    )
+    store = CodeStore(tmp_path / "code", limit=8 * MiB, archive_limits=ArchiveLimits(GiB))
     data = bomb(30, 100 * MiB)  # 3 GiB; some 3 MB
     ticker = Ticker()
     async with trio.open_nursery() as n:
@@ -266,9 +264,7 @@ def _job_with_code(sha: str, size: int) -> tuple[StateMachine, str]:
 async def test_a_bomb_that_reaches_a_job_fails_it_and_the_loop_keeps_running(
     tmp_path: Path,
 ) -> None:
-    store = CodeStore(
-        tmp_path / "code", lambda: "t", limit=8 * MiB, archive_limits=ArchiveLimits(64 * MiB)
-    )
+    store = CodeStore(tmp_path / "code", limit=8 * MiB, archive_limits=ArchiveLimits(64 * MiB))
     data = bomb(20, 16 * MiB)  # 320 MiB
     sha = hashlib.sha256(data).hexdigest()
     store.path(sha).write_bytes(data)  # as a member that never checked it would have it
