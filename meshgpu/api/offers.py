@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from meshgpu.api.problems import Problem, parse_run_config_async
+from meshgpu.api.problems import Problem, from_error
 from meshgpu.api.views import offer_view
 from meshgpu.config import ConfigError, ResourcesSpec, parse_config
 from meshgpu.config.render import to_json
 from meshgpu.config.runs import BaseRunConfiguration, TaskConfiguration
+from meshgpu.errors import Invalid
+from meshgpu.ops.configs import parse_run_config_async
 from meshgpu.scheduler import Offer, no_offer_reason, offer
 from meshgpu.scheduler.filters import run_filters
 from meshgpu.scheduler.matching import describe
@@ -33,7 +35,7 @@ from meshgpu.state import StateMachine, SubmitRun
 from meshgpu.state.machine import expand_jobs
 
 if TYPE_CHECKING:
-    from meshgpu.agent import Agent
+    from meshgpu.ops import Services
 
 RESOURCE_FIELDS = ("gpu", "cpu", "memory", "disk", "shm_size")
 HINT = (
@@ -124,9 +126,12 @@ def config_of_query(
 async def config_of_body(body: OfferBody) -> BaseRunConfiguration:
     """The run configuration of a ``POST /offers`` body, with the CLI's overrides applied."""
     text = body.config if isinstance(body.config, str) else json.dumps(body.config)
-    config = await parse_run_config_async(
-        text, body.filename, 422, "offers answer for a task, service or dev-environment"
-    )
+    try:
+        config = await parse_run_config_async(
+            text, body.filename, "offers answer for a task, service or dev-environment"
+        )
+    except Invalid as e:  # a query, not a submission: answered 422
+        raise from_error(e, 422) from None
     fields = {k: getattr(body, k) for k in ("gpu", "cpu", "memory", "disk")}
     override = _resources_override(
         {k: v for k, v in fields.items() if v is not None}, "invalid resources override"
@@ -224,7 +229,7 @@ def _why_wait(found: list[Offer], room: int, hosts: int, one_cluster: bool) -> s
     return why
 
 
-def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037 - see app.py
+def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP037 - see app.py
     """The offers routes; ``auth``/``read`` are the app's bearer-token and read-index
     dependencies (annotations are evaluated here: FastAPI reads them)."""
     r = APIRouter()
@@ -247,12 +252,12 @@ def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037 - 
     ) -> dict[str, Any]:
         fields = {"gpu": gpu, "cpu": cpu, "memory": memory, "disk": disk, "shm_size": shm_size}
         config = config_of_query(resources, fields, nodes, fleet or [])
-        return answer(agent.state, config, now=time.time(), after_queue=after_queue)
+        return answer(services.state, config, now=time.time(), after_queue=after_queue)
 
     @r.post("/api/v1/offers")
     async def post_offers(body: OfferBody, _: auth, __: read) -> dict[str, Any]:
         config = await config_of_body(body)
-        return answer(agent.state, config, now=time.time(), after_queue=body.after_queue)
+        return answer(services.state, config, now=time.time(), after_queue=body.after_queue)
 
     return r
 

@@ -32,11 +32,12 @@ from typing import Any, Literal, Protocol
 
 import trio
 
-from consensus.core import ProposalDropped, Role
+from consensus.core import ProposalDropped
 from consensus.node import NotLeader, RaftNode, Timeout
 from consensus.storage import StorageFull
 from meshgpu.mesh.gossip import MemberInfo, MemberState
 from meshgpu.mesh.node_meta import parse_meta
+from meshgpu.replica.leadership import election_window_s
 from meshgpu.security import NodeIdentity, seal
 from meshgpu.state.cluster import (
     ClusterState,
@@ -143,11 +144,10 @@ class MembershipManager:
         self._caught_up_since: dict[int, float] = {}
 
     async def run(self) -> None:
+        """The leader's membership controller (started by ``Leadership`` for a term)."""
+        self._caught_up_since.clear()  # what an earlier term saw is stale
         while True:
             await trio.sleep(self.policy.interval_s)
-            if self.node.role is not Role.LEADER:
-                self._caught_up_since.clear()
-                continue
             try:
                 await self.step(trio.current_time())
             except (NotLeader, Timeout, ProposalDropped, StorageFull) as e:
@@ -317,8 +317,7 @@ class MembershipManager:
         return False
 
     def _election_s(self) -> float:
-        o = self.node.options
-        return o.tick_s * o.election_tick * 2
+        return election_window_s(self.node.options)
 
     def _started(self, rid: int, now: float) -> float:
         """When we started watching ``rid`` (a fresh leader gives every peer a full grace)."""
