@@ -12,15 +12,13 @@ trio nursery, serving no request before the parts it needs exist:
 from __future__ import annotations
 
 import logging
-import socket
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import trio
 
+from consensus.transport import TLSConfig
 from meshgpu.api.server import listen, serve
-from meshgpu.client.archive import DEFAULT_CODE_LIMIT, ArchiveLimits
+from meshgpu.client.archive import ArchiveLimits
 from meshgpu.client.http import write_profile
 from meshgpu.control import Demand, GossipKeys, Retention, Scheduling
 from meshgpu.gpu import FakeProvider, detect
@@ -30,8 +28,7 @@ from meshgpu.host.housekeeping import Housekeeping
 from meshgpu.host.identity import HostIdentity
 from meshgpu.host.registration import Registration
 from meshgpu.mesh.discovery import Advertiser
-from meshgpu.mesh.gossip import GossipConfig
-from meshgpu.mesh.membership import MembershipManager, MembershipPolicy
+from meshgpu.mesh.membership import MembershipManager
 from meshgpu.mesh.node_gossip import GossipHost, MeshGossip
 from meshgpu.ops import Admission, ClusterInfo, Code, Logs, Runs, Services, Tokens
 from meshgpu.replica import Leadership, RaftProposer
@@ -40,6 +37,7 @@ from meshgpu.runner import ProcessRunner
 from meshgpu.runner.code import CodeStore
 from meshgpu.runner.executor import Executor
 from meshgpu.security import fingerprint
+from meshgpu.settings import AgentSettings
 from meshgpu.state.cluster import Replicated
 
 if TYPE_CHECKING:
@@ -47,39 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class AgentSettings:
-    data_dir: Path = field(default_factory=lambda: Path.home() / ".meshgpu")
-    name: str = field(default_factory=socket.gethostname)
-    bind: str = "127.0.0.1"
-    api_port: int = 7480
-    peer_port: int = 7481
-    advertise: str | None = None
-    labels: dict[str, str] = field(default_factory=dict)
-    # dstack's blocks: split this host into N equal shares (or "auto"); None: GPU by GPU.
-    blocks: int | Literal["auto"] | None = None
-    fake_gpus: str | None = None
-    code_limit: int = DEFAULT_CODE_LIMIT
-    # What an archive may expand to (None: 16 x code_limit) and hold (docs/operations.md).
-    code_expanded_limit: int | None = None
-    code_max_files: int | None = None
-    # Free space kept on the data dir's disk: writes are refused (507) below it.
-    min_free: int = 64 << 20
-    # Other members an upload is copied to before it is acknowledged (docs/operations.md).
-    code_copies: int = 2
-    tick_s: float = 0.1
-    # Serve the REST API over TLS with this node's certificate from the cluster CA (off only
-    # behind a proxy that terminates TLS).
-    api_tls: bool = True
-    write_client_profile: bool = True
-    token: str | None = None
-    join: list[str] = field(default_factory=list)
-    mdns: bool = True
-    membership: MembershipPolicy = field(default_factory=MembershipPolicy)
-    gossip: GossipConfig = field(default_factory=GossipConfig.lan)
-    keep_runs: int = 1000  # finished runs kept in the state (newest first) ...
-    keep_runs_for_s: float = 7 * 86400  # ... and for at most this long
+__all__ = ["Agent", "AgentSettings"]
 
 
 class Agent:
@@ -121,8 +87,14 @@ class Agent:
             founding = await ident.establish()
 
             # 2. The replicated state, and what reacts to its applied entries.
+            peers = ident.peers()
             self.node = node = open_replica(
-                ident, self.replicated, tick_s=s.tick_s, min_free=s.min_free
+                ident.raft_id,
+                str(s.data_dir / "raft"),
+                peers,
+                self.replicated,
+                tick_s=s.tick_s,
+                min_free=s.min_free,
             )
             proposer = RaftProposer(node)
             executor = Executor(
@@ -153,7 +125,12 @@ class Agent:
                 return await gossip[0].handle_request(peer_id, body) if gossip else b""
 
             node.on_apply.append(on_apply)
-            transport = await start_replica(nursery, node, ident, on_request)
+            tls = TLSConfig.from_files(ident.tls.files)
+            transport = await start_replica(
+                nursery, node, peers, tls, s.bind, s.peer_port, on_request
+            )
+            if s.peer_port == 0:  # bound to a free port: advertise the real one
+                ident.bound_peer_port(transport.port)
             ident.follow_members(cluster, node, transport)
 
             # 3. Host duties.

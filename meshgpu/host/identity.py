@@ -32,7 +32,7 @@ from meshgpu.security import JoinToken, NodeIdentity, create_cluster, unseal
 if TYPE_CHECKING:
     from consensus.node import RaftNode
     from consensus.transport import Transport
-    from meshgpu.agent import AgentSettings
+    from meshgpu.settings import AgentSettings
     from meshgpu.state.cluster import ClusterState
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,10 @@ class HostIdentity:
     @property
     def cluster_id(self) -> str:
         return self.data.get("cluster_id", "")
+
+    def peers(self) -> dict[int, str]:
+        """Raft id -> peer address of the members last known (founder: itself)."""
+        return {int(k): v for k, v in (self.data.get("peers") or {}).items()}
 
     @property
     def peer_address(self) -> str:

@@ -15,11 +15,11 @@ from meshgpu.state import GPURecord, NodeRecord, RegisterNode, encode
 
 if TYPE_CHECKING:
     from consensus.node import RaftNode
-    from meshgpu.agent import AgentSettings
     from meshgpu.gpu import GPUProvider
     from meshgpu.host.identity import HostIdentity
     from meshgpu.replica.proposer import Proposer
     from meshgpu.runner.executor import Executor
+    from meshgpu.settings import AgentSettings
     from meshgpu.state import StateMachine
 
 log = logging.getLogger(__name__)

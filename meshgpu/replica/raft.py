@@ -13,24 +13,25 @@ from consensus.storage import DiskStorage
 from consensus.transport import TLSConfig, Transport, parse_address
 
 if TYPE_CHECKING:
-    from meshgpu.host.identity import HostIdentity
     from meshgpu.state.cluster import Replicated
 
 log = logging.getLogger(__name__)
 
 
 def open_replica(
-    identity: HostIdentity, replicated: Replicated, *, tick_s: float, min_free: int
+    raft_id: int,
+    raft_dir: str,
+    peers: dict[int, str],
+    replicated: Replicated,
+    *,
+    tick_s: float,
+    min_free: int,
 ) -> RaftNode:
     """The Raft node over ``replicated``, its log opened (a founder's bootstrapped), not yet
     running: the parts that react to applied entries attach to ``on_apply`` before it starts."""
-    s = identity.settings
-    rid = identity.raft_id
-    raft_dir = str(s.data_dir / "raft")
-    storage = bootstrap_storage(raft_dir, [rid]) if rid == 1 else DiskStorage(raft_dir)
-    peers = {int(k): v for k, v in (identity.data.get("peers") or {}).items()}
+    storage = bootstrap_storage(raft_dir, [raft_id]) if raft_id == 1 else DiskStorage(raft_dir)
     return RaftNode(
-        rid,
+        raft_id,
         storage,
         replicated,
         peers=peers,
@@ -41,14 +42,16 @@ def open_replica(
 async def start_replica(
     nursery: trio.Nursery,
     node: RaftNode,
-    identity: HostIdentity,
+    peers: dict[int, str],
+    tls: TLSConfig,
+    bind: str,
+    port: int,
     on_request: Callable[[int, bytes], Awaitable[bytes]],
 ) -> Transport:
-    """Start the transport (peer port: Raft, and ``on_request`` for the app streams that
-    share it) and the node, under ``nursery``. A lone voter campaigns at once."""
-    s = identity.settings
+    """Start the transport on the peer port (Raft, and ``on_request`` for the app streams
+    that share it; ``port`` 0: any free one, ``transport.port`` says which) and the node, under
+    ``nursery``. A lone voter campaigns at once."""
     rid = node.id
-    peers = {int(k): v for k, v in (identity.data.get("peers") or {}).items()}
 
     async def deliver(msgs: list[Any]) -> None:
         for m in msgs:
@@ -61,13 +64,11 @@ async def start_replica(
         on_snapshot_status=node.report_snapshot,
         on_request=on_request,
         peers={k: parse_address(v) for k, v in peers.items() if k != rid and v},
-        tls=TLSConfig.from_files(identity.tls.files),
-        host=s.bind,
-        port=s.peer_port,
+        tls=tls,
+        host=bind,
+        port=port,
     )
     await nursery.start(transport.run)
-    if s.peer_port == 0:  # bound to a free port: advertise the real one
-        identity.bound_peer_port(transport.port)
     node.attach(transport)
     await nursery.start(node.run)
     if node.status()["voters"] == [rid]:
