@@ -169,12 +169,8 @@ class Agent:
             registration = Registration(ident, s, self.gpus, executor, state, node, proposer)
             await registration.register()
             await nursery.start(executor.run)
-            for duty in (
-                gossip[0],
-                fencing,
-                registration,
-                Housekeeping(state, executor, self.code),
-            ):
+            housekeeping = Housekeeping(state, executor, self.code)
+            for duty in (gossip[0], fencing, registration, housekeeping):
                 nursery.start_soon(duty.run)
 
             # 5. The leader's controllers, for each term this node leads.
@@ -182,7 +178,7 @@ class Agent:
                 node,
                 cluster,
                 ident.tls,
-                self._zones,
+                None,
                 proposer.propose,
                 s.membership,
                 jobs=state,
@@ -262,11 +258,6 @@ class Agent:
     def _gpu_vendor(self) -> str | None:
         inv = self.gpus.inventory()
         return inv[0].vendor if inv else None
-
-    def _zones(self) -> dict[int, str]:
-        state, cluster = self.replicated.jobs, self.replicated.cluster
-        by_node = {n.node_id: n.labels.get("zone", "") for n in state.nodes.values()}
-        return {m.raft_id: by_node.get(m.node_id, "") for m in cluster.members.values()}
 
     async def aclose(self) -> None:
         """After ``run`` is cancelled: release what outlives the nursery. Jobs keep running."""

@@ -129,7 +129,7 @@ class MembershipManager:
         node: RaftNode,
         cluster: ClusterState,
         identity: NodeIdentity,
-        zones: Callable[[], dict[int, str]],
+        zones: Callable[[], dict[int, str]] | None,
         propose: Callable[[bytes], Awaitable[Any]],
         policy: MembershipPolicy | None = None,
         jobs: StateMachine | None = None,
@@ -138,7 +138,7 @@ class MembershipManager:
         self.jobs = jobs
         self.gossip = gossip
         self.node, self.cluster, self.identity = node, cluster, identity
-        self.zones = zones
+        self.zones = zones or self._zones  # Raft id -> zone label (None: from the records)
         self.propose = propose
         self.policy = policy or MembershipPolicy()
         self._caught_up_since: dict[int, float] = {}
@@ -315,6 +315,11 @@ class MembershipManager:
                 )
                 return True
         return False
+
+    def _zones(self) -> dict[int, str]:
+        nodes = self.jobs.nodes.values() if self.jobs is not None else ()
+        by_node = {n.node_id: n.labels.get("zone", "") for n in nodes}
+        return {m.raft_id: by_node.get(m.node_id, "") for m in self.cluster.members.values()}
 
     def _election_s(self) -> float:
         return election_window_s(self.node.options)
