@@ -20,7 +20,7 @@ from meshgpu.state.commands import (
     decode,
     encode,
 )
-from meshgpu.state.machine import Result, StateMachine, expand_jobs
+from meshgpu.state.machine import Result, StateMachine
 from meshgpu.state.records import (
     CodeRef,
     GPURecord,
@@ -65,5 +65,4 @@ __all__ = [
     "SubmitRun",
     "decode",
     "encode",
-    "expand_jobs",
 ]

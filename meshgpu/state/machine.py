@@ -61,49 +61,6 @@ def _err(code: str, message: str) -> Result:
     return Result(False, None, message, code)
 
 
-def expand_jobs(cmd: SubmitRun) -> list[dict[str, Any]]:
-    """One job per node of a task (per group), one per initial replica of a service."""
-    c = cmd.config
-    default_res = c.get("resources") or {}
-    out: list[dict[str, Any]] = []
-    if c.get("type") == "task":
-        groups = c.get("groups")
-        if groups:
-            for g in groups:
-                for _ in range(g.get("nodes") or 1):
-                    out.append(
-                        {
-                            "group": g.get("name"),
-                            "resources": g.get("resources") or {},
-                            "replica_num": 0,
-                        }
-                    )
-        else:
-            for _ in range(c.get("nodes") or 1):
-                out.append({"group": None, "resources": default_res, "replica_num": 0})
-    elif c.get("type") == "service":
-        groups = c.get("groups")
-        if groups:
-            replica = 0
-            for g in groups:
-                for _ in range(max(1, (g.get("replicas") or {}).get("min") or 0)):
-                    out.append(
-                        {
-                            "group": g.get("name"),
-                            "resources": g.get("resources") or {},
-                            "replica_num": replica,
-                        }
-                    )
-                    replica += 1
-        else:
-            replicas = c.get("replicas") or {"min": 1}
-            for r in range(max(1, replicas.get("min") or 0)):
-                out.append({"group": None, "resources": default_res, "replica_num": r})
-    else:
-        out.append({"group": None, "resources": default_res, "replica_num": 0})
-    return out
-
-
 class StateMachine:
     """Nodes, runs and jobs. ``apply(batch)`` for the consensus node; queries for the API."""
 
@@ -163,7 +120,7 @@ class StateMachine:
             "applied_index": self.applied_index,
             "demand_version": self.demand_version,
             "nodes": [n.model_dump(mode="json") for n in self.nodes.values()],
-            "runs": [r.model_dump(mode="json") for r in self.runs.values()],
+            "runs": [r.to_doc() for r in self.runs.values()],
             "jobs": [j.model_dump(mode="json") for j in self.jobs.values()],
             "requests": self.requests,
         }
@@ -173,7 +130,7 @@ class StateMachine:
         doc = json.loads(data) if data else {}
         self.applied_index = doc.get("applied_index", 0)
         self.nodes = {n["node_id"]: NodeRecord.model_validate(n) for n in doc.get("nodes", [])}
-        self.runs = {r["run_name"]: RunRecord.model_validate(r) for r in doc.get("runs", [])}
+        self.runs = {r["run_name"]: RunRecord.from_doc(r) for r in doc.get("runs", [])}
         self.jobs = {j["job_id"]: JobRecord.model_validate(j) for j in doc.get("jobs", [])}
         self.active = {k: j for k, j in self.jobs.items() if not j.status.is_finished()}
         self.requests = dict(doc.get("requests", {}))
@@ -314,30 +271,30 @@ class StateMachine:
             )
         if current is not None:
             self._forget_run(current)
-        run = RunRecord(
+        run = RunRecord.create(
+            cmd.config,
             run_id=cmd.run_id,
             run_name=cmd.run_name,
             project=cmd.project,
             user=cmd.user,
             request_id=cmd.request_id,
-            config=cmd.config,
             run_args=cmd.run_args,
             code=cmd.code,
-            priority=int(cmd.config.get("priority") or 0),
             submitted_at=cmd.at,
         )
+        run.priority = run.spec.priority
         self.runs[run.run_name] = run
         gangs: dict[int, list[JobRecord]] = {}
-        for num, spec in enumerate(expand_jobs(cmd)):
+        for spec in run.spec.jobs:
             job = JobRecord(
-                job_id=f"{cmd.run_id}-{spec['replica_num']}-{num}-0",
+                job_id=f"{cmd.run_id}-{spec.replica_num}-{spec.job_num}-0",
                 run_name=cmd.run_name,
                 run_id=cmd.run_id,
-                job_num=num,
-                replica_num=spec["replica_num"],
-                group=spec["group"],
-                resources=spec["resources"],
-                resources_key=json.dumps(spec["resources"], sort_keys=True, separators=(",", ":")),
+                job_num=spec.job_num,
+                replica_num=spec.replica_num,
+                group=spec.group,
+                resources=spec.resources,
+                resources_key=spec.resources_key,
                 submitted_at=cmd.at,
             )
             self.jobs[job.job_id] = job
@@ -576,7 +533,7 @@ class StateMachine:
         if run.priority == cmd.priority:
             return _ok(run.priority)
         run.priority = cmd.priority
-        run.config = {**run.config, "priority": cmd.priority}
+        run.set_config({**run.config, "priority": cmd.priority})
         jobs = self.run_jobs(run)
         self.queue.reclassify(
             run, sorted({j.replica_num for j in jobs if j.status is JobStatus.SUBMITTED})
@@ -642,7 +599,7 @@ class StateMachine:
         if run.termination_reason is None and self._retry_of(run, job.replica_num) is None:
             reason = job.termination_reason
             if job.status is JobStatus.DONE:
-                if job.job_num == 0 and run.config.get("stop_criteria") == "master-done":
+                if job.job_num == 0 and run.spec.stop_criteria == "master-done":
                     self._end_run(run, RunTerminationReason.ALL_JOBS_DONE, at)
             elif reason is not None:
                 exit_code = f" (exit {job.exit_code})" if job.exit_code is not None else ""
@@ -667,7 +624,7 @@ class StateMachine:
     ) -> None:
         """A job of the replica failed (or is being preempted): stop the whole replica to
         resubmit it, if the run's ``retry`` covers ``event``; otherwise the run fails."""
-        verdict = decide(run.config, failed, event, at, message, preempted=preempted)
+        verdict = decide(run.spec.retry, failed, event, at, message, preempted=preempted)
         if isinstance(verdict, RunTerminationReason):
             self._end_run(run, verdict, at)
             return
