@@ -29,6 +29,7 @@ from meshgpu.state.commands import (
     SubmitRun,
     decode,
 )
+from meshgpu.state.lifecycle import check_job_move, check_run_move
 from meshgpu.state.queue import WaitQueue
 from meshgpu.state.records import (
     JobRecord,
@@ -330,7 +331,7 @@ class StateMachine:
                 self.demand_version += 1
                 continue
             for a, job in members:
-                job.status = JobStatus.PROVISIONING
+                self._move(job, JobStatus.PROVISIONING)
                 job.node_id = a.node_id
                 job.gpu_indices = sorted(a.gpu_indices)
                 job.blocks = a.blocks
@@ -416,7 +417,7 @@ class StateMachine:
                         other.replica_num == job.replica_num
                         and other.status in _PREEMPTIBLE_STATUSES
                     ):
-                        other.status = JobStatus.TERMINATING
+                        self._move(other, JobStatus.TERMINATING)
                         other.stop_requested = "server"  # the graceful stop (stop_duration)
                         other.preempted_by = by.run_name
                         other.termination_message = p.message
@@ -444,7 +445,7 @@ class StateMachine:
         if isinstance(job, Result):
             return job
         if job.status in (JobStatus.PROVISIONING, JobStatus.PULLING):
-            job.status = JobStatus.RUNNING
+            self._move(job, JobStatus.RUNNING)
             job.started_at = cmd.started_at
             self._track(job)
             self._update_run(self.runs[job.run_name], cmd.at)
@@ -518,7 +519,7 @@ class StateMachine:
                 self._finish_job(job, reason, cmd.at, None, "")
             elif job.status.holds_resources():
                 # The agent holding it sees this and stops the process (gracefully unless abort).
-                job.status = JobStatus.TERMINATING
+                self._move(job, JobStatus.TERMINATING)
                 job.stop_requested = "abort" if abort or job.stop_requested == "abort" else "stop"
                 self._track(job)
         self._update_run(run, cmd.at)
@@ -566,7 +567,7 @@ class StateMachine:
             job = self.jobs.pop(job_id, None)
             self.active.pop(job_id, None)
             if job is not None and not job.status.is_finished():
-                job.status = JobStatus.TERMINATED  # forgotten: out of every index
+                self._move(job, JobStatus.TERMINATED)  # forgotten: out of every index
                 self._track(job)
         if run.request_id is not None and self.requests.get(run.request_id) == run.run_name:
             del self.requests[run.request_id]
@@ -581,13 +582,25 @@ class StateMachine:
         message: str,
     ) -> None:
         self.active.pop(job.job_id, None)
-        job.status = reason.to_status()
+        self._move(job, reason.to_status())
         job.termination_reason = reason
         job.termination_message = message
         job.exit_code = exit_code
         job.finished_at = at
         job.stop_requested = None
         self._track(job)  # wakes the scheduler: the job let go of its place or its resources
+
+    @staticmethod
+    def _move(job: JobRecord, status: JobStatus) -> None:
+        """Every job status change: checked against the job lifecycle (``lifecycle.py``); the
+        caller then brings the indexes in line (``_track``)."""
+        check_job_move(job.job_id, job.status, status)
+        job.status = status
+
+    @staticmethod
+    def _move_run(run: RunRecord, status: RunStatus) -> None:
+        check_run_move(run.run_name, run.status, status)
+        run.status = status
 
     # -- run policies: retry, stop criteria ---------------------------------------------------
     def _job_ended(self, job: JobRecord, at: float) -> None:
@@ -647,7 +660,7 @@ class StateMachine:
         if job.status is JobStatus.SUBMITTED:
             self._finish_job(job, JobTerminationReason.TERMINATED_BY_SERVER, at, None, "")
         elif job.status.holds_resources() and job.status is not JobStatus.TERMINATING:
-            job.status = JobStatus.TERMINATING
+            self._move(job, JobStatus.TERMINATING)
             job.stop_requested = "server"
             self._track(job)
 
@@ -707,21 +720,21 @@ class StateMachine:
                     if all_done
                     else RunTerminationReason.JOB_FAILED
                 )
-            run.status = run.termination_reason.to_status()
+            self._move_run(run, run.termination_reason.to_status())
             run.finished_at = at
             return
         if run.termination_reason is not None:
-            run.status = RunStatus.TERMINATING
+            self._move_run(run, RunStatus.TERMINATING)
         elif any(j.status is JobStatus.RUNNING for j in jobs):
-            run.status = RunStatus.RUNNING
+            self._move_run(run, RunStatus.RUNNING)
         elif any(j.status in (JobStatus.PROVISIONING, JobStatus.PULLING) for j in jobs):
-            run.status = RunStatus.PROVISIONING
+            self._move_run(run, RunStatus.PROVISIONING)
         elif run.retrying:
-            run.status = RunStatus.PENDING  # stopping replicas to resubmit them (dstack)
+            self._move_run(run, RunStatus.PENDING)  # stopping replicas to resubmit them (dstack)
         elif any(j.status is JobStatus.TERMINATING for j in jobs):
-            run.status = RunStatus.TERMINATING
+            self._move_run(run, RunStatus.TERMINATING)
         else:
-            run.status = RunStatus.SUBMITTED
+            self._move_run(run, RunStatus.SUBMITTED)
 
     # -- queries ------------------------------------------------------------------------------
     def gpus_in_use(self, node_id: str) -> set[int]:
