@@ -117,7 +117,7 @@ class JobSpec:
 class RunSpec:
     """Everything meshgpu does with a run, compiled from its configuration."""
 
-    type: str = "task"
+    type: str | None = None  # task | service | dev-environment
     priority: int = 0
     jobs: tuple[JobSpec, ...] = ()
     # Names of the run's groups in order (``(None,)`` when it has none): the
@@ -288,7 +288,7 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
     env = config.get("env") or {}
     shm = (config.get("resources") or {}).get("shm_size")
     return RunSpec(
-        type=config.get("type") or "task",
+        type=config.get("type"),
         priority=int(config.get("priority") or 0),
         jobs=tuple(jobs),
         group_names=tuple(g.get("name") for g in groups) or (None,),

@@ -1,7 +1,6 @@
 """The replicated state: commands, the deterministic state machine, records and queries."""
 
 from meshgpu.state.commands import (
-    COMMAND,
     AssignJobs,
     Assignment,
     GPUHealth,
@@ -35,7 +34,6 @@ from meshgpu.state.records import (
 )
 
 __all__ = [
-    "COMMAND",
     "AssignJobs",
     "Assignment",
     "CodeRef",

@@ -109,6 +109,9 @@ class StateMachine:
                 # A command this build cannot read (a newer peer?) must not stop the applier.
                 results.append(_err("undecodable", f"cannot decode command: {e}"))
                 continue
+            if cmd.domain != "jobs":  # another domain's entry: ``Replicated`` routes those
+                results.append(_err("wrong_domain", f"{cmd.kind} is not a jobs command"))
+                continue
             results.append(self.apply_command(cmd))
         return results
 
