@@ -68,3 +68,20 @@ def test_replicated_applies_each_entry_to_its_domain() -> None:
     results = rep.apply([(i + 1, d) for i, d in enumerate(OLD_ENTRIES)])
     assert results[0].ok and "train" in rep.jobs.runs
     assert results[2].ok and "0123abcd" in rep.cluster.tokens
+
+
+def test_a_snapshot_taken_before_specs_restores_and_is_written_in_the_same_shape() -> None:
+    """Snapshots keep the rendered configuration (``config``), as they always did; the spec is
+    compiled again on restore, so old snapshots load and older members can read new ones."""
+    import json
+
+    from meshgpu.state import StateMachine
+    from tests._paths import FIXTURES
+
+    old = (FIXTURES / "snapshots" / "jobs-before-specs.json").read_bytes()
+    sm = StateMachine()
+    sm.restore(old)
+    run = sm.runs["a"]
+    assert run.spec.priority == 5 and run.spec.max_duration_s == 60 and len(run.spec.jobs) == 1
+    assert run.config["commands"] == ["true"]
+    assert json.loads(sm.snapshot()) == json.loads(old)
