@@ -26,13 +26,12 @@ from meshgpu.api.views import offer_view
 from meshgpu.config import ConfigError, ResourcesSpec, parse_config
 from meshgpu.config.render import to_json
 from meshgpu.config.runs import BaseRunConfiguration, TaskConfiguration
+from meshgpu.config.spec import compile_run
 from meshgpu.errors import Invalid
 from meshgpu.ops.configs import parse_run_config_async
 from meshgpu.scheduler import Offer, no_offer_reason, offer
-from meshgpu.scheduler.filters import run_filters
 from meshgpu.scheduler.matching import describe
-from meshgpu.state import StateMachine, SubmitRun
-from meshgpu.state.machine import expand_jobs
+from meshgpu.state import StateMachine
 
 if TYPE_CHECKING:
     from meshgpu.ops import Services
@@ -160,20 +159,16 @@ def answer(
     after_queue: bool = False,
 ) -> dict[str, Any]:
     """Offers for every job shape of ``config``: the stable JSON of ``meshgpu offer --json``."""
-    cj = to_json(config)
-    jobs = expand_jobs(
-        SubmitRun(at=now, request_id="offer", run_id="offer", run_name="offer", config=cj)
-    )
-    gang_size = Counter(j["replica_num"] for j in jobs)
+    spec = compile_run(to_json(config))
+    gang_size = Counter(j.replica_num for j in spec.jobs)
     shapes: Counter[tuple[str | None, str, int]] = Counter()
-    for j in jobs:
-        key = json.dumps(j["resources"], sort_keys=True)
-        shapes[(j["group"], key, gang_size[j["replica_num"]])] += 1
-    cluster_rule = run_filters(cj).cluster
+    for j in spec.jobs:
+        shapes[(j.group, j.resources_key, gang_size[j.replica_num])] += 1
+    cluster_rule = spec.placement.cluster
     requests = []
     for (group, key, size), count in shapes.items():
         res = ResourcesSpec.model_validate(json.loads(key))
-        found = offer(state, res, config=cj, nodes=size, now=now, after_queue=after_queue)
+        found = offer(state, res, spec=spec, nodes=size, now=now, after_queue=after_queue)
         idle = [o for o in found if o.availability == "idle"]
         # A gang's jobs take one host each (in one cluster unless ``placement: any``); other jobs
         # are asked about one at a time.
@@ -186,7 +181,7 @@ def answer(
         fits = room >= hosts
         if not found:
             reason = "no host can ever run it: " + no_offer_reason(
-                state, res, config=cj, nodes=size
+                state, res, spec=spec, nodes=size
             )
         elif not fits:
             reason = _why_wait(found, room, hosts, size > 1 and cluster_rule)
