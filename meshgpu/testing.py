@@ -15,12 +15,13 @@ import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from meshgpu.client import Client
-from meshgpu.client.http import Profile
 from meshgpu.state import GPURecord, RegisterNode
+
+if TYPE_CHECKING:  # the scheduler's benches import this module for host(): no httpx for them
+    from meshgpu.client import Client
 
 
 def cpu_s(pid: int) -> float:
@@ -210,6 +211,9 @@ class AgentProcess:
         timeout = self.client_timeout if timeout is None else timeout
         c = self._client_cache.get(timeout)
         if c is None:
+            from meshgpu.client import Client
+            from meshgpu.client.http import Profile
+
             profile = Profile(self.url, self.token, ca=self.ca_file.read_text())
             c = self._client_cache[timeout] = Client(profile, timeout=timeout)
             self.clients.append(c)
