@@ -1,195 +1,45 @@
-"""``GET /metrics`` (Prometheus) and ``GET /api/v1/runs/{name}/metrics`` (``meshgpu metrics``).
-
-A job's CPU, memory and GPU use is only visible on the host that runs it, so the node asked
-samples its own jobs and asks each other host, over the peer port (meshgpu/peer), for its own
-sample of the jobs there: the ``local=true`` answer, which a host gives for itself only (replicas
-that disagree about where a job runs can never bounce a request around).
-"""
+"""``GET /metrics`` (Prometheus) and ``GET /api/v1/runs/{name}/metrics`` (``meshgpu metrics``,
+the use case ``meshgpu.ops.metrics.Metrics``: other hosts are asked over the peer port)."""
 
 import dataclasses
-import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import trio
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from meshgpu.api.problems import Problem, responses
+from meshgpu.api.problems import responses
 from meshgpu.api.prometheus import CONTENT_TYPE, node_families, render
-from meshgpu.peer import PeerError
-from meshgpu.runner.usage import GroupUsage, cpu_percent, job_pgid, sample_groups
-from meshgpu.state import JobRecord
+from meshgpu.ops.metrics import usage_of
+from meshgpu.runner.usage import GroupUsage
 
 if TYPE_CHECKING:
-    from meshgpu.agent import Agent
-
-SAMPLE_S = 0.5  # between the two CPU samples of ``meshgpu metrics``
-PROXY_TIMEOUT_S = 10.0
+    from meshgpu.ops import Services
 
 
-def _job_base(agent: "Agent", j: JobRecord) -> dict[str, Any]:  # noqa: UP037
-    node = agent.state.nodes.get(j.node_id) if j.node_id else None
-    return {
-        "job_num": j.job_num,
-        "job_id": j.job_id,
-        "replica_num": j.replica_num,
-        "group": j.group,
-        "status": j.status.value,
-        "node": node.name if node else None,
-        "node_id": j.node_id,
-        "sampled_at": None,
-        "cpu_pct": None,
-        "cpu_seconds": None,
-        "memory_bytes": None,
-        "processes": None,
-        "gpus": [],
-        "error": None,
-    }
-
-
-def _usage_of(agent: "Agent", jobs: list[JobRecord]) -> dict[str, GroupUsage]:  # noqa: UP037
-    """Blocking: one ``/proc`` pass for the jobs' process groups (job id -> usage)."""
-    groups = {j.job_id: job_pgid(agent.runner.job_dir(j.job_id)) for j in jobs}
-    sample = sample_groups(g for g in groups.values() if g is not None)
-    return {jid: sample[g] for jid, g in groups.items() if g is not None and g in sample}
-
-
-async def _sample_here(agent: "Agent", jobs: list[JobRecord]) -> dict[str, dict[str, Any]]:  # noqa: UP037
-    """Two samples ``SAMPLE_S`` apart (CPU percent needs an interval) and the GPUs' telemetry."""
-
-    def first() -> tuple[float, dict[str, GroupUsage]]:
-        return time.monotonic(), _usage_of(agent, jobs)
-
-    def second() -> tuple[float, dict[str, GroupUsage], list[Any]]:
-        return time.monotonic(), _usage_of(agent, jobs), agent.gpus.telemetry()
-
-    t0, before = await trio.to_thread.run_sync(first)
-    await trio.sleep(SAMPLE_S)
-    t1, after, telemetry = await trio.to_thread.run_sync(second)
-    tele = {t.index: dataclasses.asdict(t) for t in telemetry}
-    me = agent.state.nodes.get(agent.node_id)
-    static = {g.index: g for g in me.gpus} if me is not None else {}
-    out = {}
-    now = time.time()
-    for j in jobs:
-        entry = _job_base(agent, j)
-        u = after.get(j.job_id)
-        entry.update(
-            sampled_at=now,
-            cpu_pct=cpu_percent(before.get(j.job_id), u, t1 - t0),
-            cpu_seconds=u.cpu_seconds if u else None,
-            memory_bytes=u.memory_bytes if u else None,
-            processes=u.processes if u else 0,
-            gpus=[
-                {
-                    "index": i,
-                    "uuid": static[i].uuid if i in static else None,
-                    "name": static[i].name if i in static else None,
-                    "memory_mib": static[i].memory_mib if i in static else None,
-                    **{k: v for k, v in tele.get(i, {}).items() if k != "index"},
-                }
-                for i in j.gpu_indices
-            ],
-        )
-        if u is None:
-            entry["error"] = "no live process of the job on this host"
-        out[j.job_id] = entry
-    return out
-
-
-async def _ask_owner(agent: "Agent", j: JobRecord, run: str) -> dict[str, Any]:  # noqa: UP037
-    entry = _job_base(agent, j)
-    owner = agent.state.nodes.get(j.node_id or "")
-    if owner is None:
-        entry["error"] = "the host running the job is not known"
-        return entry
-    try:
-        doc = await agent.peer.metrics(owner.node_id, run, j.job_num, timeout=PROXY_TIMEOUT_S)
-    except PeerError as e:
-        if e.code == "unavailable":
-            entry["error"] = f"cannot reach {owner.name}: {e}"
-        else:
-            entry["error"] = f"{owner.name} answered {e.status}: {e.title}"
-        return entry
-    jobs = doc.get("jobs") or [entry | {"error": f"{owner.name} sent no sample"}]
-    return jobs[0]
-
-
-async def run_metrics(
-    agent: "Agent",  # noqa: UP037
-    name: str,
-    job: int | None,
-    local: bool,
-) -> dict[str, Any]:
-    run = agent.state.runs.get(name)
-    if run is None:
-        raise Problem(
-            404, "run not found", f"no run named {name!r}; see meshgpu ps -a", "not_found"
-        )
-    jobs = agent.state.run_jobs(run)
-    if job is not None:
-        if not 0 <= job < len(jobs):
-            raise Problem(
-                404, "job not found", f"run {name!r} has jobs 0..{len(jobs) - 1}", "not_found"
-            )
-        jobs = [jobs[job]]
-    entries: dict[str, dict[str, Any]] = {}
-    here: list[JobRecord] = []
-    elsewhere: list[JobRecord] = []
-    for j in jobs:
-        if not j.node_id or not j.status.holds_resources():
-            entries[j.job_id] = _job_base(agent, j) | {
-                "error": "the job has finished"
-                if j.status.is_finished()
-                else "the job is not running yet"
-            }
-        elif j.node_id == agent.node_id:
-            here.append(j)
-        elif local:
-            entries[j.job_id] = _job_base(agent, j) | {
-                "error": f"this node ({agent.node_name}) does not run the job"
-            }
-        else:
-            elsewhere.append(j)
-
-    async def remote(j: JobRecord) -> None:
-        entries[j.job_id] = await _ask_owner(agent, j, name)
-
-    async def local_jobs() -> None:
-        entries.update(await _sample_here(agent, here))
-
-    async with trio.open_nursery() as nursery:
-        if here:
-            nursery.start_soon(local_jobs)
-        for j in elsewhere:
-            nursery.start_soon(remote, j)
-    return {"run": name, "jobs": [entries[j.job_id] for j in jobs]}
-
-
-async def scrape(agent: "Agent") -> bytes:  # noqa: UP037
+async def scrape(services: "Services") -> bytes:  # noqa: UP037
     """This node's ``/metrics`` page."""
-    held = agent.state.jobs_on_node(agent.node_id)
+    held = services.state.jobs_on_node(services.node_id)
 
     def sample() -> tuple[list[Any], dict[str, GroupUsage]]:
-        return agent.gpus.telemetry(), _usage_of(agent, held)
+        return services.gpus.telemetry(), usage_of(services.runner, held)
 
     telemetry, usage = await trio.to_thread.run_sync(sample)
-    node = agent.node
-    raft = node.status() if node is not None else {}
+    raft = services.cluster.raft_status()
     return render(
         node_families(
-            node=agent.node_name,
-            node_id=agent.node_id,
-            cluster_id=agent.cluster.cluster_id or agent.identity.get("cluster_id") or "",
+            node=services.node_name,
+            node_id=services.node_id,
+            cluster_id=services.cluster.cluster_id(),
             raft=raft,
-            state=agent.state,
+            state=services.state,
             telemetry=[dataclasses.asdict(t) for t in telemetry],
             usage=usage,
         )
     )
 
 
-def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037
+def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP037
     """The metrics routes (``auth``/``read``: the app's dependencies; see offers.py)."""
     r = APIRouter()
 
@@ -206,11 +56,10 @@ def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037
     async def metrics(_: auth) -> Response:
         """Prometheus text format. It names the runs with jobs on this host, so it takes the
         bearer token like the rest of the API (Prometheus: ``authorization.credentials_file``)."""
-        return Response(await scrape(agent), media_type=CONTENT_TYPE)
+        return Response(await scrape(services), media_type=CONTENT_TYPE)
 
     @r.get("/api/v1/runs/{name}/metrics", responses=responses(404))
     async def job_metrics(
-        request: Request,
         name: str,
         _: auth,
         __: read,
@@ -220,9 +69,9 @@ def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037
         ] = False,
     ) -> dict[str, Any]:
         # The hosts that run the jobs are asked over the peer port (meshgpu/peer).
-        return await run_metrics(agent, name, job, local)
+        return await services.metrics.run(name, job, local=local)
 
     return r
 
 
-__all__ = ["router", "run_metrics", "scrape"]
+__all__ = ["router", "scrape"]

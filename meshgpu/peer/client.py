@@ -4,8 +4,10 @@ call that is not Raft or gossip -- code archives, log and metric proxying, join 
 Each call dials a fresh ``APP`` connection of the mutual-TLS transport to the member (by node
 id: ``locate`` gives its Raft id, which the TLS check names, and its peer address), so it is
 authenticated by certificates both ways, never queues behind Raft or another call, and holds no
-API token. Failures are ``PeerError``: the callee's refusal as it gave it (status, title,
-detail, code), or 503 ``unavailable`` when the member could not be reached or answered too late.
+API token. Failures are ``meshgpu.errors``: the callee's refusal as the kind it gave (a
+``NotFound``, a ``Denied``, ...; ``Remote`` with its status for any other), or ``Unavailable``
+when the member could not be reached or answered too late. ``PeerClient`` is what the use cases
+(``meshgpu/ops``) are given as their ``Peers``.
 """
 
 from __future__ import annotations
@@ -13,17 +15,34 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from consensus.transport import Transport, TransportError
+from consensus.transport import Transport, TransportError, parse_address
+from meshgpu.errors import MeshError, NotFound, Remote, TooLarge
 from meshgpu.runner.code import CodeUnavailable, Source
 
 from . import wire
-from .wire import Channel, PeerError
+from .wire import Channel, unreachable
+
+if TYPE_CHECKING:
+    from meshgpu.state.cluster import ClusterState
 
 Address = tuple[str, int]
+
+
+def members_of(cluster: ClusterState) -> Callable[[str], tuple[int, Address] | None]:
+    """``PeerClient``'s ``locate`` over the replicated configuration: a current member's Raft
+    id (which its certificate names) and peer address, by node id."""
+
+    def locate(node_id: str) -> tuple[int, Address] | None:
+        for m in cluster.members.values():
+            if m.node_id == node_id and not m.removed and m.peer_address:
+                return m.raft_id, parse_address(m.peer_address)
+        return None
+
+    return locate
 
 
 class PeerClient:
@@ -49,10 +68,10 @@ class PeerClient:
     ) -> AsyncIterator[Channel]:
         transport = self._transport()
         if transport is None:
-            raise PeerError.unavailable("this node's peer transport is not running yet")
+            raise unreachable("this node's peer transport is not running yet")
         where = self._locate(node_id)
         if where is None:
-            raise PeerError.unavailable(f"node {node_id} is not a member with a peer address")
+            raise unreachable(f"node {node_id} is not a member with a peer address")
         raft_id, address = where
         try:
             async with transport.open_stream(raft_id, address=address) as stream:
@@ -61,11 +80,11 @@ class PeerClient:
                     await wire.send_end(stream)
                 yield stream
         except TransportError as exc:
-            raise PeerError.unavailable(str(exc)) from exc
+            raise unreachable(str(exc)) from exc
 
     async def fetch_code(self, node_id: str, sha: str, cap: int, *, timeout: float) -> bytes:
-        """The archive ``sha`` from ``node_id``, at most ``cap`` bytes (``PeerError`` 404: the
-        member does not have it; 413: it sent more). The caller checks the SHA-256."""
+        """The archive ``sha`` from ``node_id``, at most ``cap`` bytes (``NotFound``: the
+        member does not have it; ``TooLarge``: it sent more). The caller checks the SHA-256."""
         with _deadline(timeout):
             async with self._call(node_id, "code.get", {"sha": sha}) as ch:
                 return await wire.read_body(ch, idle=self.idle, cap=cap)
@@ -82,12 +101,12 @@ class PeerClient:
                         await wire.send_data(ch, data)
                         await wire.send_end(ch)
 
-                refused: PeerError | None = None
+                refused: MeshError | None = None
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(upload)
                     try:
                         result = await wire.read_result(ch, idle=self.idle)
-                    except PeerError as e:  # raised out here, not in an exception group
+                    except MeshError as e:  # raised out here, not in an exception group
                         refused = e
                     finally:
                         nursery.cancel_scope.cancel()
@@ -113,9 +132,7 @@ class PeerClient:
             async with self._call(node_id, "metrics", {"run": run, "job": job}) as ch:
                 result = await wire.read_result(ch, idle=self.idle)
         if not isinstance(result, dict):
-            raise PeerError(
-                502, "bad metrics reply", f"node {node_id} sent {type(result).__name__}"
-            )
+            raise Remote(502, "bad metrics reply", f"node {node_id} sent {type(result).__name__}")
         return result
 
     async def join(self, node_id: str, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
@@ -124,18 +141,18 @@ class PeerClient:
             async with self._call(node_id, "join", {"body": body}) as ch:
                 result = await wire.read_result(ch, idle=timeout)
         if not isinstance(result, dict):
-            raise PeerError(502, "bad join reply", f"node {node_id} sent {type(result).__name__}")
+            raise Remote(502, "bad join reply", f"node {node_id} sent {type(result).__name__}")
         return result
 
 
 @contextmanager
 def _deadline(seconds: float) -> Iterator[None]:
-    """A ``PeerError`` (503) once ``seconds`` have passed."""
+    """``Unavailable`` once ``seconds`` have passed."""
     try:
         with trio.fail_after(seconds):
             yield
     except trio.TooSlowError:
-        raise PeerError.unavailable(f"no answer within {seconds:g}s") from None
+        raise unreachable(f"no answer within {seconds:g}s") from None
 
 
 class PeerCodeLink:
@@ -147,17 +164,17 @@ class PeerCodeLink:
     async def fetch(self, src: Source, sha: str, cap: int, timeout: float) -> bytes:
         try:
             return await self.client.fetch_code(src.node_id, sha, cap, timeout=timeout)
-        except PeerError as e:
-            if e.status == 404:
-                raise CodeUnavailable("does not have it") from None
-            if e.code == "too_large":
-                raise CodeUnavailable(f"sent more than the archive's {cap} bytes") from None
+        except NotFound:
+            raise CodeUnavailable("does not have it") from None
+        except TooLarge:
+            raise CodeUnavailable(f"sent more than the archive's {cap} bytes") from None
+        except MeshError as e:
             raise CodeUnavailable(str(e)) from None
 
     async def push(self, src: Source, sha: str, data: bytes, timeout: float) -> None:
         try:
             stored = await self.client.push_code(src.node_id, sha, data, timeout=timeout)
-        except PeerError as e:
-            raise CodeUnavailable(f"refused ({e.status} {e})") from None
+        except MeshError as e:
+            raise CodeUnavailable(f"refused ({e.title}: {e})") from None
         if stored != sha:
             raise CodeUnavailable(f"stored {stored[:12]!r} instead")

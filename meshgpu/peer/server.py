@@ -24,8 +24,9 @@ Ops (``args`` are msgpack maps; ``→`` what the reply is):
     metrics    {run, job}          → END {run, jobs}                    this host's jobs only
     join       {body}              → END {join reply}                   on the leader only
 
-A handler refuses by raising an exception with ``status``/``title``/``detail``/``code``
-attributes (``PeerError``, or the API's ``Problem``): the caller gets it as an ERROR frame.
+A handler refuses by raising an error of ``meshgpu.errors`` (the use cases' own: ``NotFound``,
+``Denied``, ``Unavailable``, ...): the caller gets it as an ERROR frame naming its kind, and
+raises the same kind. Anything else a handler raises is a 500 ``internal`` (logged here).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ from typing import Any
 import trio
 
 from consensus.transport import TransportError
+from meshgpu.errors import Denied, MeshError, NotFound, Remote, Unavailable
 
 from . import wire
-from .wire import Channel, Kind, PeerError, ProtocolError
+from .wire import Channel, Kind, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +69,6 @@ class PeerHandlers:
     logs: Callable[[str, int, bool], AsyncIterator[bytes]]
     metrics: Callable[[str, int | None], Awaitable[dict[str, Any]]]
     admit: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-
-
-def _refusal(exc: BaseException) -> PeerError | None:
-    if isinstance(exc, PeerError):
-        return exc
-    status, title = getattr(exc, "status", None), getattr(exc, "title", None)
-    if type(status) is int and isinstance(title, str):
-        return PeerError(
-            status, title, str(getattr(exc, "detail", "")), str(getattr(exc, "code", ""))
-        )
-    return None
 
 
 class PeerServer:
@@ -124,15 +115,15 @@ class PeerServer:
             op, args = wire.decode_call(payload)
             run = self._ops.get(op)
             if run is None:
-                raise ProtocolError(f"unknown op {op!r}", 404, "unknown_op")
+                raise NotFound("unknown peer call", f"no op {op!r}", "unknown_op")
             if not self.h.is_member(peer_id):
                 self.stats["refused"] += 1
                 log.warning("peer call %s from node %d refused: not a current member", op, peer_id)
-                raise PeerError(403, "not a member", f"node {peer_id} is not a member", "denied")
+                raise Denied("not a member", f"node {peer_id} is not a member", "denied")
             if self.active >= self.max_streams:
                 self.stats["busy"] += 1
-                raise PeerError(503, "too many peer calls", "retry shortly", "unavailable")
-        except PeerError as err:
+                raise Unavailable("too many peer calls", "retry shortly", "unavailable")
+        except MeshError as err:
             await wire.send_error(ch, err)
             return
         self.stats["calls"] += 1
@@ -143,13 +134,14 @@ class PeerServer:
             exc = caught
             while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
                 exc = exc.exceptions[0]  # a refusal raised in a handler's own task
-            err = _refusal(exc)
-            if err is None:
+            if isinstance(exc, MeshError):
+                err = exc
+            else:
                 self.stats["errors"] += 1
                 if isinstance(exc, TransportError):
                     return  # the stream broke: there is no one to tell
                 log.error("peer call %s from node %d failed", op, peer_id, exc_info=caught)
-                err = PeerError(500, "internal error", type(exc).__name__, "internal")
+                err = Remote(500, "internal error", type(exc).__name__, "internal")
             with contextlib.suppress(Exception):  # the stream may be what failed
                 await wire.send_error(ch, err)
         finally:
@@ -165,14 +157,12 @@ class PeerServer:
         await self._no_body(ch)
         path = self.h.code_path(sha)
         if path is None:
-            raise PeerError(404, "unknown code archive", f"this node has no {sha}", "not_found")
+            raise NotFound("unknown code archive", f"this node has no {sha}", "not_found")
         size = 0
         try:
             f = await trio.open_file(path, "rb")
         except FileNotFoundError:
-            raise PeerError(
-                404, "unknown code archive", f"this node has no {sha}", "not_found"
-            ) from None
+            raise NotFound("unknown code archive", f"this node has no {sha}", "not_found") from None
         async with f:
             while chunk := await f.read(4 * wire.CHUNK):
                 size += len(chunk)

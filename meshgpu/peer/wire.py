@@ -16,11 +16,15 @@ One exchange is one connection (no queueing behind another call, no head-of-line
     DATA ... (a request body, in chunks)  ────►  (only for ops that take one: code pushes)
     END  null            ─────────────────────►
                          ◄─────────────────────  DATA ... (a reply body: archive, log bytes)
-                         ◄─────────────────────  END result    or    ERROR {status,title,...}
+                         ◄─────────────────────  END result    or    ERROR {kind,title,...}
 
 Limits: a DATA frame holds at most ``CHUNK`` bytes; a reader gives the most it will take of a
 whole body (``cap``) and how long it waits for the next frame (``idle``) and refuses the stream
-the moment either is passed. Backpressure is TCP's: a writer's ``send`` waits while the reader
+the moment either is passed.
+
+A refusal is an error of ``meshgpu.errors`` on both ends: the callee's handler raises one (a
+use case's ``NotFound``, ``Denied``, ...), the ERROR frame names its kind, and the caller raises
+the same kind; a call that cannot complete is ``Unavailable``. Backpressure is TCP's: a writer's ``send`` waits while the reader
 does not read, so neither side ever holds more than a frame or two beyond what it asked for.
 """
 
@@ -33,6 +37,17 @@ from typing import Any, Protocol
 
 import msgpack
 import trio
+
+from meshgpu.errors import (
+    Conflict,
+    Denied,
+    Invalid,
+    MeshError,
+    NotFound,
+    Remote,
+    TooLarge,
+    Unavailable,
+)
 
 MAGIC = 0xA7
 CHUNK = 256 * 1024
@@ -47,24 +62,34 @@ class Kind(enum.IntEnum):
     ERROR = 4
 
 
-class PeerError(Exception):
-    """A call that failed: refused by the callee (its status, title, detail and code, the
-    fields of an API problem) or not completed (``status`` 503, ``code`` ``unavailable``)."""
-
-    def __init__(self, status: int, title: str, detail: str = "", code: str = "") -> None:
-        super().__init__(f"{title}: {detail}" if detail else title)
-        self.status, self.title, self.detail, self.code = status, title, detail, code
-
-    @classmethod
-    def unavailable(cls, detail: str) -> PeerError:
-        return cls(503, "peer unavailable", detail, "unavailable")
+def unreachable(detail: str) -> Unavailable:
+    """A call that did not complete: the member could not be reached, went away or answered
+    too late."""
+    return Unavailable("peer unavailable", detail, "unavailable")
 
 
-class ProtocolError(PeerError):
-    """Bytes that are not the peer protocol, or a stream past its limits."""
+class ProtocolError(Invalid):
+    """Bytes that are not the peer protocol."""
 
-    def __init__(self, detail: str, status: int = 400, code: str = "bad_peer_frame") -> None:
-        super().__init__(status, "peer protocol error", detail, code)
+    def __init__(self, detail: str, code: str = "bad_peer_frame") -> None:
+        super().__init__("peer protocol error", detail, code)
+
+
+def too_large(detail: str) -> TooLarge:
+    """A body past the reader's cap."""
+    return TooLarge("peer protocol error", detail, "too_large")
+
+
+_KINDS: dict[str, type[MeshError]] = {
+    "invalid": Invalid,
+    "denied": Denied,
+    "not_found": NotFound,
+    "conflict": Conflict,
+    "too_large": TooLarge,
+    "unavailable": Unavailable,
+}
+"""The kinds of ``meshgpu.errors`` an ERROR frame names; any other refusal travels as
+``remote`` with its status (``Remote``: what a member forwarded to answered; 500 otherwise)."""
 
 
 class Channel(Protocol):
@@ -125,20 +150,28 @@ def decode_call(payload: bytes) -> tuple[str, dict[str, Any]]:
     return value[0], value[1]
 
 
-def encode_error(err: PeerError) -> bytes:
-    doc = {"status": err.status, "title": err.title, "detail": err.detail, "code": err.code}
+def encode_error(err: MeshError) -> bytes:
+    """A refusal as its kind in ``meshgpu.errors`` (``Remote``, or an error of no known kind:
+    ``remote`` with a status) and its title, detail and code."""
+    kind = next((name for name, cls in _KINDS.items() if isinstance(err, cls)), "remote")
+    doc: dict[str, Any] = {"kind": kind, "title": err.title, "detail": err.detail, "code": err.code}
+    if kind == "remote":
+        doc["status"] = err.status if isinstance(err, Remote) else 500
     return frame(Kind.ERROR, _packb(doc))
 
 
-def decode_error(payload: bytes) -> PeerError:
+def decode_error(payload: bytes) -> MeshError:
+    """The ``meshgpu.errors`` kind the callee refused with (``Remote`` for any other)."""
     doc = _unpack(payload)
-    if not isinstance(doc, dict) or type(doc.get("status")) is not int:
-        raise ProtocolError("an ERROR is {status, title, detail, code}")
-    return PeerError(
-        doc["status"],
-        str(doc.get("title", "")),
-        str(doc.get("detail", "")),
-        str(doc.get("code", "")),
+    if not isinstance(doc, dict) or not isinstance(doc.get("kind"), str):
+        raise ProtocolError("an ERROR is {kind, title, detail, code}")
+    title, detail, code = (str(doc.get(k, "")) for k in ("title", "detail", "code"))
+    cls = _KINDS.get(doc["kind"])
+    if cls is not None:
+        return cls(title, detail, code)
+    status = doc.get("status")
+    return Remote(
+        status if type(status) is int and 400 <= status < 600 else 502, title, detail, code
     )
 
 
@@ -156,7 +189,7 @@ async def send_end(ch: Channel, value: Any = None) -> None:
     await ch.send(frame(Kind.END, _packb(value)))
 
 
-async def send_error(ch: Channel, err: PeerError) -> None:
+async def send_error(ch: Channel, err: MeshError) -> None:
     await ch.send(encode_error(err))
 
 
@@ -164,14 +197,14 @@ async def send_error(ch: Channel, err: PeerError) -> None:
 
 
 async def next_frame(ch: Channel, idle: float) -> tuple[Kind, bytes]:
-    """The next frame within ``idle`` seconds; an ERROR frame is raised as its ``PeerError``,
-    a closed stream or a timeout as ``PeerError.unavailable``."""
+    """The next frame within ``idle`` seconds; an ERROR frame is raised as its ``MeshError``,
+    a closed stream or a timeout as ``Unavailable`` (``unreachable``)."""
     try:
         body = await ch.receive(timeout=idle)
     except trio.TooSlowError:
-        raise PeerError.unavailable(f"nothing from node {ch.peer_id} for {idle:g}s") from None
+        raise unreachable(f"nothing from node {ch.peer_id} for {idle:g}s") from None
     if body is None:
-        raise PeerError.unavailable(f"node {ch.peer_id} closed the stream")
+        raise unreachable(f"node {ch.peer_id} closed the stream")
     kind, payload = parse(body)
     if kind is Kind.ERROR:
         raise decode_error(payload)
@@ -180,7 +213,7 @@ async def next_frame(ch: Channel, idle: float) -> tuple[Kind, bytes]:
 
 async def iter_data(ch: Channel, *, idle: float, cap: float = math.inf) -> AsyncIterator[bytes]:
     """Yield a body's DATA chunks until its END (whose value is dropped). More than ``cap``
-    bytes in all is a ``ProtocolError`` (413), raised before the chunk that passes it is
+    bytes in all is ``TooLarge`` (``too_large``), raised before the chunk that passes it is
     yielded. Empty chunks (keepalives of a quiet followed stream) are skipped."""
     total = 0
     while True:
@@ -191,7 +224,7 @@ async def iter_data(ch: Channel, *, idle: float, cap: float = math.inf) -> Async
             raise ProtocolError(f"{kind.name} inside a body")
         total += len(payload)
         if total > cap:
-            raise ProtocolError(f"a body over {cap:g} bytes", 413, "too_large")
+            raise too_large(f"a body over {cap:g} bytes")
         if payload:
             yield payload
 

@@ -4,41 +4,44 @@ the member asked, and a follower forwards a join to the leader -- none of it wit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from meshgpu.client import make_archive
-from meshgpu.testing import free_port
-from tests.agent.conftest import AgentProc, stop_all, wait_for
+from meshgpu.testing import AgentProcess
+from tests.agent.conftest import stop_all, wait_for
 
 
-def _start(root: Path, name: str, gpus: str, via: AgentProc | None, *extra: str) -> AgentProc:
-    join: list[str] = []
-    if via is not None:
-        token = json.loads((root / "a" / "join-token.json").read_text())["token"]
-        join = ["--token", token, "--join", via.url]
-    ag = AgentProc(
-        root / name,
-        gpus,
-        name=f"node-{name}",
-        extra_args=["--peer-port", str(free_port()), "--tick-ms", "50", *join, *extra],
+def _start(
+    root: Path, name: str, gpus: str, join: tuple[AgentProcess, AgentProcess] | None, *extra: str
+) -> AgentProcess:
+    """Agent ``node-<name>``; ``join``: (the founder, whose token it uses; the member it joins
+    through)."""
+    ag = AgentProcess(
+        root,
+        name,
+        node_name=f"node-{name}",
+        fake_gpus=gpus,
+        log_level=None,  # info: the fetch is logged
+        extra=["--tick-ms", "50", *extra],
     )
-    ag.data_dir.mkdir()
-    return ag.start()
+    if join is None:
+        return ag.start()
+    founder, via = join
+    return ag.start(founder.join_token(), via.url)
 
 
 def test_code_logs_metrics_and_joins_go_over_the_peer_port(tmp_path: Path) -> None:
-    agents: list[AgentProc] = []
+    agents: list[AgentProcess] = []
     try:
         # No copies: the only way for b to get the code is to fetch it from a.
         a = _start(tmp_path, "a", "1xH100:80GB", None, "--code-copies", "0")
         agents.append(a)
-        b = _start(tmp_path, "b", "1xA100:80GB", a)
+        b = _start(tmp_path, "b", "1xA100:80GB", (a, a))
         agents.append(b)
         ca, cb = a.client(), b.client()
         wait_for(lambda: cb.status()["leader"] == ca.status()["raft_id"] != cb.status()["raft_id"])
         # b is a follower: c's join goes to b, which forwards it to the leader.
-        c = _start(tmp_path, "c", "1xL4:24GB", b)
+        c = _start(tmp_path, "c", "1xL4:24GB", (a, b))
         agents.append(c)
         nodes = wait_for(lambda: (ns := ca.nodes()) and len(ns) == 3 and ns)
         assert {n["name"] for n in nodes} == {"node-a", "node-b", "node-c"}
@@ -58,7 +61,7 @@ def test_code_logs_metrics_and_joins_go_over_the_peer_port(tmp_path: Path) -> No
         assert run["jobs"][0]["node"] == "node-b"
         b_log = (tmp_path / "b.log").read_text()
         assert f"code={sha[:12]} fetched from node-a" in b_log
-        assert (b.data_dir / "code" / f"{sha}.tar.gz").read_bytes() == data
+        assert (b.data / "code" / f"{sha}.tar.gz").read_bytes() == data
         # The log lives on b; a streams it through the peer port.
         assert b"payload-from-the-laptop" in wait_for(
             lambda: (out := b"".join(ca.logs("remote"))) and b"payload" in out and out

@@ -23,7 +23,17 @@ from consensus.transport import (
     TransportError,
     write_node_files,
 )
-from meshgpu.peer import PeerClient, PeerError, PeerHandlers, PeerServer, wire
+from meshgpu.errors import (
+    Denied,
+    Invalid,
+    MeshError,
+    NotFound,
+    Remote,
+    TooLarge,
+    Unavailable,
+    run_not_found,
+)
+from meshgpu.peer import PeerClient, PeerHandlers, PeerServer, wire
 from meshgpu.peer import server as server_mod
 from meshgpu.peer.wire import Kind, ProtocolError
 
@@ -57,7 +67,7 @@ class Host:
 
         async def logs(run: str, job: int, follow: bool) -> AsyncIterator[bytes]:
             if run == "nope":
-                raise PeerError(404, "run not found", f"no run named {run!r}", "not_found")
+                raise run_not_found(run)
             yield b"line 1\n"
             if follow and self.log_lines is not None:
                 async for line in self.log_lines:
@@ -66,13 +76,13 @@ class Host:
         async def metrics(run: str, job: int | None) -> dict[str, Any]:
             return {"run": run, "jobs": [{"job_num": job, "error": None}]}
 
-        class Problem(Exception):  # the API's shape, duck-typed by the server
-            def __init__(self) -> None:
-                self.status, self.title, self.detail, self.code = 403, "join refused", "x", "t"
-
         async def admit(body: dict[str, Any]) -> dict[str, Any]:
             if body.get("bad"):
-                raise Problem()
+                raise Denied("join refused", "x", "t")
+            if body.get("remote"):
+                raise Remote(418, "forwarded", "y", "z")
+            if body.get("crash"):
+                raise RuntimeError("a bug")
             return {"raft_id": 7, "echo": body}
 
         return PeerHandlers(
@@ -124,8 +134,15 @@ def client_for(transport: Any, **kw: Any) -> PeerClient:
 def test_frames_round_trip_and_garbage_is_refused() -> None:
     kind, payload = wire.parse(wire.encode_call("code.get", {"sha": SHA}))
     assert kind is Kind.CALL and wire.decode_call(payload) == ("code.get", {"sha": SHA})
-    err = wire.decode_error(wire.parse(wire.encode_error(PeerError(404, "t", "d", "c")))[1])
-    assert (err.status, err.title, err.detail, err.code) == (404, "t", "d", "c")
+    err = wire.decode_error(wire.parse(wire.encode_error(NotFound("t", "d", "c")))[1])
+    assert type(err) is NotFound and (err.title, err.detail, err.code) == ("t", "d", "c")
+    err = wire.decode_error(wire.parse(wire.encode_error(Remote(409, "t", "d", "c")))[1])
+    assert type(err) is Remote and (err.status, err.title, err.code) == (409, "t", "c")
+    err = wire.decode_error(wire.parse(wire.encode_error(MeshError("t")))[1])
+    assert type(err) is Remote and err.status == 500  # no known kind
+    assert isinstance(
+        wire.decode_error(wire.parse(wire.encode_error(ProtocolError("x")))[1]), Invalid
+    )
     assert not wire.is_peer_body(b"\x01gossip") and wire.is_peer_body(wire.frame(Kind.END))
     for bad in (b"", b"\xa7", b"\xa7\x09", b"\x01\x01"):
         with pytest.raises(ProtocolError):
@@ -147,20 +164,18 @@ async def test_an_archive_travels_in_bounded_chunks_and_a_cap_stops_it(tmp_path:
         assert await client.fetch_code("b", SHA, len(ARCHIVE), timeout=5) == ARCHIVE
         # CALL+END went one way; the reply came as ceil(size/CHUNK) DATA frames and an END.
         assert t.last is not None and t.last.sent == math.ceil(len(ARCHIVE) / wire.CHUNK) + 1
-        with pytest.raises(PeerError) as e:
+        with pytest.raises(TooLarge) as e:
             await client.fetch_code("b", SHA, len(ARCHIVE) - 1, timeout=5)
         assert e.value.code == "too_large"
-        with pytest.raises(PeerError) as e:
+        with pytest.raises(NotFound):
             await client.fetch_code("b", "0" * 64, 1 << 30, timeout=5)
-        assert e.value.status == 404
         # A push is a request body, held to the callee's code limit.
         assert await client.push_code("b", SHA, ARCHIVE, timeout=5) == SHA
         assert host.stored == {SHA: ARCHIVE}
     small = PeerServer(host.handlers(code_limit=1000))
     async with trio.open_nursery() as n:
-        with pytest.raises(PeerError) as e:
+        with pytest.raises(TooLarge):
             await client_for(MemoryTransport(n, small)).push_code("b", SHA, ARCHIVE, timeout=5)
-        assert e.value.status == 413
 
 
 async def test_a_reader_that_stops_reading_holds_the_writer_back(tmp_path: Path) -> None:
@@ -196,9 +211,9 @@ async def test_a_caller_that_is_not_a_current_member_is_refused(tmp_path: Path) 
             client.metrics("b", "r", 0, timeout=5),
             client.join("b", {}, timeout=5),
         ):
-            with pytest.raises(PeerError) as e:
+            with pytest.raises(Denied) as e:
                 await call
-            assert (e.value.status, e.value.code) == (403, "denied")
+            assert e.value.code == "denied"
     assert host.stored == {} and server.stats["refused"] == 4
 
 
@@ -223,17 +238,23 @@ async def test_logs_follow_with_keepalives_and_refusals_keep_their_fields(
         async for chunk in client.logs("b", "r", 0, True):
             got.append(chunk)
         assert got == [b"line 1\n", b"line 2\n"]
-        with pytest.raises(PeerError) as e:
+        with pytest.raises(NotFound) as e:
             [c async for c in client.logs("b", "nope", 0, False)]
-        assert (e.value.status, e.value.title, e.value.code) == (404, "run not found", "not_found")
+        assert (e.value.title, e.value.code) == ("run not found", "not_found")
         assert await client.metrics("b", "r", 3, timeout=5) == {
             "run": "r",
             "jobs": [{"job_num": 3, "error": None}],
         }
         assert (await client.join("b", {"x": 1}, timeout=5))["echo"] == {"x": 1}
-        with pytest.raises(PeerError) as e:
+        with pytest.raises(Denied) as e:
             await client.join("b", {"bad": True}, timeout=5)
-        assert (e.value.status, e.value.title, e.value.code) == (403, "join refused", "t")
+        assert (e.value.title, e.value.detail, e.value.code) == ("join refused", "x", "t")
+        with pytest.raises(Remote) as e:
+            await client.join("b", {"remote": True}, timeout=5)
+        assert (e.value.status, e.value.title, e.value.code) == (418, "forwarded", "z")
+        with pytest.raises(Remote) as e:
+            await client.join("b", {"crash": True}, timeout=5)
+        assert (e.value.status, e.value.code) == (500, "internal")
 
 
 async def test_a_silent_callee_times_out_and_garbage_is_answered_with_an_error(
@@ -251,17 +272,17 @@ async def test_a_silent_callee_times_out_and_garbage_is_answered_with_an_error(
         t = MemoryTransport(n, server)
         client = client_for(t)
         with trio.fail_after(5):
-            with pytest.raises(PeerError) as e:
+            with pytest.raises(Unavailable) as e:
                 await client.metrics("b", "r", 0, timeout=0.2)
         assert e.value.code == "unavailable"
         async with t.open_stream(2) as ch:
             await ch.send(wire.frame(Kind.DATA, b"no call first"))
-            with pytest.raises(PeerError) as e:
+            with pytest.raises(Invalid) as e:
                 await wire.read_result(ch, idle=5)
             assert e.value.code == "bad_peer_frame"
         async with t.open_stream(2) as ch:
             await ch.send(wire.encode_call("rm -rf", {}))
-            with pytest.raises(PeerError) as e:
+            with pytest.raises(NotFound) as e:
                 await wire.read_result(ch, idle=5)
             assert e.value.code == "unknown_op"
         n.cancel_scope.cancel()
@@ -271,9 +292,9 @@ async def test_calls_over_the_limit_are_answered_busy(tmp_path: Path) -> None:
     host = Host(tmp_path, {1})
     server = PeerServer(host.handlers(), max_streams=0)
     async with trio.open_nursery() as n:
-        with pytest.raises(PeerError) as e:
+        with pytest.raises(Unavailable):
             await client_for(MemoryTransport(n, server)).metrics("b", "r", 0, timeout=5)
-    assert e.value.status == 503 and server.stats["busy"] == 1
+    assert server.stats["busy"] == 1
 
 
 # -- over the mutual-TLS transport ------------------------------------------------------------------
@@ -309,17 +330,15 @@ async def test_over_the_peer_port_only_cluster_certificates_get_through(tmp_path
         # A host whose certificate another CA signed (no cluster certificate) never gets in.
         intruder = Transport(1, on_messages=_noop, tls=_tls(other, tmp_path / "x", 1), config=cfg)
         await n.start(intruder.run)
-        with pytest.raises(PeerError) as e:
+        with pytest.raises(Unavailable):
             await PeerClient(lambda: intruder, lambda node: where).fetch_code(
                 "b", SHA, 1 << 30, timeout=10
             )
-        assert e.value.code == "unavailable"
         with pytest.raises(TransportError):
             await intruder.request(2, b"\x01ping", address=where[1], timeout=10)
         assert server.stats["calls"] == 2 and host.gossip_seen == [(1, b"\x01ping")]
         # A member's valid certificate, once it is removed, is refused by the handlers.
         host.members.clear()
-        with pytest.raises(PeerError) as e:
+        with pytest.raises(Denied):
             await client.fetch_code("b", SHA, 1 << 30, timeout=10)
-        assert e.value.status == 403
         n.cancel_scope.cancel()
