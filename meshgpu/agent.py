@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from consensus.transport import AppStream, TLSConfig, Transport
+from consensus.transport import TLSConfig, Transport
 from meshgpu.api.server import listen, serve
 from meshgpu.client.archive import ArchiveLimits
 from meshgpu.client.http import write_profile
@@ -115,8 +115,7 @@ class Agent:
                 code=self.code,
             )
             demand = Demand()
-            gossip: list[MeshGossip] = []
-            peer_server: list[PeerServer] = []  # the peer port's app streams, once it exists
+            peer_server = PeerServer()  # gossip and peer calls; answers once the use cases exist
             transport = None
             seen_cluster = [-1]
 
@@ -127,14 +126,10 @@ class Agent:
                     seen_cluster[0] = cluster.version
                     ident.follow_members(cluster, node, transport)
 
-            async def on_stream(peer_id: int, stream: AppStream) -> None:
-                if peer_server:  # before the use cases exist, a stream is closed unanswered
-                    await peer_server[0].handle(peer_id, stream)
-
             node.on_apply.append(on_apply)
             tls = TLSConfig.from_files(ident.tls.files)
             self.transport = transport = await start_replica(
-                nursery, node, peers, tls, s.bind, s.peer_port, on_stream
+                nursery, node, peers, tls, s.bind, s.peer_port, peer_server.handle
             )
             if s.peer_port == 0:  # bound to a free port: advertise the real one
                 ident.bound_peer_port(transport.port)
@@ -144,32 +139,30 @@ class Agent:
             fencing = Fencing(
                 node, executor, s.membership.dead_grace_s * s.membership.fence_fraction
             )
-            gossip.append(
-                MeshGossip(
-                    GossipHost(
-                        node_id=ident.node_id,
-                        raft_id=ident.raft_id,
-                        name=self.node_name,
-                        api_url=ident.api_url,
-                        labels=s.labels,
-                        bind=s.bind,
-                        peer_port=s.peer_port,
-                        peer_address=ident.peer_address,
-                        transport=transport,
-                        cluster=cluster,
-                        state=state,
-                        local_jobs=lambda: executor.local,
-                        cut_off=lambda: fencing.cut_off,
-                        telemetry=self.gpus.telemetry,
-                    ),
-                    s.gossip,
-                )
+            gossip = MeshGossip(
+                GossipHost(
+                    node_id=ident.node_id,
+                    raft_id=ident.raft_id,
+                    name=self.node_name,
+                    api_url=ident.api_url,
+                    labels=s.labels,
+                    bind=s.bind,
+                    peer_port=s.peer_port,
+                    peer_address=ident.peer_address,
+                    transport=transport,
+                    cluster=cluster,
+                    state=state,
+                    local_jobs=lambda: executor.local,
+                    cut_off=lambda: fencing.cut_off,
+                    telemetry=self.gpus.telemetry,
+                ),
+                s.gossip,
             )
 
             # 4. The use cases and the API over them (it answers while a restart waits for a
             # quorum: reads are local, writes wait for a leader up to their deadline).
-            services = self._services(node, proposer, gossip[0])
-            peer_server.append(PeerServer(answers(services, cluster, gossip[0].handle_request)))
+            services = self._services(node, proposer, gossip)
+            peer_server.serve(answers(services, cluster, gossip.handle_request))
             await serve(nursery, api_socket, services, ident.tls if s.api_tls else None)
             await wait_leader(node)
             if founding:
@@ -178,7 +171,7 @@ class Agent:
             await registration.register()
             await nursery.start(executor.run)
             housekeeping = Housekeeping(state, executor, self.code)
-            for duty in (gossip[0], fencing, registration, housekeeping):
+            for duty in (gossip, fencing, registration, housekeeping):
                 nursery.start_soon(duty.run)
 
             # 5. The leader's controllers, for each term this node leads.
@@ -190,7 +183,7 @@ class Agent:
                 proposer.propose,
                 s.membership,
                 jobs=state,
-                gossip=gossip[0],
+                gossip=gossip,
             )
             leadership = Leadership(
                 node,

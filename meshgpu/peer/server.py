@@ -74,21 +74,21 @@ class PeerHandlers:
 class PeerServer:
     def __init__(
         self,
-        handlers: PeerHandlers,
+        handlers: PeerHandlers | None = None,
         *,
         max_streams: int = 64,
         first_timeout: float = 5.0,
         idle: float = 30.0,
         log_write_timeout: float = 300.0,
     ) -> None:
-        self.h = handlers
+        self.h = handlers  # None until ``serve``: streams are closed unanswered meanwhile
         self.max_streams = max_streams
         self.first_timeout = first_timeout
         self.idle = idle
         self.log_write_timeout = log_write_timeout
         self.active = 0
         self.stats = {"calls": 0, "refused": 0, "busy": 0, "errors": 0, "gossip": 0}
-        self._ops: dict[str, Callable[[Channel, dict[str, Any]], Awaitable[None]]] = {
+        self._ops: dict[str, Callable[[PeerHandlers, Channel, dict[str, Any]], Awaitable[None]]] = {
             "code.get": self._code_get,
             "code.put": self._code_put,
             "logs": self._logs,
@@ -96,8 +96,16 @@ class PeerServer:
             "join": self._join,
         }
 
+    def serve(self, handlers: PeerHandlers) -> None:
+        """Answer with ``handlers`` from now on (the transport runs before the use cases
+        exist: until then a stream is closed unanswered, as a busy or starting host's is)."""
+        self.h = handlers
+
     async def handle(self, peer_id: int, ch: Channel) -> None:
         """The transport's ``on_stream``."""
+        if self.h is None:
+            return
+        h = self.h
         try:
             first = await ch.receive(timeout=self.first_timeout)
         except trio.TooSlowError:
@@ -106,7 +114,7 @@ class PeerServer:
             return
         if not wire.is_peer_body(first):
             self.stats["gossip"] += 1
-            await ch.send(await self.h.gossip(peer_id, first))
+            await ch.send(await h.gossip(peer_id, first))
             return
         try:
             kind, payload = wire.parse(first)
@@ -116,7 +124,7 @@ class PeerServer:
             run = self._ops.get(op)
             if run is None:
                 raise NotFound("unknown peer call", f"no op {op!r}", "unknown_op")
-            if not self.h.is_member(peer_id):
+            if not h.is_member(peer_id):
                 self.stats["refused"] += 1
                 log.warning("peer call %s from node %d refused: not a current member", op, peer_id)
                 raise Denied("not a member", f"node {peer_id} is not a member", "denied")
@@ -129,7 +137,7 @@ class PeerServer:
         self.stats["calls"] += 1
         self.active += 1
         try:
-            await run(ch, args)
+            await run(h, ch, args)
         except Exception as caught:
             exc = caught
             while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -152,10 +160,10 @@ class PeerServer:
     async def _no_body(self, ch: Channel) -> None:
         await wire.read_body(ch, idle=self.idle, cap=0)
 
-    async def _code_get(self, ch: Channel, args: dict[str, Any]) -> None:
+    async def _code_get(self, h: PeerHandlers, ch: Channel, args: dict[str, Any]) -> None:
         sha = _str(args, "sha")
         await self._no_body(ch)
-        path = self.h.code_path(sha)
+        path = h.code_path(sha)
         if path is None:
             raise NotFound("unknown code archive", f"this node has no {sha}", "not_found")
         size = 0
@@ -169,16 +177,16 @@ class PeerServer:
                 await wire.send_data(ch, chunk)
         await wire.send_end(ch, {"size": size})
 
-    async def _code_put(self, ch: Channel, args: dict[str, Any]) -> None:
+    async def _code_put(self, h: PeerHandlers, ch: Channel, args: dict[str, Any]) -> None:
         sha = _str(args, "sha")
-        data = await wire.read_body(ch, idle=self.idle, cap=self.h.code_limit)
-        stored = await self.h.code_put(data, sha)
+        data = await wire.read_body(ch, idle=self.idle, cap=h.code_limit)
+        stored = await h.code_put(data, sha)
         await wire.send_end(ch, {"sha256": stored})
 
-    async def _logs(self, ch: Channel, args: dict[str, Any]) -> None:
+    async def _logs(self, h: PeerHandlers, ch: Channel, args: dict[str, Any]) -> None:
         run, job, follow = _str(args, "run"), _int(args, "job"), bool(args.get("follow"))
         await self._no_body(ch)
-        chunks = self.h.logs(run, job, follow)
+        chunks = h.logs(run, job, follow)
         # The log is read in a task of its own, so that a quiet followed job can be told from
         # a dead peer (a keepalive) without cancelling the reader in the middle of a read.
         send, receive = trio.open_memory_channel[bytes](1)
@@ -203,19 +211,19 @@ class PeerServer:
                     await ch.send(wire.frame(Kind.DATA), timeout=self.log_write_timeout)
         await wire.send_end(ch)
 
-    async def _metrics(self, ch: Channel, args: dict[str, Any]) -> None:
+    async def _metrics(self, h: PeerHandlers, ch: Channel, args: dict[str, Any]) -> None:
         run, job = _str(args, "run"), args.get("job")
         if job is not None and type(job) is not int:
             raise ProtocolError("job is an integer or null")
         await self._no_body(ch)
-        await wire.send_end(ch, await self.h.metrics(run, job))
+        await wire.send_end(ch, await h.metrics(run, job))
 
-    async def _join(self, ch: Channel, args: dict[str, Any]) -> None:
+    async def _join(self, h: PeerHandlers, ch: Channel, args: dict[str, Any]) -> None:
         body = args.get("body")
         if not isinstance(body, dict):
             raise ProtocolError("join takes {body: {...}}")
         await self._no_body(ch)
-        await wire.send_end(ch, await self.h.admit(body))
+        await wire.send_end(ch, await h.admit(body))
 
 
 def _str(args: dict[str, Any], key: str) -> str:
