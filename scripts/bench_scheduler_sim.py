@@ -174,7 +174,7 @@ def main() -> int:
 
     def advance(to: float) -> None:
         nonlocal last_t, busy_area, waiting_time
-        if sm.waiting and to > last_t:
+        if sm.waiting_count and to > last_t:
             busy_area += busy_gpus * (to - last_t)
             waiting_time += to - last_t
         last_t = max(last_t, to)

@@ -95,7 +95,7 @@ def node_families(
         g.add_metric([s.value], float(jobs.get(s.value, 0)))
     out.append(g)
     g = _gauge("meshgpu_jobs_waiting", "Jobs in the scheduler's queue")
-    g.add_metric([], float(len(state.waiting_jobs())))
+    g.add_metric([], float(state.waiting_count))
     out.append(g)
     statuses = Counter(n.status for n in state.nodes.values())
     g = _gauge("meshgpu_nodes", "Hosts of the mesh, by status", ["status"])

@@ -12,7 +12,7 @@ import trio
 
 from consensus.storage import StorageFull
 from meshgpu.replica.leadership import election_window_s
-from meshgpu.scheduler import plan
+from meshgpu.scheduler import SchedulerIndex, plan
 from meshgpu.state import AssignJobs, PreemptJobs, Result, SetPendingReasons, encode
 
 if TYPE_CHECKING:
@@ -60,6 +60,9 @@ class Scheduling:
         self.proposer = proposer
         self.demand = demand
         self.retry_s = node.options.tick_s  # the pause after a refused or failed decision
+        # The scheduler's indexes of the state (wait queue, hosts), this term's own: built at
+        # the first plan, then fed from the state's change feed.
+        self.index = SchedulerIndex()
 
     def _hosts_heard(self) -> bool:
         """Has this leader heard from every host the state calls active since it took over?"""
@@ -101,7 +104,7 @@ class Scheduling:
                 continue
             seen = state.demand_version
             now = time.time()
-            p = plan(state, now)
+            p = plan(state, now, index=self.index)
             wake = float("inf")
             if p.wake_at is not None:
                 wake = trio.current_time() + max(0.0, p.wake_at - now) + 0.01

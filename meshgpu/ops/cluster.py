@@ -87,7 +87,7 @@ class ClusterInfo:
             "voters": st["voters"],
             "learners": st["learners"],
             "active_runs": sum(1 for r in self.state.runs.values() if not r.status.is_finished()),
-            "waiting_jobs": len(self.state.waiting_jobs()),
+            "waiting_jobs": self.state.waiting_count,
         }
 
     def roles(self) -> dict[str, str]:

@@ -6,6 +6,7 @@ waiting job waits (``SetPendingReasons``); ``offer`` answers where a request wou
 """
 
 from meshgpu.scheduler.capacity import Reservation
+from meshgpu.scheduler.index import SchedulerIndex
 from meshgpu.scheduler.matching import (
     choose_gpus,
     gpu_matches,
@@ -22,6 +23,7 @@ __all__ = [
     "Offer",
     "Plan",
     "Reservation",
+    "SchedulerIndex",
     "SchedulerPolicy",
     "choose_gpus",
     "gpu_matches",

@@ -6,17 +6,17 @@ sit in buckets by free units (GPUs, or blocks on hosts split into blocks), so a 
 ``n`` looks at buckets ``n, n+1, ...`` -- best fit, which keeps whole hosts free for whole-host jobs
 -- and never scans hosts that are full or can never run it.
 
-The index outlives a plan: it belongs to the state object (weakly) and is brought up to date at
-the start of each plan from the state's node change feed (``node_changes``, ``node_versions``),
-so a plan pays for the nodes whose record or holdings changed, not for the whole mesh. What a plan changes in it (tentative placements,
-reservations) is rolled back when the plan ends. Buckets and classes are kept in canonical order
+The index outlives a plan: it is part of the scheduler's ``SchedulerIndex`` (``index.py``) and is
+brought up to date before each plan from the nodes the state's change feed noted, so a plan pays
+for the nodes whose record or holdings changed, not for the whole mesh. What a plan changes in
+it (tentative placements, reservations) is rolled back when the plan ends. Buckets and classes are kept in canonical order
 (node id, class signature), so a plan depends only on the state, never on the index's history.
 """
 
 from __future__ import annotations
 
 import bisect
-import weakref
+from collections.abc import Iterable
 from typing import Any
 
 from meshgpu.config.spec import NO_SPEC, RunSpec
@@ -85,7 +85,6 @@ class Host:
     __slots__ = (
         "node",
         "node_id",
-        "version",
         "healthy",
         "shape",
         "cls",
@@ -102,12 +101,9 @@ class Host:
         "victims",
     )
 
-    def __init__(
-        self, node: NodeRecord, version: int, cls: HostClass, held: tuple[JobRecord, ...]
-    ) -> None:
+    def __init__(self, node: NodeRecord, cls: HostClass, held: tuple[JobRecord, ...]) -> None:
         self.node = node
         self.node_id = node.node_id
-        self.version = version
         self.shape = cls.shape
         self.cls = cls
         self.healthy = frozenset(g.index for g in node.gpus if g.healthy)
@@ -163,37 +159,29 @@ class HostIndex:
         # Rough on purpose (no allowances): it only picks whom to weigh for a reservation.
         self.by_end: list[tuple[float, float, str]] = []
         self._end_keys: dict[str, tuple[float, float, str]] = {}
-        self._epoch: int | None = None
-        self._cursor = 0
         # How many hosts could ever run a request (per cluster): valid while membership holds.
         self.statics: dict[Any, int] = {}
 
-    def sync(self, state: StateMachine) -> None:
-        """Bring the index up to date with ``state``: the nodes noted in its change feed since
-        the last sync (all nodes the first time, or after a restore)."""
-        base, changes = state.node_changes_base, state.node_changes
-        if (
-            self._epoch != state.indexes_epoch
-            or self._cursor < base
-            or self._cursor > base + len(changes)
-            or len(self.seen) != len(state.nodes)
-        ):
+    def sync(self, state: StateMachine, changed: Iterable[str] | None) -> None:
+        """Bring the index up to date with ``state``: the nodes the change feed noted since the
+        last sync (``changed``), or every node (None: the first time, or after a restore)."""
+        # node_id -> noted in the feed (True: it changed) or only looked at (False: rebuilt
+        # only if its record or status did).
+        todo = dict.fromkeys(changed or (), True)
+        if changed is None or len(self.seen) != len(state.nodes):
             for node_id in [n for n in self.seen if n not in state.nodes]:
                 del self.seen[node_id]
                 self._drop(node_id)
-            todo: Any = state.nodes
+            for node_id in state.nodes:
+                todo.setdefault(node_id, False)
         else:
-            todo = dict.fromkeys(changes[self._cursor - base :])
             # A node's status may have been set in place (a node declared dead) without a note
             # in the feed: one cheap look at every status keeps dead hosts out regardless.
             hosts = self.hosts
             for node_id, node in state.nodes.items():
                 if node.status != "active" and node_id in hosts:
-                    todo[node_id] = None
-        self._epoch = state.indexes_epoch
-        self._cursor = base + len(changes)
-        versions = state.node_versions
-        for node_id in todo:
+                    todo.setdefault(node_id, False)
+        for node_id, noted in todo.items():
             node = state.nodes.get(node_id)
             if node is None:
                 self._drop(node_id)
@@ -201,11 +189,7 @@ class HostIndex:
                 continue
             host = self.hosts.get(node_id)
             if host is not None:
-                if (
-                    host.node is node
-                    and host.version == versions.get(node_id, 0)
-                    and node.status == "active"
-                ):
+                if not noted and host.node is node and node.status == "active":
                     continue
             elif self.seen.get(node_id) == (node, node.status):
                 continue  # known and still not active
@@ -222,8 +206,8 @@ class HostIndex:
         self.seen[node_id] = (node, node.status)
         cls = self._class_of(node)
         self._drop(node_id, keep=cls)
-        held = tuple(state.held.get(node_id, {}).values())
-        host = Host(node, state.node_versions.get(node_id, 0), cls, held)
+        held = tuple(state.jobs_on_node(node_id))
+        host = Host(node, cls, held)
         self.hosts[node_id] = host
         _insert(self.order, node_id)
         if _insert(cls.members, node_id):
@@ -296,19 +280,13 @@ def _remove(ids: list[str], node_id: str) -> None:
         del ids[i]
 
 
-_INDEXES: weakref.WeakKeyDictionary[StateMachine, HostIndex] = weakref.WeakKeyDictionary()
-
-
 class Capacity:
     """One plan's view of the index. ``close()`` rolls back what the plan did to it."""
 
-    def __init__(self, state: StateMachine, deadlines: Deadlines) -> None:
+    def __init__(self, state: StateMachine, index: HostIndex, deadlines: Deadlines) -> None:
+        """``index``: brought up to date with ``state`` (``SchedulerIndex.sync``)."""
         self.state = state
         self.deadlines = deadlines
-        index = _INDEXES.get(state)
-        if index is None:
-            index = _INDEXES[state] = HostIndex()
-        index.sync(state)
         self.index = index
         self.hosts = index.hosts
         # node_id -> what the host looked like before this plan touched it

@@ -16,6 +16,7 @@ from meshgpu.config.resources import ResourcesSpec
 from meshgpu.config.spec import NO_SPEC, RunSpec
 from meshgpu.scheduler.capacity import Capacity
 from meshgpu.scheduler.deadlines import Deadlines
+from meshgpu.scheduler.index import SchedulerIndex
 from meshgpu.scheduler.matching import req_of
 from meshgpu.scheduler.placement import _Planner
 from meshgpu.scheduler.policy import SchedulerPolicy
@@ -47,16 +48,17 @@ def offer(
     now: float | None = None,
     after_queue: bool = False,
     policy: SchedulerPolicy | None = None,
+    index: SchedulerIndex | None = None,
 ) -> list[Offer]:
     """Hosts for one job of ``resources`` (with the run-level filters of ``spec``; ``nodes``
     > 1 means a job of a multi-node gang, which takes whole hosts split into blocks). Idle offers
-    come first, in the order the scheduler would pick them."""
+    come first, in the order the scheduler would pick them. ``index``: as for ``plan``."""
     res = (
         resources
         if isinstance(resources, ResourcesSpec)
         else ResourcesSpec.model_validate(resources)
     )
-    planner = _Planner(state, now, policy or SchedulerPolicy())
+    planner = _Planner(state, now, policy or SchedulerPolicy(), index)
     try:
         if after_queue:
             planner.plan_queue()
@@ -71,6 +73,7 @@ def no_offer_reason(
     *,
     spec: RunSpec | None = None,
     nodes: int = 1,
+    index: SchedulerIndex | None = None,
 ) -> str:
     """Why no host can ever run the request (what an empty ``offer`` means), in the words a
     waiting job's ``why_pending`` uses."""
@@ -79,7 +82,10 @@ def no_offer_reason(
         if isinstance(resources, ResourcesSpec)
         else ResourcesSpec.model_validate(resources)
     )
-    cap = Capacity(state, Deadlines(None, SchedulerPolicy()))
+    if index is None:
+        index = SchedulerIndex.shared(state)
+    index.sync(state)
+    cap = Capacity(state, index.hosts, Deadlines(None, SchedulerPolicy()))
     try:
         return cap.never_reasons(req_of(res, (spec or NO_SPEC).placement, exclusive=nodes > 1))
     finally:

@@ -26,9 +26,10 @@ and blocks nobody; ``Plan.wake_at`` says when to plan again.
 with unrelated load except for the head of each kind), so reasons are re-proposed only when they
 change.
 
-**Cost.** The state keeps waiting gangs grouped in classes (``state/queue.py``): one failed gang
-settles its whole class, so a plan costs what it places plus one step per class, not one per
-queued job; free capacity is indexed by host class and free GPUs (``capacity.py``).
+**Cost.** The scheduler keeps waiting gangs grouped in classes (``queue.py``), fed from the
+state's change feed (``index.py``): one failed gang settles its whole class, so a plan costs what
+it places plus one step per class, not one per queued job; free capacity is indexed by host class
+and free GPUs (``capacity.py``).
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ from dataclasses import dataclass, field
 from meshgpu.scheduler.backfill import Backfill
 from meshgpu.scheduler.capacity import Capacity, Host, HostClass, Reservation
 from meshgpu.scheduler.deadlines import Deadlines
+from meshgpu.scheduler.index import SchedulerIndex
 from meshgpu.scheduler.matching import Req, StaticFit, describe, req_of, spec_of
 from meshgpu.scheduler.policy import SchedulerPolicy
 from meshgpu.scheduler.preemption import Decision, Preemptor
+from meshgpu.scheduler.queue import Gang, QueueClass
 from meshgpu.state.commands import Assignment, Preemption
 from meshgpu.state.machine import StateMachine
-from meshgpu.state.queue import Gang, QueueClass
 from meshgpu.state.retry import backoff
 
 QUEUED = "waiting for capacity: earlier or higher-priority runs are ahead in the queue"
@@ -80,27 +82,43 @@ class _Failure:
 
 
 def plan(
-    state: StateMachine, now: float | None = None, policy: SchedulerPolicy | None = None
+    state: StateMachine,
+    now: float | None = None,
+    policy: SchedulerPolicy | None = None,
+    *,
+    index: SchedulerIndex | None = None,
 ) -> Plan:
     """Decide what to start, preempt and say about the waiting queue of ``state``.
 
     ``now`` (seconds since the epoch, the proposer's clock) turns ``max_duration`` into deadlines
     for backfill; without it no deadline is known, so nothing is backfilled onto reserved hosts.
+    ``index``: the caller's indexes of ``state`` (brought up to date here; by default the one
+    ``SchedulerIndex.shared`` keeps for it).
     """
-    return _Planner(state, now, policy or SchedulerPolicy()).run()
+    return _Planner(state, now, policy or SchedulerPolicy(), index).run()
 
 
 class _Planner:
-    def __init__(self, state: StateMachine, now: float | None, policy: SchedulerPolicy) -> None:
+    def __init__(
+        self,
+        state: StateMachine,
+        now: float | None,
+        policy: SchedulerPolicy,
+        index: SchedulerIndex | None = None,
+    ) -> None:
+        if index is None:
+            index = SchedulerIndex.shared(state)
+        index.sync(state)
         self.state = state
+        self.index = index
         self.policy = policy
         self.deadlines = Deadlines(now, policy)
-        self.cap = Capacity(state, self.deadlines)
+        self.cap = Capacity(state, index.hosts, self.deadlines)
         self.out = Plan()
         self.failed: dict[_Kind, tuple[_Failure, float]] = {}  # kind -> (failure, its deadline)
         self.reserved_kinds: set[_Kind] = set()
         self.no_preempt: set[tuple[_Kind, int]] = set()
-        self.usage = dict(state.project_gpus) if policy.fair_share else {}
+        self.usage = dict(index.project_gpus) if policy.fair_share else {}
         self.preemptor = Preemptor(self.cap)
         self.backfill = Backfill(self.cap, policy)
 
@@ -112,7 +130,7 @@ class _Planner:
 
     def plan_queue(self) -> Plan:
         """Plan the whole queue (the capacity index keeps the plan's changes until closed)."""
-        for priority, classes in self.state.queue.by_priority():
+        for priority, classes in self.index.queue.by_priority():
             self._level(priority, classes)
         return self.out
 

@@ -29,8 +29,8 @@ from meshgpu.state.commands import (
     SubmitRun,
     decode,
 )
+from meshgpu.state.feed import ChangeFeed
 from meshgpu.state.lifecycle import check_job_move, check_run_move
-from meshgpu.state.queue import WaitQueue
 from meshgpu.state.records import (
     JobRecord,
     JobStatus,
@@ -75,24 +75,16 @@ class StateMachine:
         self.applied_index = 0
         # Bumped on every change that can free or need capacity: the scheduler's trigger.
         self.demand_version = 0
+        # What each apply changed (job, node and run ids), for readers that keep indexes of
+        # their own -- the scheduler's wait queue and host index (``feed.py``).
+        self.feed = ChangeFeed()
         self._reset_indexes()
 
     def _reset_indexes(self) -> None:
-        """Derived indexes (never snapshotted: ``restore`` rebuilds them). They let the scheduler
-        plan in time that follows what changed, not the size of the queue or of the mesh."""
-        # Readers that cache what they derived from the indexes start over when this changes.
-        self.indexes_epoch = getattr(self, "indexes_epoch", 0) + 1
-        self.waiting: dict[str, JobRecord] = {}  # SUBMITTED jobs
-        self.queue = WaitQueue()  # the same jobs, grouped into gangs and classes
+        """The state's own derived indexes (never snapshotted: ``restore`` rebuilds them): what
+        ``apply`` checks assignments against and what the queries answer from."""
         self.held: dict[str, dict[str, JobRecord]] = {}  # node_id -> jobs holding resources there
-        # node_id -> bumped whenever what the node holds (or a holder's status) changes, so that
-        # per-node work can be cached across plans; ``node_changes`` lists the nodes touched, in
-        # order, from absolute position ``node_changes_base`` (trimmed as it grows), so a reader
-        # that remembers its position visits only what changed since.
-        self.node_versions: dict[str, int] = {}
-        self.node_changes: list[str] = []
-        self.node_changes_base = 0
-        self.project_gpus: dict[str, int] = {}  # GPUs held by each project's jobs (fair share)
+        self.waiting_count = 0  # SUBMITTED jobs
 
     # -- consensus interface ------------------------------------------------------------------
     def apply(self, batch: Iterable[tuple[int, bytes]]) -> list[Result]:
@@ -140,21 +132,18 @@ class StateMachine:
         self.requests = dict(doc.get("requests", {}))
         self._reset_indexes()
         for run in sorted(self.runs.values(), key=lambda r: r.run_name):
-            gangs: dict[int, list[JobRecord]] = {}
             for job_id in run.job_ids:
-                job = self.jobs[job_id]
-                self._track(job)
-                if job.status is JobStatus.SUBMITTED:
-                    gangs.setdefault(job.replica_num, []).append(job)
-            for jobs in gangs.values():
-                self.queue.add_gang(run, jobs)
+                self._track(self.jobs[job_id], None)
+        # A new epoch of the feed: readers rebuild their indexes from the restored state.
+        self.feed.reset()
         # Set last: rebuilding the indexes goes through ``_track``, which counts transitions.
         self.demand_version = doc.get("demand_version", 0)
 
     # -- indexes ------------------------------------------------------------------------------
-    def _track(self, job: JobRecord) -> None:
-        """Bring the indexes in line with ``job.status`` (call after every status change). The
-        wait queue is fed whole gangs by the callers that make jobs wait.
+    def _track(self, job: JobRecord, was: JobStatus | None) -> None:
+        """Bring the indexes in line with ``job.status`` (call after every status change, with
+        the status it had before -- ``_move`` returns it -- or None for a new job) and note the
+        job in the change feed.
 
         Also the scheduler's trigger for job transitions: ``demand_version`` is bumped when a
         job stops waiting without being placed (stopped, aborted, forgotten: the jobs behind
@@ -164,38 +153,32 @@ class StateMachine:
         path can free capacity without waking the scheduler. Only placing a job (the
         scheduler's own decision) does not: it uses capacity up."""
         job_id = job.job_id
-        if job.status is JobStatus.SUBMITTED:
-            self.waiting[job_id] = job
-        elif self.waiting.pop(job_id, None) is not None:
-            self.queue.discard(job)
-            if not job.status.holds_resources():
+        self.feed.job(job_id)
+        status = job.status
+        if status is JobStatus.SUBMITTED:
+            if was is not JobStatus.SUBMITTED:
+                self.waiting_count += 1
+        elif was is JobStatus.SUBMITTED:
+            self.waiting_count -= 1
+            if not status.holds_resources():
                 self.demand_version += 1
         node = job.node_id
         if node is None:
             return
-        holds = job.status.holds_resources()
+        holds = status.holds_resources()
         here = self.held.get(node)
-        was = here is not None and job_id in here
-        if holds or was:
-            self._touch_node(node)
-        if job.status is JobStatus.TERMINATING or (was and not holds):
+        held = here is not None and job_id in here
+        if holds or held:
+            self._node_changed(node)
+        if status is JobStatus.TERMINATING or (held and not holds):
             self.demand_version += 1
-        if holds == was:
+        if holds == held:
             return
         if holds:
             self.held.setdefault(node, {})[job_id] = job
         else:
             assert here is not None
             del here[job_id]
-        gpus = len(job.gpu_indices)
-        if gpus:
-            run = self.runs.get(job.run_name)
-            project = run.project if run is not None else ""
-            left = self.project_gpus.get(project, 0) + (gpus if holds else -gpus)
-            if left > 0:
-                self.project_gpus[project] = left
-            else:
-                self.project_gpus.pop(project, None)
 
     def set_node_status(self, node_id: str, status: str) -> None:
         """Mark a node active, draining or dead (for handlers that decide it, e.g. a host found
@@ -207,20 +190,11 @@ class StateMachine:
         self._node_changed(node_id)
         self.demand_version += 1
 
-    def _touch_node(self, node_id: str) -> None:
-        """What the node holds changed (or a holder's status or run): cached per-node work of
-        the scheduler is stale."""
-        self.node_versions[node_id] = self.node_versions.get(node_id, 0) + 1
-        self._node_changed(node_id)
-
     def _node_changed(self, node_id: str) -> None:
-        """Note a change to a node's record, status or holdings (every handler that makes one
-        must call this, or readers of ``node_changes`` miss it)."""
-        self.node_changes.append(node_id)
-        if len(self.node_changes) > 200_000:
-            drop = len(self.node_changes) // 2
-            del self.node_changes[:drop]
-            self.node_changes_base += drop
+        """Note a change to a node's record, status or holdings, or to how the scheduler weighs
+        what it holds (every handler that makes one must call this, or readers of the feed miss
+        it)."""
+        self.feed.node(node_id)
 
     # -- handlers -----------------------------------------------------------------------------
     def _on_register_node(self, cmd: RegisterNode) -> Result:
@@ -288,7 +262,6 @@ class StateMachine:
         )
         run.priority = run.spec.priority
         self.runs[run.run_name] = run
-        gangs: dict[int, list[JobRecord]] = {}
         for spec in run.spec.jobs:
             job = JobRecord(
                 job_id=f"{cmd.run_id}-{spec.replica_num}-{spec.job_num}-0",
@@ -303,11 +276,8 @@ class StateMachine:
             )
             self.jobs[job.job_id] = job
             self.active[job.job_id] = job
-            self._track(job)
-            gangs.setdefault(job.replica_num, []).append(job)
+            self._track(job, None)
             run.job_ids.append(job.job_id)
-        for jobs in gangs.values():
-            self.queue.add_gang(run, jobs)
         self.requests[cmd.request_id] = run.run_name
         self.demand_version += 1
         return _ok(run.run_name)
@@ -334,14 +304,14 @@ class StateMachine:
                 self.demand_version += 1
                 continue
             for a, job in members:
-                self._move(job, JobStatus.PROVISIONING)
+                was = self._move(job, JobStatus.PROVISIONING)
                 job.node_id = a.node_id
                 job.gpu_indices = sorted(a.gpu_indices)
                 job.blocks = a.blocks
                 job.epoch += 1
                 job.assigned_at = cmd.at
                 job.why_pending = ""
-                self._track(job)
+                self._track(job, was)
                 accepted.append(a.job_id)
             self._update_run(self.runs[key[0]], cmd.at)
         self._set_pending_reasons(cmd.pending_reasons)
@@ -349,8 +319,13 @@ class StateMachine:
 
     def _check_gang(self, key: tuple[str, int], members: list[tuple[Assignment, JobRecord]]) -> str:
         """Why this gang's assignments cannot all be accepted ('' if they can)."""
-        gang = self.queue.gangs.get(key)
-        waiting = {j.job_id for j in gang.jobs} if gang is not None else set()
+        run = self.runs.get(key[0])
+        jobs = self.jobs
+        waiting = {
+            j
+            for j in (run.job_ids if run is not None else ())
+            if jobs[j].status is JobStatus.SUBMITTED and jobs[j].replica_num == key[1]
+        }
         given = {a.job_id for a, _ in members}
         if len(given) != len(members) or given != waiting:
             return (
@@ -420,11 +395,11 @@ class StateMachine:
                         other.replica_num == job.replica_num
                         and other.status in _PREEMPTIBLE_STATUSES
                     ):
-                        self._move(other, JobStatus.TERMINATING)
+                        was = self._move(other, JobStatus.TERMINATING)
                         other.stop_requested = "server"  # the graceful stop (stop_duration)
                         other.preempted_by = by.run_name
                         other.termination_message = p.message
-                        self._track(other)
+                        self._track(other, was)
                         preempted.append(other.job_id)
                 # An interruption: resubmitted once stopped if the run's retry covers it.
                 self._replica_failed(run, job, "interruption", cmd.at, p.message, preempted=True)
@@ -448,9 +423,9 @@ class StateMachine:
         if isinstance(job, Result):
             return job
         if job.status in (JobStatus.PROVISIONING, JobStatus.PULLING):
-            self._move(job, JobStatus.RUNNING)
+            was = self._move(job, JobStatus.RUNNING)
             job.started_at = cmd.started_at
-            self._track(job)
+            self._track(job, was)
             self._update_run(self.runs[job.run_name], cmd.at)
         return _ok()
 
@@ -522,9 +497,9 @@ class StateMachine:
                 self._finish_job(job, reason, cmd.at, None, "")
             elif job.status.holds_resources():
                 # The agent holding it sees this and stops the process (gracefully unless abort).
-                self._move(job, JobStatus.TERMINATING)
+                was = self._move(job, JobStatus.TERMINATING)
                 job.stop_requested = "abort" if abort or job.stop_requested == "abort" else "stop"
-                self._track(job)
+                self._track(job, was)
         self._update_run(run, cmd.at)
         return _ok(run.run_name)
 
@@ -539,13 +514,11 @@ class StateMachine:
         run.priority = cmd.priority
         run.set_config({**run.config, "priority": cmd.priority})
         jobs = self.run_jobs(run)
-        self.queue.reclassify(
-            run, sorted({j.replica_num for j in jobs if j.status is JobStatus.SUBMITTED})
-        )
+        self.feed.run(run.run_name)  # its waiting gangs move to their new place in the queue
         for node_id in sorted(
             {j.node_id for j in jobs if j.node_id and j.status.holds_resources()}
         ):
-            self._touch_node(node_id)  # preemption weighs its running jobs anew
+            self._node_changed(node_id)  # preemption weighs its running jobs anew
         self.demand_version += 1
         return _ok(run.priority)
 
@@ -570,8 +543,8 @@ class StateMachine:
             job = self.jobs.pop(job_id, None)
             self.active.pop(job_id, None)
             if job is not None and not job.status.is_finished():
-                self._move(job, JobStatus.TERMINATED)  # forgotten: out of every index
-                self._track(job)
+                was = self._move(job, JobStatus.TERMINATED)  # forgotten: out of every index
+                self._track(job, was)
         if run.request_id is not None and self.requests.get(run.request_id) == run.run_name:
             del self.requests[run.request_id]
         self.runs.pop(run.run_name, None)
@@ -585,20 +558,23 @@ class StateMachine:
         message: str,
     ) -> None:
         self.active.pop(job.job_id, None)
-        self._move(job, reason.to_status())
+        was = self._move(job, reason.to_status())
         job.termination_reason = reason
         job.termination_message = message
         job.exit_code = exit_code
         job.finished_at = at
         job.stop_requested = None
-        self._track(job)  # wakes the scheduler: the job let go of its place or its resources
+        self._track(job, was)  # wakes the scheduler: the job let go of its place or its resources
 
     @staticmethod
-    def _move(job: JobRecord, status: JobStatus) -> None:
+    def _move(job: JobRecord, status: JobStatus) -> JobStatus:
         """Every job status change: checked against the job lifecycle (``lifecycle.py``); the
-        caller then brings the indexes in line (``_track``)."""
-        check_job_move(job.job_id, job.status, status)
+        caller then brings the indexes in line (``_track``, with the status returned: the one
+        the job had)."""
+        was = job.status
+        check_job_move(job.job_id, was, status)
         job.status = status
+        return was
 
     @staticmethod
     def _move_run(run: RunRecord, status: RunStatus) -> None:
@@ -663,9 +639,9 @@ class StateMachine:
         if job.status is JobStatus.SUBMITTED:
             self._finish_job(job, JobTerminationReason.TERMINATED_BY_SERVER, at, None, "")
         elif job.status.holds_resources() and job.status is not JobStatus.TERMINATING:
-            self._move(job, JobStatus.TERMINATING)
+            was = self._move(job, JobStatus.TERMINATING)
             job.stop_requested = "server"
-            self._track(job)
+            self._track(job, was)
 
     @staticmethod
     def _retry_of(run: RunRecord, replica: int) -> ReplicaRetry | None:
@@ -682,7 +658,6 @@ class StateMachine:
         if not all(j.status.is_finished() for j in gang):
             return
         run.retrying.remove(retry)
-        fresh = []
         for old in gang:
             job = JobRecord(
                 job_id=f"{run.run_id}-{old.replica_num}-{old.job_num}-{old.submission_num + 1}",
@@ -704,9 +679,7 @@ class StateMachine:
             self.active[job.job_id] = job
             run.job_ids[run.job_ids.index(old.job_id)] = job.job_id
             run.replaced_job_ids.append(old.job_id)
-            self._track(job)
-            fresh.append(job)
-        self.queue.add_gang(run, fresh)
+            self._track(job, None)
         self.demand_version += 1
 
     def _update_run(self, run: RunRecord, at: float) -> None:
@@ -747,7 +720,8 @@ class StateMachine:
         return sum(j.blocks for j in self.held.get(node_id, {}).values())
 
     def waiting_jobs(self) -> list[JobRecord]:
-        return list(self.waiting.values())
+        """Jobs waiting to be placed (``waiting_count`` says how many without a scan)."""
+        return [j for j in self.active.values() if j.status is JobStatus.SUBMITTED]
 
     def jobs_on_node(self, node_id: str) -> list[JobRecord]:
         """Jobs this node must run or stop (assigned and not finished)."""

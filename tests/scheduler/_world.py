@@ -6,7 +6,8 @@ import itertools
 from typing import Any
 
 from meshgpu.config.resources import parse_resources
-from meshgpu.scheduler import Plan, SchedulerPolicy, plan
+from meshgpu.scheduler import Plan, SchedulerIndex, SchedulerPolicy, plan
+from meshgpu.scheduler.capacity import HostIndex
 from meshgpu.state import (
     AssignJobs,
     JobFinished,
@@ -120,3 +121,49 @@ def finish(
 
 def status(sm: StateMachine, run: str) -> set[JobStatus]:
     return {j.status for j in jobs(sm, run)}
+
+
+def assert_same_index(kept: SchedulerIndex, fresh: SchedulerIndex) -> None:
+    """Two scheduler indexes of the same state hold the same thing (``kept`` fed from the change
+    feed, ``fresh`` typically rebuilt from scratch); both synced and no plan open."""
+    q, f = kept.queue, fresh.queue
+    assert len(q) == len(f)
+    assert {k: [j.job_id for j in g.jobs] for k, g in q.gangs.items()} == {
+        k: [j.job_id for j in g.jobs] for k, g in f.gangs.items()
+    }
+    assert {k: (c.order, set(c.job_ids)) for k, c in q.classes.items()} == {
+        k: (c.order, set(c.job_ids)) for k, c in f.classes.items()
+    }
+    assert all(c.order for c in q.classes.values())
+    assert [(p, [c.key for c in cs]) for p, cs in q.by_priority()] == [
+        (p, [c.key for c in cs]) for p, cs in f.by_priority()
+    ]
+    for key, gang in q.gangs.items():
+        other = f.gangs[key]
+        assert gang.run is other.run and gang.cls.key == other.cls.key
+        assert gang.order == other.order
+    assert kept.project_gpus == fresh.project_gpus
+    assert_same_hosts(kept.hosts, fresh.hosts)
+
+
+def assert_same_hosts(index: HostIndex, fresh: HostIndex) -> None:
+    """The host index kept across plans equals one built from scratch."""
+    assert index.order == fresh.order == sorted(fresh.hosts)
+    assert set(index.hosts) == set(fresh.hosts)
+    for node_id, kept in index.hosts.items():
+        other = fresh.hosts[node_id]
+        assert (kept.free, kept.free_blocks, kept.units) == (
+            other.free,
+            other.free_blocks,
+            other.units,
+        )
+        assert kept.node is other.node
+        assert {j.job_id for j in kept.held} == {j.job_id for j in other.held}
+        assert kept.reservation is None and kept.planned == []
+        assert node_id in kept.cls.buckets[kept.units] and node_id in kept.cls.members
+        assert kept.cls.sig == other.cls.sig
+    assert sorted(index.by_end) == index.by_end
+    assert index.by_end == fresh.by_end
+    for cls in index.classes:
+        assert cls.top == max((v for v, b in enumerate(cls.buckets) if b), default=-1)
+        assert sum(len(b) for b in cls.buckets) == len(cls.members)

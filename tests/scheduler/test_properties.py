@@ -17,8 +17,7 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from meshgpu.scheduler import Plan, SchedulerPolicy, plan
-from meshgpu.scheduler.capacity import _INDEXES, HostIndex
+from meshgpu.scheduler import Plan, SchedulerIndex, SchedulerPolicy, plan
 from meshgpu.scheduler.deadlines import Deadlines
 from meshgpu.scheduler.filters import run_filters
 from meshgpu.scheduler.matching import req_of, spec_of, static_fit
@@ -30,7 +29,15 @@ from meshgpu.state import (
     StateMachine,
     StopRun,
 )
-from tests.scheduler._world import apply_plan, host, resources, submit, task
+from tests.scheduler._world import (
+    apply_plan,
+    assert_same_hosts,
+    assert_same_index,
+    host,
+    resources,
+    submit,
+    task,
+)
 
 GPU_SPECS = ["1", "2", "4", "8", "H100:1", "A100:2", "H100:3", "0", "1..", "A100:4"]
 
@@ -136,21 +143,19 @@ def test_scheduler_properties(hosts: list[tuple[Any, ...]], rounds: list[tuple[A
 
 
 def check_indexes(sm: StateMachine) -> None:
-    """The state's incremental indexes equal the ones a restore builds from scratch."""
+    """The state's incremental indexes equal the ones a restore builds from scratch, and so do
+    the scheduler's (fed from the change feed, against one rebuilt from the state)."""
     fresh = StateMachine()
     fresh.restore(sm.snapshot())
-    assert set(sm.waiting) == set(fresh.waiting)
+    assert sm.waiting_count == fresh.waiting_count == len(sm.waiting_jobs())
     assert {n: set(js) for n, js in sm.held.items() if js} == {
         n: set(js) for n, js in fresh.held.items() if js
     }
-    assert sm.project_gpus == fresh.project_gpus
-    assert {k: [j.job_id for j in g.jobs] for k, g in sm.queue.gangs.items()} == {
-        k: [j.job_id for j in g.jobs] for k, g in fresh.queue.gangs.items()
-    }
-    assert {k: c.order for k, c in sm.queue.classes.items()} == {
-        k: c.order for k, c in fresh.queue.classes.items()
-    }
-    assert set(sm.queue.classes) == {k for k, c in sm.queue.classes.items() if c.order}
+    kept = SchedulerIndex.shared(sm)
+    kept.sync(sm)
+    rebuilt = SchedulerIndex()
+    rebuilt.sync(sm)
+    assert_same_index(kept, rebuilt)
 
 
 def end_jobs(sm: StateMachine, picks: list[int], reason: JobTerminationReason, t: float) -> None:
@@ -445,21 +450,6 @@ def test_preemption_properties(
 def check_index(sm: StateMachine) -> None:
     """The scheduler's persistent host index equals one built from scratch."""
     plan(sm)  # syncs it
-    index = _INDEXES[sm]
-    fresh = HostIndex()
+    fresh = SchedulerIndex()
     fresh.sync(sm)
-    assert index.order == fresh.order == sorted(fresh.hosts)
-    assert set(index.hosts) == set(fresh.hosts)
-    for node_id, kept in index.hosts.items():
-        other = fresh.hosts[node_id]
-        assert (kept.free, kept.free_blocks, kept.units) == (
-            other.free,
-            other.free_blocks,
-            other.units,
-        )
-        assert kept.reservation is None and kept.planned == []
-        assert node_id in kept.cls.buckets[kept.units] and node_id in kept.cls.members
-    assert sorted(index.by_end) == index.by_end and len(index.by_end) == len(fresh.by_end)
-    for cls in index.classes:
-        assert cls.top == max((v for v, b in enumerate(cls.buckets) if b), default=-1)
-        assert sum(len(b) for b in cls.buckets) == len(cls.members)
+    assert_same_hosts(SchedulerIndex.shared(sm).hosts, fresh.hosts)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from meshgpu.api.views import run_view
-from meshgpu.scheduler import plan
+from meshgpu.scheduler import SchedulerIndex, plan
+from meshgpu.scheduler.queue import WaitQueue
 from meshgpu.state import (
     JobFinished,
     JobStatus,
@@ -27,6 +28,14 @@ from meshgpu.state import (
 from meshgpu.state.cluster import NodeUnreachable, Replicated, encode_cluster
 from meshgpu.state.commands import encode
 from tests.scheduler._world import finish, host, jobs, schedule, status, submit, task, world
+
+
+def queue_of(sm: StateMachine) -> WaitQueue:
+    """The scheduler's wait queue of ``sm``, up to date."""
+    index = SchedulerIndex.shared(sm)
+    index.sync(sm)
+    return index.queue
+
 
 ERROR = JobTerminationReason.CONTAINER_EXITED_WITH_ERROR
 RUNNING = {JobStatus.RUNNING}
@@ -266,7 +275,7 @@ def test_priority_changed_in_place_reorders_the_queue() -> None:
     assert status(sm, "a") == status(sm, "b") == {JobStatus.SUBMITTED}
     res = sm.apply_command(SetRunPriority(at=4, run_name="b", priority=10))
     assert res.ok and sm.runs["b"].priority == 10 and sm.runs["b"].config["priority"] == 10
-    assert [p for p, _ in sm.queue.by_priority()] == [10, 0]
+    assert [p for p, _ in queue_of(sm).by_priority()] == [10, 0]
     finish(sm, "hog", at=5)
     schedule(sm, now=6)
     assert status(sm, "b") == RUNNING and status(sm, "a") == {JobStatus.SUBMITTED}
@@ -288,10 +297,12 @@ def test_a_running_run_raised_above_its_preemptor_is_spared() -> None:
     sm = world(host("n1"), submit("victim", task("H100:8", preemptible=True), at=0))
     schedule(sm, now=1)
     node = jobs(sm, "victim")[0].node_id
-    before = sm.node_versions[node]
     sm.apply_command(submit("hi", task("H100:8", priority=50), at=2))
+    before = sm.feed.cursor()
     sm.apply_command(SetRunPriority(at=3, run_name="victim", priority=60))
-    assert sm.node_versions[node] > before  # the scheduler's per-host cache is refreshed
+    changes = sm.feed.since(before)
+    # The scheduler's per-host cache of the node is refreshed.
+    assert changes is not None and node in changes.nodes and changes.runs == ["victim"]
     assert plan(sm, now=4).preemptions == []
 
 
@@ -335,8 +346,10 @@ def test_snapshot_restore_keeps_retries_in_flight_and_the_queue() -> None:
     copy.restore(sm.snapshot())
     assert copy.snapshot() == sm.snapshot()
     assert copy.runs["dist"].retrying == sm.runs["dist"].retrying
-    assert sorted(copy.queue.gangs) == sorted(sm.queue.gangs)
-    assert [p for p, _ in copy.queue.by_priority()] == [p for p, _ in sm.queue.by_priority()]
+    assert sorted(queue_of(copy).gangs) == sorted(queue_of(sm).gangs)
+    assert [p for p, _ in queue_of(copy).by_priority()] == [
+        p for p, _ in queue_of(sm).by_priority()
+    ]
     for s in (sm, copy):
         other = next(j for j in jobs(s, "dist") if j.status is JobStatus.TERMINATING)
         fail(s, other, at=10, reason=JobTerminationReason.TERMINATED_BY_USER)

@@ -1,5 +1,6 @@
-"""The wait queue: waiting jobs grouped the way the scheduler consumes them, kept up to date by
-``StateMachine`` on every change so that a plan never re-sorts or re-groups ten thousand jobs.
+"""The wait queue: waiting jobs grouped the way the scheduler consumes them, kept up to date from
+the state's change feed (``index.py``) so that a plan never re-sorts or re-groups ten thousand
+jobs.
 
 A *gang* is what must start together: the waiting jobs of one run replica (all nodes of a task,
 one replica of a service). Gangs with the same priority, project and placement requirements form a
@@ -110,13 +111,13 @@ class WaitQueue:
                 self._drop_gang(gang)
                 self.add_gang(run, jobs)
 
-    def discard(self, job: JobRecord) -> None:
+    def discard(self, job_id: str) -> None:
         """The job no longer waits (assigned, stopped, forgotten)."""
-        gang = self._by_job.pop(job.job_id, None)
+        gang = self._by_job.pop(job_id, None)
         if gang is None:
             return
-        gang.jobs = [j for j in gang.jobs if j.job_id != job.job_id]
-        del gang.cls.job_ids[job.job_id]
+        gang.jobs = [j for j in gang.jobs if j.job_id != job_id]
+        del gang.cls.job_ids[job_id]
         if not gang.jobs:
             self._drop_gang(gang)
 
