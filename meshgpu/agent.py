@@ -20,6 +20,7 @@ import socket
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -268,15 +269,31 @@ class Agent:
         return bool(self.admin_token) and hmac.compare_digest(token, self.admin_token)
 
     # -- wiring ---------------------------------------------------------------------------------
-    def _on_apply(self, index: int) -> None:
-        self.executor.notify(index)
-        self._demand.set()
-        if self.cluster.version != self._cluster_version:
-            self._cluster_version = self.cluster.version
-            self._sync_cluster()
+    def _follow_applied(self, nursery: trio.Nursery) -> None:
+        """What reacts to the applied state, each in its own task (the Raft owner task only
+        publishes the applied index): the executor, the scheduler's demand, the cluster sync."""
 
-    def _sync_cluster(self) -> None:
-        """Peer addresses from the replicated member list; our CA key if a grant names us."""
+        async def follow(react: Callable[[int], object]) -> None:
+            index = 0  # whatever is applied already counts as news
+            while True:
+                index = await self.node.wait_applied(after=index)
+                react(index)
+
+        nursery.start_soon(follow, self.executor.notify)
+        nursery.start_soon(follow, lambda _: self._demand.set())
+        nursery.start_soon(self._cluster_sync_loop)
+
+    async def _cluster_sync_loop(self) -> None:
+        index = self.node.applied
+        while True:
+            index = await self.node.wait_applied(after=index)
+            if self.cluster.version != self._cluster_version:
+                self._cluster_version = self.cluster.version
+                await self._sync_cluster()
+
+    async def _sync_cluster(self) -> None:
+        """Peer addresses from the replicated member list; our CA key if a grant names us
+        (file writes and unsealing in worker threads)."""
         rid = self.identity.get("raft_id")
         if self.transport is not None:
             for m in self.cluster.members.values():
@@ -288,18 +305,22 @@ class Agent:
         }
         if peers and peers != self.identity.get("peers"):
             old, self.identity["peers"] = self.identity.get("peers"), peers  # for restarts
+            text = json.dumps(self.identity)
             try:
-                self._save_identity()
+                await trio.to_thread.run_sync(write_private, self.identity_path, text)
             except OSError as e:  # a full disk: tried again at the next membership change
                 self.identity["peers"] = old
                 log.warning("cannot save the member list to %s: %s", self.identity_path, e)
         sealed = self.cluster.ca_grants.get(rid) if rid else None
         if sealed and not self.tls.ca_key_path.exists():
             try:
-                self.tls.store_ca_key(unseal(bytes.fromhex(sealed), self.tls.private_key()))
+                await trio.to_thread.run_sync(self._store_ca_key, sealed)
                 log.info("received the cluster CA key (this node is a voter)")
             except Exception as e:  # a grant we cannot open is someone else's problem to fix
                 log.error("cannot open the CA key granted to this node: %s", e)
+
+    def _store_ca_key(self, sealed: str) -> None:
+        self.tls.store_ca_key(unseal(bytes.fromhex(sealed), self.tls.private_key()))
 
     async def _propose(
         self, data: bytes, request_id: bytes | None = None, timeout: float = 30.0
@@ -471,7 +492,6 @@ class Agent:
             peers=peers,
             options=NodeOptions(tick_s=s.tick_s, min_free_bytes=s.min_free),
         )
-        self.node.on_apply.append(self._on_apply)
         node = self.node
 
         async def deliver(msgs: list[Any]) -> None:
@@ -498,7 +518,8 @@ class Agent:
         await nursery.start(node.run)
         if node.status()["voters"] == [rid]:
             node.campaign()  # alone: no one to wait for
-        self._sync_cluster()
+        await self._sync_cluster()
+        self._follow_applied(nursery)
         await self._wait_leader()
 
     async def _init_cluster(self) -> None:
