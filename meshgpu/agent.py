@@ -61,6 +61,7 @@ from meshgpu.runner import ProcessRunner
 from meshgpu.runner.code import CodeDigestError, CodeStore, push_targets
 from meshgpu.runner.container import detect_runtime
 from meshgpu.runner.executor import Executor
+from meshgpu.runner.fencing import Fence
 from meshgpu.scheduler import plan
 from meshgpu.security import (
     JoinToken,
@@ -237,7 +238,12 @@ class Agent:
         self.gossip = MeshGossip(self, settings.gossip)
         self._client_ssl: ssl.SSLContext | None = None
         self._join_nonces: dict[str, float] = {}  # nonces of join requests checked lately
-        self.cut_off = False  # no leader heard for the fencing period (see _fence_loop)
+        self._fence: Fence | None = None  # started in run()
+
+    @property
+    def cut_off(self) -> bool:
+        """No leader heard for the fencing period (meshgpu/runner/fencing.py)."""
+        return self._fence is not None and self._fence.cut_off
 
     # -- identity and secrets on disk ---------------------------------------------------------
     def _load_identity(self) -> dict[str, Any]:
@@ -360,7 +366,11 @@ class Agent:
             )
             nursery.start_soon(self.gossip.run)
             nursery.start_soon(self.membership.run)
-            nursery.start_soon(self._fence_loop)
+            policy = s.membership
+            self._fence = Fence(
+                self.node, self.executor, policy.dead_grace_s * policy.fence_fraction
+            )
+            nursery.start_soon(self._fence.run)
             nursery.start_soon(self._reactivate_loop)
             nursery.start_soon(self._retention_loop)
             if s.mdns:
@@ -575,42 +585,6 @@ class Agent:
 
     async def revoke_join_token(self, token_id: str) -> Result:
         return await self._propose(encode_cluster(RevokeToken(at=time.time(), token_id=token_id)))
-
-    async def _fence_loop(self) -> None:
-        """A host cut off from the leader for long stops its jobs before the leader (after the
-        longer grace period) declares it dead and restarts them elsewhere: a job never runs in
-        two places at once. Short leaderless spells (an election takes a second or two) leave
-        jobs running."""
-        policy = self.settings.membership
-        fence_s = policy.dead_grace_s * policy.fence_fraction
-        last_contact = trio.current_time()
-        while True:
-            await trio.sleep(0.5)
-            now = trio.current_time()
-            node = self.node
-            if node.role is Role.LEADER and len(node.status()["voters"]) == 1:
-                last_contact = now
-                self.cut_off = False
-                continue
-            heard = (
-                node.last_heard.get(node.leader) if node.leader and node.leader != node.id else None
-            )
-            if node.role is Role.LEADER or (
-                heard is not None
-                and now - heard < 2 * node.options.tick_s * node.options.election_tick
-            ):
-                last_contact = now
-                self.cut_off = False
-                continue
-            # Gossip tells the leader (metadata "f"): it may fail this host's jobs over at once.
-            self.cut_off = now - last_contact > fence_s
-            if self.cut_off and self.executor.local:
-                log.warning(
-                    "no leader heard for %.0fs: stopping %d local job(s) (fencing)",
-                    now - last_contact,
-                    len(self.executor.local),
-                )
-                self.executor.fence()
 
     async def _retention_loop(self) -> None:
         """On the leader: forget finished runs beyond the retention policy (count and age), so
