@@ -39,6 +39,7 @@ from meshgpu.api import create_app
 from meshgpu.api.problems import Problem, parse_run_config_async
 from meshgpu.client.archive import DEFAULT_CODE_LIMIT, ArchiveLimits, ArchiveRefused
 from meshgpu.client.http import write_profile
+from meshgpu.clock import SYSTEM_CLOCK
 from meshgpu.config.interpolation import references
 from meshgpu.config.render import to_json
 from meshgpu.config.resources import GPUSpec
@@ -98,6 +99,7 @@ from meshgpu.state.cluster import (
     RevokeToken,
     encode_cluster,
 )
+from meshgpu.state.retention import prune_due
 
 if TYPE_CHECKING:
     from meshgpu.api.app import SubmitBody
@@ -141,6 +143,7 @@ _NOUNS = [
 ]
 
 
+RETENTION_INTERVAL_S = 10.0  # how often the leader applies the retention policy
 MAX_REASONS = 2000  # why-pending reasons per Raft entry
 # The founding agent's join token (join-token.json): many hosts may join with it, for a day.
 STARTUP_TOKEN_TTL_S = 86400.0
@@ -184,6 +187,7 @@ class AgentSettings:
 class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
+        self.clock = SYSTEM_CLOCK  # time for the executor, fencing, membership, retention
         d = settings.data_dir
         # Private to this user (0700/0600), whatever an older version or a hand left behind.
         private_dir(d)
@@ -225,6 +229,7 @@ class Agent:
             self._gpu_vendor,
             on_busy=self.gpus.set_busy if isinstance(self.gpus, FakeProvider) else lambda _: None,
             code=self.code,
+            clock=self.clock,
         )
         self.container_runtime: str | None = None
         self._demand = trio.Event()
@@ -363,12 +368,16 @@ class Agent:
                 s.membership,
                 jobs=self.state,
                 gossip=self.gossip,
+                clock=self.clock,
             )
             nursery.start_soon(self.gossip.run)
             nursery.start_soon(self.membership.run)
             policy = s.membership
             self._fence = Fence(
-                self.node, self.executor, policy.dead_grace_s * policy.fence_fraction
+                self.node,
+                self.executor,
+                policy.dead_grace_s * policy.fence_fraction,
+                clock=self.clock,
             )
             nursery.start_soon(self._fence.run)
             nursery.start_soon(self._reactivate_loop)
@@ -592,13 +601,10 @@ class Agent:
         jobs the state no longer knows (``Executor.collect``)."""
         s = self.settings
         while True:
-            await trio.sleep(10.0)
+            await self.clock.sleep(RETENTION_INTERVAL_S)
             if self.node.role is Role.LEADER:
-                finished = [r for r in self.state.runs.values() if r.status.is_finished()]
-                now = time.time()
-                old = any(now - (r.finished_at or now) > s.keep_runs_for_s for r in finished)
-                # A little past the limit before pruning: one entry per 10% of the count.
-                if old or len(finished) > s.keep_runs + max(s.keep_runs // 10, 1):
+                now = self.clock.wall()
+                if prune_due(self.state.runs.values(), now, s.keep_runs, s.keep_runs_for_s):
                     cmd = PruneRuns(at=now, keep=s.keep_runs, max_age_s=s.keep_runs_for_s)
                     try:
                         await self._propose(encode(cmd))
