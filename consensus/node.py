@@ -377,6 +377,11 @@ class RaftNode:
             await ev.wait()
         return self.applied
 
+    async def leader_changed(self) -> None:
+        """Returns at the next change of leader (a change of this node's role comes with one:
+        becoming leader, or stepping down for a candidate or another leader)."""
+        await self._leader_changed.wait()
+
     def campaign(self) -> None:
         """Start an election now (a sole voter need not wait out an election timeout)."""
         self._post("campaign", None)

@@ -34,13 +34,14 @@ from scripts.bench_list import build  # noqa: E402
 
 
 def before_snapshot(r: Replicated) -> bytes:
-    """main's ``Replicated.snapshot`` (the jobs state's JSON decoded and encoded again)."""
+    """The snapshot as it was taken before (on the loop: the jobs state's JSON decoded and
+    encoded again)."""
     jobs = r.jobs
     doc = {
         "applied_index": jobs.applied_index,
         "demand_version": jobs.demand_version,
         "nodes": [n.model_dump(mode="json") for n in jobs.nodes.values()],
-        "runs": [x.model_dump(mode="json") for x in jobs.runs.values()],
+        "runs": [x.to_doc() for x in jobs.runs.values()],
         "jobs": [j.model_dump(mode="json") for j in jobs.jobs.values()],
         "requests": jobs.requests,
     }

@@ -16,7 +16,7 @@ from meshgpu.config.common import EnvOverrides, Utf8Str
 from meshgpu.runner.code import valid_sha256
 
 if TYPE_CHECKING:
-    from meshgpu.agent import Agent  # noqa: F401
+    from meshgpu.ops import Services  # noqa: F401
 
 MAX_JSON_BODY = 1 << 20
 # Answered without a bearer token: liveness, a new host's join (its token proof is the
@@ -82,29 +82,30 @@ class _Guard:
     route's dependencies. Plain ASGI: Starlette's ``BaseHTTPMiddleware`` costs a task group and
     a stream per request, a tenth of a submission's time."""
 
-    def __init__(self, app: Any, agent: "Agent") -> None:  # noqa: UP037
+    def __init__(self, app: Any, services: "Services") -> None:  # noqa: UP037
         self.app = app
-        self.agent = agent
+        self.cluster = services.cluster
+        self.code_limit = services.code.limit
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        agent = self.agent
+        cluster = self.cluster
         path = scope["path"]
 
         async def send_with_index(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start" and agent.node is not None:
+            if message["type"] == "http.response.start":
                 headers = [
                     *message.get("headers", ()),
-                    (APPLIED_HEADER_B, b"%d" % agent.node.applied),
+                    (APPLIED_HEADER_B, b"%d" % cluster.applied),
                 ]
                 # Where a client can go when this node does not answer: only on answers to
                 # authenticated API calls (not to anyone who asks /healthz or fails a token).
                 if message.get("status", 500) < 400 and path.startswith(
                     ("/api/v1/runs", "/api/v1/status", "/api/v1/nodes")
                 ):
-                    members = agent.members_header()
+                    members = cluster.members_header()
                     if members:
                         headers.append((MEMBERS_HEADER_B, members))
                 message = {**message, "headers": headers}
@@ -113,7 +114,7 @@ class _Guard:
         if path not in PUBLIC_PATHS:
             header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             token = problems.bearer_token(header.decode("latin-1"))
-            if not token or not agent.api_token_ok(token):
+            if not token or not cluster.api_token_ok(token):
                 e = problems.unauthorized()
                 response = problems.problem_response(
                     e.status, e.title, e.detail, e.code, headers=e.headers
@@ -122,11 +123,7 @@ class _Guard:
                 return
             scope[AUTHENTICATED] = True
 
-        limit = (
-            agent.settings.code_limit + (64 << 10)
-            if path.startswith("/api/v1/code")
-            else MAX_JSON_BODY
-        )
+        limit = self.code_limit + (64 << 10) if path.startswith("/api/v1/code") else MAX_JSON_BODY
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > limit:
             await _too_large(f"{int(length)} bytes is over the {limit} byte limit")(
@@ -169,11 +166,13 @@ def _too_large(detail: str) -> Any:
     return problems.problem_response(413, "request too large", detail, "too_large")
 
 
-def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are evaluated (FastAPI)
+def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations are evaluated
+    """The app over the use cases (``meshgpu/ops``): routes parse, call one, and render."""
     app = FastAPI(title="meshgpu", version="0.1.0", docs_url=None, redoc_url=None)
     problems.install(app)
+    cluster, state, runs = services.cluster, services.state, services.runs
 
-    app.add_middleware(_Guard, agent=agent)
+    app.add_middleware(_Guard, services=services)
 
     bearer = HTTPBearer(scheme_name="bearer", auto_error=False, description=BEARER_DOC)
 
@@ -185,17 +184,12 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
         if request.scope.get(AUTHENTICATED):
             return
         token = problems.bearer_token(request.headers.get("authorization", ""))
-        if not token or not agent.api_token_ok(token):
+        if not token or not cluster.api_token_ok(token):
             raise problems.unauthorized()
 
     async def consistent_read(consistent: bool = False) -> None:
         if consistent:
-            try:
-                await agent.node.read_index(timeout=10)
-            except Exception as e:  # Timeout while there is no leader
-                raise Problem(
-                    503, "no linearizable read possible now", str(e), "unavailable"
-                ) from None
+            await cluster.read_index()
 
     Auth = Annotated[None, Depends(auth)]
     Read = Annotated[None, Depends(consistent_read)]
@@ -215,16 +209,13 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
             raise Problem(
                 400, "malformed join request", "expected a JSON object", "invalid_request"
             )
-        return await agent.admit(body)
+        return await services.admission.admit(body)
 
     @app.get("/api/v1/join/ca")
     async def join_ca() -> dict[str, Any]:
         """The cluster CA certificate, for a joining host to check against the fingerprint in
         its token before it trusts this API's certificate (public: it is no secret)."""
-        return {
-            "ca_pem": agent.tls.files.ca_cert.read_text(),
-            "cluster_id": agent.cluster.cluster_id or agent.identity.get("cluster_id"),
-        }
+        return {"ca_pem": cluster.ca_pem(), "cluster_id": cluster.cluster_id()}
 
     @app.post("/api/v1/tokens", status_code=201, responses=problems.responses(503, 507))
     async def create_token(
@@ -241,7 +232,7 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
             bool, Query(description="Let many hosts join with it (default: single-use)")
         ] = False,
     ) -> dict[str, Any]:
-        token = await agent.create_join_token(ttl_s or None, reusable=reusable)
+        token = await services.tokens.create(ttl_s or None, reusable=reusable)
         return {
             "token": token,
             "token_id": token.split(".")[3],
@@ -251,18 +242,16 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
 
     @app.delete("/api/v1/tokens/{token_id}", responses=problems.responses(404, 503, 507))
     async def revoke_token(token_id: str, _: Auth) -> dict[str, Any]:
-        result = await agent.revoke_join_token(token_id)
-        if not result.ok:
-            raise Problem(404, "token not found", result.error, result.code)
+        await services.tokens.revoke(token_id)
         return {"revoked": token_id}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"ok": True, "node": agent.node_name}
+        return {"ok": True, "node": services.node_name}
 
     @app.get("/api/v1/status")
     async def status(_: Auth, __: Read) -> dict[str, Any]:
-        return agent.cluster_status()
+        return cluster.status()
 
     Limit = Annotated[
         int,
@@ -282,22 +271,22 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
         ``null`` when gossip does not know it) and live ``telemetry`` (sampled now for this
         host, from gossip for peers)."""
         after = views.decode_cursor("nodes", cursor) if cursor else None
-        found, last = views.page(agent.state.nodes.values(), views.node_key, limit, after)
-        roles = agent.roles()
-        gossip = agent.gossip
+        found, last = views.page(state.nodes.values(), views.node_key, limit, after)
+        roles = cluster.roles()
+        gossip = services.gossip
         rows = []
         for n in found:
-            view = node_view(n, agent.state, roles.get(n.node_id, ""))
+            view = node_view(n, state, roles.get(n.node_id, ""))
             view["gossip"] = gossip.node_view(n.node_id)
-            if n.node_id == agent.node_id:
-                view["telemetry"] = await agent.local_telemetry()
+            if n.node_id == services.node_id:
+                view["telemetry"] = await services.local_telemetry()
             else:
                 view["telemetry"] = gossip.telemetry(n.node_id)
             rows.append(view)
         return JSONResponse(
             {
                 "nodes": rows,
-                "gossip": gossip.summary(set(agent.state.nodes)),
+                "gossip": gossip.summary(set(state.nodes)),
                 "next_cursor": views.encode_cursor("nodes", last) if last else None,
             }
         )
@@ -313,13 +302,13 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
         """Runs, newest first, a page at a time; without their configurations (``GET
         /api/v1/runs/{name}`` has it)."""
         after = views.decode_cursor("runs", cursor) if cursor else None
-        runs = agent.state.runs.values()
+        found_runs = state.runs.values()
         if not all:
-            runs = [r for r in runs if not r.status.is_finished()]
-        found, last = views.page(runs, views.run_key, limit, after)
+            found_runs = [r for r in found_runs if not r.status.is_finished()]
+        found, last = views.page(found_runs, views.run_key, limit, after)
         return JSONResponse(
             {
-                "runs": [run_summary(r, agent.state) for r in found],
+                "runs": [run_summary(r, state) for r in found],
                 "next_cursor": views.encode_cursor("runs", last) if last else None,
             }
         )
@@ -327,12 +316,7 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
     @app.get("/api/v1/runs/{name}", response_model=views.RunView, responses=problems.responses(404))
     async def get_run(name: str, _: Auth, __: Read) -> JSONResponse:
         """One run with its configuration."""
-        run = agent.state.runs.get(name)
-        if run is None:
-            raise Problem(
-                404, "run not found", f"no run named {name!r}; see meshgpu ps -a", "not_found"
-            )
-        return JSONResponse(run_view(run, agent.state))
+        return JSONResponse(run_view(runs.get(name), state))
 
     @app.post(
         "/api/v1/runs",
@@ -348,11 +332,11 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
         },
     )
     async def submit(body: SubmitBody, _: Auth) -> JSONResponse:
-        run, updated = await agent.submit(body)
+        run, updated = await runs.submit(body)
         if updated:
-            view = run_view(run, agent.state) | {"updated_in_place": ["priority"]}
+            view = run_view(run, state) | {"updated_in_place": ["priority"]}
             return JSONResponse(view, status_code=200)
-        return JSONResponse(run_view(run, agent.state), status_code=201)
+        return JSONResponse(run_view(run, state), status_code=201)
 
     @app.patch(
         "/api/v1/runs/{name}",
@@ -360,8 +344,8 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
         responses=problems.responses(404, 409, 503, 507),
     )
     async def update_run(name: str, body: RunUpdate, _: Auth) -> JSONResponse:
-        run = await agent.set_priority(name, body.priority)
-        return JSONResponse(run_view(run, agent.state))
+        run = await runs.set_priority(name, body.priority)
+        return JSONResponse(run_view(run, state))
 
     @app.post(
         "/api/v1/runs/{name}/stop",
@@ -369,21 +353,16 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
         responses=problems.responses(404, 503, 507),
     )
     async def stop(name: str, body: StopBody, _: Auth) -> JSONResponse:
-        run = await agent.stop(name, body.abort)
-        return JSONResponse(run_view(run, agent.state))
+        run = await runs.stop(name, body.abort)
+        return JSONResponse(run_view(run, state))
 
     async def read_archive(request: Request) -> bytes:
         data = bytearray()
         async with aclosing(request.stream()) as stream:
             async for chunk in stream:
                 data += chunk
-                if len(data) > agent.settings.code_limit:
-                    raise Problem(
-                        413,
-                        "code archive too large",
-                        f"over the {agent.settings.code_limit} byte limit",
-                        "too_large",
-                    )
+                if len(data) > services.code.limit:
+                    raise services.code.too_large()
         return bytes(data)
 
     @app.post(
@@ -402,17 +381,8 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
         """An uploaded working directory; copied to other members before the answer, which
         names them (``copies``)."""
         data = await read_archive(request)
-        sha, holders = await agent.store_code(data, x_content_sha256)
+        sha, holders = await services.code.store_upload(data, x_content_sha256)
         return {"sha256": sha, "size": len(data), "copies": holders}
-
-    def checked_sha(sha: str, status: int = 404) -> str:
-        if not valid_sha256(sha):
-            if status == 404:  # GET: no such archive here, whatever was asked
-                raise Problem(404, "unknown code archive", f"{sha!r} is not a SHA-256", "not_found")
-            raise Problem(
-                status, "bad archive name", f"{sha!r} is not a SHA-256 (64 hex digits)", "bad_sha"
-            )
-        return sha
 
     @app.put(
         "/api/v1/code/{sha}", openapi_extra=ARCHIVE_BODY, responses=problems.responses(400, 507)
@@ -420,7 +390,11 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
     async def put_code(sha: str, request: Request, _: Auth) -> dict[str, Any]:
         """A copy of an upload, pushed by the member that accepted it (stored, not copied on)."""
         data = await read_archive(request)
-        await agent.put_code(data, checked_sha(sha, 400))
+        if not valid_sha256(sha):
+            raise Problem(
+                400, "bad archive name", f"{sha!r} is not a SHA-256 (64 hex digits)", "bad_sha"
+            )
+        await services.code.put(data, sha)
         return {"sha256": sha, "size": len(data)}
 
     @app.get(
@@ -436,9 +410,7 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
     )
     async def get_code(sha: str, _: Auth) -> FileResponse:
         """An archive this node holds (a host about to run a job fetches it); 404 otherwise."""
-        if not agent.code.has(checked_sha(sha)):
-            raise Problem(404, "unknown code archive", f"this node has no {sha}", "not_found")
-        return FileResponse(agent.code.path(sha), media_type="application/gzip")
+        return FileResponse(services.code.path(sha), media_type="application/gzip")
 
     @app.get(
         "/api/v1/runs/{name}/logs",
@@ -455,29 +427,22 @@ def create_app(agent: "Agent") -> FastAPI:  # noqa: UP037 - annotations are eval
     async def logs(
         request: Request, name: str, _: Auth, job: int = 0, follow: Annotated[bool, Query()] = False
     ) -> StreamingResponse:
-        run = agent.state.runs.get(name)
-        if run is None:
-            raise Problem(404, "run not found", f"no run named {name!r}", "not_found")
-        jobs = agent.state.run_jobs(run)
-        if not 0 <= job < len(jobs):
-            raise Problem(
-                404, "job not found", f"run {name!r} has jobs 0..{len(jobs) - 1}", "not_found"
-            )
-        target = jobs[job]
-        owner = agent.state.nodes.get(target.node_id) if target.node_id else None
-        if owner is not None and target.node_id != agent.node_id and owner.api_url:
+        source = services.logs.source(name, job)
+        if source.api_url is not None:
             # The log lives on the host that ran the job: stream it through from there (with
             # the caller's token, in the canonical form every version of the agent accepts).
             token = problems.bearer_token(request.headers.get("authorization", ""))
             auth_header = f"Bearer {token}"
             return StreamingResponse(
-                agent.proxy_logs(owner.api_url, name, job, follow, auth_header),
+                services.logs.proxy(source.api_url, name, job, follow, auth_header),
                 media_type="text/plain",
             )
-        return StreamingResponse(agent.stream_logs(target.job_id, follow), media_type="text/plain")
+        return StreamingResponse(
+            services.logs.stream_local(source.job.job_id, follow), media_type="text/plain"
+        )
 
-    app.include_router(offers.router(agent, Auth, Read))
-    app.include_router(metrics.router(agent, Auth, Read))
+    app.include_router(offers.router(services, Auth, Read))
+    app.include_router(metrics.router(services, Auth, Read))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

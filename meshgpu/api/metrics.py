@@ -15,20 +15,21 @@ import trio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from meshgpu.api.problems import Problem, bearer_token, responses
+from meshgpu.api.problems import bearer_token, responses
 from meshgpu.api.prometheus import CONTENT_TYPE, node_families, render
+from meshgpu.errors import job_not_found
 from meshgpu.runner.usage import GroupUsage, cpu_percent, job_pgid, sample_groups
 from meshgpu.state import JobRecord
 
 if TYPE_CHECKING:
-    from meshgpu.agent import Agent
+    from meshgpu.ops import Services
 
 SAMPLE_S = 0.5  # between the two CPU samples of ``meshgpu metrics``
 PROXY_TIMEOUT_S = 10.0
 
 
-def _job_base(agent: "Agent", j: JobRecord) -> dict[str, Any]:  # noqa: UP037
-    node = agent.state.nodes.get(j.node_id) if j.node_id else None
+def _job_base(services: "Services", j: JobRecord) -> dict[str, Any]:  # noqa: UP037
+    node = services.state.nodes.get(j.node_id) if j.node_id else None
     return {
         "job_num": j.job_num,
         "job_id": j.job_id,
@@ -47,32 +48,32 @@ def _job_base(agent: "Agent", j: JobRecord) -> dict[str, Any]:  # noqa: UP037
     }
 
 
-def _usage_of(agent: "Agent", jobs: list[JobRecord]) -> dict[str, GroupUsage]:  # noqa: UP037
+def _usage_of(services: "Services", jobs: list[JobRecord]) -> dict[str, GroupUsage]:  # noqa: UP037
     """Blocking: one ``/proc`` pass for the jobs' process groups (job id -> usage)."""
-    groups = {j.job_id: job_pgid(agent.runner.job_dir(j.job_id)) for j in jobs}
+    groups = {j.job_id: job_pgid(services.runner.job_dir(j.job_id)) for j in jobs}
     sample = sample_groups(g for g in groups.values() if g is not None)
     return {jid: sample[g] for jid, g in groups.items() if g is not None and g in sample}
 
 
-async def _sample_here(agent: "Agent", jobs: list[JobRecord]) -> dict[str, dict[str, Any]]:  # noqa: UP037
+async def _sample_here(services: "Services", jobs: list[JobRecord]) -> dict[str, dict[str, Any]]:  # noqa: UP037
     """Two samples ``SAMPLE_S`` apart (CPU percent needs an interval) and the GPUs' telemetry."""
 
     def first() -> tuple[float, dict[str, GroupUsage]]:
-        return time.monotonic(), _usage_of(agent, jobs)
+        return time.monotonic(), _usage_of(services, jobs)
 
     def second() -> tuple[float, dict[str, GroupUsage], list[Any]]:
-        return time.monotonic(), _usage_of(agent, jobs), agent.gpus.telemetry()
+        return time.monotonic(), _usage_of(services, jobs), services.gpus.telemetry()
 
     t0, before = await trio.to_thread.run_sync(first)
     await trio.sleep(SAMPLE_S)
     t1, after, telemetry = await trio.to_thread.run_sync(second)
     tele = {t.index: dataclasses.asdict(t) for t in telemetry}
-    me = agent.state.nodes.get(agent.node_id)
+    me = services.state.nodes.get(services.node_id)
     static = {g.index: g for g in me.gpus} if me is not None else {}
     out = {}
     now = time.time()
     for j in jobs:
-        entry = _job_base(agent, j)
+        entry = _job_base(services, j)
         u = after.get(j.job_id)
         entry.update(
             sampled_at=now,
@@ -98,18 +99,18 @@ async def _sample_here(agent: "Agent", jobs: list[JobRecord]) -> dict[str, dict[
 
 
 async def _ask_owner(
-    agent: "Agent",  # noqa: UP037
+    services: "Services",  # noqa: UP037
     j: JobRecord,
     run: str,
     auth: str,
 ) -> dict[str, Any]:
-    entry = _job_base(agent, j)
-    owner = agent.state.nodes.get(j.node_id or "")
+    entry = _job_base(services, j)
+    owner = services.state.nodes.get(j.node_id or "")
     if owner is None or not owner.api_url:
         entry["error"] = "the host running the job has no API address"
         return entry
     try:
-        async with agent.http_client(timeout=PROXY_TIMEOUT_S) as c:
+        async with services.http_client(timeout=PROXY_TIMEOUT_S) as c:
             r = await c.get(
                 f"{owner.api_url}/api/v1/runs/{run}/metrics",
                 params={"job": j.job_num, "local": "true"},
@@ -130,48 +131,41 @@ async def _ask_owner(
 
 
 async def run_metrics(
-    agent: "Agent",  # noqa: UP037
+    services: "Services",  # noqa: UP037
     name: str,
     job: int | None,
     auth: str,
     local: bool,
 ) -> dict[str, Any]:
-    run = agent.state.runs.get(name)
-    if run is None:
-        raise Problem(
-            404, "run not found", f"no run named {name!r}; see meshgpu ps -a", "not_found"
-        )
-    jobs = agent.state.run_jobs(run)
+    jobs = services.state.run_jobs(services.runs.get(name))
     if job is not None:
         if not 0 <= job < len(jobs):
-            raise Problem(
-                404, "job not found", f"run {name!r} has jobs 0..{len(jobs) - 1}", "not_found"
-            )
+            raise job_not_found(name, len(jobs))
         jobs = [jobs[job]]
     entries: dict[str, dict[str, Any]] = {}
     here: list[JobRecord] = []
     elsewhere: list[JobRecord] = []
     for j in jobs:
         if not j.node_id or not j.status.holds_resources():
-            entries[j.job_id] = _job_base(agent, j) | {
+            entries[j.job_id] = _job_base(services, j) | {
                 "error": "the job has finished"
                 if j.status.is_finished()
                 else "the job is not running yet"
             }
-        elif j.node_id == agent.node_id:
+        elif j.node_id == services.node_id:
             here.append(j)
         elif local:
-            entries[j.job_id] = _job_base(agent, j) | {
-                "error": f"this node ({agent.node_name}) does not run the job"
+            entries[j.job_id] = _job_base(services, j) | {
+                "error": f"this node ({services.node_name}) does not run the job"
             }
         else:
             elsewhere.append(j)
 
     async def remote(j: JobRecord) -> None:
-        entries[j.job_id] = await _ask_owner(agent, j, name, auth)
+        entries[j.job_id] = await _ask_owner(services, j, name, auth)
 
     async def local_jobs() -> None:
-        entries.update(await _sample_here(agent, here))
+        entries.update(await _sample_here(services, here))
 
     async with trio.open_nursery() as nursery:
         if here:
@@ -181,30 +175,29 @@ async def run_metrics(
     return {"run": name, "jobs": [entries[j.job_id] for j in jobs]}
 
 
-async def scrape(agent: "Agent") -> bytes:  # noqa: UP037
+async def scrape(services: "Services") -> bytes:  # noqa: UP037
     """This node's ``/metrics`` page."""
-    held = agent.state.jobs_on_node(agent.node_id)
+    held = services.state.jobs_on_node(services.node_id)
 
     def sample() -> tuple[list[Any], dict[str, GroupUsage]]:
-        return agent.gpus.telemetry(), _usage_of(agent, held)
+        return services.gpus.telemetry(), _usage_of(services, held)
 
     telemetry, usage = await trio.to_thread.run_sync(sample)
-    node = agent.node
-    raft = node.status() if node is not None else {}
+    raft = services.cluster.raft_status()
     return render(
         node_families(
-            node=agent.node_name,
-            node_id=agent.node_id,
-            cluster_id=agent.cluster.cluster_id or agent.identity.get("cluster_id") or "",
+            node=services.node_name,
+            node_id=services.node_id,
+            cluster_id=services.cluster.cluster_id(),
             raft=raft,
-            state=agent.state,
+            state=services.state,
             telemetry=[dataclasses.asdict(t) for t in telemetry],
             usage=usage,
         )
     )
 
 
-def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037
+def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP037
     """The metrics routes (``auth``/``read``: the app's dependencies; see offers.py)."""
     r = APIRouter()
 
@@ -221,7 +214,7 @@ def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037
     async def metrics(_: auth) -> Response:
         """Prometheus text format. It names the runs with jobs on this host, so it takes the
         bearer token like the rest of the API (Prometheus: ``authorization.credentials_file``)."""
-        return Response(await scrape(agent), media_type=CONTENT_TYPE)
+        return Response(await scrape(services), media_type=CONTENT_TYPE)
 
     @r.get("/api/v1/runs/{name}/metrics", responses=responses(404))
     async def job_metrics(
@@ -236,7 +229,7 @@ def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037
     ) -> dict[str, Any]:
         # Asked of the hosts that run the jobs with the caller's token (canonical form).
         auth_header = f"Bearer {bearer_token(request.headers.get('authorization', ''))}"
-        return await run_metrics(agent, name, job, auth_header, local)
+        return await run_metrics(services, name, job, auth_header, local)
 
     return r
 

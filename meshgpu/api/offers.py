@@ -21,19 +21,20 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from meshgpu.api.problems import Problem, parse_run_config_async
+from meshgpu.api.problems import Problem, from_error
 from meshgpu.api.views import offer_view
 from meshgpu.config import ConfigError, ResourcesSpec, parse_config
 from meshgpu.config.render import to_json
 from meshgpu.config.runs import BaseRunConfiguration, TaskConfiguration
+from meshgpu.config.spec import compile_run
+from meshgpu.errors import Invalid
+from meshgpu.ops.configs import parse_run_config_async
 from meshgpu.scheduler import Offer, no_offer_reason, offer
-from meshgpu.scheduler.filters import run_filters
 from meshgpu.scheduler.matching import describe
-from meshgpu.state import StateMachine, SubmitRun
-from meshgpu.state.machine import expand_jobs
+from meshgpu.state import StateMachine
 
 if TYPE_CHECKING:
-    from meshgpu.agent import Agent
+    from meshgpu.ops import Services
 
 RESOURCE_FIELDS = ("gpu", "cpu", "memory", "disk", "shm_size")
 HINT = (
@@ -124,9 +125,12 @@ def config_of_query(
 async def config_of_body(body: OfferBody) -> BaseRunConfiguration:
     """The run configuration of a ``POST /offers`` body, with the CLI's overrides applied."""
     text = body.config if isinstance(body.config, str) else json.dumps(body.config)
-    config = await parse_run_config_async(
-        text, body.filename, 422, "offers answer for a task, service or dev-environment"
-    )
+    try:
+        config = await parse_run_config_async(
+            text, body.filename, "offers answer for a task, service or dev-environment"
+        )
+    except Invalid as e:  # a query, not a submission: answered 422
+        raise from_error(e, 422) from None
     fields = {k: getattr(body, k) for k in ("gpu", "cpu", "memory", "disk")}
     override = _resources_override(
         {k: v for k, v in fields.items() if v is not None}, "invalid resources override"
@@ -155,20 +159,16 @@ def answer(
     after_queue: bool = False,
 ) -> dict[str, Any]:
     """Offers for every job shape of ``config``: the stable JSON of ``meshgpu offer --json``."""
-    cj = to_json(config)
-    jobs = expand_jobs(
-        SubmitRun(at=now, request_id="offer", run_id="offer", run_name="offer", config=cj)
-    )
-    gang_size = Counter(j["replica_num"] for j in jobs)
+    spec = compile_run(to_json(config))
+    gang_size = Counter(j.replica_num for j in spec.jobs)
     shapes: Counter[tuple[str | None, str, int]] = Counter()
-    for j in jobs:
-        key = json.dumps(j["resources"], sort_keys=True)
-        shapes[(j["group"], key, gang_size[j["replica_num"]])] += 1
-    cluster_rule = run_filters(cj).cluster
+    for j in spec.jobs:
+        shapes[(j.group, j.resources_key, gang_size[j.replica_num])] += 1
+    cluster_rule = spec.placement.cluster
     requests = []
     for (group, key, size), count in shapes.items():
         res = ResourcesSpec.model_validate(json.loads(key))
-        found = offer(state, res, config=cj, nodes=size, now=now, after_queue=after_queue)
+        found = offer(state, res, spec=spec, nodes=size, now=now, after_queue=after_queue)
         idle = [o for o in found if o.availability == "idle"]
         # A gang's jobs take one host each (in one cluster unless ``placement: any``); other jobs
         # are asked about one at a time.
@@ -181,7 +181,7 @@ def answer(
         fits = room >= hosts
         if not found:
             reason = "no host can ever run it: " + no_offer_reason(
-                state, res, config=cj, nodes=size
+                state, res, spec=spec, nodes=size
             )
         elif not fits:
             reason = _why_wait(found, room, hosts, size > 1 and cluster_rule)
@@ -224,7 +224,7 @@ def _why_wait(found: list[Offer], room: int, hosts: int, one_cluster: bool) -> s
     return why
 
 
-def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037 - see app.py
+def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP037 - see app.py
     """The offers routes; ``auth``/``read`` are the app's bearer-token and read-index
     dependencies (annotations are evaluated here: FastAPI reads them)."""
     r = APIRouter()
@@ -247,12 +247,12 @@ def router(agent: "Agent", auth: Any, read: Any) -> APIRouter:  # noqa: UP037 - 
     ) -> dict[str, Any]:
         fields = {"gpu": gpu, "cpu": cpu, "memory": memory, "disk": disk, "shm_size": shm_size}
         config = config_of_query(resources, fields, nodes, fleet or [])
-        return answer(agent.state, config, now=time.time(), after_queue=after_queue)
+        return answer(services.state, config, now=time.time(), after_queue=after_queue)
 
     @r.post("/api/v1/offers")
     async def post_offers(body: OfferBody, _: auth, __: read) -> dict[str, Any]:
         config = await config_of_body(body)
-        return answer(agent.state, config, now=time.time(), after_queue=body.after_queue)
+        return answer(services.state, config, now=time.time(), after_queue=body.after_queue)
 
     return r
 

@@ -15,6 +15,7 @@ from starlette.routing import Route
 from consensus.core.errors import ProposalDropped
 from consensus.node import Timeout as ConsensusTimeout
 from consensus.storage import StorageFull
+from meshgpu import errors
 
 MEDIA_TYPE = "application/problem+json"
 
@@ -90,7 +91,36 @@ def allowed_methods(app: Any, path: str) -> list[str]:
     return sorted(methods)
 
 
+# Each kind of use-case error and the status it is answered with: the one place they meet HTTP.
+STATUS: dict[type[errors.MeshError], int] = {
+    errors.Invalid: 400,
+    errors.Denied: 403,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.TooLarge: 413,
+    errors.Unavailable: 503,
+}
+
+
+def status_of(exc: errors.MeshError) -> int:
+    if isinstance(exc, errors.Remote):
+        return exc.status
+    for kind in type(exc).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]  # type: ignore[index]
+    return 400
+
+
+def from_error(exc: errors.MeshError, status: int | None = None) -> Problem:
+    """The problem an error is answered with (``status``: another than its kind's own)."""
+    return Problem(status or status_of(exc), exc.title, exc.detail, exc.code, **exc.extra)
+
+
 def install(app: FastAPI) -> None:
+    @app.exception_handler(errors.MeshError)
+    async def _error(_: Request, exc: errors.MeshError) -> JSONResponse:
+        return problem_response(status_of(exc), exc.title, exc.detail, exc.code, **exc.extra)
+
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
         return problem_response(
@@ -126,54 +156,6 @@ def install(app: FastAPI) -> None:
         ]
         detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors)
         return problem_response(422, "invalid request", detail, "invalid_request", errors=errors)
-
-
-def parse_run_config(text: str, filename: str, status: int, not_a_run: str) -> Any:
-    """A run configuration (task, service, dev-environment) from a request's YAML, or a
-    problem with every located issue (``status``; ``not_a_run`` says what to do instead when the
-    file is another kind). Blocks: the API uses ``parse_run_config_async``."""
-    from meshgpu.config import ConfigError, parse_config
-
-    try:
-        config = parse_config(text, filename)
-    except ConfigError as e:
-        raise _invalid_config(status, e) from None
-    return _run_only(config, status, not_a_run)
-
-
-async def parse_run_config_async(text: str, filename: str, status: int, not_a_run: str) -> Any:
-    """``parse_run_config`` in a worker thread under a deadline (``parse_config_async``), so a
-    hostile or huge configuration never holds up the event loop."""
-    from meshgpu.config import ConfigError, parse_config_async
-
-    try:
-        config = await parse_config_async(text, filename)
-    except ConfigError as e:
-        raise _invalid_config(status, e) from None
-    return _run_only(config, status, not_a_run)
-
-
-def _invalid_config(status: int, e: Any) -> Problem:
-    return Problem(
-        status,
-        "invalid configuration",
-        str(e),
-        "invalid_config",
-        issues=[i.to_dict() for i in e.issues],
-    )
-
-
-def _run_only(config: Any, status: int, not_a_run: str) -> Any:
-    from meshgpu.config.runs import BaseRunConfiguration
-
-    if not isinstance(config, BaseRunConfiguration):
-        raise Problem(
-            status,
-            f"{config.type} configurations are not runs",
-            not_a_run.format(type=config.type),
-            "not_a_run",
-        )
-    return config
 
 
 # -- the OpenAPI document ---------------------------------------------------------------------

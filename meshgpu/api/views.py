@@ -60,7 +60,7 @@ def run_summary(r: RunRecord, state: StateMachine) -> dict[str, Any]:
         "id": r.run_id,
         "project": r.project,
         "user": r.user,
-        "type": r.config.get("type"),
+        "type": r.spec.type,
         "status": r.status.value,
         "status_message": run_status_message(r, state),
         "termination_reason": r.termination_reason.value if r.termination_reason else None,

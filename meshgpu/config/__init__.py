@@ -19,7 +19,6 @@ from meshgpu.config.loader import (
     Configuration,
     load_config,
     parse_config,
-    parse_config_async,
 )
 from meshgpu.config.resources import CPUSpec, DiskSpec, GPUSpec, ResourcesSpec, parse_resources
 from meshgpu.config.runs import (
@@ -55,7 +54,6 @@ __all__ = [
     "interpolate",
     "load_config",
     "parse_config",
-    "parse_config_async",
     "parse_duration",
     "parse_memory",
     "parse_resources",

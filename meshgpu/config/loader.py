@@ -511,7 +511,7 @@ def parse_config(text: str, file: str = "<string>") -> Configuration:
 
     Input is bounded first (see ``MAX_CONFIG_BYTES`` and the other limits above): a document
     over a limit is refused without building its values."""
-    file = _printable(file)
+    file = printable(file)
     _check_text(text, file)
     try:
         _check_bounds(text, file)
@@ -590,48 +590,11 @@ def parse_config(text: str, file: str = "<string>") -> Configuration:
     return config  # type: ignore[return-value]
 
 
-def _printable(file: str) -> str:
+def printable(file: str) -> str:
     """A file name from an API request is echoed in every issue: no lone surrogates in it."""
     if file.isascii():
         return file
     return file.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-async def parse_config_async(
-    text: str, file: str = "<string>", timeout: float = PARSE_TIMEOUT
-) -> Configuration:
-    """``parse_config`` off the event loop: in a worker thread (``PARSE_THREADS`` at most), with
-    an answer within ``timeout`` seconds; past it, a ConfigError (the thread, which cannot be
-    stopped, finishes on its own and keeps its slot until then)."""
-    import trio
-
-    global _PARSE_LIMITER
-    if _PARSE_LIMITER is None:  # made here: importing trio would slow every CLI command down
-        _PARSE_LIMITER = trio.lowlevel.RunVar("meshgpu.config.parse_limiter")
-    limiter = _PARSE_LIMITER.get(None)
-    if limiter is None:
-        limiter = trio.CapacityLimiter(PARSE_THREADS)
-        _PARSE_LIMITER.set(limiter)
-    with trio.move_on_after(timeout):
-        return await trio.to_thread.run_sync(
-            parse_config, text, file, abandon_on_cancel=True, limiter=limiter
-        )
-    raise ConfigError(
-        [
-            ConfigIssue(
-                _printable(file),
-                None,
-                None,
-                "",
-                f"reading the configuration took more than {timeout:g} s (this agent may be busy "
-                "reading others): try again, or make the file smaller and simpler",
-            )
-        ]
-    )
-
-
-# One limiter per trio run (a CapacityLimiter belongs to the run that uses it).
-_PARSE_LIMITER: Any = None
 
 
 def load_config(path: str | Path) -> Configuration:

@@ -1,5 +1,5 @@
 """Joining a mesh: the new host's side (``request_join``); the member's side is
-``Agent.admit`` with ``meshgpu/mesh/admission.py``.
+``meshgpu/ops/admission.py`` with ``meshgpu/mesh/admission.py``.
 
 The joiner generates its own key and sends a CSR, its name, node id and addresses, a fresh nonce
 and the time, all signed with the token's Ed25519 secret, to any member's API

@@ -29,12 +29,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from consensus.core import ProposalDropped, Role
+from consensus.core import ProposalDropped
 from consensus.node import NotLeader, RaftNode, Timeout
 from consensus.storage import StorageFull
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.mesh.gossip import MemberInfo, MemberState
 from meshgpu.mesh.node_meta import parse_meta
+from meshgpu.replica.leadership import election_window_s
 from meshgpu.security import NodeIdentity, seal
 from meshgpu.state.cluster import (
     ClusterState,
@@ -126,7 +127,7 @@ class MembershipManager:
         node: RaftNode,
         cluster: ClusterState,
         identity: NodeIdentity,
-        zones: Callable[[], dict[int, str]],
+        zones: Callable[[], dict[int, str]] | None,
         propose: Callable[[bytes], Awaitable[Any]],
         policy: MembershipPolicy | None = None,
         jobs: StateMachine | None = None,
@@ -137,17 +138,16 @@ class MembershipManager:
         self.jobs = jobs
         self.gossip = gossip
         self.node, self.cluster, self.identity = node, cluster, identity
-        self.zones = zones
+        self.zones = zones or self._zones  # Raft id -> zone label (None: from the records)
         self.propose = propose
         self.policy = policy or MembershipPolicy()
         self._caught_up_since: dict[int, float] = {}
 
     async def run(self) -> None:
+        """The leader's membership controller (started by ``Leadership`` for a term)."""
+        self._caught_up_since.clear()  # what an earlier term saw is stale
         while True:
             await self.clock.sleep(self.policy.interval_s)
-            if self.node.role is not Role.LEADER:
-                self._caught_up_since.clear()
-                continue
             try:
                 await self.step(self.clock.now())
             except (NotLeader, Timeout, ProposalDropped, StorageFull) as e:
@@ -322,9 +322,13 @@ class MembershipManager:
                 return True
         return False
 
+    def _zones(self) -> dict[int, str]:
+        nodes = self.jobs.nodes.values() if self.jobs is not None else ()
+        by_node = {n.node_id: n.labels.get("zone", "") for n in nodes}
+        return {m.raft_id: by_node.get(m.node_id, "") for m in self.cluster.members.values()}
+
     def _election_s(self) -> float:
-        o = self.node.options
-        return o.tick_s * o.election_tick * 2
+        return election_window_s(self.node.options)
 
     def _started(self, rid: int, now: float) -> float:
         """When we started watching ``rid`` (a fresh leader gives every peer a full grace)."""

@@ -5,7 +5,8 @@ Lifecycle (one task under the agent's nursery, started once the node has its ide
 Raft log has caught up far enough to hold the cluster's gossip key):
 
 1. wait for a gossip key in the replicated cluster state; the leader installs one when there is
-   none (a new cluster, or one created before gossip existed);
+   none (a new cluster, or one created before gossip existed) and rotates them
+   (``meshgpu/control/gossip_keys.py``);
 2. bind UDP on ``--bind``:``--peer-port`` (the number Raft uses for TCP) and start the shell;
    streams (push/pull, fallback pings) are ``APP`` requests on the Raft transport;
 3. join through the Raft members' peer addresses (retried while this member is alone);
@@ -22,13 +23,12 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from consensus.core import ProposalDropped, Role
-from consensus.node import NotLeader, Timeout
-from consensus.storage import StorageFull
 from consensus.transport import parse_address
 from meshgpu.mesh.gossip import (
     Addr,
@@ -38,17 +38,39 @@ from meshgpu.mesh.gossip import (
     MemberInfo,
     MemberState,
     MetaTooLarge,
-    new_key,
 )
 from meshgpu.mesh.gossip.shell import GossipShell, TransportStreams
 from meshgpu.mesh.join import answer_api_query
 from meshgpu.mesh.node_meta import build_meta, decisive, parse_meta, variants
-from meshgpu.state.cluster import InstallGossipKey, encode_cluster
 
 if TYPE_CHECKING:
-    from meshgpu.agent import Agent
+    from consensus.transport import Transport
+    from meshgpu.state import StateMachine
+    from meshgpu.state.cluster import ClusterState
 
 log = logging.getLogger(__name__)
+
+KEY_WAIT_S = 0.2  # how often a member without a gossip key looks for the first one
+
+
+@dataclass
+class GossipHost:
+    """What gossip needs of its host: who it is, where it listens, what it publishes."""
+
+    node_id: str
+    raft_id: int
+    name: str
+    api_url: str
+    labels: dict[str, str]
+    bind: str
+    peer_port: int  # the real number (the transport bound it)
+    peer_address: str  # where peers reach this host (advertised address, peer port)
+    transport: Transport  # streams (push/pull, fallback pings) ride its APP requests
+    cluster: ClusterState  # members (seeds, the address book) and the gossip keys
+    state: StateMachine  # this host's record and jobs (busy GPUs)
+    local_jobs: Callable[[], Iterable[str]]  # job ids running here
+    cut_off: Callable[[], bool]  # no leader heard for the fencing period
+    telemetry: Callable[[], Any]  # a blocking GPU sample (run in a worker thread)
 
 
 class MeshGossip:
@@ -56,18 +78,20 @@ class MeshGossip:
 
     def __init__(
         self,
-        agent: Agent,
+        host: GossipHost,
         config: GossipConfig | None = None,
         *,
         telemetry_interval_s: float = 2.0,
         telemetry_refresh_s: float = 10.0,
         join_retry_s: float = 3.0,
+        key_check_s: float = 1.0,
     ) -> None:
-        self.agent = agent
+        self.host = host
         self.config = config if config is not None else GossipConfig.lan()
         self.telemetry_interval_s = telemetry_interval_s
         self.telemetry_refresh_s = telemetry_refresh_s
         self.join_retry_s = join_retry_s
+        self.key_check_s = key_check_s  # how often the replicated keys are looked at
         self.shell: GossipShell | None = None
         self._keys: tuple[str, ...] = ()
         self._book: dict[Addr, int] = {}
@@ -139,11 +163,11 @@ class MeshGossip:
     # ------------------------------------------------------------------ running
 
     async def run(self) -> None:
-        agent = self.agent
+        host = self.host
         keys = await self._wait_for_keys()
-        addr = parse_address(agent.peer_address)
+        addr = parse_address(host.peer_address)
         core = Gossip(
-            agent.node_id,
+            host.node_id,
             addr,
             self._meta(None),
             self.config,
@@ -152,10 +176,10 @@ class MeshGossip:
         shell = GossipShell(
             core,
             self._keyring(keys),
-            TransportStreams(agent.transport, self._resolve),  # type: ignore[arg-type]
-            host=agent.settings.bind,
-            port=agent.settings.peer_port,  # the real number once the transport bound it
-            on_plain=lambda data: answer_api_query(data, agent.api_url),
+            TransportStreams(host.transport, self._resolve),  # type: ignore[arg-type]
+            host=host.bind,
+            port=host.peer_port,
+            on_plain=lambda data: answer_api_query(data, host.api_url),
         )
         async with trio.open_nursery() as nursery:
             failures = 0
@@ -168,8 +192,8 @@ class MeshGossip:
                     log.log(
                         logging.ERROR if failures == 0 else logging.DEBUG,
                         "gossip cannot bind UDP %s:%d (%s); retrying, Raft alone says who is up",
-                        agent.settings.bind,
-                        agent.settings.peer_port,
+                        host.bind,
+                        host.peer_port,
                         e,
                     )
                     failures += 1
@@ -184,61 +208,29 @@ class MeshGossip:
                 self.shell = None
 
     async def _wait_for_keys(self) -> list[str]:
-        agent = self.agent
-        while not agent.cluster.gossip_keys:
-            if agent.node.role is Role.LEADER:
-                try:
-                    await agent._propose(  # noqa: SLF001 - the agent's one way to propose
-                        encode_cluster(InstallGossipKey(at=time.time(), key_hex=new_key().hex()))
-                    )
-                    log.info("installed a cluster gossip key")
-                except (NotLeader, Timeout, ProposalDropped, StorageFull) as e:
-                    log.info("gossip key deferred: %s", e)
-            await trio.sleep(0.2)
-        return list(agent.cluster.gossip_keys)
+        """Until the replicated state has a gossip key (the leader installs one)."""
+        cluster = self.host.cluster
+        while not cluster.gossip_keys:
+            await trio.sleep(KEY_WAIT_S)
+        return list(cluster.gossip_keys)
 
     def _keyring(self, keys: list[str]) -> Keyring:
         self._keys = tuple(keys)
-        return Keyring([bytes.fromhex(k) for k in keys], self.agent.cluster.cluster_id)
+        return Keyring([bytes.fromhex(k) for k in keys], self.host.cluster.cluster_id)
 
     async def _key_loop(self, shell: GossipShell) -> None:
+        """Follow the keys in the replicated state (the leader rotates them)."""
         while True:
-            await trio.sleep(1.0)
-            await self._rotate_keys()
-            keys = self.agent.cluster.gossip_keys
+            await trio.sleep(self.key_check_s)
+            keys = self.host.cluster.gossip_keys
             if keys and tuple(keys) != self._keys:
                 shell.set_keyring(self._keyring(list(keys)))
                 log.info("gossip keys rotated (%d in the ring)", len(keys))
 
-    async def _rotate_keys(self) -> None:
-        """On the leader: a new key once a member is removed (it still holds the old one),
-        and the old one dropped once the new one has had time to reach everyone."""
-        agent = self.agent
-        if agent.node.role is not Role.LEADER:
-            return
-        cluster = agent.cluster
-        action = cluster.gossip_key_action(time.time())
-        if action is None:
-            return
-        if action == "rotate":
-            cmd = InstallGossipKey(at=time.time(), key_hex=new_key().hex())
-        else:
-            cmd = InstallGossipKey(at=time.time(), key_hex=cluster.gossip_keys[0], retire=True)
-        try:
-            await agent._propose(encode_cluster(cmd))  # noqa: SLF001 - the agent's one way
-            log.info(
-                "gossip key %s",
-                "rotated: a member was removed"
-                if action == "rotate"
-                else "ring trimmed to the new key",
-            )
-        except (NotLeader, Timeout, ProposalDropped, StorageFull) as e:
-            log.info("gossip key change deferred: %s", e)
-
     def _seeds(self) -> list[Addr]:
-        me = self.agent.identity.get("raft_id")
+        me = self.host.raft_id
         seeds = []
-        for m in self.agent.cluster.members.values():
+        for m in self.host.cluster.members.values():
             if m.removed or m.raft_id == me or not m.peer_address:
                 continue
             try:
@@ -268,7 +260,7 @@ class MeshGossip:
 
     def _resolve(self, addr: Addr) -> int | None:
         """The Raft id at a gossip address: the transport dials (and authenticates) by id."""
-        cluster = self.agent.cluster
+        cluster = self.host.cluster
         if self._book_version != cluster.version:
             book = {}
             for m in cluster.members.values():
@@ -288,22 +280,23 @@ class MeshGossip:
     # ------------------------------------------------------------------ metadata
 
     def _meta(self, telemetry: Any) -> dict[str, Any]:
-        agent = self.agent
-        record = agent.state.nodes.get(agent.node_id)
+        host = self.host
+        state = host.state
+        record = state.nodes.get(host.node_id)
         busy = set()
-        for job_id in list(agent.executor.local):
-            job = agent.state.jobs.get(job_id)
-            if job is not None and job.node_id == agent.node_id:
+        for job_id in list(host.local_jobs()):
+            job = state.jobs.get(job_id)
+            if job is not None and job.node_id == host.node_id:
                 busy.update(job.gpu_indices)
         return build_meta(
-            raft_id=int(agent.identity.get("raft_id") or 0),
-            name=agent.node_name,
-            api_url=agent.api_url,
-            labels=agent.settings.labels,
+            raft_id=host.raft_id,
+            name=host.name,
+            api_url=host.api_url,
+            labels=host.labels,
             gpus=record.gpus if record is not None else [],
             telemetry=telemetry,
             busy=busy,
-            cut_off=agent.cut_off,
+            cut_off=host.cut_off(),
         )
 
     async def _meta_loop(self, shell: GossipShell) -> None:
@@ -312,7 +305,7 @@ class MeshGossip:
         too_large = False
         while True:
             try:
-                samples = await trio.to_thread.run_sync(self.agent.gpus.telemetry)
+                samples = await trio.to_thread.run_sync(self.host.telemetry)
             except Exception as e:  # a driver hiccup: publish no health rather than stop
                 log.warning("GPU telemetry failed: %s", e)
                 samples = None

@@ -27,6 +27,7 @@ import trio
 from meshgpu.client.archive import ArchiveLimits, ArchiveRefused, extract_archive
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.config.interpolation import group_ips, interpolate
+from meshgpu.config.spec import NO_SPEC, RunSpec
 from meshgpu.runner.code import CodeStore, fetch_sources
 from meshgpu.runner.container import container_argv
 from meshgpu.runner.jobenv import ClusterInfo, JobEnvInputs, JobIdentity, job_environment
@@ -60,21 +61,13 @@ def _read_started(job_dir: Path) -> float | None:
 Propose = Callable[[bytes], Awaitable[Any]]
 
 
-def _shell(config: dict[str, Any]) -> str:
-    shell = config.get("shell")
+def _shell(spec: RunSpec) -> str:
+    shell = spec.shell
     if shell in ("sh", "bash"):
         return shutil.which(shell) or f"/bin/{shell}"
     if shell:
         return shell
     return shutil.which("bash") or "/bin/sh"
-
-
-def stop_grace(config: dict[str, Any]) -> float:
-    """dstack's ``stop_duration``: 300 s by default; ``off`` means no limit (bounded at 1 h)."""
-    value = config.get("stop_duration")
-    if value == "off":
-        return 3600.0
-    return float(value) if isinstance(value, int) else 300.0
 
 
 def startup_waits_for(state: StateMachine, job: JobRecord) -> str | None:
@@ -84,7 +77,7 @@ def startup_waits_for(state: StateMachine, job: JobRecord) -> str | None:
     waits for (None: launch it now). Checked on every state change, so a waiting job stays
     provisioning until the jobs it follows are RUNNING in the replicated state."""
     run = state.runs.get(job.run_name)
-    order = run.config.get("startup_order") if run is not None else None
+    order = run.spec.startup_order if run is not None else None
     if order not in ("master-first", "workers-first"):
         return None
     replica = [j for j in (state.jobs[i] for i in run.job_ids) if j.replica_num == job.replica_num]
@@ -197,14 +190,12 @@ class Executor:
                     )
                 self._nursery.start_soon(self._report, job.job_id, job.epoch, lost)
             elif job.status is JobStatus.TERMINATING and job.job_id in self.local:
-                self._stop(
-                    job.job_id, abort=job.stop_requested == "abort", config=self._config(job)
-                )
+                self._stop(job.job_id, abort=job.stop_requested == "abort", spec=self._spec(job))
         for job_id, epoch in list(self.local.items()):
             job = self.state.jobs.get(job_id)
             moved = job is None or job.node_id != self.node_id or job.epoch != epoch
             if moved or job.status.is_finished():
-                self._stop(job_id, abort=True, config={}, reason="terminated_by_server")
+                self._stop(job_id, abort=True, spec=NO_SPEC, reason="terminated_by_server")
         self.on_busy({i for j in mine.values() for i in j.gpu_indices})
 
     def known_jobs(self) -> set[str]:
@@ -229,14 +220,14 @@ class Executor:
         """Stop every local job now: this host is cut off, and the leader will run them
         elsewhere. Their end is reported when the host reconnects."""
         for job_id in list(self.local):
-            self._stop(job_id, abort=True, config={}, reason="instance_unreachable")
+            self._stop(job_id, abort=True, spec=NO_SPEC, reason="instance_unreachable")
 
-    def _config(self, job: JobRecord) -> dict[str, Any]:
+    def _spec(self, job: JobRecord) -> RunSpec:
         run = self.state.runs.get(job.run_name)
-        return run.config if run else {}
+        return run.spec if run else NO_SPEC
 
     def _stop(
-        self, job_id: str, abort: bool, config: dict[str, Any], reason: str = "terminated_by_user"
+        self, job_id: str, abort: bool, spec: RunSpec, reason: str = "terminated_by_user"
     ) -> None:
         if job_id in self.stopping:
             # Already stopping: only an abort during a graceful stop changes anything (it
@@ -250,7 +241,7 @@ class Executor:
         if job_id in self._fetching:  # its code is still on the way: it never starts
             self._fetching[job_id].cancel()
         self._stop_args[job_id] = (
-            0.0 if abort else stop_grace(config),
+            0.0 if abort else spec.stop_grace_s,
             "aborted_by_user" if abort else reason,
         )
         grace, why = self._stop_args[job_id]
@@ -259,7 +250,6 @@ class Executor:
     async def _launch(self, job_id: str, epoch: int) -> None:
         job = self.state.jobs[job_id]
         run = self.state.runs[job.run_name]
-        config = run.config
         try:
             if run.code is not None:
                 try:
@@ -270,7 +260,7 @@ class Executor:
             if job_id in self.stopping:  # stopped, or moved away, before it could start
                 await self._report(job_id, epoch, JobResult(job_id, None, "terminated_by_server"))
                 return
-            launch = self._prepare(job, run.run_args, config, epoch)
+            launch = self._prepare(job, run.run_args, run.spec, epoch)
             if run.code is not None:
                 await self._unpack(run.code.sha256, self.runner.job_dir(job_id) / "work")
             await self.runner.start(launch)
@@ -315,7 +305,7 @@ class Executor:
         self,
         job: JobRecord,
         run_args: list[str],
-        config: dict[str, Any],
+        spec: RunSpec,
         epoch: int,
     ) -> JobLaunch:
         jobs = [self.state.jobs[j] for j in self.state.runs[job.run_name].job_ids]
@@ -336,53 +326,46 @@ class Executor:
             working_dir=str(work),
             hostfile_path=hostfile,
         )
-        user_env = {k: v for k, v in (config.get("env") or {}).items() if v is not None}
+        user_env = dict(spec.env)
         base = {
             k: os.environ[k] for k in ("PATH", "HOME", "LANG", "USER", "TMPDIR") if k in os.environ
         }
         env = job_environment(inputs, user_env, base)
-        commands = list(config.get("commands") or [])
-        if job.group is not None:
-            for g in config.get("groups") or []:
-                if g.get("name") == job.group and g.get("commands"):
-                    commands = list(g["commands"])
+        commands = list(spec.jobs[job.job_num].commands)
         namespaces = {
             "run": {"args": shlex.join(run_args)},
-            "groups": self._groups_namespace(config, jobs),
+            "groups": self._groups_namespace(spec, jobs),
         }
         commands = [interpolate(c, namespaces, final=True) for c in commands]
-        max_duration = config.get("max_duration")
         argv = None
-        if config.get("image"):
+        if spec.image:
             if not self.container_runtime:
                 raise RuntimeError("this host has no container runtime for image jobs")
             argv = tuple(
                 container_argv(
                     self.container_runtime,
                     job_id=job.job_id,
-                    image=config["image"],
+                    image=spec.image,
                     commands=commands,
                     env=env,
                     work_dir=str(work),
                     gpu_indices=job.gpu_indices,
                     gpu_vendor=inputs.gpu_vendor,
-                    shell=config.get("shell")
-                    if config.get("shell") not in ("sh", "bash")
-                    else f"/bin/{config['shell']}",
-                    working_dir=config.get("working_dir"),
-                    shm_size_gb=(config.get("resources") or {}).get("shm_size"),
-                    privileged=bool(config.get("privileged") or config.get("docker")),
-                    user=config.get("user"),
-                    entrypoint=config.get("entrypoint"),
+                    shell=spec.shell if spec.shell not in ("sh", "bash") else f"/bin/{spec.shell}",
+                    working_dir=spec.working_dir,
+                    shm_size_gb=spec.shm_size_gb,
+                    privileged=spec.privileged,
+                    user=spec.user,
+                    entrypoint=spec.entrypoint,
                 )
             )
         launch = JobLaunch(
             job_id=job.job_id,
             commands=tuple(commands),
             env=env,
-            shell=_shell(config),
-            max_duration_s=max_duration if isinstance(max_duration, int) else None,
-            stop_grace_s=stop_grace(config),
+            shell=_shell(spec),
+            max_duration_s=spec.max_duration_s,
+            stop_grace_s=spec.stop_grace_s,
             epoch=epoch,  # in the record, so a restarted agent knows which assignment it runs
             argv=argv,
         )
@@ -393,15 +376,12 @@ class Executor:
         node = self.state.nodes.get(job.node_id) if job.node_id else None
         return node.internal_ip if node is not None else ""
 
-    def _groups_namespace(
-        self, config: dict[str, Any], jobs: list[JobRecord]
-    ) -> Callable[[str], str]:
+    def _groups_namespace(self, spec: RunSpec, jobs: list[JobRecord]) -> Callable[[str], str]:
         """``${{ groups[i].nodes[j].IP_ADDRESS }}`` (tasks) or ``groups[i].replicas[j]``
         (services): the address of the j-th job of the i-th group, in job order. A run without
         groups is one group (dstack's ``node_groups`` / ``replica_groups``)."""
-        names = [g.get("name") for g in config.get("groups") or []] or [None]
-        ips = [[self._ip(j) for j in jobs if j.group == name] for name in names]
-        return group_ips(ips, "nodes" if config.get("type") == "task" else "replicas")
+        ips = [[self._ip(j) for j in jobs if j.group == name] for name in spec.group_names]
+        return group_ips(ips, spec.group_kind)
 
     async def _watch(self, job_id: str, epoch: int) -> None:
         result = await self.runner.wait(job_id)

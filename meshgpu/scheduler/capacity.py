@@ -19,8 +19,9 @@ import bisect
 import weakref
 from typing import Any
 
+from meshgpu.config.spec import NO_SPEC, RunSpec
 from meshgpu.scheduler.blocks import BlockShape, block_shape
-from meshgpu.scheduler.deadlines import INF, Deadlines, max_duration
+from meshgpu.scheduler.deadlines import INF, Deadlines
 from meshgpu.scheduler.filters import LABEL_KEYS, cluster_of
 from meshgpu.scheduler.matching import Req, StaticFit, pick_gpus, static_fit
 from meshgpu.state.machine import StateMachine
@@ -231,7 +232,7 @@ class HostIndex:
         ends = []
         for j in held:
             run = state.runs.get(j.run_name)
-            limit = max_duration(run.config) if run is not None else None
+            limit = run.spec.max_duration_s if run is not None else None
             if j.status is JobStatus.TERMINATING:
                 ends.append(-INF)  # stopping: soon
             elif limit is not None:
@@ -432,9 +433,9 @@ class Capacity:
         host.reservation = r
 
     # -- time ----------------------------------------------------------------------------------
-    def config_of(self, job: JobRecord) -> dict[str, Any]:
+    def spec_of(self, job: JobRecord) -> RunSpec:
         run = self.state.runs.get(job.run_name)
-        return run.config if run is not None else {}
+        return run.spec if run is not None else NO_SPEC
 
     def releases(self, host: Host) -> list[tuple[float, tuple[int, ...], int]]:
         """(deadline, GPUs, blocks) of everything on the host, earliest first."""
@@ -446,7 +447,7 @@ class Capacity:
             running = []
             stopping = []
             for j in host.held:
-                cfg = self.config_of(j)
+                cfg = self.spec_of(j)
                 if j.status is JobStatus.TERMINATING:
                     stopping.append((cfg, tuple(j.gpu_indices), j.blocks))
                 else:

@@ -8,7 +8,8 @@ runner, then the graceful stop), so a job's *deadline* is:
 * stopping (terminating): ``now + stop + margin``;
 * without ``max_duration``: never (infinity) -- and with no ``now`` given, every deadline is.
 
-``stop`` is the run's ``stop_duration`` (300 s by default, 3600 s when ``off``, as the runner does).
+``stop`` is the run's ``stop_duration`` (300 s by default, 3600 s when ``off``, as the runner does:
+``RunSpec.stop_grace_s``).
 Backfill (``placement.py``) trusts only these bounds, so it can be wrong only when a host takes
 longer to start a job than the start allowance.
 """
@@ -16,25 +17,12 @@ longer to start a job than the start allowance.
 from __future__ import annotations
 
 import math
-from typing import Any
 
+from meshgpu.config.spec import RunSpec
 from meshgpu.scheduler.policy import SchedulerPolicy
 from meshgpu.state.records import JobRecord, JobStatus
 
 INF = math.inf
-
-
-def stop_seconds(config: dict[str, Any]) -> float:
-    """dstack's ``stop_duration`` as the runner applies it (``runner/executor.py::stop_grace``)."""
-    value = config.get("stop_duration")
-    if value == "off":
-        return 3600.0
-    return float(value) if isinstance(value, int) else 300.0
-
-
-def max_duration(config: dict[str, Any]) -> float | None:
-    value = config.get("max_duration")
-    return float(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class Deadlines:
@@ -44,29 +32,29 @@ class Deadlines:
         self.now = now
         self.policy = policy
 
-    def of_new(self, config: dict[str, Any]) -> float:
+    def of_new(self, spec: RunSpec) -> float:
         """The deadline of a job of this run if it were assigned now."""
-        limit = max_duration(config)
+        limit = spec.max_duration_s
         if self.now is None or limit is None:
             return INF
         p = self.policy
-        return self.now + p.start_allowance_s + limit + stop_seconds(config) + p.finish_allowance_s
+        return self.now + p.start_allowance_s + limit + spec.stop_grace_s + p.finish_allowance_s
 
-    def of_stopping(self, config: dict[str, Any]) -> float:
+    def of_stopping(self, spec: RunSpec) -> float:
         """The deadline of a job of this run told to stop now."""
         if self.now is None:
             return INF
-        return self.now + stop_seconds(config) + self.policy.finish_allowance_s
+        return self.now + spec.stop_grace_s + self.policy.finish_allowance_s
 
-    def of_held(self, job: JobRecord, config: dict[str, Any]) -> float:
+    def of_held(self, job: JobRecord, spec: RunSpec) -> float:
         """The deadline of a job that holds resources now."""
         if self.now is None:
             return INF
         p = self.policy
-        stop = stop_seconds(config) + p.finish_allowance_s
+        stop = spec.stop_grace_s + p.finish_allowance_s
         if job.status is JobStatus.TERMINATING:
             return self.now + stop
-        limit = max_duration(config)
+        limit = spec.max_duration_s
         if limit is None:
             return INF
         if job.status is JobStatus.RUNNING and job.started_at is not None:

@@ -27,10 +27,10 @@ label form one cluster of their own, so a plain LAN mesh is one cluster.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from meshgpu.config.spec import Placement
 from meshgpu.state.records import NodeRecord
 
 # Labels that can change a placement decision: part of a host's class signature.
@@ -127,45 +127,26 @@ def _instance_matches(ref: dict[str, Any], node: NodeRecord) -> bool:
 _CACHE: dict[str, RunFilters] = {}
 
 
-def run_filters(config: dict[str, Any]) -> RunFilters:
-    """The run's filters, parsed once per distinct combination."""
-    doc = {
-        "image": bool(config.get("image")),
-        "fleets": config.get("fleets"),
-        "backends": config.get("backends"),
-        "regions": config.get("regions"),
-        "zones": config.get("availability_zones"),
-        "instance_types": config.get("instance_types"),
-        "reservation": config.get("reservation"),
-        "spot_policy": config.get("spot_policy") or "on-demand",
-        "max_price": config.get("max_price"),
-        "instances": config.get("instances"),
-        "cluster": config.get("placement") != "any",
-    }
-    key = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
-    hit = _CACHE.get(key)
+def run_filters(placement: Placement) -> RunFilters:
+    """The run's filters, built once per distinct placement."""
+    hit = _CACHE.get(placement.key)
     if hit is not None:
         return hit
     if len(_CACHE) > 10_000:
         _CACHE.clear()
-    instances = tuple(
-        tuple(sorted((k, v) for k, v in ref.items() if v is not None))
-        for ref in (doc["instances"] or [])
-        if isinstance(ref, dict)
-    )
-    hit = _CACHE[key] = RunFilters(
-        key=key,
-        image=doc["image"],
-        fleets=frozenset(doc["fleets"]) if doc["fleets"] else None,
-        backends=_lower(doc["backends"]),
-        regions=_lower(doc["regions"]),
-        zones=_lower(doc["zones"]),
-        instance_types=_lower(doc["instance_types"]),
-        reservation=doc["reservation"],
-        spot_policy=doc["spot_policy"],
-        max_price=doc["max_price"],
-        instances=instances,
-        cluster=doc["cluster"],
+    hit = _CACHE[placement.key] = RunFilters(
+        key=placement.filters_key(),
+        image=placement.image,
+        fleets=frozenset(placement.fleets) if placement.fleets else None,
+        backends=_lower(placement.backends),
+        regions=_lower(placement.regions),
+        zones=_lower(placement.zones),
+        instance_types=_lower(placement.instance_types),
+        reservation=placement.reservation,
+        spot_policy=placement.spot_policy,
+        max_price=placement.max_price,
+        instances=placement.instances,
+        cluster=placement.cluster,
     )
     return hit
 

@@ -22,9 +22,13 @@ from functools import lru_cache
 from typing import Any
 
 from meshgpu.config.resources import GPUSpec, ResourcesSpec
+from meshgpu.config.spec import Placement
 from meshgpu.scheduler.blocks import BlockShape, block_shape, blocks_needed
 from meshgpu.scheduler.filters import RunFilters, run_filters
 from meshgpu.state.records import GPURecord, JobRecord, NodeRecord
+
+NO_PLACEMENT = Placement()
+IMAGE_PLACEMENT = Placement(key='{"image":true}', image=True)
 
 
 def job_key(job: JobRecord) -> str:
@@ -104,10 +108,8 @@ class Req:
     exclusive: bool = False
 
 
-def req_of(
-    res: ResourcesSpec, config: dict[str, Any] | None = None, exclusive: bool = False
-) -> Req:
-    filters = run_filters(config or {})
+def req_of(res: ResourcesSpec, placement: Placement | None = None, exclusive: bool = False) -> Req:
+    filters = run_filters(placement or NO_PLACEMENT)
     key = json.dumps(res.to_spec(), sort_keys=True) + filters.key + ("!" if exclusive else "")
     return Req(key, res, filters, exclusive)
 
@@ -177,7 +179,7 @@ def static_fit(req: Req, node: NodeRecord, shape: BlockShape | None = None) -> S
 
 def host_fits(res: ResourcesSpec, node: NodeRecord, image: bool = False) -> str:
     """Why this host can never run the job ('' if it could, were it idle)."""
-    return static_fit(req_of(res, {"image": "yes"} if image else None), node).reason
+    return static_fit(req_of(res, IMAGE_PLACEMENT if image else None), node).reason
 
 
 @dataclass(frozen=True, slots=True)

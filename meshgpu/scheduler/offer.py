@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshgpu.config.resources import ResourcesSpec
+from meshgpu.config.spec import NO_SPEC, RunSpec
 from meshgpu.scheduler.capacity import Capacity
 from meshgpu.scheduler.deadlines import Deadlines
 from meshgpu.scheduler.matching import req_of
@@ -41,13 +42,13 @@ def offer(
     state: StateMachine,
     resources: ResourcesSpec | dict[str, Any],
     *,
-    config: dict[str, Any] | None = None,
+    spec: RunSpec | None = None,
     nodes: int = 1,
     now: float | None = None,
     after_queue: bool = False,
     policy: SchedulerPolicy | None = None,
 ) -> list[Offer]:
-    """Hosts for one job of ``resources`` (with the run-level filters of ``config``; ``nodes``
+    """Hosts for one job of ``resources`` (with the run-level filters of ``spec``; ``nodes``
     > 1 means a job of a multi-node gang, which takes whole hosts split into blocks). Idle offers
     come first, in the order the scheduler would pick them."""
     res = (
@@ -59,7 +60,7 @@ def offer(
     try:
         if after_queue:
             planner.plan_queue()
-        return _offers(planner, res, config, nodes)
+        return _offers(planner, res, spec or NO_SPEC, nodes)
     finally:
         planner.cap.close()
 
@@ -68,7 +69,7 @@ def no_offer_reason(
     state: StateMachine,
     resources: ResourcesSpec | dict[str, Any],
     *,
-    config: dict[str, Any] | None = None,
+    spec: RunSpec | None = None,
     nodes: int = 1,
 ) -> str:
     """Why no host can ever run the request (what an empty ``offer`` means), in the words a
@@ -80,17 +81,15 @@ def no_offer_reason(
     )
     cap = Capacity(state, Deadlines(None, SchedulerPolicy()))
     try:
-        return cap.never_reasons(req_of(res, config, exclusive=nodes > 1))
+        return cap.never_reasons(req_of(res, (spec or NO_SPEC).placement, exclusive=nodes > 1))
     finally:
         cap.close()
 
 
-def _offers(
-    planner: _Planner, res: ResourcesSpec, config: dict[str, Any] | None, nodes: int
-) -> list[Offer]:
+def _offers(planner: _Planner, res: ResourcesSpec, spec: RunSpec, nodes: int) -> list[Offer]:
     cap = planner.cap
-    req = req_of(res, config, exclusive=nodes > 1)
-    end = planner.deadlines.of_new(config or {})
+    req = req_of(res, spec.placement, exclusive=nodes > 1)
+    end = planner.deadlines.of_new(spec)
     idle: list[tuple[int, str, Offer]] = []
     busy: list[Offer] = []
     for cls, sf in cap.feasible(req):

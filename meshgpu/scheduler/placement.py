@@ -171,7 +171,7 @@ class _Planner:
             return backing_off, True
         kind = self._fit_kind(cls)
         reqs = self._requirements(cls, gang)
-        end = self.deadlines.of_new(gang.run.config)
+        end = self.deadlines.of_new(gang.run.spec)
         failure = self._known_failure(kind, end)
         if failure is None:
             placed = self._place(gang, reqs, end)
@@ -261,7 +261,7 @@ class _Planner:
                 _REQS.clear()
             exclusive = len(gang.jobs) > 1
             reqs = _REQS[key] = [
-                req_of(spec_of(j.resources_key, j.resources), gang.run.config, exclusive)
+                req_of(spec_of(j.resources_key, j.resources), gang.run.spec.placement, exclusive)
                 for j in gang.jobs
             ]
         return reqs

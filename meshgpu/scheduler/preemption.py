@@ -35,7 +35,7 @@ def preemptible(run: RunRecord, nodes: list[NodeRecord]) -> bool:
     labels = [n.labels.get("preemption", "") for n in nodes]
     if "never" in labels:
         return False
-    if run.config.get("preemptible") is True:
+    if run.spec.preemptible:
         return True
     return bool(labels) and all(label == "always" for label in labels)
 
@@ -238,8 +238,8 @@ class Preemptor:
             needs.append(sf.units)
             matchings.append(None if sf.all_match else sf.matching)
         dl = self.cap.deadlines
-        ends = [dl.of_held(j, self.cap.config_of(j)) for j in waits]
-        ends += [dl.of_stopping(v.run.config) for v in victims]
+        ends = [dl.of_held(j, self.cap.spec_of(j)) for j in waits]
+        ends += [dl.of_stopping(v.run.spec) for v in victims]
         return Decision(targets, victims, waits, hosts, needs, matchings, max(ends, default=0.0))
 
     def _hosts_for(

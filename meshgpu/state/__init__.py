@@ -1,7 +1,6 @@
 """The replicated state: commands, the deterministic state machine, records and queries."""
 
 from meshgpu.state.commands import (
-    COMMAND,
     AssignJobs,
     Assignment,
     GPUHealth,
@@ -20,7 +19,7 @@ from meshgpu.state.commands import (
     decode,
     encode,
 )
-from meshgpu.state.machine import Result, StateMachine, expand_jobs
+from meshgpu.state.machine import Result, StateMachine
 from meshgpu.state.records import (
     CodeRef,
     GPURecord,
@@ -35,7 +34,6 @@ from meshgpu.state.records import (
 )
 
 __all__ = [
-    "COMMAND",
     "AssignJobs",
     "Assignment",
     "CodeRef",
@@ -65,5 +63,4 @@ __all__ = [
     "SubmitRun",
     "decode",
     "encode",
-    "expand_jobs",
 ]

@@ -1,7 +1,8 @@
 """Cluster-level replicated state: identity, admission tokens, members and CA-key grants.
 
 Kept apart from the jobs state (``machine.py``) and multiplexed on the same Raft log by
-``Replicated``: entries that start with ``CLUSTER_TAG`` are cluster commands. Deterministic like
+``Replicated``: the ``cluster`` domain of the one codec (``codec.py``), whose entries start with
+``CLUSTER_TAG``. Deterministic like
 every state machine here. The leader checks a join request completely (signature, time, nonce,
 CSR, addresses) *before* it proposes ``AdmitNode`` (``meshgpu/mesh/admission.py``), so a bogus
 request never reaches the log; apply then re-checks what a concurrent entry could have changed
@@ -13,20 +14,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, Field
 
 from meshgpu.security.tokens import JOIN_WINDOW_S
+from meshgpu.state.codec import DOMAIN_TAGS, Command, decode, encode
 from meshgpu.state.machine import Result, StateMachine
 from meshgpu.state.records import JobTerminationReason
 
-CLUSTER_TAG = b"C"
+CLUSTER_TAG = DOMAIN_TAGS["cluster"]
 
 
-class _Cmd(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    at: float
+class _Cmd(Command):
+    """A cluster command (the base of the domain)."""
+
+    domain: ClassVar[str] = "cluster"
 
 
 class InitCluster(_Cmd):
@@ -110,31 +113,16 @@ class InstallGossipKey(_Cmd):
     retire: bool = False
 
 
-ClusterCommand = Annotated[
-    InitCluster
-    | CreateToken
-    | RevokeToken
-    | AdmitNode
-    | GrantCAKey
-    | RemoveMember
-    | NodeUnreachable
-    | SetNodeStatus
-    | InstallGossipKey,
-    Field(discriminator="kind"),
-]
-_ADAPTER = TypeAdapter(ClusterCommand)
-
-
 def decode_cluster(data: bytes) -> Any:
-    """The command, or a failed Result if this build cannot read it."""
+    """The cluster command of an entry without its tag, or a failed Result if this build
+    cannot read it."""
     try:
-        return _ADAPTER.validate_json(data)
+        return decode(CLUSTER_TAG + data)
     except ValueError as e:
         return Result(False, None, f"cannot decode cluster command: {e}", "undecodable")
 
 
-def encode_cluster(cmd: _Cmd) -> bytes:
-    return CLUSTER_TAG + cmd.model_dump_json().encode()
+encode_cluster = encode  # the one codec's: the entry carries the domain's tag
 
 
 class Member(BaseModel):
@@ -373,13 +361,14 @@ class Replicated:
         self.cluster = ClusterState()
 
     def apply(self, batch: list[tuple[int, bytes]]) -> list[Result]:
+        """Apply committed entries ``(index, data)`` in order, each to its domain."""
         results: list[Result] = []
-        run: list[tuple[int, bytes]] = []
+        jobs: list[tuple[int, bytes]] = []
         for index, data in batch:
             if data[:1] == CLUSTER_TAG:
-                if run:
-                    results.extend(self.jobs.apply(run))
-                    run = []
+                if jobs:
+                    results.extend(self.jobs.apply(jobs))
+                    jobs = []
                 self.jobs.applied_index = index
                 cmd = decode_cluster(data[1:])
                 if isinstance(cmd, Result):
@@ -393,9 +382,9 @@ class Replicated:
                     if node is not None and node.status in ("active", "unreachable"):
                         self.jobs.set_node_status(cmd.node_id, cmd.status)
             else:
-                run.append((index, data))
-        if run:
-            results.extend(self.jobs.apply(run))
+                jobs.append((index, data))
+        if jobs:
+            results.extend(self.jobs.apply(jobs))
         return results
 
     def _node_unreachable(self, c: NodeUnreachable) -> None:

@@ -1,22 +1,20 @@
-"""Commands: the only way the replicated state changes. Each is a pydantic model; an entry in the
-Raft log is one encoded command. Time enters through ``at`` (set by the proposer), never read
-inside ``apply``, so every member computes the same state."""
+"""The jobs domain's commands (nodes, runs, jobs): the only way that state changes. Each is a
+``Command`` (``codec.py``: one base, one codec, one registry for every domain); an entry in the
+Raft log is one encoded command."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field
 
+from meshgpu.state.codec import Command, decode, encode
 from meshgpu.state.records import CodeRef, GPURecord, JobTerminationReason
 
-
-class _Command(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    at: float = Field(description="Proposer's wall clock, seconds since the epoch")
+__all__ = ["Command", "decode", "encode"]  # and the commands below
 
 
-class RegisterNode(_Command):
+class RegisterNode(Command):
     kind: Literal["register_node"] = "register_node"
     node_id: str
     name: str
@@ -43,7 +41,7 @@ class GPUHealth(BaseModel):
     reason: str = ""
 
 
-class SetGPUHealth(_Command):
+class SetGPUHealth(Command):
     """The leader's verdict on GPUs of one host, from the health the host reports through gossip
     (ECC errors, XIDs, a GPU that stopped answering): an unhealthy GPU takes no new jobs (jobs
     already on it keep running); ``healthy=True`` puts it back in service."""
@@ -53,7 +51,7 @@ class SetGPUHealth(_Command):
     gpus: list[GPUHealth]
 
 
-class SubmitRun(_Command):
+class SubmitRun(Command):
     kind: Literal["submit_run"] = "submit_run"
     request_id: str = Field(description="Client-chosen id: a retried submission has effect once")
     run_id: str
@@ -73,7 +71,7 @@ class Assignment(BaseModel):
     blocks: int = 0  # on a host split into blocks: how many the job takes
 
 
-class AssignJobs(_Command):
+class AssignJobs(Command):
     """The leader's scheduler decisions; re-checked at apply, so a stale decision is refused
     rather than double-allocating a GPU. A gang (the waiting jobs of one run replica) is accepted
     whole or refused whole, so no run is ever left half placed."""
@@ -85,7 +83,7 @@ class AssignJobs(_Command):
     pending_reasons: dict[str, str] = Field(default_factory=dict)
 
 
-class SetPendingReasons(_Command):
+class SetPendingReasons(Command):
     kind: Literal["set_pending_reasons"] = "set_pending_reasons"
     reasons: dict[str, str]
 
@@ -99,7 +97,7 @@ class Preemption(BaseModel):
     message: str = ""
 
 
-class PreemptJobs(_Command):
+class PreemptJobs(Command):
     """The scheduler's preemptions: victims get the graceful stop, end ``preempted`` and go back to
     the queue when their run's ``retry`` covers ``interruption``. Re-checked at apply: a victim
     that no longer runs, or a preemptor that no longer waits or outranks it, is skipped."""
@@ -108,14 +106,14 @@ class PreemptJobs(_Command):
     preemptions: list[Preemption]
 
 
-class JobStarted(_Command):
+class JobStarted(Command):
     kind: Literal["job_started"] = "job_started"
     job_id: str
     epoch: int
     started_at: float
 
 
-class JobFinished(_Command):
+class JobFinished(Command):
     kind: Literal["job_finished"] = "job_finished"
     job_id: str
     epoch: int
@@ -124,7 +122,7 @@ class JobFinished(_Command):
     message: str = ""
 
 
-class JobReports(_Command):
+class JobReports(Command):
     """Several hosts' job reports in one entry: an executor sends what piled up while its last
     report was committing (start and end of short jobs, many jobs ending at once), so a busy host
     costs one Raft entry per round trip instead of two per job. Applied in order."""
@@ -133,13 +131,13 @@ class JobReports(_Command):
     reports: list[Annotated[JobStarted | JobFinished, Field(discriminator="kind")]]
 
 
-class StopRun(_Command):
+class StopRun(Command):
     kind: Literal["stop_run"] = "stop_run"
     run_name: str
     abort: bool = False
 
 
-class SetRunPriority(_Command):
+class SetRunPriority(Command):
     """Change an active run's ``priority`` in place (dstack allows it for every run type): its
     waiting jobs move to their new place in the queue, and its running jobs are weighed at the
     new priority by preemption."""
@@ -149,35 +147,9 @@ class SetRunPriority(_Command):
     priority: int = Field(ge=0, le=100)
 
 
-class PruneRuns(_Command):
+class PruneRuns(Command):
     """Forget finished runs beyond ``keep`` (newest kept) or older than ``max_age_s``."""
 
     kind: Literal["prune_runs"] = "prune_runs"
     keep: int = 1000
     max_age_s: float = 7 * 86400
-
-
-Command = Annotated[
-    RegisterNode
-    | SubmitRun
-    | AssignJobs
-    | SetPendingReasons
-    | PreemptJobs
-    | JobStarted
-    | JobFinished
-    | JobReports
-    | StopRun
-    | SetRunPriority
-    | PruneRuns
-    | SetGPUHealth,
-    Field(discriminator="kind"),
-]
-COMMAND = TypeAdapter(Command)
-
-
-def encode(cmd: _Command) -> bytes:
-    return cmd.model_dump_json().encode()
-
-
-def decode(data: bytes) -> Any:
-    return COMMAND.validate_json(data)

@@ -31,6 +31,7 @@ from meshgpu.state.commands import (
     SubmitRun,
     decode,
 )
+from meshgpu.state.lifecycle import check_job_move, check_run_move
 from meshgpu.state.queue import WaitQueue
 from meshgpu.state.records import (
     JobRecord,
@@ -61,49 +62,6 @@ def _ok(value: Any = None) -> Result:
 
 def _err(code: str, message: str) -> Result:
     return Result(False, None, message, code)
-
-
-def expand_jobs(cmd: SubmitRun) -> list[dict[str, Any]]:
-    """One job per node of a task (per group), one per initial replica of a service."""
-    c = cmd.config
-    default_res = c.get("resources") or {}
-    out: list[dict[str, Any]] = []
-    if c.get("type") == "task":
-        groups = c.get("groups")
-        if groups:
-            for g in groups:
-                for _ in range(g.get("nodes") or 1):
-                    out.append(
-                        {
-                            "group": g.get("name"),
-                            "resources": g.get("resources") or {},
-                            "replica_num": 0,
-                        }
-                    )
-        else:
-            for _ in range(c.get("nodes") or 1):
-                out.append({"group": None, "resources": default_res, "replica_num": 0})
-    elif c.get("type") == "service":
-        groups = c.get("groups")
-        if groups:
-            replica = 0
-            for g in groups:
-                for _ in range(max(1, (g.get("replicas") or {}).get("min") or 0)):
-                    out.append(
-                        {
-                            "group": g.get("name"),
-                            "resources": g.get("resources") or {},
-                            "replica_num": replica,
-                        }
-                    )
-                    replica += 1
-        else:
-            replicas = c.get("replicas") or {"min": 1}
-            for r in range(max(1, replicas.get("min") or 0)):
-                out.append({"group": None, "resources": default_res, "replica_num": r})
-    else:
-        out.append({"group": None, "resources": default_res, "replica_num": 0})
-    return out
 
 
 class StateMachine:
@@ -153,6 +111,9 @@ class StateMachine:
                 # A command this build cannot read (a newer peer?) must not stop the applier.
                 results.append(_err("undecodable", f"cannot decode command: {e}"))
                 continue
+            if cmd.domain != "jobs":  # another domain's entry: ``Replicated`` routes those
+                results.append(_err("wrong_domain", f"{cmd.kind} is not a jobs command"))
+                continue
             results.append(self.apply_command(cmd))
         return results
 
@@ -185,7 +146,7 @@ class StateMachine:
                     b',"nodes":',
                     json.dumps(nodes, separators=(",", ":")).encode(),
                     b',"runs":[',
-                    ",".join([r.model_dump_json() for r in runs]).encode(),
+                    b",".join([_run_doc(r) for r in runs]),
                     b'],"jobs":[',
                     ",".join([j.model_dump_json() for j in jobs]).encode(),
                     b'],"requests":',
@@ -200,7 +161,7 @@ class StateMachine:
         doc = json.loads(data) if data else {}
         self.applied_index = doc.get("applied_index", 0)
         self.nodes = {n["node_id"]: NodeRecord.model_validate(n) for n in doc.get("nodes", [])}
-        self.runs = {r["run_name"]: RunRecord.model_validate(r) for r in doc.get("runs", [])}
+        self.runs = {r["run_name"]: RunRecord.from_doc(r) for r in doc.get("runs", [])}
         self.jobs = {j["job_id"]: JobRecord.model_validate(j) for j in doc.get("jobs", [])}
         self.active = {k: j for k, j in self.jobs.items() if not j.status.is_finished()}
         self.requests = dict(doc.get("requests", {}))
@@ -341,30 +302,30 @@ class StateMachine:
             )
         if current is not None:
             self._forget_run(current)
-        run = RunRecord(
+        run = RunRecord.create(
+            cmd.config,
             run_id=cmd.run_id,
             run_name=cmd.run_name,
             project=cmd.project,
             user=cmd.user,
             request_id=cmd.request_id,
-            config=cmd.config,
             run_args=cmd.run_args,
             code=cmd.code,
-            priority=int(cmd.config.get("priority") or 0),
             submitted_at=cmd.at,
         )
+        run.priority = run.spec.priority
         self.runs[run.run_name] = run
         gangs: dict[int, list[JobRecord]] = {}
-        for num, spec in enumerate(expand_jobs(cmd)):
+        for spec in run.spec.jobs:
             job = JobRecord(
-                job_id=f"{cmd.run_id}-{spec['replica_num']}-{num}-0",
+                job_id=f"{cmd.run_id}-{spec.replica_num}-{spec.job_num}-0",
                 run_name=cmd.run_name,
                 run_id=cmd.run_id,
-                job_num=num,
-                replica_num=spec["replica_num"],
-                group=spec["group"],
-                resources=spec["resources"],
-                resources_key=json.dumps(spec["resources"], sort_keys=True, separators=(",", ":")),
+                job_num=spec.job_num,
+                replica_num=spec.replica_num,
+                group=spec.group,
+                resources=spec.resources,
+                resources_key=spec.resources_key,
                 submitted_at=cmd.at,
             )
             self.jobs[job.job_id] = job
@@ -400,7 +361,7 @@ class StateMachine:
                 self.demand_version += 1
                 continue
             for a, job in members:
-                job.status = JobStatus.PROVISIONING
+                self._move(job, JobStatus.PROVISIONING)
                 job.node_id = a.node_id
                 job.gpu_indices = sorted(a.gpu_indices)
                 job.blocks = a.blocks
@@ -486,7 +447,7 @@ class StateMachine:
                         other.replica_num == job.replica_num
                         and other.status in _PREEMPTIBLE_STATUSES
                     ):
-                        other.status = JobStatus.TERMINATING
+                        self._move(other, JobStatus.TERMINATING)
                         other.stop_requested = "server"  # the graceful stop (stop_duration)
                         other.preempted_by = by.run_name
                         other.termination_message = p.message
@@ -514,7 +475,7 @@ class StateMachine:
         if isinstance(job, Result):
             return job
         if job.status in (JobStatus.PROVISIONING, JobStatus.PULLING):
-            job.status = JobStatus.RUNNING
+            self._move(job, JobStatus.RUNNING)
             job.started_at = cmd.started_at
             self._track(job)
             self._update_run(self.runs[job.run_name], cmd.at)
@@ -588,7 +549,7 @@ class StateMachine:
                 self._finish_job(job, reason, cmd.at, None, "")
             elif job.status.holds_resources():
                 # The agent holding it sees this and stops the process (gracefully unless abort).
-                job.status = JobStatus.TERMINATING
+                self._move(job, JobStatus.TERMINATING)
                 job.stop_requested = "abort" if abort or job.stop_requested == "abort" else "stop"
                 self._track(job)
         self._update_run(run, cmd.at)
@@ -603,7 +564,7 @@ class StateMachine:
         if run.priority == cmd.priority:
             return _ok(run.priority)
         run.priority = cmd.priority
-        run.config = {**run.config, "priority": cmd.priority}
+        run.set_config({**run.config, "priority": cmd.priority})
         jobs = self.run_jobs(run)
         self.queue.reclassify(
             run, sorted({j.replica_num for j in jobs if j.status is JobStatus.SUBMITTED})
@@ -636,7 +597,7 @@ class StateMachine:
             job = self.jobs.pop(job_id, None)
             self.active.pop(job_id, None)
             if job is not None and not job.status.is_finished():
-                job.status = JobStatus.TERMINATED  # forgotten: out of every index
+                self._move(job, JobStatus.TERMINATED)  # forgotten: out of every index
                 self._track(job)
         if run.request_id is not None and self.requests.get(run.request_id) == run.run_name:
             del self.requests[run.request_id]
@@ -651,13 +612,25 @@ class StateMachine:
         message: str,
     ) -> None:
         self.active.pop(job.job_id, None)
-        job.status = reason.to_status()
+        self._move(job, reason.to_status())
         job.termination_reason = reason
         job.termination_message = message
         job.exit_code = exit_code
         job.finished_at = at
         job.stop_requested = None
         self._track(job)  # wakes the scheduler: the job let go of its place or its resources
+
+    @staticmethod
+    def _move(job: JobRecord, status: JobStatus) -> None:
+        """Every job status change: checked against the job lifecycle (``lifecycle.py``); the
+        caller then brings the indexes in line (``_track``)."""
+        check_job_move(job.job_id, job.status, status)
+        job.status = status
+
+    @staticmethod
+    def _move_run(run: RunRecord, status: RunStatus) -> None:
+        check_run_move(run.run_name, run.status, status)
+        run.status = status
 
     # -- run policies: retry, stop criteria ---------------------------------------------------
     def _job_ended(self, job: JobRecord, at: float) -> None:
@@ -669,7 +642,7 @@ class StateMachine:
         if run.termination_reason is None and self._retry_of(run, job.replica_num) is None:
             reason = job.termination_reason
             if job.status is JobStatus.DONE:
-                if job.job_num == 0 and run.config.get("stop_criteria") == "master-done":
+                if job.job_num == 0 and run.spec.stop_criteria == "master-done":
                     self._end_run(run, RunTerminationReason.ALL_JOBS_DONE, at)
             elif reason is not None:
                 exit_code = f" (exit {job.exit_code})" if job.exit_code is not None else ""
@@ -694,7 +667,7 @@ class StateMachine:
     ) -> None:
         """A job of the replica failed (or is being preempted): stop the whole replica to
         resubmit it, if the run's ``retry`` covers ``event``; otherwise the run fails."""
-        verdict = decide(run.config, failed, event, at, message, preempted=preempted)
+        verdict = decide(run.spec.retry, failed, event, at, message, preempted=preempted)
         if isinstance(verdict, RunTerminationReason):
             self._end_run(run, verdict, at)
             return
@@ -717,7 +690,7 @@ class StateMachine:
         if job.status is JobStatus.SUBMITTED:
             self._finish_job(job, JobTerminationReason.TERMINATED_BY_SERVER, at, None, "")
         elif job.status.holds_resources() and job.status is not JobStatus.TERMINATING:
-            job.status = JobStatus.TERMINATING
+            self._move(job, JobStatus.TERMINATING)
             job.stop_requested = "server"
             self._track(job)
 
@@ -777,21 +750,21 @@ class StateMachine:
                     if all_done
                     else RunTerminationReason.JOB_FAILED
                 )
-            run.status = run.termination_reason.to_status()
+            self._move_run(run, run.termination_reason.to_status())
             run.finished_at = at
             return
         if run.termination_reason is not None:
-            run.status = RunStatus.TERMINATING
+            self._move_run(run, RunStatus.TERMINATING)
         elif any(j.status is JobStatus.RUNNING for j in jobs):
-            run.status = RunStatus.RUNNING
+            self._move_run(run, RunStatus.RUNNING)
         elif any(j.status in (JobStatus.PROVISIONING, JobStatus.PULLING) for j in jobs):
-            run.status = RunStatus.PROVISIONING
+            self._move_run(run, RunStatus.PROVISIONING)
         elif run.retrying:
-            run.status = RunStatus.PENDING  # stopping replicas to resubmit them (dstack)
+            self._move_run(run, RunStatus.PENDING)  # stopping replicas to resubmit them (dstack)
         elif any(j.status is JobStatus.TERMINATING for j in jobs):
-            run.status = RunStatus.TERMINATING
+            self._move_run(run, RunStatus.TERMINATING)
         else:
-            run.status = RunStatus.SUBMITTED
+            self._move_run(run, RunStatus.SUBMITTED)
 
     # -- queries ------------------------------------------------------------------------------
     def gpus_in_use(self, node_id: str) -> set[int]:
@@ -816,6 +789,13 @@ class StateMachine:
 
 
 _R = TypeVar("_R", bound=BaseModel)
+
+
+def _run_doc(run: RunRecord) -> bytes:
+    """``run.to_doc()`` encoded (its fields, then ``config`` as an object), without parsing
+    the configuration text back into objects first."""
+    fields = run.model_dump_json(exclude={"config_text"}).encode()
+    return fields[:-1] + b',"config":' + run.config_text.encode() + b"}"
 
 
 def _frozen(record: _R) -> _R:

@@ -12,40 +12,13 @@ class for that plan.
 from __future__ import annotations
 
 import bisect
-import json
 from dataclasses import dataclass, field
-from typing import Any
 
 from meshgpu.state.records import JobRecord, RunRecord
-
-# Run-level fields that decide *where* a job may run (or for how long it will hold it). Runs equal
-# in these (and in their jobs' resources) are interchangeable to the scheduler.
-PLACEMENT_FIELDS = (
-    "fleets",
-    "backends",
-    "regions",
-    "availability_zones",
-    "instance_types",
-    "instances",
-    "spot_policy",
-    "max_price",
-    "reservation",
-    "max_duration",
-    "stop_duration",
-    "placement",
-)
 
 GangKey = tuple[str, int]  # (run_name, replica_num)
 OrderKey = tuple[float, str, int]  # (run submitted_at, run_name, replica_num)
 ClassKey = tuple[int, str, str, tuple[str, ...]]  # (priority, project, placement key, job keys)
-
-
-def placement_key(config: dict[str, Any]) -> str:
-    """Canonical text of the run fields that matter for placement (see ``PLACEMENT_FIELDS``)."""
-    doc = {k: config[k] for k in PLACEMENT_FIELDS if config.get(k) not in (None, [], {})}
-    if config.get("image"):
-        doc["image"] = True  # which image does not matter; that one needs a container runtime does
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(eq=False, slots=True)
@@ -111,7 +84,7 @@ class WaitQueue:
         ckey: ClassKey = (
             run.priority,
             run.project,
-            placement_key(run.config),
+            run.spec.placement.key,
             tuple(j.resources_key for j in jobs),
         )
         cls = self.classes.get(ckey)

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import enum
+import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation
+
+from meshgpu.config.spec import RunSpec, compile_run
 
 
 class RunStatus(enum.StrEnum):
@@ -259,7 +262,12 @@ class RunRecord(_Record):
     project: str = "main"
     user: str = "admin"
     request_id: str | None = None
-    config: dict[str, Any]
+    # The run's configuration as the user gave it (rendered: every field, defaults filled), kept
+    # as compact JSON text: shown back (``GET /api/v1/runs/{name}``), compared by in-place
+    # updates, written to snapshots as the ``config`` object. Nothing else reads it: ``spec``
+    # is what meshgpu does with the run, compiled from it (``meshgpu/config/spec.py``).
+    config_text: str
+    spec: SkipValidation[RunSpec] = Field(exclude=True, repr=False)
     run_args: list[str] = Field(default_factory=list)
     code: CodeRef | None = None
     priority: int = 0
@@ -272,3 +280,33 @@ class RunRecord(_Record):
     replaced_job_ids: list[str] = Field(default_factory=list)
     # Replicas whose jobs are stopping to be resubmitted (one entry per replica).
     retrying: list[ReplicaRetry] = Field(default_factory=list)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The rendered configuration (a fresh copy: changing it changes nothing)."""
+        return json.loads(self.config_text)
+
+    @classmethod
+    def create(cls, config: dict[str, Any], **fields: Any) -> RunRecord:
+        """A run from its rendered configuration: kept as text, compiled to its spec."""
+        return cls(config_text=config_text(config), spec=compile_run(config), **fields)
+
+    def set_config(self, config: dict[str, Any]) -> None:
+        self.config_text = config_text(config)
+        self.spec = compile_run(config)
+
+    def to_doc(self) -> dict[str, Any]:
+        """The snapshot form: the record's fields with ``config`` as an object, as ever."""
+        doc = self.model_dump(mode="json", exclude={"config_text"})
+        doc["config"] = self.config
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> RunRecord:
+        doc = dict(doc)
+        config = doc.pop("config")
+        return cls.create(config, **doc)
+
+
+def config_text(config: dict[str, Any]) -> str:
+    return json.dumps(config, separators=(",", ":"))

@@ -25,33 +25,10 @@ Pure functions of records and times carried by commands: no clock is read here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
-from meshgpu.config.common import ALL_RETRY_EVENTS, DEFAULT_RETRY_DURATION
+from meshgpu.config.spec import RetryPolicy
 from meshgpu.state.records import JobRecord, ReplicaRetry, RunTerminationReason
 
 BACKOFF_S = (0.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    events: frozenset[str]
-    duration: float  # seconds
-
-
-def retry_policy(config: dict[str, Any]) -> RetryPolicy | None:
-    """The run's ``retry`` (None: no retry), from its normalized configuration."""
-    retry = config.get("retry")
-    if retry is True:
-        return RetryPolicy(frozenset(ALL_RETRY_EVENTS), float(DEFAULT_RETRY_DURATION))
-    if not isinstance(retry, dict):
-        return None
-    events = retry.get("on_events")
-    duration = retry.get("duration")
-    if not isinstance(duration, int | float) or isinstance(duration, bool):
-        duration = DEFAULT_RETRY_DURATION
-    return RetryPolicy(frozenset(ALL_RETRY_EVENTS if events is None else events), float(duration))
 
 
 def backoff(attempt: int) -> float:
@@ -60,7 +37,7 @@ def backoff(attempt: int) -> float:
 
 
 def decide(
-    config: dict[str, Any],
+    policy: RetryPolicy | None,
     failed: JobRecord,
     event: str | None,
     at: float,
@@ -74,7 +51,6 @@ def decide(
 
     A preemption is an interruption the policy must cover, but no failure of the replica's: it
     goes back to the queue at once, and neither starts, extends nor ends a streak."""
-    policy = retry_policy(config)
     if policy is None or event is None or event not in policy.events or policy.duration <= 0:
         return RunTerminationReason.JOB_FAILED
     if preempted:

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from meshgpu.client import APIError
-from tests.agent.conftest import AgentProc, wait_for
+from meshgpu.testing import AgentProcess
+from tests.agent.conftest import wait_for
 
 
 def write(dirpath: Path, name: str, text: str) -> Path:
@@ -22,7 +23,9 @@ def write(dirpath: Path, name: str, text: str) -> Path:
     return p
 
 
-def test_apply_streams_output_and_returns_the_exit_code(agent: AgentProc, tmp_path: Path) -> None:
+def test_apply_streams_output_and_returns_the_exit_code(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
     proj = tmp_path / "proj"
     proj.mkdir()
     (proj / "data.txt").write_text("payload-from-my-laptop\n")
@@ -59,7 +62,7 @@ resources:
 
 
 def test_concurrent_4gpu_tasks_get_disjoint_gpus_and_a_third_waits(
-    agent: AgentProc, tmp_path: Path
+    agent: AgentProcess, tmp_path: Path
 ) -> None:
     c = agent.client()
     gate = tmp_path / "gate"
@@ -99,7 +102,7 @@ resources:
     wait_for(lambda: all(c.run(n)["status"] == "done" for n in "bc"))
 
 
-def test_stop_is_graceful_and_abort_is_not(agent: AgentProc) -> None:
+def test_stop_is_graceful_and_abort_is_not(agent: AgentProcess) -> None:
     c = agent.client()
     cfg = """
 type: task
@@ -126,7 +129,7 @@ commands:
     assert b"graceful-exit" not in b"".join(c.logs("rude"))
 
 
-def test_abort_cuts_a_graceful_stop_short(agent: AgentProc) -> None:
+def test_abort_cuts_a_graceful_stop_short(agent: AgentProcess) -> None:
     """A job that ignores SIGTERM, stopped with a long stop_duration, then aborted: the abort
     does not wait out the grace period."""
     c = agent.client()
@@ -152,7 +155,7 @@ commands:
     assert c.run("stubborn")["termination_reason"] == "aborted_by_user"
 
 
-def test_max_duration_ends_the_job(agent: AgentProc) -> None:
+def test_max_duration_ends_the_job(agent: AgentProcess) -> None:
     c = agent.client()
     c.submit("type: task\nmax_duration: 1s\nstop_duration: 1s\ncommands: [sleep 60]\n", name="slow")
     run = wait_for(
@@ -163,7 +166,9 @@ def test_max_duration_ends_the_job(agent: AgentProc) -> None:
     assert run["jobs"][0]["finished_at"] - run["jobs"][0]["started_at"] < 10
 
 
-def test_agent_sigkill_and_restart_readopts_a_running_job(agent: AgentProc, tmp_path: Path) -> None:
+def test_agent_sigkill_and_restart_readopts_a_running_job(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
     c = agent.client()
     gate = tmp_path / "release"
     c.submit(
@@ -192,7 +197,7 @@ def test_agent_sigkill_and_restart_readopts_a_running_job(agent: AgentProc, tmp_
     wait_for(lambda: c.run("long")["status"] == "done")
 
 
-def test_clear_errors(agent: AgentProc, tmp_path: Path) -> None:
+def test_clear_errors(agent: AgentProcess, tmp_path: Path) -> None:
     c = agent.client()
     with pytest.raises(APIError) as e:
         c.submit("type: task\ncomands: [ls]\n", name="bad")
@@ -235,7 +240,7 @@ def test_clear_errors(agent: AgentProc, tmp_path: Path) -> None:
 
 
 def test_retry_on_error_resubmits_the_job_until_it_succeeds(
-    agent: AgentProc, tmp_path: Path
+    agent: AgentProcess, tmp_path: Path
 ) -> None:
     c = agent.client()
     marker, gate = tmp_path / "attempted", tmp_path / "gate"
@@ -260,7 +265,7 @@ commands:
     env = dict(os.environ) | {
         "MESHGPU_URL": agent.url,
         "MESHGPU_TOKEN": agent.token,
-        "MESHGPU_CA": str(agent.data_dir / "tls" / "ca.crt"),
+        "MESHGPU_CA": str(agent.ca_file),
     }
     with open(out, "wb") as f:
         cli = subprocess.Popen(
@@ -289,7 +294,7 @@ commands:
     assert "(submission 1)" in ps.stdout
 
 
-def test_priority_changes_in_place(agent: AgentProc, tmp_path: Path) -> None:
+def test_priority_changes_in_place(agent: AgentProcess, tmp_path: Path) -> None:
     c = agent.client()
     gate = tmp_path / "gate"
     proj = tmp_path / "proj"
@@ -339,7 +344,9 @@ def test_priority_changes_in_place(agent: AgentProc, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_second_retry_waits_out_its_backoff_then_runs(agent: AgentProc, tmp_path: Path) -> None:
+def test_a_second_retry_waits_out_its_backoff_then_runs(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
     """The leader plans again when a backoff ends, with nothing else happening in the mesh."""
     c = agent.client()
     count = tmp_path / "count"

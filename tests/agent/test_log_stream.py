@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import types
 from pathlib import Path
+from typing import Any
 
+import httpx
 import trio
 
-from meshgpu.agent import Agent
+from meshgpu.ops import Logs
 from meshgpu.runner.process import ProcessRunner
 from meshgpu.state import JobRecord, JobStatus, JobTerminationReason
 
 
-def _fake_agent(tmp_path: Path, job: JobRecord) -> types.SimpleNamespace:
-    fake = types.SimpleNamespace(
-        runner=ProcessRunner(tmp_path / "jobs", use_launcher=False),
-        state=types.SimpleNamespace(jobs={job.job_id: job}),
-        node_id="n1",
-    )
-    fake._ended_on_disk = types.MethodType(Agent._ended_on_disk, fake)
-    fake.stream_logs = types.MethodType(Agent.stream_logs, fake)
-    return fake
+def _logs(tmp_path: Path, job: JobRecord) -> Logs:
+    state: Any = types.SimpleNamespace(jobs={job.job_id: job})
+    runner = ProcessRunner(tmp_path / "jobs", use_launcher=False)
+    return Logs(state, runner, "n1", httpx.AsyncClient, poll_s=0.01)
 
 
 def _job(status: JobStatus) -> JobRecord:
@@ -36,23 +33,23 @@ def _job(status: JobStatus) -> JobRecord:
 
 
 async def test_follow_ends_for_a_job_that_failed_before_it_started(tmp_path: Path) -> None:
-    agent = _fake_agent(tmp_path, _job(JobStatus.FAILED))
+    logs = _logs(tmp_path, _job(JobStatus.FAILED))
     with trio.fail_after(5):
-        chunks = [c async for c in agent.stream_logs("r-0-0-0", follow=True)]
+        chunks = [c async for c in logs.stream_local("r-0-0-0", follow=True)]
     assert chunks == []
 
 
 async def test_follow_waits_while_the_job_runs(tmp_path: Path) -> None:
     job = _job(JobStatus.RUNNING)
-    agent = _fake_agent(tmp_path, job)
-    d = agent.runner.job_dir(job.job_id)
+    logs = _logs(tmp_path, job)
+    d = logs.runner.job_dir(job.job_id)
     d.mkdir(parents=True)
     (d / "job.json").write_text("{}")
     (d / "output.log").write_bytes(b"hello\n")
     got: list[bytes] = []
 
     async def follow() -> None:
-        async for c in agent.stream_logs(job.job_id, follow=True):
+        async for c in logs.stream_local(job.job_id, follow=True):
             got.append(c)
 
     with trio.fail_after(5):

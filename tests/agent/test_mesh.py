@@ -17,15 +17,15 @@ import pytest
 from meshgpu.client import APIError
 from meshgpu.client.http import write_profile
 from meshgpu.security import JoinToken
-from meshgpu.testing import free_port
-from tests.agent.conftest import AgentProc, start_mesh, stop_all, wait_for
+from meshgpu.testing import AgentProcess
+from tests.agent.conftest import loopback_agent, start_mesh, stop_all, wait_for
 
 # Gossip timing for tests: memberlist's local profile, faster probes (suspicion 1.5-9 s).
 FAST_GOSSIP = ["--gossip", "local,probe_interval=0.5,probe_timeout=0.2,gossip_interval=0.05"]
 
 
 @pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[list[AgentProc]]:
+def mesh(tmp_path: Path) -> Iterator[list[AgentProcess]]:
     agents = start_mesh(tmp_path, dict.fromkeys("abc", "2xH100:80GB"), ["--tick-ms", "50"])
     try:
         yield agents
@@ -34,7 +34,7 @@ def mesh(tmp_path: Path) -> Iterator[list[AgentProc]]:
 
 
 def test_join_promote_place_across_hosts_and_survive_the_leader(
-    mesh: list[AgentProc], tmp_path: Path
+    mesh: list[AgentProcess], tmp_path: Path
 ) -> None:
     a, b, c = mesh
     ca, cb, cc = a.client(), b.client(), c.client()
@@ -71,9 +71,7 @@ def test_join_promote_place_across_hosts_and_survive_the_leader(
     survivors = [ag for ag in mesh if ag is not victim]
     # A CLI whose profile names the leader learns the other members from its answers ...
     profile = tmp_path / "client.toml"
-    write_profile(
-        profile, victim.url, victim.token, ca=(victim.data_dir / "tls" / "ca.crt").read_text()
-    )
+    write_profile(profile, victim.url, victim.token, ca=victim.ca_file.read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGPU_")}
     env["MESHGPU_CONFIG"] = str(profile)
 
@@ -121,63 +119,24 @@ def test_join_promote_place_across_hosts_and_survive_the_leader(
     assert r.returncode == 0 and "via-cli" in r.stdout, r.stdout + r.stderr
 
 
-def test_a_host_without_a_valid_token_is_refused(mesh: list[AgentProc], tmp_path: Path) -> None:
+def test_a_host_without_a_valid_token_is_refused(mesh: list[AgentProcess], tmp_path: Path) -> None:
     a = mesh[0]
-    token = json.loads((a.data_dir / "join-token.json").read_text())["token"]
+    token = a.join_token()
     parts = token.split(".")
     forged = ".".join([*parts[:4], JoinToken.create("x", "y").secret])  # well-formed, wrong
-    d = tmp_path / "intruder"
-    d.mkdir()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "meshgpu",
-            "agent",
-            "--data-dir",
-            str(d),
-            "--api-port",
-            "0",
-            "--peer-port",
-            str(free_port()),
-            "--token",
-            forged,
-            "--join",
-            a.url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert r.returncode == 1 and "refused" in r.stderr and "Traceback" not in r.stderr
+    intruder = loopback_agent(tmp_path, "intruder", "1xH100:80GB", node_name="intruder")
+    with pytest.raises(RuntimeError, match="refused"):
+        intruder.start(forged, a.url)
+    assert intruder.proc is not None and intruder.proc.returncode == 1
+    assert "Traceback" not in intruder.log_tail(100_000)
     # A revoked token stops working too.
     ca = a.client()
     doc = ca._request("POST", "/api/v1/tokens").json()  # noqa: SLF001
     ca._request("DELETE", f"/api/v1/tokens/{doc['token_id']}")  # noqa: SLF001
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "meshgpu",
-            "agent",
-            "--data-dir",
-            str(tmp_path / "late"),
-            "--api-port",
-            "0",
-            "--peer-port",
-            str(free_port()),
-            "--token",
-            doc["token"],
-            "--join",
-            a.url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert r.returncode == 1 and "revoked" in r.stderr
+    late = loopback_agent(tmp_path, "late", "1xH100:80GB", node_name="late")
+    with pytest.raises(RuntimeError, match="revoked"):
+        late.start(doc["token"], a.url)
+    assert late.proc is not None and late.proc.returncode == 1
     # And the peer port refuses a client without a cluster certificate.
     assert httpx.get(f"{a.url}/healthz", verify=a.verify).status_code == 200
 
@@ -199,7 +158,7 @@ def test_a_dead_host_is_declared_and_its_job_is_fenced_when_it_returns(tmp_path:
         run = wait_for(lambda: (r := ca.run("victim")) and r["status"] == "running" and r)
         assert run["jobs"][0]["node"] == "node-b"
         job_id = run["jobs"][0]["job_id"]
-        pidfile = b.data_dir / "jobs" / job_id / "work" / "pid"
+        pidfile = b.data / "jobs" / job_id / "work" / "pid"
         pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip()))
         assert b.proc is not None
         b.proc.send_signal(sig.SIGSTOP)  # the host hangs (or is cut off)
@@ -249,7 +208,7 @@ def test_gossip_sees_a_death_and_a_gpu_fault_keeps_work_off_the_gpu(tmp_path: Pa
 
         # An XID on node-b's GPU 1 (the fake GPU's NVML-like fault knob): the leader turns
         # the gossiped fault into a replicated verdict, seen on every node.
-        (b.data_dir / "fake-gpu-state.json").write_text(json.dumps({"1": {"xid": 79}}))
+        (b.data / "fake-gpu-state.json").write_text(json.dumps({"1": {"xid": 79}}))
 
         def b_gpus(client: object) -> list[dict]:
             nodes = client.nodes()  # type: ignore[attr-defined]
@@ -267,7 +226,7 @@ def test_gossip_sees_a_death_and_a_gpu_fault_keeps_work_off_the_gpu(tmp_path: Pa
         job = wait_for(lambda: (j := cc.run("two")["jobs"][0])["why_pending"] and j)
         assert job["status"] == "submitted"
         # ... until the GPU recovers; then it runs there on both GPUs.
-        (b.data_dir / "fake-gpu-state.json").write_text("{}")
+        (b.data / "fake-gpu-state.json").write_text("{}")
         job = wait_for(lambda: (j := cc.run("two")["jobs"][0])["status"] == "running" and j)
         assert job["node"] == "node-b" and sorted(job["gpus"]) == [0, 1]
         assert b_gpus(ca)[1]["healthy"]

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.agent.conftest import AgentProc, running, start_mesh, stop_all, wait_for
+from meshgpu.testing import AgentProcess
+from tests.agent.conftest import loopback_agent, running, start_mesh, stop_all, wait_for
 
 
 @pytest.fixture
-def blocks_agent(tmp_path: Path) -> Iterator[AgentProc]:
-    yield from running(AgentProc(tmp_path / "agent", "8xH100:80GB", extra_args=["--blocks", "2"]))
+def blocks_agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    yield from running(loopback_agent(tmp_path, "agent", "8xH100:80GB", extra=["--blocks", "2"]))
 
 
 def _json(r: subprocess.CompletedProcess[str]) -> dict:
@@ -25,7 +26,7 @@ def _json(r: subprocess.CompletedProcess[str]) -> dict:
     return json.loads(r.stdout)
 
 
-def test_blocks_offers_and_metrics_on_one_host(blocks_agent: AgentProc, tmp_path: Path) -> None:
+def test_blocks_offers_and_metrics_on_one_host(blocks_agent: AgentProcess, tmp_path: Path) -> None:
     a = blocks_agent
     [node] = _json(a.cli("nodes", "--json"))
     # dstack: blocks must divide the CPUs too; on the usual even CPU count --blocks 2 holds.
@@ -101,7 +102,7 @@ resources:
     wait_for(lambda: all(c.run(n)["status"] == "done" for n in ("one", "two")))
 
 
-def test_offer_for_a_file_and_bad_specs(agent: AgentProc, tmp_path: Path) -> None:
+def test_offer_for_a_file_and_bad_specs(agent: AgentProcess, tmp_path: Path) -> None:
     cfg = tmp_path / "prod.yml"
     cfg.write_text('type: task\nfleets: [prod]\ncommands: ["true"]\nresources:\n  gpu: H100:2\n')
     r = agent.cli("offer", "-f", str(cfg))

@@ -9,23 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.conftest import AgentProc, running, wait_for
+from meshgpu.testing import AgentProcess
+from tests.agent.conftest import loopback_agent, running, wait_for
 
 
 @pytest.fixture
-def keeps_two(tmp_path: Path) -> Iterator[AgentProc]:
-    yield from running(
-        AgentProc(tmp_path / "agent", "2xH100:80GB", extra_args=["--keep-runs", "2"])
-    )
+def keeps_two(tmp_path: Path) -> Iterator[AgentProcess]:
+    yield from running(loopback_agent(tmp_path, "agent", "2xH100:80GB", extra=["--keep-runs", "2"]))
 
 
 def test_finished_runs_beyond_the_policy_are_forgotten_with_their_files(
-    keeps_two: AgentProc,
+    keeps_two: AgentProcess,
 ) -> None:
     c = keeps_two.client()
     names = [c.submit("type: task\ncommands: [echo hi]\n", name=f"r{i}")["name"] for i in range(5)]
     wait_for(lambda: all(c.run(n)["status"] == "done" for n in names), timeout=60)
-    jobs_dir = keeps_two.data_dir / "jobs"
+    jobs_dir = keeps_two.data / "jobs"
     # The two that finished last stay; the rest go from the state, then from the disk (the
     # leader looks every 10 s).
     wait_for(lambda: len(c.runs(all=True)) == 2, timeout=40)
@@ -37,7 +36,6 @@ def test_finished_runs_beyond_the_policy_are_forgotten_with_their_files(
 
 
 def test_a_bad_retention_value_is_refused(tmp_path: Path) -> None:
-    a = AgentProc(tmp_path / "agent", "1xH100:80GB", extra_args=["--keep-runs-for", "soon"])
-    a.data_dir.mkdir()
+    a = loopback_agent(tmp_path, "agent", "1xH100:80GB", extra=["--keep-runs-for", "soon"])
     with pytest.raises(RuntimeError, match="keep-runs-for"):
         a.start()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.conftest import AgentProc, running, wait_for
+from meshgpu.testing import AgentProcess
+from tests.agent.conftest import loopback_agent, running, wait_for
 
 # Replicas that shrug off SIGTERM: stopped, they hold their GPUs for the whole stop_duration.
 STUBBORN = """
@@ -26,11 +27,11 @@ resources:
 
 
 @pytest.fixture
-def agent4(tmp_path: Path) -> Iterator[AgentProc]:
-    yield from running(AgentProc(tmp_path / "agent", "4xH100:80GB"))
+def agent4(tmp_path: Path) -> Iterator[AgentProcess]:
+    yield from running(loopback_agent(tmp_path, "agent", "4xH100:80GB"))
 
 
-def test_a_task_behind_two_stopped_runs_starts_at_once(agent4: AgentProc) -> None:
+def test_a_task_behind_two_stopped_runs_starts_at_once(agent4: AgentProcess) -> None:
     c = agent4.client()
     # g1: two replicas on GPUs 0-1. g2: two 3-GPU replicas, waiting; its first holds the host
     # for itself, so the 1-GPU task behind it waits although two GPUs are free.

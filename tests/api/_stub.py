@@ -1,24 +1,32 @@
-"""The API app in-process over a plain state machine: an agent that is only what the routes
-read (state, Raft status, GPUs, the job directory), so API behaviour is tested without
-processes or clocks."""
+"""The API app in-process over the real use cases (``meshgpu/ops``) and a plain state machine:
+the Raft node is a stub that reports a lone leader and proposes by applying at once, so API
+behaviour is tested without processes or clocks."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 
 from meshgpu.api import create_app
 from meshgpu.gpu import FakeProvider
+from meshgpu.ops import Admission, ClusterInfo, Code, Logs, Runs, Services, Tokens
 from meshgpu.runner import ProcessRunner
-from meshgpu.state import StateMachine
+from meshgpu.runner.code import CodeStore
+from meshgpu.security import NodeIdentity
+from meshgpu.state import Result, StateMachine
+from meshgpu.state.cluster import Replicated
 
 TOKEN = "test-token"
 
 
 class _Node:
+    """The Raft node as the use cases see it: a lone leader."""
+
+    id = 1
+    leader = 1
+
     def __init__(self, state: StateMachine) -> None:
         self.state = state
 
@@ -43,6 +51,19 @@ class _Node:
         return None
 
 
+class Proposer:
+    """Applies each command to the state at once (a one-member log that never fails)."""
+
+    def __init__(self, replicated: Replicated) -> None:
+        self.replicated = replicated
+        self.proposed: list[bytes] = []
+
+    async def propose(self, cmd: bytes, request_id: bytes | None = None) -> Result:
+        self.proposed.append(cmd)
+        index = self.replicated.jobs.applied_index + 1
+        return self.replicated.apply([(index, cmd)])[0]
+
+
 class _Gossip:
     """No gossip running: what ``GET /api/v1/nodes`` reads of it."""
 
@@ -56,37 +77,58 @@ class _Gossip:
         return {"running": False}
 
 
-class StubAgent:
-    def __init__(self, state: StateMachine, tmp: Path, node_id: str = "n1") -> None:
-        self.state = state
-        self.node = _Node(state)
-        self.node_id = node_id
-        self.node_name = node_id
-        self.settings = SimpleNamespace(code_limit=1 << 20)
-        self.cluster = SimpleNamespace(cluster_id="cluster-1")
-        self.identity: dict[str, Any] = {}
-        self.gpus = FakeProvider("8xH100:80GB", seed=node_id)
-        self.runner = ProcessRunner(tmp / "jobs", use_launcher=False)
-        self.gossip = _Gossip()
-
+class _Cluster(ClusterInfo):
     def members_header(self) -> bytes:
         return b"http://peer-1:7480"
 
     def roles(self) -> dict[str, str]:
         return {self.node_id: "leader"}
 
+
+class StubServices(Services):
     async def local_telemetry(self) -> list[dict[str, Any]]:
         return [
             {"index": t.index, "utilization_pct": t.utilization_pct} for t in self.gpus.telemetry()
         ]
 
-    def api_token_ok(self, token: str) -> bool:
-        return token == TOKEN
+
+def StubAgent(state: StateMachine, tmp: Path, node_id: str = "n1") -> StubServices:  # noqa: N802
+    """The services of a lone node ``node_id`` over ``state`` (named for what it replaced)."""
+    node: Any = _Node(state)
+    replicated = Replicated()
+    replicated.jobs = state
+    proposer = Proposer(replicated)
+    cluster = replicated.cluster
+    cluster.cluster_id = "cluster-1"
+    runner = ProcessRunner(tmp / "jobs", use_launcher=False)
+    store = CodeStore(tmp / "code", lambda: TOKEN, limit=1 << 20)
+    tls = NodeIdentity(tmp / "tls")
+
+    def http_client(**kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(**kwargs)
+
+    return StubServices(
+        node_id=node_id,
+        node_name=node_id,
+        state=state,
+        cluster=_Cluster(
+            node, state, cluster, node_id, node_id, "", lambda: TOKEN, lambda: "no CA"
+        ),
+        runs=Runs(state, proposer, store, node_id),
+        logs=Logs(state, runner, node_id, http_client),
+        code=Code(store, state, node_id, copies=0, limit=1 << 20),
+        tokens=Tokens(proposer, lambda: "cluster-1", lambda: "0" * 64),
+        admission=Admission(node, cluster, tls, proposer, lambda: TOKEN, http_client),
+        gossip=_Gossip(),
+        gpus=FakeProvider("8xH100:80GB", seed=node_id),
+        runner=runner,
+        http_client=http_client,
+    )
 
 
-def api(agent: StubAgent) -> httpx.AsyncClient:
+def api(services: Services) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=create_app(agent)),  # type: ignore[arg-type]
+        transport=httpx.ASGITransport(app=create_app(services)),
         base_url="http://node",
         headers={"Authorization": f"Bearer {TOKEN}"},
     )

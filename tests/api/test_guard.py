@@ -98,7 +98,7 @@ async def test_every_route_is_held_to_the_limit_public_ones_too(agent: StubAgent
         code = Body(8 << 20)
         r = await send(c, "POST", "/api/v1/code", code)
         assert r.status_code == 413
-        assert code.pulled <= agent.settings.code_limit + (64 << 10) + CHUNK
+        assert code.pulled <= agent.code.limit + (64 << 10) + CHUNK
         # A declared length over the limit is refused before a byte is read.
         declared = await c.post(
             "/api/v1/runs", content=b"{}", headers={"Content-Length": str(MAX_JSON_BODY + 1)}

@@ -22,9 +22,10 @@ from meshgpu.config import (
     load_config,
     loader,
     parse_config,
-    parse_config_async,
 )
 from meshgpu.config.common import MAX_ENV_ENTRY_BYTES, MAX_ENV_TOTAL_BYTES
+from meshgpu.ops import configs as ops_configs
+from meshgpu.ops.configs import parse_config_async
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -265,7 +266,7 @@ async def test_parse_config_async_answers_within_its_deadline(
         release.wait(10)
         return None
 
-    monkeypatch.setattr(loader, "parse_config", slow)
+    monkeypatch.setattr(ops_configs, "parse_config", slow)
     t = trio.current_time()
     with pytest.raises(ConfigError) as info:
         await parse_config_async("type: task\n", "slow.yml", timeout=0.3)
@@ -293,7 +294,7 @@ async def test_parse_config_async_runs_a_few_parses_at_once(
             running -= 1
         return file
 
-    monkeypatch.setattr(loader, "parse_config", counted)
+    monkeypatch.setattr(ops_configs, "parse_config", counted)
     async with trio.open_nursery() as nursery:
         for i in range(8):
             nursery.start_soon(parse_config_async, "", f"{i}.yml")

@@ -9,10 +9,7 @@ advertise) its namespace's address, which the job sees as ``MESHGPU_MASTER_NODE_
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +18,8 @@ from typing import Any
 import pytest
 
 from meshgpu.client import Client, make_archive
-from tests.e2e.agents import NsAgent, wait_for
+from meshgpu.testing import AgentProcess
+from tests.e2e.agents import ns_agent, wait_for
 from tests.e2e.netns import Host, Net, available
 
 REASON = available()
@@ -46,16 +44,16 @@ class Lab:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.nets: list[Net] = []
-        self.agents: list[NsAgent] = []
+        self.agents: list[AgentProcess] = []
 
     def hosts(self, count: int) -> list[Host]:
         self.nets.append(Net.create(count))
         return self.nets[-1].hosts
 
-    def start(self, host: Host, name: str, token: str | None = None, **kw: Any) -> NsAgent:
-        agent = NsAgent(host, self.root, name, token, **kw)
+    def start(self, host: Host, name: str, token: str | None = None, **kw: Any) -> AgentProcess:
+        agent = ns_agent(host, self.root, name, **kw)
         self.agents.append(agent)  # before start: a failed start is cleaned up too
-        return agent.start(timeout=90)
+        return agent.start(token, timeout=90)
 
 
 @pytest.fixture
@@ -65,7 +63,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         yield lab
     finally:
         for a in lab.agents:
-            a.cleanup()
+            a.close()
         for n in lab.nets:
             n.delete()
 
@@ -82,10 +80,6 @@ def _logs(c: Client, run: str) -> str:
     return b"".join(c.logs(run)).decode()
 
 
-def _token(a: NsAgent) -> str:
-    return json.loads((a.data / "join-token.json").read_text())["token"]
-
-
 def test_a_job_on_another_host_fetches_the_upload_from_the_accepting_node(
     lab: Lab, tmp_path: Path
 ) -> None:
@@ -96,34 +90,23 @@ def test_a_job_on_another_host_fetches_the_upload_from_the_accepting_node(
     b = lab.start(
         hb,
         "b",
-        _token(a),
+        a.join_token(),
         fake_gpus="1xH100:80GB",
         bind="0.0.0.0",
         extra=["--join", f"{ha.ip}:7481", "--no-mdns"],
     )
-    for x in (a, b):  # the API URL it advertises is its namespace's address, not 0.0.0.0
+    for x, h in (
+        (a, ha),
+        (b, hb),
+    ):  # the API URL it advertises is its namespace's address, not 0.0.0.0
         profile = tomllib.loads((x.data / "client.toml").read_text())
-        assert profile["url"] == f"https://{x.host.ip}:7480"
+        assert profile["url"] == x.url == f"https://{h.ip}:7480"
     c = a.client()
     nodes = wait_for(lambda: (n := c.nodes()) and len(n) == 2 and n, timeout=60)
     assert {n["name"]: n["internal_ip"] for n in nodes} == {"a": ha.ip, "b": hb.ip}
 
     proj = _project(tmp_path)
-    env = os.environ | {
-        "MESHGPU_URL": a.url,
-        "MESHGPU_CA": str(a.data / "tls" / "ca.crt"),
-        "MESHGPU_TOKEN": tomllib.loads((a.data / "client.toml").read_text())["token"],
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-    }
-    r = subprocess.run(
-        [sys.executable, "-m", "meshgpu", "submit", "-f", "task.yml", "--name", "fetched"],
-        cwd=proj,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    r = a.cli("submit", "-f", "task.yml", "--name", "fetched", cwd=proj)
     assert r.returncode == 0 and r.stdout.strip() == "fetched", r.stdout + r.stderr
     run = wait_for(
         lambda: (x := c.run("fetched")) and x["status"] in ("done", "failed") and x, timeout=90
@@ -140,7 +123,7 @@ def test_the_run_starts_after_the_accepting_node_is_killed(lab: Lab, tmp_path: P
     ha, hc, hd, hb = lab.hosts(4)
     a = lab.start(ha, "a", fake_gpus="1xA100:40GB")
     others = [
-        lab.start(h, n, _token(a), fake_gpus="1xA100:40GB") for h, n in ((hc, "c"), (hd, "d"))
+        lab.start(h, n, a.join_token(), fake_gpus="1xA100:40GB") for h, n in ((hc, "c"), (hd, "d"))
     ]
     c = a.client()
     wait_for(lambda: len(c.status()["voters"]) == 3 and len(c.nodes()) == 3, timeout=60)
@@ -153,7 +136,7 @@ def test_the_run_starts_after_the_accepting_node_is_killed(lab: Lab, tmp_path: P
     assert c.run("durable")["status"] in ("submitted", "pending"), c.run("durable")
 
     a.kill()  # the node that accepted the upload and the run is gone for good
-    lab.start(hb, "b", _token(a), fake_gpus="1xH100:80GB")  # joins through c or d (mDNS)
+    lab.start(hb, "b", a.join_token(), fake_gpus="1xH100:80GB")  # joins through c or d (mDNS)
     cc = others[0].client()
     run = wait_for(
         lambda: (x := cc.run("durable")) and x["status"] in ("done", "failed") and x, timeout=120

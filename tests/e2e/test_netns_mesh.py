@@ -5,7 +5,6 @@ acknowledged submission is lost; no job runs twice at once (each job writes a ma
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,8 @@ import pytest
 
 from meshgpu.client import Client
 from meshgpu.security import JoinToken
-from tests.e2e.agents import NsAgent, wait_for
+from meshgpu.testing import AgentProcess
+from tests.e2e.agents import ns_agent, wait_for
 from tests.e2e.netns import Net, available
 
 REASON = available()
@@ -24,19 +24,18 @@ pytestmark = pytest.mark.skipif(bool(REASON), reason=REASON or "ok")
 
 
 @pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[tuple[Net, list[NsAgent]]]:
+def mesh(tmp_path: Path) -> Iterator[tuple[Net, list[AgentProcess]]]:
     net = Net.create(4)
-    agents: list[NsAgent] = []
+    agents: list[AgentProcess] = []
     try:
-        first = NsAgent(net.hosts[0], tmp_path, "h1").start()
-        agents.append(first)
-        token = json.loads((first.data / "join-token.json").read_text())["token"]
-        for i, h in enumerate(net.hosts[1:], start=2):
-            agents.append(NsAgent(h, tmp_path, f"h{i}", token).start())  # mDNS only: no --join
+        for i, h in enumerate(net.hosts, start=1):
+            agents.append(ns_agent(h, tmp_path, f"h{i}"))
+            # The first founds the cluster; the others join it by mDNS with its token (no --join).
+            agents[-1].start(agents[0].join_token() if i > 1 else None)
         yield net, agents
     finally:
         for a in agents:
-            a.cleanup()
+            a.close()
         net.delete()
 
 
@@ -48,7 +47,7 @@ def submit(c: Client, name: str, marker_dir: Path) -> None:
     wait_for(lambda: c.submit(cfg, name=name, request_id=f"req-{name}"), timeout=30)
 
 
-def test_mesh_across_namespaces(mesh: tuple[Net, list[NsAgent]], tmp_path: Path) -> None:
+def test_mesh_across_namespaces(mesh: tuple[Net, list[AgentProcess]], tmp_path: Path) -> None:
     net, agents = mesh
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -66,7 +65,7 @@ def test_mesh_across_namespaces(mesh: tuple[Net, list[NsAgent]], tmp_path: Path)
     leader = c1.status()["leader"]
     minority = next(a for a in agents if a.client().status()["raft_id"] != leader)
     majority = [a for a in agents if a is not minority]
-    net.partition([minority.host])
+    net.partition([next(h for h in net.hosts if h.ns == minority.netns)])
     submit(majority[0].client(), "during-partition", markers)
     names.append("during-partition")
     net.heal()
@@ -105,8 +104,11 @@ def test_mesh_across_namespaces(mesh: tuple[Net, list[NsAgent]], tmp_path: Path)
         assert len(starts) == len(set(starts)) <= 1, (n, starts)
         assert run["status"] != "done" or len(starts) == 1
     # A host with a forged token is refused.
-    parts = json.loads((agents[0].data / "join-token.json").read_text())["token"].split(".")
+    parts = agents[0].join_token().split(".")
     wrong = JoinToken.create("x", "y").secret  # well-formed, not this token's
-    intruder = NsAgent(victim.host, tmp_path, "intruder", ".".join([*parts[:4], wrong]))
-    with pytest.raises(RuntimeError, match="refused"):
-        intruder.start(timeout=60)
+    intruder = ns_agent(next(h for h in net.hosts if h.ns == victim.netns), tmp_path, "intruder")
+    try:
+        with pytest.raises(RuntimeError, match="refused"):
+            intruder.start(".".join([*parts[:4], wrong]), timeout=60)
+    finally:
+        intruder.close()

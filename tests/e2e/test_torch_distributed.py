@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.agents import NsAgent, wait_for
+from meshgpu.testing import AgentProcess
+from tests.e2e.agents import ns_agent, wait_for
 from tests.e2e.netns import Net, available
 
 REASON = available()
@@ -92,45 +92,32 @@ def task_yaml(script: Path) -> str:
 
 
 @pytest.fixture
-def two_hosts(tmp_path: Path) -> Iterator[tuple[Net, list[NsAgent]]]:
+def two_hosts(tmp_path: Path) -> Iterator[tuple[Net, list[AgentProcess]]]:
     net = Net.create(2)
-    agents: list[NsAgent] = []
+    agents: list[AgentProcess] = []
     # The jobs run ``torchrun`` from this interpreter's environment, as a user's activated venv.
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
-        first = NsAgent(net.hosts[0], tmp_path, "h1", env=env).start()
-        agents.append(first)
-        token = json.loads((first.data / "join-token.json").read_text())["token"]
-        agents.append(NsAgent(net.hosts[1], tmp_path, "h2", token, env=env).start())
+        agents.append(ns_agent(net.hosts[0], tmp_path, "h1", env=env))
+        agents[0].start()
+        agents.append(ns_agent(net.hosts[1], tmp_path, "h2", env=env))
+        agents[1].start(agents[0].join_token())
         yield net, agents
     finally:
         for a in agents:
-            a.cleanup()
+            a.close()
         net.delete()
 
 
-def meshgpu_logs(agent: NsAgent, run: str, job: int) -> str:
+def meshgpu_logs(agent: AgentProcess, run: str, job: int) -> str:
     """``meshgpu logs RUN --job N`` against the agent's API, as a user would."""
-    token = agent.client().profile.token
-    out = subprocess.run(
-        [sys.executable, "-m", "meshgpu", "logs", run, "--job", str(job)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=os.environ
-        | {
-            "MESHGPU_URL": agent.url,
-            "MESHGPU_TOKEN": token,
-            "MESHGPU_CA": str(agent.data / "tls" / "ca.crt"),
-        },
-        check=False,
-    )
+    out = agent.cli("logs", run, "--job", str(job))
     assert out.returncode == 0, out.stderr
     return out.stdout
 
 
 def test_torchrun_gloo_across_two_hosts(
-    two_hosts: tuple[Net, list[NsAgent]], tmp_path: Path
+    two_hosts: tuple[Net, list[AgentProcess]], tmp_path: Path
 ) -> None:
     net, agents = two_hosts
     script = tmp_path / "ddp_check.py"
@@ -147,7 +134,7 @@ def test_torchrun_gloo_across_two_hosts(
     assert run["status"] == "done", (run, logs)
 
     # One job per host (gang): job N runs rank N, on its own namespace's address.
-    ip_of = {a.name: a.host.ip for a in agents}
+    ip_of = {a.name: h.ip for a, h in zip(agents, net.hosts, strict=True)}
     hosts = [ip_of[j["node"]] for j in sorted(run["jobs"], key=lambda j: j["job_num"])]
     assert sorted(hosts) == sorted(h.ip for h in net.hosts), run
     for job in (0, 1):

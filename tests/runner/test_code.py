@@ -18,6 +18,7 @@ import trio
 
 from meshgpu.config import parse_config
 from meshgpu.config.render import to_json
+from meshgpu.config.spec import NO_SPEC
 from meshgpu.runner import ProcessRunner
 from meshgpu.runner.code import (
     CodeDigestError,
@@ -283,7 +284,7 @@ async def test_a_job_stopped_while_its_code_is_fetched_never_starts(tmp_path: Pa
         async with trio.open_nursery() as n:
             n.start_soon(ex._launch, job_id, sm.jobs[job_id].epoch)
             await asked.wait()
-            ex._stop(job_id, abort=False, config={})
+            ex._stop(job_id, abort=False, spec=NO_SPEC)
     [report] = ex._reports
     assert isinstance(report, JobFinished) and report.reason == "terminated_by_server"
     assert not runner.job_dir(job_id).exists() and not ex._fetching

@@ -96,7 +96,7 @@ def _prepare(sm: StateMachine, runner: ProcessRunner, job: JobRecord) -> JobLaun
         gpu_vendor=lambda: "nvidia",
     )  # type: ignore[arg-type]
     run = sm.runs[job.run_name]
-    return ex._prepare(job, run.run_args, run.config, job.epoch)
+    return ex._prepare(job, run.run_args, run.spec, job.epoch)
 
 
 TWO_GROUPS = """\

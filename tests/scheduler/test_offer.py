@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from meshgpu.config.spec import compile_run
 from meshgpu.scheduler import offer
 from tests.scheduler._world import host, resources, schedule, submit, task, world
 
@@ -48,8 +49,8 @@ def test_blocks_and_filters_in_offers() -> None:
         host("b", 8, blocks=4, labels={"fleet": "x"}),
         host("c", 8, labels={"fleet": "y"}),
     )
-    [o] = offer(sm, resources("H100:4"), config={"fleets": ["x"]})
+    [o] = offer(sm, resources("H100:4"), spec=compile_run({"fleets": ["x"]}))
     assert (o.node, o.blocks, o.free_blocks, o.total_blocks) == ("b", 2, 4, 4)
     assert len(o.gpu_indices) == 4
-    [g] = offer(sm, resources("H100:8"), nodes=2, config={"fleets": ["y"]})
+    [g] = offer(sm, resources("H100:8"), nodes=2, spec=compile_run({"fleets": ["y"]}))
     assert g.node == "c" and g.blocks is None

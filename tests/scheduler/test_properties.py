@@ -221,8 +221,7 @@ def check_gangs_whole(sm: StateMachine, p: Plan) -> None:
         if len(got) > 1:
             nodes = [a.node_id for a in got]
             assert len(set(nodes)) == len(nodes), f"gang {key} put two jobs on one host"
-            config = sm.runs[key[0]].config
-            if run_filters(config).cluster:
+            if run_filters(sm.runs[key[0]].spec.placement).cluster:
                 clusters = {sm.nodes[n].labels.get("cluster", "") for n in nodes}
                 assert len(clusters) == 1, f"gang {key} spans clusters {clusters}"
 
@@ -290,7 +289,9 @@ def check_preemptions(sm: StateMachine, p: Plan) -> None:
             assert set(a.gpu_indices) <= healthy
             assert not set(a.gpu_indices) & busy.get(a.node_id, set()), "preemptor would not fit"
             busy.setdefault(a.node_id, set()).update(a.gpu_indices)
-            req = req_of(spec_of(job.resources_key, job.resources), run.config, len(targets) > 1)
+            req = req_of(
+                spec_of(job.resources_key, job.resources), run.spec.placement, len(targets) > 1
+            )
             fit = static_fit(req, node)
             assert fit.ok and fit.gpus == len(a.gpu_indices)
             assert set(a.gpu_indices) <= fit.matching
@@ -308,14 +309,14 @@ def check_reservations(sm: StateMachine, p: Plan, now: float) -> None:
             healthy = {g.index for g in node.gpus if g.healthy}
             capacity = total_blocks if total_blocks is not None else len(healthy)
             held = [
-                (dl.of_held(j, sm.runs[j.run_name].config), _units(j, total_blocks, healthy))
+                (dl.of_held(j, sm.runs[j.run_name].spec), _units(j, total_blocks, healthy))
                 for j in sm.jobs.values()
                 if j.node_id == node_id and j.status.holds_resources()
             ]
             new = [
                 (
                     i,
-                    dl.of_new(sm.runs[sm.jobs[a.job_id].run_name].config),
+                    dl.of_new(sm.runs[sm.jobs[a.job_id].run_name].spec),
                     _units(a, total_blocks, healthy),
                 )
                 for i, a in enumerate(p.assignments)

@@ -24,7 +24,8 @@ from consensus.core.types import Snapshot, SnapshotMetadata
 from consensus.storage import DiskStorage
 from consensus.storage._snapshot import write_snapshot
 from meshgpu.datadir import DataDirError, secure_data_dir
-from tests.agent.conftest import AgentProc
+from meshgpu.testing import AgentProcess
+from tests.agent.conftest import loopback_agent
 
 TASK = """
 type: task
@@ -60,8 +61,8 @@ def loose(root: Path) -> list[str]:
     return bad
 
 
-def start(data_dir: Path) -> AgentProc:
-    return AgentProc(data_dir, "1xH100:80GB").start()
+def start(data_dir: Path) -> AgentProcess:
+    return loopback_agent(data_dir.parent, data_dir.name, "1xH100:80GB").start()
 
 
 def test_an_agent_started_with_umask_022_keeps_everything_private(

@@ -25,7 +25,7 @@ SERVICE = "type: service\nport: 8000\nreplicas: 2\ncommands: [serve]\nresources:
 
 
 class Scheduler:
-    """The agent's loop (``Agent._scheduler_loop``): plan only when ``demand_version`` moved;
+    """The agent's loop (``meshgpu/control/scheduling.py``): plan only when ``demand_version`` moved;
     a plan is proposed, and other commands may commit before it does."""
 
     def __init__(self, sm: StateMachine) -> None:

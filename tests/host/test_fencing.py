@@ -10,8 +10,8 @@ import trio
 
 from consensus.core import Role
 from meshgpu.clock import FakeClock
+from meshgpu.host.fencing import Fencing
 from meshgpu.mesh.membership import MembershipPolicy
-from meshgpu.runner.fencing import Fence
 
 POLICY = MembershipPolicy()
 FENCE_S = POLICY.dead_grace_s * POLICY.fence_fraction  # 18 s
@@ -42,7 +42,7 @@ async def test_a_host_cut_off_from_the_leader_fences_its_jobs_after_the_period(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     node, jobs = _follower(), _Jobs()
-    fence = Fence(node, jobs, FENCE_S, clock=FakeClock())
+    fence = Fencing(node, jobs, FENCE_S, clock=FakeClock())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fence.run)
         await trio.sleep(FENCE_S)  # the leader went silent at 0; contact counts for 2 s more
@@ -59,7 +59,7 @@ async def test_a_host_cut_off_from_the_leader_fences_its_jobs_after_the_period(
 
 async def test_a_host_that_hears_its_leader_never_fences(autojump_clock: trio.abc.Clock) -> None:
     node, jobs = _follower(), _Jobs()
-    fence = Fence(node, jobs, FENCE_S, clock=FakeClock())
+    fence = Fencing(node, jobs, FENCE_S, clock=FakeClock())
 
     async def leader_heartbeats() -> None:
         while True:

@@ -1,0 +1,53 @@
+"""Serving the API: a socket bound early (the API URL names its real port), served by hypercorn
+in the agent's nursery once the use cases it calls exist."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from functools import partial
+from typing import TYPE_CHECKING
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from meshgpu.api.app import create_app
+from meshgpu.mesh.address import is_unspecified
+
+if TYPE_CHECKING:
+    from meshgpu.ops import Services
+    from meshgpu.security import NodeIdentity
+
+
+def listen(bind: str, port: int) -> socket.socket:
+    """A listening TCP socket for the API (``bind`` empty or unspecified: every address)."""
+    host = bind.strip("[]") or None
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, address = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and is_unspecified(bind):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(
+    nursery: trio.Nursery, sock: socket.socket, services: Services, tls: NodeIdentity | None
+) -> None:
+    """Serve the API on ``sock`` (over TLS with this node's certificate unless ``tls`` None)."""
+    cfg = hypercorn.config.Config()
+    cfg.bind = [f"fd://{sock.detach()}"]
+    if tls is not None:
+        cfg.certfile = str(tls.files.cert)
+        cfg.keyfile = str(tls.files.key)
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("hypercorn.error")
+    cfg.graceful_timeout = 1.0
+    await nursery.start(partial(hypercorn.trio.serve, create_app(services), cfg))

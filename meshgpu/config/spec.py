@@ -1,0 +1,310 @@
+"""Typed run specs: what the state machine, the scheduler and the runner read of a run.
+
+A run's configuration is validated at the edge (the pydantic models of ``runs.py``) and rendered
+to its normalized JSON form (``render.to_json``: every field, defaults filled). That form is what
+a ``SubmitRun`` entry carries in the Raft log and what snapshots keep, because it is also what the
+user sees back (``GET /api/v1/runs/{name}``) and what an in-place update is compared with.
+``compile_run`` turns it, once per run, into a frozen ``RunSpec`` that every reader past the edge
+uses by attribute: no ``config.get("field")`` in state, scheduler or runner. A new field is added
+here once, with its default, instead of as a string key in three packages.
+
+Compiling is a pure function of the rendered form, so every member compiles the same spec from
+the same log entry, and a snapshot (which keeps only the rendered form) recompiles it on restore.
+Parts that many runs share (resources, placement, retry policy) are interned: a queue of ten
+thousand runs from one YAML file holds one copy of each.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshgpu.config.common import ALL_RETRY_EVENTS, DEFAULT_RETRY_DURATION
+
+# Run-level fields that decide *where* a job may run (or for how long it will hold it). Runs equal
+# in these (and in their jobs' resources) are interchangeable to the scheduler.
+PLACEMENT_FIELDS = (
+    "fleets",
+    "backends",
+    "regions",
+    "availability_zones",
+    "instance_types",
+    "instances",
+    "spot_policy",
+    "max_price",
+    "reservation",
+    "max_duration",
+    "stop_duration",
+    "placement",
+)
+
+DEFAULT_STOP_GRACE_S = 300.0  # dstack's stop_duration default
+STOP_OFF_GRACE_S = 3600.0  # ``stop_duration: off``: no limit, bounded at an hour
+
+
+def canonical(value: Any) -> str:
+    """Canonical JSON text: equal texts, equal values (the key of every intern table here)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """dstack's ``retry``: the events that resubmit a failed replica, and for how long."""
+
+    events: frozenset[str]
+    duration: float  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a run's jobs may be placed (dstack's profile parameters), as the scheduler filters
+    hosts with them (``scheduler/filters.py``). ``key`` is the canonical text of the placement
+    fields (durations included): runs with equal keys and equal job resources are one class of
+    the wait queue."""
+
+    key: str = "{}"
+    image: bool = False
+    fleets: tuple[str, ...] | None = None
+    backends: tuple[str, ...] | None = None
+    regions: tuple[str, ...] | None = None
+    zones: tuple[str, ...] | None = None
+    instance_types: tuple[str, ...] | None = None
+    reservation: str | None = None
+    spot_policy: str = "on-demand"
+    max_price: float | None = None
+    # each ``instances`` entry as its (field, value) pairs, ``None`` values left out
+    instances: tuple[tuple[tuple[str, Any], ...], ...] = ()
+    cluster: bool = True  # ``placement: any`` lets a multi-node gang span clusters
+
+    def filters_key(self) -> str:
+        """Canonical text of what the host filters read (no durations): equal texts filter
+        hosts the same way."""
+        return canonical(
+            {
+                "image": self.image,
+                "fleets": self.fleets,
+                "backends": self.backends,
+                "regions": self.regions,
+                "zones": self.zones,
+                "instance_types": self.instance_types,
+                "reservation": self.reservation,
+                "spot_policy": self.spot_policy,
+                "max_price": self.max_price,
+                "instances": self.instances,
+                "cluster": self.cluster,
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """One job of a run: a node of a task (per group), a replica of a service, the one job of a
+    dev environment. Resubmissions of the job (retry) keep its spec."""
+
+    job_num: int
+    replica_num: int = 0
+    group: str | None = None
+    # The normalized resources (JSON form; shared between runs asking for the same) and their
+    # canonical text: equal keys fit the same hosts.
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    resources_key: str = "{}"
+    commands: tuple[str, ...] = ()  # the group's own commands, or the run's
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """Everything meshgpu does with a run, compiled from its configuration."""
+
+    type: str | None = None  # task | service | dev-environment
+    priority: int = 0
+    jobs: tuple[JobSpec, ...] = ()
+    # Names of the run's groups in order (``(None,)`` when it has none): the
+    # ``${{ groups[i]... }}`` namespace of commands.
+    group_names: tuple[str | None, ...] = (None,)
+    placement: Placement = field(default_factory=Placement)
+    max_duration_s: int | None = None
+    stop_grace_s: float = DEFAULT_STOP_GRACE_S
+    retry: RetryPolicy | None = None
+    preemptible: bool = False  # ``preemptible: true`` (labels of its hosts may also allow it)
+    stop_criteria: str | None = None
+    startup_order: str | None = None
+    # the runner's
+    env: tuple[tuple[str, str], ...] = ()  # variables with a value (the rest come from hosts)
+    image: str | None = None
+    shell: str | None = None
+    working_dir: str | None = None
+    user: str | None = None
+    entrypoint: str | None = None
+    privileged: bool = False  # ``privileged`` or ``docker`` (docker-in-docker)
+    shm_size_gb: float | None = None
+
+    @property
+    def group_kind(self) -> str:
+        """What a group is made of in the commands' namespace: nodes of a task, replicas
+        otherwise."""
+        return "nodes" if self.type == "task" else "replicas"
+
+
+NO_SPEC = RunSpec()  # what a job of a run that is gone is read with (defaults everywhere)
+
+# Intern tables: equal parts of many runs are one object. Bounded so that a stream of distinct
+# configurations cannot grow them without limit (a cleared table only costs sharing).
+_RESOURCES: dict[str, Mapping[str, Any]] = {}
+_PLACEMENTS: dict[str, Placement] = {}
+_RETRIES: dict[str, RetryPolicy | None] = {}
+_LIMIT = 10_000
+
+
+def _intern(table: dict[str, Any], key: str, make: Any) -> Any:
+    hit = table.get(key, table)
+    if hit is table:
+        if len(table) > _LIMIT:
+            table.clear()
+        hit = table[key] = make()
+    return hit
+
+
+def _strings(values: Any) -> tuple[str, ...] | None:
+    return tuple(values) if values else None
+
+
+def compile_placement(config: Mapping[str, Any]) -> Placement:
+    """The placement of a rendered configuration (see ``Placement``)."""
+    doc = {k: config[k] for k in PLACEMENT_FIELDS if config.get(k) not in (None, [], {})}
+    if config.get("image"):
+        doc["image"] = True  # which image does not matter; that one needs a container runtime does
+    key = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+    def make() -> Placement:
+        refs = config.get("instances") or []
+        return Placement(
+            key=key,
+            image=bool(config.get("image")),
+            fleets=_strings(config.get("fleets")),
+            backends=_strings(config.get("backends")),
+            regions=_strings(config.get("regions")),
+            zones=_strings(config.get("availability_zones")),
+            instance_types=_strings(config.get("instance_types")),
+            reservation=config.get("reservation"),
+            spot_policy=config.get("spot_policy") or "on-demand",
+            max_price=config.get("max_price"),
+            instances=tuple(
+                tuple(sorted((k, v) for k, v in ref.items() if v is not None))
+                for ref in refs
+                if isinstance(ref, dict)
+            ),
+            cluster=config.get("placement") != "any",
+        )
+
+    return _intern(_PLACEMENTS, key, make)
+
+
+def compile_retry(retry: Any) -> RetryPolicy | None:
+    """dstack's ``retry`` (reference §1.2): ``true`` covers every event for an hour; an object
+    the listed events (all when omitted) for ``duration`` (an hour when omitted)."""
+    if retry is True:
+        return RetryPolicy(frozenset(ALL_RETRY_EVENTS), float(DEFAULT_RETRY_DURATION))
+    if not isinstance(retry, dict):
+        return None
+
+    def make() -> RetryPolicy:
+        events = retry.get("on_events")
+        duration = retry.get("duration")
+        if not isinstance(duration, int | float) or isinstance(duration, bool):
+            duration = DEFAULT_RETRY_DURATION
+        return RetryPolicy(
+            frozenset(ALL_RETRY_EVENTS if events is None else events), float(duration)
+        )
+
+    return _intern(_RETRIES, canonical(retry), make)
+
+
+def _resources(raw: Any) -> tuple[Mapping[str, Any], str]:
+    raw = raw or {}
+    key = json.dumps(raw, sort_keys=True, separators=(",", ":"))
+    return _intern(_RESOURCES, key, lambda: raw), key
+
+
+def _jobs(c: Mapping[str, Any]) -> list[tuple[str | None, Any, int, Any]]:
+    """(group, resources, replica_num, group commands) per job: one per node of a task (per
+    group), one per initial replica of a service, one for anything else."""
+    default_res = c.get("resources") or {}
+    groups = c.get("groups") or []
+    out: list[tuple[str | None, Any, int, Any]] = []
+    if c.get("type") == "task":
+        if groups:
+            for g in groups:
+                for _ in range(g.get("nodes") or 1):
+                    out.append((g.get("name"), g.get("resources"), 0, g.get("commands")))
+        else:
+            out.extend((None, default_res, 0, None) for _ in range(c.get("nodes") or 1))
+    elif c.get("type") == "service":
+        if groups:
+            replica = 0
+            for g in groups:
+                for _ in range(max(1, (g.get("replicas") or {}).get("min") or 0)):
+                    out.append((g.get("name"), g.get("resources"), replica, g.get("commands")))
+                    replica += 1
+        else:
+            replicas = c.get("replicas") or {"min": 1}
+            out.extend(
+                (None, default_res, r, None) for r in range(max(1, replicas.get("min") or 0))
+            )
+    else:
+        out.append((None, default_res, 0, None))
+    return out
+
+
+def _duration(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def stop_grace(value: Any) -> float:
+    """dstack's ``stop_duration`` as the runner applies it: 300 s by default, ``off`` an hour."""
+    if value == "off":
+        return STOP_OFF_GRACE_S
+    return float(value) if isinstance(value, int) else DEFAULT_STOP_GRACE_S
+
+
+def compile_run(config: Mapping[str, Any]) -> RunSpec:
+    """The spec of a run from its rendered configuration (``render.to_json``)."""
+    commands = tuple(config.get("commands") or ())
+    jobs = []
+    for num, (group, raw, replica, group_commands) in enumerate(_jobs(config)):
+        resources, key = _resources(raw)
+        jobs.append(
+            JobSpec(
+                job_num=num,
+                replica_num=replica,
+                group=group,
+                resources=resources,
+                resources_key=key,
+                commands=tuple(group_commands) if group_commands else commands,
+            )
+        )
+    groups = config.get("groups") or []
+    env = config.get("env") or {}
+    shm = (config.get("resources") or {}).get("shm_size")
+    return RunSpec(
+        type=config.get("type"),
+        priority=int(config.get("priority") or 0),
+        jobs=tuple(jobs),
+        group_names=tuple(g.get("name") for g in groups) or (None,),
+        placement=compile_placement(config),
+        max_duration_s=_duration(config.get("max_duration")),
+        stop_grace_s=stop_grace(config.get("stop_duration")),
+        retry=compile_retry(config.get("retry")),
+        preemptible=config.get("preemptible") is True,
+        stop_criteria=config.get("stop_criteria"),
+        startup_order=config.get("startup_order"),
+        env=tuple((k, v) for k, v in env.items() if v is not None),
+        image=config.get("image") or None,
+        shell=config.get("shell"),
+        working_dir=config.get("working_dir"),
+        user=config.get("user"),
+        entrypoint=config.get("entrypoint"),
+        privileged=bool(config.get("privileged") or config.get("docker")),
+        shm_size_gb=shm,
+    )

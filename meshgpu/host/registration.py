@@ -1,0 +1,99 @@
+"""This host in the replicated state: its record (GPUs, CPUs, memory, labels, blocks) proposed
+at start, and again when it comes back after being declared dead while cut off."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from meshgpu.gpu import collect_inventory
+from meshgpu.runner.container import detect_runtime
+from meshgpu.state import GPURecord, NodeRecord, RegisterNode, encode
+
+if TYPE_CHECKING:
+    from consensus.node import RaftNode
+    from meshgpu.gpu import GPUProvider
+    from meshgpu.host.identity import HostIdentity
+    from meshgpu.replica.proposer import Proposer
+    from meshgpu.runner.executor import Executor
+    from meshgpu.settings import AgentSettings
+    from meshgpu.state import StateMachine
+
+log = logging.getLogger(__name__)
+
+
+class Registration:
+    def __init__(
+        self,
+        identity: HostIdentity,
+        settings: AgentSettings,
+        gpus: GPUProvider,
+        executor: Executor,
+        state: StateMachine,
+        node: RaftNode,
+        proposer: Proposer,
+        check_s: float = 1.0,
+    ) -> None:
+        self.identity, self.settings, self.gpus = identity, settings, gpus
+        self.executor, self.state, self.node, self.proposer = executor, state, node, proposer
+        self.check_s = check_s  # how often a dead record of this host is looked for
+
+    async def register(self) -> None:
+        s, ident = self.settings, self.identity
+        inv = await trio.to_thread.run_sync(collect_inventory, self.gpus, s.data_dir)
+        runtime = await trio.to_thread.run_sync(detect_runtime)
+        self.executor.container_runtime = runtime
+        cmd = RegisterNode(
+            at=time.time(),
+            node_id=ident.node_id,
+            name=ident.name,
+            api_url=ident.api_url,
+            internal_ip=ident.host,
+            labels=s.labels,
+            gpus=[
+                GPURecord(
+                    index=g.index,
+                    uuid=g.uuid,
+                    name=g.name,
+                    vendor=g.vendor,
+                    memory_mib=g.memory_mib,
+                    compute_capability=g.compute_capability,
+                    numa_node=g.numa_node,
+                )
+                for g in inv.gpus
+            ],
+            gpu_links=[list(r) for r in inv.links],
+            cpu_count=inv.host.cpu_count,
+            cpu_arch=inv.host.cpu_arch,
+            memory_mib=inv.host.memory_mib,
+            disk_gb=inv.host.disk_total_gb,  # like an offer's disk size (dstack matches totals)
+            container_runtime=runtime.rsplit("/", 1)[-1] if runtime else None,
+            blocks=s.blocks,
+        )
+        if cmd.blocks is not None:
+            split = NodeRecord(**cmd.model_dump(exclude={"kind", "at"})).block_count()
+            lowered = cmd.blocks != "auto" and split != cmd.blocks
+            (log.warning if lowered else log.info)(
+                "blocks=%s: %d GPUs and %d CPUs split into %s block(s)%s",
+                cmd.blocks,
+                len(cmd.gpus),
+                cmd.cpu_count,
+                split,
+                " (blocks must divide both evenly)" if lowered else "",
+            )
+        await self.proposer.propose(encode(cmd))
+
+    async def run(self) -> None:
+        """Declared dead while cut off, and back: register again so the scheduler uses us."""
+        while True:
+            await trio.sleep(self.check_s)
+            me = self.state.nodes.get(self.identity.node_id)
+            if me is not None and me.status == "dead" and self.node.leader:
+                log.info("this host was declared dead while unreachable; registering again")
+                try:
+                    await self.register()
+                except Exception as e:  # no quorum yet: try again on the next round
+                    log.info("re-registration deferred: %s", e)

@@ -1,0 +1,73 @@
+"""Use cases as plain async code over a proposer and the replicated state: what the API calls.
+They raise ``meshgpu.errors`` and never speak HTTP (no FastAPI here)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from meshgpu.ops.admission import Admission
+from meshgpu.ops.cluster import ClusterInfo
+from meshgpu.ops.code import Code
+from meshgpu.ops.logs import Logs, LogSource
+from meshgpu.ops.runs import Runs, Submission
+from meshgpu.ops.tokens import Tokens
+
+if TYPE_CHECKING:
+    import httpx
+
+    from meshgpu.gpu import GPUProvider
+    from meshgpu.runner import ProcessRunner
+    from meshgpu.state import StateMachine
+
+
+class GossipView(Protocol):
+    """What the API shows of this node's gossip (``meshgpu/mesh/node_gossip.py``)."""
+
+    def node_view(self, node_id: str) -> dict[str, Any] | None: ...
+
+    def telemetry(self, node_id: str) -> list[dict[str, Any]] | None: ...
+
+    def summary(self, registered: set[str]) -> dict[str, Any]: ...
+
+
+@dataclass
+class Services:
+    """Everything the API depends on, built by the composition root once the parts exist."""
+
+    node_id: str
+    node_name: str
+    state: StateMachine  # the replicated state, read locally
+    cluster: ClusterInfo
+    runs: Runs
+    logs: Logs
+    code: Code
+    tokens: Tokens
+    admission: Admission
+    gossip: GossipView
+    gpus: GPUProvider
+    runner: ProcessRunner
+    http_client: Callable[..., httpx.AsyncClient]  # for other members' APIs
+
+    async def local_telemetry(self) -> list[dict[str, Any]]:
+        """A fresh sample of this host's GPUs (a blocking driver call: in a worker thread)."""
+        samples = await trio.to_thread.run_sync(self.gpus.telemetry)
+        return [dataclasses.asdict(t) for t in samples]
+
+
+__all__ = [
+    "Admission",
+    "ClusterInfo",
+    "Code",
+    "GossipView",
+    "LogSource",
+    "Logs",
+    "Runs",
+    "Services",
+    "Submission",
+    "Tokens",
+]

@@ -1,0 +1,210 @@
+"""Runs: submit (or update a run's priority in place), stop, change priority, look up."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Protocol
+
+from meshgpu.config.interpolation import references
+from meshgpu.config.render import to_json
+from meshgpu.config.resources import GPUSpec
+from meshgpu.errors import Conflict, Invalid, NotFound, run_not_found
+from meshgpu.ops.configs import parse_run_config_async
+from meshgpu.state import CodeRef, Result, RunRecord, SetRunPriority, StopRun, SubmitRun, encode
+
+if TYPE_CHECKING:
+    from meshgpu.replica.proposer import Proposer
+    from meshgpu.runner.code import CodeStore
+    from meshgpu.state import StateMachine
+
+_ADJECTIVES = [
+    "brave",
+    "calm",
+    "eager",
+    "fancy",
+    "gentle",
+    "happy",
+    "jolly",
+    "keen",
+    "lively",
+    "merry",
+    "nimble",
+    "proud",
+    "quick",
+    "sharp",
+    "swift",
+    "witty",
+]
+_NOUNS = [
+    "otter",
+    "falcon",
+    "lynx",
+    "panda",
+    "heron",
+    "koala",
+    "raven",
+    "tiger",
+    "whale",
+    "zebra",
+    "bison",
+    "crane",
+    "gecko",
+    "llama",
+    "moose",
+]
+_NAME_RNG = random.Random()  # seeded once from the OS (seeding per name cost 5% of a submit)
+NOT_A_RUN = "submit a task, service or dev-environment; {type}s are applied with their own command"
+
+
+class Submission(Protocol):
+    """What a submission carries (the API's ``SubmitBody`` is one)."""
+
+    config: str  # the configuration file's text (YAML)
+    filename: str
+    name: str | None
+    run_args: list[str]
+    code_sha256: str | None
+    request_id: str  # idempotency key
+    env: dict[str, str]
+    gpu: str | None
+    in_place: bool
+
+
+class Runs:
+    def __init__(
+        self, state: StateMachine, proposer: Proposer, code: CodeStore, node_id: str
+    ) -> None:
+        self.state, self.proposer, self.code, self.node_id = state, proposer, code, node_id
+
+    def get(self, name: str) -> RunRecord:
+        run = self.state.runs.get(name)
+        if run is None:
+            raise run_not_found(name)
+        return run
+
+    async def submit(self, body: Submission) -> tuple[RunRecord, bool]:
+        """Submit a run; returns it and whether an active run was updated in place instead."""
+        config = await parse_run_config_async(body.config, body.filename, NOT_A_RUN)
+        updates: dict[str, Any] = {}
+        if body.env:
+            updates["env"] = {**config.env, **body.env}
+        if body.gpu:
+            try:
+                gpu = GPUSpec.model_validate(body.gpu)
+            except ValueError as e:
+                raise Invalid("invalid --gpu", str(e), "invalid_gpu") from None
+            updates["resources"] = config.resources.model_copy(update={"gpu": gpu})
+        if updates:
+            config = config.model_copy(update=updates)
+        missing = [k for k, v in config.env.items() if v is None]
+        if missing:
+            raise Invalid(
+                "environment variables without values",
+                f"{', '.join(missing)}: export them where you run meshgpu apply (the CLI passes them on) "
+                "or write KEY=VALUE",
+                "missing_env",
+            )
+        for text in config.env.values():
+            if text and any(r.namespace == "secrets" for r in references(text)):
+                raise Invalid(
+                    "secrets are not available yet",
+                    "this mesh has no secret store yet; pass the value through the environment",
+                    "no_secrets",
+                )
+        chosen = body.name or config.name
+        code = None
+        if body.code_sha256:
+            if not self.code.has(body.code_sha256):
+                raise Invalid(
+                    "unknown code archive",
+                    "upload it first (POST /api/v1/code) to the node you submit to",
+                    "unknown_code",
+                )
+            code = CodeRef(
+                sha256=body.code_sha256,
+                size=self.code.path(body.code_sha256).stat().st_size,
+                node_id=self.node_id,
+                holders=self.code.holders(body.code_sha256),
+            )
+        config_json = to_json(config)
+        if body.in_place and chosen:
+            updated = await self._update_in_place(chosen, config_json, body.run_args)
+            if updated is not None:
+                return updated, True
+        for attempt in range(5):
+            name = chosen or self._generate_name()
+            # A generated name can collide with a concurrent submission: pick another. The
+            # request id stays tied to the client's id, so a client retry still matches.
+            rid = body.request_id if attempt == 0 else f"{body.request_id}/{attempt}"
+            cmd = SubmitRun(
+                at=time.time(),
+                request_id=rid,
+                run_id=uuid.uuid4().hex,
+                run_name=name,
+                config=config_json,
+                run_args=body.run_args,
+                code=code,
+            )
+            result = await self.proposer.propose(encode(cmd), request_id=rid.encode())
+            if result.code == "duplicate":  # this request was applied before: find its run
+                name = self.state.requests.get(rid)
+                result = (
+                    Result(True, name)
+                    if name is not None
+                    else Result(
+                        False,
+                        error="this request id was already used by a submission that was "
+                        "refused; submit again with a new request id",
+                        code="request_id_used",
+                    )
+                )
+            if result.ok or chosen or result.code != "name_in_use":
+                break
+        if not result.ok:
+            kind = Conflict if result.code == "name_in_use" else Invalid
+            raise kind("run not submitted", result.error or "", result.code or "")
+        return self.state.runs[result.value], False
+
+    async def _update_in_place(
+        self, name: str, config: dict[str, Any], run_args: list[str]
+    ) -> RunRecord | None:
+        """dstack's in-place update: an active run whose configuration differs from ``config``
+        only in ``priority`` takes the new priority rather than a new submission. None when the
+        run is not such a run (a name in use is then refused as ever). The working directory is
+        not compared: the configuration file usually lives in it."""
+        run = self.state.runs.get(name)
+        if run is None or run.status.is_finished() or run.termination_reason is not None:
+            return None
+        priority = int(config.get("priority") or 0)
+        rest = {k: v for k, v in config.items() if k != "priority"}
+        if (
+            priority == run.priority
+            or run.run_args != run_args
+            or rest != {k: v for k, v in run.config.items() if k != "priority"}
+        ):
+            return None
+        return await self.set_priority(name, priority)
+
+    def _generate_name(self) -> str:
+        rng = _NAME_RNG
+        for _ in range(100):
+            name = f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{rng.randint(1, 9999)}"
+            if name not in self.state.runs:
+                return name
+        return f"run-{uuid.uuid4().hex[:8]}"
+
+    async def stop(self, name: str, abort: bool) -> RunRecord:
+        self.get(name)
+        await self.proposer.propose(encode(StopRun(at=time.time(), run_name=name, abort=abort)))
+        return self.state.runs[name]
+
+    async def set_priority(self, name: str, priority: int) -> RunRecord:
+        self.get(name)
+        cmd = SetRunPriority(at=time.time(), run_name=name, priority=priority)
+        result = await self.proposer.propose(encode(cmd))
+        if not result.ok:
+            kind = NotFound if result.code == "not_found" else Conflict
+            raise kind("priority not changed", result.error or "", result.code or "")
+        return self.state.runs[name]

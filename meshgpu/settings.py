@@ -1,0 +1,49 @@
+"""What an agent is started with (``meshgpu agent``'s options): one object, documented defaults."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from meshgpu.client.archive import DEFAULT_CODE_LIMIT
+from meshgpu.mesh.gossip import GossipConfig
+from meshgpu.mesh.membership import MembershipPolicy
+
+
+@dataclass
+class AgentSettings:
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".meshgpu")
+    name: str = field(default_factory=socket.gethostname)
+    bind: str = "127.0.0.1"
+    api_port: int = 7480
+    peer_port: int = 7481
+    advertise: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    # dstack's blocks: split this host into N equal shares (or "auto"); None: GPU by GPU.
+    blocks: int | Literal["auto"] | None = None
+    fake_gpus: str | None = None
+    code_limit: int = DEFAULT_CODE_LIMIT
+    # What an archive may expand to (None: 16 x code_limit) and hold (docs/operations.md).
+    code_expanded_limit: int | None = None
+    code_max_files: int | None = None
+    # Free space kept on the data dir's disk: writes are refused (507) below it.
+    min_free: int = 64 << 20
+    # Other members an upload is copied to before it is acknowledged (docs/operations.md).
+    code_copies: int = 2
+    tick_s: float = 0.1
+    # Serve the REST API over TLS with this node's certificate from the cluster CA (off only
+    # behind a proxy that terminates TLS).
+    api_tls: bool = True
+    write_client_profile: bool = True
+    token: str | None = None
+    join: list[str] = field(default_factory=list)
+    mdns: bool = True
+    membership: MembershipPolicy = field(default_factory=MembershipPolicy)
+    gossip: GossipConfig = field(default_factory=GossipConfig.lan)
+    keep_runs: int = 1000  # finished runs kept in the state (newest first) ...
+    keep_runs_for_s: float = 7 * 86400  # ... and for at most this long
+    # How often the leader applies that policy, and each host deletes the files it forgot
+    # (a hidden option, --retention-interval-ms: tests shorten it).
+    retention_interval_s: float = 10.0
