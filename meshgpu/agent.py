@@ -166,7 +166,9 @@ class Agent:
             await wait_leader(node)
             if founding:
                 self.join_token = await found_cluster(ident, proposer, services.tokens)
-            registration = Registration(ident, s, self.gpus, executor, state, node, proposer)
+            registration = Registration(
+                ident, s, self.gpus, executor, state, node, proposer, clock=clock
+            )
             await registration.register()
             await nursery.start(executor.run)
             housekeeping = Housekeeping(state, executor, self.code, s.retention_interval_s, clock)
