@@ -57,6 +57,8 @@ from consensus.core import (
     RawNode,
     Ready,
     Role,
+    Snapshot,
+    SnapshotMetadata,
     decode_conf_change,
 )
 from consensus.storage import DiskStorage, StorageFull, free_bytes
@@ -70,7 +72,11 @@ _LEADER_HEARTBEATS = frozenset({MessageType.HEARTBEAT})
 
 
 class StateMachine(Protocol):
-    """What the application gives the node. ``apply`` must be deterministic."""
+    """What the application gives the node. ``apply`` must be deterministic.
+
+    A state machine may also offer ``snapshot_view() -> Callable[[], bytes]``: a consistent copy
+    taken at once (in the owner task, so it must be cheap) and a function that encodes it,
+    which the node runs in a worker thread. Without it, ``snapshot`` runs in the owner task."""
 
     def apply(self, batch: list[tuple[int, bytes]]) -> list[Any]: ...
 
@@ -183,6 +189,10 @@ class RaftNode:
         self.role = Role.FOLLOWER
         self.term = 0
         self._since_snapshot = 0
+        # A snapshot being encoded and written by ``_snapshot_off_loop`` (at most one), and
+        # what it left for the owner to adopt: (snapshot or None if superseded, error).
+        self._snapshotting = False
+        self._snapshot_done: tuple[Snapshot | None, Exception | None] | None = None
         self.stats = {"writes": 0, "entries_written": 0}
         # When each peer was last heard from (any message), and since when a leader has been
         # watching it: liveness facts for the membership manager and for self-fencing.
@@ -206,7 +216,6 @@ class RaftNode:
             ),
         )
         self.raw = RawNode(cfg, storage)
-        self.on_apply: list[Callable[[int], None]] = []
 
     # -- startup ------------------------------------------------------------------------------
     def _restore_from_storage(self) -> None:
@@ -220,8 +229,17 @@ class RaftNode:
         self.fsm.restore(doc["fsm"])
         self._dedup = OrderedDict((bytes(k), v) for k, v in doc["dedup"])
 
-    def _snapshot_data(self) -> bytes:
-        return msgpack.packb({"fsm": self.fsm.snapshot(), "dedup": list(self._dedup.items())})
+    def _snapshot_encoder(self) -> Callable[[], bytes]:
+        """The state now (a consistent copy), and the function that encodes it with the
+        dedup window: the copy is cheap, the encoding may run in a worker thread."""
+        view = getattr(self.fsm, "snapshot_view", None)
+        if view is not None:
+            fsm: Callable[[], bytes] = view()
+        else:
+            data = self.fsm.snapshot()
+            fsm = lambda: data  # noqa: E731
+        dedup = list(self._dedup.items())
+        return lambda: msgpack.packb({"fsm": fsm(), "dedup": dedup})
 
     def attach(self, transport: Transport) -> None:
         self.transport = transport
@@ -346,12 +364,18 @@ class RaftNode:
             if not waiter.retry:
                 await trio.sleep(0)  # lost without a leader change: the loop re-asks
 
-    async def wait_applied(self, index: int) -> None:
-        if self.applied >= index:
-            return
-        ev = trio.Event()
-        self._applied_waiters.append((index, ev))
-        await ev.wait()
+    async def wait_applied(self, index: int = 0, *, after: int | None = None) -> int:
+        """Until ``index`` is applied here -- or, with ``after``, anything past ``after``;
+        returns the applied index. This is how the rest of the application follows the state
+        ("applied up to N"): each follower waits in its own task and reads the state when woken,
+        so the owner task never runs their work (file writes, unsealing, network calls)."""
+        if after is not None:
+            index = after + 1
+        if self.applied < index:
+            ev = trio.Event()
+            self._applied_waiters.append((index, ev))
+            await ev.wait()
+        return self.applied
 
     async def leader_changed(self) -> None:
         """Returns at the next change of leader (a change of this node's role comes with one:
@@ -430,6 +454,7 @@ class RaftNode:
     # -- the runtime --------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._ticker)
             task_status.started()
             await self._owner_loop()
@@ -452,6 +477,8 @@ class RaftNode:
                 except trio.WouldBlock:
                     break
                 self._handle(kind, value)
+            if self._snapshot_done is not None:
+                self._adopt_snapshot()
             if raw.has_ready():
                 await self._process_ready(raw.ready())
 
@@ -494,6 +521,7 @@ class RaftNode:
             raw.report_unreachable(value)
         elif kind == "snap_status":
             raw.report_snapshot(*value)
+        # "snapshot_taken" only wakes the loop: ``_snapshot_done`` says what happened.
 
     async def _process_ready(self, rd: Ready) -> None:
         storage = self.storage
@@ -538,7 +566,7 @@ class RaftNode:
                 w.event.set()
         self.raw.advance(rd)
         self._wake_applied()
-        if self._since_snapshot >= self.options.snapshot_every:
+        if self._since_snapshot >= self.options.snapshot_every and not self._snapshotting:
             self._take_snapshot()
 
     async def _persist(self, entries: Sequence[Any], hs: Any, snapshot: Any) -> bool:
@@ -677,8 +705,6 @@ class RaftNode:
                 if len(self._results) > 10_000:
                     self._results.popitem(last=False)
                 self._wake(rid, result, index)
-        for cb in self.on_apply:
-            cb(batch[-1][0])
 
     def _wake(self, rid: bytes, result: Any, index: int) -> None:
         w = self._waiters.get(rid)
@@ -698,21 +724,51 @@ class RaftNode:
         self._applied_waiters = keep
 
     def _take_snapshot(self) -> None:
+        """Start a snapshot at the applied index. Only the copy of the state is taken here;
+        encoding it and writing it (seconds, for a large state) happen in ``_snapshot_off_loop``
+        while this task goes on persisting, sending heartbeats and applying; ``_adopt_snapshot``
+        then compacts the in-memory log here."""
         started = time.perf_counter()
-        try:
-            self.raw.compact(self.applied, self._snapshot_data())
-        except StorageFull as e:  # the log stays as it is; try again a little later
-            every = self.options.snapshot_every
-            self._since_snapshot = every - max(1, every // 10)
-            log.warning("node=%s snapshot deferred: %s", self.id, e)
-            return
+        meta = self.raw.snapshot_metadata(self.applied)
+        encode = self._snapshot_encoder()
         self._since_snapshot = 0
-        log.info(
-            "node=%s snapshot index=%s took_ms=%.1f",
-            self.id,
-            self.applied,
-            (time.perf_counter() - started) * 1000,
-        )
+        self._snapshotting = True
+        self._nursery.start_soon(self._snapshot_off_loop, meta, encode, started)
+
+    async def _snapshot_off_loop(
+        self, meta: SnapshotMetadata, encode: Callable[[], bytes], started: float
+    ) -> None:
+        on_loop_ms = (time.perf_counter() - started) * 1000
+        snap: Snapshot | None = None
+        error: Exception | None = None
+        try:
+            data = await trio.to_thread.run_sync(encode)
+            snap = await trio.to_thread.run_sync(self.storage.persist_snapshot, meta, data)
+        except StorageFull as e:
+            error = e
+        self._snapshot_done = (snap, error)
+        self._post("snapshot_taken", None)
+        if snap is not None:
+            log.info(
+                "node=%s snapshot index=%s took_ms=%.1f on_loop_ms=%.1f",
+                self.id,
+                meta.index,
+                (time.perf_counter() - started) * 1000,
+                on_loop_ms,
+            )
+
+    def _adopt_snapshot(self) -> None:
+        assert self._snapshot_done is not None
+        snap, error = self._snapshot_done
+        self._snapshot_done = None
+        self._snapshotting = False
+        if error is not None:  # the log stays as it is; try again a little later
+            every = self.options.snapshot_every
+            self._since_snapshot = max(self._since_snapshot, every - max(1, every // 10))
+            log.warning("node=%s snapshot deferred: %s", self.id, error)
+            return
+        if snap is not None and self.storage.adopt_snapshot(snap):
+            self.raw.compacted(snap.metadata.index)
 
 
 def bootstrap_storage(directory: str, voters: Sequence[int]) -> DiskStorage:

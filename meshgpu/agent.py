@@ -13,6 +13,7 @@ trio nursery, serving no request before the parts it needs exist:
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -21,6 +22,7 @@ from consensus.transport import TLSConfig, Transport
 from meshgpu.api.server import listen, serve
 from meshgpu.client.archive import ArchiveLimits
 from meshgpu.client.http import write_profile
+from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.control import Demand, GossipKeys, Retention, Scheduling
 from meshgpu.gpu import FakeProvider, detect
 from meshgpu.host.fencing import Fencing
@@ -34,7 +36,7 @@ from meshgpu.mesh.node_gossip import GossipHost, MeshGossip
 from meshgpu.ops import Admission, ClusterInfo, Code, Logs, Metrics, Runs, Services, Tokens
 from meshgpu.ops.peers import answers
 from meshgpu.peer import PeerClient, PeerCodeLink, PeerServer, members_of
-from meshgpu.replica import Leadership, RaftProposer
+from meshgpu.replica import Leadership, RaftProposer, follow_applied, follow_version
 from meshgpu.replica.raft import open_replica, start_replica, wait_leader
 from meshgpu.runner import ProcessRunner
 from meshgpu.runner.code import CodeStore
@@ -52,8 +54,9 @@ __all__ = ["Agent", "AgentSettings"]
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(self, settings: AgentSettings, clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = s = settings
+        self.clock = clock  # the executor's, fencing's, the controllers' (meshgpu/clock.py)
         self.identity = HostIdentity(settings)  # the data dir made private first
         self.node_name = s.name
         self.replicated = Replicated()
@@ -81,7 +84,7 @@ class Agent:
         return self.identity.peer_address
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        s, ident = self.settings, self.identity
+        s, ident, clock = self.settings, self.identity, self.clock
         state, cluster = self.replicated.jobs, self.replicated.cluster
         async with trio.open_nursery() as nursery:
             # 1. Identity. The API socket is bound first (the API URL names its real port);
@@ -113,32 +116,28 @@ class Agent:
                 if isinstance(self.gpus, FakeProvider)
                 else lambda _: None,
                 code=self.code,
+                clock=clock,
             )
             demand = Demand()
             peer_server = PeerServer()  # gossip and peer calls; answers once the use cases exist
-            transport = None
-            seen_cluster = [-1]
-
-            def on_apply(index: int) -> None:
-                executor.notify(index)
-                demand.notify()
-                if cluster.version != seen_cluster[0]:
-                    seen_cluster[0] = cluster.version
-                    ident.follow_members(cluster, node, transport)
-
-            node.on_apply.append(on_apply)
             tls = TLSConfig.from_files(ident.tls.files)
             self.transport = transport = await start_replica(
                 nursery, node, peers, tls, s.bind, s.peer_port, peer_server.handle
             )
             if s.peer_port == 0:  # bound to a free port: advertise the real one
                 ident.bound_peer_port(transport.port)
-            ident.follow_members(cluster, node, transport)
+            # What reacts to applied entries, each in its own task (the Raft owner task only
+            # says how far it applied): the executor, the scheduler's demand, the member list.
+            seen = cluster.version
+            await ident.follow_members(cluster, node, transport)
+            nursery.start_soon(follow_applied, node, executor.notify)
+            nursery.start_soon(follow_applied, node, lambda _: demand.notify())
+            members = partial(ident.follow_members, cluster, node, transport)
+            nursery.start_soon(follow_version, node, lambda: cluster.version, members, seen)
 
             # 3. Host duties.
-            fencing = Fencing(
-                node, executor, s.membership.dead_grace_s * s.membership.fence_fraction
-            )
+            fence_s = s.membership.dead_grace_s * s.membership.fence_fraction
+            fencing = Fencing(node, executor, fence_s, clock=clock)
             gossip = MeshGossip(
                 GossipHost(
                     node_id=ident.node_id,
@@ -167,10 +166,12 @@ class Agent:
             await wait_leader(node)
             if founding:
                 self.join_token = await found_cluster(ident, proposer, services.tokens)
-            registration = Registration(ident, s, self.gpus, executor, state, node, proposer)
+            registration = Registration(
+                ident, s, self.gpus, executor, state, node, proposer, clock=clock
+            )
             await registration.register()
             await nursery.start(executor.run)
-            housekeeping = Housekeeping(state, executor, self.code)
+            housekeeping = Housekeeping(state, executor, self.code, s.retention_interval_s, clock)
             for duty in (gossip, fencing, registration, housekeeping):
                 nursery.start_soon(duty.run)
 
@@ -184,17 +185,19 @@ class Agent:
                 s.membership,
                 jobs=state,
                 gossip=gossip,
+                clock=clock,
             )
+            retention = (s.keep_runs, s.keep_runs_for_s, s.retention_interval_s)
             leadership = Leadership(
                 node,
                 [
                     (
                         "scheduling",
-                        lambda: Scheduling(node, state, cluster, proposer, demand).run(),
+                        lambda: Scheduling(node, state, cluster, proposer, demand, clock).run(),
                     ),
-                    ("retention", Retention(state, proposer, s.keep_runs, s.keep_runs_for_s).run),
+                    ("retention", Retention(state, proposer, *retention, clock=clock).run),
                     ("membership", membership.run),
-                    ("gossip-keys", GossipKeys(cluster, proposer).run),
+                    ("gossip-keys", GossipKeys(cluster, proposer, clock=clock).run),
                 ],
             )
             nursery.start_soon(leadership.run)

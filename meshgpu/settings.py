@@ -44,3 +44,6 @@ class AgentSettings:
     gossip: GossipConfig = field(default_factory=GossipConfig.lan)
     keep_runs: int = 1000  # finished runs kept in the state (newest first) ...
     keep_runs_for_s: float = 7 * 86400  # ... and for at most this long
+    # How often the leader applies that policy, and each host deletes the files it forgot
+    # (a hidden option, --retention-interval-ms: tests shorten it).
+    retention_interval_s: float = 10.0

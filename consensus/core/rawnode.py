@@ -45,6 +45,7 @@ from .types import (
     ReadState,
     Role,
     Snapshot,
+    SnapshotMetadata,
     SoftState,
 )
 
@@ -213,6 +214,20 @@ class RawNode:
         storage.compact(index)
         r.log.confs.compact_to(index)
         return snap
+
+    def snapshot_metadata(self, index: int) -> SnapshotMetadata:
+        """What a snapshot of the state machine at ``index`` (applied) records: for a runtime
+        that persists a snapshot itself, off its loop, rather than through ``compact``; it then
+        tells the core with ``compacted``."""
+        r = self.raft
+        if index > r.log.applied:
+            raise ValueError(f"cannot snapshot at {index}: only {r.log.applied} is applied")
+        return SnapshotMetadata(index, self._storage.term(index), r.log.confs.at(index))
+
+    def compacted(self, index: int) -> None:
+        """The runtime's storage now starts with a snapshot at ``index`` (see
+        ``snapshot_metadata``): history before it is dropped."""
+        self.raft.log.confs.compact_to(index)
 
     # -- outputs ----------------------------------------------------------------------------
     def take_messages(self, types: frozenset[MessageType]) -> list[Message]:

@@ -97,6 +97,7 @@ class DiskStorage(MemoryStorage):
             pass
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._snapshot_file: Path | None = None
+        self._durable_snapshot = 0  # index of the snapshot the disk records (under _lock)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -168,6 +169,7 @@ class DiskStorage(MemoryStorage):
                 f"{self.path}: commit index {hard.commit} is beyond the last entry {last}; "
                 "acknowledged entries are missing"
             )
+        self._durable_snapshot = snap.metadata.index
         # Rebuild the mirror (MemoryStorage's dummy entry stands for log_start).
         self.hard_state = hard
         self._snapshot = snap
@@ -241,6 +243,7 @@ class DiskStorage(MemoryStorage):
                         "snapshot", {"index": md.index, "term": md.term, "file": snap_file.name}
                     )
                     self._put_meta("log_start", [md.index, md.term])
+                    self._durable_snapshot = md.index
                 if entries:
                     db.execute("DELETE FROM entries WHERE idx >= ?", (entries[0].index,))
                     db.executemany(
@@ -327,6 +330,7 @@ class DiskStorage(MemoryStorage):
                     "snapshot", {"index": index, "term": snap.metadata.term, "file": path.name}
                 )
                 crash_point("create_snapshot_before_commit")
+                self._durable_snapshot = index
         except BaseException:
             self._snapshot = previous  # the mirror never claims a snapshot the disk lacks
             if path is not None and path != self._snapshot_file:
@@ -334,6 +338,42 @@ class DiskStorage(MemoryStorage):
             raise
         self._retire_snapshots(path)
         return snap
+
+    def persist_snapshot(self, metadata: SnapshotMetadata, data: bytes) -> Snapshot | None:
+        """The disk half of ``create_snapshot`` + ``compact``, for a worker thread while the
+        owner of the mirror goes on: durably record a snapshot of the application and drop the
+        entries it covers from disk. The owner then calls ``adopt_snapshot`` with what this
+        returns. None if a newer snapshot reached the disk meanwhile (one from the leader):
+        this one is dropped."""
+        snap = Snapshot(metadata, data)
+        index, term = metadata.index, metadata.term
+        path = self._write_snapshot(snap)
+        try:
+            with self._lock:
+                if index <= self._durable_snapshot:
+                    path.unlink(missing_ok=True)
+                    return None
+                with self._transaction() as db:
+                    self._put_meta("snapshot", {"index": index, "term": term, "file": path.name})
+                    db.execute("DELETE FROM entries WHERE idx <= ?", (index,))
+                    self._put_meta("log_start", [index, term])
+                    crash_point("persist_snapshot_before_commit")
+                self._durable_snapshot = index
+                self._retire_snapshots(path)
+        except BaseException:
+            if path != self._snapshot_file:
+                path.unlink(missing_ok=True)
+            raise
+        return snap
+
+    def adopt_snapshot(self, snap: Snapshot) -> bool:
+        """The mirror's half (the owner's task): start the in-memory log at ``snap``, which
+        ``persist_snapshot`` made durable. False if the mirror already has a newer one."""
+        if snap.metadata.index <= self._snapshot.metadata.index:
+            return False
+        self._snapshot = snap
+        MemoryStorage.compact(self, snap.metadata.index)
+        return True
 
     def compact(self, index: int) -> None:
         """Drop entries up to ``index``; only what a durable snapshot covers may go."""

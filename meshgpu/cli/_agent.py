@@ -131,6 +131,14 @@ def agent(
             help="Finished runs older than this are forgotten (e.g. 7d)",
         ),
     ] = "7d",
+    retention_interval_ms: Annotated[
+        float,
+        typer.Option(
+            "--retention-interval-ms",
+            hidden=True,
+            help="How often the retention policy is applied (tests shorten it)",
+        ),
+    ] = 10_000.0,
     gossip: Annotated[
         str,
         typer.Option(
@@ -172,6 +180,8 @@ def agent(
         raise fail(f"--api-tls takes on or off, not {api_tls!r}")
     if keep_runs < 0:
         raise fail(f"--keep-runs must be 0 or more, not {keep_runs}")
+    if not retention_interval_ms > 0:
+        raise fail(f"--retention-interval-ms must be positive, not {retention_interval_ms}")
     for flag, value in (
         ("--code-expanded-limit-mb", code_expanded_limit_mb),
         ("--code-max-files", code_max_files),
@@ -212,6 +222,7 @@ def agent(
         gossip=gossip_config,
         keep_runs=keep_runs,
         keep_runs_for_s=float(keep_runs_for_s),
+        retention_interval_s=retention_interval_ms / 1000,
         api_tls=api_tls == "on",
     )
     try:

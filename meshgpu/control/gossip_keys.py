@@ -6,14 +6,12 @@ Every member follows the keys in the replicated state (``meshgpu/mesh/node_gossi
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
-
-import trio
 
 from consensus.core import ProposalDropped
 from consensus.node import NotLeader, Timeout
 from consensus.storage import StorageFull
+from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.mesh.gossip import new_key
 from meshgpu.state.cluster import InstallGossipKey, encode_cluster
 
@@ -31,7 +29,9 @@ class GossipKeys:
         proposer: Proposer,
         install_interval_s: float = 0.2,
         rotate_interval_s: float = 1.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self.clock = clock
         self.cluster, self.proposer = cluster, proposer
         self.install_interval_s = install_interval_s  # while the cluster has no key
         self.rotate_interval_s = rotate_interval_s  # how often rotation is considered
@@ -40,25 +40,27 @@ class GossipKeys:
         while not self.cluster.gossip_keys:
             try:
                 await self.proposer.propose(
-                    encode_cluster(InstallGossipKey(at=time.time(), key_hex=new_key().hex()))
+                    encode_cluster(InstallGossipKey(at=self.clock.wall(), key_hex=new_key().hex()))
                 )
                 log.info("installed a cluster gossip key")
             except (NotLeader, Timeout, ProposalDropped, StorageFull) as e:
                 log.info("gossip key deferred: %s", e)
-            await trio.sleep(self.install_interval_s)
+            await self.clock.sleep(self.install_interval_s)
         while True:
-            await trio.sleep(self.rotate_interval_s)
+            await self.clock.sleep(self.rotate_interval_s)
             await self.rotate()
 
     async def rotate(self) -> None:
         cluster = self.cluster
-        action = cluster.gossip_key_action(time.time())
+        action = cluster.gossip_key_action(self.clock.wall())
         if action is None:
             return
         if action == "rotate":
-            cmd = InstallGossipKey(at=time.time(), key_hex=new_key().hex())
+            cmd = InstallGossipKey(at=self.clock.wall(), key_hex=new_key().hex())
         else:
-            cmd = InstallGossipKey(at=time.time(), key_hex=cluster.gossip_keys[0], retire=True)
+            cmd = InstallGossipKey(
+                at=self.clock.wall(), key_hex=cluster.gossip_keys[0], retire=True
+            )
         try:
             await self.proposer.propose(encode_cluster(cmd))
             log.info(

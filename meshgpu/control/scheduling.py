@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import trio
 
 from consensus.storage import StorageFull
+from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.replica.leadership import election_window_s
 from meshgpu.scheduler import SchedulerIndex, plan
 from meshgpu.state import AssignJobs, PreemptJobs, Result, SetPendingReasons, encode
@@ -55,8 +55,10 @@ class Scheduling:
         cluster: ClusterState,
         proposer: Proposer,
         demand: Demand,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.node, self.state, self.cluster = node, state, cluster
+        self.clock = clock
         self.proposer = proposer
         self.demand = demand
         self.retry_s = node.options.tick_s  # the pause after a refused or failed decision
@@ -81,10 +83,10 @@ class Scheduling:
 
     async def run(self) -> None:
         node, state = self.node, self.state
-        propose = self.proposer.propose
+        propose, clock = self.proposer.propose, self.clock
         reasons: dict[str, str] = {}  # why-pending reasons this leader last proposed
         seen = -1
-        wake = float("inf")  # trio time to plan again unasked: a retry backoff ends
+        wake = float("inf")  # clock.now() to plan again unasked: a retry backoff ends
         # A new leader first learns which hosts answer, so nothing new is placed on a host
         # that died with the old leader: it waits until every active host has been heard since
         # it took over, or was marked unreachable by the membership manager (after one
@@ -99,15 +101,15 @@ class Scheduling:
             if state.demand_version == seen and not due:
                 continue
             due = False
-            if trio.current_time() < heard_cap and not self._hosts_heard():
-                wake = min(wake, trio.current_time() + self.retry_s)
+            if clock.now() < heard_cap and not self._hosts_heard():
+                wake = min(wake, clock.now() + self.retry_s)
                 continue
             seen = state.demand_version
-            now = time.time()
+            now = clock.wall()
             p = plan(state, now, index=self.index)
             wake = float("inf")
             if p.wake_at is not None:
-                wake = trio.current_time() + max(0.0, p.wake_at - now) + 0.01
+                wake = clock.now() + max(0.0, p.wake_at - now) + 0.01
             # Only reasons that differ from what the state holds; the set difference runs in C
             # (a deep queue makes this the scheduler's hottest line otherwise). At most
             # MAX_REASONS per entry: the rest go with the next plan, which comes at once.
@@ -119,7 +121,7 @@ class Scheduling:
             changed = dict(itertools.islice(diff.items(), MAX_REASONS))
             if len(changed) < len(diff):
                 reasons = {j: w for j, w in p.pending.items() if j not in diff or j in changed}
-                seen, wake = -1, min(wake, trio.current_time())
+                seen, wake = -1, min(wake, clock.now())
             else:
                 reasons = p.pending
             try:
@@ -132,13 +134,13 @@ class Scheduling:
                         # Stale: the state bumped demand, so the next plan comes at once; a
                         # tick's pause keeps a decision refused again and again from
                         # flooding the log.
-                        await trio.sleep(self.retry_s)
+                        await clock.sleep(self.retry_s)
                 elif changed:
                     await propose(encode(SetPendingReasons(at=now, reasons=changed)))
             except Exception as e:  # lost leadership or quorum meanwhile: plan again later
                 log.warning("scheduler decisions not committed (%s); will plan again", e)
                 reasons, seen = {}, -1
-                await trio.sleep(
+                await clock.sleep(
                     STORAGE_FULL_RETRY_S if isinstance(e, StorageFull) else self.retry_s
                 )
                 self.demand.notify()

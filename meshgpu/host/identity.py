@@ -166,10 +166,12 @@ class HostIdentity:
         self.save()
 
     # -- following the replicated member list ---------------------------------------------------
-    def follow_members(
+    async def follow_members(
         self, cluster: ClusterState, node: RaftNode, transport: Transport | None
     ) -> None:
-        """Peer addresses from the replicated member list; our CA key if a grant names us."""
+        """Peer addresses from the replicated member list; our CA key if a grant names us.
+        Runs in a task of its own after applied entries (``follow_version``), never in the
+        Raft owner task: ``node.json`` is written and the key unsealed in worker threads."""
         rid = self.data.get("raft_id")
         if transport is not None:
             for m in cluster.members.values():
@@ -179,15 +181,19 @@ class HostIdentity:
         peers = {str(m.raft_id): m.peer_address for m in cluster.members.values() if not m.removed}
         if peers and peers != self.data.get("peers"):
             old, self.data["peers"] = self.data.get("peers"), peers  # for restarts
+            text = json.dumps(self.data)
             try:
-                self.save()
+                await trio.to_thread.run_sync(write_private, self.path, text)
             except OSError as e:  # a full disk: tried again at the next membership change
                 self.data["peers"] = old
                 log.warning("cannot save the member list to %s: %s", self.path, e)
         sealed = cluster.ca_grants.get(rid) if rid else None
         if sealed and not self.tls.ca_key_path.exists():
             try:
-                self.tls.store_ca_key(unseal(bytes.fromhex(sealed), self.tls.private_key()))
+                await trio.to_thread.run_sync(self._store_ca_key, sealed)
                 log.info("received the cluster CA key (this node is a voter)")
             except Exception as e:  # a grant we cannot open is someone else's problem to fix
                 log.error("cannot open the CA key granted to this node: %s", e)
+
+    def _store_ca_key(self, sealed: str) -> None:
+        self.tls.store_ca_key(unseal(bytes.fromhex(sealed), self.tls.private_key()))

@@ -4,11 +4,11 @@ at start, and again when it comes back after being declared dead while cut off."
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import trio
 
+from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.gpu import collect_inventory
 from meshgpu.runner.container import detect_runtime
 from meshgpu.state import GPURecord, NodeRecord, RegisterNode, encode
@@ -36,7 +36,9 @@ class Registration:
         node: RaftNode,
         proposer: Proposer,
         check_s: float = 1.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self.clock = clock
         self.identity, self.settings, self.gpus = identity, settings, gpus
         self.executor, self.state, self.node, self.proposer = executor, state, node, proposer
         self.check_s = check_s  # how often a dead record of this host is looked for
@@ -47,7 +49,7 @@ class Registration:
         runtime = await trio.to_thread.run_sync(detect_runtime)
         self.executor.container_runtime = runtime
         cmd = RegisterNode(
-            at=time.time(),
+            at=self.clock.wall(),
             node_id=ident.node_id,
             name=ident.name,
             api_url=ident.api_url,
@@ -89,7 +91,7 @@ class Registration:
     async def run(self) -> None:
         """Declared dead while cut off, and back: register again so the scheduler uses us."""
         while True:
-            await trio.sleep(self.check_s)
+            await self.clock.sleep(self.check_s)
             me = self.state.nodes.get(self.identity.node_id)
             if me is not None and me.status == "dead" and self.node.leader:
                 log.info("this host was declared dead while unreachable; registering again")

@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import trio
-
 from consensus.core import ProposalDropped
 from consensus.node import NotLeader, RaftNode, Timeout
 from consensus.storage import StorageFull
+from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.mesh.gossip import MemberInfo, MemberState
 from meshgpu.mesh.node_meta import parse_meta
 from meshgpu.replica.leadership import election_window_s
@@ -134,7 +132,9 @@ class MembershipManager:
         policy: MembershipPolicy | None = None,
         jobs: StateMachine | None = None,
         gossip: GossipView | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self.clock = clock
         self.jobs = jobs
         self.gossip = gossip
         self.node, self.cluster, self.identity = node, cluster, identity
@@ -147,9 +147,9 @@ class MembershipManager:
         """The leader's membership controller (started by ``Leadership`` for a term)."""
         self._caught_up_since.clear()  # what an earlier term saw is stale
         while True:
-            await trio.sleep(self.policy.interval_s)
+            await self.clock.sleep(self.policy.interval_s)
             try:
-                await self.step(trio.current_time())
+                await self.step(self.clock.now())
             except (NotLeader, Timeout, ProposalDropped, StorageFull) as e:
                 log.info("membership change deferred: %s", e)
 
@@ -184,7 +184,9 @@ class MembershipManager:
                 if live >= len(rest) // 2 + 1:
                     log.info("removing dead voter %s", v)
                     await self.node.remove(v)
-                    await self.propose(encode_cluster(RemoveMember(at=time.time(), raft_id=v)))
+                    await self.propose(
+                        encode_cluster(RemoveMember(at=self.clock.wall(), raft_id=v))
+                    )
                     return
         for learner in sorted(learners):
             if (
@@ -193,7 +195,9 @@ class MembershipManager:
             ):
                 log.info("removing dead learner %s", learner)
                 await self.node.remove(learner)
-                await self.propose(encode_cluster(RemoveMember(at=time.time(), raft_id=learner)))
+                await self.propose(
+                    encode_cluster(RemoveMember(at=self.clock.wall(), raft_id=learner))
+                )
                 return
         # Promote caught-up, stable learners up to the target.
         healthy = [m for m in (voters | learners) if self._alive(m, now, 2.0 * self._election_s())]
@@ -260,7 +264,7 @@ class MembershipManager:
                     self._gossip_state(m.node_id),
                 )
                 await self.propose(
-                    encode_cluster(NodeUnreachable(at=time.time(), node_id=m.node_id))
+                    encode_cluster(NodeUnreachable(at=self.clock.wall(), node_id=m.node_id))
                 )
             else:
                 log.info(
@@ -271,7 +275,9 @@ class MembershipManager:
                     self._gossip_state(m.node_id),
                 )
                 await self.propose(
-                    encode_cluster(SetNodeStatus(at=time.time(), node_id=m.node_id, status=wanted))
+                    encode_cluster(
+                        SetNodeStatus(at=self.clock.wall(), node_id=m.node_id, status=wanted)
+                    )
                 )
             return True
         return False
@@ -311,7 +317,7 @@ class MembershipManager:
                     ),
                 )
                 await self.propose(
-                    encode(SetGPUHealth(at=time.time(), node_id=node.node_id, gpus=changes))
+                    encode(SetGPUHealth(at=self.clock.wall(), node_id=node.node_id, gpus=changes))
                 )
                 return True
         return False
@@ -335,5 +341,5 @@ class MembershipManager:
         key_pem = self.identity.ca_key_path.read_bytes()
         sealed = seal(key_pem, member.csr_pem.encode())
         await self.propose(
-            encode_cluster(GrantCAKey(at=time.time(), raft_id=rid, sealed_hex=sealed.hex()))
+            encode_cluster(GrantCAKey(at=self.clock.wall(), raft_id=rid, sealed_hex=sealed.hex()))
         )

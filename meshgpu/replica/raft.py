@@ -28,7 +28,8 @@ def open_replica(
     min_free: int,
 ) -> RaftNode:
     """The Raft node over ``replicated``, its log opened (a founder's bootstrapped), not yet
-    running: the parts that react to applied entries attach to ``on_apply`` before it starts."""
+    running. What reacts to applied entries follows them in tasks of its own
+    (``meshgpu/replica/follow.py``)."""
     storage = bootstrap_storage(raft_dir, [raft_id]) if raft_id == 1 else DiskStorage(raft_dir)
     return RaftNode(
         raft_id,

@@ -18,7 +18,6 @@ import logging
 import os
 import shlex
 import shutil
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import trio
 
 from meshgpu.client.archive import ArchiveLimits, ArchiveRefused, extract_archive
+from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.config.interpolation import group_ips, interpolate
 from meshgpu.config.spec import NO_SPEC, RunSpec
 from meshgpu.runner.code import CodeStore, fetch_sources
@@ -47,6 +47,7 @@ from meshgpu.state import (
 log = logging.getLogger(__name__)
 MAX_BATCH = 500  # reports per Raft entry
 MAX_MESSAGE = 2000  # characters of a report's message
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 5.0  # a report that did not commit is retried, backing off
 
 
 def _read_started(job_dir: Path) -> float | None:
@@ -107,7 +108,9 @@ class Executor:
         on_busy: Callable[[set[int]], None] = lambda _: None,
         container_runtime: str | None = None,
         code: CodeStore | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self.clock = clock
         self.container_runtime = container_runtime
         self.code = code  # fetches archives this host lacks (None: only local ones)
         self.node_id = node_id
@@ -142,7 +145,7 @@ class Executor:
                 if started is not None:
                     self._enqueue(
                         JobStarted(
-                            at=time.time(),
+                            at=self.clock.wall(),
                             job_id=job_id,
                             epoch=self.local[job_id],
                             started_at=started,
@@ -272,7 +275,7 @@ class Executor:
                 job_id, epoch, JobResult(job_id, None, "executor_error", message=str(e))
             )
             return
-        now = time.time()
+        now = self.clock.wall()
         self._enqueue(JobStarted(at=now, job_id=job_id, epoch=epoch, started_at=now))
         await self._watch(job_id, epoch)
 
@@ -391,7 +394,7 @@ class Executor:
             reason = JobTerminationReason.EXECUTOR_ERROR
         self._enqueue(
             JobFinished(
-                at=time.time(),
+                at=self.clock.wall(),
                 job_id=job_id,
                 epoch=epoch,
                 reason=reason,
@@ -416,7 +419,7 @@ class Executor:
                 self._reports_ready.set()
             if not batch:
                 continue
-            cmd = batch[0] if len(batch) == 1 else JobReports(at=time.time(), reports=batch)
+            cmd = batch[0] if len(batch) == 1 else JobReports(at=self.clock.wall(), reports=batch)
             await self._propose_retrying(encode(cmd))
             for r in batch:
                 if isinstance(r, JobFinished):
@@ -433,12 +436,12 @@ class Executor:
     async def _propose_retrying(self, data: bytes) -> None:
         """Reports must not be lost: retry (same request id, so once) until they commit."""
         rid = os.urandom(16)
-        delay = 0.5
+        delay = RETRY_FIRST_S
         while True:
             try:
                 await self.propose(data, request_id=rid)  # type: ignore[call-arg]
                 return
             except Exception as e:  # no leader for a while: keep the report, try again
                 log.warning("report not committed yet (%s); retrying", e)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)

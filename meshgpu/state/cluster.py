@@ -13,6 +13,7 @@ reaches the same verdict and the same Raft id.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
@@ -400,10 +401,14 @@ class Replicated:
         )
 
     def snapshot(self) -> bytes:
-        return json.dumps(
-            {"jobs": json.loads(self.jobs.snapshot()), "cluster": self.cluster.snapshot_doc()},
-            separators=(",", ":"),
-        ).encode()
+        return self.snapshot_view()()
+
+    def snapshot_view(self) -> Callable[[], bytes]:
+        """A consistent copy, taken now, and the function that encodes it (which the Raft node
+        runs in a worker thread: see ``StateMachine.snapshot_view``)."""
+        jobs = self.jobs.snapshot_view()
+        cluster = json.dumps(self.cluster.snapshot_doc(), separators=(",", ":")).encode()
+        return lambda: b'{"jobs":' + jobs() + b',"cluster":' + cluster + b"}"
 
     def restore(self, data: bytes) -> None:
         doc = json.loads(data) if data else {}

@@ -9,9 +9,11 @@ command that is merely refused (a name already in use, a stale assignment): it r
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from meshgpu.state.commands import (
     AssignJobs,
@@ -112,15 +114,40 @@ class StateMachine:
         return handler(cmd)
 
     def snapshot(self) -> bytes:
-        doc = {
-            "applied_index": self.applied_index,
-            "demand_version": self.demand_version,
-            "nodes": [n.model_dump(mode="json") for n in self.nodes.values()],
-            "runs": [r.to_doc() for r in self.runs.values()],
-            "jobs": [j.model_dump(mode="json") for j in self.jobs.values()],
-            "requests": self.requests,
-        }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return self.snapshot_view()()
+
+    def snapshot_view(self) -> Callable[[], bytes]:
+        """A consistent copy of the state, cheap to take, and a function that encodes it.
+
+        The copy is taken where the state is applied (the Raft owner task); the encoding -- the
+        costly part, seconds for a large state -- may then run in a worker thread while the
+        state moves on. Records are copied one level deep: below that, applying replaces
+        values rather than mutating them. Each record is encoded on its own, so a worker
+        thread hands the interpreter back between records (one ``json.dumps`` of the whole
+        document would hold it for its whole length)."""
+        nodes = [n.model_dump(mode="json") for n in self.nodes.values()]
+        runs = [_frozen(r) for r in self.runs.values()]
+        jobs = [_frozen(j) for j in self.jobs.values()]
+        requests = dict(self.requests)
+        head = {"applied_index": self.applied_index, "demand_version": self.demand_version}
+
+        def encode() -> bytes:
+            return b"".join(
+                (
+                    json.dumps(head, separators=(",", ":")).encode()[:-1],
+                    b',"nodes":',
+                    json.dumps(nodes, separators=(",", ":")).encode(),
+                    b',"runs":[',
+                    b",".join([_run_doc(r) for r in runs]),
+                    b'],"jobs":[',
+                    ",".join([j.model_dump_json() for j in jobs]).encode(),
+                    b'],"requests":',
+                    json.dumps(requests, separators=(",", ":")).encode(),
+                    b"}",
+                )
+            )
+
+        return encode
 
     def restore(self, data: bytes) -> None:
         doc = json.loads(data) if data else {}
@@ -733,3 +760,31 @@ class StateMachine:
 
     def run_jobs(self, run: RunRecord) -> list[JobRecord]:
         return [self.jobs[j] for j in run.job_ids]
+
+
+_R = TypeVar("_R", bound=BaseModel)
+
+
+def _run_doc(run: RunRecord) -> bytes:
+    """``run.to_doc()`` encoded (its fields, then ``config`` as an object), without parsing
+    the configuration text back into objects first."""
+    fields = run.model_dump_json(exclude={"config_text"}).encode()
+    return fields[:-1] + b',"config":' + run.config_text.encode() + b"}"
+
+
+def _frozen(record: _R) -> _R:
+    """A shallow copy of ``record`` whose lists and dicts are copies too (a consistent view for
+    ``snapshot_view``: the state machine appends to a run's ``job_ids`` in place, but never
+    mutates a value nested deeper)."""
+    cls = type(record)
+    copy = cls.__new__(cls)
+    values = record.__dict__.copy()
+    for k, v in values.items():
+        if type(v) is list or type(v) is dict:
+            values[k] = v.copy()
+    # What ``model_copy`` does, less its generality (this runs for every record of a snapshot).
+    object.__setattr__(copy, "__dict__", values)
+    object.__setattr__(copy, "__pydantic_fields_set__", set(record.__pydantic_fields_set__))
+    object.__setattr__(copy, "__pydantic_extra__", None)
+    object.__setattr__(copy, "__pydantic_private__", None)
+    return copy

@@ -208,3 +208,81 @@ async def test_transfer_leadership(cluster: Cluster) -> None:
     target = next(i for i in cluster.ids if i != leader.id)
     await leader.transfer_leadership(target)
     assert (await cluster.leader()).id == target
+
+
+class _SlowSnapshots(KVStateMachine):
+    """A KV state machine whose snapshot encoding waits on ``release`` (in the worker thread the
+    node runs it in): while it waits, the owner task must go on applying."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.release = threading.Event()
+        self.encoding = threading.Event()
+
+    def snapshot_view(self):  # type: ignore[no-untyped-def]
+        data = self.snapshot()  # the copy, taken in the owner task
+
+        def encode() -> bytes:
+            self.encoding.set()
+            assert self.release.wait(10)
+            return data
+
+        return encode
+
+
+async def test_a_snapshot_is_encoded_and_written_off_the_owner_task(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    d = str(tmp_path / "n1")
+    fsm = _SlowSnapshots()
+    opts = NodeOptions(seed=1, **(OPTS | {"snapshot_every": 5}))  # type: ignore[arg-type]
+    node = RaftNode(1, bootstrap_storage(d, [1]), fsm, options=opts)
+    LocalNet().join(node)
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await node.run(task_status=task_status)
+
+    await nursery.start(run)
+    node.campaign()
+    with trio.fail_after(5):
+        while node.role.name != "LEADER":
+            await trio.sleep(0.01)
+    for i in range(6):
+        await node.propose(put(f"a{i}", i), timeout=5)
+    await trio.to_thread.run_sync(fsm.encoding.wait, 5)
+    # The encoding is stuck in its thread; the owner still commits and applies, and followers
+    # of the applied index hear of it.
+    applied = node.applied
+    waiting = trio.Event()
+    seen: list[int] = []
+
+    async def follow() -> None:
+        waiting.set()
+        seen.append(await node.wait_applied(after=applied))
+
+    nursery.start_soon(follow)
+    await waiting.wait()
+    with trio.fail_after(5):
+        for i in range(6, 20):
+            assert await node.propose(put(f"a{i}", i), timeout=5) is True
+    assert seen and seen[0] > applied
+    assert node.storage.snapshot().metadata.index == 0  # not adopted before it is durable
+    fsm.release.set()
+    with trio.fail_after(5):
+        while node.storage.snapshot().metadata.index == 0:
+            await trio.sleep(0.01)
+    snap_index = node.storage.snapshot().metadata.index
+    assert snap_index >= 5 and node.storage.first_index() == snap_index + 1
+    scope.cancel()
+    await trio.sleep(0.05)
+    node.storage.close()
+    # From disk: the snapshot, then the entries after it.
+    back = DiskStorage(d)
+    on_disk = back.snapshot().metadata.index  # a later snapshot may have followed
+    assert on_disk >= snap_index and back.first_index() == on_disk + 1
+    assert back.last_index() >= 20
+    back.close()

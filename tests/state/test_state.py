@@ -333,3 +333,22 @@ def test_property_no_gpu_is_ever_allocated_twice(ops: list[tuple[str, int, str, 
     p = plan(sm)
     waiting = {j.job_id for j in sm.waiting_jobs()} - {a.job_id for a in p.assignments}
     assert waiting <= set(p.pending), "a waiting job has no reason"
+
+
+def test_a_snapshot_view_encodes_the_state_as_it_was_when_taken() -> None:
+    """The Raft node takes the view in its owner task and encodes it in a worker thread while
+    the state moves on: what is encoded is the state at the view, whatever is applied after."""
+    sm = StateMachine()
+    apply(sm, node("n1", 8))
+    apply(sm, submit("a", task("H100:2", nodes=2)), submit("b", task("H100:1")))
+    schedule(sm)
+    expected = sm.snapshot()
+    view = sm.snapshot_view()
+    start_all(sm)
+    apply(sm, submit("c", task("H100:1")), StopRun(at=5, run_name="a"))
+    schedule(sm)
+    assert sm.snapshot() != expected
+    assert view() == expected
+    back = StateMachine()
+    back.restore(view())
+    assert set(back.runs) == {"a", "b"} and back.snapshot() == expected
