@@ -318,8 +318,8 @@ async def test_a_stop_while_the_supervisor_is_being_launched_is_not_lost(tmp_pat
 
 async def test_a_repeated_launch_never_runs_the_job_twice(tmp_path: Path) -> None:
     """A launch request repeated after a lost answer (the fork server's connection broke)
-    starts a second supervisor for the same job dir: it must leave without running the job, and
-    the agent keeps watching the first one."""
+    starts a second supervisor for the same job dir: one of the two takes the job's lock and runs
+    it, the other leaves without running it, and shim.pid names the one that ran."""
     r = ProcessRunner(tmp_path / "jobs", use_launcher=True)
     marks = tmp_path / "marks"
     try:
@@ -336,7 +336,9 @@ async def test_a_repeated_launch_never_runs_the_job_twice(tmp_path: Path) -> Non
         with trio.fail_after(20):
             res = await r.wait("j1")
         assert res.reason == "done_by_runner", res
-        assert json.loads((r.job_dir("j1") / "shim.pid").read_text())["pid"] == first
+        # Whichever supervisor took the job's lock ran it (the first, unless the machine
+        # scheduled the repeat before it), and the file names that one: the job ran once.
+        assert json.loads((r.job_dir("j1") / "shim.pid").read_text())["pid"] in (first, again)
         assert marks.read_text() == "ran\n"
     finally:
         await r.aclose()
