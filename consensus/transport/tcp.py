@@ -361,11 +361,7 @@ class Transport:
 
         ``address`` defaults to the peer's known address. Raises ``TransportError`` when the
         peer cannot be reached, is not who it should be, refuses, or does not answer in time."""
-        if address is None:
-            peer = self._peers.get(peer_id)
-            if peer is None:
-                raise TransportError(f"no address known for node {peer_id}")
-            address = peer.address
+        address = self._address_of(peer_id, address)
         try:
             with trio.fail_after(timeout):
                 conn = await self._dial(peer_id, address, StreamKind.APP)
@@ -380,6 +376,15 @@ class Transport:
             raise TransportError(f"node {peer_id} closed the request without a reply")
         return frame[1]
 
+    def _address_of(self, peer_id: int, address: Address | None) -> Address:
+        """``address``, or else where ``peer_id`` is known to be."""
+        if address is not None:
+            return address
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            raise TransportError(f"no address known for node {peer_id}")
+        return peer.address
+
     @asynccontextmanager
     async def open_stream(
         self, peer_id: int, *, address: Address | None = None
@@ -388,11 +393,7 @@ class Transport:
         ``peer_id`` (dialed within ``connect_timeout``), closed when the block ends. Bound the
         exchange with your own timeouts; ``TransportError`` when the peer cannot be reached or
         is not who it should be, and for any failure of the stream itself."""
-        if address is None:
-            peer = self._peers.get(peer_id)
-            if peer is None:
-                raise TransportError(f"no address known for node {peer_id}")
-            address = peer.address
+        address = self._address_of(peer_id, address)
         try:
             conn = await self._dial(peer_id, address, StreamKind.APP)
         except CONNECTION_ERRORS as exc:
