@@ -35,7 +35,9 @@ async def test_the_retention_controller_prunes_a_day_after_a_run_finished(
     retention = Retention(sm, proposer, keep_runs=1000, keep_for_s=DAY, clock=FakeClock(EPOCH))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(retention.run)
-        await trio.sleep(DAY - INTERVAL_S)
+        # Half an interval off the controller's looks (every INTERVAL_S from 0): a test that
+        # wakes at the same instant as the controller would race it.
+        await trio.sleep(DAY - INTERVAL_S / 2)
         assert proposer.proposed == [] and "r0" in sm.runs  # not a day old yet
         await trio.sleep(2 * INTERVAL_S)  # the first look past the day prunes
         assert [type(decode(c)) for c in proposer.proposed] == [PruneRuns]
