@@ -26,10 +26,8 @@ tried as an API address, then at the default API port of the same host.
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 import ssl
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,17 +194,13 @@ async def request_join(
             if url.startswith("https://"):
                 verify = pinned_context(await _fetch_ca(url, token, timeout))
             # A fresh nonce and time per attempt: a member refuses a nonce it has seen.
-            body: dict[str, Any] = {
-                "token_id": token.token_id,
-                "csr_pem": csr.decode(),
-                "name": name,
-                "node_id": node_id,
-                "peer_address": peer_address,
-                "api_url": api_url,
-                "nonce": secrets.token_hex(16),
-                "ts": int(time.time()),
-            }
-            body["signature"] = token.sign_join({**body, "cluster_id": token.cluster_id})
+            body = token.join_request(
+                csr.decode(),
+                name=name,
+                node_id=node_id,
+                peer_address=peer_address,
+                api_url=api_url,
+            )
             async with httpx.AsyncClient(timeout=timeout, verify=verify) as client:
                 r = await client.post(f"{url}/api/v1/join", json=body)
         except (httpx.TransportError, httpx.HTTPStatusError, ValueError, KeyError) as e:

@@ -19,6 +19,7 @@ import base64
 import hashlib
 import json
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +109,18 @@ class JoinToken:
     def sign_join(self, request: dict[str, Any]) -> str:
         """The signature (hex) over a join request's ``SIGNED_FIELDS``."""
         return self._key().sign(join_message(request)).hex()
+
+    def join_request(self, csr_pem: str, **fields: Any) -> dict[str, Any]:
+        """A signed join request: ``fields`` (name, node_id, peer_address, api_url; a test may
+        override any other) with this token's id, a fresh nonce and the time."""
+        body = {
+            "token_id": self.token_id,
+            "csr_pem": csr_pem,
+            "nonce": secrets.token_hex(16),
+            "ts": int(time.time()),
+        } | fields
+        body["signature"] = self.sign_join({**body, "cluster_id": self.cluster_id})
+        return body
 
 
 def join_message(request: dict[str, Any]) -> bytes:

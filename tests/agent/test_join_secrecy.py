@@ -4,8 +4,6 @@ sealed to the joiner's own key, and the API speaks TLS pinned to the CA in the t
 
 from __future__ import annotations
 
-import secrets
-import time
 from pathlib import Path
 
 import httpx
@@ -26,18 +24,8 @@ def founder(tmp_path: Path):
 
 
 def signed_join(token: JoinToken, csr: bytes, name: str, node_id: str, **over: object) -> dict:
-    body = {
-        "token_id": token.token_id,
-        "csr_pem": csr.decode(),
-        "name": name,
-        "node_id": node_id,
-        "peer_address": "127.0.0.1:1",
-        "api_url": "https://127.0.0.1:2",
-        "nonce": secrets.token_hex(16),
-        "ts": int(time.time()),
-    } | over
-    body["signature"] = token.sign_join({**body, "cluster_id": token.cluster_id})
-    return body
+    fields = {"peer_address": "127.0.0.1:1", "api_url": "https://127.0.0.1:2"} | over
+    return token.join_request(csr.decode(), name=name, node_id=node_id, **fields)
 
 
 async def test_join_reply_carries_the_api_token_sealed(founder: AgentProcess, tmp_path: Path):

@@ -31,18 +31,14 @@ def founder(tmp_path_factory: pytest.TempPathFactory):
 
 
 def signed(token: JoinToken, identity: NodeIdentity, node_id: str, **over: object) -> dict:
-    body = {
-        "token_id": token.token_id,
-        "csr_pem": identity.csr_pem("h" + node_id[:8]).decode(),
+    fields = {
         "name": "h" + node_id[:8],
         "node_id": node_id,
         "peer_address": f"127.0.0.{2 + int(node_id[:2], 16) % 200}:{20000 + int(node_id[2:6], 16) % 20000}",
         "api_url": "https://127.0.0.1:2",
-        "nonce": secrets.token_hex(16),
-        "ts": int(time.time()),
     } | over
-    body["signature"] = token.sign_join({**body, "cluster_id": token.cluster_id})
-    return body
+    csr = str(fields.pop("csr_pem", None) or identity.csr_pem("h" + node_id[:8]).decode())
+    return token.join_request(csr, **fields)
 
 
 def new_identity(tmp: Path) -> NodeIdentity:
