@@ -114,6 +114,83 @@ class JobSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Probe:
+    """One of a service's readiness probes (dstack's ``probes`` entry, or the default probe of a
+    ``model:`` service), run by the host that runs the replica against ``127.0.0.1:<port>``."""
+
+    method: str = "get"
+    url: str = "/"
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str | None = None
+    timeout_s: float = 10.0
+    interval_s: float = 15.0
+    ready_after: int = 1
+    until_ready: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRule:
+    """dstack's ``rate_limits`` entry: requests under ``prefix`` per key (client IP or a header's
+    value) at ``rps`` with ``burst``; the longest matching prefix wins; excess gets 429."""
+
+    prefix: str = "/"
+    key: str = "ip_address"  # ip_address | header
+    header: str | None = None
+    rps: float = 1.0
+    burst: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Scaling:
+    """dstack's ``scaling`` (metric rps): desired = ceil(rps over window / target), clipped to the
+    group's range, changed no sooner than the delays after the last change."""
+
+    target: float
+    window_s: int = 60
+    scale_up_delay_s: float = 300.0
+    scale_down_delay_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaGroup:
+    """A service's replica group (a plain service is one group named ``"0"``, as in dstack)."""
+
+    name: str
+    min: int
+    max: int
+    scaling: Scaling | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """``model:``: the OpenAI-compatible model a service serves, routed by name at
+    ``/proxy/models/<project>/`` to ``<prefix>/...`` on a replica."""
+
+    name: str
+    type: str = "chat"
+    format: str = "openai"
+    prefix: str = "/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """What the ingress, the probes and the autoscaler read of a service."""
+
+    port: int  # the port the app listens on (dstack's container port)
+    strip_prefix: bool = True
+    auth: bool = True
+    model: ModelRoute | None = None
+    # The probes that run (the default model probe filled in; ``()`` when none apply).
+    probes: tuple[Probe, ...] = ()
+    probes_configured: bool = False  # ``probes:`` given (``[]`` included)
+    rate_limits: tuple[RateLimitRule, ...] = ()
+    groups: tuple[ReplicaGroup, ...] = ()
+
+    def group(self, name: str | None) -> ReplicaGroup | None:
+        return next((g for g in self.groups if g.name == (name or "0")), None)
+
+
+@dataclass(frozen=True, slots=True)
 class RunSpec:
     """Everything meshgpu does with a run, compiled from its configuration."""
 
@@ -139,6 +216,10 @@ class RunSpec:
     entrypoint: str | None = None
     privileged: bool = False  # ``privileged`` or ``docker`` (docker-in-docker)
     shm_size_gb: float | None = None
+    service: ServiceSpec | None = None  # a service's ingress/probe/scaling view (None otherwise)
+    # Host ports the run's jobs listen on (a service's port, a task's or dev environment's
+    # ``ports``): a process job holds them on its host, so two such jobs never share a host.
+    host_ports: tuple[int, ...] = ()
 
     @property
     def group_kind(self) -> str:
@@ -268,6 +349,119 @@ def stop_grace(value: Any) -> float:
     return float(value) if isinstance(value, int) else DEFAULT_STOP_GRACE_S
 
 
+def _seconds(value: Any, default: float) -> float:
+    return (
+        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+    )
+
+
+def _scaling(raw: Any) -> Scaling | None:
+    if not isinstance(raw, dict) or not raw.get("target"):
+        return None
+    return Scaling(
+        target=float(raw["target"]),
+        window_s=int(raw.get("window") or 60),
+        scale_up_delay_s=_seconds(raw.get("scale_up_delay"), 300.0),
+        scale_down_delay_s=_seconds(raw.get("scale_down_delay"), 600.0),
+    )
+
+
+def _probe(raw: Mapping[str, Any]) -> Probe:
+    return Probe(
+        method=str(raw.get("method") or "get"),
+        url=str(raw.get("url") or "/"),
+        headers=tuple((h["name"], h["value"]) for h in raw.get("headers") or ()),
+        body=raw.get("body"),
+        timeout_s=_seconds(raw.get("timeout"), 10.0),
+        interval_s=_seconds(raw.get("interval"), 15.0),
+        ready_after=int(raw.get("ready_after") or 1),
+        until_ready=bool(raw.get("until_ready")),
+    )
+
+
+def default_model_probe(model: ModelRoute) -> Probe:
+    """dstack's probe for a ``model:`` service without ``probes``: one chat completion of one
+    token, 30 s to answer."""
+    body = json.dumps(
+        {"model": model.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    )
+    return Probe(
+        method="post",
+        url=model.prefix.rstrip("/") + "/chat/completions",
+        headers=(("Content-Type", "application/json"),),
+        body=body,
+        timeout_s=30.0,
+    )
+
+
+def compile_service(c: Mapping[str, Any]) -> ServiceSpec | None:
+    """The service view of a rendered ``type: service`` configuration (None for other types)."""
+    if c.get("type") != "service" or not isinstance(c.get("port"), dict):
+        return None
+    raw_model = c.get("model")
+    model = (
+        ModelRoute(
+            name=raw_model["name"],
+            type=raw_model.get("type") or "chat",
+            format=raw_model.get("format") or "openai",
+            prefix=raw_model.get("prefix") or "/v1",
+        )
+        if isinstance(raw_model, dict) and raw_model.get("name")
+        else None
+    )
+    raw_probes = c.get("probes")
+    probes = tuple(_probe(p) for p in raw_probes or ())
+    if raw_probes is None and model is not None:
+        probes = (default_model_probe(model),)
+    if c.get("groups"):
+        groups = tuple(
+            ReplicaGroup(
+                name=str(g.get("name") or i),
+                min=int((g.get("replicas") or {}).get("min") or 0),
+                max=int((g.get("replicas") or {}).get("max") or 0),
+                scaling=_scaling(g.get("scaling")),
+            )
+            for i, g in enumerate(c["groups"])
+        )
+    else:
+        replicas = c.get("replicas") or {"min": 1, "max": 1}
+        low = int(replicas.get("min") or 0)
+        groups = (
+            ReplicaGroup(
+                name="0",
+                min=low,
+                max=int(replicas.get("max") if replicas.get("max") is not None else low),
+                scaling=_scaling(c.get("scaling")),
+            ),
+        )
+    return ServiceSpec(
+        port=int(c["port"]["container_port"]),
+        strip_prefix=c.get("strip_prefix") is not False,
+        auth=c.get("auth") is not False,
+        model=model,
+        probes=probes,
+        probes_configured=raw_probes is not None,
+        rate_limits=tuple(
+            RateLimitRule(
+                prefix=r.get("prefix") or "/",
+                key=(r.get("key") or {}).get("type") or "ip_address",
+                header=(r.get("key") or {}).get("header"),
+                rps=float(r["rps"]),
+                burst=int(r.get("burst") or 0),
+            )
+            for r in c.get("rate_limits") or ()
+        ),
+        groups=groups,
+    )
+
+
+def _host_ports(c: Mapping[str, Any]) -> tuple[int, ...]:
+    ports = [p.get("container_port") for p in c.get("ports") or () if isinstance(p, dict)]
+    if c.get("type") == "service" and isinstance(c.get("port"), dict):
+        ports.append(c["port"].get("container_port"))
+    return tuple(sorted({int(p) for p in ports if isinstance(p, int)}))
+
+
 def compile_run(config: Mapping[str, Any]) -> RunSpec:
     """The spec of a run from its rendered configuration (``render.to_json``)."""
     commands = tuple(config.get("commands") or ())
@@ -307,4 +501,6 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
         entrypoint=config.get("entrypoint"),
         privileged=bool(config.get("privileged") or config.get("docker")),
         shm_size_gb=shm,
+        service=compile_service(config),
+        host_ports=_host_ports(config),
     )

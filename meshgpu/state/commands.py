@@ -131,6 +131,46 @@ class JobReports(Command):
     reports: list[Annotated[JobStarted | JobFinished, Field(discriminator="kind")]]
 
 
+class ScaleService(Command):
+    """The leader's autoscaler (or the user) sets a service replica group's replica count,
+    clipped at apply to the group's range. New replicas are queued; excess ones are stopped
+    (``scaled_down``) least important first: waiting ones, then not ready, then newest."""
+
+    kind: Literal["scale_service"] = "scale_service"
+    run_name: str
+    group: str = "0"
+    replicas: int = Field(ge=0)
+    reason: str = ""
+
+
+class ProbeReport(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    job_id: str
+    epoch: int
+    ready: bool
+    probes: list[str] = Field(default_factory=list)  # failing | probing | ready, per probe
+
+
+class ReplicaProbes(Command):
+    """A host's readiness reports for the service replicas it runs, sent when one changes
+    (fenced by epoch like job reports)."""
+
+    kind: Literal["replica_probes"] = "replica_probes"
+    reports: list[ProbeReport]
+
+
+class UpdateService(Command):
+    """An in-place update of an active service (``meshgpu apply`` of a changed configuration).
+    A change in nothing but ``replicas``/``scaling`` (and ``priority``) applies without
+    redeploying; any other change starts a rolling deployment (dstack's surge-by-one)."""
+
+    kind: Literal["update_service"] = "update_service"
+    run_name: str
+    config: dict[str, Any]
+    run_args: list[str] = Field(default_factory=list)
+    code: CodeRef | None = None
+
+
 class StopRun(Command):
     kind: Literal["stop_run"] = "stop_run"
     run_name: str

@@ -231,6 +231,14 @@ class JobRecord(_Record):
     retry_since: float | None = None
     retry_attempt: int = 0
     not_before: float = 0.0
+    # Services: the deployment (``RunRecord.deployment_num``) the replica was created for, and
+    # its readiness as the host running it last reported (``ReplicaProbes``): ``ready`` means it
+    # may receive traffic (RUNNING, every probe passed ``ready_after`` times, or the port
+    # accepts connections when the service has no probes); one state per probe, dstack's
+    # ``×``/``~``/``✓``: "failing" | "probing" | "ready".
+    deployment_num: int = 0
+    ready: bool = False
+    probes: list[str] = Field(default_factory=list)
 
 
 class ReplicaRetry(_Record):
@@ -280,6 +288,13 @@ class RunRecord(_Record):
     replaced_job_ids: list[str] = Field(default_factory=list)
     # Replicas whose jobs are stopping to be resubmitted (one entry per replica).
     retrying: list[ReplicaRetry] = Field(default_factory=list)
+    # Services: how many replicas each replica group should have (the autoscaler's or the
+    # configuration's count, by group name; a plain service is group "0"), when each group's
+    # count last changed (the scaling delays count from it), and the deployment the run is at
+    # (bumped by an in-place update that changes more than replicas/scaling: a rolling update).
+    desired_replicas: dict[str, int] = Field(default_factory=dict)
+    last_scaled_at: dict[str, float] = Field(default_factory=dict)
+    deployment_num: int = 0
 
     @property
     def config(self) -> dict[str, Any]:
