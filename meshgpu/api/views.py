@@ -39,6 +39,11 @@ def job_view(j: JobRecord, state: StateMachine) -> dict[str, Any]:
         "assigned_at": j.assigned_at,
         "started_at": j.started_at,
         "finished_at": j.finished_at,
+        # services: which deployment the replica belongs to, whether it receives traffic, and
+        # its probes (dstack's ×/~/✓ as failing/probing/ready)
+        "deployment_num": j.deployment_num,
+        "ready": j.ready,
+        "probes": j.probes,
     }
 
 
@@ -51,6 +56,30 @@ def run_status_message(r: RunRecord, state: StateMachine) -> str:
     ):
         return "retrying"
     return r.status.value
+
+
+def service_view(
+    r: RunRecord, state: StateMachine, domain: str | None = None, rps: float | None = None
+) -> dict[str, Any] | None:
+    """Where a service answers (paths on every node's API port; ``url`` with
+    ``--ingress-domain``), its model base path, and its replicas as the ingress sees them."""
+    svc = r.spec.service
+    if svc is None:
+        return None
+    jobs = [j for j in state.run_jobs(r) if not j.status.is_finished()]
+    return {
+        "path": f"/proxy/services/{r.project}/{r.run_name}/",
+        "url": f"https://{r.run_name}.{domain}/" if domain else None,
+        "model": svc.model.name if svc.model else None,
+        "model_base_path": f"/proxy/models/{r.project}/" if svc.model else None,
+        "auth": svc.auth,
+        "port": svc.port,
+        "deployment_num": r.deployment_num,
+        "desired_replicas": dict(r.desired_replicas),
+        "replicas": len(jobs),
+        "ready_replicas": sum(1 for j in jobs if j.ready and j.status is JobStatus.RUNNING),
+        "rps": rps,
+    }
 
 
 def run_summary(r: RunRecord, state: StateMachine) -> dict[str, Any]:
@@ -68,6 +97,7 @@ def run_summary(r: RunRecord, state: StateMachine) -> dict[str, Any]:
         "submitted_at": r.submitted_at,
         "finished_at": r.finished_at,
         "jobs": [job_view(j, state) for j in state.run_jobs(r)],
+        "service": service_view(r, state),
     }
 
 
@@ -193,6 +223,23 @@ class JobView(BaseModel):
     assigned_at: float | None
     started_at: float | None
     finished_at: float | None
+    deployment_num: int = 0
+    ready: bool = Field(default=False, description="A service replica receiving traffic")
+    probes: list[str] = Field(default_factory=list, description="failing | probing | ready")
+
+
+class ServiceView(BaseModel):
+    path: str = Field(description="Its ingress path on every node's API port")
+    url: str | None = Field(description="Its host-routed URL (agents with --ingress-domain)")
+    model: str | None
+    model_base_path: str | None = Field(description="The OpenAI-compatible base path")
+    auth: bool
+    port: int
+    deployment_num: int
+    desired_replicas: dict[str, int] = Field(description="Replicas wanted, by replica group")
+    replicas: int = Field(description="Replicas that have not finished")
+    ready_replicas: int = Field(description="Replicas receiving traffic")
+    rps: float | None = Field(description="Requests per second over the scaling window")
 
 
 class RunSummary(BaseModel):
@@ -208,6 +255,7 @@ class RunSummary(BaseModel):
     submitted_at: float
     finished_at: float | None
     jobs: list[JobView]
+    service: ServiceView | None = None
 
 
 class RunView(RunSummary):

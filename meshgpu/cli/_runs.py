@@ -103,6 +103,28 @@ def _submit(
     raise AssertionError("unreachable")
 
 
+def service_lines(run: dict[str, Any], base_url: str) -> list[str]:
+    """Where a service answers: its path on the node the CLI talks to (any node serves it), its
+    host-routed URL, and the OpenAI-compatible base URL of its model."""
+    svc = run.get("service")
+    if not svc:
+        return []
+    base = base_url.rstrip("/")
+    lines = [f"service URL: {base}{svc['path']}"]
+    if svc.get("url"):
+        lines.append(f"service URL (host routing): {svc['url']}")
+    if svc.get("model_base_path"):
+        lines.append(f"model {svc['model']}: OpenAI base URL {base}{svc['model_base_path']}")
+    if svc.get("auth"):
+        lines.append("send the API token as Authorization: Bearer <token> (auth: true)")
+    return lines
+
+
+def _probe_marks(probes: list[str]) -> str:
+    marks = {"failing": "×", "probing": "~", "ready": "✓"}
+    return "".join(marks.get(p, "?") for p in probes)
+
+
 def _run_exit_code(run: dict[str, Any]) -> int:
     if run["status"] == "done":
         return 0
@@ -140,6 +162,8 @@ def apply(
             )
         else:
             out.print(f"submitted [bold]{run['name']}[/]")
+        for line in service_lines(run, c.url):
+            out.print(line)
         if detach:
             return
         code = _attach(c, run["name"])
@@ -277,14 +301,25 @@ def ps(
                 where = f"{first.get('node') or '-'}" + (f" gpu {gpus}" if gpus else "")
                 problem = r["termination_reason"] or first.get("why_pending") or ""
                 status = r.get("status_message") or r["status"]
+                svc = r.get("service")
+                if svc and not problem:
+                    rps = f", {svc['rps']:.1f} req/s" if svc.get("rps") is not None else ""
+                    problem = f"{svc['ready_replicas']}/{svc['replicas']} replicas ready{rps}"
                 rows.append([r["name"], r["type"], where, status, ago(r["submitted_at"]), problem])
                 if verbose:
                     for j in r["jobs"]:
                         jg = ",".join(str(g) for g in j["gpus"])
                         sub = j.get("submission_num") or 0
+                        label = f"  job {j['job_num']}"
+                        if svc:
+                            label = f"  replica {j['replica_num']}"
+                            if j.get("status") == "running":
+                                ready = "ready" if j.get("ready") else "not ready"
+                                marks = _probe_marks(j.get("probes") or [])
+                                j = {**j, "status": f"running, {ready} {marks}".rstrip()}
                         rows.append(
                             [
-                                f"  job {j['job_num']}" + (f" (submission {sub})" if sub else ""),
+                                label + (f" (submission {sub})" if sub else ""),
                                 j["group"] or "",
                                 f"{j['node'] or '-'} {jg}",
                                 j["status"],
