@@ -433,6 +433,31 @@ class StateMachine:
                 blocks[a.node_id] = blocks.get(a.node_id, 0) + a.blocks
             elif a.blocks:
                 return f"{node.name} is not split into blocks"
+        if run is not None and run.spec.host_ports and not run.spec.image:
+            return self._ports_taken(run, [a.node_id for a, _ in members])
+        return ""
+
+    def _ports_taken(self, run: RunRecord, node_ids: list[str]) -> str:
+        """Why a process job of ``run`` cannot listen on its host ports on these nodes (''
+        if it can): a job holding one of them runs on a host with the same internal IP (or
+        the gang would put two of its jobs on one IP)."""
+        ports = set(run.spec.host_ports)
+        seen: set[str] = set()
+        for node_id in node_ids:
+            ip = self.nodes[node_id].internal_ip
+            if ip in seen:
+                return f"port {min(ports)} is in use on {ip} by run {run.run_name}"
+            seen.add(ip)
+            for other in sorted(self.nodes):
+                if self.nodes[other].internal_ip != ip:
+                    continue
+                for job in self.held.get(other, {}).values():
+                    holder = self.runs.get(job.run_name)
+                    if holder is None or holder.spec.image:
+                        continue
+                    both = ports.intersection(holder.spec.host_ports)
+                    if both:
+                        return f"port {min(both)} is in use on {ip} by run {holder.run_name}"
         return ""
 
     def _on_set_pending_reasons(self, cmd: SetPendingReasons) -> Result:
