@@ -324,8 +324,8 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
         response_model=views.SubmittedRun,
         responses={
             200: {
-                "description": "An active run of that name differed only in priority: its "
-                "priority was changed in place (in_place)",
+                "description": "An active run of that name differed only in priority (or is a "
+                "service): it was updated in place (in_place)",
                 "model": views.SubmittedRun,
             },
             **problems.responses(409, 503, 507),
@@ -333,8 +333,8 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     )
     async def submit(body: SubmitBody, _: Auth) -> JSONResponse:
         run, updated = await runs.submit(body)
-        if updated:
-            view = run_view(run, state) | {"updated_in_place": ["priority"]}
+        if updated is not None:
+            view = run_view(run, state) | {"updated_in_place": updated}
             return JSONResponse(view, status_code=200)
         return JSONResponse(run_view(run, state), status_code=201)
 

@@ -264,7 +264,9 @@ class RunView(RunSummary):
 
 class SubmittedRun(RunView):
     updated_in_place: list[str] | None = Field(
-        default=None, description="Present (['priority']) when an active run was updated"
+        default=None,
+        description="Present when an active run was updated in place: what changed "
+        "(['priority'], or a service's changed fields; [] when applied unchanged)",
     )
 
 

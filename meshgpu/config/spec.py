@@ -221,6 +221,18 @@ class RunSpec:
     # ``ports``): a process job holds them on its host, so two such jobs never share a host.
     host_ports: tuple[int, ...] = ()
 
+    def job_spec(self, group: str | None, job_num: int = 0) -> JobSpec:
+        """The spec a job of ``group`` (its ``job_num``-th node) runs with: a service replica
+        created by scaling up or by a rolling update takes its group's (``None`` and ``"0"``
+        are a plain service's one group: its jobs have none)."""
+        for j in self.jobs:
+            if j.group == group and j.job_num == job_num:
+                return j
+        for j in self.jobs:
+            if j.group == group:
+                return j
+        return self.jobs[job_num] if job_num < len(self.jobs) else self.jobs[0]
+
     @property
     def group_kind(self) -> str:
         """What a group is made of in the commands' namespace: nodes of a task, replicas
@@ -256,6 +268,12 @@ def compile_placement(config: Mapping[str, Any]) -> Placement:
     doc = {k: config[k] for k in PLACEMENT_FIELDS if config.get(k) not in (None, [], {})}
     if config.get("image"):
         doc["image"] = True  # which image does not matter; that one needs a container runtime does
+    else:
+        ports = _host_ports(config)
+        if ports:
+            # A process job holds its ports on its host: runs that need different ports fit
+            # different hosts, so they are different classes of the wait queue.
+            doc["host_ports"] = list(ports)
     key = json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
     def make() -> Placement:
@@ -308,33 +326,47 @@ def _resources(raw: Any) -> tuple[Mapping[str, Any], str]:
     return _intern(_RESOURCES, key, lambda: raw), key
 
 
-def _jobs(c: Mapping[str, Any]) -> list[tuple[str | None, Any, int, Any]]:
-    """(group, resources, replica_num, group commands) per job: one per node of a task (per
-    group), one per initial replica of a service, one for anything else."""
+def _service_group_name(g: Mapping[str, Any], i: int) -> str:
+    """A service replica group's name: its ``name``, or its position (dstack)."""
+    name = g.get("name")
+    return str(name) if name is not None else str(i)
+
+
+def _jobs(c: Mapping[str, Any]) -> list[tuple[str | None, Any, int, int, Any]]:
+    """(group, resources, replica_num, job_num, group commands) per job: one per node of a task
+    (per group), one per initial replica of a service, one for anything else.
+
+    A service's replicas are jobs 0 of their own replica (dstack). Every group appears at least
+    once, even one whose ``min`` is 0: the jobs are the templates of the group's replicas too
+    (``RunSpec.job_spec``); the state machine starts ``min`` of them (``ServiceSpec.groups``).
+    A plain service's jobs have no group (``None``, the replica group ``"0"``)."""
     default_res = c.get("resources") or {}
     groups = c.get("groups") or []
-    out: list[tuple[str | None, Any, int, Any]] = []
+    out: list[tuple[str | None, Any, int, int, Any]] = []
     if c.get("type") == "task":
+        num = 0
         if groups:
             for g in groups:
                 for _ in range(g.get("nodes") or 1):
-                    out.append((g.get("name"), g.get("resources"), 0, g.get("commands")))
+                    out.append((g.get("name"), g.get("resources"), 0, num, g.get("commands")))
+                    num += 1
         else:
-            out.extend((None, default_res, 0, None) for _ in range(c.get("nodes") or 1))
+            out.extend((None, default_res, 0, n, None) for n in range(c.get("nodes") or 1))
     elif c.get("type") == "service":
         if groups:
             replica = 0
-            for g in groups:
+            for i, g in enumerate(groups):
+                name = _service_group_name(g, i)
                 for _ in range(max(1, (g.get("replicas") or {}).get("min") or 0)):
-                    out.append((g.get("name"), g.get("resources"), replica, g.get("commands")))
+                    out.append((name, g.get("resources"), replica, 0, g.get("commands")))
                     replica += 1
         else:
             replicas = c.get("replicas") or {"min": 1}
             out.extend(
-                (None, default_res, r, None) for r in range(max(1, replicas.get("min") or 0))
+                (None, default_res, r, 0, None) for r in range(max(1, replicas.get("min") or 0))
             )
     else:
-        out.append((None, default_res, 0, None))
+        out.append((None, default_res, 0, 0, None))
     return out
 
 
@@ -416,7 +448,7 @@ def compile_service(c: Mapping[str, Any]) -> ServiceSpec | None:
     if c.get("groups"):
         groups = tuple(
             ReplicaGroup(
-                name=str(g.get("name") or i),
+                name=_service_group_name(g, i),
                 min=int((g.get("replicas") or {}).get("min") or 0),
                 max=int((g.get("replicas") or {}).get("max") or 0),
                 scaling=_scaling(g.get("scaling")),
@@ -466,7 +498,7 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
     """The spec of a run from its rendered configuration (``render.to_json``)."""
     commands = tuple(config.get("commands") or ())
     jobs = []
-    for num, (group, raw, replica, group_commands) in enumerate(_jobs(config)):
+    for group, raw, replica, num, group_commands in _jobs(config):
         resources, key = _resources(raw)
         jobs.append(
             JobSpec(
@@ -485,7 +517,11 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
         type=config.get("type"),
         priority=int(config.get("priority") or 0),
         jobs=tuple(jobs),
-        group_names=tuple(g.get("name") for g in groups) or (None,),
+        group_names=tuple(
+            _service_group_name(g, i) if config.get("type") == "service" else g.get("name")
+            for i, g in enumerate(groups)
+        )
+        or (None,),
         placement=compile_placement(config),
         max_duration_s=_duration(config.get("max_duration")),
         stop_grace_s=stop_grace(config.get("stop_duration")),

@@ -1,4 +1,5 @@
-"""Runs: submit (or update a run's priority in place), stop, change priority, look up."""
+"""Runs: submit (or update an active run in place: a run's priority, a service's configuration),
+stop, change priority, look up."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from meshgpu.config.render import to_json
 from meshgpu.config.resources import GPUSpec
 from meshgpu.errors import Conflict, Invalid, NotFound, run_not_found
 from meshgpu.ops.configs import parse_run_config_async
-from meshgpu.state import CodeRef, Result, RunRecord, SetRunPriority, StopRun, SubmitRun, encode
+from meshgpu.state import (
+    CodeRef,
+    Result,
+    RunRecord,
+    SetRunPriority,
+    StopRun,
+    SubmitRun,
+    UpdateService,
+    encode,
+)
 
 if TYPE_CHECKING:
     from meshgpu.replica.proposer import Proposer
@@ -84,8 +94,10 @@ class Runs:
             raise run_not_found(name)
         return run
 
-    async def submit(self, body: Submission) -> tuple[RunRecord, bool]:
-        """Submit a run; returns it and whether an active run was updated in place instead."""
+    async def submit(self, body: Submission) -> tuple[RunRecord, list[str] | None]:
+        """Submit a run; returns it and, when an active run was updated in place instead, what
+        changed (``["priority"]``, or a service's changed fields: ``[]`` when the service was
+        applied unchanged); None for a new run."""
         config = await parse_run_config_async(body.config, body.filename, NOT_A_RUN)
         updates: dict[str, Any] = {}
         if body.env:
@@ -130,9 +142,18 @@ class Runs:
             )
         config_json = to_json(config)
         if body.in_place and chosen:
+            current = self.state.runs.get(chosen)
+            if (
+                current is not None
+                and current.spec.service is not None
+                and config_json.get("type") == "service"
+                and not current.status.is_finished()
+                and current.termination_reason is None
+            ):
+                return await self._update_service(chosen, config_json, body.run_args, code)
             updated = await self._update_in_place(chosen, config_json, body.run_args)
             if updated is not None:
-                return updated, True
+                return updated, ["priority"]
         for attempt in range(5):
             name = chosen or self._generate_name()
             # A generated name can collide with a concurrent submission: pick another. The
@@ -165,7 +186,22 @@ class Runs:
         if not result.ok:
             kind = Conflict if result.code == "name_in_use" else Invalid
             raise kind("run not submitted", result.error or "", result.code or "")
-        return self.state.runs[result.value], False
+        return self.state.runs[result.value], None
+
+    async def _update_service(
+        self, name: str, config: dict[str, Any], run_args: list[str], code: CodeRef | None
+    ) -> tuple[RunRecord, list[str]]:
+        """An active service applied again: updated in place (``UpdateService``): new replica
+        ranges, scaling or priority apply at once; any other change (a new code archive
+        included) rolls out as a new deployment, replica by replica."""
+        cmd = UpdateService(
+            at=time.time(), run_name=name, config=config, run_args=run_args, code=code
+        )
+        result = await self.proposer.propose(encode(cmd))
+        if not result.ok:
+            kind = NotFound if result.code == "not_found" else Conflict
+            raise kind("service not updated", result.error or "", result.code or "")
+        return self.state.runs[name], list(result.value["changed"])
 
     async def _update_in_place(
         self, name: str, config: dict[str, Any], run_args: list[str]

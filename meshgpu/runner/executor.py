@@ -325,13 +325,15 @@ class Executor:
             gpu_vendor=self.gpu_vendor() if job.gpu_indices else None,
             working_dir=str(work),
             hostfile_path=hostfile,
+            replica_num=job.replica_num if spec.service is not None else None,
+            service_port=spec.service.port if spec.service is not None else None,
         )
         user_env = dict(spec.env)
         base = {
             k: os.environ[k] for k in ("PATH", "HOME", "LANG", "USER", "TMPDIR") if k in os.environ
         }
         env = job_environment(inputs, user_env, base)
-        commands = list(spec.jobs[job.job_num].commands)
+        commands = list(spec.job_spec(job.group, job.job_num).commands)
         namespaces = {
             "run": {"args": shlex.join(run_args)},
             "groups": self._groups_namespace(spec, jobs),

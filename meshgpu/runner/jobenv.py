@@ -53,6 +53,10 @@ class JobEnvInputs:
     gpu_vendor: str | None = None
     working_dir: str = "."
     hostfile_path: str = ""
+    # Services only: the replica's number (``replica_num``, unique in the run) and the port
+    # the app must listen on (``MESHGPU_/DSTACK_REPLICA_NUM``, ``MESHGPU_SERVICE_PORT``).
+    replica_num: int | None = None
+    service_port: int | None = None
 
 
 def job_environment(
@@ -74,10 +78,14 @@ def job_environment(
         "MPI_HOSTFILE": inputs.hostfile_path,
         "WORKING_DIR": inputs.working_dir,
     }
+    if inputs.replica_num is not None:
+        values["REPLICA_NUM"] = str(inputs.replica_num)
     env = dict(base or {})
     for key, value in values.items():
         env["MESHGPU_" + key] = value
         env["DSTACK_" + key] = value
+    if inputs.service_port is not None:
+        env["MESHGPU_SERVICE_PORT"] = str(inputs.service_port)
     visible = ",".join(str(i) for i in inputs.gpu_indices)
     vendor_vars = _GPU_VARS.get(inputs.gpu_vendor or "", ())
     for var in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):

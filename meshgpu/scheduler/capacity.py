@@ -99,6 +99,7 @@ class Host:
         "rel",
         "prof",
         "victims",
+        "runs",
     )
 
     def __init__(self, node: NodeRecord, cls: HostClass, held: tuple[JobRecord, ...]) -> None:
@@ -115,6 +116,7 @@ class Host:
         self.rel: tuple[Any, list[tuple[float, tuple[int, ...], int]]] | None = None
         self.prof: tuple[Any, tuple[int, float], list[float]] | None = None
         self.victims: Any = None  # the preemption module's per-host cache
+        self.runs = frozenset(j.run_name for j in held)  # whose jobs it holds (spread)
         used = {i for j in held for i in j.gpu_indices}
         self.free = set(self.healthy - used)
         if self.shape is not None:
@@ -161,6 +163,11 @@ class HostIndex:
         self._end_keys: dict[str, tuple[float, float, str]] = {}
         # How many hosts could ever run a request (per cluster): valid while membership holds.
         self.statics: dict[Any, int] = {}
+        # Host ports held by process jobs (``RunSpec.host_ports``), per node: port -> the run
+        # holding it; and the nodes holding any, by internal IP (hosts that share an IP share
+        # ports). Every node counts, active or not: a draining host's jobs still hold theirs.
+        self.node_ports: dict[str, tuple[str, dict[int, str]]] = {}  # node_id -> (ip, ports)
+        self.ip_nodes: dict[str, set[str]] = {}
 
     def sync(self, state: StateMachine, changed: Iterable[str] | None) -> None:
         """Bring the index up to date with ``state``: the nodes the change feed noted since the
@@ -172,6 +179,7 @@ class HostIndex:
             for node_id in [n for n in self.seen if n not in state.nodes]:
                 del self.seen[node_id]
                 self._drop(node_id)
+                self._forget_ports(node_id)
             for node_id in state.nodes:
                 todo.setdefault(node_id, False)
         else:
@@ -185,19 +193,23 @@ class HostIndex:
             node = state.nodes.get(node_id)
             if node is None:
                 self._drop(node_id)
+                self._forget_ports(node_id)
                 self.seen.pop(node_id, None)
                 continue
             host = self.hosts.get(node_id)
             if host is not None:
                 if not noted and host.node is node and node.status == "active":
                     continue
-            elif self.seen.get(node_id) == (node, node.status):
+            elif self.seen.get(node_id) == (node, node.status) and not (
+                noted and node_id in self.node_ports
+            ):
                 continue  # known and still not active
             self.refresh(state, node_id)
 
     def refresh(self, state: StateMachine, node_id: str) -> None:
         """Rebuild one host from the state (also: roll back what a plan did to it)."""
         node = state.nodes.get(node_id)
+        self._ports(state, node)  # before anything: a host that takes nothing new holds them
         if node is None or node.status != "active":
             self._drop(node_id)
             if node is not None:
@@ -225,6 +237,37 @@ class HostIndex:
             key = (max(ends), min(ends), node_id)
             self._end_keys[node_id] = key
             bisect.insort(self.by_end, key)
+
+    def _ports(self, state: StateMachine, node: NodeRecord | None) -> None:
+        """Note the host ports the node's jobs hold (or that it holds none any more)."""
+        ports: dict[int, str] = {}
+        if node is not None:
+            for j in state.jobs_on_node(node.node_id):
+                run = state.runs.get(j.run_name)
+                if run is not None and run.spec.host_ports and not run.spec.image:
+                    for port in run.spec.host_ports:
+                        ports[port] = j.run_name
+        node_id = node.node_id if node is not None else ""
+        self._forget_ports(node_id)
+        if ports and node is not None:
+            self.node_ports[node_id] = (node.internal_ip, ports)
+            self.ip_nodes.setdefault(node.internal_ip, set()).add(node_id)
+
+    def _forget_ports(self, node_id: str) -> None:
+        old = self.node_ports.pop(node_id, None)
+        if old is not None:
+            peers = self.ip_nodes.get(old[0], set())
+            peers.discard(node_id)
+            if not peers:
+                self.ip_nodes.pop(old[0], None)
+
+    def port_holder(self, ip: str, port: int) -> str | None:
+        """The run whose job holds ``port`` on a host at ``ip`` (None: free)."""
+        for node_id in sorted(self.ip_nodes.get(ip, ())):
+            run = self.node_ports[node_id][1].get(port)
+            if run is not None:
+                return run
+        return None
 
     def _drop(self, node_id: str, keep: HostClass | None = None) -> None:
         """Take a host out of the index (``keep``: the class it goes back into at once)."""
@@ -291,6 +334,9 @@ class Capacity:
         self.hosts = index.hosts
         # node_id -> what the host looked like before this plan touched it
         self.touched: dict[str, tuple[set[int], int, int, Reservation | None]] = {}
+        # What this plan placed so far: host ports by IP (port -> run), runs by host (spread).
+        self.planned_ports: dict[str, dict[int, str]] = {}
+        self.planned_runs: dict[str, list[str]] = {}
 
     def close(self) -> None:
         """Undo the plan's tentative changes (the state, not the plan, decides what holds)."""
@@ -304,6 +350,8 @@ class Capacity:
             if host.units != units:
                 self.index.move(host, units)
         self.touched.clear()
+        self.planned_ports.clear()
+        self.planned_runs.clear()
 
     def _touch(self, host: Host) -> None:
         if host.node_id not in self.touched:
@@ -405,6 +453,42 @@ class Capacity:
             self.index.move(host, host.free_blocks)
         else:
             self.index.move(host, len(host.free))
+
+    # -- host ports, spread ------------------------------------------------------------------
+    def port_conflict(self, host: Host, ports: tuple[int, ...]) -> tuple[int, str, str] | None:
+        """(port, ip, run) of the first of ``ports`` already held on the host's IP (by a job
+        there or by this plan), or None when all are free."""
+        ip = host.node.internal_ip
+        planned = self.planned_ports.get(ip)
+        for port in ports:
+            run = planned.get(port) if planned else None
+            if run is None:
+                run = self.index.port_holder(ip, port)
+            if run is not None:
+                return port, ip, run
+        return None
+
+    def runs_on(self, host: Host, run_name: str) -> bool:
+        """Whether the host holds (or this plan put) a job of ``run_name`` there."""
+        return run_name in host.runs or run_name in self.planned_runs.get(host.node_id, ())
+
+    def claim(self, host: Host, ports: tuple[int, ...], run_name: str) -> None:
+        """This plan places a job of ``run_name`` on the host: it holds ``ports`` there."""
+        if ports:
+            held = self.planned_ports.setdefault(host.node.internal_ip, {})
+            for port in ports:
+                held[port] = run_name
+        self.planned_runs.setdefault(host.node_id, []).append(run_name)
+
+    def unclaim(self, host: Host, ports: tuple[int, ...], run_name: str) -> None:
+        """Undo a ``claim`` (a gang that did not fit whole)."""
+        held = self.planned_ports.get(host.node.internal_ip)
+        if held is not None:
+            for port in ports:
+                held.pop(port, None)
+        runs = self.planned_runs.get(host.node_id)
+        if runs and run_name in runs:
+            runs.remove(run_name)
 
     def reserve(self, host: Host, r: Reservation) -> None:
         self._touch(host)

@@ -52,8 +52,10 @@ from meshgpu.state.retry import backoff
 
 QUEUED = "waiting for capacity: earlier or higher-priority runs are ahead in the queue"
 
-# How a gang failed; decides its reason and whether it reserves.
-NEVER, OVERSIZED, CAPACITY, RESERVED = "never", "oversized", "capacity", "reserved"
+# How a gang failed; decides its reason and whether it reserves. PORTS: hosts had room, but the
+# host ports its jobs listen on are taken there (it reserves nothing: GPUs freeing up do not help).
+NEVER, OVERSIZED, CAPACITY, RESERVED, PORTS = "never", "oversized", "capacity", "reserved", "ports"
+_SAYS_WHY = (NEVER, OVERSIZED, PORTS)  # failures whose reason the whole class shares
 _DURATION_FIELDS = ("max_duration", "stop_duration")
 _Kind = tuple[str, tuple[str, ...]]  # (placement fields but durations, the jobs' resources)
 # Derived from queue class keys, which recur from plan to plan.
@@ -171,7 +173,7 @@ class _Planner:
         """The class's last gang failed: the rest of the class fails too (they fit exactly the
         same hosts, and capacity only shrinks within a plan). One bulk update for all."""
         seen = self.failed.get(self._fit_kind(cls))
-        follower = reason if seen is not None and seen[0].kind in (NEVER, OVERSIZED) else QUEUED
+        follower = reason if seen is not None and seen[0].kind in _SAYS_WHY else QUEUED
         self.out.pending.update(dict.fromkeys(cls.job_ids, follower))
         for gang, why in done:
             for job in gang.jobs:
@@ -231,7 +233,7 @@ class _Planner:
             if r is not None:
                 self.out.reservations.append(r)
             return failure.reason, False
-        return (failure.reason if failure.kind in (NEVER, OVERSIZED) else QUEUED), False
+        return (failure.reason if failure.kind in _SAYS_WHY else QUEUED), False
 
     def _backing_off(self, gang: Gang) -> str | None:
         """Why a resubmitted gang may not start yet (its retry backoff), or None. It keeps its
@@ -254,7 +256,7 @@ class _Planner:
         if seen is None:
             return None
         failure, failed_end = seen
-        if failure.kind in (NEVER, OVERSIZED) or end >= failed_end:
+        if failure.kind in _SAYS_WHY or end >= failed_end:
             return failure
         return None
 
@@ -313,18 +315,32 @@ class _Planner:
             room = self._room(feasible)
             clusters.sort(key=lambda c: -room.get(c, 0))
         blocked = False
+        spec = gang.run.spec
+        # A process job holds its ports on its host (a container has a network of its own);
+        # a service's replicas spread over hosts when they can.
+        ports = spec.host_ports if not spec.image else ()
+        spread = spec.service is not None
+        conflict: tuple[int, str, str] | None = None
         for cluster in clusters:
             if sizes[cluster] < n:
                 continue
             taken: list[tuple[Host, tuple[int, ...], int, Reservation | None, int]] = []
             used: set[str] = set()
             for req, classes in zip(reqs, feasible, strict=True):
-                found, skipped = self._find(gang, req, classes, cluster, used, end)
+                found, skipped, clash = None, False, None
+                for avoid in (True, False) if spread else (False,):
+                    found, skipped, clash = self._find(
+                        gang, req, classes, cluster, used, end, ports, avoid
+                    )
+                    if found is not None:
+                        break
                 blocked = blocked or skipped
+                conflict = conflict or clash
                 if found is None:
                     break
                 host, gpus, blocks, charge = found
                 self.cap.take(host, gpus, blocks, end)
+                self.cap.claim(host, ports, gang.run.run_name)
                 r = host.reservation if charge else None
                 if r is not None:
                     r.slack[host.node_id] -= charge
@@ -337,8 +353,12 @@ class _Planner:
                 ]
             for host, gpus, blocks, r, charge in reversed(taken):
                 self.cap.give(host, gpus, blocks)
+                self.cap.unclaim(host, ports, gang.run.run_name)
                 if r is not None:
                     r.slack[host.node_id] += charge
+        if conflict is not None and not blocked:
+            port, ip, holder = conflict
+            return _Failure(PORTS, f"port {port} is in use on {ip} by run {holder}")
         if blocked:
             return _Failure(RESERVED, QUEUED)
         return _Failure(CAPACITY, self._capacity_reason(reqs, clusters, feasible))
@@ -351,11 +371,17 @@ class _Planner:
         cluster: str | None,
         used: set[str],
         end: float,
-    ) -> tuple[tuple[Host, tuple[int, ...], int, int] | None, bool]:
+        ports: tuple[int, ...] = (),
+        avoid: bool = False,
+    ) -> tuple[tuple[Host, tuple[int, ...], int, int] | None, bool, tuple[int, str, str] | None]:
         """Best-fit host for one job: the fewest spare units first. Returns the host, its GPUs,
-        blocks, the slack it consumes on a reserved host -- and whether a reservation was in the
-        way somewhere."""
+        blocks, the slack it consumes on a reserved host -- whether a reservation was in the
+        way somewhere, and the first host port found taken (port, ip, run) on a host with room.
+        ``ports``: host ports the job holds; ``avoid``: skip hosts that already hold a job of
+        the gang's run (spread)."""
         skipped = False
+        clash: tuple[int, str, str] | None = None
+        run_name = gang.run.run_name
         hosts = self.cap.hosts
         live = [
             (cls, sf)
@@ -363,7 +389,7 @@ class _Planner:
             if cls.top >= sf.units and (cluster is None or cls.cluster == cluster)
         ]
         if not live:
-            return None, False  # nowhere has room: no need to look host by host
+            return None, False, None  # nowhere has room: no need to look host by host
         top = max(cls.top - sf.units for cls, sf in live)
         for spare in range(top + 1):
             for cls, sf in live:
@@ -379,6 +405,13 @@ class _Planner:
                         continue
                     if req.filters.by_name() and req.filters.reject(host.node):
                         continue
+                    if avoid and self.cap.runs_on(host, run_name):
+                        continue
+                    if ports:
+                        taken = self.cap.port_conflict(host, ports)
+                        if taken is not None:
+                            clash = clash or taken
+                            continue
                     gpus = self.cap.gpus_for(host, sf)
                     if gpus is None:
                         continue
@@ -387,8 +420,8 @@ class _Planner:
                     if charge is None:
                         skipped = True
                         continue
-                    return (host, gpus, blocks, charge), skipped
-        return None, skipped
+                    return (host, gpus, blocks, charge), skipped, clash
+        return None, skipped, clash
 
     def _static_hosts(
         self, feasible: list[list[tuple[HostClass, StaticFit]]], cluster: str | None

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from meshgpu.config.spec import JobSpec, compile_run
 from meshgpu.state.commands import (
     AssignJobs,
     Assignment,
@@ -24,11 +25,14 @@ from meshgpu.state.commands import (
     PreemptJobs,
     PruneRuns,
     RegisterNode,
+    ReplicaProbes,
+    ScaleService,
     SetGPUHealth,
     SetPendingReasons,
     SetRunPriority,
     StopRun,
     SubmitRun,
+    UpdateService,
     decode,
 )
 from meshgpu.state.feed import ChangeFeed
@@ -46,6 +50,32 @@ from meshgpu.state.records import (
 from meshgpu.state.retry import decide
 
 _PREEMPTIBLE_STATUSES = (JobStatus.PROVISIONING, JobStatus.PULLING, JobStatus.RUNNING)
+_STARTING = (JobStatus.PROVISIONING, JobStatus.PULLING)
+# What an in-place update of a service may change without redeploying (dstack): the replica
+# counts and their scaling, and the priority.
+_SCALING_FIELDS = ("replicas", "scaling", "priority")
+ROLLING_MAX_SURGE = 1  # dstack's ROLLING_DEPLOYMENT_MAX_SURGE: one replica above desired
+
+
+def service_group(job: JobRecord) -> str:
+    """The replica group of a service's job: its group, or ``"0"`` for a plain service (whose
+    jobs have no group, like a task's without ``groups``)."""
+    return job.group or "0"
+
+
+@dataclass(slots=True)
+class _Replica:
+    """A service replica as scaling and rolling deployments weigh it (dstack's
+    ``_get_active_and_inactive_replicas``): its latest jobs, whether it is active (not stopping,
+    not finished; a replica being retried counts), and how important it is to keep:
+    0 waiting (or being retried), 1 starting, 2 running but not ready, 3 receiving traffic."""
+
+    num: int
+    group: str
+    jobs: list[JobRecord]
+    deployment: int
+    active: bool
+    importance: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +107,10 @@ class StateMachine:
         self.applied_index = 0
         # Bumped on every change that can free or need capacity: the scheduler's trigger.
         self.demand_version = 0
+        # Bumped on every change to what a service routes to (a replica's readiness, a ready
+        # replica's status, a service updated or scaled): the ingress's trigger. Local, never
+        # snapshotted (a restore bumps it).
+        self.service_version = 0
         # What each apply changed (job, node and run ids), for readers that keep indexes of
         # their own -- the scheduler's wait queue and host index (``feed.py``).
         self.feed = ChangeFeed()
@@ -140,7 +174,7 @@ class StateMachine:
                     b',"runs":[',
                     b",".join([_run_doc(r) for r in runs]),
                     b'],"jobs":[',
-                    ",".join([j.model_dump_json() for j in jobs]).encode(),
+                    ",".join([j.model_dump_json(exclude=_job_defaults(j)) for j in jobs]).encode(),
                     b'],"requests":',
                     json.dumps(requests, separators=(",", ":")).encode(),
                     b"}",
@@ -165,6 +199,7 @@ class StateMachine:
         self.feed.reset()
         # Set last: rebuilding the indexes goes through ``_track``, which counts transitions.
         self.demand_version = doc.get("demand_version", 0)
+        self.service_version += 1
 
     # -- indexes ------------------------------------------------------------------------------
     def _track(self, job: JobRecord, was: JobStatus | None) -> None:
@@ -182,6 +217,8 @@ class StateMachine:
         job_id = job.job_id
         self.feed.job(job_id)
         status = job.status
+        if job.ready:
+            self.service_version += 1  # a replica that may receive traffic changed status
         if status is JobStatus.SUBMITTED:
             if was is not JobStatus.SUBMITTED:
                 self.waiting_count += 1
@@ -289,6 +326,17 @@ class StateMachine:
         )
         run.priority = run.spec.priority
         self.runs[run.run_name] = run
+        service = run.spec.service
+        if service is not None:
+            # Each replica group starts at its ``min`` (0: scaled to zero until asked for).
+            for g in service.groups:
+                run.desired_replicas[g.name] = g.min
+                run.last_scaled_at[g.name] = cmd.at
+                self._add_replicas(run, g.name, g.min, cmd.at)
+            self.requests[cmd.request_id] = run.run_name
+            self.service_version += 1
+            self._update_run(run, cmd.at)
+            return _ok(run.run_name)
         for spec in run.spec.jobs:
             job = JobRecord(
                 job_id=f"{cmd.run_id}-{spec.replica_num}-{spec.job_num}-0",
@@ -385,6 +433,31 @@ class StateMachine:
                 blocks[a.node_id] = blocks.get(a.node_id, 0) + a.blocks
             elif a.blocks:
                 return f"{node.name} is not split into blocks"
+        if run is not None and run.spec.host_ports and not run.spec.image:
+            return self._ports_taken(run, [a.node_id for a, _ in members])
+        return ""
+
+    def _ports_taken(self, run: RunRecord, node_ids: list[str]) -> str:
+        """Why a process job of ``run`` cannot listen on its host ports on these nodes (''
+        if it can): a job holding one of them runs on a host with the same internal IP (or
+        the gang would put two of its jobs on one IP)."""
+        ports = set(run.spec.host_ports)
+        seen: set[str] = set()
+        for node_id in node_ids:
+            ip = self.nodes[node_id].internal_ip
+            if ip in seen:
+                return f"port {min(ports)} is in use on {ip} by run {run.run_name}"
+            seen.add(ip)
+            for other in sorted(self.nodes):
+                if self.nodes[other].internal_ip != ip:
+                    continue
+                for job in self.held.get(other, {}).values():
+                    holder = self.runs.get(job.run_name)
+                    if holder is None or holder.spec.image:
+                        continue
+                    both = ports.intersection(holder.spec.host_ports)
+                    if both:
+                        return f"port {min(both)} is in use on {ip} by run {holder.run_name}"
         return ""
 
     def _on_set_pending_reasons(self, cmd: SetPendingReasons) -> Result:
@@ -471,6 +544,8 @@ class StateMachine:
         elif reason is not JobTerminationReason.DONE_BY_RUNNER:
             if job.stop_requested == "stop":
                 reason = JobTerminationReason.TERMINATED_BY_USER
+            elif job.stop_requested == "scale":
+                reason = JobTerminationReason.SCALED_DOWN
             elif job.preempted_by is not None:
                 reason = JobTerminationReason.PREEMPTED
             elif job.stop_requested == "server":
@@ -540,14 +615,326 @@ class StateMachine:
             return _ok(run.priority)
         run.priority = cmd.priority
         run.set_config({**run.config, "priority": cmd.priority})
-        jobs = self.run_jobs(run)
-        self.feed.run(run.run_name)  # its waiting gangs move to their new place in the queue
-        for node_id in sorted(
-            {j.node_id for j in jobs if j.node_id and j.status.holds_resources()}
-        ):
-            self._node_changed(node_id)  # preemption weighs its running jobs anew
-        self.demand_version += 1
+        self._run_reweighed(run)
         return _ok(run.priority)
+
+    # -- services: scaling, readiness, in-place updates ---------------------------------------
+    def _service_run(self, run_name: str) -> RunRecord | Result:
+        run = self.runs.get(run_name)
+        if run is None:
+            return _err("not_found", f"no run named {run_name!r}")
+        if run.spec.service is None:
+            return _err("not_a_service", f"run {run_name!r} is a {run.spec.type}, not a service")
+        if run.status.is_finished() or run.termination_reason is not None:
+            return _err("finished", f"run {run_name!r} has finished or is stopping")
+        return run
+
+    def _on_scale_service(self, cmd: ScaleService) -> Result:
+        run = self._service_run(cmd.run_name)
+        if isinstance(run, Result):
+            return run
+        assert run.spec.service is not None
+        group = run.spec.service.group(cmd.group)
+        if group is None:
+            names = ", ".join(g.name for g in run.spec.service.groups)
+            return _err(
+                "not_found", f"run {cmd.run_name!r} has no replica group {cmd.group!r} ({names})"
+            )
+        n = min(max(cmd.replicas, group.min), group.max)
+        changed = n != run.desired_replicas.get(group.name, group.min)
+        if changed:
+            run.desired_replicas[group.name] = n
+            run.last_scaled_at[group.name] = cmd.at
+            self._scale_group(run, group.name, n, cmd.at)
+            self.service_version += 1
+            self._reconcile_service(run, cmd.at)
+            self._update_run(run, cmd.at)
+        return _ok({"group": group.name, "replicas": n, "changed": changed})
+
+    def _on_replica_probes(self, cmd: ReplicaProbes) -> Result:
+        results: list[dict[str, Any]] = []
+        changed_runs: dict[str, None] = {}
+        for report in cmd.reports:
+            job = self._fenced(report.job_id, report.epoch)
+            if isinstance(job, Result):
+                results.append({"ok": False, "code": job.code})
+                continue
+            if job.status is not JobStatus.RUNNING:
+                # Readiness is only news while the replica runs on that assignment.
+                results.append({"ok": False, "code": "not_running"})
+                continue
+            results.append({"ok": True, "code": ""})
+            probes = list(report.probes)
+            if job.ready == report.ready and job.probes == probes:
+                continue
+            if job.ready != report.ready:
+                changed_runs[job.run_name] = None
+            job.ready = report.ready
+            job.probes = probes
+            self.feed.job(job.job_id)
+            self.service_version += 1
+        for name in changed_runs:
+            run = self.runs.get(name)
+            if run is not None:
+                self._reconcile_service(run, cmd.at)
+                self._update_run(run, cmd.at)
+        return _ok(results)
+
+    def _on_update_service(self, cmd: UpdateService) -> Result:
+        run = self._service_run(cmd.run_name)
+        if isinstance(run, Result):
+            return run
+        try:
+            spec = compile_run(cmd.config)
+        except (KeyError, TypeError, ValueError) as e:
+            return _err("invalid", f"cannot compile the new configuration: {e}")
+        if spec.service is None:
+            return _err(
+                "not_a_service", f"run {cmd.run_name!r} is a service; the update is a {spec.type}"
+            )
+        old_config = run.config
+        code_changed = cmd.code is not None and (
+            run.code is None or run.code.sha256 != cmd.code.sha256
+        )
+        redeploy = (
+            code_changed
+            or cmd.run_args != run.run_args
+            or _without_scaling(cmd.config) != _without_scaling(old_config)
+        )
+        changed = [
+            k
+            for k in sorted(set(old_config) | set(cmd.config))
+            if old_config.get(k) != cmd.config.get(k)
+        ]
+        if code_changed:
+            changed.append("code")
+        if cmd.run_args != run.run_args:
+            changed.append("run_args")
+        if not changed:
+            return _ok({"redeploy": False, "changed": [], "deployment_num": run.deployment_num})
+        old_groups = {g.name for g in run.spec.service.groups} if run.spec.service else set()
+        run.set_config(cmd.config)
+        if redeploy:
+            run.deployment_num += 1
+            run.run_args = list(cmd.run_args)
+            if cmd.code is not None:
+                run.code = cmd.code
+        if spec.priority != run.priority:
+            run.priority = spec.priority
+            self._run_reweighed(run)
+        self.feed.run(run.run_name)  # its waiting gangs may belong to another class now
+        desired: dict[str, int] = {}
+        for g in spec.service.groups:
+            now = run.desired_replicas.get(g.name, g.min) if g.name in old_groups else g.min
+            desired[g.name] = n = min(max(now, g.min), g.max)
+            if g.name not in old_groups or n != run.desired_replicas.get(g.name):
+                run.last_scaled_at[g.name] = cmd.at
+        for name in list(run.last_scaled_at):
+            if name not in desired:
+                del run.last_scaled_at[name]  # a removed group: the rollout scales it to zero
+        run.desired_replicas = desired
+        if not redeploy:
+            for name, n in desired.items():
+                self._scale_group(run, name, n, cmd.at)
+        self._reconcile_service(run, cmd.at)
+        self.service_version += 1
+        self.demand_version += 1
+        self._update_run(run, cmd.at)
+        return _ok({"redeploy": redeploy, "changed": changed, "deployment_num": run.deployment_num})
+
+    def _run_reweighed(self, run: RunRecord) -> None:
+        """The run's priority changed: its waiting gangs move in the queue, preemption weighs
+        its running jobs anew."""
+        self.feed.run(run.run_name)
+        for node_id in sorted(
+            {j.node_id for j in self.run_jobs(run) if j.node_id and j.status.holds_resources()}
+        ):
+            self._node_changed(node_id)
+        self.demand_version += 1
+
+    def _replicas(self, run: RunRecord) -> dict[int, _Replica]:
+        """The run's replicas (latest jobs), by replica number."""
+        by_num: dict[int, list[JobRecord]] = {}
+        for job_id in run.job_ids:
+            job = self.jobs[job_id]
+            by_num.setdefault(job.replica_num, []).append(job)
+        retrying = {r.replica_num for r in run.retrying}
+        out = {}
+        for num in sorted(by_num):
+            jobs = sorted(by_num[num], key=lambda j: j.job_num)
+            statuses = {j.status for j in jobs}
+            active, importance = True, 0
+            if num in retrying:
+                pass
+            elif JobStatus.TERMINATING in statuses or any(s.is_finished() for s in statuses):
+                active = False
+            elif JobStatus.SUBMITTED in statuses:
+                pass
+            elif statuses & set(_STARTING):
+                importance = 1
+            elif not jobs[0].ready:
+                importance = 2
+            else:
+                importance = 3
+            out[num] = _Replica(
+                num, service_group(jobs[0]), jobs, jobs[0].deployment_num, active, importance
+            )
+        return out
+
+    def _templates(self, run: RunRecord, group: str) -> list[JobSpec]:
+        """The jobs a new replica of ``group`` is made of (those of the group's first replica in
+        the compiled spec: its resources and commands)."""
+        mine = [j for j in run.spec.jobs if (j.group or "0") == group]
+        return [j for j in mine if j.replica_num == mine[0].replica_num] if mine else []
+
+    def _add_replicas(self, run: RunRecord, group: str, count: int, at: float) -> None:
+        """Queue ``count`` new replicas of ``group`` at the run's deployment, on the lowest
+        replica numbers free (whose jobs have all finished) first, then new ones (dstack)."""
+        if count <= 0:
+            return
+        templates = self._templates(run, group)
+        if not templates:
+            return
+        replicas = self._replicas(run)
+        free = [
+            n
+            for n, r in replicas.items()
+            if not r.active and all(j.status.is_finished() for j in r.jobs)
+        ]
+        nxt = max(replicas, default=-1) + 1
+        latest = {(j.replica_num, j.job_num): i for i, j in enumerate(self.run_jobs(run))}
+        for _ in range(count):
+            if free:
+                num = free.pop(0)
+            else:
+                num, nxt = nxt, nxt + 1
+            for t in templates:
+                at_index = latest.get((num, t.job_num))
+                old = self.jobs[run.job_ids[at_index]] if at_index is not None else None
+                sub = old.submission_num + 1 if old is not None else 0
+                while f"{run.run_id}-{num}-{t.job_num}-{sub}" in self.jobs:
+                    sub += 1
+                job = JobRecord(
+                    job_id=f"{run.run_id}-{num}-{t.job_num}-{sub}",
+                    run_name=run.run_name,
+                    run_id=run.run_id,
+                    job_num=t.job_num,
+                    replica_num=num,
+                    submission_num=sub,
+                    group=t.group,
+                    resources=t.resources,  # type: ignore[arg-type]
+                    resources_key=t.resources_key,
+                    submitted_at=at,
+                    deployment_num=run.deployment_num,
+                )
+                self.jobs[job.job_id] = job
+                self.active[job.job_id] = job
+                if old is not None and at_index is not None:
+                    run.job_ids[at_index] = job.job_id
+                    run.replaced_job_ids.append(old.job_id)
+                else:
+                    run.job_ids.append(job.job_id)
+                self._track(job, None)
+        self.demand_version += 1
+
+    def _stop_replica(self, run: RunRecord, replica: _Replica, at: float) -> None:
+        """Stop a replica because of scaling or a rolling update (``scaled_down``): waiting jobs
+        end at once, placed ones stop gracefully (their host drains them first). Never a
+        failure of the run, never retried."""
+        retry = self._retry_of(run, replica.num)
+        if retry is not None:
+            run.retrying.remove(retry)
+        for job in replica.jobs:
+            if job.status is JobStatus.SUBMITTED:
+                self._finish_job(job, JobTerminationReason.SCALED_DOWN, at, None, "")
+            elif job.status.holds_resources():
+                was = job.status
+                if job.status is not JobStatus.TERMINATING:
+                    was = self._move(job, JobStatus.TERMINATING)
+                if job.stop_requested not in ("stop", "abort"):
+                    job.stop_requested = "scale"
+                self._track(job, was)
+        self.service_version += 1
+
+    def _scale_group(self, run: RunRecord, group: str, n: int, at: float) -> None:
+        """Bring the group's active replicas to ``n`` (dstack's ``scale_run_replicas``): new ones
+        queued, or the least important stopped: an earlier deployment's first, then waiting,
+        starting, not ready, ready; the highest replica number first among equals."""
+        active = [r for r in self._replicas(run).values() if r.group == group and r.active]
+        diff = n - len(active)
+        if diff > 0:
+            self._add_replicas(run, group, diff, at)
+        elif diff < 0:
+            order = sorted(
+                active, key=lambda r: (r.deployment >= run.deployment_num, r.importance, -r.num)
+            )
+            for r in order[:-diff]:
+                self._stop_replica(run, r, at)
+
+    def _reconcile_service(self, run: RunRecord, at: float) -> None:
+        """Move a service's rolling deployment on (after every event that can change it: a
+        replica's readiness, a job's end, a scale, an update). Per group, dstack's
+        ``_build_rolling_deployment_maps`` with a surge of one: new-deployment replicas are
+        queued while the group has fewer than desired of them and fewer than desired + 1
+        active in all; old-deployment replicas not receiving traffic are stopped, and those
+        receiving it once enough others receive it (so the count receiving traffic stays at
+        most desired, and never drops to none while old ones serve). Replicas of removed
+        groups are stopped."""
+        service = run.spec.service
+        if service is None or run.termination_reason is not None or run.status.is_finished():
+            return
+        groups = {g.name: g for g in service.groups}
+        for _ in range(8):  # a step can enable the next one (stopped old -> room for new)
+            replicas = self._replicas(run)
+            acted = False
+            for r in replicas.values():
+                if r.active and r.group not in groups:
+                    self._stop_replica(run, r, at)
+                    acted = True
+            for g in service.groups:
+                mine = [r for r in replicas.values() if r.group == g.name]
+                acted = self._roll_group(run, g.name, g.min, mine, at) or acted
+            if not acted:
+                return
+
+    def _roll_group(
+        self, run: RunRecord, group: str, low: int, mine: list[_Replica], at: float
+    ) -> bool:
+        if not any(r.deployment < run.deployment_num for r in mine):
+            return False  # no rollout in this group
+        desired = run.desired_replicas.get(group, low)
+        active = [r for r in mine if r.active]
+        new = [r for r in active if r.deployment >= run.deployment_num]
+        old = [r for r in active if r.deployment < run.deployment_num]
+        start = min(desired - len(new), desired + ROLLING_MAX_SURGE - len(active))
+        if start > 0:
+            self._add_replicas(run, group, start, at)
+            return True
+        stop = [r for r in old if r.importance < 3]
+        serving_old = sorted((r for r in old if r.importance == 3), key=lambda r: -r.num)
+        excess = len(serving_old) + sum(r.importance == 3 for r in new) - desired
+        stop.extend(serving_old[: max(excess, 0)])
+        for r in stop:
+            self._stop_replica(run, r, at)
+        return bool(stop)
+
+    def _update_service_run(self, run: RunRecord, jobs: list[JobRecord]) -> None:
+        """A service's status while it is not being stopped: it never finishes by itself (its
+        replica count may be zero: scaled to zero, it is still up and RUNNING); once up it
+        stays RUNNING through scaling and rolling updates."""
+        live = [j for j in jobs if not j.status.is_finished()]
+        if any(j.status is JobStatus.RUNNING for j in live):
+            status = RunStatus.RUNNING
+        elif run.retrying and not any(j.status in _STARTING for j in live):
+            status = RunStatus.PENDING  # its replicas are stopping to be resubmitted (dstack)
+        elif run.status is RunStatus.RUNNING or not live:
+            status = RunStatus.RUNNING
+        elif any(j.status in _STARTING for j in live):
+            status = RunStatus.PROVISIONING
+        else:
+            status = RunStatus.SUBMITTED
+        if status is not run.status:
+            self._move_run(run, status)
 
     def _on_prune_runs(self, cmd: PruneRuns) -> Result:
         finished = sorted(
@@ -615,7 +1002,12 @@ class StateMachine:
         done under ``stop_criteria: master-done`` ends the run; a failure resubmits the replica
         or fails the run (``retry``)."""
         run = self.runs[job.run_name]
-        if run.termination_reason is None and self._retry_of(run, job.replica_num) is None:
+        if (
+            run.termination_reason is None
+            and self._retry_of(run, job.replica_num) is None
+            # A replica stopped by scaling (or replaced by a rolling update) was asked to end.
+            and job.termination_reason is not JobTerminationReason.SCALED_DOWN
+        ):
             reason = job.termination_reason
             if job.status is JobStatus.DONE:
                 if job.job_num == 0 and run.spec.stop_criteria == "master-done":
@@ -630,6 +1022,7 @@ class StateMachine:
                     f"job {job.job_num} ended {reason.value}{exit_code}",
                 )
         self._resubmit_if_stopped(run, job.replica_num, at)
+        self._reconcile_service(run, at)
         self._update_run(run, at)
 
     def _replica_failed(
@@ -685,6 +1078,14 @@ class StateMachine:
         if not all(j.status.is_finished() for j in gang):
             return
         run.retrying.remove(retry)
+        if run.spec.service is not None and (
+            gang[0].deployment_num < run.deployment_num
+            or run.spec.service.group(gang[0].group) is None
+        ):
+            # A replica of an earlier deployment (or of a group removed since) is not brought
+            # back: the rolling update replaces it with one of the current deployment.
+            self._reconcile_service(run, at)
+            return
         for old in gang:
             job = JobRecord(
                 job_id=f"{run.run_id}-{old.replica_num}-{old.job_num}-{old.submission_num + 1}",
@@ -701,6 +1102,7 @@ class StateMachine:
                 retry_attempt=retry.attempt,
                 not_before=retry.not_before,
                 why_pending=f"retrying after {retry.event}: {retry.message}",
+                deployment_num=old.deployment_num,
             )
             self.jobs[job.job_id] = job
             self.active[job.job_id] = job
@@ -715,6 +1117,9 @@ class StateMachine:
         if run.status.is_finished():
             return
         jobs = self.run_jobs(run)
+        if run.spec.service is not None and run.termination_reason is None:
+            self._update_service_run(run, jobs)
+            return
         if all(j.status.is_finished() for j in jobs):
             if run.termination_reason is None:
                 all_done = all(j.status is JobStatus.DONE for j in jobs)
@@ -765,11 +1170,63 @@ class StateMachine:
 _R = TypeVar("_R", bound=BaseModel)
 
 
+def _without_scaling(config: dict[str, Any]) -> dict[str, Any]:
+    """A service configuration less what changes without redeploying (``replicas``,
+    ``scaling``, ``priority``, at the top and in each replica group)."""
+    out = {k: v for k, v in config.items() if k not in _SCALING_FIELDS}
+    groups = out.get("groups")
+    if isinstance(groups, list):
+        out["groups"] = [
+            {k: v for k, v in g.items() if k not in _SCALING_FIELDS} if isinstance(g, dict) else g
+            for g in groups
+        ]
+    return out
+
+
 def _run_doc(run: RunRecord) -> bytes:
     """``run.to_doc()`` encoded (its fields, then ``config`` as an object), without parsing
     the configuration text back into objects first."""
-    fields = run.model_dump_json(exclude={"config_text"}).encode()
+    fields = run.model_dump_json(exclude=_run_defaults(run)).encode()
     return fields[:-1] + b',"config":' + run.config_text.encode() + b"}"
+
+
+# Snapshots keep the shape they had before services: a field added for them is written only
+# when it holds something (a member that predates it reads every snapshot without it; restore
+# fills the defaults back in).
+_NO_JOB_EXTRAS: frozenset[str] = frozenset({"deployment_num", "ready", "probes"})
+_NO_RUN_EXTRAS: frozenset[str] = frozenset(
+    {"config_text", "desired_replicas", "last_scaled_at", "deployment_num"}
+)
+
+
+def _job_defaults(job: JobRecord) -> set[str] | frozenset[str]:
+    """The service fields of a job left at their defaults (left out of its snapshot)."""
+    if not (job.deployment_num or job.ready or job.probes):
+        return _NO_JOB_EXTRAS
+    return {
+        k
+        for k, unset in (
+            ("deployment_num", not job.deployment_num),
+            ("ready", not job.ready),
+            ("probes", not job.probes),
+        )
+        if unset
+    }
+
+
+def _run_defaults(run: RunRecord) -> set[str] | frozenset[str]:
+    """``config_text`` (written as ``config``) and the service fields left at their defaults."""
+    if not (run.desired_replicas or run.last_scaled_at or run.deployment_num):
+        return _NO_RUN_EXTRAS
+    return {"config_text"} | {
+        k
+        for k, unset in (
+            ("desired_replicas", not run.desired_replicas),
+            ("last_scaled_at", not run.last_scaled_at),
+            ("deployment_num", not run.deployment_num),
+        )
+        if unset
+    }
 
 
 def _frozen(record: _R) -> _R:

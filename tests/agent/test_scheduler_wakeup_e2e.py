@@ -12,11 +12,10 @@ import pytest
 from meshgpu.testing import AgentProcess
 from tests.agent.conftest import loopback_agent, running, wait_for
 
-# Replicas that shrug off SIGTERM: stopped, they hold their GPUs for the whole stop_duration.
+# A job that shrugs off SIGTERM: stopped, it holds its GPUs for the whole stop_duration. (A task:
+# two replicas of a process service could not share the host -- they would need one port.)
 STUBBORN = """
-type: service
-port: 8000
-replicas: 2
+type: task
 stop_duration: 120
 shell: bash
 commands:
@@ -33,9 +32,9 @@ def agent4(tmp_path: Path) -> Iterator[AgentProcess]:
 
 def test_a_task_behind_two_stopped_runs_starts_at_once(agent4: AgentProcess) -> None:
     c = agent4.client()
-    # g1: two replicas on GPUs 0-1. g2: two 3-GPU replicas, waiting; its first holds the host
-    # for itself, so the 1-GPU task behind it waits although two GPUs are free.
-    c.submit(STUBBORN.replace("GPUS", "1"), name="g1")
+    # g1: one job on GPUs 0-1. g2: a 3-GPU job, waiting; it holds the host for itself, so the
+    # 1-GPU task behind it waits although two GPUs are free.
+    c.submit(STUBBORN.replace("GPUS", "2"), name="g1")
     wait_for(lambda: c.run("g1")["status"] == "running")
     c.submit(STUBBORN.replace("GPUS", "3"), name="g2")
     c.submit("type: task\ncommands: ['sleep 600']\nresources:\n  gpu: 1\n", name="t")

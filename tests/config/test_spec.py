@@ -46,7 +46,12 @@ def test_every_valid_configuration_compiles(path: Path) -> None:
         assert [j.replica_num for j in spec.jobs] == list(range(want))
     else:
         assert len(spec.jobs) >= 1
-    assert [j.job_num for j in spec.jobs] == list(range(len(spec.jobs)))
+    if isinstance(config, ServiceConfiguration):
+        # Each replica is its own gang: its one job is job 0 of its replica (dstack).
+        assert [j.job_num for j in spec.jobs] == [0] * len(spec.jobs)
+        assert [j.replica_num for j in spec.jobs] == list(range(len(spec.jobs)))
+    else:
+        assert [j.job_num for j in spec.jobs] == list(range(len(spec.jobs)))
     for job in spec.jobs:
         assert json.loads(job.resources_key) == (job.resources or {})
         if job.group is None:

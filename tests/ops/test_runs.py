@@ -43,7 +43,7 @@ def _runs(tmp_path: Path) -> tuple[Runs, StateMachine, Proposer]:
 async def test_submit_proposes_one_command_and_returns_the_run(tmp_path: Path) -> None:
     runs, sm, proposer = _runs(tmp_path)
     run, updated = await runs.submit(Body(name="one"))
-    assert (run.run_name, updated) == ("one", False)
+    assert (run.run_name, updated) == ("one", None)
     assert sm.runs["one"] is run and len(proposer.proposed) == 1
 
 

@@ -342,3 +342,12 @@ async def test_a_repeated_launch_never_runs_the_job_twice(tmp_path: Path) -> Non
         assert marks.read_text() == "ran\n"
     finally:
         await r.aclose()
+
+
+def test_a_service_replica_gets_its_number_and_port() -> None:
+    inputs = JobEnvInputs(JobIdentity("web", "i", "j"), replica_num=3, service_port=8000)
+    env = job_environment(inputs, {})
+    assert env["MESHGPU_REPLICA_NUM"] == env["DSTACK_REPLICA_NUM"] == "3"
+    assert env["MESHGPU_SERVICE_PORT"] == "8000"
+    task = job_environment(JobEnvInputs(JobIdentity("t", "i", "j")), {})
+    assert "MESHGPU_REPLICA_NUM" not in task and "MESHGPU_SERVICE_PORT" not in task

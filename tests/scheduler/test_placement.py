@@ -409,7 +409,8 @@ def test_service_replicas_are_separate_gangs_and_task_groups_one_gang() -> None:
 
     service = to_json(
         parse_config(
-            "type: service\ncommands: [serve]\nport: 8000\nreplicas: 4\nresources:\n  gpu: H100:4\n"
+            "type: service\nimage: app\ncommands: [serve]\nport: 8000\nreplicas: 4\n"
+            "resources:\n  gpu: H100:4\n"
         )
     )
     groups = to_json(
@@ -420,8 +421,8 @@ def test_service_replicas_are_separate_gangs_and_task_groups_one_gang() -> None:
         )
     )
     sm = world(
-        host("h1", 8),
-        host("h2", 4),
+        host("h1", 8, runtime="docker"),  # the replicas are containers: they share hosts
+        host("h2", 4, runtime="docker"),
         host("a1", 8, name="A100", mem_gb=40, labels={"cluster": "x"}),
         host("a2", 8, name="A100", mem_gb=40, labels={"cluster": "x"}),
         submit("svc", service),

@@ -15,13 +15,22 @@ from meshgpu.state import (
     JobStarted,
     JobStatus,
     JobTerminationReason,
+    RegisterNode,
     RunStatus,
     StateMachine,
     StopRun,
 )
-from tests.state.test_state import apply, node, submit, task
+from meshgpu.testing import host
+from tests.state.test_state import apply, submit, task
 
-SERVICE = "type: service\nport: 8000\nreplicas: 2\ncommands: [serve]\nresources:\n  gpu: 1\n"
+# In a container: two replicas share a host (a process job's port would keep them apart).
+SERVICE = (
+    "type: service\nport: 8000\nreplicas: 2\nimage: app\ncommands: [serve]\nresources:\n  gpu: 1\n"
+)
+
+
+def node(node_id: str, gpus: int) -> RegisterNode:
+    return host(node_id, gpus, runtime="docker")  # runs the service's container
 
 
 class Scheduler:
