@@ -72,8 +72,16 @@ def _submit(
     args: list[str],
     code_dir: Path,
 ) -> dict[str, Any]:
+    # A service's configuration file stays out of its code archive: editing only replicas or
+    # scaling in it then changes no code, and the update applies without a redeploy.
+    exclude = []
+    if getattr(config, "type", None) == "service":
+        try:
+            exclude.append(path.resolve().relative_to(code_dir.resolve()).as_posix())
+        except ValueError:
+            pass  # the file lives outside the directory: not in the archive anyway
     try:
-        data, sha = make_archive(code_dir)
+        data, sha = make_archive(code_dir, exclude=exclude)
     except CodeTooLarge as e:
         raise fail(str(e)) from None
     c.upload_code(data, sha)
@@ -155,7 +163,14 @@ def apply(
         raise typer.Exit(1)
     with client(url) as c:
         run = _submit(c, config, text, file, name, env or [], gpu, args or [], Path.cwd())
-        if run.get("updated_in_place"):
+        updated = run.get("updated_in_place")
+        if updated is not None and run.get("type") == "service":
+            deployment = (run.get("service") or {}).get("deployment_num", 0)
+            out.print(
+                f"service [bold]{run['name']}[/] is active: updated in place "
+                f"(changed: {', '.join(updated) or 'nothing'}; deployment {deployment})"
+            )
+        elif updated:
             out.print(
                 f"run [bold]{run['name']}[/] is active and differs only in priority: "
                 f"updated it in place to priority {run['priority']}"

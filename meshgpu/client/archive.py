@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -133,12 +133,18 @@ def _walk(root: Path) -> list[str]:
     return files
 
 
-def make_archive(root: str | Path, limit: int = DEFAULT_CODE_LIMIT) -> tuple[bytes, str]:
-    """A reproducible ``tar.gz`` of ``root`` and its SHA-256; ``CodeTooLarge`` past ``limit``."""
+def make_archive(
+    root: str | Path, limit: int = DEFAULT_CODE_LIMIT, exclude: Iterable[str] = ()
+) -> tuple[bytes, str]:
+    """A reproducible ``tar.gz`` of ``root`` and its SHA-256; ``CodeTooLarge`` past ``limit``.
+    ``exclude``: paths relative to ``root`` left out (a service's own configuration file)."""
     root = Path(root)
     files = _git_files(root) if (root / ".git").exists() else None
     if files is None:
         files = _walk(root)
+    skip = {Path(e).as_posix() for e in exclude}
+    if skip:
+        files = [f for f in files if Path(f).as_posix() not in skip]
     total = sum((root / f).stat().st_size for f in files)
     if total > limit:
         biggest = sorted(files, key=lambda f: (root / f).stat().st_size, reverse=True)[:3]

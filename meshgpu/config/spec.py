@@ -57,6 +57,11 @@ class RetryPolicy:
     duration: float  # seconds
 
 
+# What replaces a service replica lost to an interruption (its host gone, a preemption) when the
+# service's own ``retry`` does not cover interruptions: as ``retry: true`` would, for an hour.
+SERVICE_INTERRUPTIONS = RetryPolicy(frozenset({"interruption"}), float(DEFAULT_RETRY_DURATION))
+
+
 @dataclass(frozen=True, slots=True)
 class Placement:
     """Where a run's jobs may be placed (dstack's profile parameters), as the scheduler filters

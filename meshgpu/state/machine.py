@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from meshgpu.config.spec import JobSpec, compile_run
+from meshgpu.config.spec import SERVICE_INTERRUPTIONS, JobSpec, compile_run
 from meshgpu.state.commands import (
     AssignJobs,
     Assignment,
@@ -1035,8 +1035,20 @@ class StateMachine:
         preempted: bool = False,
     ) -> None:
         """A job of the replica failed (or is being preempted): stop the whole replica to
-        resubmit it, if the run's ``retry`` covers ``event``; otherwise the run fails."""
-        verdict = decide(run.spec.retry, failed, event, at, message, preempted=preempted)
+        resubmit it, if the run's ``retry`` covers ``event``; otherwise the run fails.
+
+        A service keeps its replica count through interruptions whatever its ``retry`` says: a
+        replica whose host was lost (or that was preempted) did nothing wrong, and a service
+        is a standing promise to serve, so it is replaced (for up to an hour of interruptions in
+        a row, as ``retry: true`` would). Its own failures (an error exit) follow ``retry``."""
+        policy = run.spec.retry
+        if (
+            run.spec.service is not None
+            and event == "interruption"
+            and (policy is None or event not in policy.events)
+        ):
+            policy = SERVICE_INTERRUPTIONS
+        verdict = decide(policy, failed, event, at, message, preempted=preempted)
         if isinstance(verdict, RunTerminationReason):
             self._end_run(run, verdict, at)
             return

@@ -345,3 +345,19 @@ async def test_archives_no_run_refers_to_are_collected_once_old(tmp_path: Path) 
         os.utime(store.path(sha), (past, past))
     assert store.collect({kept}) == 1
     assert store.has(kept) and store.has(fresh) and not store.has(old)
+
+
+def test_an_archive_leaves_out_what_it_is_told(tmp_path: Path) -> None:
+    """A service's configuration file stays out of its archive: editing only its replicas
+    changes no code (the update applies without a redeploy)."""
+    from meshgpu.client.archive import make_archive
+
+    (tmp_path / "app.py").write_text("print(1)\n")
+    (tmp_path / "service.yml").write_text("replicas: 1\n")
+    _, sha = make_archive(tmp_path, exclude=["service.yml"])
+    (tmp_path / "service.yml").write_text("replicas: 3\n")
+    data, again = make_archive(tmp_path, exclude=["service.yml"])
+    assert sha == again
+    assert make_archive(tmp_path)[1] != sha
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getnames() == ["app.py"]

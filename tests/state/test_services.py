@@ -304,3 +304,31 @@ def test_service_fields_survive_a_snapshot_and_defaults_are_left_out() -> None:
     for job_id, job in sm.jobs.items():
         assert back.jobs[job_id] == job
     assert back.runs["web"].last_scaled_at == sm.runs["web"].last_scaled_at
+
+
+def test_a_replica_lost_with_its_host_is_replaced_without_retry() -> None:
+    """A service keeps its replicas through interruptions even without ``retry``; its own error
+    exits still follow ``retry`` (none here: the run fails)."""
+    sm = mesh("10.0.0.1", "10.0.0.2")
+    apply(sm, submit("web", WEB + "replicas: 2\n"))
+    schedule(sm)
+    start_all(sm)
+    lost = next(j for j in live(sm) if j.node_id == "n1")
+    sm.fail_node_jobs("n1", JobTerminationReason.INSTANCE_UNREACHABLE, 9.0)
+    assert sm.runs["web"].status is RunStatus.RUNNING
+    again = [j for j in live(sm) if j.replica_num == lost.replica_num]
+    assert len(again) == 1 and again[0].submission_num == 1, again
+    assert again[0].status is JobStatus.SUBMITTED
+    # an error exit of a replica fails a service without retry, as in dstack
+    other = next(j for j in live(sm) if j.status is JobStatus.RUNNING)
+    apply(
+        sm,
+        JobFinished(
+            at=10.0,
+            job_id=other.job_id,
+            epoch=other.epoch,
+            reason=JobTerminationReason.CONTAINER_EXITED_WITH_ERROR,
+            exit_code=1,
+        ),
+    )
+    assert sm.runs["web"].termination_reason is not None
