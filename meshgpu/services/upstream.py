@@ -10,6 +10,7 @@ that stop receiving traffic (a draining replica's host waits for them to go)."""
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import time
@@ -104,14 +105,22 @@ class Pool:
             if now - conn.used_at < IDLE_EXPIRY_S and conn.alive():
                 return conn
             conn.close_now()
+        # Replica hosts are addresses (internal IPs): one plain connect, no name lookup.
+        sock = trio.socket.socket(
+            socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM
+        )
         try:
             with trio.fail_after(CONNECT_TIMEOUT_S):
-                stream = await trio.open_tcp_stream(*address)
+                await sock.connect(address)
         except (OSError, trio.TooSlowError) as e:
+            sock.close()
             r.failed_until = time.monotonic() + 2.0
             raise ConnectFailed(f"{address[0]}:{address[1]}: {_reason(e)}") from None
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return Conn(address, stream)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return Conn(address, trio.SocketStream(sock))
 
     def release(self, conn: Conn) -> None:
         """Back to the pool if it can carry another request, closed otherwise."""
@@ -155,8 +164,8 @@ class Pool:
 def _reason(e: BaseException) -> str:
     if isinstance(e, trio.TooSlowError):
         return "connect timed out"
-    if isinstance(e, OSError) and e.errno in (errno.ECONNREFUSED,):
-        return "connection refused"
+    if isinstance(e, OSError) and e.errno is not None:
+        return "connection refused" if e.errno == errno.ECONNREFUSED else os.strerror(e.errno)
     return str(e) or type(e).__name__
 
 
