@@ -163,15 +163,17 @@ class Ingress:
     async def run(self) -> None:
         """Close idle pooled connections to replicas that no longer receive traffic (a draining
         replica's host waits until none is established), on every state change and every
-        ``SWEEP_S``; forget the rate-limit tables of services that are gone."""
+        ``SWEEP_S``; forget the rate-limit tables and metrics of runs that are gone."""
         while True:
             with trio.move_on_after(SWEEP_S):
                 await self._changed.wait()
             self.pool.sweep(self.routes.addresses())
+            runs = list(self.routes.state.runs.values())
             if self._limiters:
-                live = {r.run_id for r in self.routes.state.runs.values()}
+                live = {r.run_id for r in runs}
                 for run_id in [k for k in self._limiters if k not in live]:
                     del self._limiters[run_id]
+            self.metrics.forget({(r.project, r.run_name) for r in runs})
 
     def middleware(self, app: Any) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
         async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
