@@ -42,6 +42,8 @@ from meshgpu.runner import ProcessRunner
 from meshgpu.runner.code import CodeStore
 from meshgpu.runner.executor import Executor
 from meshgpu.security import fingerprint
+from meshgpu.services.ingress import Ingress, IngressSettings
+from meshgpu.services.stats import ServiceCounters
 from meshgpu.settings import AgentSettings
 from meshgpu.state.cluster import Replicated
 
@@ -78,6 +80,8 @@ class Agent:
         )
         self.join_token: str | None = None  # a founder's startup token (join-token.json)
         self.node: RaftNode | None = None  # opened in run()
+        # What this node's ingress counts per service (for the autoscaler, through gossip).
+        self.service_counters = ServiceCounters()
 
     @property
     def peer_address(self) -> str:
@@ -161,6 +165,9 @@ class Agent:
             # 4. The use cases and the API over them (it answers while a restart waits for a
             # quorum: reads are local, writes wait for a leader up to their deadline).
             services = self._services(node, proposer, gossip)
+            if services.ingress is not None:  # held requests wake on applied entries
+                nursery.start_soon(follow_applied, node, services.ingress.notify)
+                nursery.start_soon(services.ingress.run)
             peer_server.serve(answers(services, cluster, gossip.handle_request))
             await serve(nursery, api_socket, services, ident.tls if s.api_tls else None)
             await wait_leader(node)
@@ -223,20 +230,21 @@ class Agent:
     def _services(self, node: RaftNode, proposer: RaftProposer, gossip: MeshGossip) -> Services:
         s, ident, state = self.settings, self.identity, self.replicated.jobs
         ca_pem = ident.tls.files.ca_cert.read_text
+        cluster_info = ClusterInfo(
+            node,
+            state,
+            self.replicated.cluster,
+            ident.node_id,
+            self.node_name,
+            ident.cluster_id,
+            lambda: ident.admin_token,
+            ca_pem,
+        )
         return Services(
             node_id=ident.node_id,
             node_name=self.node_name,
             state=state,
-            cluster=ClusterInfo(
-                node,
-                state,
-                self.replicated.cluster,
-                ident.node_id,
-                self.node_name,
-                ident.cluster_id,
-                lambda: ident.admin_token,
-                ca_pem,
-            ),
+            cluster=cluster_info,
             runs=Runs(state, proposer, self.code, ident.node_id),
             logs=Logs(state, self.runner, ident.node_id, self.peer),
             metrics=Metrics(
@@ -259,6 +267,15 @@ class Agent:
             gossip=gossip,
             gpus=self.gpus,
             runner=self.runner,
+            ingress=Ingress(
+                state,
+                ident.node_id,
+                cluster_info.api_token_ok,
+                self.service_counters,
+                IngressSettings(
+                    domain=s.ingress_domain, activation_timeout_s=s.activation_timeout_s
+                ),
+            ),
         )
 
     def _gpu_vendor(self) -> str | None:

@@ -47,3 +47,7 @@ class AgentSettings:
     # How often the leader applies that policy, and each host deletes the files it forgot
     # (a hidden option, --retention-interval-ms: tests shorten it).
     retention_interval_s: float = 10.0
+    # The ingress (meshgpu/services/ingress.py): <run>.<ingress_domain> routes to the run when
+    # set; a request for a service with no ready replica is held this long (scale from zero).
+    ingress_domain: str | None = None
+    activation_timeout_s: float = 300.0

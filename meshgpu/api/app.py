@@ -14,6 +14,7 @@ from meshgpu.api.views import node_view, run_summary, run_view
 from meshgpu.client.http import MEMBERS_HEADER
 from meshgpu.config.common import EnvOverrides, Utf8Str
 from meshgpu.runner.code import valid_sha256
+from meshgpu.services.ingress import Ingress
 
 if TYPE_CHECKING:
     from meshgpu.ops import Services  # noqa: F401
@@ -162,6 +163,22 @@ class _Guard:
             )
 
 
+class _IngressHook:
+    """The ingress in front of the API (``meshgpu/services/ingress.py``): service and model
+    requests never reach FastAPI or the API token check."""
+
+    def __init__(self, app: Any, services: "Services") -> None:  # noqa: UP037
+        if services.ingress is None:
+            services.ingress = Ingress(
+                services.state, services.node_id, services.cluster.api_token_ok
+            )
+        self.handle = services.ingress.handle
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.handle(scope, receive, send, self.app)
+
+
 def _too_large(detail: str) -> Any:
     return problems.problem_response(413, "request too large", detail, "too_large")
 
@@ -173,6 +190,8 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     cluster, state, runs = services.cluster, services.state, services.runs
 
     app.add_middleware(_Guard, services=services)
+    # The ingress answers /proxy/... (and <run>.<domain>) before the guard: it does its own auth.
+    app.add_middleware(_IngressHook, services=services)
 
     bearer = HTTPBearer(scheme_name="bearer", auto_error=False, description=BEARER_DOC)
 

@@ -26,17 +26,18 @@ async def scrape(services: "Services") -> bytes:  # noqa: UP037
 
     telemetry, usage = await trio.to_thread.run_sync(sample)
     raft = services.cluster.raft_status()
-    return render(
-        node_families(
-            node=services.node_name,
-            node_id=services.node_id,
-            cluster_id=services.cluster.cluster_id(),
-            raft=raft,
-            state=services.state,
-            telemetry=[dataclasses.asdict(t) for t in telemetry],
-            usage=usage,
-        )
+    families = node_families(
+        node=services.node_name,
+        node_id=services.node_id,
+        cluster_id=services.cluster.cluster_id(),
+        raft=raft,
+        state=services.state,
+        telemetry=[dataclasses.asdict(t) for t in telemetry],
+        usage=usage,
     )
+    if services.ingress is not None:  # per-service requests and latency at this ingress
+        families += services.ingress.metric_families(services.node_name)
+    return render(families)
 
 
 def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP037

@@ -155,6 +155,22 @@ def agent(
             "off: plain HTTP, only behind a proxy that terminates TLS",
         ),
     ] = "on",
+    ingress_domain: Annotated[
+        str | None,
+        typer.Option(
+            "--ingress-domain",
+            help="Route <run>.DOMAIN to the service <run> of project main (point a wildcard "
+            "DNS record *.DOMAIN at the agents)",
+        ),
+    ] = None,
+    activation_timeout: Annotated[
+        str,
+        typer.Option(
+            "--activation-timeout",
+            help="How long a request for a service with no ready replica waits for one "
+            "(scale from zero), e.g. 300 or 5m",
+        ),
+    ] = "300",
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the agent: the first one creates a mesh; it serves the API and runs jobs."""
@@ -192,6 +208,19 @@ def agent(
         raise fail(f"--min-free-mb must be 0 or more, not {min_free_mb}")
     _check_data_dir(data_dir)
     keep_runs_for_s = positive_duration("--keep-runs-for", keep_runs_for, "12h or 7d")
+    activation_timeout_s = positive_duration(
+        "--activation-timeout", activation_timeout, "300 or 5m"
+    )
+    if ingress_domain is not None:
+        ingress_domain = ingress_domain.strip().strip(".").lower()
+        labels_ok = all(
+            lbl and len(lbl) <= 63 and lbl.replace("-", "").isalnum() and lbl.isascii()
+            for lbl in ingress_domain.split(".")
+        )
+        if not ingress_domain or not labels_ok:
+            raise fail(
+                f"--ingress-domain {ingress_domain!r} is not a DNS name (e.g. svc.example.com)"
+            )
     try:
         gossip_config = GossipConfig.from_spec(gossip)
     except GossipConfigError as e:
@@ -224,6 +253,8 @@ def agent(
         keep_runs_for_s=float(keep_runs_for_s),
         retention_interval_s=retention_interval_ms / 1000,
         api_tls=api_tls == "on",
+        ingress_domain=ingress_domain,
+        activation_timeout_s=float(activation_timeout_s),
     )
     try:
         ag = Agent(settings)

@@ -336,6 +336,18 @@ class ModelSpec(Shorthand, Model):
     def _parse(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _openai_only(self) -> ModelSpec:
+        # The model endpoint forwards requests unchanged (no TGI <-> OpenAI conversion).
+        if self.format == "tgi":
+            raise RuleError(
+                "format",
+                "format: tgi is not supported: the model endpoint forwards OpenAI-compatible "
+                "requests as they are; serve the OpenAI API (TGI has it under /v1) with "
+                "format: openai",
+            )
+        return self
+
 
 class RateLimitKey(Model):
     type: Literal["ip_address", "header"] = "ip_address"

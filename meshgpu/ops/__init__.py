@@ -21,6 +21,7 @@ from meshgpu.ops.tokens import Tokens
 if TYPE_CHECKING:
     from meshgpu.gpu import GPUProvider
     from meshgpu.runner import ProcessRunner
+    from meshgpu.services.ingress import Ingress
     from meshgpu.state import StateMachine
 
 
@@ -51,6 +52,8 @@ class Services:
     gossip: GossipView
     gpus: GPUProvider
     runner: ProcessRunner
+    # The ingress (meshgpu/services/ingress.py); None: the app builds one with defaults.
+    ingress: Ingress | None = None
 
     async def local_telemetry(self) -> list[dict[str, Any]]:
         """A fresh sample of this host's GPUs (a blocking driver call: in a worker thread)."""
