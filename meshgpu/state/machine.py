@@ -24,6 +24,7 @@ from meshgpu.state.commands import (
     PreemptJobs,
     PruneRuns,
     RegisterNode,
+    ReplicaProbes,
     SetGPUHealth,
     SetPendingReasons,
     SetRunPriority,
@@ -483,6 +484,17 @@ class StateMachine:
     def _on_job_reports(self, cmd: JobReports) -> Result:
         results = [self.apply_command(r) for r in cmd.reports]
         return _ok([{"ok": r.ok, "code": r.code} for r in results])
+
+    # -- MINIMAL ReplicaProbes handler (branch svc-probes): the state helper's own handler
+    # replaces this one when the branches merge.
+    def _on_replica_probes(self, cmd: ReplicaProbes) -> Result:
+        for r in cmd.reports:
+            job = self.jobs.get(r.job_id)
+            if job is not None and job.epoch == r.epoch and job.status is JobStatus.RUNNING:
+                job.ready, job.probes = r.ready, list(r.probes)
+        return _ok()
+
+    # -- end of the minimal ReplicaProbes handler
 
     def fail_node_jobs(
         self, node_id: str, reason: JobTerminationReason, at: float, message: str = ""
