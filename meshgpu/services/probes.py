@@ -251,6 +251,7 @@ class Prober:
             return
         self._sent[key] = now
         ready, probes = now
+        log.info("job=%s ready=%s probes=%s", rep.job_id, ready, ",".join(probes))
         self._pending[rep.job_id] = ProbeReport(
             job_id=rep.job_id, epoch=rep.epoch, ready=ready, probes=probes
         )
