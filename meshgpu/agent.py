@@ -24,6 +24,7 @@ from meshgpu.client.archive import ArchiveLimits
 from meshgpu.client.http import write_profile
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.control import Demand, GossipKeys, Retention, Scheduling
+from meshgpu.control.autoscaling import Autoscaling
 from meshgpu.gpu import FakeProvider, detect
 from meshgpu.host.fencing import Fencing
 from meshgpu.host.founding import found_cluster
@@ -43,6 +44,7 @@ from meshgpu.runner.code import CodeStore
 from meshgpu.runner.executor import Executor
 from meshgpu.security import fingerprint
 from meshgpu.services.ingress import Ingress, IngressSettings
+from meshgpu.services.probes import Prober
 from meshgpu.services.stats import ServiceCounters
 from meshgpu.settings import AgentSettings
 from meshgpu.state.cluster import Replicated
@@ -80,8 +82,9 @@ class Agent:
         )
         self.join_token: str | None = None  # a founder's startup token (join-token.json)
         self.node: RaftNode | None = None  # opened in run()
-        # What this node's ingress counts per service (for the autoscaler, through gossip).
-        self.service_counters = ServiceCounters()
+        # This node's ingress counters: the ingress counts, gossip publishes them for the
+        # leader's autoscaler, /metrics reads them (the one instance).
+        self.counters = ServiceCounters()
 
     @property
     def peer_address(self) -> str:
@@ -122,6 +125,7 @@ class Agent:
                 code=self.code,
                 clock=clock,
             )
+            prober = Prober(ident.node_id, state, proposer.propose, clock=clock)
             demand = Demand()
             peer_server = PeerServer()  # gossip and peer calls; answers once the use cases exist
             tls = TLSConfig.from_files(ident.tls.files)
@@ -136,6 +140,7 @@ class Agent:
             await ident.follow_members(cluster, node, transport)
             nursery.start_soon(follow_applied, node, executor.notify)
             nursery.start_soon(follow_applied, node, lambda _: demand.notify())
+            nursery.start_soon(follow_applied, node, prober.notify)
             members = partial(ident.follow_members, cluster, node, transport)
             nursery.start_soon(follow_version, node, lambda: cluster.version, members, seen)
 
@@ -158,6 +163,7 @@ class Agent:
                     local_jobs=lambda: executor.local,
                     cut_off=lambda: fencing.cut_off,
                     telemetry=self.gpus.telemetry,
+                    service_counters=self.counters.snapshot,
                 ),
                 s.gossip,
             )
@@ -179,7 +185,7 @@ class Agent:
             await registration.register()
             await nursery.start(executor.run)
             housekeeping = Housekeeping(state, executor, self.code, s.retention_interval_s, clock)
-            for duty in (gossip, fencing, registration, housekeeping):
+            for duty in (gossip, fencing, registration, housekeeping, prober):
                 nursery.start_soon(duty.run)
 
             # 5. The leader's controllers, for each term this node leads.
@@ -205,6 +211,17 @@ class Agent:
                     ("retention", Retention(state, proposer, *retention, clock=clock).run),
                     ("membership", membership.run),
                     ("gossip-keys", GossipKeys(cluster, proposer, clock=clock).run),
+                    (
+                        "autoscaling",
+                        lambda: Autoscaling(
+                            state,
+                            proposer,
+                            gossip.service_counters,
+                            ident.node_id,
+                            self.counters.snapshot,
+                            clock=clock,
+                        ).run(),
+                    ),
                 ],
             )
             nursery.start_soon(leadership.run)
@@ -271,11 +288,12 @@ class Agent:
                 state,
                 ident.node_id,
                 cluster_info.api_token_ok,
-                self.service_counters,
+                self.counters,
                 IngressSettings(
                     domain=s.ingress_domain, activation_timeout_s=s.activation_timeout_s
                 ),
             ),
+            counters=self.counters,
         )
 
     def _gpu_vendor(self) -> str | None:

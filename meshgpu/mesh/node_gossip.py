@@ -11,7 +11,9 @@ Raft log has caught up far enough to hold the cluster's gossip key):
    streams (push/pull, fallback pings) are ``APP`` requests on the Raft transport;
 3. join through the Raft members' peer addresses (retried while this member is alone);
 4. sample GPU telemetry every ``telemetry_interval_s`` and publish metadata
-   (:mod:`meshgpu.mesh.node_meta`); follow key rotations.
+   (:mod:`meshgpu.mesh.node_meta`), with this node's ingress counters of autoscaled services
+   (looked at every ``services_check_s``: requests waiting for a replica go out at once, the
+   counts at most every ``services_refresh_s``); follow key rotations.
 
 Member ids are node ids (the ids of the replicated node records), so the gossip view and the
 records line up one to one. The incarnation starts from the wall clock in milliseconds, so a
@@ -23,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +73,8 @@ class GossipHost:
     local_jobs: Callable[[], Iterable[str]]  # job ids running here
     cut_off: Callable[[], bool]  # no leader heard for the fencing period
     telemetry: Callable[[], Any]  # a blocking GPU sample (run in a worker thread)
+    # This node's ingress counters, run id -> (completed, waiting) (``ServiceCounters.snapshot``)
+    service_counters: Callable[[], Mapping[str, tuple[int, int]]] = dict
 
 
 class MeshGossip:
@@ -85,6 +89,8 @@ class MeshGossip:
         telemetry_refresh_s: float = 10.0,
         join_retry_s: float = 3.0,
         key_check_s: float = 1.0,
+        services_check_s: float = 0.25,
+        services_refresh_s: float = 2.0,
     ) -> None:
         self.host = host
         self.config = config if config is not None else GossipConfig.lan()
@@ -92,6 +98,8 @@ class MeshGossip:
         self.telemetry_refresh_s = telemetry_refresh_s
         self.join_retry_s = join_retry_s
         self.key_check_s = key_check_s  # how often the replicated keys are looked at
+        self.services_check_s = services_check_s  # how often the service counters are read
+        self.services_refresh_s = services_refresh_s  # how often changed counts go out
         self.shell: GossipShell | None = None
         self._keys: tuple[str, ...] = ()
         self._book: dict[Addr, int] = {}
@@ -130,6 +138,21 @@ class MeshGossip:
         if info is None or info.state not in (MemberState.ALIVE, MemberState.SUSPECT):
             return None
         return [dict(row) for row in parse_meta(info.meta).telemetry]
+
+    def service_counters(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """Every live member's published ingress counters (this one's included, as last
+        published): node id -> service key (``node_meta.service_key``) -> (completed,
+        waiting)."""
+        shell = self.shell
+        if shell is None:
+            return {}
+        out = {}
+        for info in shell.members():
+            if info.state in (MemberState.ALIVE, MemberState.SUSPECT):
+                counts = parse_meta(info.meta).services
+                if counts:
+                    out[info.id] = counts
+        return out
 
     def summary(self, registered: set[str]) -> dict[str, Any]:
         """This member's gossip status; ``registered``: node ids with a replicated record (gossip
@@ -297,25 +320,51 @@ class MeshGossip:
             telemetry=telemetry,
             busy=busy,
             cut_off=host.cut_off(),
+            services=self._services(),
         )
+
+    def _services(self) -> dict[str, tuple[int, int]]:
+        """The counters worth publishing: services that autoscale, or that hold requests."""
+        counts = self.host.service_counters()
+        if not counts:
+            return {}
+        scaled = {
+            run.run_id
+            for run in self.host.state.runs.values()
+            if run.spec.service is not None
+            and not run.status.is_finished()
+            and any(g.scaling is not None for g in run.spec.service.groups)
+        }
+        return {r: c for r, c in counts.items() if r in scaled or c[1] > 0}
 
     async def _meta_loop(self, shell: GossipShell) -> None:
         published: dict[str, Any] | None = None
-        published_at = -float("inf")
+        published_at = services_at = sampled_at = -float("inf")
         too_large = False
+        samples: Any = None
         while True:
-            try:
-                samples = await trio.to_thread.run_sync(self.host.telemetry)
-            except Exception as e:  # a driver hiccup: publish no health rather than stop
-                log.warning("GPU telemetry failed: %s", e)
-                samples = None
+            if trio.current_time() - sampled_at >= self.telemetry_interval_s:
+                try:
+                    samples = await trio.to_thread.run_sync(self.host.telemetry)
+                except Exception as e:  # a driver hiccup: publish no health rather than stop
+                    log.warning("GPU telemetry failed: %s", e)
+                    samples = None
+                sampled_at = trio.current_time()
             meta = self._meta(samples)
             now = trio.current_time()
+            services_due = (
+                published is not None
+                and meta.get("s") != published.get("s")
+                and now - services_at >= self.services_refresh_s
+            )
             if (
                 published is None
+                or services_due
                 or decisive(meta) != decisive(published)
                 or (meta != published and now - published_at >= self.telemetry_refresh_s)
             ):
+                if published is None or meta.get("s") != published.get("s"):
+                    services_at = now
                 for candidate in variants(meta):
                     try:
                         shell.update_meta(candidate)
@@ -327,4 +376,4 @@ class MeshGossip:
                         log.warning("gossip metadata does not fit even trimmed; not updated")
                     too_large = True
                 published, published_at = meta, now
-            await trio.sleep(self.telemetry_interval_s)
+            await trio.sleep(min(self.services_check_s, self.telemetry_interval_s))

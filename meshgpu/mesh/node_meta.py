@@ -15,10 +15,17 @@ says what a host *has*; the metadata says how it is *doing* right now. It must f
     t  [[i, util%, MiB used, °C], ...]   per-GPU telemetry, rounded (dropped first when too big)
     f  1                       cut off from the Raft leader for the fencing period: this host has
                                stopped its jobs (the leader may fail them over at once)
+    s  [["3f9a0c1d2e4b", 1520, 2], ["77c1...", 88], ...]   this node's ingress counters per
+                               service, for the leader's autoscaler: the run id's first
+                               ``SERVICE_KEY_LEN`` hex digits, requests completed since the agent
+                               started, requests held now waiting for a replica (omitted when 0);
+                               at most ``MAX_SERVICES`` services, those with waiting requests and
+                               then the busiest first
 
-Only changes of the *decisive* part (health, load, fencing, identity) are published at once;
-telemetry alone is refreshed at most every ``telemetry_refresh_s``, since each change costs a
-broadcast to every member. Parsing is tolerant: a field of the wrong shape (another version,
+Only changes of the *decisive* part (health, load, fencing, identity, which services have
+requests waiting) are published at once; telemetry alone is refreshed at most every
+``telemetry_refresh_s`` and the service counters every ``services_refresh_s``, since each change
+costs a broadcast to every member. Parsing is tolerant: a field of the wrong shape (another version,
 a bug) reads as absent, never as an error.
 """
 
@@ -33,6 +40,44 @@ from meshgpu.gpu import GPUTelemetry
 
 VERSION = 1
 _MAX_REASON = 48
+SERVICE_KEY_LEN = 12  # hex digits of a run id naming its service in "s" (48 bits: no clash)
+MAX_SERVICES = 16  # services in "s" (about 20 bytes each)
+
+ServiceCounts = Mapping[str, tuple[int, int]]  # run id -> (completed total, waiting now)
+
+
+def service_key(run_id: str) -> str:
+    """How a service is named in gossip metadata (a run id's prefix)."""
+    return run_id[:SERVICE_KEY_LEN]
+
+
+def encode_services(counts: ServiceCounts, limit: int = MAX_SERVICES) -> list[list[Any]]:
+    """The "s" field: at most ``limit`` services, those with requests waiting first (they
+    wait for a scale-up from zero), then the busiest."""
+    ranked = sorted(counts.items(), key=lambda kv: (kv[1][1] <= 0, -kv[1][0], kv[0]))
+    out: list[list[Any]] = []
+    for run_id, (completed, waiting) in ranked[: max(0, limit)]:
+        row: list[Any] = [service_key(run_id), max(0, int(completed))]
+        if waiting > 0:
+            row.append(int(waiting))
+        out.append(row)
+    return out
+
+
+def parse_services(raw: object) -> dict[str, tuple[int, int]]:
+    """The "s" field read back: service key -> (completed, waiting); malformed rows skipped."""
+    out: dict[str, tuple[int, int]] = {}
+    if not isinstance(raw, list):
+        return out
+    for row in raw[:MAX_SERVICES]:
+        if (
+            isinstance(row, list)
+            and len(row) in (2, 3)
+            and isinstance(row[0], str)
+            and all(type(v) is int and v >= 0 for v in row[1:])
+        ):
+            out[row[0][:SERVICE_KEY_LEN]] = (row[1], row[2] if len(row) == 3 else 0)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +96,8 @@ class NodeMeta:
     """Per GPU, in the shape of the local telemetry the API shows (``index``,
     ``utilization_pct``, ``memory_used_mib``, ``temperature_c``, ``healthy``, ``reasons``)."""
     cut_off: bool = False
+    services: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Service key (``service_key``) -> (requests completed, requests waiting) at its ingress."""
 
 
 class _GPU(Protocol):
@@ -77,6 +124,7 @@ def build_meta(
     telemetry: Iterable[GPUTelemetry] | None,
     busy: Iterable[int],
     cut_off: bool,
+    services: ServiceCounts | None = None,
 ) -> dict[str, Any]:
     """The full metadata map. ``telemetry=None``: the sample failed (no health is claimed)."""
     meta: dict[str, Any] = {
@@ -101,12 +149,19 @@ def build_meta(
         ]
     if cut_off:
         meta["f"] = 1
+    if services:
+        meta["s"] = encode_services(services)
     return meta
 
 
 def decisive(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of ``meta`` whose changes are published at once (everything but telemetry)."""
-    return {k: v for k, v in meta.items() if k != "t"}
+    """The part of ``meta`` whose changes are published at once: everything but telemetry and
+    the service counters -- save which services have requests waiting."""
+    out = {k: v for k, v in meta.items() if k not in ("t", "s")}
+    waiting = [row[0] for row in meta.get("s") or () if len(row) == 3]
+    if waiting:
+        out["s"] = waiting
+    return out
 
 
 def variants(meta: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -119,7 +174,10 @@ def variants(meta: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     slim = {k: v for k, v in slim.items() if k != "l"}
     yield slim
     if "h" in slim:
-        yield slim | {"h": [[i, r[:8]] for i, r in slim["h"]]}
+        slim = slim | {"h": [[i, r[:8]] for i, r in slim["h"]]}
+        yield slim
+    if len(slim.get("s") or ()) > 4:
+        yield slim | {"s": slim["s"][:4]}
 
 
 def parse_meta(meta: Mapping[str, Any]) -> NodeMeta:
@@ -168,6 +226,7 @@ def parse_meta(meta: Mapping[str, Any]) -> NodeMeta:
         busy=tuple(i for i in busy if type(i) is int) if isinstance(busy, list) else (),
         telemetry=tuple(rows),
         cut_off=type(meta.get("f")) is int and meta["f"] == 1,
+        services=parse_services(meta.get("s")),
     )
 
 

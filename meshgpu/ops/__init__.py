@@ -4,7 +4,7 @@ They raise ``meshgpu.errors`` and never speak HTTP (no FastAPI here)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -17,6 +17,7 @@ from meshgpu.ops.metrics import Metrics
 from meshgpu.ops.peers import NoPeers, Peers
 from meshgpu.ops.runs import Runs, Submission
 from meshgpu.ops.tokens import Tokens
+from meshgpu.services.stats import ServiceCounters
 
 if TYPE_CHECKING:
     from meshgpu.gpu import GPUProvider
@@ -54,6 +55,9 @@ class Services:
     runner: ProcessRunner
     # The ingress (meshgpu/services/ingress.py); None: the app builds one with defaults.
     ingress: Ingress | None = None
+    # This node's ingress counters (the one instance: the ingress counts, gossip publishes
+    # them for the leader's autoscaler, /metrics reads them).
+    counters: ServiceCounters = field(default_factory=ServiceCounters)
 
     async def local_telemetry(self) -> list[dict[str, Any]]:
         """A fresh sample of this host's GPUs (a blocking driver call: in a worker thread)."""

@@ -30,6 +30,7 @@ from meshgpu.config.interpolation import group_ips, interpolate
 from meshgpu.config.spec import NO_SPEC, RunSpec
 from meshgpu.runner.code import CodeStore, fetch_sources
 from meshgpu.runner.container import container_argv
+from meshgpu.runner.drain import drain
 from meshgpu.runner.jobenv import ClusterInfo, JobEnvInputs, JobIdentity, job_environment
 from meshgpu.runner.process import JobLaunch, JobResult, ProcessRunner
 from meshgpu.state import (
@@ -124,6 +125,8 @@ class Executor:
         self.stopping: set[str] = set()
         self._stop_args: dict[str, tuple[float, str]] = {}  # job -> (grace, reason) of its stop
         self._fetching: dict[str, trio.CancelScope] = {}  # job_id -> its code fetch
+        self._draining: dict[str, trio.CancelScope] = {}  # service replicas draining to stop
+        self.drain_min_s: float | None = None  # None: meshgpu/runner/drain.py's (tests set it)
         self._changed = trio.Event()
         # Reports waiting to be proposed, in order (see _reporter).
         self._reports: list[JobStarted | JobFinished] = []
@@ -235,6 +238,8 @@ class Executor:
             grace, why = self._stop_args.get(job_id, (0.0, reason))
             if abort and grace > 0:
                 self._stop_args[job_id] = (0.0, why)
+                if job_id in self._draining:
+                    self._draining.pop(job_id).cancel()
                 self.runner.stop(job_id, grace_s=0.0, reason=why)
             return
         self.stopping.add(job_id)
@@ -245,6 +250,26 @@ class Executor:
             "aborted_by_user" if abort else reason,
         )
         grace, why = self._stop_args[job_id]
+        if spec.service is not None and grace > 0:
+            # A service replica stopped gracefully: drained first (see runner/drain.py).
+            scope = self._draining[job_id] = trio.CancelScope()
+            self._nursery.start_soon(self._drain_then_stop, job_id, spec.service.port, scope)
+            return
+        self.runner.stop(job_id, grace_s=grace, reason=why)
+
+    async def _drain_then_stop(self, job_id: str, port: int, scope: trio.CancelScope) -> None:
+        """Wait (up to the stop grace) until no connection to the replica's port is
+        established, then stop it as any graceful stop. An abort meanwhile cancels the wait
+        (and stops the job at once itself)."""
+        grace, _ = self._stop_args.get(job_id, (0.0, ""))
+        with scope:
+            extra = {} if self.drain_min_s is None else {"min_s": self.drain_min_s}
+            drained = await drain(port, grace, clock=self.clock, **extra)
+            log.info("job=%s %s; stopping it", job_id, "drained" if drained else "not drained")
+        if self._draining.get(job_id) is not scope:
+            return  # aborted meanwhile
+        del self._draining[job_id]
+        grace, why = self._stop_args.get(job_id, (grace, "terminated_by_user"))
         self.runner.stop(job_id, grace_s=grace, reason=why)
 
     async def _launch(self, job_id: str, epoch: int) -> None:
@@ -264,7 +289,7 @@ class Executor:
             if run.code is not None:
                 await self._unpack(run.code.sha256, self.runner.job_dir(job_id) / "work")
             await self.runner.start(launch)
-            if job_id in self.stopping:
+            if job_id in self.stopping and job_id not in self._draining:
                 # Stopped while its supervisor was being started: ask again now that its pid is
                 # known (the first request may have come before the supervisor could see it).
                 grace, why = self._stop_args[job_id]
