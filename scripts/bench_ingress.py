@@ -572,8 +572,9 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
+FAKE_INGRESS_UPSTREAM = """    upstream up_{port} {{ server 127.0.0.1:{port}; keepalive 64; }}"""
 FAKE_INGRESS_LOCATION = """        location /proxy/services/main/{run}/ {{
-            proxy_pass http://127.0.0.1:{port}/;
+            proxy_pass http://up_{port}/;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
@@ -589,7 +590,8 @@ def start_fake_ingress(root: Path, procs: list[Any], services: dict[str, int]) -
     locations = "\n".join(
         FAKE_INGRESS_LOCATION.format(run=run, port=p) for run, p in services.items()
     )
-    server = f"    server {{\n        listen 127.0.0.1:{port};\n{locations}\n    }}"
+    upstreams = "\n".join(FAKE_INGRESS_UPSTREAM.format(port=p) for p in services.values())
+    server = f"{upstreams}\n    server {{\n        listen 127.0.0.1:{port};\n{locations}\n    }}"
     (prefix / "nginx.conf").write_text(nginx_conf(str(prefix), server))
     procs.append(
         subprocess.Popen(
