@@ -606,8 +606,9 @@ def start_profile(pid: int, seconds: float, path: Path) -> subprocess.Popen[byte
 
 
 def report_profile(spy: subprocess.Popen[bytes], path: Path, top: int = 15) -> None:
-    """Where the agent's samples were: the functions on top (self) and on the stack
-    (inclusive), line numbers dropped; the folded stacks stay in ``path``."""
+    """Where the agent's samples were: self time by function (line numbers dropped) and by
+    file. Stacks sampled without pausing the agent may be cut short, so only the frame on top
+    counts; the folded stacks stay in ``path``."""
     try:
         _, err = spy.communicate(timeout=30)
     except subprocess.TimeoutExpired:
@@ -616,26 +617,26 @@ def report_profile(spy: subprocess.Popen[bytes], path: Path, top: int = 15) -> N
     if not path.exists():
         log(f"  --profile: py-spy wrote nothing ({err.decode(errors='replace')[-300:]})")
         return
-    own: dict[str, int] = {}
-    incl: dict[str, int] = {}
+    by_function: dict[str, int] = {}
+    by_file: dict[str, int] = {}
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue
-        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        frame = re.sub(r":\d+\)$", ")", stack.split(";")[-1])
+        file = frame.rpartition(" (")[2].rstrip(")") or "?"
         total += int(n)
-        own[frames[-1]] = own.get(frames[-1], 0) + int(n)
-        for f in set(frames):
-            incl[f] = incl.get(f, 0) + int(n)
+        by_function[frame] = by_function.get(frame, 0) + int(n)
+        by_file[file] = by_file.get(file, 0) + int(n)
     if not total:
         log("  --profile: no samples")
         return
-    log(f"  profile of the agent ({total} samples, folded stacks in {path}):")
-    for title, table in (("self", own), ("inclusive", incl)):
-        log(f"    top {title}:")
-        for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
-            log(f"      {100 * n / total:5.1f}%  {frame[:110]}")
+    log(f"  profile of the agent, self time ({total} samples, folded stacks in {path}):")
+    for title, table in (("by function", by_function), ("by file", by_file)):
+        log(f"    {title}:")
+        for key, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            log(f"      {100 * n / total:5.1f}%  {key[:110]}")
 
 
 def _r(x: float | None) -> float | None:

@@ -222,3 +222,72 @@ def test_http_example_answers(http_server: str) -> None:
         assert c.get("/work", params={"ms": 1}).text == "worked 1 ms on replica 1\n"
         assert c.get("/work", params={"ms": "x"}).status_code == 400
         assert c.get("/missing").status_code == 404
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(
+    not (_has("meshgpu.services.ingress") and _has("meshgpu.services.probes")),
+    reason="the ingress and the replica probes are not in this build",
+)
+def test_openai_example_through_an_agent(tmp_path: Path) -> None:
+    """The example as written (one replica, a free port), applied to a real agent: the real
+    ``openai`` client streams a chat completion from the model endpoint of the agent, and the
+    service path answers with a token and refuses without one."""
+    from meshgpu.client import make_archive
+    from meshgpu.testing import AgentProcess
+
+    port = free_port()
+    config = (OPENAI / "service.dstack.yml").read_text()
+    assert "port: 8000\n" in config and "replicas: 2\n" in config
+    config = config.replace("port: 8000\n", f"port: {port}\n").replace(
+        "replicas: 2\n", "replicas: 1\n"
+    )
+    agent = AgentProcess(tmp_path, "a")
+    try:
+        agent.start()
+        c = agent.client()
+        data, sha = make_archive(OPENAI)
+        c.upload_code(data, sha)
+        name = c.submit(config, code_sha256=sha)["name"]
+        http = httpx.Client(verify=agent.verify, timeout=10)
+        client = openai.OpenAI(
+            base_url=f"{agent.url}/proxy/models/main",
+            api_key=agent.token,
+            http_client=http,
+            max_retries=0,
+        )
+        deadline = time.monotonic() + 60
+        while True:  # ready once the default model probe has passed
+            try:
+                if [m.id for m in client.models.list()] == [MODEL]:
+                    reply = client.chat.completions.create(
+                        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                    )
+                    if reply.choices[0].message.content == "Echo: hi":
+                        break
+            except openai.APIError:
+                pass
+            assert time.monotonic() < deadline, f"{name} never served:\n{agent.log_tail()}"
+            time.sleep(0.2)
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "through the mesh"}],
+            stream=True,
+        )
+        text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+        assert text == "Echo: through the mesh"
+        svc = f"{agent.url}/proxy/services/main/{name}"
+        auth = {"Authorization": f"Bearer {agent.token}"}
+        assert http.get(f"{svc}/health", headers=auth).json()["model"] == MODEL
+        assert http.get(f"{svc}/health").status_code == 401
+        client.close()
+    finally:
+        agent.close()
