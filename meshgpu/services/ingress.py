@@ -169,10 +169,10 @@ class Ingress:
                 await self._changed.wait()
             self.pool.sweep(self.routes.addresses())
             runs = list(self.routes.state.runs.values())
-            if self._limiters:
-                live = {r.run_id for r in runs}
-                for run_id in [k for k in self._limiters if k not in live]:
-                    del self._limiters[run_id]
+            live = {r.run_id for r in runs}
+            for run_id in [k for k in self._limiters if k not in live]:
+                del self._limiters[run_id]
+            self.counters.forget(live)
             self.metrics.forget({(r.project, r.run_name) for r in runs})
 
     def middleware(self, app: Any) -> Callable[[Scope, Receive, Send], Awaitable[None]]:

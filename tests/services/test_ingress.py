@@ -311,11 +311,22 @@ async def test_activation_times_out(tmp_path: Path) -> None:
 
 
 async def test_finished_service(tmp_path: Path) -> None:
+    """A stopped service answers at once (503 while it stops, 404 once it has finished); a
+    replica that exits by itself leaves the service running (its requests wait)."""
+    from meshgpu.state import StopRun
+    from tests.state.test_state import apply
+
     async with world(tmp_path) as w, client(w) as c:
         jobs = await up(w)
-        finish(w.state, jobs[0])
+        apply(w.state, StopRun(at=8.0, run_name="svc"))
+        w.ingress.notify()
         r = await c.get("/proxy/services/main/svc/x")
-        assert r.status_code in (404, 503)
+        assert r.status_code == 503, r.text
+        finish(w.state, jobs[0])
+        assert w.state.runs["svc"].status.is_finished()
+        w.ingress.notify()
+        r = await c.get("/proxy/services/main/svc/x")
+        assert r.status_code == 404, r.text
 
 
 async def test_idle_connections_dropped_when_replica_leaves(tmp_path: Path) -> None:
