@@ -150,6 +150,7 @@ def test_openai_client_streams_a_chat_completion(mesh: list[AgentProcess], tmp_p
     shutil.copytree(EXAMPLES / "service-openai", d)
     (d / "service.yml").write_text(
         "type: service\nname: llm\nport: 8000\nmodel: tiny-chat\n"
+        "env:\n  - MODEL_NAME=tiny-chat\n"
         "commands:\n  - python3 server.py\n" + SMALL
     )
     out = _apply(mesh[0], d)
@@ -165,11 +166,12 @@ def test_openai_client_streams_a_chat_completion(mesh: list[AgentProcess], tmp_p
     chunks = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta]
     text = "".join(x for x in chunks if x)
     assert len(chunks) > 1 and text, chunks
+    mesh[0].client().stop("llm")  # frees its host's port 8000 for the last check
 
 
 def test_scale_from_zero_up_and_back_to_zero(mesh: list[AgentProcess], tmp_path: Path) -> None:
     yaml = (
-        "type: service\nname: elastic\nport: 8000\nreplicas: 0..2\n"
+        "type: service\nname: elastic\nport: 8001\nreplicas: 0..2\nenv:\n  - PORT=8001\n"
         "scaling:\n  metric: rps\n  target: 0.2\n  window: 30s\n"
         "  scale_up_delay: 2s\n  scale_down_delay: 2s\n"
         "commands:\n  - python3 app.py\n" + SMALL
@@ -193,13 +195,14 @@ def test_scale_from_zero_up_and_back_to_zero(mesh: list[AgentProcess], tmp_path:
         interval=1,
     )
     assert activation < 60, activation
+    c.stop("elastic")
 
 
 def test_rolling_update_under_load_fails_no_request(
     mesh: list[AgentProcess], tmp_path: Path
 ) -> None:
     yaml = (
-        "type: service\nname: roll\nport: 8000\nreplicas: 2\nenv:\n  - VERSION=1\n"
+        "type: service\nname: roll\nport: 8002\nreplicas: 2\nenv:\n  - VERSION=1\n  - PORT=8002\n"
         "commands:\n  - python3 app.py\n" + SMALL
     )
     proj = _project(tmp_path, "roll", yaml)
@@ -247,6 +250,7 @@ def test_rolling_update_under_load_fails_no_request(
     assert not failed, failed[:5]
     versions = [v for _, v in results]
     assert "1" in versions and versions[-1] == "2", versions[-10:]
+    mesh[0].client().stop("roll")
 
 
 def test_replica_host_killed_requests_keep_succeeding(
