@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hypercorn.config
 import hypercorn.trio
@@ -39,9 +40,14 @@ def listen(bind: str, port: int) -> socket.socket:
 
 
 async def serve(
-    nursery: trio.Nursery, sock: socket.socket, services: Services, tls: NodeIdentity | None
+    nursery: trio.Nursery,
+    sock: socket.socket,
+    services: Services,
+    tls: NodeIdentity | None,
+    wrap: Callable[[Any], Any] | None = None,
 ) -> None:
-    """Serve the API on ``sock`` (over TLS with this node's certificate unless ``tls`` None)."""
+    """Serve the API on ``sock`` (over TLS with this node's certificate unless ``tls`` None;
+    ``wrap``: what stands in front of the app, e.g. the nginx data plane's ``front``)."""
     cfg = hypercorn.config.Config()
     cfg.bind = [f"fd://{sock.detach()}"]
     if tls is not None:
@@ -50,4 +56,5 @@ async def serve(
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")
     cfg.graceful_timeout = 1.0
-    await nursery.start(partial(hypercorn.trio.serve, create_app(services), cfg))
+    app = create_app(services)
+    await nursery.start(partial(hypercorn.trio.serve, wrap(app) if wrap else app, cfg))
