@@ -44,6 +44,7 @@ from meshgpu.runner.code import CodeStore
 from meshgpu.runner.executor import Executor
 from meshgpu.security import fingerprint
 from meshgpu.services.ingress import Ingress, IngressSettings
+from meshgpu.services.nginx import MISSING, NginxError, NginxPlane, find_nginx, front
 from meshgpu.services.probes import Prober
 from meshgpu.services.stats import ServiceCounters
 from meshgpu.settings import AgentSettings
@@ -95,7 +96,12 @@ class Agent:
         state, cluster = self.replicated.jobs, self.replicated.cluster
         async with trio.open_nursery() as nursery:
             # 1. Identity. The API socket is bound first (the API URL names its real port);
-            # it is served once the use cases it calls exist.
+            # it is served once the use cases it calls exist (by nginx with --data-plane
+            # nginx: a stale one a crashed agent left holding the port is stopped first).
+            nginx = self._nginx_binary()
+            if nginx is not None:
+                nginx_prefix = s.data_dir / "nginx"
+                NginxPlane.prepare_dir(nginx_prefix)
             api_socket = listen(s.bind, s.api_port)
             ident.api_port = api_socket.getsockname()[1]
             await ident.choose_host(ident.known_member_hosts())
@@ -175,7 +181,24 @@ class Agent:
                 nursery.start_soon(follow_applied, node, services.ingress.notify)
                 nursery.start_soon(services.ingress.run)
             peer_server.serve(answers(services, cluster, gossip.handle_request))
-            await serve(nursery, api_socket, services, ident.tls if s.api_tls else None)
+            api_tls = ident.tls if s.api_tls else None
+            if nginx is not None and services.ingress is not None:
+                ingress = services.ingress
+                plane = NginxPlane(
+                    nginx,
+                    nginx_prefix,
+                    ingress,
+                    tls=(api_tls.files.cert, api_tls.files.key) if api_tls else None,
+                    domain=s.ingress_domain,
+                    workers=s.nginx_workers,
+                )
+                await serve(
+                    nursery, plane.agent_socket(), services, None, lambda a: front(a, ingress)
+                )
+                await nursery.start(plane.run, api_socket)
+                nursery.start_soon(follow_applied, node, plane.notify)
+            else:
+                await serve(nursery, api_socket, services, api_tls)
             await wait_leader(node)
             if founding:
                 self.join_token = await found_cluster(ident, proposer, services.tokens)
@@ -295,6 +318,14 @@ class Agent:
             ),
             counters=self.counters,
         )
+
+    def _nginx_binary(self) -> str | None:
+        if self.settings.data_plane != "nginx":
+            return None
+        found = find_nginx()
+        if found is None:
+            raise NginxError(MISSING)
+        return found
 
     def _gpu_vendor(self) -> str | None:
         inv = self.gpus.inventory()

@@ -51,3 +51,7 @@ class AgentSettings:
     # set; a request for a service with no ready replica is held this long (scale from zero).
     ingress_domain: str | None = None
     activation_timeout_s: float = 300.0
+    # Who serves the API port: "embedded" (the agent's own server, the default) or "nginx" (a
+    # local nginx the agent drives proxies service traffic itself: meshgpu/services/nginx.py).
+    data_plane: Literal["embedded", "nginx"] = "embedded"
+    nginx_workers: int = 1

@@ -171,6 +171,18 @@ def agent(
             "(scale from zero), e.g. 300 or 5m",
         ),
     ] = "300",
+    data_plane: Annotated[
+        str,
+        typer.Option(
+            "--data-plane",
+            help="Who serves the API port: embedded (default: the agent itself) or nginx (a "
+            "local nginx the agent drives proxies service traffic; needs the nginx binary)",
+        ),
+    ] = "embedded",
+    nginx_workers: Annotated[
+        int,
+        typer.Option("--nginx-workers", help="nginx worker processes (--data-plane nginx)"),
+    ] = 1,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the agent: the first one creates a mesh; it serves the API and runs jobs."""
@@ -184,6 +196,7 @@ def agent(
     from meshgpu.mesh.join import JoinError
     from meshgpu.mesh.membership import MembershipPolicy
     from meshgpu.security import TokenError
+    from meshgpu.services.nginx import NginxError
 
     if token:
         try:
@@ -194,6 +207,15 @@ def agent(
             raise fail(str(e)) from None
     if api_tls not in ("on", "off"):
         raise fail(f"--api-tls takes on or off, not {api_tls!r}")
+    if data_plane not in ("embedded", "nginx"):
+        raise fail(f"--data-plane takes embedded or nginx, not {data_plane!r}")
+    if not 1 <= nginx_workers <= 256:
+        raise fail(f"--nginx-workers must be 1..256, not {nginx_workers}")
+    if data_plane == "nginx":
+        from meshgpu.services.nginx import MISSING, find_nginx
+
+        if find_nginx() is None:
+            raise fail(MISSING)
     if keep_runs < 0:
         raise fail(f"--keep-runs must be 0 or more, not {keep_runs}")
     if not retention_interval_ms > 0:
@@ -255,6 +277,8 @@ def agent(
         api_tls=api_tls == "on",
         ingress_domain=ingress_domain,
         activation_timeout_s=float(activation_timeout_s),
+        data_plane="nginx" if data_plane == "nginx" else "embedded",
+        nginx_workers=nginx_workers,
     )
     try:
         ag = Agent(settings)
@@ -291,7 +315,7 @@ def agent(
             raise fail(str(leaf)) from None
         if isinstance(leaf, StorageFull):
             raise fail(f"cannot start the agent: {leaf}") from None
-        if isinstance(leaf, OSError):
+        if isinstance(leaf, OSError | NginxError):
             raise fail(f"cannot start the agent: {leaf}") from None
         if isinstance(leaf, KeyboardInterrupt):
             err.print(

@@ -100,12 +100,12 @@ def stop_stale(prefix: Path) -> bool:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    try:  # nginx rewrites its title: "nginx: master process /usr/sbin/nginx -p ... -c ..."
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:
         pid_file.unlink(missing_ok=True)
         return False
-    if not any(str(prefix / "nginx.conf").encode() == part for part in cmdline):
+    if b" -c " + str(prefix / "nginx.conf").encode() not in cmdline:
         return False
     log.warning("stopping nginx %d left behind by an earlier agent", pid)
     _kill_group(pid, signal.SIGTERM)
@@ -219,13 +219,18 @@ class NginxPlane:
 
     # -- setup ---------------------------------------------------------------------------------
     def prepare(self) -> None:
+        self.prepare_dir(self.prefix)
+
+    @staticmethod
+    def prepare_dir(prefix: Path) -> None:
         """nginx's directory (0700) and a stale master stopped: before the API port is bound."""
         for sub in ("", "tmp", "cache"):
-            (self.prefix / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.prefix, 0o700)
-        stop_stale(self.prefix)
-        self.log_path.unlink(missing_ok=True)  # counted by the agent that wrote it
-        self.log_path.with_suffix(".old").unlink(missing_ok=True)
+            (prefix / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(prefix, 0o700)
+        stop_stale(prefix)
+        log_path = prefix / "access.log"
+        log_path.unlink(missing_ok=True)  # counted by the agent that wrote it
+        log_path.with_suffix(".old").unlink(missing_ok=True)
 
     def agent_socket(self) -> socket.socket:
         return private_socket(self.socket_path)

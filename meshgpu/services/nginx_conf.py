@@ -275,7 +275,7 @@ def _server_common(plane: Plane) -> list[str]:
         "    location @mg_401 {",
         "      access_log off;",
         "      default_type application/problem+json;",
-        '      add_header WWW-Authenticate \'Bearer realm="meshgpu"\' always;',
+        "      add_header WWW-Authenticate 'Bearer realm=\"meshgpu\"' always;",
         "      return 401 '"
         + _problem(
             401,
@@ -360,9 +360,7 @@ def _service_location(route: Route, location: str, path_routed: bool, log: str) 
     return lines
 
 
-def _service_body(
-    route: Route, sid: str, path_routed: bool, log: str, indent: str
-) -> list[str]:
+def _service_body(route: Route, sid: str, path_routed: bool, log: str, indent: str) -> list[str]:
     service = route.service
     lines = [f"set $mg_sid {sid};", f"set $mg_project {route.project};"]
     if path_routed:
