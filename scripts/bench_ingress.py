@@ -15,7 +15,13 @@ nginx is like for like) runs two services, each one replica on this host:
   ingress and held to the end; ``sse_streams_held`` counts ingress streams that delivered every
   event. Time to first event, ingress minus direct, from sequential streams at low load.
 
-With ``--https`` (default on) a second agent with the API over TLS joins the mesh and the same
+Both data planes in the same run (``--data-planes``, default both): the embedded ingress of
+the first agent and, through a second agent started with ``--data-plane nginx`` (one nginx
+worker) that joins the mesh, nginx driven by the agent. ``ingress_rps``, the added latencies
+and the SSE figures are the nginx data plane's when it ran; the embedded ones are also under
+``ingress_embedded_rps`` and ``*_embedded`` keys.
+
+With ``--https`` (default on) a third agent with the API over TLS joins the mesh and the same
 throughput run goes through its ingress (``ingress_https_rps``). The agent's CPU time per
 proxied request (``ingress_cpu_us_per_req``) says what a request costs the agent.
 
@@ -327,7 +333,12 @@ def main() -> None:
     p.add_argument("--sse-tokens", type=int, default=20)
     p.add_argument("--no-sse", action="store_true")
     p.add_argument("--https", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--budget", type=float, default=175, help="seconds for the whole bench")
+    p.add_argument("--budget", type=float, default=300, help="seconds for the whole bench")
+    p.add_argument(
+        "--data-planes",
+        default="embedded,nginx",
+        help="which ingress data planes to measure: embedded, nginx, or both (default)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -340,6 +351,9 @@ def main() -> None:
         help="check the bench itself: an nginx serving the ingress paths stands in for the agent",
     )
     args = p.parse_args()
+    planes = [x.strip() for x in args.data_planes.split(",") if x.strip()]
+    if not planes or not set(planes) <= {"embedded", "nginx"}:
+        p.error("--data-planes takes embedded, nginx or embedded,nginx")
 
     def over_budget(signum: int, frame: Any) -> None:
         raise Budget(f"the bench ran past its budget of {args.budget:.0f} s")
@@ -413,6 +427,39 @@ def main() -> None:
             log("!! the ingress figures are null; the direct and nginx ones still come")
         else:
             log(f"replica ready; ingress {ingress} answers 1 KiB")
+        # The nginx data plane: a second agent (plain HTTP too) drives a local nginx.
+        bases = {"ingress": base} if "embedded" in planes else {}
+        nginx_plane_error = None
+        if "nginx" in planes and not ingress_error and not args.fake_ingress:
+            try:
+                ng = AgentProcess(
+                    root, "agent-nginx", extra=["--api-tls", "off", "--data-plane", "nginx"]
+                )
+                agents.append(ng)
+                ng.start(agent.join_token(), agent.url)
+                url = f"{ng.url}/proxy/services/main/{fast}/"
+                err = wait_http(
+                    url,
+                    time.monotonic() + 30,
+                    lambda r: r.status_code == 200 and r.content == BODY_1K.encode(),
+                )
+                if err:
+                    raise RuntimeError(f"GET {url}: {err}\n{ng.log_tail()}")
+                # Until nginx serves it natively (not the agent behind it): its upstream.
+                conf = ng.data / "nginx" / "nginx.conf"
+                deadline = time.monotonic() + 30
+                while f":{fast_port} " not in conf.read_text():
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("nginx never got the replica in its upstream")
+                    time.sleep(0.2)
+                time.sleep(0.5)
+                bases["ingress_nginx"] = ng.url
+                log(f"nginx data plane: {url} (agent {ng.url}, one nginx worker)")
+            except Exception as e:  # noqa: BLE001 - reported; the embedded figures still come
+                nginx_plane_error = f"{type(e).__name__}: {str(e)[:300]}"
+                log(f"!! the nginx data plane did not come up: {nginx_plane_error}")
+        if not bases and not ingress_error:
+            ingress_error = "no data plane to measure"
 
         # -- nginx as a reverse proxy ----------------------------------------------------------
         prefix = root / "proxy-nginx"
@@ -438,45 +485,57 @@ def main() -> None:
         c, d, t = args.connections, args.duration, args.threads
         targets = {"direct": direct, "nginx": proxied}
         if not ingress_error:
-            targets["ingress"] = ingress
+            for name, b in bases.items():
+                targets[name] = f"{b}/proxy/services/main/{fast}/"
         log(
             f"throughput: wrk -t{t} -c{c} -d{d:g}s, 1 KiB responses; best of {args.rounds} "
             "interleaved rounds (other work on the machine only slows a run down)"
         )
         runs: dict[str, dict[str, Any]] = {}
-        agent_cpu = None
+        pids = {"ingress": agent.pid}
+        if "ingress_nginx" in bases:
+            pids["ingress_nginx"] = agents[-1].pid
         for rnd in range(args.rounds):
             for name, url in targets.items():
                 profiling = args.profile and name == "ingress" and rnd == 0
                 spy = start_profile(agent.pid, d, root / "agent.pyspy") if profiling else None
-                cpu0 = cpu_s(agent.pid)
+                pid = pids.get(name)
+                cpu0 = cpu_s(pid) if pid else 0.0
                 r = wrk(tools["wrk"], url, c, d, t)
-                if name == "ingress" and r["requests"]:
-                    r["cpu_us"] = (cpu_s(agent.pid) - cpu0) / r["requests"] * 1e6
+                if pid and r["requests"]:
+                    r["cpu_us"] = (cpu_s(pid) - cpu0) / r["requests"] * 1e6
                 if spy is not None:
                     report_profile(spy, root / "agent.pyspy")
                 if name not in runs or r["rps"] > runs[name]["rps"]:
                     runs[name] = r
-        if "ingress" in runs and "cpu_us" in runs["ingress"]:
-            agent_cpu = runs["ingress"]["cpu_us"]
         for name, r in runs.items():
             log(
-                f"  {name:8s} {r['rps']:>10,.0f} req/s   p50 {r['p50_ms']:.3f} ms  "
+                f"  {name:14s} {r['rps']:>10,.0f} req/s   p50 {r['p50_ms']:.3f} ms  "
                 f"p99 {r['p99_ms']:.3f} ms   errors {r['errors']}"
             )
         out["direct_rps"] = round(runs["direct"]["rps"])
         out["nginx_rps"] = round(runs["nginx"]["rps"])
-        if "ingress" in runs:
-            ir = runs["ingress"]
-            out["ingress_rps"] = round(ir["rps"])
-            out["ingress_errors"] = ir["errors"]
-            out["ingress_vs_nginx"] = round(ir["rps"] / runs["nginx"]["rps"], 3)
-            if agent_cpu is not None:
-                out["ingress_cpu_us_per_req"] = round(agent_cpu, 1)
+        # The headline keys are the nginx data plane's when it ran; the embedded one's also
+        # under *_embedded.
+        for name, suffix in (("ingress", "_embedded"), ("ingress_nginx", "_nginx_plane")):
+            if name not in runs:
+                continue
+            ir = runs[name]
+            out[f"ingress{suffix}_rps"] = round(ir["rps"])
+            out[f"ingress_errors{suffix}"] = ir["errors"]
+            out[f"ingress_vs_nginx{suffix}"] = round(ir["rps"] / runs["nginx"]["rps"], 3)
+            if "cpu_us" in ir:
+                out[f"ingress_cpu_us_per_req{suffix}"] = round(ir["cpu_us"], 1)
             log(
-                f"  ingress/nginx {out['ingress_vs_nginx']:.2f}x (target >= 0.25); agent CPU "
-                f"{out.get('ingress_cpu_us_per_req')} us per request"
+                f"  {name}/nginx {out[f'ingress_vs_nginx{suffix}']:.2f}x (target >= 0.25); "
+                f"agent CPU {out.get(f'ingress_cpu_us_per_req{suffix}')} us per request"
             )
+        head = "_nginx_plane" if "ingress_nginx" in runs else "_embedded"
+        for key in ("rps", "errors", "vs_nginx", "cpu_us_per_req"):
+            full = f"ingress{head}_{key}" if key == "rps" else f"ingress_{key}{head}"
+            if full in out:
+                out[f"ingress_{key}"] = out[full]
+        out["ingress_data_plane"] = "nginx" if head == "_nginx_plane" else "embedded"
 
         # -- added latency at low load ---------------------------------------------------------
         ld = args.latency_duration
@@ -495,18 +554,20 @@ def main() -> None:
             log(f"  {name:8s} p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms")
         out["direct_p50_ms"] = low["direct"]["p50_ms"]
         out["nginx_added_p50_ms"] = round(low["nginx"]["p50_ms"] - low["direct"]["p50_ms"], 3)
-        if "ingress" in low:
-            out["ingress_added_p50_ms"] = round(
-                low["ingress"]["p50_ms"] - low["direct"]["p50_ms"], 3
-            )
-            out["ingress_added_p99_ms"] = round(
-                low["ingress"]["p99_ms"] - low["direct"]["p99_ms"], 3
-            )
+        for name, suffix in (("ingress", "_embedded"), ("ingress_nginx", "")):
+            if name not in low:
+                continue
+            p50 = round(low[name]["p50_ms"] - low["direct"]["p50_ms"], 3)
+            p99 = round(low[name]["p99_ms"] - low["direct"]["p99_ms"], 3)
+            out[f"ingress_added_p50_ms{suffix}"] = p50
+            out[f"ingress_added_p99_ms{suffix}"] = p99
             log(
-                f"  ingress adds p50 {out['ingress_added_p50_ms']:.3f} ms (target <= 1), "
-                f"p99 {out['ingress_added_p99_ms']:.3f} ms; nginx adds p50 "
-                f"{out['nginx_added_p50_ms']:.3f} ms"
+                f"  {name} adds p50 {p50:.3f} ms (target <= 1), p99 {p99:.3f} ms; nginx adds "
+                f"p50 {out['nginx_added_p50_ms']:.3f} ms"
             )
+        if "ingress_nginx" not in low and "ingress" in low:
+            out["ingress_added_p50_ms"] = out["ingress_added_p50_ms_embedded"]
+            out["ingress_added_p99_ms"] = out["ingress_added_p99_ms_embedded"]
 
         # -- HTTPS: a second agent with the API over TLS ---------------------------------------
         if args.https and not ingress_error and not args.fake_ingress:
@@ -534,16 +595,16 @@ def main() -> None:
             )
             if err:
                 raise RuntimeError(f"the SSE replica did not answer ({err})")
-            ingress_port = int(base.rsplit(":", 1)[1])
             ingress_sse = f"/proxy/services/main/{sse}{sse_path}"
-            if not ingress_error:
+            sse_planes = {} if ingress_error else dict(bases)
+            for b in sse_planes.values():
                 err = wait_http(
-                    f"{base}/proxy/services/main/{sse}/health",
+                    f"{b}/proxy/services/main/{sse}/health",
                     time.monotonic() + 20,
                     lambda r: r.status_code == 200,
                 )
                 if err:
-                    log(f"!! the ingress does not serve the SSE replica: {err}")
+                    log(f"!! the ingress at {b} does not serve the SSE replica: {err}")
             n = args.sse_streams
             log(
                 f"SSE: {n} concurrent streams, {args.sse_tokens} tokens over "
@@ -559,22 +620,29 @@ def main() -> None:
                 f"{_r(ttfb_direct)} ms at low load"
             )
             out["sse_direct_held"] = held_direct["held"]
-            if not ingress_error:
+            for name, b in sse_planes.items():
+                suffix = "_embedded" if name == "ingress" else ""
+                ingress_port = int(b.rsplit(":", 1)[1])
                 ttfb_ing = trio.run(sse_ttfb, ingress_port, ingress_sse, 20)
                 held = trio.run(
                     sse_many, ingress_port, ingress_sse, n, args.sse_tokens, args.sse_hold, 1.0
                 )
                 log(
-                    f"  ingress  held {held['held']}/{n} in {held['wall_s']:.1f} s, first "
+                    f"  {name:14s} held {held['held']}/{n} in {held['wall_s']:.1f} s, first "
                     f"event p50 {_r(held['ttfb_p50_ms'])} ms under load; "
                     f"{_r(ttfb_ing)} ms at low load"
                 )
-                out["sse_streams_held"] = held["held"]
+                out[f"sse_streams_held{suffix}"] = held["held"]
                 out["sse_streams_opened"] = n
                 if ttfb_ing is not None and ttfb_direct is not None:
-                    out["sse_ttfb_added_ms"] = round(ttfb_ing - ttfb_direct, 3)
+                    out[f"sse_ttfb_added_ms{suffix}"] = round(ttfb_ing - ttfb_direct, 3)
+            if "ingress_nginx" not in sse_planes and "ingress" in sse_planes:
+                out["sse_streams_held"] = out.get("sse_streams_held_embedded")
+                out["sse_ttfb_added_ms"] = out.get("sse_ttfb_added_ms_embedded")
         if ingress_error:
             out["ingress_error"] = ingress_error
+        if nginx_plane_error:
+            out["ingress_nginx_error"] = nginx_plane_error
     except Budget as e:
         log(f"!! {e}")
         out["error"] = str(e)
