@@ -334,3 +334,70 @@ async def test_bodies_streamed_and_limited(tmp_path: Path) -> None:
         assert r.status_code == 413
         assert r.json()["code"] == "too_large"
         assert (await c.get("/proxy/services/main/svc/after")).status_code == 200
+
+
+async def test_drain_with_a_stream_held_elsewhere(tmp_path: Path) -> None:
+    """A replica leaves while a long stream to the other one is still open (the old worker
+    lives on for it): the idle keep-alive connections to the leaving one still close."""
+    async with nginx_world(tmp_path) as w, client(w) as c:
+        jobs = await w.up(nodes=("n1", "n2"))
+        for _ in range(4):
+            assert (await c.get("/proxy/services/main/svc/x")).status_code == 200
+        assert established(HOSTS["n1"], w.port) and established(HOSTS["n2"], w.port)
+        async with c.stream("GET", "/proxy/services/main/svc/sse") as r:
+            held = next(n for n, u in w.upstreams.items() if u.seen[-1]["path"] == "/sse")
+            other = "n1" if held == "n2" else "n2"
+            async with aclosing(r.aiter_raw()) as events:
+                with trio.fail_after(5):
+                    assert await events.__anext__() == b"data: 0\n\n"
+                before = w.plane.reloads
+                w.ready(jobs[0] if other == "n1" else jobs[1], False)
+                await w.reloaded(before)
+                await wait_until(lambda: not established(HOSTS[other], w.port), timeout=10)
+                for _ in range(2):
+                    w.upstreams[held].gate.set()
+                    with trio.fail_after(5):
+                        assert (await events.__anext__()).startswith(b"data: ")
+                    await trio.sleep(0.05)
+                w.upstreams[held].gate.set()
+                with trio.fail_after(5):
+                    assert [x async for x in events] == []  # the stream ends whole
+
+
+def test_stale_nginx_is_stopped(tmp_path: Path) -> None:
+    """An nginx left running in the data dir (its agent crashed) is found by its pid file and
+    stopped before the port is bound again; an unrelated process in a stale pid file is not."""
+    import subprocess
+    import time
+
+    from meshgpu.services.nginx import NginxPlane, stop_stale
+    from meshgpu.testing import free_port
+    from tests.services._nginx_harness import NGINX
+
+    prefix = tmp_path / "nginx"
+    NginxPlane.prepare_dir(prefix)
+    (prefix / "nginx.conf").write_text(
+        f'daemon off; pid "{prefix}/nginx.pid"; error_log "{prefix}/error.log";\n'
+        f"events {{}} http {{ access_log off; client_body_temp_path {prefix}/tmp;"
+        f" proxy_temp_path {prefix}/tmp; fastcgi_temp_path {prefix}/tmp;"
+        f" uwsgi_temp_path {prefix}/tmp; scgi_temp_path {prefix}/tmp;"
+        f" server {{ listen 127.0.0.1:{free_port()}; }} }}\n"
+    )
+    proc = subprocess.Popen(
+        [str(NGINX), "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not (prefix / "nginx.pid").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        NginxPlane.prepare_dir(prefix)
+        assert proc.wait(timeout=5) is not None
+        assert not (prefix / "nginx.pid").exists()
+        (prefix / "nginx.pid").write_text(f"{os.getpid()}\n")  # not an nginx of ours
+        assert not stop_stale(prefix)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
