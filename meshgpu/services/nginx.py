@@ -214,6 +214,7 @@ class NginxPlane:
         self._plane: Plane | None = None
         self._changed = trio.Event()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._up = False  # the master's signal handlers are in place (its pid file written)
         self._sids: dict[str, tuple[str, str, str]] = {}  # sid -> run id, project, run name
         self._partial = b""
 
@@ -300,6 +301,8 @@ class NginxPlane:
             if text == self.text:
                 continue
             self._write(text)
+            while not self._up:  # a SIGHUP before nginx handles it would end it
+                await trio.sleep(0.05)
             proc = self._proc
             if proc is not None and proc.poll() is None:
                 os.kill(proc.pid, signal.SIGHUP)
@@ -387,6 +390,7 @@ class NginxPlane:
         except BaseException:
             await self._stop(proc)
             raise
+        self._up = True
         log.info("nginx %d serves %s (data plane)", proc.pid, self._plane.listen)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reloads)
@@ -396,6 +400,7 @@ class NginxPlane:
             try:
                 while True:
                     code = await self._wait_exit(proc)
+                    self._up = False
                     _kill_group(proc.pid, signal.SIGKILL)  # its orphaned workers
                     log.warning(
                         "nginx exited (%s): restarting in %.1f s; %s",
@@ -409,6 +414,7 @@ class NginxPlane:
                     proc = self._proc = self._spawn(api)
                     with contextlib.suppress(NginxError):
                         await self._started(proc)
+                        self._up = True
                         backoff = 0.2
             finally:
                 await self._stop(proc)
