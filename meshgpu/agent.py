@@ -45,6 +45,7 @@ from meshgpu.runner.executor import Executor
 from meshgpu.security import fingerprint
 from meshgpu.services.ingress import Ingress, IngressSettings
 from meshgpu.services.probes import Prober
+from meshgpu.services.rates import ServiceRates
 from meshgpu.services.stats import ServiceCounters
 from meshgpu.settings import AgentSettings
 from meshgpu.state.cluster import Replicated
@@ -171,6 +172,8 @@ class Agent:
             # 4. The use cases and the API over them (it answers while a restart waits for a
             # quorum: reads are local, writes wait for a leader up to their deadline).
             services = self._services(node, proposer, gossip)
+            if services.rates is not None:
+                nursery.start_soon(services.rates.run)
             if services.ingress is not None:  # held requests wake on applied entries
                 nursery.start_soon(follow_applied, node, services.ingress.notify)
                 nursery.start_soon(services.ingress.run)
@@ -294,6 +297,13 @@ class Agent:
                 ),
             ),
             counters=self.counters,
+            rates=ServiceRates(
+                state,
+                gossip.service_counters,
+                ident.node_id,
+                self.counters.snapshot,
+                domain=s.ingress_domain,
+            ),
         )
 
     def _gpu_vendor(self) -> str | None:
