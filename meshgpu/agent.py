@@ -46,6 +46,7 @@ from meshgpu.security import fingerprint
 from meshgpu.services.ingress import Ingress, IngressSettings
 from meshgpu.services.nginx import MISSING, NginxError, NginxPlane, find_nginx, front
 from meshgpu.services.probes import Prober
+from meshgpu.services.rates import ServiceRates
 from meshgpu.services.stats import ServiceCounters
 from meshgpu.settings import AgentSettings
 from meshgpu.state.cluster import Replicated
@@ -177,6 +178,8 @@ class Agent:
             # 4. The use cases and the API over them (it answers while a restart waits for a
             # quorum: reads are local, writes wait for a leader up to their deadline).
             services = self._services(node, proposer, gossip)
+            if services.rates is not None:
+                nursery.start_soon(services.rates.run)
             if services.ingress is not None:  # held requests wake on applied entries
                 nursery.start_soon(follow_applied, node, services.ingress.notify)
                 nursery.start_soon(services.ingress.run)
@@ -317,6 +320,13 @@ class Agent:
                 ),
             ),
             counters=self.counters,
+            rates=ServiceRates(
+                state,
+                gossip.service_counters,
+                ident.node_id,
+                self.counters.snapshot,
+                domain=s.ingress_domain,
+            ),
         )
 
     def _nginx_binary(self) -> str | None:

@@ -327,7 +327,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
         found, last = views.page(found_runs, views.run_key, limit, after)
         return JSONResponse(
             {
-                "runs": [run_summary(r, state) for r in found],
+                "runs": [run_summary(r, state, services.rates) for r in found],
                 "next_cursor": views.encode_cursor("runs", last) if last else None,
             }
         )
@@ -335,7 +335,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     @app.get("/api/v1/runs/{name}", response_model=views.RunView, responses=problems.responses(404))
     async def get_run(name: str, _: Auth, __: Read) -> JSONResponse:
         """One run with its configuration."""
-        return JSONResponse(run_view(runs.get(name), state))
+        return JSONResponse(run_view(runs.get(name), state, services.rates))
 
     @app.post(
         "/api/v1/runs",
@@ -353,9 +353,9 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     async def submit(body: SubmitBody, _: Auth) -> JSONResponse:
         run, updated = await runs.submit(body)
         if updated is not None:
-            view = run_view(run, state) | {"updated_in_place": updated}
+            view = run_view(run, state, services.rates) | {"updated_in_place": updated}
             return JSONResponse(view, status_code=200)
-        return JSONResponse(run_view(run, state), status_code=201)
+        return JSONResponse(run_view(run, state, services.rates), status_code=201)
 
     @app.patch(
         "/api/v1/runs/{name}",
@@ -364,7 +364,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     )
     async def update_run(name: str, body: RunUpdate, _: Auth) -> JSONResponse:
         run = await runs.set_priority(name, body.priority)
-        return JSONResponse(run_view(run, state))
+        return JSONResponse(run_view(run, state, services.rates))
 
     @app.post(
         "/api/v1/runs/{name}/stop",
@@ -373,7 +373,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     )
     async def stop(name: str, body: StopBody, _: Auth) -> JSONResponse:
         run = await runs.stop(name, body.abort)
-        return JSONResponse(run_view(run, state))
+        return JSONResponse(run_view(run, state, services.rates))
 
     async def read_archive(request: Request) -> bytes:
         data = bytearray()

@@ -9,7 +9,7 @@ import heapq
 import json
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -58,8 +58,16 @@ def run_status_message(r: RunRecord, state: StateMachine) -> str:
     return r.status.value
 
 
+class ServiceInfo(Protocol):
+    """What the views add to a service from this node (``meshgpu.services.rates``)."""
+
+    domain: str | None
+
+    def rps(self, run: RunRecord) -> float | None: ...
+
+
 def service_view(
-    r: RunRecord, state: StateMachine, domain: str | None = None, rps: float | None = None
+    r: RunRecord, state: StateMachine, info: ServiceInfo | None = None
 ) -> dict[str, Any] | None:
     """Where a service answers (paths on every node's API port; ``url`` with
     ``--ingress-domain``), its model base path, and its replicas as the ingress sees them."""
@@ -67,6 +75,7 @@ def service_view(
     if svc is None:
         return None
     jobs = [j for j in state.run_jobs(r) if not j.status.is_finished()]
+    domain = info.domain if info is not None else None
     return {
         "path": f"/proxy/services/{r.project}/{r.run_name}/",
         "url": f"https://{r.run_name}.{domain}/" if domain else None,
@@ -78,11 +87,13 @@ def service_view(
         "desired_replicas": dict(r.desired_replicas),
         "replicas": len(jobs),
         "ready_replicas": sum(1 for j in jobs if j.ready and j.status is JobStatus.RUNNING),
-        "rps": rps,
+        "rps": info.rps(r) if info is not None else None,
     }
 
 
-def run_summary(r: RunRecord, state: StateMachine) -> dict[str, Any]:
+def run_summary(
+    r: RunRecord, state: StateMachine, info: ServiceInfo | None = None
+) -> dict[str, Any]:
     """A run as lists show it (``GET /api/v1/runs``): everything but its configuration."""
     return {
         "name": r.run_name,
@@ -97,14 +108,14 @@ def run_summary(r: RunRecord, state: StateMachine) -> dict[str, Any]:
         "submitted_at": r.submitted_at,
         "finished_at": r.finished_at,
         "jobs": [job_view(j, state) for j in state.run_jobs(r)],
-        "service": service_view(r, state),
+        "service": service_view(r, state, info),
     }
 
 
-def run_view(r: RunRecord, state: StateMachine) -> dict[str, Any]:
+def run_view(r: RunRecord, state: StateMachine, info: ServiceInfo | None = None) -> dict[str, Any]:
     """One run (``GET /api/v1/runs/{name}``, answers to writes): the summary and its
     configuration (every field, defaults filled)."""
-    return run_summary(r, state) | {"config": r.config}
+    return run_summary(r, state, info) | {"config": r.config}
 
 
 def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, Any]:

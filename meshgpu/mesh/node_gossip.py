@@ -324,18 +324,18 @@ class MeshGossip:
         )
 
     def _services(self) -> dict[str, tuple[int, int]]:
-        """The counters worth publishing: services that autoscale, or that hold requests."""
+        """The counters worth publishing: active services (the leader's autoscaler and every
+        node's ``ps`` read them), and any that hold requests (``encode_services`` keeps the
+        waiting and the busiest when there are too many)."""
         counts = self.host.service_counters()
         if not counts:
             return {}
-        scaled = {
+        active = {
             run.run_id
             for run in self.host.state.runs.values()
-            if run.spec.service is not None
-            and not run.status.is_finished()
-            and any(g.scaling is not None for g in run.spec.service.groups)
+            if run.spec.service is not None and not run.status.is_finished()
         }
-        return {r: c for r, c in counts.items() if r in scaled or c[1] > 0}
+        return {r: c for r, c in counts.items() if r in active or c[1] > 0}
 
     async def _meta_loop(self, shell: GossipShell) -> None:
         published: dict[str, Any] | None = None

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from meshgpu.gpu import GPUProvider
     from meshgpu.runner import ProcessRunner
     from meshgpu.services.ingress import Ingress
+    from meshgpu.services.rates import ServiceRates
     from meshgpu.state import StateMachine
 
 
@@ -58,6 +59,8 @@ class Services:
     # This node's ingress counters (the one instance: the ingress counts, gossip publishes
     # them for the leader's autoscaler, /metrics reads them).
     counters: ServiceCounters = field(default_factory=ServiceCounters)
+    # Every service's request rate as this node sees it (run views, ps); None: not measured.
+    rates: ServiceRates | None = None
 
     async def local_telemetry(self) -> list[dict[str, Any]]:
         """A fresh sample of this host's GPUs (a blocking driver call: in a worker thread)."""

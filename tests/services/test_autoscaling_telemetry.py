@@ -89,7 +89,9 @@ def test_waiting_is_decisive_counts_are_not() -> None:
     assert decisive(_meta({a: (11, 3)})) == decisive(_meta({a: (10, 1)}))
 
 
-def test_only_autoscaled_or_waiting_services_are_published() -> None:
+def test_active_or_waiting_services_are_published() -> None:
+    """Every active service (the autoscaler and every node's ps read them) and any that holds
+    requests; a run that is gone is published only while requests wait for it."""
     scaled, fixed, gone = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
 
     def run(run_id: str, scaling: bool) -> Any:
@@ -104,4 +106,6 @@ def test_only_autoscaled_or_waiting_services_are_published() -> None:
     counts = {scaled: (5, 0), fixed: (7, 0), gone: (1, 2)}
     host = SimpleNamespace(state=state, service_counters=lambda: counts)
     gossip = MeshGossip(host)  # type: ignore[arg-type]
-    assert gossip._services() == {scaled: (5, 0), gone: (1, 2)}
+    assert gossip._services() == {scaled: (5, 0), fixed: (7, 0), gone: (1, 2)}
+    counts[gone] = (1, 0)
+    assert gossip._services() == {scaled: (5, 0), fixed: (7, 0)}

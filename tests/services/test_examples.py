@@ -233,10 +233,6 @@ def _has(module: str) -> bool:
         return False
 
 
-@pytest.mark.skipif(
-    not (_has("meshgpu.services.ingress") and _has("meshgpu.services.probes")),
-    reason="the ingress and the replica probes are not in this build",
-)
 def test_openai_example_through_an_agent(tmp_path: Path) -> None:
     """The example as written (one replica, a free port), applied to a real agent: the real
     ``openai`` client streams a chat completion from the model endpoint of the agent, and the
