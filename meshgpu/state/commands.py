@@ -20,6 +20,8 @@ class RegisterNode(Command):
     name: str
     api_url: str | None = None
     peer_address: str | None = None
+    ssh_address: str | None = None
+    ssh_host_key: str | None = None
     internal_ip: str = "127.0.0.1"
     labels: dict[str, str] = Field(default_factory=dict)
     gpus: list[GPURecord] = Field(default_factory=list)

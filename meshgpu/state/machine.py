@@ -159,7 +159,7 @@ class StateMachine:
         values rather than mutating them. Each record is encoded on its own, so a worker
         thread hands the interpreter back between records (one ``json.dumps`` of the whole
         document would hold it for its whole length)."""
-        nodes = [n.model_dump(mode="json") for n in self.nodes.values()]
+        nodes = [n.model_dump(mode="json", exclude=_node_defaults(n)) for n in self.nodes.values()]
         runs = [_frozen(r) for r in self.runs.values()]
         jobs = [_frozen(j) for j in self.jobs.values()]
         requests = dict(self.requests)
@@ -1209,6 +1209,11 @@ _NO_JOB_EXTRAS: frozenset[str] = frozenset({"deployment_num", "ready", "probes"}
 _NO_RUN_EXTRAS: frozenset[str] = frozenset(
     {"config_text", "desired_replicas", "last_scaled_at", "deployment_num"}
 )
+
+
+def _node_defaults(node: NodeRecord) -> set[str]:
+    """A node's SSH fields left unset (left out of its snapshot: older members read it)."""
+    return {k for k in ("ssh_address", "ssh_host_key") if getattr(node, k) is None}
 
 
 def _job_defaults(job: JobRecord) -> set[str] | frozenset[str]:

@@ -156,6 +156,11 @@ class NodeRecord(_Record):
     name: str
     api_url: str | None = None
     peer_address: str | None = None
+    # The host's SSH server into its jobs ("host:port"; None: it runs none) and its host key
+    # (OpenSSH public key text): registered by the node itself over its CA-certified identity,
+    # so a client that trusts the cluster pins it (``meshgpu attach`` writes known_hosts).
+    ssh_address: str | None = None
+    ssh_host_key: str | None = None
     internal_ip: str = "127.0.0.1"
     labels: dict[str, str] = Field(default_factory=dict)
     gpus: list[GPURecord] = Field(default_factory=list)
