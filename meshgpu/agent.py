@@ -25,6 +25,8 @@ from meshgpu.client.http import write_profile
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.control import Demand, GossipKeys, Retention, Scheduling
 from meshgpu.control.autoscaling import Autoscaling
+from meshgpu.devenv.monitor import AutoStop
+from meshgpu.devenv.sessions import SessionTracker
 from meshgpu.gpu import FakeProvider, detect
 from meshgpu.host.fencing import Fencing
 from meshgpu.host.founding import found_cluster
@@ -87,6 +89,10 @@ class Agent:
         # This node's ingress counters: the ingress counts, gossip publishes them for the
         # leader's autoscaler, /metrics reads them (the one instance).
         self.counters = ServiceCounters()
+        # Who is attached to which job here: the SSH server opens and closes sessions, the
+        # auto-stop monitor reads them (the one instance).
+        self.sessions = SessionTracker(clock)
+        self.autostop: AutoStop | None = None  # built in run(), beside the executor
 
     @property
     def peer_address(self) -> str:
@@ -133,6 +139,16 @@ class Agent:
                 clock=clock,
             )
             prober = Prober(ident.node_id, state, proposer.propose, clock=clock)
+            self.autostop = autostop = AutoStop(
+                ident.node_id,
+                state,
+                executor,
+                self.sessions,
+                proposer.propose,
+                clock=clock,
+                interval_s=s.autostop_interval_s,
+                window_scale=s.utilization_window_scale,
+            )
             demand = Demand()
             peer_server = PeerServer()  # gossip and peer calls; answers once the use cases exist
             tls = TLSConfig.from_files(ident.tls.files)
@@ -148,6 +164,7 @@ class Agent:
             nursery.start_soon(follow_applied, node, executor.notify)
             nursery.start_soon(follow_applied, node, lambda _: demand.notify())
             nursery.start_soon(follow_applied, node, prober.notify)
+            nursery.start_soon(follow_applied, node, autostop.notify)
             members = partial(ident.follow_members, cluster, node, transport)
             nursery.start_soon(follow_version, node, lambda: cluster.version, members, seen)
 
@@ -171,6 +188,7 @@ class Agent:
                     cut_off=lambda: fencing.cut_off,
                     telemetry=self.gpus.telemetry,
                     service_counters=self.counters.snapshot,
+                    on_telemetry=autostop.record_telemetry,
                 ),
                 s.gossip,
             )
@@ -211,7 +229,7 @@ class Agent:
             await registration.register()
             await nursery.start(executor.run)
             housekeeping = Housekeeping(state, executor, self.code, s.retention_interval_s, clock)
-            for duty in (gossip, fencing, registration, housekeeping, prober):
+            for duty in (gossip, fencing, registration, housekeeping, prober, autostop):
                 nursery.start_soon(duty.run)
 
             # 5. The leader's controllers, for each term this node leads.

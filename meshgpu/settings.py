@@ -47,6 +47,12 @@ class AgentSettings:
     # How often the leader applies that policy, and each host deletes the files it forgot
     # (a hidden option, --retention-interval-ms: tests shorten it).
     retention_interval_s: float = 10.0
+    # Auto-stop of dev environments and utilization policies (meshgpu/devenv/monitor.py): how
+    # often the jobs here are checked at least (hidden --autostop-interval-ms), and a factor on
+    # utilization_policy's time_window (hidden --utilization-window-scale: tests shrink dstack's
+    # five-minute minimum window to seconds).
+    autostop_interval_s: float = 5.0
+    utilization_window_scale: float = 1.0
     # The ingress (meshgpu/services/ingress.py): <run>.<ingress_domain> routes to the run when
     # set; a request for a service with no ready replica is held this long (scale from zero).
     ingress_domain: str | None = None

@@ -55,7 +55,8 @@ class SubmitBody(BaseModel):
     in_place: bool = Field(
         default=False,
         description="If an active run has this name and the configuration differs only in "
-        "priority, change its priority instead (answered 200 with updated_in_place)",
+        "priority (or, for a dev environment, inactivity_duration), change them instead "
+        "(answered 200 with updated_in_place)",
     )
 
 
@@ -343,8 +344,9 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
         response_model=views.SubmittedRun,
         responses={
             200: {
-                "description": "An active run of that name differed only in priority (or is a "
-                "service): it was updated in place (in_place)",
+                "description": "An active run of that name differed only in priority or a dev "
+                "environment's inactivity_duration (or is a service): it was updated in place "
+                "(in_place)",
                 "model": views.SubmittedRun,
             },
             **problems.responses(409, 503, 507),

@@ -8,6 +8,7 @@ import dataclasses
 import heapq
 import json
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
@@ -44,6 +45,32 @@ def job_view(j: JobRecord, state: StateMachine) -> dict[str, Any]:
         "deployment_num": j.deployment_num,
         "ready": j.ready,
         "probes": j.probes,
+        # where its commands run on its host (SSH sessions and IDE links open there), and who
+        # is attached: dstack's ``inactivity_secs`` counts from the last session's end (from
+        # the start when it never had one)
+        "working_dir": j.working_dir,
+        "sessions": j.sessions,
+        "inactive_since": j.inactive_since,
+        "inactivity_secs": inactivity_secs(j),
+    }
+
+
+def inactivity_secs(j: JobRecord, now: float | None = None) -> int | None:
+    """How long a running job has had no SSH session (None: one is open, or it is not
+    running), as its host last reported."""
+    if j.status is not JobStatus.RUNNING or j.sessions or j.started_at is None:
+        return None
+    since = max(j.inactive_since or 0.0, j.started_at)
+    return max(0, int((time.time() if now is None else now) - since))
+
+
+def dev_environment_view(r: RunRecord) -> dict[str, Any] | None:
+    """A dev environment's IDE and auto-stop settings (None for other runs)."""
+    if r.spec.type != "dev-environment":
+        return None
+    return {
+        "ide": r.spec.ide,
+        "inactivity_duration": r.spec.inactivity_duration_s,
     }
 
 
@@ -109,6 +136,15 @@ def run_summary(
         "finished_at": r.finished_at,
         "jobs": [job_view(j, state) for j in state.run_jobs(r)],
         "service": service_view(r, state, info),
+        "dev_environment": dev_environment_view(r),
+        "utilization_policy": (
+            {
+                "min_gpu_utilization": r.spec.utilization.min_gpu_utilization,
+                "time_window": r.spec.utilization.time_window_s,
+            }
+            if r.spec.utilization is not None
+            else None
+        ),
     }
 
 
@@ -237,6 +273,26 @@ class JobView(BaseModel):
     deployment_num: int = 0
     ready: bool = Field(default=False, description="A service replica receiving traffic")
     probes: list[str] = Field(default_factory=list, description="failing | probing | ready")
+    working_dir: str | None = Field(
+        default=None, description="Where its commands run on its host (SSH sessions open there)"
+    )
+    sessions: int = Field(default=0, description="SSH sessions open into it")
+    inactive_since: float | None = Field(
+        default=None, description="When its last SSH session closed (null: never had one)"
+    )
+    inactivity_secs: int | None = Field(
+        default=None, description="Seconds without an SSH session (null: attached or not running)"
+    )
+
+
+class DevEnvironmentView(BaseModel):
+    ide: str | None = Field(description="vscode | cursor | windsurf | zed")
+    inactivity_duration: int | None = Field(description="Seconds; null: off")
+
+
+class UtilizationPolicyView(BaseModel):
+    min_gpu_utilization: int
+    time_window: int = Field(description="Seconds")
 
 
 class ServiceView(BaseModel):
@@ -267,6 +323,8 @@ class RunSummary(BaseModel):
     finished_at: float | None
     jobs: list[JobView]
     service: ServiceView | None = None
+    dev_environment: DevEnvironmentView | None = None
+    utilization_policy: UtilizationPolicyView | None = None
 
 
 class RunView(RunSummary):

@@ -139,6 +139,23 @@ def agent(
             help="How often the retention policy is applied (tests shorten it)",
         ),
     ] = 10_000.0,
+    autostop_interval_ms: Annotated[
+        float,
+        typer.Option(
+            "--autostop-interval-ms",
+            hidden=True,
+            help="How often auto-stop (inactivity_duration, utilization_policy) checks the "
+            "jobs here at least (tests shorten it)",
+        ),
+    ] = 5_000.0,
+    utilization_window_scale: Annotated[
+        float,
+        typer.Option(
+            "--utilization-window-scale",
+            hidden=True,
+            help="Multiply utilization_policy time windows by this (tests: 0.02 makes 5m 6s)",
+        ),
+    ] = 1.0,
     gossip: Annotated[
         str,
         typer.Option(
@@ -220,6 +237,8 @@ def agent(
         raise fail(f"--keep-runs must be 0 or more, not {keep_runs}")
     if not retention_interval_ms > 0:
         raise fail(f"--retention-interval-ms must be positive, not {retention_interval_ms}")
+    if not autostop_interval_ms > 0 or not utilization_window_scale > 0:
+        raise fail("--autostop-interval-ms and --utilization-window-scale must be positive")
     for flag, value in (
         ("--code-expanded-limit-mb", code_expanded_limit_mb),
         ("--code-max-files", code_max_files),
@@ -274,6 +293,8 @@ def agent(
         keep_runs=keep_runs,
         keep_runs_for_s=float(keep_runs_for_s),
         retention_interval_s=retention_interval_ms / 1000,
+        autostop_interval_s=autostop_interval_ms / 1000,
+        utilization_window_scale=utilization_window_scale,
         api_tls=api_tls == "on",
         ingress_domain=ingress_domain,
         activation_timeout_s=float(activation_timeout_s),

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from meshgpu.cli._common import JsonOpt, UrlOpt, ago, client, err, fail, out, table
+from meshgpu.cli._devenv import activity_text, attach_hook, connect_lines, wait_running
 from meshgpu.client import APIError, Client, CodeTooLarge, make_archive
 from meshgpu.config import ConfigError, load_config
 from meshgpu.config.render import plan_lines
@@ -170,10 +171,15 @@ def apply(
                 f"service [bold]{run['name']}[/] is active: updated in place "
                 f"(changed: {', '.join(updated) or 'nothing'}; deployment {deployment})"
             )
-        elif updated:
+        elif updated == ["priority"]:
             out.print(
                 f"run [bold]{run['name']}[/] is active and differs only in priority: "
                 f"updated it in place to priority {run['priority']}"
+            )
+        elif updated:
+            out.print(
+                f"run [bold]{run['name']}[/] is active: updated in place "
+                f"(changed: {', '.join(updated)})"
             )
         else:
             out.print(f"submitted [bold]{run['name']}[/]")
@@ -181,8 +187,32 @@ def apply(
             out.print(line)
         if detach:
             return
-        code = _attach(c, run["name"])
+        if run.get("type") == "dev-environment":
+            code = _attach_dev_environment(c, run["name"])
+        else:
+            code = _attach(c, run["name"])
     raise typer.Exit(code)
+
+
+def _attach_dev_environment(c: Client, name: str) -> int:
+    """dstack's ``apply`` of a dev environment: wait until it runs, print how to open it (the
+    IDE link, ``ssh RUN``), then attach (``meshgpu attach``: SSH config, port forwards, logs)
+    -- or, in a build without it, follow its output as for any run."""
+    try:
+        run = wait_running(c, name, err.print)
+    except KeyboardInterrupt:
+        err.print(f"\ndetached; {name} keeps starting (meshgpu ps)")
+        return 130
+    except APIError as e:
+        raise fail(str(e)) from None
+    if (run.get("jobs") or [{}])[0].get("status") == "running":
+        for line in connect_lines(run):
+            out.print(line, markup=False)
+        attach = attach_hook()
+        if attach is not None:
+            return attach(c, name)
+        err.print(f"(run meshgpu attach {name} in another shell to write the SSH host entry)")
+    return _attach(c, name)
 
 
 def _attach(c: Client, name: str) -> int:
@@ -341,7 +371,8 @@ def ps(
                                 "",
                                 j["why_pending"]
                                 or j["termination_reason"]
-                                or (f"exit {j['exit_code']}" if j["exit_code"] is not None else ""),
+                                or (f"exit {j['exit_code']}" if j["exit_code"] is not None else "")
+                                or activity_text(j, r),
                             ]
                         )
             table(["NAME", "TYPE", "NODE/GPUS", "STATUS", "SUBMITTED", "REASON"], rows)

@@ -57,6 +57,23 @@ def plan_lines(config: Configuration) -> list[tuple[str, str]]:
         rows.append(("priority", str(config.priority if config.priority is not None else 0)))
         rows.append(("spot policy", config.spot_policy or "on-demand"))
         rows.append(("max duration", _duration(config.max_duration, "off")))
+        if config.type == "dev-environment":
+            rows.append(("ide", getattr(config, "ide", None) or "none (ssh)"))
+            rows.append(
+                (
+                    "inactivity duration",
+                    _duration(getattr(config, "inactivity_duration", None), "off"),
+                )
+            )
+        if config.utilization_policy is not None:
+            u = config.utilization_policy
+            rows.append(
+                (
+                    "utilization policy",
+                    f"stop if a GPU stays below {u.min_gpu_utilization}% for "
+                    f"{_duration(u.time_window)}",
+                )
+            )
         rows.append(
             (
                 "retry",

@@ -196,6 +196,31 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class UtilizationRule:
+    """dstack's ``utilization_policy``: a job whose GPUs include one that stayed below
+    ``min_gpu_utilization`` percent for the whole ``time_window_s`` is terminated."""
+
+    min_gpu_utilization: int
+    time_window_s: int
+
+
+# What a dev environment runs after ``init`` (dstack: print how to connect, then
+# ``tail -f /dev/null``): the job stays up until it is stopped or auto-stopped.
+DEV_ENV_READY = (
+    'echo "meshgpu: dev environment $MESHGPU_RUN_NAME is ready: meshgpu attach $MESHGPU_RUN_NAME,'
+    ' then ssh $MESHGPU_RUN_NAME"'
+)
+DEV_ENV_KEEPALIVE = "exec tail -f /dev/null"
+
+
+def dev_env_commands(init: Any) -> tuple[str, ...]:
+    """A dev environment's commands (dstack's ``configurators/dev.py``, less the IDE server
+    download: Remote-SSH installs its own): ``init``, a line saying how to connect, then stay up.
+    ``init`` commands run as one script, so a failing one fails the job as a task's would."""
+    return (*(init or ()), DEV_ENV_READY, DEV_ENV_KEEPALIVE)
+
+
+@dataclass(frozen=True, slots=True)
 class RunSpec:
     """Everything meshgpu does with a run, compiled from its configuration."""
 
@@ -225,6 +250,12 @@ class RunSpec:
     # Host ports the run's jobs listen on (a service's port, a task's or dev environment's
     # ``ports``): a process job holds them on its host, so two such jobs never share a host.
     host_ports: tuple[int, ...] = ()
+    # Dev environments (dstack §1.3, §6): the IDE whose link ``apply`` prints, and the auto-stop
+    # rules the job's host applies (meshgpu/devenv/autostop.py): no SSH session for
+    # ``inactivity_duration_s`` (None: off), and ``utilization_policy`` (any run type).
+    ide: str | None = None
+    inactivity_duration_s: int | None = None
+    utilization: UtilizationRule | None = None
 
     def job_spec(self, group: str | None, job_num: int = 0) -> JobSpec:
         """The spec a job of ``group`` (its ``job_num``-th node) runs with: a service replica
@@ -499,9 +530,21 @@ def _host_ports(c: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(sorted({int(p) for p in ports if isinstance(p, int)}))
 
 
+def compile_utilization(raw: Any) -> UtilizationRule | None:
+    if not isinstance(raw, dict):
+        return None
+    low, window = raw.get("min_gpu_utilization"), raw.get("time_window")
+    if not isinstance(low, int) or not isinstance(window, int):
+        return None
+    return UtilizationRule(min_gpu_utilization=low, time_window_s=window)
+
+
 def compile_run(config: Mapping[str, Any]) -> RunSpec:
     """The spec of a run from its rendered configuration (``render.to_json``)."""
     commands = tuple(config.get("commands") or ())
+    dev = config.get("type") == "dev-environment"
+    if dev:
+        commands = dev_env_commands([*(config.get("setup") or ()), *(config.get("init") or ())])
     jobs = []
     for group, raw, replica, num, group_commands in _jobs(config):
         resources, key = _resources(raw)
@@ -544,4 +587,7 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
         shm_size_gb=shm,
         service=compile_service(config),
         host_ports=_host_ports(config),
+        ide=config.get("ide") if dev else None,
+        inactivity_duration_s=_duration(config.get("inactivity_duration")) if dev else None,
+        utilization=compile_utilization(config.get("utilization_policy")),
     )

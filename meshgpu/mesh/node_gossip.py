@@ -75,6 +75,8 @@ class GossipHost:
     telemetry: Callable[[], Any]  # a blocking GPU sample (run in a worker thread)
     # This node's ingress counters, run id -> (completed, waiting) (``ServiceCounters.snapshot``)
     service_counters: Callable[[], Mapping[str, tuple[int, int]]] = dict
+    # Handed each GPU sample as it is taken (the host's auto-stop keeps a window of them).
+    on_telemetry: Callable[[Any], None] = lambda _samples: None
 
 
 class MeshGossip:
@@ -346,6 +348,7 @@ class MeshGossip:
             if trio.current_time() - sampled_at >= self.telemetry_interval_s:
                 try:
                     samples = await trio.to_thread.run_sync(self.host.telemetry)
+                    self.host.on_telemetry(samples)
                 except Exception as e:  # a driver hiccup: publish no health rather than stop
                     log.warning("GPU telemetry failed: %s", e)
                     samples = None

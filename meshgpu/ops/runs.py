@@ -17,6 +17,7 @@ from meshgpu.state import (
     CodeRef,
     Result,
     RunRecord,
+    SetInactivityDuration,
     SetRunPriority,
     StopRun,
     SubmitRun,
@@ -153,7 +154,7 @@ class Runs:
                 return await self._update_service(chosen, config_json, body.run_args, code)
             updated = await self._update_in_place(chosen, config_json, body.run_args)
             if updated is not None:
-                return updated, ["priority"]
+                return updated
         for attempt in range(5):
             name = chosen or self._generate_name()
             # A generated name can collide with a concurrent submission: pick another. The
@@ -205,23 +206,39 @@ class Runs:
 
     async def _update_in_place(
         self, name: str, config: dict[str, Any], run_args: list[str]
-    ) -> RunRecord | None:
+    ) -> tuple[RunRecord, list[str]] | None:
         """dstack's in-place update: an active run whose configuration differs from ``config``
-        only in ``priority`` takes the new priority rather than a new submission. None when the
+        only in ``priority`` (any run) or ``inactivity_duration`` (a dev environment) takes the
+        new values rather than a new submission; returns it and what changed. None when the
         run is not such a run (a name in use is then refused as ever). The working directory is
         not compared: the configuration file usually lives in it."""
         run = self.state.runs.get(name)
         if run is None or run.status.is_finished() or run.termination_reason is not None:
             return None
-        priority = int(config.get("priority") or 0)
-        rest = {k: v for k, v in config.items() if k != "priority"}
-        if (
-            priority == run.priority
-            or run.run_args != run_args
-            or rest != {k: v for k, v in run.config.items() if k != "priority"}
-        ):
+        fields = (
+            ("priority", "inactivity_duration")
+            if run.spec.type == "dev-environment"
+            else ("priority",)
+        )
+        current = run.config
+        if run.run_args != run_args or {k: v for k, v in config.items() if k not in fields} != {
+            k: v for k, v in current.items() if k not in fields
+        }:
             return None
-        return await self.set_priority(name, priority)
+        changed = [f for f in fields if config.get(f) != current.get(f)]
+        if not changed:
+            return None
+        if "inactivity_duration" in changed:
+            cmd = SetInactivityDuration(
+                at=time.time(), run_name=name, inactivity_duration=config.get("inactivity_duration")
+            )
+            result = await self.proposer.propose(encode(cmd))
+            if not result.ok:
+                kind = NotFound if result.code == "not_found" else Conflict
+                raise kind("inactivity_duration not changed", result.error or "", result.code or "")
+        if "priority" in changed:
+            await self.set_priority(name, int(config.get("priority") or 0))
+        return self.state.runs[name], changed
 
     def _generate_name(self) -> str:
         rng = _NAME_RNG

@@ -128,6 +128,8 @@ class Executor:
         self._draining: dict[str, trio.CancelScope] = {}  # service replicas draining to stop
         self.drain_min_s: float | None = None  # None: meshgpu/runner/drain.py's (tests set it)
         self._changed = trio.Event()
+        # Why a job this host stopped on its own (auto-stop) ended, for its finish report.
+        self._stop_messages: dict[str, str] = {}
         # Reports waiting to be proposed, in order (see _reporter).
         self._reports: list[JobStarted | JobFinished] = []
         self._reports_ready = trio.Event()
@@ -225,6 +227,18 @@ class Executor:
         for job_id in list(self.local):
             self._stop(job_id, abort=True, spec=NO_SPEC, reason="instance_unreachable")
 
+    def autostop(self, job_id: str, reason: str, message: str = "") -> bool:
+        """End a job running here for a reason of this host's own (``inactivity_duration``,
+        ``utilization_policy``: meshgpu/devenv/monitor.py): stopped gracefully like a user's
+        stop, and reported with ``reason`` through the normal finish report. False when the job
+        is not running here or is already stopping."""
+        job = self.state.jobs.get(job_id)
+        if job is None or job_id not in self.local or job_id in self.stopping:
+            return False
+        self._stop_messages[job_id] = message
+        self._stop(job_id, abort=False, spec=self._spec(job), reason=reason)
+        return True
+
     def _spec(self, job: JobRecord) -> RunSpec:
         run = self.state.runs.get(job.run_name)
         return run.spec if run else NO_SPEC
@@ -301,7 +315,13 @@ class Executor:
             )
             return
         now = self.clock.wall()
-        self._enqueue(JobStarted(at=now, job_id=job_id, epoch=epoch, started_at=now))
+        # Where its commands run (and SSH sessions open): the container's working directory
+        # for an image job, the job's own directory on this host otherwise.
+        work = str(self.runner.job_dir(job_id) / "work")
+        where = (run.spec.working_dir or "/workflow") if run.spec.image else work
+        self._enqueue(
+            JobStarted(at=now, job_id=job_id, epoch=epoch, started_at=now, working_dir=where)
+        )
         await self._watch(job_id, epoch)
 
     async def _ensure_code(self, code: CodeRef) -> None:
@@ -426,7 +446,7 @@ class Executor:
                 epoch=epoch,
                 reason=reason,
                 exit_code=result.exit_code,
-                message=result.message[:MAX_MESSAGE],
+                message=(result.message or self._stop_messages.pop(job_id, ""))[:MAX_MESSAGE],
             )
         )
 
@@ -458,6 +478,7 @@ class Executor:
                         self.local.pop(r.job_id, None)
                     self.stopping.discard(r.job_id)
                     self._stop_args.pop(r.job_id, None)
+                    self._stop_messages.pop(r.job_id, None)
             self.notify()
 
     async def _propose_retrying(self, data: bytes) -> None:

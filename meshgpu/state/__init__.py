@@ -1,9 +1,11 @@
 """The replicated state: commands, the deterministic state machine, records and queries."""
 
 from meshgpu.state.commands import (
+    ActivityReport,
     AssignJobs,
     Assignment,
     GPUHealth,
+    JobActivity,
     JobFinished,
     JobReports,
     JobStarted,
@@ -15,6 +17,7 @@ from meshgpu.state.commands import (
     ReplicaProbes,
     ScaleService,
     SetGPUHealth,
+    SetInactivityDuration,
     SetPendingReasons,
     SetRunPriority,
     StopRun,
@@ -38,11 +41,13 @@ from meshgpu.state.records import (
 )
 
 __all__ = [
+    "ActivityReport",
     "AssignJobs",
     "Assignment",
     "CodeRef",
     "GPUHealth",
     "GPURecord",
+    "JobActivity",
     "JobFinished",
     "JobReports",
     "JobRecord",
@@ -63,6 +68,7 @@ __all__ = [
     "RunTerminationReason",
     "ScaleService",
     "SetGPUHealth",
+    "SetInactivityDuration",
     "SetPendingReasons",
     "SetRunPriority",
     "StateMachine",

@@ -113,6 +113,7 @@ class JobStarted(Command):
     job_id: str
     epoch: int
     started_at: float
+    working_dir: str | None = None  # the job's working directory on its host
 
 
 class JobFinished(Command):
@@ -151,6 +152,33 @@ class ProbeReport(BaseModel):
     epoch: int
     ready: bool
     probes: list[str] = Field(default_factory=list)  # failing | probing | ready, per probe
+
+
+class ActivityReport(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    job_id: str
+    epoch: int
+    sessions: int = Field(ge=0)
+    inactive_since: float | None = None  # when the last session closed (None: never had one)
+
+
+class JobActivity(Command):
+    """A host's SSH activity for the jobs it runs, sent when a job's session count goes to or
+    from zero (batched, fenced by epoch like job reports): what ``ps -v`` shows as idle time.
+    The host decides inactivity itself (meshgpu/devenv/autostop.py); this is for the views
+    and for a restarted agent that lost its session tracker."""
+
+    kind: Literal["job_activity"] = "job_activity"
+    reports: list[ActivityReport]
+
+
+class SetInactivityDuration(Command):
+    """Change an active dev environment's ``inactivity_duration`` in place (dstack allows it):
+    the host running it applies the new limit at its next check. ``None`` or ``"off"``: off."""
+
+    kind: Literal["set_inactivity_duration"] = "set_inactivity_duration"
+    run_name: str
+    inactivity_duration: int | Literal["off"] | None = None
 
 
 class ReplicaProbes(Command):

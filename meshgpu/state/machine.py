@@ -19,6 +19,7 @@ from meshgpu.config.spec import SERVICE_INTERRUPTIONS, JobSpec, compile_run
 from meshgpu.state.commands import (
     AssignJobs,
     Assignment,
+    JobActivity,
     JobFinished,
     JobReports,
     JobStarted,
@@ -28,6 +29,7 @@ from meshgpu.state.commands import (
     ReplicaProbes,
     ScaleService,
     SetGPUHealth,
+    SetInactivityDuration,
     SetPendingReasons,
     SetRunPriority,
     StopRun,
@@ -525,6 +527,7 @@ class StateMachine:
         if job.status in (JobStatus.PROVISIONING, JobStatus.PULLING):
             was = self._move(job, JobStatus.RUNNING)
             job.started_at = cmd.started_at
+            job.working_dir = cmd.working_dir
             self._track(job, was)
             self._update_run(self.runs[job.run_name], cmd.at)
         return _ok()
@@ -617,6 +620,39 @@ class StateMachine:
         run.set_config({**run.config, "priority": cmd.priority})
         self._run_reweighed(run)
         return _ok(run.priority)
+
+    def _on_set_inactivity_duration(self, cmd: SetInactivityDuration) -> Result:
+        run = self.runs.get(cmd.run_name)
+        if run is None:
+            return _err("not_found", f"no run named {cmd.run_name!r}")
+        if run.spec.type != "dev-environment":
+            return _err(
+                "not_a_dev_environment",
+                f"run {cmd.run_name!r} is a {run.spec.type}: inactivity_duration is a dev "
+                "environment's",
+            )
+        if run.status.is_finished() or run.termination_reason is not None:
+            return _err("finished", f"run {cmd.run_name!r} has finished or is stopping")
+        config = run.config
+        if config.get("inactivity_duration") != cmd.inactivity_duration:
+            run.set_config({**config, "inactivity_duration": cmd.inactivity_duration})
+        return _ok(run.spec.inactivity_duration_s)
+
+    def _on_job_activity(self, cmd: JobActivity) -> Result:
+        """Who is attached to which job, as its host reports it (see ``JobActivity``)."""
+        results: list[dict[str, Any]] = []
+        for report in cmd.reports:
+            job = self._fenced(report.job_id, report.epoch)
+            if isinstance(job, Result):
+                results.append({"ok": False, "code": job.code})
+                continue
+            if job.status.is_finished():
+                results.append({"ok": False, "code": "finished"})
+                continue
+            job.sessions = report.sessions
+            job.inactive_since = report.inactive_since
+            results.append({"ok": True, "code": ""})
+        return _ok(results)
 
     # -- services: scaling, readiness, in-place updates ---------------------------------------
     def _service_run(self, run_name: str) -> RunRecord | Result:
@@ -1205,7 +1241,9 @@ def _run_doc(run: RunRecord) -> bytes:
 # Snapshots keep the shape they had before services: a field added for them is written only
 # when it holds something (a member that predates it reads every snapshot without it; restore
 # fills the defaults back in).
-_NO_JOB_EXTRAS: frozenset[str] = frozenset({"deployment_num", "ready", "probes"})
+_NO_JOB_EXTRAS: frozenset[str] = frozenset(
+    {"deployment_num", "ready", "probes", "working_dir", "sessions", "inactive_since"}
+)
 _NO_RUN_EXTRAS: frozenset[str] = frozenset(
     {"config_text", "desired_replicas", "last_scaled_at", "deployment_num"}
 )
@@ -1217,8 +1255,16 @@ def _node_defaults(node: NodeRecord) -> set[str]:
 
 
 def _job_defaults(job: JobRecord) -> set[str] | frozenset[str]:
-    """The service fields of a job left at their defaults (left out of its snapshot)."""
-    if not (job.deployment_num or job.ready or job.probes):
+    """The service and dev-environment fields of a job left at their defaults (left out of
+    its snapshot)."""
+    if not (
+        job.deployment_num
+        or job.ready
+        or job.probes
+        or job.working_dir is not None
+        or job.sessions
+        or job.inactive_since is not None
+    ):
         return _NO_JOB_EXTRAS
     return {
         k
@@ -1226,6 +1272,9 @@ def _job_defaults(job: JobRecord) -> set[str] | frozenset[str]:
             ("deployment_num", not job.deployment_num),
             ("ready", not job.ready),
             ("probes", not job.probes),
+            ("working_dir", job.working_dir is None),
+            ("sessions", not job.sessions),
+            ("inactive_since", job.inactive_since is None),
         )
         if unset
     }

@@ -244,6 +244,13 @@ class JobRecord(_Record):
     deployment_num: int = 0
     ready: bool = False
     probes: list[str] = Field(default_factory=list)
+    # Where the job's working directory is on its host (as the host reported it at start: the
+    # IDE links and ``ssh RUN`` open there), and who is attached (``JobActivity``, sent by the
+    # host on change): open SSH sessions, and since when none has been open (None: never had
+    # one, so idle since it started). ``ps -v`` shows the idle time from them.
+    working_dir: str | None = None
+    sessions: int = 0
+    inactive_since: float | None = None
 
 
 class ReplicaRetry(_Record):
