@@ -113,7 +113,9 @@ class JobStarted(Command):
     job_id: str
     epoch: int
     started_at: float
-    working_dir: str | None = None  # the job's working directory on its host
+    # The job's working directory on its host; left out of the entry when unset, so entries
+    # without it encode as they always did.
+    working_dir: str | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class JobFinished(Command):

@@ -15,7 +15,7 @@ from meshgpu.config.runs import (
     ServiceConfiguration,
     TaskConfiguration,
 )
-from meshgpu.config.spec import NO_SPEC, RunSpec, compile_run
+from meshgpu.config.spec import NO_SPEC, RunSpec, compile_run, dev_env_commands
 from meshgpu.state.records import RunRecord
 from tests._paths import CORPUS
 
@@ -54,7 +54,11 @@ def test_every_valid_configuration_compiles(path: Path) -> None:
         assert [j.job_num for j in spec.jobs] == list(range(len(spec.jobs)))
     for job in spec.jobs:
         assert json.loads(job.resources_key) == (job.resources or {})
-        if job.group is None:
+        if job.group is None and config.type == "dev-environment":
+            # init (after the legacy setup), then the ready line and the keep-alive (dstack)
+            init = (*config.setup, *config.init)
+            assert job.commands == dev_env_commands(init)
+        elif job.group is None:
             assert job.commands == tuple(getattr(config, "commands", None) or ())
     assert dict(spec.env) == {k: v for k, v in config.env.items() if v is not None}
     assert spec.image == (config.image or None)
