@@ -199,3 +199,47 @@ async def test_open_session_keeps_a_dev_environment_and_reapply_changes_the_limi
         from meshgpu.testing import kill_job_processes
 
         kill_job_processes(settings.data_dir)
+
+
+def test_apply_waits_prints_the_ide_link_and_attaches(agent: AgentProcess, tmp_path: Path) -> None:
+    """``apply`` of a dev environment (no -d): waits until it runs, prints the IDE link at the
+    job's working directory and ``ssh RUN``, then attaches (``meshgpu attach`` when the build
+    has it, else it follows the output, as here on a branch without it)."""
+    import subprocess
+    import sys
+
+    work = tmp_path / "proj"
+    work.mkdir()
+    (work / "dev.yml").write_text(
+        "type: dev-environment\nname: ide\nide: cursor\ninit: [echo hi]\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshgpu", "apply", "-f", "dev.yml", "-y"],
+        cwd=work,
+        env=agent.cli_env() | {"COLUMNS": "200"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "is ready" in line:  # the job's own output: attached, following its logs
+                break
+        text = "".join(seen)
+        job = job_of(agent, "ide")
+        assert f"cursor://vscode-remote/ssh-remote+ide{job['working_dir']}" in text, text
+        assert "ssh ide" in text
+        assert job["status"] == "running"
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        agent.client().stop("ide", abort=True)
