@@ -335,7 +335,8 @@ class SubmittedRun(RunView):
     updated_in_place: list[str] | None = Field(
         default=None,
         description="Present when an active run was updated in place: what changed "
-        "(['priority'], or a service's changed fields; [] when applied unchanged)",
+        "(['priority'], ['inactivity_duration'] of a dev environment, or a service's changed "
+        "fields; [] when applied unchanged)",
     )
 
 

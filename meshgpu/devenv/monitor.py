@@ -72,6 +72,7 @@ class AutoStop:
         self.stopped: dict[str, str] = {}  # job -> reason, once asked to stop (tests read it)
         self._wake = trio.Event()
         self._dirty: set[str] = set()
+        self._tracked: set[str] = set()  # jobs the tracker holds something of
         self._publish = trio.Event()
         sessions.on_change(self._session_changed)
 
@@ -92,6 +93,7 @@ class AutoStop:
         self.samples.add(self.clock.wall(), utilization)
 
     def _session_changed(self, job_id: str) -> None:
+        self._tracked.add(job_id)
         self._dirty.add(job_id)
         self._publish.set()
         self._wake.set()
@@ -153,6 +155,13 @@ class AutoStop:
         for job_id in list(self.stopped):
             if job_id not in self.executor.local:
                 del self.stopped[job_id]
+        # The tracker forgets jobs that ended once their last session has gone.
+        for job_id in list(self._tracked):
+            job = self.state.jobs.get(job_id)
+            ended = job is None or job.status.is_finished()
+            if ended and job_id not in self._dirty and self.sessions.sessions(job_id) == 0:
+                self.sessions.forget(job_id)
+                self._tracked.discard(job_id)
         return next_at
 
     def idle_since(
