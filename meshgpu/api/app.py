@@ -7,6 +7,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.routing import WebSocketRoute
 
 from meshgpu.api import metrics, offers, problems, tunnel, views
 from meshgpu.api.problems import Problem
@@ -165,7 +166,6 @@ class _Guard:
             await _too_large(f"the body is over the {limit} byte limit")(
                 scope, receive, send_with_index
             )
-
 
     async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """A WebSocket (the SSH tunnel): the token checked before the upgrade; refused with
@@ -477,7 +477,9 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     if services.tunnels is None:
         services.tunnels = Tunnels(state, services.node_id)
     # ssh-proxy's tunnel (a WebSocket): plain ASGI, the guard checked the token before it.
-    app.add_websocket_route(tunnel.PATH, tunnel.TunnelEndpoint(services.tunnels, AUTHENTICATED))
+    app.router.routes.append(
+        WebSocketRoute(tunnel.PATH, tunnel.TunnelEndpoint(services.tunnels, AUTHENTICATED))
+    )
 
     app.include_router(offers.router(services, Auth, Read))
     app.include_router(metrics.router(services, Auth, Read))

@@ -216,6 +216,12 @@ class Client:
         except httpx.TransportError as e:
             raise APIError(0, f"log stream from {self.profile.url} broke", str(e)) from None
 
+    def add_ssh_key(self, public_key: str, name: str) -> dict[str, Any]:
+        """Register a user's SSH public key (``POST /api/v1/ssh/keys``): ``{fingerprint}``."""
+        return self._request(
+            "POST", "/api/v1/ssh/keys", json={"public_key": public_key, "name": name}
+        ).json()
+
     def offers(self, **params: Any) -> dict[str, Any]:
         """``GET /api/v1/offers``: ``gpu``, ``cpu``, ``memory``, ``disk``, ``shm_size``,
         ``resources`` (JSON text), ``nodes``, ``fleet`` (a list), ``after_queue``."""

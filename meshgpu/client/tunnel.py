@@ -359,7 +359,7 @@ def _relay(t: Tunnel, fd_in: int, fd_out: int) -> None:  # noqa: C901 - one loop
     def take(plain: bytes) -> None:
         nonlocal done, error
         for op, payload in frames.feed(plain):
-            if op == OP_BINARY or op == OP_TEXT:
+            if op in (OP_BINARY, OP_TEXT):
                 to_out.extend(payload)
             elif op == OP_PING:
                 to_sock.extend(wire.wrap(client_frame(OP_PONG, payload)))

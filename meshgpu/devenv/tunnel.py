@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from meshgpu.errors import Conflict, NotFound, Unavailable, job_not_found, run_not_found
+from meshgpu.errors import Conflict, Unavailable, job_not_found, run_not_found
 from meshgpu.mesh.address import is_unspecified
 from meshgpu.state import JobStatus
 
@@ -36,15 +36,15 @@ class TunnelTarget:
 
 def select_job(state: StateMachine, name: str, job: int | None = None) -> JobRecord:
     """The job ``name`` names: ``RUN`` (job 0, or ``job``), ``RUN-N`` (job N; a run that is
-    itself named ``RUN-N`` wins) or a job id. The SSH user name is the same selector."""
+    itself named ``RUN-N`` wins) or a job id. The SSH user name is the same selector, read in the
+    same order by the SSH server (``meshgpu/devenv/target.py``)."""
     run = state.runs.get(name)
     if run is None and job is None:
-        found = state.jobs.get(name)
-        if found is not None:
-            return found
         m = _NUMBERED.match(name)
         if m and m["run"] in state.runs:
             run, job = state.runs[m["run"]], int(m["job"])
+        elif (found := state.jobs.get(name)) is not None:
+            return found
     if run is None:
         raise run_not_found(name)
     jobs = state.run_jobs(run)
