@@ -164,7 +164,8 @@ def proxy_command(name: str, job: int, url: str | None) -> str:
     cmd = shlex.join(args)
     profile = default_config_path()
     if profile.exists():
-        cmd = f"MESHGPU_CONFIG={shlex.quote(str(profile.resolve()))} exec {cmd}"
+        # ssh runs ``exec <ProxyCommand>``: the variable goes through env(1)
+        cmd = f"env MESHGPU_CONFIG={shlex.quote(str(profile.resolve()))} {cmd}"
     return cmd.replace("%", "%%")  # ssh expands %-tokens in ProxyCommand
 
 
