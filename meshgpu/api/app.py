@@ -7,12 +7,14 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.routing import WebSocketRoute
 
-from meshgpu.api import metrics, offers, problems, views
+from meshgpu.api import metrics, offers, problems, tunnel, views
 from meshgpu.api.problems import Problem
 from meshgpu.api.views import node_view, run_summary, run_view
 from meshgpu.client.http import MEMBERS_HEADER
 from meshgpu.config.common import EnvOverrides, Utf8Str
+from meshgpu.devenv.tunnel import Tunnels
 from meshgpu.runner.code import valid_sha256
 from meshgpu.services.ingress import Ingress
 
@@ -91,7 +93,10 @@ class _Guard:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "websocket":
+                await self._websocket(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         cluster = self.cluster
         path = scope["path"]
@@ -162,6 +167,18 @@ class _Guard:
             await _too_large(f"the body is over the {limit} byte limit")(
                 scope, receive, send_with_index
             )
+
+    async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A WebSocket (the SSH tunnel): the token checked before the upgrade; refused with
+        the same 401 problem an HTTP request gets (the WebSocket denial response)."""
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        token = problems.bearer_token(header.decode("latin-1"))
+        if not token or not self.cluster.api_token_ok(token):
+            e = problems.unauthorized()
+            await tunnel.deny(scope, receive, send, e)
+            return
+        scope[AUTHENTICATED] = True
+        await self.app(scope, receive, send)
 
 
 class _IngressHook:
@@ -458,6 +475,13 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
         return StreamingResponse(
             services.logs.stream_local(source.job.job_id, follow), media_type="text/plain"
         )
+
+    if services.tunnels is None:
+        services.tunnels = Tunnels(state, services.node_id)
+    # ssh-proxy's tunnel (a WebSocket): plain ASGI, the guard checked the token before it.
+    app.router.routes.append(
+        WebSocketRoute(tunnel.PATH, tunnel.TunnelEndpoint(services.tunnels, AUTHENTICATED))
+    )
 
     app.include_router(offers.router(services, Auth, Read))
     app.include_router(metrics.router(services, Auth, Read))

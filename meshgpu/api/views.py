@@ -174,6 +174,9 @@ def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, A
         # dstack's blocks: how many equal shares the host is split into (None: GPU by GPU).
         "blocks": blocks,
         "busy_blocks": state.blocks_in_use(n.node_id) if blocks is not None else None,
+        # The host's SSH server into its jobs and its host key (``meshgpu attach`` pins it).
+        "ssh_address": n.ssh_address,
+        "ssh_host_key": n.ssh_host_key,
     }
 
 
@@ -361,6 +364,10 @@ class NodeView(BaseModel):
     gpus: list[dict[str, Any]]
     blocks: int | None
     busy_blocks: int | None
+    ssh_address: str | None = Field(default=None, description="The host's SSH server (host:port)")
+    ssh_host_key: str | None = Field(
+        default=None, description="Its host key (OpenSSH public key text)"
+    )
     gossip: dict[str, Any] | None = Field(description="This node's gossip view of the host")
     telemetry: list[dict[str, Any]] | None = Field(description="Per-GPU telemetry, if known")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from meshgpu.cli import _agent, _cluster, _config, _metrics, _offer, _runs
+from meshgpu.cli import _agent, _attach, _cluster, _config, _metrics, _offer, _runs
 
 app = typer.Typer(
     name="meshgpu",
@@ -21,6 +21,8 @@ app.command(context_settings={"allow_interspersed_args": False})(_runs.submit)
 app.command()(_runs.ps)
 app.command()(_runs.logs)
 app.command()(_runs.stop)
+app.command()(_attach.attach)
+app.command("ssh-proxy")(_attach.ssh_proxy)
 app.command()(_cluster.nodes)
 app.command()(_cluster.status)
 app.command()(_offer.offer)

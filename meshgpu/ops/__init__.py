@@ -20,6 +20,7 @@ from meshgpu.ops.tokens import Tokens
 from meshgpu.services.stats import ServiceCounters
 
 if TYPE_CHECKING:
+    from meshgpu.devenv.tunnel import Tunnels
     from meshgpu.gpu import GPUProvider
     from meshgpu.runner import ProcessRunner
     from meshgpu.services.ingress import Ingress
@@ -61,6 +62,8 @@ class Services:
     counters: ServiceCounters = field(default_factory=ServiceCounters)
     # Every service's request rate as this node sees it (run views, ps); None: not measured.
     rates: ServiceRates | None = None
+    # The way into jobs through this node (``meshgpu ssh-proxy``); None: the app builds one.
+    tunnels: Tunnels | None = None
 
     async def local_telemetry(self) -> list[dict[str, Any]]:
         """A fresh sample of this host's GPUs (a blocking driver call: in a worker thread)."""
