@@ -114,6 +114,20 @@ def attach(
     raise typer.Exit(code)
 
 
+def attach_run(c: Client, name: str) -> int:
+    """``apply`` of a dev environment attaches as dstack's does: the SSH configuration, the
+    ports forwarded, the output streamed until Ctrl-C; the exit code of ``attach``."""
+    files = SSHFiles(Path.home())
+    try:
+        alias = attach_config(c, name, 0, files)
+        out.print(f"ssh configuration for [bold]{name}[/] in {files.config}: `ssh {alias}`")
+        view = wait_running(c, name, 0)
+    except APIError as e:
+        err.print(f"[red]cannot attach to {name}:[/] {e}")
+        return 1
+    return hold(c, view, 0, alias, files, logs=True, ports=True)
+
+
 # -- the key ---------------------------------------------------------------------------------
 def ensure_key(files: SSHFiles) -> str:
     """The public key line of ``~/.meshgpu/ssh/id_ed25519``, made on first use (0600)."""

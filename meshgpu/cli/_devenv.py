@@ -96,7 +96,7 @@ def attach_hook() -> Callable[[Client, str], int] | None:
     """``meshgpu attach``'s entry point when this build has it (meshgpu/cli/_attach.py:
     ``attach_run(client, name) -> exit code``: SSH config, port forwards, logs until Ctrl-C)."""
     try:
-        from meshgpu.cli._attach import attach_run  # type: ignore[attr-defined]
+        from meshgpu.cli._attach import attach_run
     except ImportError:
         return None
-    return attach_run  # type: ignore[no-any-return]
+    return attach_run
