@@ -234,15 +234,20 @@ class AgentProcess:
         }
 
     def cli(
-        self, *args: str, cwd: Path | None = None, timeout: float = 60
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        timeout: float = 60,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """``meshgpu ARGS`` against this agent, output captured as text."""
+        """``meshgpu ARGS`` against this agent, output captured as text (``env``: variables
+        over ``cli_env()``, e.g. another HOME)."""
         return subprocess.run(
             [sys.executable, "-m", "meshgpu", *args],
             capture_output=True,
             text=True,
             cwd=cwd,
-            env=self.cli_env(),
+            env=self.cli_env() | dict(env or {}),
             timeout=timeout,
             check=False,
         )
