@@ -71,7 +71,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Net, list[
     agents: list[AgentProcess] = []
     try:
         # only h2 has an H100: the dev environment runs there
-        for i, (h, gpus) in enumerate(zip(net.hosts, ["1xA100:40GB", "1xH100:80GB"]), start=1):
+        for i, (h, gpus) in enumerate(
+            zip(net.hosts, ["1xA100:40GB", "1xH100:80GB"], strict=True), start=1
+        ):
             agents.append(ns_agent(h, root, f"h{i}", fake_gpus=gpus))
             agents[-1].start(agents[0].join_token() if i > 1 else None)
         wait_for(lambda: len(agents[0].client().nodes()) == 2, timeout=60)
