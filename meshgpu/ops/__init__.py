@@ -16,6 +16,7 @@ from meshgpu.ops.logs import Logs, LogSource
 from meshgpu.ops.metrics import Metrics
 from meshgpu.ops.peers import NoPeers, Peers
 from meshgpu.ops.runs import Runs, Submission
+from meshgpu.ops.sshkeys import SSHKeys
 from meshgpu.ops.tokens import Tokens
 from meshgpu.services.stats import ServiceCounters
 
@@ -61,6 +62,8 @@ class Services:
     counters: ServiceCounters = field(default_factory=ServiceCounters)
     # Every service's request rate as this node sees it (run views, ps); None: not measured.
     rates: ServiceRates | None = None
+    # Users' SSH public keys (``/api/v1/ssh/keys``); None: the app answers 503.
+    ssh_keys: SSHKeys | None = None
 
     async def local_telemetry(self) -> list[dict[str, Any]]:
         """A fresh sample of this host's GPUs (a blocking driver call: in a worker thread)."""
@@ -79,6 +82,7 @@ __all__ = [
     "NoPeers",
     "Peers",
     "Runs",
+    "SSHKeys",
     "Services",
     "Submission",
     "Tokens",
