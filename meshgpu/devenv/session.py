@@ -81,6 +81,8 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._exited = False
         self._pty_done: asyncio.Event | None = None
         self._writing_paused = False
+        self._pending: list[bytes] = []
+        self._pending_eof = False
 
     # ---- asyncssh's callbacks (the client's requests) ----
 
@@ -108,11 +110,16 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         asyncio.get_running_loop().create_task(self._start())
 
     def data_received(self, data: bytes, datatype: Any) -> None:
-        if self.stdin is not None and not self.stdin.is_closing():
+        if self.stdin is None:  # before the process is up: held, and the channel paused
+            self._pending.append(data)
+            self.chan.pause_reading()
+        elif not self.stdin.is_closing():
             self.stdin.write(data)
 
     def eof_received(self) -> bool:
-        if self.master is None and self.stdin is not None and self.stdin.can_write_eof():
+        if self.stdin is None:
+            self._pending_eof = True
+        elif self.master is None and self.stdin.can_write_eof():
             self.stdin.write_eof()
         return True  # keep the channel open for the process's output
 
@@ -196,6 +203,13 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 await self._start_pty(loop, argv, env)
             else:
                 await self._start_pipes(loop, argv, env)
+            for data in self._pending:
+                self.stdin.write(data)
+            self._pending.clear()
+            if self._pending_eof:
+                self.eof_received()
+            if self.chan is not None:
+                self.chan.resume_reading()
         except Exception as e:
             log.info("session in job %s failed to start: %s", self.ctx.job_id, e)
             if self.chan is not None:
