@@ -128,6 +128,8 @@ def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, A
         "status": n.status,
         "api_url": n.api_url,
         "internal_ip": n.internal_ip,
+        "ssh_address": n.ssh_address,
+        "ssh_host_key": n.ssh_host_key,
         "labels": n.labels,
         "cpu_count": n.cpu_count,
         "cpu_arch": n.cpu_arch,
@@ -293,6 +295,12 @@ class NodeView(BaseModel):
     status: str
     api_url: str | None
     internal_ip: str
+    ssh_address: str | None = Field(
+        default=None, description="host:port of the node's SSH server into its jobs"
+    )
+    ssh_host_key: str | None = Field(
+        default=None, description="The SSH server's host key (OpenSSH public key line)"
+    )
     labels: dict[str, str]
     cpu_count: int
     cpu_arch: str
