@@ -89,6 +89,7 @@ class _Connection(asyncssh.SSHServer):
         self.verdict: Verdict | None = None
         self.ctx: JobContext | None = None
         self.opened = False
+        self.channels: list[JobSession] = []
 
     def connection_made(self, conn: Any) -> None:
         self.conn = conn
@@ -135,7 +136,10 @@ class _Connection(asyncssh.SSHServer):
     def session_requested(self) -> Any:
         if self.ctx is None:
             return False
-        return JobSession(self.ctx, self.server.sftp_server)
+        session = JobSession(self.ctx, self.server.sftp_server)
+        self.channels = [c for c in self.channels if c.chan is not None]
+        self.channels.append(session)
+        return session
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
@@ -163,8 +167,12 @@ class _Connection(asyncssh.SSHServer):
 
     def end(self, why: str) -> None:
         """The job ended (or left this host): disconnect, saying why (asyncio side)."""
-        if self.conn is not None:
-            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"meshgpu: {why}")
+        if self.conn is None:
+            return
+        for session in self.channels:  # said where a user sees it (not only in ssh -v)
+            if session.chan is not None and session.subsystem is None:
+                session.chan.write_stderr(f"\r\nmeshgpu: {why}\r\n".encode())
+        self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"meshgpu: {why}")
 
 
 class SSHServer:
