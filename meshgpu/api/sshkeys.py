@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 class SSHKeyBody(BaseModel):
     public_key: str = Field(
-        max_length=16 << 10, description="One OpenSSH public key line: 'ssh-ed25519 AAAA... [comment]'"
+        max_length=16 << 10,
+        description="One OpenSSH public key line: 'ssh-ed25519 AAAA... [comment]'",
     )
     name: str = Field(default="", max_length=200, description="A label (default: the comment)")
 
@@ -34,7 +35,9 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
 
     def keys() -> Any:
         if services.ssh_keys is None:
-            raise Problem(503, "SSH keys unavailable", "this node serves no SSH keys", "unavailable")
+            raise Problem(
+                503, "SSH keys unavailable", "this node serves no SSH keys", "unavailable"
+            )
         return services.ssh_keys
 
     @r.post(

@@ -55,9 +55,7 @@ def agent(
     peer_port: Annotated[int, typer.Option("--peer-port")] = 7481,
     ssh_port: Annotated[
         int,
-        typer.Option(
-            "--ssh-port", help="The SSH server into this host's jobs (0: any free port)"
-        ),
+        typer.Option("--ssh-port", help="The SSH server into this host's jobs (0: any free port)"),
     ] = 7482,
     advertise: Annotated[
         str | None, typer.Option("--advertise", help="Address peers and jobs use")

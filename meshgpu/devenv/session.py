@@ -89,7 +89,9 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def connection_made(self, chan: Any) -> None:
         self.chan = chan
 
-    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], _modes: Any) -> bool:
+    def pty_requested(
+        self, term_type: str, term_size: tuple[int, int, int, int], _modes: Any
+    ) -> bool:
         self.term = (term_type or "xterm", term_size)
         return True
 
@@ -207,6 +209,9 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 self.stdin.write(data)
             self._pending.clear()
             if self._pending_eof:
+                # After the pipe transport's own setup (it adds its reader with call_soon: an
+                # EOF before that would leave a reader on a closed pipe).
+                await asyncio.sleep(0)
                 self.eof_received()
             if self.chan is not None:
                 self.chan.resume_reading()
@@ -217,7 +222,9 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 self.chan.exit(255)
             return
 
-    async def _start_pipes(self, loop: asyncio.AbstractEventLoop, argv: list[str], env: dict[str, str]) -> None:
+    async def _start_pipes(
+        self, loop: asyncio.AbstractEventLoop, argv: list[str], env: dict[str, str]
+    ) -> None:
         transport, _ = await loop.subprocess_exec(
             lambda: _PipeProtocol(self),
             *argv,
@@ -234,7 +241,9 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if self._writing_paused:
             self.pause_writing()
 
-    async def _start_pty(self, loop: asyncio.AbstractEventLoop, argv: list[str], env: dict[str, str]) -> None:
+    async def _start_pty(
+        self, loop: asyncio.AbstractEventLoop, argv: list[str], env: dict[str, str]
+    ) -> None:
         assert self.term is not None
         master, slave = os.openpty()
         try:

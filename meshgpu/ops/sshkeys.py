@@ -40,17 +40,25 @@ class SSHKeys:
             raise Invalid("malformed SSH public key", str(e), "invalid_ssh_key") from None
         name = (name or key.comment)[:MAX_NAME]
         cmd = AddSSHKey(
-            at=time.time(), fingerprint=key.fingerprint, public_key=key.openssh, name=name, user=user
+            at=time.time(),
+            fingerprint=key.fingerprint,
+            public_key=key.openssh,
+            name=name,
+            user=user,
         )
         await self.proposer.propose(encode_cluster(cmd))
         stored = self.cluster.ssh_keys.get(key.fingerprint)
         return key_view(stored) if stored is not None else {"fingerprint": key.fingerprint}
 
     def list(self) -> list[dict[str, Any]]:
-        return [key_view(k) for k in sorted(self.cluster.ssh_keys.values(), key=lambda k: k.added_at)]
+        return [
+            key_view(k) for k in sorted(self.cluster.ssh_keys.values(), key=lambda k: k.added_at)
+        ]
 
     async def remove(self, fingerprint: str) -> None:
         fp = fingerprint if fingerprint.startswith("SHA256:") else f"SHA256:{fingerprint}"
-        result = await self.proposer.propose(encode_cluster(RemoveSSHKey(at=time.time(), fingerprint=fp)))
+        result = await self.proposer.propose(
+            encode_cluster(RemoveSSHKey(at=time.time(), fingerprint=fp))
+        )
         if not result.ok:
             raise NotFound("SSH key not found", result.error, result.code)

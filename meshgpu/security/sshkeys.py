@@ -63,7 +63,9 @@ def parse_public_key(text: str) -> PublicKey:
         raise BadPublicKey(f"too long for a public key ({len(text)} characters)")
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     if not lines:
-        raise BadPublicKey("empty: expected one OpenSSH public key line, e.g. 'ssh-ed25519 AAAA...'")
+        raise BadPublicKey(
+            "empty: expected one OpenSSH public key line, e.g. 'ssh-ed25519 AAAA...'"
+        )
     if len(lines) > 1:
         raise BadPublicKey("expected one public key, got several lines")
     if lines[0].startswith("-----BEGIN"):
@@ -74,7 +76,9 @@ def parse_public_key(text: str) -> PublicKey:
     algorithm, b64 = parts[0], parts[1]
     comment = parts[2] if len(parts) > 2 else ""
     if algorithm not in KEY_TYPES:
-        raise BadPublicKey(f"key type {algorithm!r} is not accepted (one of: {', '.join(KEY_TYPES)})")
+        raise BadPublicKey(
+            f"key type {algorithm!r} is not accepted (one of: {', '.join(KEY_TYPES)})"
+        )
     try:
         blob = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):

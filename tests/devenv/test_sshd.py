@@ -81,7 +81,8 @@ async def test_local_port_forwarding(tmp_path: Path) -> None:
             fwd = await trio.lowlevel.open_process(
                 [
                     *env.ssh_argv("dev", "-N", "-L", f"{local}:127.0.0.1:{job_port}"),
-                    "-o", "ExitOnForwardFailure=yes",
+                    "-o",
+                    "ExitOnForwardFailure=yes",
                 ],  # fmt: skip
             )
             try:

@@ -35,7 +35,9 @@ def agent(tmp_path: Path) -> Iterator[AgentProcess]:
         a.close()
 
 
-def ssh(a: AgentProcess, tmp: Path, key: Path, user: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+def ssh(
+    a: AgentProcess, tmp: Path, key: Path, user: str, *cmd: str
+) -> subprocess.CompletedProcess[str]:
     node = a.client().nodes()[0]
     host, port = node["ssh_address"].rsplit(":", 1)
     known = tmp / "known_hosts"
@@ -49,7 +51,9 @@ def ssh(a: AgentProcess, tmp: Path, key: Path, user: str, *cmd: str) -> subproce
 
 
 def add_key(c: Client, public_key: str, name: str = "") -> dict:
-    return c._request("POST", "/api/v1/ssh/keys", json={"public_key": public_key, "name": name}).json()
+    return c._request(
+        "POST", "/api/v1/ssh/keys", json={"public_key": public_key, "name": name}
+    ).json()
 
 
 def test_keys_api_and_a_session_in_a_job(agent: AgentProcess, tmp_path: Path) -> None:
@@ -58,7 +62,7 @@ def test_keys_api_and_a_session_in_a_job(agent: AgentProcess, tmp_path: Path) ->
     node = c.nodes()[0]
     assert node["ssh_address"].endswith(f":{agent.ssh_port}")
     assert node["ssh_host_key"].startswith("ssh-ed25519 ")
-    host_key = (agent.data / "ssh_host_ed25519_key")
+    host_key = agent.data / "ssh_host_ed25519_key"
     assert host_key.stat().st_mode & 0o777 == 0o600
 
     # Malformed keys: 400 with the reason.
@@ -75,7 +79,9 @@ def test_keys_api_and_a_session_in_a_job(agent: AgentProcess, tmp_path: Path) ->
     key = tmp_path / "id_ed25519"
     pub = keygen(key)
     added = add_key(c, pub, "laptop")
-    fp = subprocess.run(["ssh-keygen", "-lf", str(key)], capture_output=True, text=True).stdout.split()[1]
+    fp = subprocess.run(
+        ["ssh-keygen", "-lf", str(key)], capture_output=True, text=True
+    ).stdout.split()[1]
     assert added["fingerprint"] == fp and added["name"] == "laptop"
     assert add_key(c, pub)["fingerprint"] == fp  # again: no error, same key
     listed = c._request("GET", "/api/v1/ssh/keys").json()
