@@ -27,6 +27,7 @@ from meshgpu.control import Demand, GossipKeys, Retention, Scheduling
 from meshgpu.control.autoscaling import Autoscaling
 from meshgpu.devenv.monitor import AutoStop
 from meshgpu.devenv.sessions import SessionTracker
+from meshgpu.devenv.sshd import SSHServer
 from meshgpu.gpu import FakeProvider, detect
 from meshgpu.host.fencing import Fencing
 from meshgpu.host.founding import found_cluster
@@ -36,7 +37,17 @@ from meshgpu.host.registration import Registration
 from meshgpu.mesh.discovery import Advertiser
 from meshgpu.mesh.membership import MembershipManager
 from meshgpu.mesh.node_gossip import GossipHost, MeshGossip
-from meshgpu.ops import Admission, ClusterInfo, Code, Logs, Metrics, Runs, Services, Tokens
+from meshgpu.ops import (
+    Admission,
+    ClusterInfo,
+    Code,
+    Logs,
+    Metrics,
+    Runs,
+    Services,
+    SSHKeys,
+    Tokens,
+)
 from meshgpu.ops.peers import answers
 from meshgpu.peer import PeerClient, PeerCodeLink, PeerServer, members_of
 from meshgpu.replica import Leadership, RaftProposer, follow_applied, follow_version
@@ -45,6 +56,7 @@ from meshgpu.runner import ProcessRunner
 from meshgpu.runner.code import CodeStore
 from meshgpu.runner.executor import Executor
 from meshgpu.security import fingerprint
+from meshgpu.security.sshkeys import load_or_create_host_key
 from meshgpu.services.ingress import Ingress, IngressSettings
 from meshgpu.services.nginx import MISSING, NginxError, NginxPlane, find_nginx, front
 from meshgpu.services.probes import Prober
@@ -93,6 +105,7 @@ class Agent:
         # auto-stop monitor reads them (the one instance).
         self.sessions = SessionTracker(clock)
         self.autostop: AutoStop | None = None  # built in run(), beside the executor
+        self.ssh_address: str | None = None  # host:port of the SSH server, once it listens
 
     @property
     def peer_address(self) -> str:
@@ -220,11 +233,35 @@ class Agent:
                 nursery.start_soon(follow_applied, node, plane.notify)
             else:
                 await serve(nursery, api_socket, services, api_tls)
+            # The SSH server into this host's jobs (its address and host key go in our record).
+            host_key, host_pub = load_or_create_host_key(s.data_dir / "ssh_host_ed25519_key")
+            sshd = SSHServer(
+                node_id=ident.node_id,
+                state=state,
+                cluster=cluster,
+                jobs_dir=s.data_dir / "jobs",
+                sessions=self.sessions,
+                host_key=host_key,
+                bind=s.bind,
+                port=s.ssh_port,
+            )
+            ssh_port = await nursery.start(sshd.run)
+            host = f"[{ident.host}]" if ":" in ident.host else ident.host
+            self.ssh_address = f"{host}:{ssh_port}"
+            nursery.start_soon(follow_applied, node, sshd.notify)
             await wait_leader(node)
             if founding:
                 self.join_token = await found_cluster(ident, proposer, services.tokens)
             registration = Registration(
-                ident, s, self.gpus, executor, state, node, proposer, clock=clock
+                ident,
+                s,
+                self.gpus,
+                executor,
+                state,
+                node,
+                proposer,
+                clock=clock,
+                ssh=(self.ssh_address, host_pub),
             )
             await registration.register()
             await nursery.start(executor.run)
@@ -328,6 +365,7 @@ class Agent:
             gossip=gossip,
             gpus=self.gpus,
             runner=self.runner,
+            ssh_keys=SSHKeys(proposer, self.replicated.cluster),
             ingress=Ingress(
                 state,
                 ident.node_id,

@@ -19,6 +19,8 @@ class AgentSettings:
     bind: str = "127.0.0.1"
     api_port: int = 7480
     peer_port: int = 7481
+    # The SSH server into this host's jobs (meshgpu/devenv/sshd.py); 0: any free port.
+    ssh_port: int = 7482
     advertise: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     # dstack's blocks: split this host into N equal shares (or "auto"); None: GPU by GPU.

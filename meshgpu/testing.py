@@ -111,6 +111,7 @@ class AgentProcess:
         fake_gpus: str = "1xH100:80GB",
         api_port: int | None = None,
         peer_port: int | None = None,
+        ssh_port: int | None = None,
         bind: str | None = None,
         netns: str | None = None,
         mdns: bool = False,
@@ -124,6 +125,7 @@ class AgentProcess:
         self.log_path = root / f"{name}.log"
         self.api_port = free_port() if api_port is None else api_port
         self.peer_port = free_port() if peer_port is None else peer_port
+        self.ssh_port = free_port() if ssh_port is None else ssh_port
         self.bind, self.netns, self.mdns = bind, netns, mdns
         self.env = dict(env or {})
         self.fake_gpus = fake_gpus
@@ -144,6 +146,7 @@ class AgentProcess:
         if self.bind is not None:
             args += ["--bind", self.bind]
         args += ["--api-port", str(self.api_port), "--peer-port", str(self.peer_port)]
+        args += ["--ssh-port", str(self.ssh_port)]
         args += ["--fake-gpus", self.fake_gpus, "--name", self.name]
         if not self.mdns:
             args.append("--no-mdns")

@@ -164,6 +164,8 @@ def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, A
         "status": n.status,
         "api_url": n.api_url,
         "internal_ip": n.internal_ip,
+        "ssh_address": n.ssh_address,
+        "ssh_host_key": n.ssh_host_key,
         "labels": n.labels,
         "cpu_count": n.cpu_count,
         "cpu_arch": n.cpu_arch,
@@ -174,9 +176,6 @@ def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, A
         # dstack's blocks: how many equal shares the host is split into (None: GPU by GPU).
         "blocks": blocks,
         "busy_blocks": state.blocks_in_use(n.node_id) if blocks is not None else None,
-        # The host's SSH server into its jobs and its host key (``meshgpu attach`` pins it).
-        "ssh_address": n.ssh_address,
-        "ssh_host_key": n.ssh_host_key,
     }
 
 
@@ -355,6 +354,12 @@ class NodeView(BaseModel):
     status: str
     api_url: str | None
     internal_ip: str
+    ssh_address: str | None = Field(
+        default=None, description="host:port of the node's SSH server into its jobs"
+    )
+    ssh_host_key: str | None = Field(
+        default=None, description="The SSH server's host key (OpenSSH public key line)"
+    )
     labels: dict[str, str]
     cpu_count: int
     cpu_arch: str
@@ -364,10 +369,6 @@ class NodeView(BaseModel):
     gpus: list[dict[str, Any]]
     blocks: int | None
     busy_blocks: int | None
-    ssh_address: str | None = Field(default=None, description="The host's SSH server (host:port)")
-    ssh_host_key: str | None = Field(
-        default=None, description="Its host key (OpenSSH public key text)"
-    )
     gossip: dict[str, Any] | None = Field(description="This node's gossip view of the host")
     telemetry: list[dict[str, Any]] | None = Field(description="Per-GPU telemetry, if known")
 

@@ -53,6 +53,10 @@ def agent(
     ] = "127.0.0.1",
     api_port: Annotated[int, typer.Option("--api-port")] = 7480,
     peer_port: Annotated[int, typer.Option("--peer-port")] = 7481,
+    ssh_port: Annotated[
+        int,
+        typer.Option("--ssh-port", help="The SSH server into this host's jobs (0: any free port)"),
+    ] = 7482,
     advertise: Annotated[
         str | None, typer.Option("--advertise", help="Address peers and jobs use")
     ] = None,
@@ -275,6 +279,7 @@ def agent(
         bind=bind,
         api_port=api_port,
         peer_port=peer_port,
+        ssh_port=ssh_port,
         advertise=advertise,
         labels=_labels(labels),
         blocks=_blocks(blocks),

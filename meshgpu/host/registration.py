@@ -37,8 +37,11 @@ class Registration:
         proposer: Proposer,
         check_s: float = 1.0,
         clock: Clock = SYSTEM_CLOCK,
+        ssh: tuple[str | None, str | None] = (None, None),
     ) -> None:
         self.clock = clock
+        # This host's SSH server: "host:port" and its host key (OpenSSH public key line).
+        self.ssh_address, self.ssh_host_key = ssh
         self.identity, self.settings, self.gpus = identity, settings, gpus
         self.executor, self.state, self.node, self.proposer = executor, state, node, proposer
         self.check_s = check_s  # how often a dead record of this host is looked for
@@ -53,6 +56,8 @@ class Registration:
             node_id=ident.node_id,
             name=ident.name,
             api_url=ident.api_url,
+            ssh_address=self.ssh_address,
+            ssh_host_key=self.ssh_host_key,
             internal_ip=ident.host,
             labels=s.labels,
             gpus=[

@@ -16,6 +16,7 @@ from meshgpu.ops.logs import Logs, LogSource
 from meshgpu.ops.metrics import Metrics
 from meshgpu.ops.peers import NoPeers, Peers
 from meshgpu.ops.runs import Runs, Submission
+from meshgpu.ops.sshkeys import SSHKeys
 from meshgpu.ops.tokens import Tokens
 from meshgpu.services.stats import ServiceCounters
 
@@ -64,6 +65,8 @@ class Services:
     rates: ServiceRates | None = None
     # The way into jobs through this node (``meshgpu ssh-proxy``); None: the app builds one.
     tunnels: Tunnels | None = None
+    # Users' SSH public keys (``/api/v1/ssh/keys``); None: the app answers 503.
+    ssh_keys: SSHKeys | None = None
 
     async def local_telemetry(self) -> list[dict[str, Any]]:
         """A fresh sample of this host's GPUs (a blocking driver call: in a worker thread)."""
@@ -82,6 +85,7 @@ __all__ = [
     "NoPeers",
     "Peers",
     "Runs",
+    "SSHKeys",
     "Services",
     "Submission",
     "Tokens",

@@ -113,6 +113,22 @@ class InstallGossipKey(_Cmd):
     retire: bool = False
 
 
+class AddSSHKey(_Cmd):
+    """A user's SSH public key, for the SSH server of every host (``meshgpu/devenv/sshd.py``).
+    Checked before it is proposed (``meshgpu/ops/sshkeys.py``); the same key again is a no-op."""
+
+    kind: Literal["add_ssh_key"] = "add_ssh_key"
+    fingerprint: str = Field(pattern=r"^SHA256:[A-Za-z0-9+/]{43}$")
+    public_key: str  # "<type> <base64>", as parsed (no comment)
+    name: str = ""
+    user: str = "admin"
+
+
+class RemoveSSHKey(_Cmd):
+    kind: Literal["remove_ssh_key"] = "remove_ssh_key"
+    fingerprint: str
+
+
 def decode_cluster(data: bytes) -> Any:
     """The cluster command of an entry without its tag, or a failed Result if this build
     cannot read it."""
@@ -136,6 +152,23 @@ class Member(BaseModel):
     removed: bool = False
 
 
+class SSHKey(BaseModel):
+    """A registered SSH public key and whose it is."""
+
+    fingerprint: str
+    public_key: str
+    name: str = ""
+    user: str = "admin"
+    added_at: float = 0.0
+
+
+def may_see(key: SSHKey, project: str) -> bool:
+    """Whether ``key`` may open sessions into jobs of ``project``: the one place this is
+    decided. Today every registered key is the admin's, who sees every project."""
+    # Users and projects (#18) narrow this to the projects the key's user belongs to.
+    return key.user == "admin" and bool(project)
+
+
 class ClusterState:
     def __init__(self) -> None:
         self.cluster_id = ""
@@ -152,6 +185,7 @@ class ClusterState:
         # and the command's time (see ``gossip_key_action``).
         self.gossip_key_removed = 0
         self.gossip_key_at = 0.0
+        self.ssh_keys: dict[str, SSHKey] = {}  # fingerprint -> key
         self.next_raft_id = 2
         self.version = 0  # bumped on every change: the agent re-syncs peer addresses on change
 
@@ -238,6 +272,22 @@ class ClusterState:
             return Result(False, None, f"no token {c.token_id}", "not_found")
         tok["revoked"] = True
         return Result(True, c.token_id)
+
+    def _on_add_ssh_key(self, c: AddSSHKey) -> Result:
+        if c.fingerprint not in self.ssh_keys:
+            self.ssh_keys[c.fingerprint] = SSHKey(
+                fingerprint=c.fingerprint,
+                public_key=c.public_key,
+                name=c.name,
+                user=c.user,
+                added_at=c.at,
+            )
+        return Result(True, c.fingerprint)
+
+    def _on_remove_ssh_key(self, c: RemoveSSHKey) -> Result:
+        if self.ssh_keys.pop(c.fingerprint, None) is None:
+            return Result(False, None, f"no SSH key {c.fingerprint}", "not_found")
+        return Result(True, c.fingerprint)
 
     def _on_admit_node(self, c: AdmitNode) -> Result:
         why = self.token_problem(c.token_id, c.node_id, c.at)
@@ -326,7 +376,7 @@ class ClusterState:
         )
 
     def snapshot_doc(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "cluster_id": self.cluster_id,
             "ca_cert_pem": self.ca_cert_pem,
             "api_token_hash": self.api_token_hash,
@@ -338,6 +388,9 @@ class ClusterState:
             "gossip_key_at": self.gossip_key_at,
             "next_raft_id": self.next_raft_id,
         }
+        if self.ssh_keys:  # absent when there are none: older snapshots keep their shape
+            doc["ssh_keys"] = [k.model_dump() for k in self.ssh_keys.values()]
+        return doc
 
     def restore_doc(self, doc: dict[str, Any]) -> None:
         self.cluster_id = doc.get("cluster_id", "")
@@ -349,6 +402,9 @@ class ClusterState:
         self.gossip_keys = list(doc.get("gossip_keys", []))
         self.gossip_key_removed = int(doc.get("gossip_key_removed", 0))
         self.gossip_key_at = float(doc.get("gossip_key_at", 0.0))
+        self.ssh_keys = {
+            k["fingerprint"]: SSHKey.model_validate(k) for k in doc.get("ssh_keys", [])
+        }
         self.next_raft_id = doc.get("next_raft_id", 2)
         self.version += 1
 

@@ -20,6 +20,7 @@ from meshgpu.ops import (
     NoPeers,
     Runs,
     Services,
+    SSHKeys,
     Tokens,
 )
 from meshgpu.runner import ProcessRunner
@@ -132,6 +133,7 @@ def StubAgent(state: StateMachine, tmp: Path, node_id: str = "n1") -> StubServic
         gossip=_Gossip(),
         gpus=gpus,
         runner=runner,
+        ssh_keys=SSHKeys(proposer, cluster),
     )
 
 
