@@ -89,8 +89,10 @@ def _env(agent: AgentProcess, home: Path) -> dict[str, str]:
 
 
 def _ssh(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    # OpenSSH reads ~/.ssh/config from the passwd entry's home, not $HOME: name the file
+    config = str(Path(env["HOME"]) / ".ssh" / "config")
     return subprocess.run(
-        ["ssh", "-o", "BatchMode=yes", *args],
+        ["ssh", "-F", config, "-o", "BatchMode=yes", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -131,7 +133,7 @@ def test_attach_through_the_node_that_does_not_run_the_job(
     # scp in and back, byte-identical
     blob = os.urandom(3 << 20)
     (tmp_path / "in.bin").write_bytes(blob)
-    base = ["-o", "BatchMode=yes"]
+    base = ["-F", str(home / ".ssh" / "config"), "-o", "BatchMode=yes"]
     for args in (
         [str(tmp_path / "in.bin"), "box:copied.bin"],
         ["box:copied.bin", str(tmp_path / "back.bin")],
@@ -161,7 +163,7 @@ def test_attach_through_the_node_that_does_not_run_the_job(
         ["ssh", *base, "-N", "-L", f"{local}:127.0.0.1:8080", "box"],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     try:
         body = wait_for(
@@ -186,7 +188,18 @@ def test_attach_through_the_node_that_does_not_run_the_job(
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True, timeout=30
     )
-    r = _ssh(env, "-o", "IdentitiesOnly=yes", "-i", str(other), "box", "true")
+    # the same configuration, but with that key in place of the registered one
+    stranger = tmp_path / "stranger"
+    (stranger / ".ssh").mkdir(parents=True)
+    lines = (home / ".meshgpu" / "ssh" / "config").read_text().splitlines()
+    (stranger / ".ssh" / "config").write_text(
+        "\n".join(
+            f"    IdentityFile {other}" if ln.strip().startswith("IdentityFile") else ln
+            for ln in lines
+        )
+        + "\n"
+    )
+    r = _ssh(env | {"HOME": str(stranger)}, "box", "true")
     assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
 
     # unattended now: stopped for inactivity within a check interval after 20 s
