@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.mesh.node_meta import service_key
 from meshgpu.services.autoscaler import RateHistory, desired_replicas
+from meshgpu.services.rates import all_counters
 from meshgpu.state import RunStatus, ScaleService, encode
 
 if TYPE_CHECKING:
@@ -67,14 +68,9 @@ class Autoscaling:
             await self.step()
             await self.clock.sleep(self.interval_s)
 
-    def _sample(self) -> dict[str, Mapping[str, tuple[int, int]]]:
-        nodes = {n: c for n, c in self.telemetry().items() if n != self.node_id}
-        nodes[self.node_id] = {service_key(r): v for r, v in self.local().items()}
-        return nodes
-
     async def step(self) -> None:
         now = self.clock.wall()
-        nodes = self._sample()
+        nodes = all_counters(self.telemetry, self.node_id, self.local)
         live: set[str] = set()
         for run in list(self.state.runs.values()):
             if not autoscaled(run):

@@ -21,6 +21,18 @@ DEFAULT_WINDOW_S = 60
 NodeCounters = Mapping[str, Mapping[str, tuple[int, int]]]  # node -> service key -> (done, wait)
 
 
+def all_counters(
+    telemetry: Callable[[], NodeCounters],
+    node_id: str,
+    local: Callable[[], Mapping[str, tuple[int, int]]],
+) -> dict[str, Mapping[str, tuple[int, int]]]:
+    """Every member's ingress counters by node (node -> service key -> (done, waiting)): the
+    others' from gossip, this node's straight from its ``ServiceCounters`` (fresher)."""
+    nodes = {n: c for n, c in telemetry().items() if n != node_id}
+    nodes[node_id] = {service_key(r): v for r, v in local().items()}
+    return nodes
+
+
 def window_s(run: RunRecord) -> int:
     service = run.spec.service
     windows = [g.scaling.window_s for g in service.groups if g.scaling] if service else []
@@ -52,8 +64,7 @@ class ServiceRates:
 
     def sample(self) -> None:
         now = self.clock.wall()
-        nodes = {n: c for n, c in self.telemetry().items() if n != self.node_id}
-        nodes[self.node_id] = {service_key(r): v for r, v in self.local().items()}
+        nodes = all_counters(self.telemetry, self.node_id, self.local)
         live = set()
         for run in self.state.runs.values():
             if run.spec.service is None or run.status.is_finished():
