@@ -336,3 +336,33 @@ async def world(
         nursery.start_soon(ingress.run)
         yield World(state, ingress, f"http://127.0.0.1:{api_port}", upstreams, stops, port, nursery)
         nursery.cancel_scope.cancel()
+
+
+async def websocket_echo(url: str) -> None:
+    """A WebSocket through the ingress at ``url`` to the upstream's echo (``/ws``): text comes
+    back tagged with the replica, bytes reversed."""
+    import wsproto
+    import wsproto.events as wse
+
+    port = int(url.rsplit(":", 1)[1])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    await stream.send_all(ws.send(wse.Request(host="x", target="/proxy/services/main/svc/ws")))
+
+    async def events() -> list[object]:
+        with trio.fail_after(5):
+            while True:
+                ws.receive_data(await stream.receive_some(65536))
+                got = list(ws.events())
+                if got:
+                    return got
+
+    assert isinstance((await events())[0], wse.AcceptConnection)
+    await stream.send_all(ws.send(wse.TextMessage(data="hi")))
+    (msg,) = await events()
+    assert isinstance(msg, wse.TextMessage) and msg.data == "n1:hi"
+    await stream.send_all(ws.send(wse.BytesMessage(data=b"abc")))
+    (msg,) = await events()
+    assert isinstance(msg, wse.BytesMessage) and msg.data == b"cba"
+    await stream.send_all(ws.send(wse.CloseConnection(code=1000)))
+    await stream.aclose()

@@ -14,7 +14,16 @@ import pytest
 import trio
 
 from tests.api.test_guard import CHUNK, Body
-from tests.services._harness import HOSTS, World, finish, place, ready, submit, world
+from tests.services._harness import (
+    HOSTS,
+    World,
+    finish,
+    place,
+    ready,
+    submit,
+    websocket_echo,
+    world,
+)
 
 
 async def send(
@@ -340,33 +349,9 @@ async def test_idle_connections_dropped_when_replica_leaves(tmp_path: Path) -> N
 
 
 async def test_websocket_echo(tmp_path: Path) -> None:
-    import wsproto
-    import wsproto.events as wse
-
     async with world(tmp_path) as w:
         await up(w)
-        port = int(w.url.rsplit(":", 1)[1])
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        await stream.send_all(ws.send(wse.Request(host="x", target="/proxy/services/main/svc/ws")))
-
-        async def events() -> list[object]:
-            with trio.fail_after(5):
-                while True:
-                    ws.receive_data(await stream.receive_some(65536))
-                    got = list(ws.events())
-                    if got:
-                        return got
-
-        assert isinstance((await events())[0], wse.AcceptConnection)
-        await stream.send_all(ws.send(wse.TextMessage(data="hi")))
-        (msg,) = await events()
-        assert isinstance(msg, wse.TextMessage) and msg.data == "n1:hi"
-        await stream.send_all(ws.send(wse.BytesMessage(data=b"abc")))
-        (msg,) = await events()
-        assert msg.data == b"cba"
-        await stream.send_all(ws.send(wse.CloseConnection(code=1000)))
-        await stream.aclose()
+        await websocket_echo(w.url)
 
 
 async def test_metrics(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import httpx
 import trio
 
 from meshgpu.services.nginx_conf import service_id
-from tests.services._harness import HOSTS
+from tests.services._harness import HOSTS, websocket_echo
 from tests.services._nginx_harness import NWorld, needs_nginx, nginx_world, wait_until
 
 pytestmark = needs_nginx
@@ -159,33 +159,9 @@ async def test_sse_passes_incrementally(tmp_path: Path) -> None:
 
 
 async def test_websocket(tmp_path: Path) -> None:
-    import wsproto
-    import wsproto.events as wse
-
     async with nginx_world(tmp_path) as w:
         await w.up()
-        port = int(w.url.rsplit(":", 1)[1])
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        await stream.send_all(ws.send(wse.Request(host="x", target="/proxy/services/main/svc/ws")))
-
-        async def events() -> list[object]:
-            with trio.fail_after(5):
-                while True:
-                    ws.receive_data(await stream.receive_some(65536))
-                    got = list(ws.events())
-                    if got:
-                        return got
-
-        assert isinstance((await events())[0], wse.AcceptConnection)
-        await stream.send_all(ws.send(wse.TextMessage(data="hi")))
-        (msg,) = await events()
-        assert isinstance(msg, wse.TextMessage) and msg.data == "n1:hi"
-        await stream.send_all(ws.send(wse.BytesMessage(data=b"abc")))
-        (msg,) = await events()
-        assert msg.data == b"cba"
-        await stream.send_all(ws.send(wse.CloseConnection(code=1000)))
-        await stream.aclose()
+        await websocket_echo(w.url)
 
 
 async def test_activation_falls_back_to_the_agent(tmp_path: Path) -> None:
