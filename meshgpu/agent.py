@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING
 import trio
 
 from consensus.transport import TLSConfig, Transport
-from meshgpu.api.server import listen, serve
+from meshgpu.api.server import listen, serve_front
 from meshgpu.client.archive import ArchiveLimits
 from meshgpu.client.http import write_profile
 from meshgpu.clock import SYSTEM_CLOCK, Clock
-from meshgpu.control import Demand, GossipKeys, Retention, Scheduling
-from meshgpu.control.autoscaling import Autoscaling
+from meshgpu.control import Demand
+from meshgpu.control.terms import leader_controllers
 from meshgpu.devenv.monitor import AutoStop
 from meshgpu.devenv.sessions import SessionTracker
-from meshgpu.devenv.sshd import SSHServer
+from meshgpu.devenv.sshd import start_ssh_server
 from meshgpu.gpu import FakeProvider, detect
 from meshgpu.host.fencing import Fencing
 from meshgpu.host.founding import found_cluster
@@ -37,17 +37,8 @@ from meshgpu.host.registration import Registration
 from meshgpu.mesh.discovery import Advertiser
 from meshgpu.mesh.membership import MembershipManager
 from meshgpu.mesh.node_gossip import GossipHost, MeshGossip
-from meshgpu.ops import (
-    Admission,
-    ClusterInfo,
-    Code,
-    Logs,
-    Metrics,
-    Runs,
-    Services,
-    SSHKeys,
-    Tokens,
-)
+from meshgpu.ops import Services
+from meshgpu.ops.assembly import Parts, assemble
 from meshgpu.ops.peers import answers
 from meshgpu.peer import PeerClient, PeerCodeLink, PeerServer, members_of
 from meshgpu.replica import Leadership, RaftProposer, follow_applied, follow_version
@@ -55,12 +46,8 @@ from meshgpu.replica.raft import open_replica, start_replica, wait_leader
 from meshgpu.runner import ProcessRunner
 from meshgpu.runner.code import CodeStore
 from meshgpu.runner.executor import Executor
-from meshgpu.security import fingerprint
-from meshgpu.security.sshkeys import load_or_create_host_key
-from meshgpu.services.ingress import Ingress, IngressSettings
-from meshgpu.services.nginx import MISSING, NginxError, NginxPlane, find_nginx, front
+from meshgpu.services.nginx import MISSING, NginxError, NginxPlane, find_nginx
 from meshgpu.services.probes import Prober
-from meshgpu.services.rates import ServiceRates
 from meshgpu.services.stats import ServiceCounters
 from meshgpu.settings import AgentSettings
 from meshgpu.state.cluster import Replicated
@@ -215,40 +202,29 @@ class Agent:
                 nursery.start_soon(follow_applied, node, services.ingress.notify)
                 nursery.start_soon(services.ingress.run)
             peer_server.serve(answers(services, cluster, gossip.handle_request))
-            api_tls = ident.tls if s.api_tls else None
-            if nginx is not None and services.ingress is not None:
-                ingress = services.ingress
-                plane = NginxPlane(
-                    nginx,
-                    nginx_prefix,
-                    ingress,
-                    tls=(api_tls.files.cert, api_tls.files.key) if api_tls else None,
-                    domain=s.ingress_domain,
-                    workers=s.nginx_workers,
-                )
-                await serve(
-                    nursery, plane.agent_socket(), services, None, lambda a: front(a, ingress)
-                )
-                await nursery.start(plane.run, api_socket)
-                nursery.start_soon(follow_applied, node, plane.notify)
-            else:
-                await serve(nursery, api_socket, services, api_tls)
-            # The SSH server into this host's jobs (its address and host key go in our record).
-            host_key, host_pub = load_or_create_host_key(s.data_dir / "ssh_host_ed25519_key")
-            sshd = SSHServer(
-                node_id=ident.node_id,
-                state=state,
-                cluster=cluster,
-                jobs_dir=s.data_dir / "jobs",
-                sessions=self.sessions,
-                host_key=host_key,
-                bind=s.bind,
-                port=s.ssh_port,
+            await serve_front(
+                nursery,
+                api_socket,
+                services,
+                ident.tls if s.api_tls else None,
+                (nginx, nginx_prefix) if nginx is not None else None,
+                lambda notify: nursery.start_soon(follow_applied, node, notify),
+                s.ingress_domain,
+                s.nginx_workers,
             )
-            ssh_port = await nursery.start(sshd.run)
-            host = f"[{ident.host}]" if ":" in ident.host else ident.host
-            self.ssh_address = f"{host}:{ssh_port}"
-            nursery.start_soon(follow_applied, node, sshd.notify)
+            # The SSH server into this host's jobs (its address and host key go in our record).
+            self.ssh_address, host_pub = await start_ssh_server(
+                nursery,
+                s.data_dir,
+                ident.node_id,
+                state,
+                cluster,
+                self.sessions,
+                s.bind,
+                s.ssh_port,
+                ident.host,
+                lambda notify: nursery.start_soon(follow_applied, node, notify),
+            )
             await wait_leader(node)
             if founding:
                 self.join_token = await found_cluster(ident, proposer, services.tokens)
@@ -281,29 +257,21 @@ class Agent:
                 gossip=gossip,
                 clock=clock,
             )
-            retention = (s.keep_runs, s.keep_runs_for_s, s.retention_interval_s)
             leadership = Leadership(
                 node,
-                [
-                    (
-                        "scheduling",
-                        lambda: Scheduling(node, state, cluster, proposer, demand, clock).run(),
-                    ),
-                    ("retention", Retention(state, proposer, *retention, clock=clock).run),
-                    ("membership", membership.run),
-                    ("gossip-keys", GossipKeys(cluster, proposer, clock=clock).run),
-                    (
-                        "autoscaling",
-                        lambda: Autoscaling(
-                            state,
-                            proposer,
-                            gossip.service_counters,
-                            ident.node_id,
-                            self.counters.snapshot,
-                            clock=clock,
-                        ).run(),
-                    ),
-                ],
+                leader_controllers(
+                    node,
+                    state,
+                    cluster,
+                    proposer,
+                    demand,
+                    membership.run,
+                    gossip.service_counters,
+                    ident.node_id,
+                    self.counters.snapshot,
+                    s,
+                    clock,
+                ),
             )
             nursery.start_soon(leadership.run)
 
@@ -326,63 +294,15 @@ class Agent:
             task_status.started(ident.api_url)
 
     def _services(self, node: RaftNode, proposer: RaftProposer, gossip: MeshGossip) -> Services:
-        s, ident, state = self.settings, self.identity, self.replicated.jobs
-        ca_pem = ident.tls.files.ca_cert.read_text
-        cluster_info = ClusterInfo(
-            node,
-            state,
-            self.replicated.cluster,
-            ident.node_id,
+        return assemble(
+            self.settings,
+            self.identity,
             self.node_name,
-            ident.cluster_id,
-            lambda: ident.admin_token,
-            ca_pem,
-        )
-        return Services(
-            node_id=ident.node_id,
-            node_name=self.node_name,
-            state=state,
-            cluster=cluster_info,
-            runs=Runs(state, proposer, self.code, ident.node_id),
-            logs=Logs(state, self.runner, ident.node_id, self.peer),
-            metrics=Metrics(
-                state, self.runner, self.gpus, ident.node_id, self.node_name, self.peer
-            ),
-            code=Code(self.code, state, ident.node_id, s.code_copies, s.code_limit),
-            tokens=Tokens(
-                proposer,
-                lambda: ident.cluster_id,
-                lambda: fingerprint(ident.tls.files.ca_cert.read_bytes()),
-            ),
-            admission=Admission(
-                node,
-                self.replicated.cluster,
-                ident.tls,
-                proposer,
-                lambda: ident.admin_token,
-                self.peer,
-            ),
-            gossip=gossip,
-            gpus=self.gpus,
-            runner=self.runner,
-            ssh_keys=SSHKeys(proposer, self.replicated.cluster),
-            ingress=Ingress(
-                state,
-                ident.node_id,
-                cluster_info.api_token_ok,
-                self.counters,
-                IngressSettings(
-                    domain=s.ingress_domain, activation_timeout_s=s.activation_timeout_s
-                ),
-            ),
-            counters=self.counters,
-            rates=ServiceRates(
-                state,
-                gossip.service_counters,
-                ident.node_id,
-                self.counters.snapshot,
-                domain=s.ingress_domain,
-            ),
+            node,
+            proposer,
+            self.replicated,
+            gossip,
+            Parts(self.code, self.runner, self.gpus, self.peer, self.counters),
         )
 
     def _nginx_binary(self) -> str | None:

@@ -15,8 +15,11 @@ import trio
 
 from meshgpu.api.app import create_app
 from meshgpu.mesh.address import is_unspecified
+from meshgpu.services.nginx import NginxPlane, front
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from meshgpu.ops import Services
     from meshgpu.security import NodeIdentity
 
@@ -58,3 +61,34 @@ async def serve(
     cfg.graceful_timeout = 1.0
     app = create_app(services)
     await nursery.start(partial(hypercorn.trio.serve, wrap(app) if wrap else app, cfg))
+
+
+async def serve_front(
+    nursery: trio.Nursery,
+    sock: socket.socket,
+    services: Services,
+    tls: NodeIdentity | None,
+    nginx: tuple[str, Path] | None,
+    follow: Callable[[Callable[[int], None]], None],
+    domain: str | None,
+    workers: int,
+) -> None:
+    """The API port: hypercorn on ``sock`` itself, or (``nginx``: its binary and prefix dir,
+    ``--data-plane nginx``) a supervised nginx that owns ``sock`` with the agent served behind
+    it on a private unix socket; ``follow`` registers what reacts to applied entries."""
+    ingress = services.ingress
+    if nginx is None or ingress is None:
+        await serve(nursery, sock, services, tls)
+        return
+    binary, prefix = nginx
+    plane = NginxPlane(
+        binary,
+        prefix,
+        ingress,
+        tls=(tls.files.cert, tls.files.key) if tls else None,
+        domain=domain,
+        workers=workers,
+    )
+    await serve(nursery, plane.agent_socket(), services, None, lambda app: front(app, ingress))
+    await nursery.start(plane.run, sock)
+    follow(plane.notify)

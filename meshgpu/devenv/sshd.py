@@ -281,3 +281,37 @@ class SSHServer:
             except Exception as e:  # stopping anyway
                 log.info("SSH server close: %s", e)
         self.bridge.close()
+
+
+async def start_ssh_server(
+    nursery: trio.Nursery,
+    data_dir: Path,
+    node_id: str,
+    state: Any,
+    cluster: Any,
+    sessions: SessionTracker,
+    bind: str,
+    port: int,
+    host: str,
+    follow: Callable[[Callable[[int], None]], None],
+) -> tuple[str, str]:
+    """This host's SSH server into its jobs, started in ``nursery`` with its host key (made once
+    in ``data_dir``); ``follow`` registers its reaction to applied entries (sessions of jobs that
+    ended are closed). Returns the address to advertise (``host:port``) and the host's public
+    key, both for the node's record."""
+    from meshgpu.security.sshkeys import load_or_create_host_key
+
+    host_key, host_pub = load_or_create_host_key(data_dir / "ssh_host_ed25519_key")
+    server = SSHServer(
+        node_id=node_id,
+        state=state,
+        cluster=cluster,
+        jobs_dir=data_dir / "jobs",
+        sessions=sessions,
+        host_key=host_key,
+        bind=bind,
+        port=port,
+    )
+    bound = await nursery.start(server.run)
+    follow(server.notify)
+    return f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}", host_pub

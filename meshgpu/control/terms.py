@@ -1,0 +1,50 @@
+"""The controllers a leader runs for each term (``Leadership`` starts them and cancels them at
+step-down): scheduling, retention, membership, gossip keys, the services' autoscaler."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from meshgpu.clock import Clock
+from meshgpu.control.autoscaling import Autoscaling
+from meshgpu.control.gossip_keys import GossipKeys
+from meshgpu.control.retention import Retention
+from meshgpu.control.scheduling import Demand, Scheduling
+
+if TYPE_CHECKING:
+    from meshgpu.replica.proposer import Proposer
+    from meshgpu.settings import AgentSettings
+    from meshgpu.state import StateMachine
+
+
+def leader_controllers(
+    node: Any,
+    state: StateMachine,
+    cluster: Any,
+    proposer: Proposer,
+    demand: Demand,
+    membership: Callable[[], Awaitable[None]],
+    telemetry: Callable[[], Mapping[str, Mapping[str, tuple[int, int]]]],
+    node_id: str,
+    local_counters: Callable[[], Mapping[str, tuple[int, int]]],
+    settings: AgentSettings,
+    clock: Clock,
+) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+    """(name, start) of each controller; a fresh controller per term where it keeps history."""
+    s = settings
+    retention = Retention(
+        state, proposer, s.keep_runs, s.keep_runs_for_s, s.retention_interval_s, clock=clock
+    )
+    return [
+        ("scheduling", lambda: Scheduling(node, state, cluster, proposer, demand, clock).run()),
+        ("retention", retention.run),
+        ("membership", membership),
+        ("gossip-keys", GossipKeys(cluster, proposer, clock=clock).run),
+        (
+            "autoscaling",
+            lambda: Autoscaling(
+                state, proposer, telemetry, node_id, local_counters, clock=clock
+            ).run(),
+        ),
+    ]
