@@ -79,12 +79,17 @@ PARSE_THREADS = 2
 PARSE_TIMEOUT = 10.0
 
 
-class _Positions(dict[Path_, tuple[int, int]]):
-    """Where each value (and, under ``("key",) + path``, each mapping key) starts, 1-based."""
+class Positions(dict[Path_, tuple[int, int]]):
+    """Where each value (and, under ``("key",) + path``, each mapping key) starts, 1-based, in
+    ``file``."""
+
+    file: str = "<string>"
+
+
 
 
 def _build(
-    node: yaml.Node, path: Path_, pos: _Positions, issues: list[ConfigIssue], file: str
+    node: yaml.Node, path: Path_, pos: Positions, issues: list[ConfigIssue], file: str
 ) -> Any:
     pos[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
@@ -320,28 +325,29 @@ def _check_totals(b: _Bounds, file: str, mark: Any) -> None:
 
 def _issue(file: str, node: yaml.Node, path: Path_, message: str) -> ConfigIssue:
     return ConfigIssue(
-        file, node.start_mark.line + 1, node.start_mark.column + 1, _fmt_path(path), message
+        file, node.start_mark.line + 1, node.start_mark.column + 1, fmt_path(path), message
     )
 
 
-def _fmt_path(path: Path_) -> str:
+def fmt_path(path: Path_) -> str:
+    """``replicas[0].image``: a field's path as issues show it."""
     out = ""
     for p in path:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
     return out
 
 
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
+def models_in(annotation: Any) -> list[type[BaseModel]]:
     """BaseModel classes reachable through Optional/Union/list/dict/Annotated."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     out: list[type[BaseModel]] = []
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
-        return _models_in(typing.get_args(annotation)[0])
+        return models_in(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType, list, dict, tuple) or origin is not None:
         for arg in typing.get_args(annotation):
-            out.extend(_models_in(arg))
+            out.extend(models_in(arg))
     return out
 
 
@@ -356,9 +362,9 @@ def _models_at(root: type[BaseModel], path: Path_) -> list[type[BaseModel]]:
                 (f for f in m.model_fields.values() if f.alias == part), None
             )
             if field is not None:
-                nxt.extend(_models_in(field.annotation))
+                nxt.extend(models_in(field.annotation))
         if part == "replicas" and ServiceConfiguration in models:
-            nxt.extend(_models_in(ServiceConfiguration.model_fields["groups"].annotation))
+            nxt.extend(models_in(ServiceConfiguration.model_fields["groups"].annotation))
         models = nxt
     return models
 
@@ -424,7 +430,7 @@ def _message(err: dict[str, Any]) -> str:
 
 
 def _translate(
-    exc: ValidationError, model: type[BaseModel], data: Any, pos: _Positions, file: str
+    exc: ValidationError, model: type[BaseModel], data: Any, pos: Positions, file: str
 ) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     seen: set[tuple[str, str]] = set()
@@ -452,17 +458,17 @@ def _translate(
             else:
                 line_col = pos.get(path)
         # A value that matches no member of a union yields one error per member; keep the first.
-        dedup = (_fmt_path(path), err["type"] if err["type"] != "extra_forbidden" else str(loc))
+        dedup = (fmt_path(path), err["type"] if err["type"] != "extra_forbidden" else str(loc))
         if dedup in seen and err["type"] != "extra_forbidden":
             continue
         seen.add(dedup)
         line, col = line_col if line_col else (None, None)
-        issues.append(ConfigIssue(file, line, col, _fmt_path(path), _message(err), suggestion))
+        issues.append(ConfigIssue(file, line, col, fmt_path(path), _message(err), suggestion))
     return issues
 
 
 def _check_references(
-    data: Any, path: Path_, pos: _Positions, file: str, out: list[ConfigIssue]
+    data: Any, path: Path_, pos: Positions, file: str, out: list[ConfigIssue]
 ) -> None:
     if isinstance(data, dict):
         for k, v in data.items():
@@ -475,7 +481,7 @@ def _check_references(
             references(data)
         except InterpolationError as e:
             line, col = pos.get(path, (None, None))
-            out.append(ConfigIssue(file, line, col, _fmt_path(path), str(e)))
+            out.append(ConfigIssue(file, line, col, fmt_path(path), str(e)))
 
 
 _KEEP_ONE = "{a} and {b} are mutually exclusive: keep one of them"
@@ -488,7 +494,7 @@ _EXCLUSIVE = (
 
 
 def _check_exclusive(
-    data: Any, path: Path_, pos: _Positions, file: str, out: list[ConfigIssue]
+    data: Any, path: Path_, pos: Positions, file: str, out: list[ConfigIssue]
 ) -> None:
     """Report conflicting fields even when other fields fail validation (pydantic runs model
     validators only on otherwise valid input, and a user should see every problem at once)."""
@@ -498,7 +504,7 @@ def _check_exclusive(
         if data.get(a) not in (None, False) and data.get(b) not in (None, False):
             line, col = pos.get(("key",) + path + (field,), (None, None))
             out.append(
-                ConfigIssue(file, line, col, _fmt_path(path + (field,)), message.format(a=a, b=b))
+                ConfigIssue(file, line, col, fmt_path(path + (field,)), message.format(a=a, b=b))
             )
     for key in ("groups", "replicas"):
         if isinstance(data.get(key), list):
@@ -511,6 +517,12 @@ def parse_config(text: str, file: str = "<string>") -> Configuration:
 
     Input is bounded first (see ``MAX_CONFIG_BYTES`` and the other limits above): a document
     over a limit is refused without building its values."""
+    return parse_config_located(text, file)[0]
+
+
+def parse_config_located(text: str, file: str = "<string>") -> tuple[Configuration, Positions]:
+    """``parse_config``, and where each field is written (``Positions``: for the checks made
+    after parsing, e.g. ``config/support.py`` ``check_support``, to point at the field)."""
     file = printable(file)
     _check_text(text, file)
     try:
@@ -530,7 +542,8 @@ def parse_config(text: str, file: str = "<string>") -> Configuration:
             [ConfigIssue(file, 1, 1, "", "the file is empty: it needs at least type: ...")]
         )
     issues: list[ConfigIssue] = []
-    pos = _Positions()
+    pos = Positions()
+    pos.file = file
     try:
         data = _build(node, (), pos, issues, file)
     except _BadValue as e:
@@ -587,7 +600,7 @@ def parse_config(text: str, file: str = "<string>") -> Configuration:
         issues = list(unique.values())
         issues.sort(key=lambda i: (i.line or 0, i.col or 0))
         raise ConfigError(issues)
-    return config  # type: ignore[return-value]
+    return config, pos  # type: ignore[return-value]
 
 
 def printable(file: str) -> str:
@@ -599,6 +612,11 @@ def printable(file: str) -> str:
 
 def load_config(path: str | Path) -> Configuration:
     """Read and parse a configuration file."""
+    return load_config_located(path)[0]
+
+
+def load_config_located(path: str | Path) -> tuple[Configuration, Positions]:
+    """Read and parse a configuration file, with where each field is written."""
     p = Path(path)
     try:
         with p.open("rb") as f:
@@ -613,4 +631,4 @@ def load_config(path: str | Path) -> Configuration:
         raise ConfigError(
             [ConfigIssue(str(p), None, None, "", f"cannot read the file: {e}")]
         ) from None
-    return parse_config(text, str(p))
+    return parse_config_located(text, str(p))

@@ -1,0 +1,532 @@
+"""The rule: every field of a run configuration is honoured, or refused where it is written.
+
+``FIELDS`` has one entry per field of every run type (task, service, dev-environment), nested
+fields included (``resources.gpu.count``, ``probes[].url``, ``groups[].image``): ``Honoured``
+says where the field takes effect; ``Refused`` says why it cannot, and when (a refusal may depend
+on the value, on the rest of the configuration, or on what the mesh has: ``MeshCapabilities``);
+``Part`` marks a field of a value that is honoured or refused as a whole (``registry_auth.username``
+goes with ``registry_auth``). ``tests/config/test_support.py`` walks every field of the models
+and fails, naming the field, when one has no entry.
+
+``check_support`` applies the table to a parsed configuration and returns one ``ConfigIssue`` per
+refused field, at the line and column where the field is written. It runs in two places:
+
+* ``meshgpu config validate`` (offline: ``caps`` None): only what no mesh could honour;
+* ``Runs.submit`` (the server, with the capabilities of the mesh's members): everything,
+  so a configuration that this mesh cannot run as written is refused at ``apply``, not left
+  pending or run with a field silently dropped.
+
+Parsing (``loader.parse_config``) is the schema: every valid dstack configuration parses. This
+module is the second layer, what meshgpu does with each field.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from meshgpu.config._units import IntRange, MemoryRange
+from meshgpu.config.errors import ConfigIssue
+from meshgpu.config.loader import Positions, fmt_path, models_in
+from meshgpu.config.resources import ResourcesSpec
+from meshgpu.config.runs import (
+    BaseRunConfiguration,
+    DevEnvironmentConfiguration,
+    GatewayRef,
+    ScalingSpec,
+    ServiceConfiguration,
+    TaskConfiguration,
+)
+
+RUN_TYPES: tuple[type[BaseRunConfiguration], ...] = (
+    TaskConfiguration,
+    ServiceConfiguration,
+    DevEnvironmentConfiguration,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MeshCapabilities:
+    """What the mesh's members can do, as far as refusing a configuration goes (from their node
+    records, ``state/records.py`` ``NodeRecord``)."""
+
+    container_runtime: bool = False  # some member runs image jobs (docker/podman)
+    # Some member (or a backend) provides named network volumes: none does yet.
+    network_volumes: bool = False
+
+    @classmethod
+    def from_nodes(cls, nodes: Iterable[Any]) -> MeshCapabilities:
+        """From the mesh's node records (``state.nodes.values()``)."""
+        runtime = False
+        for node in nodes:
+            runtime = runtime or bool(getattr(node, "container_runtime", None))
+        return cls(container_runtime=runtime)
+
+
+Predicate = Callable[[Any, BaseRunConfiguration, MeshCapabilities | None], bool]
+Reason = str | Callable[[Any], str]
+
+
+@dataclass(frozen=True, slots=True)
+class Honoured:
+    """The field takes effect; ``where``: the code (and test) that makes it so."""
+
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The field is refused with ``reason`` (what, why and what to do) whenever ``when`` holds
+    for its value; otherwise it is honoured as ``otherwise`` says (None: never honoured).
+    ``when`` gets ``caps`` None offline: a refusal that depends on the mesh then holds no one
+    back (``meshgpu config validate`` cannot know the mesh)."""
+
+    reason: Reason
+    when: Predicate = lambda value, config, caps: True  # noqa: E731
+    otherwise: str | None = None
+
+    def text(self, value: Any) -> str:
+        return self.reason(value) if callable(self.reason) else self.reason
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """A field of a value that ``of`` (another entry) honours or refuses as a whole."""
+
+    of: str
+
+
+Entry = Honoured | Refused | Part
+
+
+# ---------------------------------------------------------------------------------------------
+# Predicates
+
+
+def _set(value: Any) -> bool:
+    return value not in (None, False, "", [], {})
+
+
+def _container_job(config: BaseRunConfiguration) -> bool:
+    """Does the run's job run in a container (``config/spec.py`` ``job_image``)?"""
+    return bool(config.image or config.docker or config.privileged or config.entrypoint)
+
+
+def _no_runtime(value: Any, config: BaseRunConfiguration, caps: MeshCapabilities | None) -> bool:
+    return caps is not None and not caps.container_runtime and _set(value)
+
+
+def _no_runtime_for_container(
+    value: Any, config: BaseRunConfiguration, caps: MeshCapabilities | None
+) -> bool:
+    return _no_runtime(value, config, caps) and _container_job(config)
+
+
+def _network_volume(value: Any, config: BaseRunConfiguration, caps: MeshCapabilities | None) -> bool:
+    return caps is not None and not caps.network_volumes
+
+
+def _not_dev(value: Any, config: BaseRunConfiguration, caps: MeshCapabilities | None) -> bool:
+    return _set(value) and config.type != "dev-environment"
+
+
+def _named_gateway(value: Any, config: BaseRunConfiguration, caps: MeshCapabilities | None) -> bool:
+    return isinstance(value, GatewayRef)
+
+
+def _given(value: Any, config: BaseRunConfiguration, caps: MeshCapabilities | None) -> bool:
+    return value is not None
+
+
+def _needs_runtime(field: str) -> str:
+    return (
+        f"{field} needs a container runtime; no member has one: start an agent with docker or "
+        "podman on some host (or remove it)"
+    )
+
+
+def _volume_reason(value: Any) -> str:
+    names = "/".join(value) if isinstance(value, list) else str(value)
+    return (
+        f"named volume {names!r}: network volumes are refused until a backend provides them; "
+        "mount a host directory instead (/host/path:/job/path)"
+    )
+
+
+_GROUP_FIELD = (
+    "is not carried to the group's replicas yet (they run with the service's); set it on the "
+    "service instead, or run the group as its own service"
+)
+
+# Where the common places are (each exists in the repository; the test checks the paths).
+_FILTERS = "meshgpu/scheduler/filters.py (RunFilters.reject; tests/scheduler/test_placement.py)"
+_MATCH = "meshgpu/scheduler/matching.py (tests/scheduler/test_placement.py)"
+_RUNNER = "meshgpu/runner/executor.py (Executor._prepare)"
+_CONTAINER = "meshgpu/runner/container.py (container_argv; tests/runner/test_runner.py)"
+_INGRESS = "meshgpu/services/ingress.py, meshgpu/services/nginx_conf.py (tests/services/test_ingress.py)"
+_PROBES = "meshgpu/services/probes.py (tests/services/test_probes.py)"
+_SCALER = "meshgpu/services/autoscaler.py (tests/services/test_autoscaler.py)"
+_SPEC = "meshgpu/config/spec.py (compile_run; tests/config/test_spec.py)"
+_PROVISIONING = (
+    "provisioning only: no instance is created for a run on this mesh (its members are "
+    "reused, where dstack applies the fleet's own settings, §1.2); backend fleets (#17) apply it"
+)
+
+
+def _entries() -> dict[str, Entry]:
+    e: dict[str, Entry] = {
+        "type": Honoured("meshgpu/config/loader.py (CONFIG_TYPES)"),
+        "name": Honoured("meshgpu/ops/runs.py (Runs.submit: the run's name)"),
+        # --- the job's environment
+        "image": Refused(
+            _needs_runtime("image"),
+            _no_runtime,
+            f"{_FILTERS}: hosts with a runtime; {_CONTAINER}",
+        ),
+        "docker": Refused(
+            _needs_runtime("docker: true (Docker-in-Docker)"),
+            _no_runtime,
+            f"{_SPEC}: dstack's dstackai/dind image, privileged, start-dockerd first; {_CONTAINER}",
+        ),
+        "privileged": Refused(
+            _needs_runtime("privileged"),
+            _no_runtime,
+            f"{_SPEC}: a privileged container (dstack's base image without image:); {_CONTAINER}",
+        ),
+        "entrypoint": Refused(
+            _needs_runtime("entrypoint"),
+            _no_runtime,
+            f"{_SPEC}: the container's entrypoint (dstack's base image without image:); "
+            f"{_CONTAINER}",
+        ),
+        "registry_auth": Refused(
+            _needs_runtime("registry_auth (an image pull)"),
+            _no_runtime_for_container,
+            f"{_CONTAINER}: the image pull logs in with it (SCHED); a job without image pulls "
+            "nothing",
+        ),
+        "registry_auth.username": Part("registry_auth"),
+        "registry_auth.password": Part("registry_auth"),
+        "python": Honoured(f"{_RUNNER}: a venv with that interpreter (ENV); {_FILTERS}"),
+        "nvcc": Honoured(f"{_FILTERS}: hosts with a CUDA toolkit (ENV)"),
+        "user": Honoured(f"{_RUNNER}: the job's OS user (SANDBOX); {_CONTAINER}: --user"),
+        "working_dir": Honoured(f"{_RUNNER}: commands start there (ENV); {_CONTAINER}: -w"),
+        "shell": Honoured(f"{_RUNNER} (_shell)"),
+        "env": Honoured("meshgpu/runner/jobenv.py (job_environment; tests/runner/test_runner.py)"),
+        "home_dir": Refused(
+            "home_dir is deprecated and does nothing in dstack: remove it (set HOME in env to "
+            "choose the job's home)",
+            _given,
+        ),
+        "setup": Refused(
+            "setup is deprecated and dstack runs it only in dev environments: put these commands "
+            "first in commands",
+            _not_dev,
+            f"{_SPEC}: a dev environment runs setup, then init",
+        ),
+        "dstack": Refused(
+            "dstack: true gives the job dstack's server API (DSTACK_SERVER_URL); meshgpu has no "
+            "dstack API to give it: remove it (a job reaches meshgpu's own API on its host with "
+            "a token you pass in env)",
+            lambda v, c, caps: v is True,
+        ),
+        "single_branch": Honoured(
+            f"{_RUNNER}: a git URL repo is cloned with one branch unless single_branch: false "
+            "(ENV); an uploaded directory has no branches to leave out"
+        ),
+        # --- code and data
+        "repos": Honoured(f"{_RUNNER}: the repo at DSTACK_REPO_DIR (ENV)"),
+        "repos[].local_path": Honoured("meshgpu/cli/_runs.py (_submit: the archive; ENV)"),
+        "repos[].url": Honoured(f"{_RUNNER}: cloned by the job's prologue (ENV)"),
+        "repos[].branch": Honoured(f"{_RUNNER}: cloned by the job's prologue (ENV)"),
+        "repos[].hash": Honoured(f"{_RUNNER}: cloned by the job's prologue (ENV)"),
+        "repos[].path": Honoured(f"{_RUNNER}: where the repo is placed (ENV)"),
+        "repos[].if_exists": Honoured(f"{_RUNNER}: cloned by the job's prologue (ENV)"),
+        "files": Honoured("meshgpu/cli/_runs.py (_submit: into the archive; ENV)"),
+        "files[].local_path": Honoured("meshgpu/cli/_runs.py (_submit: into the archive; ENV)"),
+        "files[].path": Honoured(f"{_RUNNER}: moved to its path in the job (ENV)"),
+        "volumes": Honoured(f"{_RUNNER}: bind mounts (SANDBOX); {_CONTAINER}: -v"),
+        "volumes[].name": Refused(_volume_reason, _network_volume),
+        "volumes[].path": Honoured(f"{_RUNNER}: the mount point (SANDBOX)"),
+        "volumes[].instance_path": Honoured(f"{_RUNNER}: the host directory (SANDBOX)"),
+        "volumes[].optional": Honoured(f"{_RUNNER}: a missing host directory is skipped (SANDBOX)"),
+        # --- resources (top level and per group)
+        "resources": Honoured(_MATCH),
+        "resources.cpu": Honoured(_MATCH),
+        "resources.cpu.arch": Honoured(_MATCH),
+        "resources.cpu.count": Honoured(_MATCH),
+        "resources.memory": Honoured(_MATCH),
+        "resources.shm_size": Honoured(f"{_MATCH}; /dev/shm of that size (SANDBOX); {_CONTAINER}"),
+        "resources.gpu": Honoured(_MATCH),
+        "resources.gpu.vendor": Honoured(_MATCH),
+        "resources.gpu.name": Honoured(_MATCH),
+        "resources.gpu.count": Honoured(_MATCH),
+        "resources.gpu.memory": Honoured(_MATCH),
+        "resources.gpu.total_memory": Honoured(_MATCH),
+        "resources.gpu.compute_capability": Honoured(_MATCH),
+        "resources.disk": Honoured(_MATCH),
+        "resources.disk.size": Honoured(_MATCH),
+        # --- scheduling (profile parameters)
+        "priority": Honoured("meshgpu/scheduler/queue.py (tests/scheduler/test_placement.py)"),
+        "preemptible": Honoured("meshgpu/scheduler/preemption.py (tests/scheduler/test_preemption.py)"),
+        "backends": Honoured(f"{_FILTERS}: the backend label"),
+        "regions": Honoured(f"{_FILTERS}: the region label"),
+        "availability_zones": Honoured(f"{_FILTERS}: the zone label"),
+        "instance_types": Honoured(f"{_FILTERS}: the instance_type label"),
+        "reservation": Honoured(f"{_FILTERS}: the reservation label"),
+        "spot_policy": Honoured(f"{_FILTERS}: the spot label (SCHED)"),
+        "max_price": Honoured(f"{_FILTERS}: the price label (SCHED)"),
+        "fleets": Honoured(f"{_FILTERS}: the fleet label"),
+        "instances": Honoured(_FILTERS),
+        "instances[].name": Honoured(_FILTERS),
+        "instances[].hostname": Honoured(_FILTERS),
+        "instances[].fleet": Honoured(_FILTERS),
+        "instances[].instance": Honoured(_FILTERS),
+        "creation_policy": Honoured(
+            "meshgpu/scheduler/placement.py: a run waits for a member (why-pending); no backend "
+            "creates instances yet, so reuse-or-create is reuse, as in dstack with SSH fleets only"
+        ),
+        "idle_duration": Honoured(_PROVISIONING),
+        "tags": Honoured(_PROVISIONING),
+        "backend_options": Honoured(_PROVISIONING),
+        "retry": Honoured("meshgpu/state/retry.py (tests/state/test_run_policies.py)"),
+        "retry.on_events": Honoured("meshgpu/state/retry.py (tests/state/test_run_policies.py)"),
+        "retry.duration": Honoured("meshgpu/state/retry.py (tests/state/test_run_policies.py)"),
+        "max_duration": Honoured("meshgpu/runner/shim.py, meshgpu/scheduler/deadlines.py"),
+        "stop_duration": Honoured("meshgpu/runner/shim.py, meshgpu/scheduler/deadlines.py"),
+        "utilization_policy": Honoured("meshgpu/devenv/autostop.py (tests/devenv/test_autostop.py)"),
+        "utilization_policy.min_gpu_utilization": Honoured("meshgpu/devenv/autostop.py"),
+        "utilization_policy.time_window": Honoured("meshgpu/devenv/autostop.py"),
+        "startup_order": Honoured(f"{_RUNNER} (tests/runner/test_startup_order.py)"),
+        "stop_criteria": Honoured("meshgpu/state/machine.py (tests/state/test_run_policies.py)"),
+        "schedule": Honoured("meshgpu/control/ (the leader starts it on schedule; SCHED)"),
+        "schedule.cron": Honoured("meshgpu/control/ (the leader starts it on schedule; SCHED)"),
+        # --- commands and ports
+        "commands": Honoured(f"{_RUNNER}; {_SPEC}"),
+        "init": Honoured(f"{_SPEC} (dev_env_commands)"),
+        "ports": Honoured(
+            "meshgpu/cli/_attach.py (port_forwards; tests/devenv/test_attach.py); "
+            "meshgpu/scheduler/placement.py: a process job holds them on its host"
+        ),
+        "ports[].local_port": Honoured("meshgpu/cli/_attach.py (port_forwards)"),
+        "ports[].container_port": Honoured("meshgpu/cli/_attach.py (port_forwards)"),
+        # --- tasks
+        "nodes": Honoured(f"{_SPEC}: one job per node; meshgpu/scheduler/placement.py (gangs)"),
+        "groups": Honoured(f"{_SPEC} (_jobs)"),
+        "groups[].name": Honoured(f"{_SPEC}: the ${{{{ groups[i] }}}} namespace"),
+        "groups[].nodes": Honoured(f"{_SPEC} (_jobs)"),
+        "groups[].commands": Honoured(f"{_SPEC} (JobSpec.commands)"),
+        "groups[].resources": Honoured(f"{_SPEC} (JobSpec.resources); {_MATCH}"),
+        "groups[].scaling": Honoured(f"{_SCALER}; {_SPEC} (compile_service)"),
+        "groups[].ports": Honoured(f"{_SPEC} (_host_ports); meshgpu/cli/_attach.py (port_forwards)"),
+        "groups[].ports[].local_port": Honoured("meshgpu/cli/_attach.py (port_forwards)"),
+        "groups[].ports[].container_port": Honoured("meshgpu/cli/_attach.py (port_forwards)"),
+        # --- services
+        "port": Honoured(f"{_INGRESS}: traffic to the replicas' port"),
+        "port.container_port": Honoured(f"{_INGRESS}: traffic to the replicas' port"),
+        "port.local_port": Honoured(
+            f"{_INGRESS}: published on every node's API port (dstack's gateway publishes on "
+            "80/443 whatever the legacy a:b form says)"
+        ),
+        "gateway": Refused(
+            lambda v: (
+                f"gateway {(v.project + '/') if getattr(v, 'project', None) else ''}"
+                f"{getattr(v, 'name', v)}: meshgpu has no gateways; the ingress on every node "
+                "serves services (remove it, or write gateway: true)"
+            ),
+            _named_gateway,
+            f"{_INGRESS}: the ingress on every node is the gateway (true, false or unset)",
+        ),
+        "gateway.name": Part("gateway"),
+        "gateway.project": Part("gateway"),
+        "https": Honoured(
+            f"{_INGRESS}: services are served on every node's API port, over TLS with the "
+            "mesh's identity; no certificate is requested for a service (https: false)"
+        ),
+        "strip_prefix": Honoured(_INGRESS),
+        "auth": Honoured(_INGRESS),
+        "model": Honoured("meshgpu/services/models.py (tests/services/test_models.py)"),
+        "model.type": Honoured("meshgpu/services/models.py"),
+        "model.name": Honoured("meshgpu/services/models.py"),
+        "model.format": Honoured("meshgpu/services/models.py (format: tgi is refused in parsing)"),
+        "model.prefix": Honoured("meshgpu/services/models.py"),
+        "model.chat_template": Refused(
+            "chat_template is for format: tgi, which meshgpu does not serve: the OpenAI API the "
+            "model serves applies its own template (remove it)",
+            _given,
+        ),
+        "model.eos_token": Refused(
+            "eos_token is for format: tgi, which meshgpu does not serve (remove it)", _given
+        ),
+        "replicas": Honoured(f"{_SCALER}; {_SPEC} (compile_service)"),
+        "scaling": Honoured(_SCALER),
+        "scaling.metric": Honoured(_SCALER),
+        "scaling.target": Honoured(_SCALER),
+        "scaling.window": Honoured(_SCALER),
+        "scaling.scale_up_delay": Honoured(_SCALER),
+        "scaling.scale_down_delay": Honoured(_SCALER),
+        "rate_limits": Honoured(f"meshgpu/services/ratelimit.py; {_INGRESS}"),
+        "rate_limits[].prefix": Honoured("meshgpu/services/ratelimit.py"),
+        "rate_limits[].key": Honoured("meshgpu/services/ratelimit.py"),
+        "rate_limits[].key.type": Honoured("meshgpu/services/ratelimit.py"),
+        "rate_limits[].key.header": Honoured("meshgpu/services/ratelimit.py"),
+        "rate_limits[].rps": Honoured("meshgpu/services/ratelimit.py"),
+        "rate_limits[].burst": Honoured("meshgpu/services/ratelimit.py"),
+        "probes": Honoured(_PROBES),
+        "groups[].replicas": Honoured(f"{_SCALER}; {_SPEC} (compile_service)"),
+        "groups[].router": Refused(
+            "router groups are not supported yet: the ingress would have to send the service's "
+            "traffic to the router and keep its worker list (run the router as its own service)",
+            _given,
+        ),
+        "groups[].router.type": Part("groups[].router"),
+        # --- dev environments
+        "ide": Honoured("meshgpu/cli/_devenv.py (ide_link; tests/devenv/test_devenv_cli.py)"),
+        "version": Honoured(
+            "meshgpu/cli/_devenv.py: the IDE installs its server, matching the client's version, "
+            "over Remote-SSH (what dstack pins version for)"
+        ),
+        "inactivity_duration": Honoured("meshgpu/devenv/autostop.py (tests/devenv/test_autostop.py)"),
+    }
+    for key in ("type", "url", "method", "headers", "body", "timeout", "interval"):
+        e[f"probes[].{key}"] = Honoured(_PROBES)
+    for key in ("ready_after", "until_ready"):
+        e[f"probes[].{key}"] = Honoured(_PROBES)
+    e["probes[].headers[].name"] = Honoured(_PROBES)
+    e["probes[].headers[].value"] = Honoured(_PROBES)
+    for key in ("image", "python", "nvcc", "docker", "privileged", "spot_policy", "reservation"):
+        e[f"groups[].{key}"] = Refused(f"{key} in a replica group {_GROUP_FIELD}", _given)
+    return e
+
+
+FIELDS: dict[str, Entry] = _entries()
+
+
+# ---------------------------------------------------------------------------------------------
+# Walking models and configurations
+
+_LEAVES = (IntRange, MemoryRange)  # values, not groups of fields
+# Models that mean the same wherever they appear: their fields have one entry each.
+_SHARED: dict[type[BaseModel], str] = {ResourcesSpec: "resources", ScalingSpec: "scaling"}
+
+
+def _is_list(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _is_list(typing.get_args(annotation)[0])
+    if origin is list:
+        return True
+    return origin is not None and any(_is_list(a) for a in typing.get_args(annotation))
+
+
+def _nested(annotation: Any) -> list[type[BaseModel]]:
+    return [m for m in dict.fromkeys(models_in(annotation)) if not issubclass(m, _LEAVES)]
+
+
+def _child_key(key: str, model: type[BaseModel], listed: bool) -> str:
+    return _SHARED.get(model) or (key + ("[]" if listed else ""))
+
+
+def field_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    """The table key of every field of ``model`` and of the models in it, recursively."""
+    for name, info in model.model_fields.items():
+        key = prefix + name
+        yield key
+        for sub in _nested(info.annotation):
+            yield from field_keys(sub, _child_key(key, sub, _is_list(info.annotation)) + ".")
+
+
+def all_field_keys() -> set[str]:
+    """Every field of every run type (``RUN_TYPES``)."""
+    return {k for model in RUN_TYPES for k in field_keys(model)}
+
+
+def _yaml_key(model: BaseModel, name: str, path: tuple[Any, ...], pos: Positions) -> str:
+    """The key the field was written with: its alias (``count``), or ``replicas`` for a
+    service's replica groups written as ``replicas: [...]``."""
+    info = type(model).model_fields[name]
+    candidates = [c for c in (info.alias, name) if c]
+    if isinstance(model, ServiceConfiguration) and name == "groups":
+        candidates.append("replicas")
+    if name == "replicas" and info.alias:
+        candidates.append("replicas")
+    for c in candidates:
+        if ("key",) + path + (c,) in pos or path + (c,) in pos:
+            return c
+    return candidates[-1] if name == "groups" else candidates[0]
+
+
+def _locate(path: tuple[Any, ...], pos: Positions) -> tuple[int | None, int | None]:
+    """The field's key (or, for a value in shorthand form, the nearest written value)."""
+    p = path
+    while True:
+        at = pos.get(("key",) + p) or pos.get(p)
+        if at is not None:
+            return at
+        if not p:
+            return None, None
+        p = p[:-1]
+
+
+def check_support(
+    config: BaseRunConfiguration,
+    positions: Positions | None,
+    caps: MeshCapabilities | None,
+    file: str | None = None,
+) -> list[ConfigIssue]:
+    """One issue per field of ``config`` refused by ``FIELDS`` (fields the user set only: a
+    default is never refused), located with the loader's ``positions`` (``parse_config_located``)
+    in their file (or ``file``)."""
+    pos = positions if positions is not None else Positions()
+    file = file or pos.file
+    issues: list[ConfigIssue] = []
+
+    def visit(model: BaseModel, prefix: str, path: tuple[Any, ...]) -> None:
+        for name in type(model).model_fields:
+            if name not in model.model_fields_set:
+                continue
+            key = prefix + name
+            value = getattr(model, name)
+            ypath = path + (_yaml_key(model, name, path, pos),)
+            entry = FIELDS.get(key)
+            if isinstance(entry, Refused) and entry.when(value, config, caps):
+                line, col = _locate(ypath, pos)
+                issues.append(ConfigIssue(file, line, col, fmt_path(ypath), entry.text(value)))
+                continue
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                if isinstance(item, BaseModel) and not isinstance(item, _LEAVES):
+                    sub = _child_key(key, type(item), isinstance(value, list)) + "."
+                    visit(item, sub, ypath + ((i,) if isinstance(value, list) else ()))
+
+    visit(config, "", ())
+    issues.sort(key=lambda i: (i.line or 0, i.col or 0))
+    return issues
+
+
+def check_config(
+    config: Any, positions: Positions | None, caps: MeshCapabilities | None
+) -> list[ConfigIssue]:
+    """``check_support`` for run configurations; other kinds (fleets, volumes) have nothing
+    to check here yet."""
+    if not isinstance(config, BaseRunConfiguration):
+        return []
+    return check_support(config, positions, caps)
+
+
+__all__ = [
+    "FIELDS",
+    "RUN_TYPES",
+    "Honoured",
+    "MeshCapabilities",
+    "Part",
+    "Refused",
+    "all_field_keys",
+    "check_config",
+    "check_support",
+    "field_keys",
+]
