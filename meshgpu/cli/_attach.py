@@ -305,13 +305,20 @@ def wait_running(c: Client, name: str, job: int) -> dict[str, Any]:
         time.sleep(WAIT_POLL_S)
 
 
-def port_forwards(view: dict[str, Any]) -> list[tuple[int | None, int]]:
-    """(local port or None for any, job port) for the run's ``ports:`` and a service's port."""
+def port_forwards(view: dict[str, Any], job: int = 0) -> list[tuple[int | None, int]]:
+    """(local port or None for any, job port) for the run's ``ports:`` (a task group's own, for
+    a job of that group) and a service's port."""
     from meshgpu.config.common import PortMapping
 
     config = view.get("config") or {}
     found: list[tuple[int | None, int]] = []
     raw = list(config.get("ports") or [])
+    jobs = view.get("jobs") or []
+    group = jobs[job].get("group") if 0 <= job < len(jobs) else None
+    if view.get("type") == "task":
+        for g in config.get("groups") or ():
+            if isinstance(g, dict) and g.get("name") == group:
+                raw.extend(g.get("ports") or ())
     if view.get("type") == "service" and config.get("port") is not None:
         raw.append(config["port"])
     for p in raw:
@@ -343,7 +350,7 @@ def hold(
     Ctrl-C or the job's end."""
     name = view["name"]
     forwarder = None
-    forwards = [(lp or _free_port(), rp) for lp, rp in port_forwards(view)] if ports else []
+    forwards = [(lp or _free_port(), rp) for lp, rp in port_forwards(view, job)] if ports else []
     ssh = shutil.which("ssh")
     if forwards and ssh is None:
         err.print("no ssh client: not forwarding ports")

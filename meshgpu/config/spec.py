@@ -40,6 +40,14 @@ PLACEMENT_FIELDS = (
     "placement",
 )
 
+# dstack's images (reference §1.1) for the jobs that need a container but name no image:
+# ``privileged``/``entrypoint`` run in its base image (``-devel`` with ``nvcc``), ``docker: true``
+# in its Docker-in-Docker image, privileged, with ``start-dockerd`` before the commands.
+DSTACK_BASE_IMAGE = "dstackai/base:0.16-base-ubuntu24.04"
+DSTACK_DEVEL_IMAGE = "dstackai/base:0.16-devel-ubuntu24.04"
+DSTACK_DIND_IMAGE = "dstackai/dind"
+START_DOCKERD = "start-dockerd"
+
 DEFAULT_STOP_GRACE_S = 300.0  # dstack's stop_duration default
 STOP_OFF_GRACE_S = 3600.0  # ``stop_duration: off``: no limit, bounded at an hour
 
@@ -299,10 +307,24 @@ def _strings(values: Any) -> tuple[str, ...] | None:
     return tuple(values) if values else None
 
 
+def job_image(config: Mapping[str, Any]) -> str | None:
+    """The image a run's jobs run in (None: a process job on the host): its ``image``, or
+    dstack's image for what needs a container without naming one (``docker``, ``privileged``,
+    ``entrypoint``; see ``DSTACK_BASE_IMAGE``)."""
+    if config.get("image"):
+        return str(config["image"])
+    if config.get("docker"):
+        return DSTACK_DIND_IMAGE
+    if config.get("privileged") or config.get("entrypoint"):
+        return DSTACK_DEVEL_IMAGE if config.get("nvcc") else DSTACK_BASE_IMAGE
+    return None
+
+
 def compile_placement(config: Mapping[str, Any]) -> Placement:
     """The placement of a rendered configuration (see ``Placement``)."""
     doc = {k: config[k] for k in PLACEMENT_FIELDS if config.get(k) not in (None, [], {})}
-    if config.get("image"):
+    image = job_image(config)
+    if image:
         doc["image"] = True  # which image does not matter; that one needs a container runtime does
     else:
         ports = _host_ports(config)
@@ -316,7 +338,7 @@ def compile_placement(config: Mapping[str, Any]) -> Placement:
         refs = config.get("instances") or []
         return Placement(
             key=key,
-            image=bool(config.get("image")),
+            image=bool(image),
             fleets=_strings(config.get("fleets")),
             backends=_strings(config.get("backends")),
             regions=_strings(config.get("regions")),
@@ -524,7 +546,11 @@ def compile_service(c: Mapping[str, Any]) -> ServiceSpec | None:
 
 
 def _host_ports(c: Mapping[str, Any]) -> tuple[int, ...]:
-    ports = [p.get("container_port") for p in c.get("ports") or () if isinstance(p, dict)]
+    raw = list(c.get("ports") or ())
+    if c.get("type") == "task":  # a task's groups list their own ports
+        for g in c.get("groups") or ():
+            raw.extend(g.get("ports") or () if isinstance(g, dict) else ())
+    ports = [p.get("container_port") for p in raw if isinstance(p, dict)]
     if c.get("type") == "service" and isinstance(c.get("port"), dict):
         ports.append(c["port"].get("container_port"))
     return tuple(sorted({int(p) for p in ports if isinstance(p, int)}))
@@ -545,6 +571,10 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
     dev = config.get("type") == "dev-environment"
     if dev:
         commands = dev_env_commands([*(config.get("setup") or ()), *(config.get("init") or ())])
+    image = job_image(config)
+    docker = bool(config.get("docker")) and not config.get("image")
+    if docker:
+        commands = (START_DOCKERD, *commands)
     jobs = []
     for group, raw, replica, num, group_commands in _jobs(config):
         resources, key = _resources(raw)
@@ -555,7 +585,11 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
                 group=group,
                 resources=resources,
                 resources_key=key,
-                commands=tuple(group_commands) if group_commands else commands,
+                commands=(
+                    ((START_DOCKERD,) if docker else ()) + tuple(group_commands)
+                    if group_commands
+                    else commands
+                ),
             )
         )
     groups = config.get("groups") or []
@@ -578,8 +612,9 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
         stop_criteria=config.get("stop_criteria"),
         startup_order=config.get("startup_order"),
         env=tuple((k, v) for k, v in env.items() if v is not None),
-        image=config.get("image") or None,
-        shell=config.get("shell"),
+        image=image,
+        # dstack's own images run commands with bash (a custom image: sh, the runner's default)
+        shell=config.get("shell") or ("bash" if image and not config.get("image") else None),
         working_dir=config.get("working_dir"),
         user=config.get("user"),
         entrypoint=config.get("entrypoint"),

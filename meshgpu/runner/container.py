@@ -9,6 +9,7 @@ code) is mounted at ``/workflow``.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -81,12 +82,17 @@ def container_argv(
         argv.append("--privileged")
     if user:
         argv += ["--user", user]
+    args: list[str] = []
     if entrypoint:
-        argv += ["--entrypoint", entrypoint]
+        # dstack: the entrypoint's words, then the commands as its arguments (not a shell).
+        head, *args = shlex.split(entrypoint) or [""]
+        argv += ["--entrypoint", head]
     for key, value in sorted(env.items()):
         if key not in _HOST_ONLY:
             argv += ["-e", f"{key}={value}"]
     argv.append(image)
-    if commands:
+    if entrypoint:
+        argv += [*args, *commands]
+    elif commands:
         argv += [shell or "/bin/sh", "-c", join_commands(commands)]
     return argv

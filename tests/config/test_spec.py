@@ -15,7 +15,7 @@ from meshgpu.config.runs import (
     ServiceConfiguration,
     TaskConfiguration,
 )
-from meshgpu.config.spec import NO_SPEC, RunSpec, compile_run, dev_env_commands
+from meshgpu.config.spec import NO_SPEC, RunSpec, compile_run, dev_env_commands, job_image
 from meshgpu.state.records import RunRecord
 from tests._paths import CORPUS
 
@@ -52,16 +52,20 @@ def test_every_valid_configuration_compiles(path: Path) -> None:
         assert [j.replica_num for j in spec.jobs] == list(range(len(spec.jobs)))
     else:
         assert [j.job_num for j in spec.jobs] == list(range(len(spec.jobs)))
+    # docker: true (dstack's Docker-in-Docker image) starts its daemon before the commands
+    dind = ("start-dockerd",) if config.docker else ()
     for job in spec.jobs:
         assert json.loads(job.resources_key) == (job.resources or {})
         if job.group is None and config.type == "dev-environment":
             # init (after the legacy setup), then the ready line and the keep-alive (dstack)
             init = (*config.setup, *config.init)
-            assert job.commands == dev_env_commands(init)
+            assert job.commands == dind + dev_env_commands(init)
         elif job.group is None:
-            assert job.commands == tuple(getattr(config, "commands", None) or ())
+            assert job.commands == dind + tuple(getattr(config, "commands", None) or ())
     assert dict(spec.env) == {k: v for k, v in config.env.items() if v is not None}
-    assert spec.image == (config.image or None)
+    assert spec.image == (config.image or job_image(rendered))
+    container = config.image or config.docker or config.privileged or config.entrypoint
+    assert (spec.image is not None) == bool(container) == spec.placement.image
     assert spec.max_duration_s == (
         config.max_duration if isinstance(config.max_duration, int) else None
     )

@@ -78,6 +78,17 @@ def test_ports_of_a_task_and_a_service() -> None:
     assert port_forwards(svc) == [(8000, 8000)]
 
 
+def test_ports_of_a_task_group_are_forwarded_for_its_jobs() -> None:
+    groups = [{"name": "a", "ports": [8080]}, {"name": "b", "ports": ["*:9000"]}]
+    view = {
+        "type": "task",
+        "config": {"groups": groups},
+        "jobs": [{"group": "a"}, {"group": "b"}],
+    }
+    assert port_forwards(view, 0) == [(8080, 8080)]
+    assert port_forwards(view, 1) == [(None, 9000)]
+
+
 @needs_openssh
 async def test_attach_then_plain_ssh_reaches_the_job_through_another_node(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
