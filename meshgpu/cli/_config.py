@@ -11,9 +11,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from meshgpu.config import ConfigError, load_config
+from meshgpu.config import ConfigError
+from meshgpu.config.loader import load_config_located
 from meshgpu.config.render import plan_lines, to_json
 from meshgpu.config.schema import json_schema
+from meshgpu.config.support import check_config
 
 app = typer.Typer(help="Check configurations and print their JSON Schema.", no_args_is_help=True)
 
@@ -23,14 +25,20 @@ def validate(
     files: Annotated[list[Path], typer.Argument(help="Configuration files (.dstack.yml)")],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON")] = False,
 ) -> None:
-    """Parse configurations; print each normalized, or every problem found (exit status 1)."""
+    """Parse configurations; print each normalized, or every problem found (exit status 1).
+
+    A field that no mesh can honour is a problem at its line too; whether this mesh can run the
+    rest (an image needs a member with docker or podman) is checked at ``apply``."""
     out = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
     results: list[dict[str, object]] = []
     failed = False
     for path in files:
         try:
-            config = load_config(path)
+            config, positions = load_config_located(path)
+            refused = check_config(config, positions, None)
+            if refused:
+                raise ConfigError(refused)
         except ConfigError as e:
             failed = True
             results.append(

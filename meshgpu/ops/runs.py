@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from meshgpu.config.interpolation import references
 from meshgpu.config.render import to_json
 from meshgpu.config.resources import GPUSpec
+from meshgpu.config.support import MeshCapabilities
 from meshgpu.errors import Conflict, Invalid, NotFound, run_not_found
 from meshgpu.ops.configs import parse_run_config_async
 from meshgpu.state import (
@@ -99,7 +100,10 @@ class Runs:
         """Submit a run; returns it and, when an active run was updated in place instead, what
         changed (``["priority"]``, or a service's changed fields: ``[]`` when the service was
         applied unchanged); None for a new run."""
-        config = await parse_run_config_async(body.config, body.filename, NOT_A_RUN)
+        # Parsed, and every field checked against what this mesh's members can do (a field it
+        # cannot honour is refused at its line: config/support.py), in one worker-thread call.
+        caps = MeshCapabilities.from_nodes(self.state.nodes.values())
+        config = await parse_run_config_async(body.config, body.filename, NOT_A_RUN, caps)
         updates: dict[str, Any] = {}
         if body.env:
             updates["env"] = {**config.env, **body.env}
