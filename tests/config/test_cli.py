@@ -60,3 +60,16 @@ def test_schema_is_json_schema() -> None:
     assert {"TaskConfiguration", "ServiceConfiguration", "FleetConfiguration"} <= set(
         schema["$defs"]
     )
+
+
+def test_validate_refuses_what_no_mesh_can_honour_at_its_line(tmp_path: Path) -> None:
+    """The second layer (config/support.py), offline: only what no mesh could honour; what
+    depends on the mesh (an image needs a member with docker) waits for apply."""
+    f = tmp_path / "svc.dstack.yml"
+    f.write_text("type: service\nport: 8000\nimage: x\ncommands: [s]\ngateway: team/gw\n")
+    r = meshgpu("config", "validate", str(f))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"{f}:5:1: gateway: gateway team/gw: meshgpu has no gateways" in r.stderr
+    assert "image" not in r.stderr
+    j = json.loads(meshgpu("config", "validate", "--json", str(f)).stdout)
+    assert j["valid"] is False and [i["path"] for i in j["issues"]] == ["gateway"]

@@ -74,6 +74,46 @@ async def test_an_invalid_configuration_is_invalid_with_its_issues(tmp_path: Pat
     assert status_of(e.value) == 400 and proposer.proposed == []
 
 
+async def test_a_field_this_mesh_cannot_honour_is_refused_at_its_line(tmp_path: Path) -> None:
+    """``image`` on a mesh where no member has a container runtime (config/support.py): refused
+    before anything is proposed, with the field's file:line:col and the reason, like a parse
+    error; a member with docker makes the same configuration run."""
+    runs, sm, proposer = _runs(tmp_path)
+    config = TASK + "image: ubuntu:24.04\n"
+    with pytest.raises(errors.Invalid) as e:
+        await runs.submit(Body(config=config, filename="train.dstack.yml"))
+    assert e.value.code == "invalid_config" and proposer.proposed == []
+    [issue] = e.value.extra["issues"]
+    assert (issue["file"], issue["line"], issue["col"], issue["path"]) == (
+        "train.dstack.yml",
+        5,
+        1,
+        "image",
+    )
+    assert "train.dstack.yml:5:1: image: image needs a container runtime; no member has one" in (
+        e.value.detail
+    )
+    sm.apply_command(host("n2", 0, runtime="/usr/bin/docker"))
+    run, _ = await runs.submit(Body(config=config, request_id="request-0002"))
+    assert run.spec.image == "ubuntu:24.04"
+
+
+async def test_an_in_place_update_is_checked_too(tmp_path: Path) -> None:
+    runs, _, proposer = _runs(tmp_path)
+    service = "type: service\nport: 8000\ncommands: [serve]\n"
+    await runs.submit(Body(name="svc", config=service))
+    with pytest.raises(errors.Invalid) as e:
+        await runs.submit(
+            Body(
+                name="svc",
+                config=service + "gateway: my-gateway\n",
+                in_place=True,
+                request_id="request-0002",
+            )
+        )
+    assert e.value.extra["issues"][0]["path"] == "gateway" and len(proposer.proposed) == 1
+
+
 async def test_a_fleet_is_not_a_run(tmp_path: Path) -> None:
     runs, _, _ = _runs(tmp_path)
     with pytest.raises(errors.Invalid) as e:
