@@ -86,8 +86,6 @@ class Positions(dict[Path_, tuple[int, int]]):
     file: str = "<string>"
 
 
-
-
 def _build(
     node: yaml.Node, path: Path_, pos: Positions, issues: list[ConfigIssue], file: str
 ) -> Any:

@@ -126,7 +126,9 @@ def _no_runtime_for_container(
     return _no_runtime(value, config, caps) and _container_job(config)
 
 
-def _network_volume(value: Any, config: BaseRunConfiguration, caps: MeshCapabilities | None) -> bool:
+def _network_volume(
+    value: Any, config: BaseRunConfiguration, caps: MeshCapabilities | None
+) -> bool:
     return caps is not None and not caps.network_volumes
 
 
@@ -167,7 +169,9 @@ _FILTERS = "meshgpu/scheduler/filters.py (RunFilters.reject; tests/scheduler/tes
 _MATCH = "meshgpu/scheduler/matching.py (tests/scheduler/test_placement.py)"
 _RUNNER = "meshgpu/runner/executor.py (Executor._prepare)"
 _CONTAINER = "meshgpu/runner/container.py (container_argv; tests/runner/test_runner.py)"
-_INGRESS = "meshgpu/services/ingress.py, meshgpu/services/nginx_conf.py (tests/services/test_ingress.py)"
+_INGRESS = (
+    "meshgpu/services/ingress.py, meshgpu/services/nginx_conf.py (tests/services/test_ingress.py)"
+)
 _PROBES = "meshgpu/services/probes.py (tests/services/test_probes.py)"
 _SCALER = "meshgpu/services/autoscaler.py (tests/services/test_autoscaler.py)"
 _SPEC = "meshgpu/config/spec.py (compile_run; tests/config/test_spec.py)"
@@ -272,7 +276,9 @@ def _entries() -> dict[str, Entry]:
         "resources.disk.size": Honoured(_MATCH),
         # --- scheduling (profile parameters)
         "priority": Honoured("meshgpu/scheduler/queue.py (tests/scheduler/test_placement.py)"),
-        "preemptible": Honoured("meshgpu/scheduler/preemption.py (tests/scheduler/test_preemption.py)"),
+        "preemptible": Honoured(
+            "meshgpu/scheduler/preemption.py (tests/scheduler/test_preemption.py)"
+        ),
         "backends": Honoured(f"{_FILTERS}: the backend label"),
         "regions": Honoured(f"{_FILTERS}: the region label"),
         "availability_zones": Honoured(f"{_FILTERS}: the zone label"),
@@ -298,7 +304,9 @@ def _entries() -> dict[str, Entry]:
         "retry.duration": Honoured("meshgpu/state/retry.py (tests/state/test_run_policies.py)"),
         "max_duration": Honoured("meshgpu/runner/shim.py, meshgpu/scheduler/deadlines.py"),
         "stop_duration": Honoured("meshgpu/runner/shim.py, meshgpu/scheduler/deadlines.py"),
-        "utilization_policy": Honoured("meshgpu/devenv/autostop.py (tests/devenv/test_autostop.py)"),
+        "utilization_policy": Honoured(
+            "meshgpu/devenv/autostop.py (tests/devenv/test_autostop.py)"
+        ),
         "utilization_policy.min_gpu_utilization": Honoured("meshgpu/devenv/autostop.py"),
         "utilization_policy.time_window": Honoured("meshgpu/devenv/autostop.py"),
         "startup_order": Honoured(f"{_RUNNER} (tests/runner/test_startup_order.py)"),
@@ -322,7 +330,9 @@ def _entries() -> dict[str, Entry]:
         "groups[].commands": Honoured(f"{_SPEC} (JobSpec.commands)"),
         "groups[].resources": Honoured(f"{_SPEC} (JobSpec.resources); {_MATCH}"),
         "groups[].scaling": Honoured(f"{_SCALER}; {_SPEC} (compile_service)"),
-        "groups[].ports": Honoured(f"{_SPEC} (_host_ports); meshgpu/cli/_attach.py (port_forwards)"),
+        "groups[].ports": Honoured(
+            f"{_SPEC} (_host_ports); meshgpu/cli/_attach.py (port_forwards)"
+        ),
         "groups[].ports[].local_port": Honoured("meshgpu/cli/_attach.py (port_forwards)"),
         "groups[].ports[].container_port": Honoured("meshgpu/cli/_attach.py (port_forwards)"),
         # --- services
@@ -390,7 +400,9 @@ def _entries() -> dict[str, Entry]:
             "meshgpu/cli/_devenv.py: the IDE installs its server, matching the client's version, "
             "over Remote-SSH (what dstack pins version for)"
         ),
-        "inactivity_duration": Honoured("meshgpu/devenv/autostop.py (tests/devenv/test_autostop.py)"),
+        "inactivity_duration": Honoured(
+            "meshgpu/devenv/autostop.py (tests/devenv/test_autostop.py)"
+        ),
     }
     for key in ("type", "url", "method", "headers", "body", "timeout", "interval"):
         e[f"probes[].{key}"] = Honoured(_PROBES)

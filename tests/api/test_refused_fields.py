@@ -28,10 +28,12 @@ async def test_refused_fields_come_back_located_in_a_problem(tmp_path: Path) -> 
         ("train.dstack.yml", 5, 5, "volumes[0].name"),
     ]
     # What the CLI prints (the detail): file:line:col: path: reason, one per line.
-    assert "train.dstack.yml:3:1: privileged: privileged needs a container runtime; no member " in (
-        doc["detail"]
+    assert (
+        "train.dstack.yml:3:1: privileged: privileged needs a container runtime; no member "
+        in (doc["detail"])
     )
-    assert "train.dstack.yml:5:5: volumes[0].name: named volume 'data': network volumes are " in (
-        doc["detail"]
+    assert (
+        "train.dstack.yml:5:5: volumes[0].name: named volume 'data': network volumes are "
+        in (doc["detail"])
     )
     assert not (runs.get("runs") if isinstance(runs, dict) else runs)

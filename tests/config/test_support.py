@@ -199,7 +199,8 @@ def test_values_that_ask_nothing_impossible_are_honoured() -> None:
         "type: dev-environment\nide: vscode\nsetup: [echo legacy]\nversion: 1.90.0\n",
         TASK + "creation_policy: reuse-or-create\nidle_duration: 1h\ntags: {team: a}\n"
         "backend_options: {aws: {x: 1}}\n",
-        TASK + "volumes:\n  - /data:/data\n  - instance_path: /x\n    path: /y\n    optional: true\n",
+        TASK
+        + "volumes:\n  - /data:/data\n  - instance_path: /x\n    path: /y\n    optional: true\n",
         TASK + "registry_auth: {username: u, password: p}\n",  # no image: nothing to pull
         "type: service\nport: '80:8000'\ncommands: [s]\n",
     ):
