@@ -22,6 +22,7 @@ module is the second layer, what meshgpu does with each field.
 
 from __future__ import annotations
 
+import re
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -61,10 +62,7 @@ class MeshCapabilities:
     @classmethod
     def from_nodes(cls, nodes: Iterable[Any]) -> MeshCapabilities:
         """From the mesh's node records (``state.nodes.values()``)."""
-        runtime = False
-        for node in nodes:
-            runtime = runtime or bool(getattr(node, "container_runtime", None))
-        return cls(container_runtime=runtime)
+        return cls(container_runtime=any(getattr(n, "container_runtime", None) for n in nodes))
 
 
 Predicate = Callable[[Any, BaseRunConfiguration, MeshCapabilities | None], bool]
@@ -144,6 +142,19 @@ def _given(value: Any, config: BaseRunConfiguration, caps: MeshCapabilities | No
     return value is not None
 
 
+# ``user``: a name (POSIX portable, as useradd takes it) or a uid, optionally ``:group``/``:gid``.
+_ID = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|\d{1,10})$")
+
+
+def _impossible_user(value: Any, config: BaseRunConfiguration, caps: Any) -> bool:
+    if value is None:
+        return False
+    parts = str(value).split(":")
+    if len(parts) > 2 or not all(_ID.match(p) for p in parts):
+        return True
+    return any(p.isdigit() and int(p) >= 2**32 - 1 for p in parts)  # (uid_t)-1 is "no one"
+
+
 def _needs_runtime(field: str) -> str:
     return (
         f"{field} needs a container runtime; no member has one: start an agent with docker or "
@@ -217,7 +228,14 @@ def _entries() -> dict[str, Entry]:
         "registry_auth.password": Part("registry_auth"),
         "python": Honoured(f"{_RUNNER}: a venv with that interpreter (ENV); {_FILTERS}"),
         "nvcc": Honoured(f"{_FILTERS}: hosts with a CUDA toolkit (ENV)"),
-        "user": Honoured(f"{_RUNNER}: the job's OS user (SANDBOX); {_CONTAINER}: --user"),
+        "user": Refused(
+            lambda v: (
+                f"user {v!r} cannot exist: write a user name or a uid, optionally with :group or "
+                ":gid (e.g. user: app or user: 1000:1000)"
+            ),
+            _impossible_user,
+            f"{_RUNNER}: the job's OS user (SANDBOX); {_CONTAINER}: --user",
+        ),
         "working_dir": Honoured(f"{_RUNNER}: commands start there (ENV); {_CONTAINER}: -w"),
         "shell": Honoured(f"{_RUNNER} (_shell)"),
         "env": Honoured("meshgpu/runner/jobenv.py (job_environment; tests/runner/test_runner.py)"),

@@ -105,6 +105,12 @@ REFUSALS: dict[str, tuple[str, MeshCapabilities | None, str, str]] = {
         "f.yml:3:1: registry_auth",
         "registry_auth (an image pull) needs a container runtime",
     ),
+    "user": (
+        TASK + "user: 'app user'\n",
+        None,
+        "f.yml:3:1: user",
+        "user 'app user' cannot exist: write a user name or a uid",
+    ),
     "home_dir": (TASK + "home_dir: /root\n", None, "f.yml:3:1: home_dir", "set HOME in env"),
     "setup": (
         TASK + "setup:\n  - pip install x\n",
@@ -203,8 +209,17 @@ def test_values_that_ask_nothing_impossible_are_honoured() -> None:
         + "volumes:\n  - /data:/data\n  - instance_path: /x\n    path: /y\n    optional: true\n",
         TASK + "registry_auth: {username: u, password: p}\n",  # no image: nothing to pull
         "type: service\nport: '80:8000'\ncommands: [s]\n",
+        TASK + "user: nobody\n",
+        TASK + "user: 1000:1000\n",
+        TASK + "user: app:staff\n",
     ):
         assert issues(text, NO_RUNTIME) == [], text
+
+
+@pytest.mark.parametrize("user", ["a:b:c", "x y", ":1", "4294967295", "1000:-1"])
+def test_a_user_that_cannot_exist_is_refused(user: str) -> None:
+    [issue] = issues(TASK + f"user: '{user}'\n", None)
+    assert "cannot exist" in issue
 
 
 def test_capabilities_come_from_the_members() -> None:
