@@ -16,16 +16,23 @@ import typer
 from meshgpu.cli._common import JsonOpt, UrlOpt, ago, client, err, fail, out, table
 from meshgpu.cli._devenv import activity_text, attach_hook, connect_lines, wait_running
 from meshgpu.client import APIError, Client, CodeTooLarge, make_archive
-from meshgpu.config import ConfigError, load_config
+from meshgpu.config import ConfigError
+from meshgpu.config.loader import load_config_located
 from meshgpu.config.render import plan_lines
 from meshgpu.config.runs import BaseRunConfiguration
+from meshgpu.config.support import check_config
 
 FINISHED = {"done", "failed", "terminated"}
 
 
 def _load(path: Path) -> tuple[BaseRunConfiguration, str]:
     try:
-        config = load_config(path)
+        config, positions = load_config_located(path)
+        # What no mesh can honour is refused here, before the code is archived and uploaded;
+        # what depends on this mesh's members is checked by the node at submit.
+        refused = check_config(config, positions, None)
+        if refused:
+            raise ConfigError(refused)
     except ConfigError as e:
         err.print(str(e), markup=False)
         raise typer.Exit(1) from None

@@ -37,3 +37,22 @@ async def test_refused_fields_come_back_located_in_a_problem(tmp_path: Path) -> 
         in (doc["detail"])
     )
     assert not (runs.get("runs") if isinstance(runs, dict) else runs)
+
+
+def test_apply_refuses_before_uploading(tmp_path, monkeypatch):
+    """``meshgpu apply`` checks what no mesh can honour before archiving and uploading the
+    code: the refusal names the line, and no node is contacted (the URL is unreachable)."""
+    from typer.testing import CliRunner
+
+    from meshgpu.cli import app
+
+    conf = tmp_path / "task.dstack.yml"
+    conf.write_text("type: task\ncommands: [echo hi]\ndstack: true\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        app, ["apply", "-f", str(conf), "-y", "--url", "https://127.0.0.1:9"]
+    )
+    assert result.exit_code == 1
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert f"{conf}:3:1: dstack:" in text
+    assert "connect" not in text.lower()
