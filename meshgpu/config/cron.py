@@ -112,6 +112,4 @@ def next_start(crons: Sequence[str], after: float) -> float:
     if not crons:
         raise CronError("no cron expression")
     base = datetime.fromtimestamp(after, UTC)
-    return min(
-        float(croniter(to_croniter(c), base, day_or=False).get_next(float)) for c in crons
-    )
+    return min(float(croniter(to_croniter(c), base, day_or=False).get_next(float)) for c in crons)

@@ -355,10 +355,16 @@ class StateMachine:
             self.service_version += 1
             self._update_run(run, at)
             return
+        # A scheduled run's later cycles: each job a new submission of the last cycle's (job ids
+        # are never reused: hosts key their files by them).
+        last = {
+            (j.replica_num, j.job_num): j.submission_num
+            for j in (self.jobs[i] for i in run.replaced_job_ids if i in self.jobs)
+        }
         for spec in run.spec.jobs:
-            sub = 0
+            sub = last.get((spec.replica_num, spec.job_num), -1) + 1
             while f"{run.run_id}-{spec.replica_num}-{spec.job_num}-{sub}" in self.jobs:
-                sub += 1  # a scheduled run's earlier cycles hold the lower numbers
+                sub += 1
             job = JobRecord(
                 job_id=f"{run.run_id}-{spec.replica_num}-{spec.job_num}-{sub}",
                 run_name=run.run_name,
@@ -402,8 +408,10 @@ class StateMachine:
         for job_id in run.replaced_job_ids:
             self.jobs.pop(job_id, None)
             self.active.pop(job_id, None)
-        run.replaced_job_ids = list(run.job_ids)
-        run.job_ids = []
+        run.replaced_job_ids = []
+        if run.spec.service is None:
+            run.replaced_job_ids, run.job_ids = run.job_ids, []
+        # (a service's replicas take the places of the last cycle's: ``_add_replicas``)
         run.waiting_since = None
         run.next_triggered_at = None
         run.last_triggered_at = cmd.triggered_at
