@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshgpu.api.views import run_view
+from meshgpu.control.autoscaling import autoscaled
 from meshgpu.scheduler import plan
 from meshgpu.state import (
     JobStatus,
@@ -182,7 +183,9 @@ def test_a_scheduled_service_starts_its_replicas_and_is_not_scaled_while_waiting
     assert run.status is RunStatus.PENDING and run.job_ids == []
     scale = sm.apply_command(ScaleService(at=100.0, run_name="svc", group="0", replicas=2))
     assert not scale.ok and scale.code == "scheduled"
+    assert not autoscaled(run)
     assert trigger(sm, 300.0, name="svc").ok
+    assert autoscaled(run)
     assert run.desired_replicas == {"0": 1} and len(run.job_ids) == 1
     schedule(sm, now=301.0)
     assert run.status is RunStatus.RUNNING
