@@ -23,6 +23,11 @@ class AgentSettings:
     ssh_port: int = 7482
     advertise: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    # What the scheduler's ``spot_policy`` and ``max_price`` filters read of this host
+    # (``--spot``, ``--price``): registered as its ``spot`` and ``price`` labels, over any
+    # ``--labels`` of those names.
+    spot: bool = False
+    price: float | None = None  # USD per hour; None: not given (max_price runs do not come here)
     # dstack's blocks: split this host into N equal shares (or "auto"); None: GPU by GPU.
     blocks: int | Literal["auto"] | None = None
     fake_gpus: str | None = None
@@ -58,6 +63,17 @@ class AgentSettings:
     # The ingress (meshgpu/services/ingress.py): <run>.<ingress_domain> routes to the run when
     # set; a request for a service with no ready replica is held this long (scale from zero).
     ingress_domain: str | None = None
+
+    def node_labels(self) -> dict[str, str]:
+        """The labels this host registers: ``labels``, with ``--spot``/``--price`` as the
+        ``spot``/``price`` labels (``scheduler/filters.py``)."""
+        out = dict(self.labels)
+        if self.spot:
+            out["spot"] = "true"
+        if self.price is not None:
+            out["price"] = f"{self.price:g}"
+        return out
+
     activation_timeout_s: float = 300.0
     # Who serves the API port: "embedded" (the agent's own server, the default) or "nginx" (a
     # local nginx the agent drives proxies service traffic itself: meshgpu/services/nginx.py).

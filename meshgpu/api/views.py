@@ -134,6 +134,9 @@ def run_summary(
         "priority": r.priority,
         "submitted_at": r.submitted_at,
         "finished_at": r.finished_at,
+        "schedule": list(r.spec.schedule) or None,
+        "next_triggered_at": r.next_triggered_at,
+        "last_triggered_at": r.last_triggered_at,
         "jobs": [job_view(j, state) for j in state.run_jobs(r)],
         "service": service_view(r, state, info),
         "dev_environment": dev_environment_view(r),
@@ -323,6 +326,17 @@ class RunSummary(BaseModel):
     priority: int
     submitted_at: float
     finished_at: float | None
+    schedule: list[str] | None = Field(
+        default=None, description="The cron expressions of a scheduled run (day-of-week 0 = Monday)"
+    )
+    next_triggered_at: float | None = Field(
+        default=None,
+        description="A scheduled run waiting between starts: when it starts next (null: not "
+        "waiting, or not yet armed)",
+    )
+    last_triggered_at: float | None = Field(
+        default=None, description="When a scheduled run last started"
+    )
     jobs: list[JobView]
     service: ServiceView | None = None
     dev_environment: DevEnvironmentView | None = None

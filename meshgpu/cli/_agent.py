@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -44,6 +45,18 @@ def _blocks(text: str | None) -> int | Literal["auto"] | None:
     )
 
 
+def _price(value: float | None) -> float | None:
+    """``--price USD_PER_HOUR``: what this host costs, 0 or more."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or value < 0:
+        raise fail(
+            f"--price takes this host's price in USD per hour, 0 or more (e.g. --price 1.5); "
+            f"got {value}"
+        )
+    return value
+
+
 def agent(
     data_dir: Annotated[Path, typer.Option("--data-dir", help="State, logs, jobs")] = Path.home()
     / ".meshgpu",
@@ -61,6 +74,25 @@ def agent(
         str | None, typer.Option("--advertise", help="Address peers and jobs use")
     ] = None,
     labels: Annotated[str | None, typer.Option("--labels", help="k=v,k=v (e.g. zone=a)")] = None,
+    spot: Annotated[
+        bool,
+        typer.Option(
+            "--spot",
+            envvar="MESHGPU_SPOT",
+            help="This host is a spot/preemptible instance (label spot=true): runs with "
+            "spot_policy spot or auto may use it, on-demand ones (the default) do not",
+        ),
+    ] = False,
+    price: Annotated[
+        float | None,
+        typer.Option(
+            "--price",
+            envvar="MESHGPU_PRICE",
+            metavar="USD_PER_HOUR",
+            help="What this host costs per hour (label price): runs with max_price are placed "
+            "only on hosts that say, at or below it",
+        ),
+    ] = None,
     blocks: Annotated[
         str | None,
         typer.Option(
@@ -251,6 +283,7 @@ def agent(
             raise fail(f"{flag} must be a positive number, not {value}")
     if min_free_mb < 0:
         raise fail(f"--min-free-mb must be 0 or more, not {min_free_mb}")
+    price = _price(price)
     _check_data_dir(data_dir)
     keep_runs_for_s = positive_duration("--keep-runs-for", keep_runs_for, "12h or 7d")
     activation_timeout_s = positive_duration(
@@ -282,6 +315,8 @@ def agent(
         ssh_port=ssh_port,
         advertise=advertise,
         labels=_labels(labels),
+        spot=spot,
+        price=price,
         blocks=_blocks(blocks),
         fake_gpus=fake_gpus,
         code_limit=code_limit_mb << 20,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -192,6 +193,14 @@ def apply(
             out.print(f"submitted [bold]{run['name']}[/]")
         for line in service_lines(run, c.url):
             out.print(line)
+        if run.get("schedule") and run.get("status") == "pending":
+            # It starts at each cron time and waits again after each: nothing to follow now.
+            out.print(
+                f"{run['name']} is scheduled ({'; '.join(run['schedule'])}, UTC, day of week "
+                f"0 = Monday): {next_start_text(run.get('next_triggered_at'))}; "
+                f"meshgpu ps / meshgpu logs {run['name']} once it has started"
+            )
+            return
         if detach:
             return
         if run.get("type") == "dev-environment":
@@ -322,6 +331,18 @@ def _ps_runs(c: Client, all: bool, last: int | None) -> tuple[list[dict[str, Any
     return c.runs_page(all=True, limit=1)["runs"], False
 
 
+def next_start_text(at: float | None) -> str:
+    """A waiting scheduled run's next start, as ``ps`` shows it (cron times are UTC)."""
+    if at is None:
+        return "waiting for its schedule"
+    when = dt.datetime.fromtimestamp(at, dt.UTC)
+    secs = max(0, int(at - time.time()))
+    left = f"{secs // 60}m" if secs < 3600 else f"{secs // 3600}h{secs % 3600 // 60:02d}m"
+    if secs >= 86400:
+        left = f"{secs // 86400}d{secs % 86400 // 3600}h"
+    return f"next start {when:%Y-%m-%d %H:%M} UTC (in {left})"
+
+
 def ps(
     all: Annotated[
         bool, typer.Option("-a", "--all", help="Every run, finished ones too (all pages)")
@@ -352,6 +373,8 @@ def ps(
                 gpus = ",".join(str(g) for g in first.get("gpus", []))
                 where = f"{first.get('node') or '-'}" + (f" gpu {gpus}" if gpus else "")
                 problem = r["termination_reason"] or first.get("why_pending") or ""
+                if r.get("schedule") and r["status"] == "pending":
+                    problem = next_start_text(r.get("next_triggered_at"))
                 status = r.get("status_message") or r["status"]
                 svc = r.get("service")
                 if svc and not problem:

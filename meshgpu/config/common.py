@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from meshgpu.config import cron
 from meshgpu.config._units import Shorthand, parse_duration
 from meshgpu.config.errors import RuleError
 
@@ -314,9 +315,6 @@ class UtilizationPolicy(Model):
         return v
 
 
-_CRON_FIELD = re.compile(r"^[\w*/,\-]+$")
-
-
 def _cron_list(v: Any) -> Any:
     if isinstance(v, str):
         v = [v]
@@ -324,12 +322,7 @@ def _cron_list(v: Any) -> Any:
         for expr in v:
             if not isinstance(expr, str):
                 raise ValueError(f"cron expression must be a string, got {expr!r}")
-            fields = expr.split()
-            if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
-                raise ValueError(
-                    f"invalid cron expression {expr!r}: use 5 fields (minute hour day month weekday),"
-                    " e.g. '0 8 * * mon-fri'"
-                )
+            cron.check(expr)  # a CronError is a ValueError: its message says what to write
     return v
 
 

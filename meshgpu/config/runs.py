@@ -518,6 +518,14 @@ class ServiceConfiguration(BaseRunConfiguration):
         if self.https == "auto" and self.gateway is False:
             raise RuleError("https", "https: auto needs a gateway")
         groups = self.replica_groups()
+        if self.schedule is not None and sum(g.replicas.min or 0 for g in groups) == 0:
+            # dstack: a scheduled service starts at its trigger; one at zero replicas would
+            # start nothing until requests came.
+            raise RuleError(
+                "schedule",
+                "a scheduled service cannot scale to zero: give replicas a minimum of 1 or more "
+                "(e.g. replicas: 1..4), or drop schedule",
+            )
         _check_group_refs(
             self.env,
             {"commands": self.commands, "replicas": [c for g in groups for c in g.commands]},

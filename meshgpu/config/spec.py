@@ -264,6 +264,12 @@ class RunSpec:
     ide: str | None = None
     inactivity_duration_s: int | None = None
     utilization: UtilizationRule | None = None
+    # ``schedule: {cron: ...}`` (dstack §1.2): the cron texts as written (dstack's day-of-week,
+    # 0 = Monday; ``cron.py`` computes the times). A scheduled run waits for its next start,
+    # and goes back to waiting after each time it has run (``RunRecord.next_triggered_at``).
+    schedule: tuple[str, ...] = ()
+    # ``registry_auth``: (username, password) the container runtime pulls the image with.
+    registry_auth: tuple[str, str] | None = None
 
     def job_spec(self, group: str | None, job_num: int = 0) -> JobSpec:
         """The spec a job of ``group`` (its ``job_num``-th node) runs with: a service replica
@@ -565,6 +571,19 @@ def compile_utilization(raw: Any) -> UtilizationRule | None:
     return UtilizationRule(min_gpu_utilization=low, time_window_s=window)
 
 
+def _crons(raw: Any) -> tuple[str, ...]:
+    crons = raw.get("cron") if isinstance(raw, dict) else None
+    if isinstance(crons, str):
+        crons = [crons]
+    return tuple(str(c) for c in crons or ())
+
+
+def _registry_auth(raw: Any) -> tuple[str, str] | None:
+    if not isinstance(raw, dict) or raw.get("username") is None:
+        return None
+    return (str(raw["username"]), str(raw.get("password") or ""))
+
+
 def compile_run(config: Mapping[str, Any]) -> RunSpec:
     """The spec of a run from its rendered configuration (``render.to_json``)."""
     commands = tuple(config.get("commands") or ())
@@ -625,4 +644,6 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
         ide=config.get("ide") if dev else None,
         inactivity_duration_s=_duration(config.get("inactivity_duration")) if dev else None,
         utilization=compile_utilization(config.get("utilization_policy")),
+        schedule=_crons(config.get("schedule")),
+        registry_auth=_registry_auth(config.get("registry_auth")),
     )

@@ -38,6 +38,7 @@ def autoscaled(run: RunRecord) -> bool:
         and run.status not in (RunStatus.TERMINATING,)
         and not run.status.is_finished()
         and run.termination_reason is None
+        and not run.awaiting_trigger  # a scheduled service between starts: nothing to scale
         and any(g.scaling is not None for g in service.groups)
     )
 

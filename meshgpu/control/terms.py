@@ -1,5 +1,6 @@
 """The controllers a leader runs for each term (``Leadership`` starts them and cancels them at
-step-down): scheduling, retention, membership, gossip keys, the services' autoscaler."""
+step-down): scheduling, retention, membership, gossip keys, the services' autoscaler, and the
+starts of scheduled runs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from meshgpu.clock import Clock
 from meshgpu.control.autoscaling import Autoscaling
 from meshgpu.control.gossip_keys import GossipKeys
 from meshgpu.control.retention import Retention
+from meshgpu.control.schedules import Schedules
 from meshgpu.control.scheduling import Demand, Scheduling
 
 if TYPE_CHECKING:
@@ -47,4 +49,5 @@ def leader_controllers(
                 state, proposer, telemetry, node_id, local_counters, clock=clock
             ).run(),
         ),
+        ("schedules", Schedules(state, proposer, clock=clock).run),
     ]

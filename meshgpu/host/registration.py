@@ -59,7 +59,7 @@ class Registration:
             ssh_address=self.ssh_address,
             ssh_host_key=self.ssh_host_key,
             internal_ip=ident.host,
-            labels=s.labels,
+            labels=s.node_labels(),
             gpus=[
                 GPURecord(
                     index=g.index,

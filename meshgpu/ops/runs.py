@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Protocol
 
+from meshgpu.config.cron import next_start
 from meshgpu.config.interpolation import references
 from meshgpu.config.render import to_json
 from meshgpu.config.resources import GPUSpec
@@ -130,6 +131,7 @@ class Runs:
                     "this mesh has no secret store yet; pass the value through the environment",
                     "no_secrets",
                 )
+        self._check_registry_auth(config)
         chosen = body.name or config.name
         code = None
         if body.code_sha256:
@@ -164,14 +166,19 @@ class Runs:
             # A generated name can collide with a concurrent submission: pick another. The
             # request id stays tied to the client's id, so a client retry still matches.
             rid = body.request_id if attempt == 0 else f"{body.request_id}/{attempt}"
+            now = time.time()
             cmd = SubmitRun(
-                at=time.time(),
+                at=now,
                 request_id=rid,
                 run_id=uuid.uuid4().hex,
                 run_name=name,
                 config=config_json,
                 run_args=body.run_args,
                 code=code,
+                # A scheduled run waits for its first start (dstack's ``next_triggered_at``).
+                next_triggered_at=next_start(config.schedule.cron, now)
+                if config.schedule
+                else None,
             )
             result = await self.proposer.propose(encode(cmd), request_id=rid.encode())
             if result.code == "duplicate":  # this request was applied before: find its run
@@ -192,6 +199,30 @@ class Runs:
             kind = Conflict if result.code == "name_in_use" else Invalid
             raise kind("run not submitted", result.error or "", result.code or "")
         return self.state.runs[result.value], None
+
+    @staticmethod
+    def _check_registry_auth(config: Any) -> None:
+        """``registry_auth`` references: ``secrets.*`` are refused as in ``env`` (no secret
+        store yet), and so are ``env.*`` (dstack resolves them in its CLI; meshgpu's sends the
+        file as written), rather than pulling with the reference's text as a password."""
+        auth = config.registry_auth
+        if auth is None:
+            return
+        for field in ("username", "password"):
+            refs = references(getattr(auth, field))
+            if any(r.namespace == "secrets" for r in refs):
+                raise Invalid(
+                    "secrets are not available yet",
+                    f"registry_auth.{field}: this mesh has no secret store yet; write the value",
+                    "no_secrets",
+                )
+            if refs:
+                raise Invalid(
+                    "references in registry_auth are not resolved",
+                    f"registry_auth.{field}: ${{{{ {refs[0]} }}}} would be sent as written; "
+                    "write the value",
+                    "unresolved_reference",
+                )
 
     async def _update_service(
         self, name: str, config: dict[str, Any], run_args: list[str], code: CodeRef | None

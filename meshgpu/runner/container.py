@@ -4,7 +4,8 @@ The container runs under the same supervisor as a process job (``shim.py``): its
 the runtime's ``run`` in the foreground, so output, exit status, stop (SIGTERM is proxied into the
 container by the runtime, SIGKILL after the grace period) and re-adoption work the same way.
 Host networking, as dstack uses for multi-node jobs; the job's working directory (with the user's
-code) is mounted at ``/workflow``.
+code) is mounted at ``/workflow``. ``registry_auth`` reaches the runtime as a per-job auth file
+(``registry_auth.py``): ``docker --config DIR`` or ``podman run --authfile FILE``.
 """
 
 from __future__ import annotations
@@ -55,11 +56,17 @@ def container_argv(
     privileged: bool = False,
     user: str | None = None,
     entrypoint: str | None = None,
+    auth_file: str | None = None,
 ) -> list[str]:
+    """``auth_file``: the job's registry credentials (a ``config.json``) to pull ``image``."""
     podman = runtime.rsplit("/", 1)[-1] == "podman"
-    argv = [
-        runtime,
-        "run",
+    argv = [runtime]
+    if auth_file and not podman:
+        argv += ["--config", auth_file.rsplit("/", 1)[0]]  # docker reads DIR/config.json
+    argv += ["run"]
+    if auth_file and podman:
+        argv += ["--authfile", auth_file]
+    argv += [
         "--rm",
         "--init",
         "--name",

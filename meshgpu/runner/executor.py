@@ -33,6 +33,7 @@ from meshgpu.runner.container import container_argv
 from meshgpu.runner.drain import drain
 from meshgpu.runner.jobenv import ClusterInfo, JobEnvInputs, JobIdentity, job_environment
 from meshgpu.runner.process import JobLaunch, JobResult, ProcessRunner
+from meshgpu.runner.registry_auth import remove_auth, write_auth
 from meshgpu.state import (
     CodeRef,
     JobFinished,
@@ -310,6 +311,7 @@ class Executor:
                 self.runner.stop(job_id, grace_s=grace, reason=why)
         except Exception as e:  # any failure to start is the job's, not the agent's
             log.exception("job=%s failed to start", job_id)
+            remove_auth(self.runner.job_dir(job_id))
             await self._report(
                 job_id, epoch, JobResult(job_id, None, "executor_error", message=str(e))
             )
@@ -388,6 +390,13 @@ class Executor:
         if spec.image:
             if not self.container_runtime:
                 raise RuntimeError("this host has no container runtime for image jobs")
+            # ``registry_auth``: a per-job auth file in the job's record directory (0600),
+            # removed when the job ends (``_watch``).
+            auth_file = (
+                str(write_auth(self.runner.job_dir(job.job_id), spec.image, spec.registry_auth))
+                if spec.registry_auth is not None
+                else None
+            )
             argv = tuple(
                 container_argv(
                     self.container_runtime,
@@ -404,6 +413,7 @@ class Executor:
                     privileged=spec.privileged,
                     user=spec.user,
                     entrypoint=spec.entrypoint,
+                    auth_file=auth_file,
                 )
             )
         launch = JobLaunch(
@@ -432,6 +442,7 @@ class Executor:
 
     async def _watch(self, job_id: str, epoch: int) -> None:
         result = await self.runner.wait(job_id)
+        remove_auth(self.runner.job_dir(job_id))  # the image was pulled long since
         await self._report(job_id, epoch, result)
 
     async def _report(self, job_id: str, epoch: int, result: JobResult) -> None:

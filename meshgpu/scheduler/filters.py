@@ -1,7 +1,8 @@
 """Run-level placement filters (dstack's profile params) matched against node labels.
 
 A mesh has no cloud catalogue to filter, so the facts come from labels that an agent registers
-(``--labels``) or a fleet plugin sets:
+(``--labels``; ``--spot`` and ``--price USD_PER_HOUR`` set ``spot`` and ``price``) or a fleet
+plugin sets:
 
 =================== ============================ ==============================================
 run field           node label                   match
@@ -12,9 +13,10 @@ run field           node label                   match
 ``availability_zones`` ``zone``                  equal, case-insensitive
 ``instance_types``  ``instance_type``            equal, case-insensitive
 ``reservation``     ``reservation``              equal
-``spot_policy``     ``spot`` (``true``/``false``) ``spot`` needs spot, ``on-demand`` (the
-                                                  default) refuses it, ``auto`` takes either
-``max_price``       ``price`` ($/h)              price <= max_price (no label: free)
+``spot_policy``     ``spot`` (``true``/``false``; ``spot`` needs spot, ``on-demand`` (the
+                    no label: not spot)           default) refuses it, ``auto`` takes either
+``max_price``       ``price`` ($/h)              price <= max_price; a host without a price
+                                                  is not used (its cost is unknown)
 ``instances``       node name, internal IP,      any entry matches
                     ``fleet`` + ``instance``
 =================== ============================ ==============================================
@@ -98,12 +100,14 @@ class RunFilters:
             return f"{node.name} is not a spot instance (spot_policy: spot)"
         if self.spot_policy == "on-demand" and spot:
             return f"{node.name} is a spot instance (spot_policy: on-demand)"
-        if self.max_price is not None and "price" in labels:
+        if self.max_price is not None:
+            if "price" not in labels:
+                return f"{node.name} has no price: start its agent with --price"
             try:
                 price = float(labels["price"])
             except ValueError:
-                price = float("inf")
-            if price > self.max_price:
+                return f"{node.name}'s price label {labels['price']!r} is not a number"
+            if not price <= self.max_price:  # (NaN too)
                 return f"{node.name} costs ${labels['price']}/h, over max_price ${self.max_price}"
         if (
             by_name

@@ -63,6 +63,35 @@ class SubmitRun(Command):
     config: dict[str, Any]
     run_args: list[str] = Field(default_factory=list)
     code: CodeRef | None = None
+    # A scheduled run's first start, computed by the submitting node from the run's ``schedule``
+    # (``meshgpu/config/cron.py``); left out of the entry when unset, so entries without it
+    # encode as they always did. A scheduled run submitted without it waits for the leader to
+    # arm it (``ScheduleRun``).
+    next_triggered_at: float | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class ScheduleRun(Command):
+    """The leader arms a scheduled run that waits for its next start without a time (it has just
+    finished a cycle): ``next_triggered_at`` is computed from the run's ``waiting_since``, which
+    is in the state, so every leader computes the same time. Applied only while the run still
+    waits since ``waiting_since`` with no time set: a repeat (a new leader re-proposing) is a
+    no-op."""
+
+    kind: Literal["schedule_run"] = "schedule_run"
+    run_name: str
+    waiting_since: float
+    next_triggered_at: float
+
+
+class TriggerRun(Command):
+    """The leader starts a scheduled run at its trigger: the run's jobs are queued (a new
+    submission of each). Carries the trigger it fires: applied only while the run waits for
+    exactly that one, so a repeat after a failover neither starts the run twice nor skips a
+    start."""
+
+    kind: Literal["trigger_run"] = "trigger_run"
+    run_name: str
+    triggered_at: float
 
 
 class Assignment(BaseModel):

@@ -10,7 +10,8 @@ drives it: a waiting job is placed (``provisioning``) or ends without running; a
 starts, is asked to stop (``terminating``; asked again to make a stop an abort), or ends; it is
 done only if it was placed. A run's status is derived from its jobs (``_update_run``), so it may
 move between the active statuses as they change, except that a run being stopped never becomes
-active again.
+active again -- but for a scheduled run whose cycle ended by itself (done or failed, not stopped
+by the user), which goes back to ``pending`` until its next start (dstack).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _RUN_FINISHED = (_R.TERMINATED, _R.FAILED, _R.DONE)
 RUN_TRANSITIONS: frozenset[tuple[RunStatus, RunStatus]] = frozenset(
     {(s, t) for s in _RUN_ACTIVE for t in (*_RUN_ACTIVE, _R.TERMINATING, *_RUN_FINISHED)}
     | {(_R.TERMINATING, t) for t in (_R.TERMINATING, *_RUN_FINISHED)}
+    | {(_R.TERMINATING, _R.PENDING)}  # a scheduled run's cycle ended: waits for its next start
 )
 
 

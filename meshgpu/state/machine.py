@@ -28,12 +28,14 @@ from meshgpu.state.commands import (
     RegisterNode,
     ReplicaProbes,
     ScaleService,
+    ScheduleRun,
     SetGPUHealth,
     SetInactivityDuration,
     SetPendingReasons,
     SetRunPriority,
     StopRun,
     SubmitRun,
+    TriggerRun,
     UpdateService,
     decode,
 )
@@ -51,6 +53,7 @@ from meshgpu.state.records import (
 )
 from meshgpu.state.retry import decide
 
+_USER_STOPS = (RunTerminationReason.STOPPED_BY_USER, RunTerminationReason.ABORTED_BY_USER)
 _PREEMPTIBLE_STATUSES = (JobStatus.PROVISIONING, JobStatus.PULLING, JobStatus.RUNNING)
 _STARTING = (JobStatus.PROVISIONING, JobStatus.PULLING)
 # What an in-place update of a service may change without redeploying (dstack): the replica
@@ -328,36 +331,103 @@ class StateMachine:
         )
         run.priority = run.spec.priority
         self.runs[run.run_name] = run
+        self.requests[cmd.request_id] = run.run_name
+        if run.spec.schedule:
+            # dstack: a scheduled run is PENDING until its next start (``TriggerRun``).
+            run.waiting_since = cmd.at
+            run.next_triggered_at = cmd.next_triggered_at
+            self._move_run(run, RunStatus.PENDING)
+            self.feed.run(run.run_name)
+            return _ok(run.run_name)
+        self._start_jobs(run, cmd.at)
+        return _ok(run.run_name)
+
+    def _start_jobs(self, run: RunRecord, at: float) -> None:
+        """Queue the run's jobs: at its submission, or at each start of a scheduled run (a new
+        submission of each job then). A service starts each replica group at its ``min``."""
         service = run.spec.service
         if service is not None:
             # Each replica group starts at its ``min`` (0: scaled to zero until asked for).
             for g in service.groups:
                 run.desired_replicas[g.name] = g.min
-                run.last_scaled_at[g.name] = cmd.at
-                self._add_replicas(run, g.name, g.min, cmd.at)
-            self.requests[cmd.request_id] = run.run_name
+                run.last_scaled_at[g.name] = at
+                self._add_replicas(run, g.name, g.min, at)
             self.service_version += 1
-            self._update_run(run, cmd.at)
-            return _ok(run.run_name)
+            self._update_run(run, at)
+            return
+        # A scheduled run's later cycles: each job a new submission of the last cycle's (job ids
+        # are never reused: hosts key their files by them).
+        last = {
+            (j.replica_num, j.job_num): j.submission_num
+            for j in (self.jobs[i] for i in run.replaced_job_ids if i in self.jobs)
+        }
         for spec in run.spec.jobs:
+            sub = last.get((spec.replica_num, spec.job_num), -1) + 1
+            while f"{run.run_id}-{spec.replica_num}-{spec.job_num}-{sub}" in self.jobs:
+                sub += 1
             job = JobRecord(
-                job_id=f"{cmd.run_id}-{spec.replica_num}-{spec.job_num}-0",
-                run_name=cmd.run_name,
-                run_id=cmd.run_id,
+                job_id=f"{run.run_id}-{spec.replica_num}-{spec.job_num}-{sub}",
+                run_name=run.run_name,
+                run_id=run.run_id,
                 job_num=spec.job_num,
                 replica_num=spec.replica_num,
+                submission_num=sub,
                 group=spec.group,
                 resources=spec.resources,
                 resources_key=spec.resources_key,
-                submitted_at=cmd.at,
+                submitted_at=at,
             )
             self.jobs[job.job_id] = job
             self.active[job.job_id] = job
             self._track(job, None)
             run.job_ids.append(job.job_id)
-        self.requests[cmd.request_id] = run.run_name
         self.demand_version += 1
+        if run.status is not RunStatus.SUBMITTED:
+            self._update_run(run, at)
+
+    # -- scheduled runs (dstack's ``schedule``) -----------------------------------------------
+    def _on_schedule_run(self, cmd: ScheduleRun) -> Result:
+        run = self.runs.get(cmd.run_name)
+        if run is None:
+            return _err("not_found", f"no run named {cmd.run_name!r}")
+        if not run.awaiting_trigger or run.waiting_since != cmd.waiting_since:
+            return _err("stale", f"run {cmd.run_name!r} does not wait to be scheduled")
+        if run.next_triggered_at is None:
+            run.next_triggered_at = cmd.next_triggered_at
+            self.feed.run(run.run_name)
+        return _ok(run.next_triggered_at)
+
+    def _on_trigger_run(self, cmd: TriggerRun) -> Result:
+        run = self.runs.get(cmd.run_name)
+        if run is None:
+            return _err("not_found", f"no run named {cmd.run_name!r}")
+        if not run.awaiting_trigger or run.next_triggered_at != cmd.triggered_at:
+            # Already fired (a repeat after a failover), re-armed for another time, or stopped.
+            return _err("stale", f"run {cmd.run_name!r} does not wait for this start")
+        # Keep the last cycle's jobs (their logs, ``ps``) until this one; forget older ones.
+        for job_id in run.replaced_job_ids:
+            self.jobs.pop(job_id, None)
+            self.active.pop(job_id, None)
+        run.replaced_job_ids = []
+        if run.spec.service is None:
+            run.replaced_job_ids, run.job_ids = run.job_ids, []
+        # (a service's replicas take the places of the last cycle's: ``_add_replicas``)
+        run.waiting_since = None
+        run.next_triggered_at = None
+        run.last_triggered_at = cmd.triggered_at
+        self.feed.run(run.run_name)
+        self._start_jobs(run, cmd.at)
         return _ok(run.run_name)
+
+    def _rearm(self, run: RunRecord, at: float) -> None:
+        """A scheduled run's cycle ended (not stopped by the user): it waits for its next start
+        (dstack: back to PENDING); the leader arms it (``ScheduleRun``)."""
+        run.termination_reason = None
+        run.retrying.clear()
+        run.waiting_since = at
+        run.next_triggered_at = None
+        self._move_run(run, RunStatus.PENDING)
+        self.feed.run(run.run_name)
 
     def _on_assign_jobs(self, cmd: AssignJobs) -> Result:
         accepted: list[str] = []
@@ -663,6 +733,12 @@ class StateMachine:
             return _err("not_a_service", f"run {run_name!r} is a {run.spec.type}, not a service")
         if run.status.is_finished() or run.termination_reason is not None:
             return _err("finished", f"run {run_name!r} has finished or is stopping")
+        if run.awaiting_trigger:
+            return _err(
+                "scheduled",
+                f"run {run_name!r} waits for its next scheduled start; change it once it has "
+                "started, or stop it and apply the new configuration",
+            )
         return run
 
     def _on_scale_service(self, cmd: ScaleService) -> Result:
@@ -1162,8 +1238,8 @@ class StateMachine:
     def _update_run(self, run: RunRecord, at: float) -> None:
         """Derive the run's status from its jobs, in dstack's priority order (§4.1). The
         decisions (fail, done, resubmit) are taken when jobs end (``_job_ended``)."""
-        if run.status.is_finished():
-            return
+        if run.status.is_finished() or run.awaiting_trigger:
+            return  # (a scheduled run between cycles stays PENDING)
         jobs = self.run_jobs(run)
         if run.spec.service is not None and run.termination_reason is None:
             self._update_service_run(run, jobs)
@@ -1176,6 +1252,10 @@ class StateMachine:
                     if all_done
                     else RunTerminationReason.JOB_FAILED
                 )
+            if run.spec.schedule and run.termination_reason not in _USER_STOPS:
+                self._rearm(run, at)  # dstack: back to PENDING until the next start
+                return
+            run.waiting_since = run.next_triggered_at = None
             self._move_run(run, run.termination_reason.to_status())
             run.finished_at = at
             return
@@ -1245,7 +1325,15 @@ _NO_JOB_EXTRAS: frozenset[str] = frozenset(
     {"deployment_num", "ready", "probes", "working_dir", "sessions", "inactive_since"}
 )
 _NO_RUN_EXTRAS: frozenset[str] = frozenset(
-    {"config_text", "desired_replicas", "last_scaled_at", "deployment_num"}
+    {
+        "config_text",
+        "desired_replicas",
+        "last_scaled_at",
+        "deployment_num",
+        "waiting_since",
+        "next_triggered_at",
+        "last_triggered_at",
+    }
 )
 
 
@@ -1282,7 +1370,13 @@ def _job_defaults(job: JobRecord) -> set[str] | frozenset[str]:
 
 def _run_defaults(run: RunRecord) -> set[str] | frozenset[str]:
     """``config_text`` (written as ``config``) and the service fields left at their defaults."""
-    if not (run.desired_replicas or run.last_scaled_at or run.deployment_num):
+    if not (
+        run.desired_replicas
+        or run.last_scaled_at
+        or run.deployment_num
+        or run.waiting_since is not None
+        or run.last_triggered_at is not None
+    ):
         return _NO_RUN_EXTRAS
     return {"config_text"} | {
         k
@@ -1290,6 +1384,9 @@ def _run_defaults(run: RunRecord) -> set[str] | frozenset[str]:
             ("desired_replicas", not run.desired_replicas),
             ("last_scaled_at", not run.last_scaled_at),
             ("deployment_num", not run.deployment_num),
+            ("waiting_since", run.waiting_since is None),
+            ("next_triggered_at", run.next_triggered_at is None),
+            ("last_triggered_at", run.last_triggered_at is None),
         )
         if unset
     }

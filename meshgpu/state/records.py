@@ -307,6 +307,18 @@ class RunRecord(_Record):
     desired_replicas: dict[str, int] = Field(default_factory=dict)
     last_scaled_at: dict[str, float] = Field(default_factory=dict)
     deployment_num: int = 0
+    # Scheduled runs (``schedule:``, dstack): while the run waits for its next start (PENDING,
+    # no jobs running), since when it waits -- its submission, or the end of its last cycle --
+    # and the start it waits for (None until the leader arms it: ``ScheduleRun``); and when it
+    # last started. ``waiting_since`` is None while a cycle runs (and for unscheduled runs).
+    waiting_since: float | None = None
+    next_triggered_at: float | None = None
+    last_triggered_at: float | None = None
+
+    @property
+    def awaiting_trigger(self) -> bool:
+        """A scheduled run between cycles (not being stopped)."""
+        return self.waiting_since is not None and self.termination_reason is None
 
     @property
     def config(self) -> dict[str, Any]:

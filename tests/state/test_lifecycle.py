@@ -56,7 +56,9 @@ def test_every_live_job_can_end() -> None:
 
 
 def test_a_stopping_run_never_becomes_active_again() -> None:
-    for new in (R.PENDING, R.SUBMITTED, R.PROVISIONING, R.RUNNING):
+    # (but ``pending``: a scheduled run whose cycle ended waits for its next start, dstack)
+    check_run_move("r", R.TERMINATING, R.PENDING)
+    for new in (R.SUBMITTED, R.PROVISIONING, R.RUNNING):
         with pytest.raises(IllegalTransition):
             check_run_move("r", R.TERMINATING, new)
     for end in FINISHED_RUNS:
