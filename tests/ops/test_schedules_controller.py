@@ -171,7 +171,7 @@ class _Settings:
 async def test_a_submission_carries_its_first_start_and_ps_shows_it(tmp_path: Path) -> None:
     from meshgpu.api.views import run_view
     from meshgpu.cli._runs import next_start_text
-    from tests.ops.test_runs import Body, _runs
+    from tests.ops.test_runs import Body, _runs, host
 
     runs, sm, _ = _runs(tmp_path)
     text = "type: task\ncommands: [echo hi]\nschedule:\n  cron: ['0 9 * * 0', '30 7 * * sat']\n"
@@ -201,9 +201,10 @@ async def test_references_in_registry_auth_are_refused(
     tmp_path: Path, auth: str, code: str
 ) -> None:
     from meshgpu import errors
-    from tests.ops.test_runs import Body, _runs
+    from tests.ops.test_runs import Body, _runs, host
 
-    runs, _, proposer = _runs(tmp_path)
+    runs, sm, proposer = _runs(tmp_path)
+    sm.apply_command(host("n2", 0, runtime="/usr/bin/docker"))  # image jobs can run here
     text = f"type: task\nimage: ghcr.io/me/x\ncommands: [a]\nregistry_auth: {auth}\n"
     with pytest.raises(errors.Invalid) as info:
         await runs.submit(Body(config=text))
