@@ -49,6 +49,9 @@ def job_view(j: JobRecord, state: StateMachine) -> dict[str, Any]:
         # is attached: dstack's ``inactivity_secs`` counts from the last session's end (from
         # the start when it never had one)
         "working_dir": j.working_dir,
+        # its sandbox (process jobs): the OS user it runs as, its cgroup limits
+        "user": j.job_user,
+        "limits": j.limits,
         "sessions": j.sessions,
         "inactive_since": j.inactive_since,
         "inactivity_secs": inactivity_secs(j),
@@ -277,6 +280,12 @@ class JobView(BaseModel):
     probes: list[str] = Field(default_factory=list, description="failing | probing | ready")
     working_dir: str | None = Field(
         default=None, description="Where its commands run on its host (SSH sessions open there)"
+    )
+    user: str | None = Field(
+        default=None, description="The OS user it runs as (null: the agent's own user)"
+    )
+    limits: str | None = Field(
+        default=None, description="Its cgroup limits, e.g. 'memory 8GB, cpus 2, pids 32768'"
     )
     sessions: int = Field(default=0, description="SSH sessions open into it")
     inactive_since: float | None = Field(

@@ -54,6 +54,7 @@ def container_argv(
     privileged: bool = False,
     user: str | None = None,
     entrypoint: str | None = None,
+    volumes: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
     podman = runtime.rsplit("/", 1)[-1] == "podman"
     argv = [
@@ -77,6 +78,8 @@ def container_argv(
         argv += ["--device", "/dev/kfd", "--device", "/dev/dri", "--group-add", "video"]
     if shm_size_gb:
         argv += ["--shm-size", f"{int(shm_size_gb * 1024)}m"]
+    for src, dst in volumes:  # instance volumes: the host path bind-mounted in the container
+        argv += ["-v", f"{src}:{dst}"]
     if privileged:
         argv.append("--privileged")
     if user:

@@ -24,6 +24,12 @@ import signal
 import sys
 import time
 
+if __package__:
+    from meshgpu.runner import sandbox
+else:  # run as a script (python -I -S shim.py) or by the fork server: next to this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import sandbox  # type: ignore[no-redef]  # stdlib only
+
 LOG_NAME = "output.log"
 
 
@@ -93,17 +99,23 @@ def main(job_dir: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
+    sb = spec.get("sandbox") or {}
+    cg = sb.get("cgroup")
     rd, wr = os.pipe()
     started = time.time()
     try:
+        if cg:
+            sandbox.cgroup_create(cg)  # here, as root: the job's child only joins them
         pid = os.fork()
     except OSError as e:
+        if cg:
+            sandbox.cgroup_remove(cg, timeout=0)
         _write_json(
             os.path.join(job_dir, "status.json"),
             {
                 "exit_code": None,
                 "reason": "executor_error",
-                "message": str(e),
+                "message": f"the job's sandbox could not be made: {e}" if cg else str(e),
                 "finished_at": time.time(),
             },
         )
@@ -119,6 +131,8 @@ def main(job_dir: str) -> int:
             os.close(wr)
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
+            if sb:
+                sandbox.enter(sb)  # cgroups, mount namespace, then the job's user
             os.chdir(spec["cwd"])
             os.execve(spec["argv"][0], spec["argv"], spec["env"])
         except BaseException as e:  # noqa: BLE001 - report anything, the job cannot start
@@ -165,8 +179,11 @@ def main(job_dir: str) -> int:
             if done:
                 status = st
                 # The job is over; whatever it left running in its group goes with it, which
-                # also closes their copies of the output pipe so we reach EOF.
+                # also closes their copies of the output pipe so we reach EOF -- and so does
+                # whatever left the group but not the job's cgroups.
                 _killpg(pid, signal.SIGKILL)
+                if cg:
+                    sandbox.cgroup_kill(cg)
         if status is not None and eof:
             break
         timeout = 0.2
@@ -200,24 +217,45 @@ def main(job_dir: str) -> int:
         code, sig = os.WEXITSTATUS(status), None
     else:
         code, sig = 128 + os.WTERMSIG(status), os.WTERMSIG(status)
+    message = ""
+    oom = 0
+    if cg:
+        oom = sandbox.oom_kills(cg)
+        if not sandbox.cgroup_remove(cg):
+            os.write(2, f"meshgpu: cgroups of the job left behind: {cg['name']}\n".encode())
     if state["stop"] is not None:
         reason = state["stop"]
-    elif code == 0:
+    elif code == 0 and not oom:
         reason = "done_by_runner"
     else:
         reason = "container_exited_with_error"
+    if oom:
+        # dstack has no reason of its own for it: an error exit, said in the message.
+        message = f"out of memory (limit {_size(cg.get('memory_bytes'))}): the kernel killed "
+        message += f"{oom} of the job's processes; ask for more resources.memory"
     _write_json(
         os.path.join(job_dir, "status.json"),
         {
             "exit_code": code,
             "signal": sig,
             "reason": reason,
+            "message": message,
+            "oom_kills": oom,
             "started_at": started,
             "finished_at": time.time(),
             "log_truncated": truncated,
         },
     )
     return 0
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return "none"
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return f"{n}B"
 
 
 if __name__ == "__main__":
