@@ -102,6 +102,9 @@ def main(job_dir: str) -> int:
     sb = spec.get("sandbox") or {}
     cg = sb.get("cgroup")
     rd, wr = os.pipe()
+    # A sandboxed child says "in its sandbox" by exec'ing (this end is close-on-exec) or why
+    # not by writing it here: job.pid means the job is inside, and a failure is the job's.
+    ready_rd, ready_wr = os.pipe() if sb else (-1, -1)
     started = time.time()
     try:
         if cg:
@@ -132,7 +135,12 @@ def main(job_dir: str) -> int:
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             if sb:
-                sandbox.enter(sb)  # cgroups, mount namespace, then the job's user
+                os.close(ready_rd)
+                try:
+                    sandbox.enter(sb)  # cgroups, mount namespace, then the job's user
+                except BaseException as e:  # noqa: BLE001
+                    os.write(ready_wr, str(e).encode()[:4000] or b"?")
+                    os._exit(127)
             os.chdir(spec["cwd"])
             os.execve(spec["argv"][0], spec["argv"], spec["env"])
         except BaseException as e:  # noqa: BLE001 - report anything, the job cannot start
@@ -143,6 +151,31 @@ def main(job_dir: str) -> int:
         os.setpgid(pid, pid)
     except OSError:
         pass  # the child already did it (or already exited)
+    if sb:
+        os.close(ready_wr)
+        why = b""
+        while True:
+            chunk = os.read(ready_rd, 4096)
+            if not chunk:
+                break
+            why += chunk
+        os.close(ready_rd)
+        if why:
+            os.waitpid(pid, 0)
+            os.close(rd)
+            if cg:
+                sandbox.cgroup_remove(cg)
+            _write_json(
+                os.path.join(job_dir, "status.json"),
+                {
+                    "exit_code": None,
+                    "reason": "executor_error",
+                    "message": f"the job's sandbox could not be made: {why.decode(errors='replace')}",
+                    "started_at": started,
+                    "finished_at": time.time(),
+                },
+            )
+            return 1
     state["pgid"] = pid
     # job.pid doubles as "ready for stop requests": the agent signals only once it exists, and
     # a request written before it is picked up here.
