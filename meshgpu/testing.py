@@ -338,6 +338,20 @@ def kill_job_processes(data_dir: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    # Their supervisors cannot remove the jobs' cgroups now: what is left there goes too.
+    for f in jobs.glob("*/job.json"):
+        remove_job_cgroups(f)
+
+
+def remove_job_cgroups(job_json: Path) -> None:
+    from meshgpu.runner import sandbox
+
+    try:
+        cg = (json.loads(job_json.read_text()).get("sandbox") or {}).get("cgroup")
+    except (OSError, ValueError, AttributeError):
+        return
+    if cg:
+        sandbox.cgroup_remove(cg)
 
 
 def host(

@@ -175,6 +175,8 @@ def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, A
         "memory_gb": round(n.memory_mib / 1024, 1),
         "disk_gb": n.disk_gb,
         "container_runtime": n.container_runtime,
+        # what its process jobs get: {"user", "cgroup": v1|v2|null, "mount_ns"} (null: unknown)
+        "sandbox": n.sandbox,
         "gpus": [g.model_dump() | {"busy": g.index in busy} for g in n.gpus],
         # dstack's blocks: how many equal shares the host is split into (None: GPU by GPU).
         "blocks": blocks,
@@ -375,6 +377,10 @@ class NodeView(BaseModel):
     memory_gb: float
     disk_gb: float
     container_runtime: str | None
+    sandbox: dict[str, Any] | None = Field(
+        default=None,
+        description="What its process jobs get: user, cgroup (v1, v2 or null), mount_ns",
+    )
     gpus: list[dict[str, Any]]
     blocks: int | None
     busy_blocks: int | None

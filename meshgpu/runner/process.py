@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from meshgpu.datadir import open_private, private_dir
+from meshgpu.runner import sandbox
 from meshgpu.runner.jobenv import command_argv
 
 log = logging.getLogger(__name__)
@@ -318,6 +319,7 @@ class ProcessRunner:
             st = _read_json(d / "status.json")
             if st is not None:
                 return self.result(job_id)
+            self._remove_cgroups(job_id)  # its supervisor is not there to do it
             return JobResult(
                 job_id,
                 None,
@@ -400,7 +402,15 @@ class ProcessRunner:
             raise RuntimeError(f"job {job_id} is still running")
         self.delete_files(job_id)
 
+    def _remove_cgroups(self, job_id: str) -> None:
+        cg = ((_read_json(self.job_dir(job_id) / "job.json") or {}).get("sandbox") or {}).get(
+            "cgroup"
+        )
+        if cg:
+            sandbox.cgroup_remove(cg, timeout=0.5)
+
     def delete_files(self, job_id: str) -> None:
         """The job's record directory and its workspace, gone (the caller knows it ended)."""
+        self._remove_cgroups(job_id)
         shutil.rmtree(self.job_root(job_id), ignore_errors=True)
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

@@ -48,6 +48,11 @@ def users() -> Iterator[tuple[str, str]]:
     yield USERS
     for name in made:
         subprocess.run(["userdel", name], check=False, capture_output=True)
+    for c in sb.V1_CONTROLLERS:  # the jobs' parent cgroup, when no job of anyone is left in it
+        try:
+            os.rmdir(f"/sys/fs/cgroup/{c}/meshgpu")
+        except OSError:
+            pass
 
 
 @pytest.fixture
