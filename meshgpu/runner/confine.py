@@ -230,7 +230,9 @@ class Confinement:
             try:
                 ju = resolve_user(wanted)
             except LookupError as e:
-                raise RuntimeError(f"user: {e}; create it, or run the job as another user") from None
+                raise RuntimeError(
+                    f"user: {e}; create it, or run the job as another user"
+                ) from None
             if ju.uid == os.geteuid():
                 ju = None
             elif not self.root:

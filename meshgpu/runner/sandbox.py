@@ -174,10 +174,17 @@ def cgroup_create(cg: dict) -> None:
 
 
 def cgroup_join(cg: dict, pid: int = 0) -> None:
-    """Move ``pid`` (0: this process) into the job's cgroups."""
-    pid = pid or os.getpid()
+    """Move ``pid`` (0: this process, which must be single-threaded: a freshly forked child)
+    into the job's cgroups.
+
+    This process joins through v1's ``tasks`` with ``0``: moving the calling thread skips the
+    kernel's global threadgroup lock, whose writer side waits for an RCU grace period (~0.1 ms
+    instead of 1-8 ms per hierarchy on a busy host: it is on every job's start path)."""
     for d in cgroup_dirs(cg):
-        _write(os.path.join(d, "cgroup.procs"), pid)
+        if pid == 0 and cg["version"] == "v1":
+            _write(os.path.join(d, "tasks"), 0)
+        else:
+            _write(os.path.join(d, "cgroup.procs"), pid or os.getpid())
 
 
 def cgroup_pids(cg: dict) -> list[int]:
@@ -255,7 +262,9 @@ def _mounts(sb: dict) -> None:
         mount(src, dst, None, MS_BIND | MS_REC)
     if sb.get("shm_bytes"):
         os.makedirs("/dev/shm", exist_ok=True)
-        mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"size={sb['shm_bytes']},mode=1777")
+        mount(
+            "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"size={sb['shm_bytes']},mode=1777"
+        )
     for dev in sb.get("hide") or ():
         if os.path.exists(dev):
             mount("/dev/null", dev, None, MS_BIND)

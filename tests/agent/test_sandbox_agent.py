@@ -66,7 +66,11 @@ def test_jobs_run_sandboxed_as_the_job_user(root: Path) -> None:
         c.submit(cfg, name="probe")
         run = wait_for(lambda: (r := c.run("probe"))["status"] in ("done", "failed") and r)
         out = b"".join(c.logs("probe")).decode()
-        assert run["status"] == "done", (run["jobs"][0]["termination_message"], run["jobs"][0]["termination_reason"], out)
+        assert run["status"] == "done", (
+            run["jobs"][0]["termination_message"],
+            run["jobs"][0]["termination_reason"],
+            out,
+        )
         job = run["jobs"][0]
         work = a.work_dir(job["job_id"])
         assert "READ-" not in out and "SIGNALLED" not in out, out

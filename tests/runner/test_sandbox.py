@@ -78,9 +78,7 @@ async def runner(tmp_path: Path, ws: Path) -> AsyncIterator[ProcessRunner]:
     await r.aclose()
 
 
-def box_for(
-    conf: Confinement, runner: ProcessRunner, job_id: str, **kw: object
-) -> dict | None:
+def box_for(conf: Confinement, runner: ProcessRunner, job_id: str, **kw: object) -> dict | None:
     runner.prepare(job_id)
     args: dict = {
         "resources": {},
@@ -187,7 +185,13 @@ async def test_a_job_cannot_read_the_agent_data_or_signal_the_agent_or_other_job
     conf = Confinement(users[0])
     other = Confinement(users[1])
     # a neighbour running as the other user
-    await run_job(runner, "n1", ["echo $$ > /dev/null", "exec sleep 30"], box_for(other, runner, "n1"), wait=False)
+    await run_job(
+        runner,
+        "n1",
+        ["echo $$ > /dev/null", "exec sleep 30"],
+        box_for(other, runner, "n1"),
+        wait=False,
+    )
     with trio.fail_after(10):
         while not (runner.job_dir("n1") / "job.pid").exists():
             await trio.sleep(0.01)
@@ -302,9 +306,7 @@ async def test_the_job_end_takes_processes_that_left_its_group(
 ) -> None:
     conf = Confinement(users[0])
     box = box_for(conf, runner, "esc")
-    res, out = await run_job(
-        runner, "esc", ["setsid sleep 300 & sleep 0.2; echo started"], box
-    )
+    res, out = await run_job(runner, "esc", ["setsid sleep 300 & sleep 0.2; echo started"], box)
     assert "started" in out
     assert not any(d.exists() for d in cg_dirs("esc"))
     leftover = subprocess.run(["pgrep", "-u", users[0], "-f", "sleep 300"], capture_output=True)
@@ -427,7 +429,13 @@ def test_volumes_compile_and_reach_containers() -> None:
         InstanceVolume("/s", "/t"),
     )
     argv = container_argv(
-        "docker", job_id="j", image="ubuntu", commands=["x"], env={}, work_dir="/w",
-        volumes=[("/h", "/j")], user="1000:1000",
+        "docker",
+        job_id="j",
+        image="ubuntu",
+        commands=["x"],
+        env={},
+        work_dir="/w",
+        volumes=[("/h", "/j")],
+        user="1000:1000",
     )
     assert argv[argv.index("/h:/j") - 1] == "-v" and "--user" in argv
