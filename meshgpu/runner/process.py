@@ -90,14 +90,20 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def give_tree(root: Path, uid: int, gid: int) -> None:
+def give_tree(root: Path, uid: int, gid: int, budget: int | None = None) -> bool:
     """``root`` and everything under it owned by ``uid:gid`` (links themselves, not targets);
-    ``root`` mode 0700."""
+    ``root`` mode 0700. With a ``budget``, gives up (False) past that many entries: the
+    caller finishes the walk in a worker thread (a small tree costs less than the hop)."""
     os.chown(root, uid, gid)
     os.chmod(root, 0o700)
+    n = 0
     for top, dirs, files in os.walk(root):
         for name in (*dirs, *files):
             os.lchown(os.path.join(top, name), uid, gid)
+            n += 1
+            if budget is not None and n > budget:
+                return False
+    return True
 
 
 class ProcessRunner:
@@ -170,7 +176,8 @@ class ProcessRunner:
         user = (launch.sandbox or {}).get("user")
         if user and root != d:
             # Everything placed for the job so far (code, repo, files, hostfile) is its user's.
-            await trio.to_thread.run_sync(give_tree, root, user["uid"], user["gid"])
+            if not give_tree(root, user["uid"], user["gid"], budget=64):
+                await trio.to_thread.run_sync(give_tree, root, user["uid"], user["gid"])
         argv = list(launch.argv) if launch.argv else command_argv(launch.shell, launch.commands)
         record = asdict(launch) | {"argv": argv, "cwd": str(work)}
         _write_private(d / "job.json", json.dumps(record))
