@@ -174,10 +174,9 @@ class ProcessRunner:
         root = self.job_root(launch.job_id)
         work = private_dir(private_dir(root) / "work")
         user = (launch.sandbox or {}).get("user")
-        if user and root != d:
-            # Everything placed for the job so far (code, repo, files, hostfile) is its user's.
-            if not give_tree(root, user["uid"], user["gid"], budget=64):
-                await trio.to_thread.run_sync(give_tree, root, user["uid"], user["gid"])
+        # Everything placed for the job so far (code, repo, files, hostfile) is its user's.
+        if user and root != d and not give_tree(root, user["uid"], user["gid"], budget=64):
+            await trio.to_thread.run_sync(give_tree, root, user["uid"], user["gid"])
         argv = list(launch.argv) if launch.argv else command_argv(launch.shell, launch.commands)
         record = asdict(launch) | {"argv": argv, "cwd": str(work)}
         _write_private(d / "job.json", json.dumps(record))
