@@ -45,6 +45,7 @@ from meshgpu.replica import Leadership, RaftProposer, follow_applied, follow_ver
 from meshgpu.replica.raft import open_replica, start_replica, wait_leader
 from meshgpu.runner import ProcessRunner
 from meshgpu.runner.code import CodeStore
+from meshgpu.runner.confine import Confinement
 from meshgpu.runner.executor import Executor
 from meshgpu.services.nginx import MISSING, NginxError, NginxPlane, find_nginx
 from meshgpu.services.probes import Prober
@@ -67,7 +68,11 @@ class Agent:
         self.identity = HostIdentity(settings)  # the data dir made private first
         self.node_name = s.name
         self.replicated = Replicated()
-        self.runner = ProcessRunner(s.data_dir / "jobs")
+        # The process jobs' sandbox here (meshgpu/runner/confine.py): detected now, the job
+        # user created once (not per job).
+        self.confine = Confinement(s.job_user)
+        self.confine.prepare_host()
+        self.runner = ProcessRunner(s.data_dir / "jobs", workspace_dir=s.workspace_dir)
         self.gpus = detect(
             s.fake_gpus, seed=self.identity.node_id, state_file=s.data_dir / "fake-gpu-state.json"
         )
@@ -137,6 +142,7 @@ class Agent:
                 else lambda _: None,
                 code=self.code,
                 clock=clock,
+                confine=self.confine,
             )
             prober = Prober(ident.node_id, state, proposer.propose, clock=clock)
             self.autostop = autostop = AutoStop(

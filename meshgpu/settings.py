@@ -79,3 +79,10 @@ class AgentSettings:
     # local nginx the agent drives proxies service traffic itself: meshgpu/services/nginx.py).
     data_plane: Literal["embedded", "nginx"] = "embedded"
     nginx_workers: int = 1
+    # The process-job sandbox (meshgpu/runner/confine.py, docs/operations.md): jobs run as
+    # this OS user (``meshgpu agent --job-user``, default meshgpu-job there; None or '' here:
+    # as the agent's own user), their workspaces under ``workspace_dir`` (None: in the data
+    # dir, reachable only by the agent's own user; ``meshgpu agent`` defaults it to
+    # /var/lib/meshgpu/workspaces when it runs as root).
+    job_user: str | None = None
+    workspace_dir: Path | None = None

@@ -96,6 +96,9 @@ class AgentProcess:
     - ``env``: added to this process's environment; ``extra``: more ``meshgpu agent`` options.
     - ``log_level``: ``--log-level``; ``None`` keeps the agent's default (info).
     - ``client_timeout``: the request timeout of ``client()``'s clients.
+    - ``job_user``: ``--job-user`` (default ``''``: jobs run as the test's own user, so tests
+      create no OS user; the sandbox's tests name one); ``workspace_dir``: ``--workspace-dir``
+      (default ``root/<name>-workspaces``, removed with ``root``).
 
     ``restart()`` stops it and starts it again with the same ports, data dir and join
     arguments, so it comes back as the same node. ``close()`` cleans up everything a test made:
@@ -119,7 +122,11 @@ class AgentProcess:
         extra: Sequence[str] = (),
         log_level: str | None = "warning",
         client_timeout: float = 30.0,
+        job_user: str = "",
+        workspace_dir: Path | None = None,
     ) -> None:
+        self.job_user = job_user
+        self.workspace_dir = workspace_dir or root / f"{name}-workspaces"
         self.name = node_name or name
         self.data = root / name
         self.log_path = root / f"{name}.log"
@@ -152,6 +159,7 @@ class AgentProcess:
             args.append("--no-mdns")
         if self.log_level is not None:
             args += ["--log-level", self.log_level]
+        args += ["--job-user", self.job_user, "--workspace-dir", str(self.workspace_dir)]
         args += self.extra
         if token:
             args += ["--token", token]
@@ -193,6 +201,10 @@ class AgentProcess:
         """Stop it (if running) and start it again as the same node, same ports."""
         self.stop()
         return self.start(*self._joining, timeout=timeout)
+
+    def work_dir(self, job_id: str) -> Path:
+        """A job's workspace on this agent (``ProcessRunner.work_dir``)."""
+        return self.workspace_dir / job_id / "work"
 
     @property
     def ca_file(self) -> Path:
@@ -326,6 +338,20 @@ def kill_job_processes(data_dir: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    # Their supervisors cannot remove the jobs' cgroups now: what is left there goes too.
+    for f in jobs.glob("*/job.json"):
+        remove_job_cgroups(f)
+
+
+def remove_job_cgroups(job_json: Path) -> None:
+    from meshgpu.runner import sandbox
+
+    try:
+        cg = (json.loads(job_json.read_text()).get("sandbox") or {}).get("cgroup")
+    except (OSError, ValueError, AttributeError):
+        return
+    if cg:
+        sandbox.cgroup_remove(cg)
 
 
 def host(

@@ -6,6 +6,11 @@
   jobs/s from the first submit to the last job's finish (as recorded in the state);
 - the agent's RSS after the run.
 
+Jobs run in this host's sandbox (meshgpu/runner/confine.py): as root, each gets its cgroups and
+mount namespace; ``--job-user NAME`` also runs them as that user (created if missing, removed
+after), with their workspaces in a directory under /tmp; ``--job-user ''`` (the default) keeps
+the agent's user.
+
 The last line is JSON with the keys in INTERFACE.md.
 """
 
@@ -14,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -35,7 +42,20 @@ def pct(xs: list[float], p: float) -> float:
 
 async def main(args: argparse.Namespace) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="bench-submit-"))
-    agent = AgentProcess(root, "agent", fake_gpus="8xH100:80GB")
+    ws = None
+    made_user = False
+    if args.job_user:
+        import pwd
+
+        try:
+            pwd.getpwnam(args.job_user)
+        except KeyError:
+            made_user = True
+        ws = Path(tempfile.mkdtemp(prefix="bench-submit-ws-", dir="/tmp"))
+        os.chmod(ws, 0o711)
+    agent = AgentProcess(
+        root, "agent", fake_gpus="8xH100:80GB", job_user=args.job_user, workspace_dir=ws
+    )
     agent.start()
     proc, url, token = agent.proc, agent.url, agent.token
     assert proc is not None
@@ -135,6 +155,11 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
     finally:
         agent.stop()
         agent.kill_jobs()
+        shutil.rmtree(root, ignore_errors=True)
+        if ws is not None:
+            shutil.rmtree(ws, ignore_errors=True)
+        if made_user:
+            subprocess.run(["userdel", args.job_user], check=False, capture_output=True)
     return out
 
 
@@ -142,6 +167,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--sequential", type=int, default=100)
     p.add_argument("--jobs", type=int, default=1000)
+    p.add_argument("--job-user", default="", help="run the jobs as this OS user (root only)")
     a = p.parse_args()
     res = trio.run(main, a)
     print(json.dumps({k: round(v, 2) for k, v in res.items()}))

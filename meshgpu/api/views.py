@@ -49,6 +49,9 @@ def job_view(j: JobRecord, state: StateMachine) -> dict[str, Any]:
         # is attached: dstack's ``inactivity_secs`` counts from the last session's end (from
         # the start when it never had one)
         "working_dir": j.working_dir,
+        # its sandbox (process jobs): the OS user it runs as, its cgroup limits
+        "user": j.job_user,
+        "limits": j.limits,
         "sessions": j.sessions,
         "inactive_since": j.inactive_since,
         "inactivity_secs": inactivity_secs(j),
@@ -175,6 +178,8 @@ def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, A
         "memory_gb": round(n.memory_mib / 1024, 1),
         "disk_gb": n.disk_gb,
         "container_runtime": n.container_runtime,
+        # what its process jobs get: {"user", "cgroup": v1|v2|null, "mount_ns"} (null: unknown)
+        "sandbox": n.sandbox,
         "gpus": [g.model_dump() | {"busy": g.index in busy} for g in n.gpus],
         # dstack's blocks: how many equal shares the host is split into (None: GPU by GPU).
         "blocks": blocks,
@@ -281,6 +286,12 @@ class JobView(BaseModel):
     working_dir: str | None = Field(
         default=None, description="Where its commands run on its host (SSH sessions open there)"
     )
+    user: str | None = Field(
+        default=None, description="The OS user it runs as (null: the agent's own user)"
+    )
+    limits: str | None = Field(
+        default=None, description="Its cgroup limits, e.g. 'memory 8GB, cpus 2, pids 32768'"
+    )
     sessions: int = Field(default=0, description="SSH sessions open into it")
     inactive_since: float | None = Field(
         default=None, description="When its last SSH session closed (null: never had one)"
@@ -380,6 +391,10 @@ class NodeView(BaseModel):
     memory_gb: float
     disk_gb: float
     container_runtime: str | None
+    sandbox: dict[str, Any] | None = Field(
+        default=None,
+        description="What its process jobs get: user, cgroup (v1, v2 or null), mount_ns",
+    )
     gpus: list[dict[str, Any]]
     blocks: int | None
     busy_blocks: int | None

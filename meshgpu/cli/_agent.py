@@ -236,6 +236,22 @@ def agent(
         int,
         typer.Option("--nginx-workers", help="nginx worker processes (--data-plane nginx)"),
     ] = 1,
+    job_user: Annotated[
+        str,
+        typer.Option(
+            "--job-user",
+            help="OS user process jobs run as (created when root and missing; '' or the "
+            "agent's own user: no switch)",
+        ),
+    ] = "meshgpu-job",
+    workspace_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--workspace-dir",
+            help="Where jobs' workspaces go; must be traversable by the job user "
+            "(default /var/lib/meshgpu/workspaces as root, else in the data dir)",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the agent: the first one creates a mesh; it serves the API and runs jobs."""
@@ -340,7 +356,20 @@ def agent(
         activation_timeout_s=float(activation_timeout_s),
         data_plane="nginx" if data_plane == "nginx" else "embedded",
         nginx_workers=nginx_workers,
+        job_user=job_user or None,
+        workspace_dir=workspace_dir,
     )
+    if settings.workspace_dir is None and os.geteuid() == 0:
+        from meshgpu.runner.confine import DEFAULT_WORKSPACE_DIR
+
+        settings.workspace_dir = DEFAULT_WORKSPACE_DIR
+    if settings.workspace_dir is not None and settings.job_user:
+        bad = _untraversable(settings.workspace_dir)
+        if bad is not None:
+            raise fail(
+                f"--workspace-dir {settings.workspace_dir}: {bad} is not traversable by other "
+                "users (chmod o+x it, or pick another directory)"
+            )
     try:
         ag = Agent(settings)
     except (FakeSpecError, DataDirError) as e:
@@ -384,6 +413,17 @@ def agent(
             )
             return
         raise
+
+
+def _untraversable(path: Path) -> Path | None:
+    """The first existing directory above ``path`` that others cannot traverse (None: all can)."""
+    for p in reversed(path.absolute().parents):
+        try:
+            if not p.stat().st_mode & 0o001:
+                return p
+        except OSError:
+            return None
+    return None
 
 
 def _check_data_dir(path: Path) -> None:

@@ -405,6 +405,9 @@ def ps(
                                 or activity_text(j, r),
                             ]
                         )
+                        where_ = sandbox_text(j)
+                        if where_:
+                            rows.append(["", "", "", "", "", where_])
             table(["NAME", "TYPE", "NODE/GPUS", "STATUS", "SUBMITTED", "REASON"], rows)
             if more:
                 err.print(f"the last {len(runs)} shown; -n N or -a for more")
@@ -449,3 +452,16 @@ def stop(
     with client(url) as c:
         r = c.stop(run, abort=abort)
     out.print(f"{r['name']}: {r['status']}")
+
+
+def sandbox_text(job: dict) -> str:
+    """``ps -v``'s line on where a job runs on its host: its OS user, cgroup limits and
+    working directory (whichever its host reported)."""
+    parts = []
+    if job.get("user"):
+        parts.append(f"user {job['user']}")
+    if job.get("limits"):
+        parts.append(job["limits"])
+    if job.get("working_dir"):
+        parts.append(f"in {job['working_dir']}")
+    return "; ".join(parts)

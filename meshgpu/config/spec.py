@@ -229,6 +229,33 @@ def dev_env_commands(init: Any) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceVolume:
+    """An instance volume (``volumes: [/host/path:/job/path]``): the host directory bind-mounted
+    at ``path`` in the job (process jobs: its mount namespace; image jobs: ``-v``). ``optional``:
+    a host without it runs the job without the mount."""
+
+    instance_path: str
+    path: str
+    optional: bool = False
+
+
+def compile_volumes(raw: Any) -> tuple[InstanceVolume, ...]:
+    """The instance volumes of ``volumes:`` (named network volumes are left out: the support
+    check refuses them before a run is accepted)."""
+    out = []
+    for v in raw or ():
+        if isinstance(v, str):
+            src, sep, dst = v.rpartition(":")
+            if sep and (src.startswith("/") or src.startswith("~")):
+                out.append(InstanceVolume(src, dst))
+        elif isinstance(v, Mapping) and v.get("instance_path") and v.get("path"):
+            out.append(
+                InstanceVolume(str(v["instance_path"]), str(v["path"]), v.get("optional") is True)
+            )
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
 class RunSpec:
     """Everything meshgpu does with a run, compiled from its configuration."""
 
@@ -254,6 +281,7 @@ class RunSpec:
     entrypoint: str | None = None
     privileged: bool = False  # ``privileged`` or ``docker`` (docker-in-docker)
     shm_size_gb: float | None = None
+    volumes: tuple[InstanceVolume, ...] = ()  # instance volumes (named ones are refused)
     service: ServiceSpec | None = None  # a service's ingress/probe/scaling view (None otherwise)
     # Host ports the run's jobs listen on (a service's port, a task's or dev environment's
     # ``ports``): a process job holds them on its host, so two such jobs never share a host.
@@ -639,6 +667,7 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
         entrypoint=config.get("entrypoint"),
         privileged=bool(config.get("privileged") or config.get("docker")),
         shm_size_gb=shm,
+        volumes=compile_volumes(config.get("volumes")),
         service=compile_service(config),
         host_ports=_host_ports(config),
         ide=config.get("ide") if dev else None,

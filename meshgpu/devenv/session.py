@@ -19,10 +19,13 @@ import shutil
 import signal
 import struct
 import termios
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
+
+from meshgpu.runner import sandbox
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,25 @@ class JobContext:
     container: tuple[str, str] | None = None  # (runtime, container name) for image jobs
     extra_env: dict[str, str] = field(default_factory=dict)  # SSH_CONNECTION, ...
     agent_path: Any = None  # () -> the forwarded agent's socket path, or None
+    # A sandboxed process job (meshgpu/runner/sandbox.py's JSON form) and its first process:
+    # sessions enter the same cgroups, mount namespace and user.
+    sandbox: dict[str, Any] | None = None
+    job_pid: int | None = None
+
+    def preexec(self, tty: bool) -> Callable[[], None] | None:
+        """What the session's child runs before exec: take the PTY as its terminal, enter the
+        job's sandbox (then start where the job does: cwd was set before the mounts)."""
+        box, pid, cwd = self.sandbox, self.job_pid, self.cwd
+        if box is None or pid is None:
+            return _controlling_tty if tty else None
+
+        def enter() -> None:
+            if tty:
+                _controlling_tty()
+            sandbox.enter_job(box, pid)
+            os.chdir(cwd)
+
+        return enter
 
 
 def _winsize(fd: int, size: tuple[int, int, int, int]) -> None:
@@ -234,6 +256,7 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             cwd=self.ctx.cwd,
             env=env,
             start_new_session=True,
+            preexec_fn=self.ctx.preexec(tty=False),
         )
         self.proc = transport
         self.stdin = transport.get_pipe_transport(0)
@@ -258,7 +281,7 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 cwd=self.ctx.cwd,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_controlling_tty,
+                preexec_fn=self.ctx.preexec(tty=True),
             )
         except BaseException:
             os.close(master)

@@ -50,9 +50,9 @@ MAX_PKTSIZE = 256 << 10
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "ip6-localhost"})
 
 
-def _login_shell() -> str:
+def _login_shell(uid: int | None = None) -> str:
     try:
-        shell = pwd.getpwuid(os.getuid()).pw_shell
+        shell = pwd.getpwuid(os.getuid() if uid is None else uid).pw_shell
     except KeyError:
         shell = ""
     return shell if shell and os.access(shell, os.X_OK) and "nologin" not in shell else "/bin/sh"
@@ -63,12 +63,24 @@ def load_job_context(jobs_dir: Path, job_id: str) -> JobContext:
     started the job)."""
     record = json.loads((jobs_dir / job_id / "job.json").read_text())
     env = {str(k): str(v) for k, v in (record.get("env") or {}).items()}
+    # A sandboxed job's sessions run in its sandbox: its user (HOME/USER are in its env), its
+    # mount namespace and cgroups (entered through its first process: job.pid).
+    sandbox = record.get("sandbox") or None
+    job_pid = None
+    if sandbox is not None:
+        try:
+            job_pid = int(json.loads((jobs_dir / job_id / "job.pid").read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise RuntimeError("the job's process is not known yet; try again shortly") from None
     user = pwd.getpwuid(os.getuid())
     env.setdefault("HOME", user.pw_dir)
     env.setdefault("USER", user.pw_name)
     env.setdefault("LOGNAME", user.pw_name)
     env.setdefault("PATH", os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"))
-    shell = _login_shell()
+    job_uid = ((sandbox or {}).get("user") or {}).get("uid")
+    shell = _login_shell(job_uid)
+    if job_uid is not None and shell == "/bin/sh":
+        shell = next((s for s in ("/bin/bash", "/usr/bin/bash") if os.access(s, os.X_OK)), shell)
     env.setdefault("SHELL", shell)
     container = None
     argv = record.get("argv") or []
@@ -76,7 +88,15 @@ def load_job_context(jobs_dir: Path, job_id: str) -> JobContext:
         container = (argv[0], argv[argv.index("--name") + 1])
         shell = "/bin/sh"
     cwd = record.get("cwd") or str(jobs_dir / job_id / "work")
-    return JobContext(job_id=job_id, env=env, cwd=cwd, shell=shell, container=container)
+    return JobContext(
+        job_id=job_id,
+        env=env,
+        cwd=cwd,
+        shell=shell,
+        container=container,
+        sandbox=sandbox,
+        job_pid=job_pid,
+    )
 
 
 class _Connection(asyncssh.SSHServer):

@@ -78,6 +78,7 @@ class Registration:
             memory_mib=inv.host.memory_mib,
             disk_gb=inv.host.disk_total_gb,  # like an offer's disk size (dstack matches totals)
             container_runtime=runtime.rsplit("/", 1)[-1] if runtime else None,
+            sandbox=self.executor.confine.capabilities() if self.executor.confine else None,
             blocks=s.blocks,
         )
         if cmd.blocks is not None:

@@ -57,6 +57,7 @@ def container_argv(
     user: str | None = None,
     entrypoint: str | None = None,
     auth_file: str | None = None,
+    volumes: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
     """``auth_file``: the job's registry credentials (a ``config.json``) to pull ``image``."""
     podman = runtime.rsplit("/", 1)[-1] == "podman"
@@ -85,6 +86,8 @@ def container_argv(
         argv += ["--device", "/dev/kfd", "--device", "/dev/dri", "--group-add", "video"]
     if shm_size_gb:
         argv += ["--shm-size", f"{int(shm_size_gb * 1024)}m"]
+    for src, dst in volumes:  # instance volumes: the host path bind-mounted in the container
+        argv += ["-v", f"{src}:{dst}"]
     if privileged:
         argv.append("--privileged")
     if user:

@@ -29,6 +29,7 @@ from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.config.interpolation import group_ips, interpolate
 from meshgpu.config.spec import NO_SPEC, RunSpec
 from meshgpu.runner.code import CodeStore, fetch_sources
+from meshgpu.runner.confine import Confinement, JobSandbox, host_volumes
 from meshgpu.runner.container import container_argv
 from meshgpu.runner.drain import drain
 from meshgpu.runner.jobenv import ClusterInfo, JobEnvInputs, JobIdentity, job_environment
@@ -111,8 +112,12 @@ class Executor:
         container_runtime: str | None = None,
         code: CodeStore | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        confine: Confinement | None = None,
     ) -> None:
         self.clock = clock
+        # The process jobs' sandbox here (meshgpu/runner/confine.py); None: none at all.
+        self.confine = confine
+        self._sandboxes: dict[str, JobSandbox] = {}  # job -> its sandbox, until it starts
         self.container_runtime = container_runtime
         self.code = code  # fetches archives this host lacks (None: only local ones)
         self.node_id = node_id
@@ -218,7 +223,7 @@ class Executor:
                 continue
             if self.runner.result(d.name) is None:
                 continue  # still running (it should not be): never delete a live job's files
-            shutil.rmtree(d, ignore_errors=True)
+            self.runner.delete_files(d.name)
             gone += 1
         return gone
 
@@ -302,7 +307,7 @@ class Executor:
                 return
             launch = self._prepare(job, run.run_args, run.spec, epoch)
             if run.code is not None:
-                await self._unpack(run.code.sha256, self.runner.job_dir(job_id) / "work")
+                await self._unpack(run.code.sha256, self.runner.work_dir(job_id))
             await self.runner.start(launch)
             if job_id in self.stopping and job_id not in self._draining:
                 # Stopped while its supervisor was being started: ask again now that its pid is
@@ -310,6 +315,7 @@ class Executor:
                 grace, why = self._stop_args[job_id]
                 self.runner.stop(job_id, grace_s=grace, reason=why)
         except Exception as e:  # any failure to start is the job's, not the agent's
+            self._sandboxes.pop(job_id, None)
             log.exception("job=%s failed to start", job_id)
             remove_auth(self.runner.job_dir(job_id))
             await self._report(
@@ -319,10 +325,19 @@ class Executor:
         now = self.clock.wall()
         # Where its commands run (and SSH sessions open): the container's working directory
         # for an image job, the job's own directory on this host otherwise.
-        work = str(self.runner.job_dir(job_id) / "work")
+        work = str(self.runner.work_dir(job_id))
         where = (run.spec.working_dir or "/workflow") if run.spec.image else work
+        box = self._sandboxes.pop(job_id, None)
         self._enqueue(
-            JobStarted(at=now, job_id=job_id, epoch=epoch, started_at=now, working_dir=where)
+            JobStarted(
+                at=now,
+                job_id=job_id,
+                epoch=epoch,
+                started_at=now,
+                working_dir=where,
+                user=box.user if box is not None else None,
+                limits=box.limits if box is not None else None,
+            )
         )
         await self._watch(job_id, epoch)
 
@@ -364,7 +379,7 @@ class Executor:
             gpus_per_node=tuple(len(n.gpu_indices) for n in nodes),
         )
         work = self.runner.prepare(job.job_id, hostfile=cluster.hostfile())
-        hostfile = str(self.runner.job_dir(job.job_id) / "mpi_hostfile")
+        hostfile = str(self.runner.hostfile_path(job.job_id))
         inputs = JobEnvInputs(
             identity=JobIdentity(job.run_name, job.run_id, job.job_id),
             cluster=cluster,
@@ -380,6 +395,9 @@ class Executor:
             k: os.environ[k] for k in ("PATH", "HOME", "LANG", "USER", "TMPDIR") if k in os.environ
         }
         env = job_environment(inputs, user_env, base)
+        box = None if spec.image else self._sandbox(job, spec, work)
+        if box is not None:
+            env.update({k: v for k, v in box.env.items() if k not in user_env})
         commands = list(spec.job_spec(job.group, job.job_num).commands)
         namespaces = {
             "run": {"args": shlex.join(run_args)},
@@ -414,6 +432,7 @@ class Executor:
                     user=spec.user,
                     entrypoint=spec.entrypoint,
                     auth_file=auth_file,
+                    volumes=host_volumes(spec.volumes),
                 )
             )
         launch = JobLaunch(
@@ -425,8 +444,36 @@ class Executor:
             stop_grace_s=spec.stop_grace_s,
             epoch=epoch,  # in the record, so a restarted agent knows which assignment it runs
             argv=argv,
+            sandbox=box.spec if box is not None else None,
         )
+        if box is not None:
+            self._sandboxes[job.job_id] = box
         return launch
+
+    def _sandbox(self, job: JobRecord, spec: RunSpec, work: Path) -> JobSandbox | None:
+        """A process job's sandbox here (None: this host makes none)."""
+        if self.confine is None:
+            if spec.user or spec.volumes:
+                raise RuntimeError("user and volumes need the job sandbox, off here")
+            return None
+        node = self.state.nodes.get(self.node_id)
+        total = node.block_count() if node is not None and job.blocks else None
+        share = None
+        if node is not None and total:
+            share = (
+                job.blocks * node.memory_mib / 1024 / total,
+                job.blocks * node.cpu_count / total,
+            )
+        return self.confine.for_job(
+            job.job_id,
+            resources=job.resources,
+            share=share,
+            user=spec.user,
+            volumes=spec.volumes,
+            shm_size_gb=spec.shm_size_gb,
+            gpu_indices=tuple(job.gpu_indices),
+            workspace=work,
+        )
 
     def _ip(self, job: JobRecord) -> str:
         """The address of the host a job is placed on ('' while it is not placed)."""

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from meshgpu.datadir import open_private, private_dir
+from meshgpu.runner import sandbox
 from meshgpu.runner.jobenv import command_argv
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class JobLaunch:
     log_cap_bytes: int = DEFAULT_LOG_CAP
     epoch: int = 0  # the assignment this process serves; a restarted agent reads it back
     argv: tuple[str, ...] | None = None  # instead of ``shell -c commands`` (e.g. a container)
+    # The job's sandbox (meshgpu/runner/sandbox.py's JSON form; None: none): its cgroups, mount
+    # namespace, volumes and user, made by the supervisor and the job's child.
+    sandbox: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +90,41 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def give_tree(root: Path, uid: int, gid: int, budget: int | None = None) -> bool:
+    """``root`` and everything under it owned by ``uid:gid`` (links themselves, not targets);
+    ``root`` mode 0700. With a ``budget``, gives up (False) past that many entries: the
+    caller finishes the walk in a worker thread (a small tree costs less than the hop)."""
+    os.chown(root, uid, gid)
+    os.chmod(root, 0o700)
+    n = 0
+    for top, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(top, name), uid, gid)
+            n += 1
+            if budget is not None and n > budget:
+                return False
+    return True
+
+
 class ProcessRunner:
-    def __init__(self, jobs_dir: str | Path, *, use_launcher: bool = True) -> None:
+    """``workspace_dir``: where jobs' workspaces go (``<workspace_dir>/<job>``; see
+    ``work_dir``); None keeps them in the job's record directory (``<jobs>/<job>/work``), which
+    only a job running as the agent's own user can reach."""
+
+    def __init__(
+        self,
+        jobs_dir: str | Path,
+        *,
+        use_launcher: bool = True,
+        workspace_dir: str | Path | None = None,
+    ) -> None:
         self.jobs_dir = Path(jobs_dir)
         private_dir(self.jobs_dir)
+        self.workspace_dir = Path(workspace_dir) if workspace_dir is not None else None
+        if self.workspace_dir is not None:
+            # Traversable (o+x) but not listable: a job finds its own workspace, not others'.
+            self.workspace_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.workspace_dir, 0o711)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self.use_launcher = use_launcher
         self._launcher: tuple[trio.SocketStream, bytearray] | None = None
@@ -101,27 +136,47 @@ class ProcessRunner:
             raise ValueError(f"invalid job id {job_id!r}")
         return self.jobs_dir / job_id
 
+    def job_root(self, job_id: str) -> Path:
+        """What the job itself owns on this host: its workspace (``work/``), MPI hostfile and
+        whatever else is made for it (a virtual environment): ``<workspace_dir>/<job>`` (the
+        job user's, 0700), or the job's record directory without a ``workspace_dir``."""
+        if self.workspace_dir is not None:
+            return self.workspace_dir / self.job_dir(job_id).name
+        return self.job_dir(job_id)
+
     def work_dir(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "work"
+        """The job's workspace (its code, repo, files; where its commands start): the one
+        place every part of the agent learns where it is."""
+        return self.job_root(job_id) / "work"
+
+    def hostfile_path(self, job_id: str) -> Path:
+        return self.job_root(job_id) / "mpi_hostfile"
 
     def log_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "output.log"
 
     def prepare(self, job_id: str, hostfile: str = "") -> Path:
-        """Create the job's directory (and working directory); returns the working directory
-        so the caller can unpack the user's code into it before ``start``."""
+        """Create the job's directory (and workspace); returns the workspace so the caller can
+        unpack the user's code into it before ``start``."""
         d = self.job_dir(job_id)
         if (d / "job.json").exists():
             raise FileExistsError(f"job {job_id} already exists on this host")
-        # Private (0700/0600) like the whole data dir: the job runs as this user and can use
-        # them; nobody else may read its output, config or code.
-        private_dir(private_dir(d) / "work")
-        _write_private(d / "mpi_hostfile", hostfile)
-        return d / "work"
+        # Private (0700/0600) like the whole data dir; the workspace too (``start`` gives it
+        # to the job's user): nobody else may read the job's output, config or code.
+        private_dir(d)
+        work = private_dir(private_dir(self.job_root(job_id)) / "work")
+        _write_private(self.hostfile_path(job_id), hostfile)
+        return work
 
     async def start(self, launch: JobLaunch) -> None:
         d = self.job_dir(launch.job_id)
-        work = private_dir(private_dir(d) / "work")
+        private_dir(d)
+        root = self.job_root(launch.job_id)
+        work = private_dir(private_dir(root) / "work")
+        user = (launch.sandbox or {}).get("user")
+        # Everything placed for the job so far (code, repo, files, hostfile) is its user's.
+        if user and root != d and not give_tree(root, user["uid"], user["gid"], budget=64):
+            await trio.to_thread.run_sync(give_tree, root, user["uid"], user["gid"])
         argv = list(launch.argv) if launch.argv else command_argv(launch.shell, launch.commands)
         record = asdict(launch) | {"argv": argv, "cwd": str(work)}
         _write_private(d / "job.json", json.dumps(record))
@@ -270,6 +325,7 @@ class ProcessRunner:
             st = _read_json(d / "status.json")
             if st is not None:
                 return self.result(job_id)
+            self._remove_cgroups(job_id)  # its supervisor is not there to do it
             return JobResult(
                 job_id,
                 None,
@@ -350,4 +406,17 @@ class ProcessRunner:
         """Delete an ended job's files (logs included)."""
         if self.result(job_id) is None:
             raise RuntimeError(f"job {job_id} is still running")
+        self.delete_files(job_id)
+
+    def _remove_cgroups(self, job_id: str) -> None:
+        cg = ((_read_json(self.job_dir(job_id) / "job.json") or {}).get("sandbox") or {}).get(
+            "cgroup"
+        )
+        if cg:
+            sandbox.cgroup_remove(cg, timeout=0.5)
+
+    def delete_files(self, job_id: str) -> None:
+        """The job's record directory and its workspace, gone (the caller knows it ended)."""
+        self._remove_cgroups(job_id)
+        shutil.rmtree(self.job_root(job_id), ignore_errors=True)
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

@@ -24,6 +24,12 @@ import signal
 import sys
 import time
 
+if __package__:
+    from meshgpu.runner import sandbox
+else:  # run as a script (python -I -S shim.py) or by the fork server: next to this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import sandbox  # type: ignore[no-redef]  # stdlib only
+
 LOG_NAME = "output.log"
 
 
@@ -93,17 +99,26 @@ def main(job_dir: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
+    sb = spec.get("sandbox") or {}
+    cg = sb.get("cgroup")
     rd, wr = os.pipe()
+    # A sandboxed child says "in its sandbox" by exec'ing (this end is close-on-exec) or why
+    # not by writing it here: job.pid means the job is inside, and a failure is the job's.
+    ready_rd, ready_wr = os.pipe() if sb else (-1, -1)
     started = time.time()
     try:
+        if cg:
+            sandbox.cgroup_create(cg)  # here, as root: the job's child only joins them
         pid = os.fork()
     except OSError as e:
+        if cg:
+            sandbox.cgroup_remove(cg, timeout=0)
         _write_json(
             os.path.join(job_dir, "status.json"),
             {
                 "exit_code": None,
                 "reason": "executor_error",
-                "message": str(e),
+                "message": f"the job's sandbox could not be made: {e}" if cg else str(e),
                 "finished_at": time.time(),
             },
         )
@@ -119,6 +134,13 @@ def main(job_dir: str) -> int:
             os.close(wr)
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
+            if sb:
+                os.close(ready_rd)
+                try:
+                    sandbox.enter(sb)  # cgroups, mount namespace, then the job's user
+                except BaseException as e:  # noqa: BLE001
+                    os.write(ready_wr, str(e).encode()[:4000] or b"?")
+                    os._exit(127)
             os.chdir(spec["cwd"])
             os.execve(spec["argv"][0], spec["argv"], spec["env"])
         except BaseException as e:  # noqa: BLE001 - report anything, the job cannot start
@@ -129,6 +151,31 @@ def main(job_dir: str) -> int:
         os.setpgid(pid, pid)
     except OSError:
         pass  # the child already did it (or already exited)
+    if sb:
+        os.close(ready_wr)
+        why = b""
+        while True:
+            chunk = os.read(ready_rd, 4096)
+            if not chunk:
+                break
+            why += chunk
+        os.close(ready_rd)
+        if why:
+            os.waitpid(pid, 0)
+            os.close(rd)
+            if cg:
+                sandbox.cgroup_remove(cg)
+            _write_json(
+                os.path.join(job_dir, "status.json"),
+                {
+                    "exit_code": None,
+                    "reason": "executor_error",
+                    "message": f"the job's sandbox could not be made: {why.decode(errors='replace')}",
+                    "started_at": started,
+                    "finished_at": time.time(),
+                },
+            )
+            return 1
     state["pgid"] = pid
     # job.pid doubles as "ready for stop requests": the agent signals only once it exists, and
     # a request written before it is picked up here.
@@ -165,8 +212,11 @@ def main(job_dir: str) -> int:
             if done:
                 status = st
                 # The job is over; whatever it left running in its group goes with it, which
-                # also closes their copies of the output pipe so we reach EOF.
+                # also closes their copies of the output pipe so we reach EOF -- and so does
+                # whatever left the group but not the job's cgroups.
                 _killpg(pid, signal.SIGKILL)
+                if cg:
+                    sandbox.cgroup_kill(cg)
         if status is not None and eof:
             break
         timeout = 0.2
@@ -200,24 +250,45 @@ def main(job_dir: str) -> int:
         code, sig = os.WEXITSTATUS(status), None
     else:
         code, sig = 128 + os.WTERMSIG(status), os.WTERMSIG(status)
+    message = ""
+    oom = 0
+    if cg:
+        oom = sandbox.oom_kills(cg)
+        if not sandbox.cgroup_remove(cg):
+            os.write(2, f"meshgpu: cgroups of the job left behind: {cg['name']}\n".encode())
     if state["stop"] is not None:
         reason = state["stop"]
-    elif code == 0:
+    elif code == 0 and not oom:
         reason = "done_by_runner"
     else:
         reason = "container_exited_with_error"
+    if oom:
+        # dstack has no reason of its own for it: an error exit, said in the message.
+        message = f"out of memory (limit {_size(cg.get('memory_bytes'))}): the kernel killed "
+        message += f"{oom} of the job's processes; ask for more resources.memory"
     _write_json(
         os.path.join(job_dir, "status.json"),
         {
             "exit_code": code,
             "signal": sig,
             "reason": reason,
+            "message": message,
+            "oom_kills": oom,
             "started_at": started,
             "finished_at": time.time(),
             "log_truncated": truncated,
         },
     )
     return 0
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return "none"
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return f"{n}B"
 
 
 if __name__ == "__main__":

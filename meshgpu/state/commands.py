@@ -31,6 +31,9 @@ class RegisterNode(Command):
     memory_mib: int = 0
     disk_gb: float = 0.0
     container_runtime: str | None = None
+    # What this host's process jobs get (meshgpu/runner/confine.py): {"user": job user or
+    # None, "cgroup": "v1" | "v2" | None, "mount_ns": bool}; left out when unset.
+    sandbox: dict[str, Any] | None = Field(default=None, exclude_if=lambda v: v is None)
     blocks: int | Literal["auto"] | None = Field(
         default=None, description="dstack's blocks: N equal shares of the host; None: GPU by GPU"
     )
@@ -145,6 +148,10 @@ class JobStarted(Command):
     # The job's working directory on its host; left out of the entry when unset, so entries
     # without it encode as they always did.
     working_dir: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    # The job's sandbox (process jobs): the OS user it runs as and its cgroup limits
+    # ("memory 8GB, cpus 2, pids 32768"); left out when unset, like working_dir.
+    user: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    limits: str | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class JobFinished(Command):

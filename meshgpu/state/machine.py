@@ -598,6 +598,8 @@ class StateMachine:
             was = self._move(job, JobStatus.RUNNING)
             job.started_at = cmd.started_at
             job.working_dir = cmd.working_dir
+            job.job_user = cmd.user
+            job.limits = cmd.limits
             self._track(job, was)
             self._update_run(self.runs[job.run_name], cmd.at)
         return _ok()
@@ -1322,7 +1324,16 @@ def _run_doc(run: RunRecord) -> bytes:
 # when it holds something (a member that predates it reads every snapshot without it; restore
 # fills the defaults back in).
 _NO_JOB_EXTRAS: frozenset[str] = frozenset(
-    {"deployment_num", "ready", "probes", "working_dir", "sessions", "inactive_since"}
+    {
+        "deployment_num",
+        "ready",
+        "probes",
+        "working_dir",
+        "job_user",
+        "limits",
+        "sessions",
+        "inactive_since",
+    }
 )
 _NO_RUN_EXTRAS: frozenset[str] = frozenset(
     {
@@ -1339,7 +1350,7 @@ _NO_RUN_EXTRAS: frozenset[str] = frozenset(
 
 def _node_defaults(node: NodeRecord) -> set[str]:
     """A node's SSH fields left unset (left out of its snapshot: older members read it)."""
-    return {k for k in ("ssh_address", "ssh_host_key") if getattr(node, k) is None}
+    return {k for k in ("ssh_address", "ssh_host_key", "sandbox") if getattr(node, k) is None}
 
 
 def _job_defaults(job: JobRecord) -> set[str] | frozenset[str]:
@@ -1350,6 +1361,8 @@ def _job_defaults(job: JobRecord) -> set[str] | frozenset[str]:
         or job.ready
         or job.probes
         or job.working_dir is not None
+        or job.job_user is not None
+        or job.limits is not None
         or job.sessions
         or job.inactive_since is not None
     ):
@@ -1361,6 +1374,8 @@ def _job_defaults(job: JobRecord) -> set[str] | frozenset[str]:
             ("ready", not job.ready),
             ("probes", not job.probes),
             ("working_dir", job.working_dir is None),
+            ("job_user", job.job_user is None),
+            ("limits", job.limits is None),
             ("sessions", not job.sessions),
             ("inactive_since", job.inactive_since is None),
         )

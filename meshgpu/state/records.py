@@ -170,6 +170,9 @@ class NodeRecord(_Record):
     memory_mib: int = 0
     disk_gb: float = 0.0
     container_runtime: str | None = None
+    # What its process jobs get (meshgpu/runner/confine.py): {"user": the job user or None,
+    # "cgroup": "v1" | "v2" | None, "mount_ns": bool}; None: a host that predates the sandbox.
+    sandbox: dict[str, Any] | None = None
     # dstack's ``blocks``: split the host into N equal shares of GPUs/CPUs/memory, each job taking
     # whole blocks; ``auto`` = as many as GPUs and CPUs both divide into (one per GPU on a usual
     # GPU host). None (the default): no blocks, the host is shared GPU by GPU.
@@ -249,6 +252,10 @@ class JobRecord(_Record):
     # host on change): open SSH sessions, and since when none has been open (None: never had
     # one, so idle since it started). ``ps -v`` shows the idle time from them.
     working_dir: str | None = None
+    # Its sandbox as the host reported it at start (process jobs): the OS user it runs as and
+    # its cgroup limits ("memory 8GB, cpus 2, pids 32768"); ``ps -v`` shows them.
+    job_user: str | None = None
+    limits: str | None = None
     sessions: int = 0
     inactive_since: float | None = None
 

@@ -158,7 +158,7 @@ def test_a_dead_host_is_declared_and_its_job_is_fenced_when_it_returns(tmp_path:
         run = wait_for(lambda: (r := ca.run("victim")) and r["status"] == "running" and r)
         assert run["jobs"][0]["node"] == "node-b"
         job_id = run["jobs"][0]["job_id"]
-        pidfile = b.data / "jobs" / job_id / "work" / "pid"
+        pidfile = b.work_dir(job_id) / "pid"
         pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip()))
         assert b.proc is not None
         b.proc.send_signal(sig.SIGSTOP)  # the host hangs (or is cut off)

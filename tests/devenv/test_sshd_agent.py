@@ -93,7 +93,7 @@ def test_keys_api_and_a_session_in_a_job(agent: AgentProcess, tmp_path: Path) ->
     assert r.returncode == 0, r.stderr
     name, cwd = r.stdout.split()
     job_id = c.run("dev")["jobs"][0]["job_id"]
-    assert name == "dev" and cwd == str(agent.data / "jobs" / job_id / "work")
+    assert name == "dev" and cwd == str(agent.work_dir(job_id))
 
     # A key never registered is refused.
     other = tmp_path / "other"

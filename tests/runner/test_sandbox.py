@@ -1,0 +1,441 @@
+"""The process-job sandbox for real (root, cgroup v1 on this project's machines): the job user
+and its workspace, the private mount namespace (volumes, shm_size, hidden GPUs), cgroup limits
+and OOM, isolation from the agent and from other jobs, SSH sessions entering the job's sandbox;
+cgroup v2 against a fake cgroupfs tree. Everything made here (users, cgroups, directories) is
+removed at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from meshgpu.config.spec import InstanceVolume, compile_run
+from meshgpu.devenv.sshd import load_job_context
+from meshgpu.runner import JobLaunch, ProcessRunner
+from meshgpu.runner import sandbox as sb
+from meshgpu.runner.confine import Confinement, ensure_user, limits_for, resolve_user
+from meshgpu.runner.container import container_argv
+
+ROOT = os.geteuid() == 0
+pytestmark = pytest.mark.skipif(
+    not ROOT and os.environ.get("CI") != "true",
+    reason="the sandbox needs root (CI runs it as root)",
+)
+USERS = ("mgtest-a", "mgtest-b")
+PY = "/usr/bin/python3"
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+V1 = sb.cgroup_version("/sys/fs/cgroup")
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[tuple[str, str]]:
+    made = []
+    for name in USERS:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            ensure_user(name)
+            made.append(name)
+    yield USERS
+    for name in made:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+    for c in sb.V1_CONTROLLERS:  # the jobs' parent cgroup, when no job of anyone is left in it
+        try:
+            os.rmdir(f"/sys/fs/cgroup/{c}/meshgpu")
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def ws() -> Iterator[Path]:
+    """A workspace root the job users can traverse (pytest's tmp_path has 0700 parents)."""
+    d = Path(tempfile.mkdtemp(prefix="meshgpu-ws-", dir="/tmp"))
+    os.chmod(d, 0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+async def runner(tmp_path: Path, ws: Path) -> AsyncIterator[ProcessRunner]:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    r = ProcessRunner(data / "jobs", workspace_dir=ws / "workspaces")
+    yield r
+    for d in r.jobs_dir.iterdir():
+        if d.is_dir() and (d / "shim.pid").exists() and r.result(d.name) is None:
+            r.stop(d.name, 0)
+            with trio.move_on_after(10):
+                await r.wait(d.name)
+    await r.aclose()
+
+
+def box_for(conf: Confinement, runner: ProcessRunner, job_id: str, **kw: object) -> dict | None:
+    runner.prepare(job_id)
+    args: dict = {
+        "resources": {},
+        "share": None,
+        "user": None,
+        "volumes": (),
+        "shm_size_gb": None,
+        "gpu_indices": (),
+        "workspace": runner.work_dir(job_id),
+    } | kw
+    box = conf.for_job(job_id, **args)
+    return box
+
+
+async def run_job(
+    runner: ProcessRunner, job_id: str, commands: list[str], box: object, wait: bool = True
+) -> tuple[object, str]:
+    env = ENV | getattr(box, "env", {})
+    await runner.start(
+        JobLaunch(
+            job_id=job_id,
+            commands=tuple(commands),
+            env=env,
+            shell="/bin/sh",
+            sandbox=getattr(box, "spec", None),
+        )
+    )
+    if not wait:
+        return None, ""
+    with trio.fail_after(30):
+        res = await runner.wait(job_id)
+    return res, runner.log_path(job_id).read_text()
+
+
+def cg_dirs(job_id: str) -> list[Path]:
+    return [Path("/sys/fs/cgroup", c, "meshgpu", job_id) for c in sb.V1_CONTROLLERS]
+
+
+async def test_job_runs_as_the_job_user_in_its_own_workspace(
+    users: tuple[str, str], runner: ProcessRunner
+) -> None:
+    conf = Confinement(users[0])
+    box = box_for(conf, runner, "u1")
+    res, out = await run_job(
+        runner, "u1", ["id -u", "id -G", "pwd", 'echo "$HOME $USER"', "touch mine"], box
+    )
+    ent = pwd.getpwnam(users[0])
+    work = runner.work_dir("u1")
+    lines = out.split("\n")
+    assert res.exit_code == 0, out  # type: ignore[attr-defined]
+    assert lines[0] == str(ent.pw_uid)
+    assert lines[2] == str(work)
+    assert lines[3] == f"{work} {users[0]}"  # no usable home: the workspace is HOME
+    st = work.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (ent.pw_uid, 0o700)
+    assert (work / "mine").stat().st_uid == ent.pw_uid
+    assert work == runner.workspace_dir / "u1" / "work"  # outside the agent's data dir
+    # ps -v's view of it
+    assert box.user == users[0] and "pids 32768" in (box.limits or "")  # type: ignore[union-attr]
+
+
+async def test_user_field_overrides_and_a_missing_user_fails(
+    users: tuple[str, str], runner: ProcessRunner
+) -> None:
+    conf = Confinement(users[0])
+    box = box_for(conf, runner, "u2", user="nobody")
+    res, out = await run_job(runner, "u2", ["id -u"], box)
+    assert out.strip() == str(pwd.getpwnam("nobody").pw_uid)
+    box = box_for(conf, runner, "u3", user=f"{users[1]}:{pwd.getpwnam(users[0]).pw_gid}")
+    res, out = await run_job(runner, "u3", ["id -u", "id -g"], box)
+    a, b = pwd.getpwnam(users[0]), pwd.getpwnam(users[1])
+    assert out.split() == [str(b.pw_uid), str(a.pw_gid)]
+    with pytest.raises(RuntimeError, match="user 'no-such-user-x' does not exist on this host"):
+        box_for(conf, runner, "u4", user="no-such-user-x")
+    # the agent's own user (or --job-user ''): no switch
+    assert Confinement("").job_user is None
+    assert Confinement(pwd.getpwuid(os.geteuid()).pw_name).job_user is None
+    assert resolve_user("12345").uid == 12345  # a bare uid, as a container's --user
+
+
+def test_the_agent_creates_a_missing_job_user_once() -> None:
+    name = "mgtest-new"
+    subprocess.run(["userdel", name], check=False, capture_output=True)
+    try:
+        ensure_user(name)
+        ensure_user(name)  # there already: nothing to do
+        ent = pwd.getpwnam(name)
+        assert ent.pw_shell == "/usr/sbin/nologin"
+        assert not os.path.exists(ent.pw_dir) or ent.pw_dir == "/"
+        assert ent.pw_uid < 1000  # --system
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+async def test_a_job_cannot_read_the_agent_data_or_signal_the_agent_or_other_jobs(
+    users: tuple[str, str], runner: ProcessRunner, tmp_path: Path
+) -> None:
+    data = runner.jobs_dir.parent
+    for rel in ("tls/ca.key", "admin.token", "raft/log.db"):
+        p = data / rel
+        p.parent.mkdir(mode=0o700, exist_ok=True)
+        p.write_text("secret")
+        p.chmod(0o600)
+    conf = Confinement(users[0])
+    other = Confinement(users[1])
+    # a neighbour running as the other user
+    await run_job(
+        runner,
+        "n1",
+        ["echo $$ > /dev/null", "exec sleep 30"],
+        box_for(other, runner, "n1"),
+        wait=False,
+    )
+    with trio.fail_after(10):
+        while not (runner.job_dir("n1") / "job.pid").exists():
+            await trio.sleep(0.01)
+    neighbour = json.loads((runner.job_dir("n1") / "job.pid").read_text())["pid"]
+    checks = [
+        f"cat {data}/tls/ca.key && echo READ-CA",
+        f"cat {data}/admin.token && echo READ-TOKEN",
+        f"cat {data}/raft/log.db && echo READ-RAFT",
+        f"ls {data} && echo LISTED",
+        f"ls {runner.workspace_dir} && echo LISTED-WS",
+        f"kill -0 {os.getpid()} && echo SIGNALLED-AGENT",
+        f"kill -0 {neighbour} && echo SIGNALLED-NEIGHBOUR",
+        "echo END",
+    ]
+    res, out = await run_job(runner, "x1", ["; ".join(checks)], box_for(conf, runner, "x1"))
+    assert "END" in out, out
+    for word in ("READ-", "LISTED", "SIGNALLED-"):
+        assert word not in out, out
+    assert "Permission denied" in out and "Operation not permitted" in out
+    assert runner.result("n1") is None  # the neighbour still runs
+    runner.stop("n1", 0)
+    with trio.fail_after(10):
+        await runner.wait("n1")
+
+
+async def test_volumes_shm_and_gpus_not_held(
+    users: tuple[str, str], runner: ProcessRunner, ws: Path
+) -> None:
+    src = ws / "volume"
+    src.mkdir(mode=0o755)
+    (src / "data.txt").write_text("from the host\n")
+    (src / "data.txt").chmod(0o644)
+    dst = ws / "mnt" / "data"  # made by the job's mount, not there before
+    dev = ws / "dev"
+    dev.mkdir(mode=0o755)
+    for i in range(3):
+        (dev / f"nvidia{i}").write_text(f"gpu{i}\n")
+        (dev / f"nvidia{i}").chmod(0o644)
+    (dev / "nvidiactl").write_text("ctl\n")
+    conf = Confinement(users[0], dev_dir=str(dev))
+    box = box_for(
+        conf,
+        runner,
+        "v1",
+        volumes=(
+            InstanceVolume(str(src), str(dst)),
+            InstanceVolume("/no/such/dir", "/x", optional=True),
+        ),
+        shm_size_gb=0.0625,
+        gpu_indices=(1,),
+    )
+    res, out = await run_job(
+        runner,
+        "v1",
+        [
+            f"cat {dst}/data.txt",
+            "df -k /dev/shm | tail -1",
+            f"cat {dev}/nvidia0 {dev}/nvidia1 {dev}/nvidia2 {dev}/nvidiactl",
+            f"test -e {dst}/data.txt -a ! -e {dst}/../data/x && echo DONE",
+        ],
+        box,
+    )
+    assert res.exit_code == 0, out  # type: ignore[attr-defined]
+    lines = out.split("\n")
+    assert lines[0] == "from the host"
+    assert lines[1].split()[1] == str(64 * 1024)  # the tmpfs size, KB
+    assert lines[2:4] == ["gpu1", "ctl"]  # nvidia0 and nvidia2 are /dev/null for this job
+    assert not os.path.ismount(dst)  # the host never saw the mount
+    assert not (dst / "data.txt").exists()
+    with pytest.raises(RuntimeError, match="volumes: /no/such/dir does not exist on this host"):
+        box_for(conf, runner, "v2", volumes=(InstanceVolume("/no/such/dir", "/x"),))
+
+
+@pytest.mark.skipif(V1 is None or V1[0] != "v1", reason="this host has no cgroup v1 memory")
+async def test_cgroup_v1_limits_and_an_oom_kill_that_spares_the_neighbour(
+    users: tuple[str, str], runner: ProcessRunner
+) -> None:
+    conf = Confinement(users[0])
+    assert conf.capabilities() == {"user": users[0], "cgroup": "v1", "mount_ns": True}
+    box = box_for(conf, runner, "nb", resources={"memory": "1GB", "cpu": 1})
+    await run_job(runner, "nb", ["exec sleep 60"], box, wait=False)
+    with trio.fail_after(10):
+        while not (runner.job_dir("nb") / "job.pid").exists():
+            await trio.sleep(0.01)
+    mem, cpu, pids = cg_dirs("nb")
+    assert (mem / "memory.limit_in_bytes").read_text().strip() == str(1 << 30)
+    assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "100000"
+    assert (pids / "pids.max").read_text().strip() == "32768"
+    nb_pid = json.loads((runner.job_dir("nb") / "job.pid").read_text())["pid"]
+    assert str(nb_pid) in (mem / "cgroup.procs").read_text().split()
+
+    box = box_for(conf, runner, "oom", resources={"memory": "64MB..64MB"})
+    assert box.limits.startswith("memory 64MB")  # type: ignore[union-attr]
+    res, out = await run_job(
+        runner, "oom", [f"{PY} -c \"b = b'x' * (400 << 20); print('survived')\""], box
+    )
+    assert res.reason == "container_exited_with_error", out  # type: ignore[attr-defined]
+    assert res.message.startswith("out of memory (limit 64MB)"), res  # type: ignore[attr-defined]
+    assert "survived" not in out
+    assert not any(d.exists() for d in cg_dirs("oom"))  # removed when it ended
+    assert runner.result("nb") is None  # the neighbour keeps running
+    runner.stop("nb", 0)
+    with trio.fail_after(10):
+        res = await runner.wait("nb")
+    assert res.reason == "terminated_by_user" and not res.message
+    assert not any(d.exists() for d in cg_dirs("nb"))
+
+
+@pytest.mark.skipif(V1 is None, reason="this host has no cgroup memory controller")
+async def test_the_job_end_takes_processes_that_left_its_group(
+    users: tuple[str, str], runner: ProcessRunner
+) -> None:
+    conf = Confinement(users[0])
+    box = box_for(conf, runner, "esc")
+    res, out = await run_job(runner, "esc", ["setsid sleep 300 & sleep 0.2; echo started"], box)
+    assert "started" in out
+    assert not any(d.exists() for d in cg_dirs("esc"))
+    leftover = subprocess.run(["pgrep", "-u", users[0], "-f", "sleep 300"], capture_output=True)
+    assert leftover.stdout == b""
+
+
+def test_limits_follow_the_range_or_the_block_share() -> None:
+    assert limits_for({}) == (8 << 30, 2.0)  # dstack's defaults: 8GB.., 2..
+    assert limits_for({"memory": "4GB..16GB", "cpu": "1..4"}) == (16 << 30, 4.0)
+    assert limits_for({"memory": "24GB"}, share=(32.0, 8.0)) == (32 << 30, 8.0)
+
+
+def test_cgroup_v2_with_a_fake_tree(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    assert sb.cgroup_version(str(root)) == ("v2", str(root))
+    hybrid = tmp_path / "hybrid"
+    (hybrid / "unified").mkdir(parents=True)
+    (hybrid / "unified" / "cgroup.controllers").write_text("memory pids\n")
+    assert sb.cgroup_version(str(hybrid)) == ("v2", str(hybrid / "unified"))
+    bare = tmp_path / "bare"
+    (bare / "unified").mkdir(parents=True)
+    (bare / "unified" / "cgroup.controllers").write_text("hugetlb\n")
+    assert sb.cgroup_version(str(bare)) is None  # no memory anywhere: no cgroups
+    conf = Confinement(None, cgroup_root=str(root), root=True)
+    assert conf.capabilities()["cgroup"] == "v2"
+    cg = {
+        "version": "v2",
+        "root": str(root),
+        "name": "meshgpu/j1",
+        "memory_bytes": 1 << 30,
+        "cpu_quota_us": 150000,
+        "cpu_period_us": 100000,
+        "pids_max": 100,
+    }
+    sb.cgroup_create(cg)
+    d = root / "meshgpu" / "j1"
+    assert (d / "memory.max").read_text() == str(1 << 30)
+    assert (d / "cpu.max").read_text() == "150000 100000"
+    assert (d / "pids.max").read_text() == "100"
+    assert (root / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
+    sb.cgroup_join(cg, 12345)
+    assert (d / "cgroup.procs").read_text() == "12345"
+    assert sb.oom_kills(cg) == 0
+    (d / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n")
+    assert sb.oom_kills(cg) == 2
+
+
+async def test_a_v2_job_end_to_end_reports_its_oom(tmp_path: Path, runner: ProcessRunner) -> None:
+    """The whole path over a fake v2 tree: the supervisor makes the cgroup, the child joins it
+    (a plain file here), the kernel's count (written beforehand) makes the end an OOM."""
+    root = tmp_path / "cg"
+    (root / "meshgpu" / "fake").mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    (root / "meshgpu" / "fake" / "memory.events").write_text("oom 1\noom_kill 1\n")
+    # Joining writes the child's pid; reading it back must not name a process (ending the job
+    # kills what its cgroup lists, and a fake file would keep a pid the system may reuse).
+    (root / "meshgpu" / "fake" / "cgroup.procs").symlink_to("/dev/null")
+    conf = Confinement(None, cgroup_root=str(root), root=True)
+    box = box_for(conf, runner, "fake", resources={"memory": "2GB"})
+    res, out = await run_job(runner, "fake", ["exit 137"], box)
+    assert res.message.startswith("out of memory (limit 2GB)")  # type: ignore[attr-defined]
+    assert res.reason == "container_exited_with_error"  # type: ignore[attr-defined]
+    assert (root / "meshgpu" / "fake" / "memory.max").read_text() == str(2 << 30)
+
+
+async def test_ssh_sessions_enter_the_job_sandbox(
+    users: tuple[str, str], runner: ProcessRunner, ws: Path
+) -> None:
+    src = ws / "vol"
+    src.mkdir(mode=0o755)
+    (src / "f").write_text("volume\n")
+    (src / "f").chmod(0o644)
+    dst = ws / "in-job"
+    conf = Confinement(users[0])
+    box = box_for(conf, runner, "s1", volumes=(InstanceVolume(str(src), str(dst)),))
+    await run_job(runner, "s1", ["exec sleep 60"], box, wait=False)
+    with trio.fail_after(10):
+        while not (runner.job_dir("s1") / "job.pid").exists():
+            await trio.sleep(0.01)
+    ctx = load_job_context(runner.jobs_dir, "s1")
+    assert ctx.env["HOME"] == str(runner.work_dir("s1")) and ctx.cwd == str(runner.work_dir("s1"))
+    done = subprocess.run(
+        ["/bin/sh", "-c", f"id -u; pwd; cat {dst}/f; cat /proc/self/cgroup"],
+        cwd=ctx.cwd,
+        env=ctx.env,
+        preexec_fn=ctx.preexec(tty=False),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = done.stdout.split("\n")
+    assert lines[0] == str(pwd.getpwnam(users[0]).pw_uid), done.stderr
+    assert lines[1] == str(runner.work_dir("s1"))
+    assert lines[2] == "volume"  # the job's mount namespace
+    if V1 is not None and V1[0] == "v1":
+        assert any(line.endswith(":memory:/meshgpu/s1") for line in lines)
+    runner.stop("s1", 0)
+    with trio.fail_after(10):
+        await runner.wait("s1")
+
+
+def test_volumes_compile_and_reach_containers() -> None:
+    spec = compile_run(
+        {
+            "type": "task",
+            "commands": ["x"],
+            "volumes": [
+                {"instance_path": "/h", "path": "/j", "optional": False},
+                {"name": ["net"], "path": "/n"},
+                {"instance_path": "/o", "path": "/p", "optional": True},
+                "/s:/t",
+            ],
+        }
+    )
+    assert spec.volumes == (
+        InstanceVolume("/h", "/j"),
+        InstanceVolume("/o", "/p", True),
+        InstanceVolume("/s", "/t"),
+    )
+    argv = container_argv(
+        "docker",
+        job_id="j",
+        image="ubuntu",
+        commands=["x"],
+        env={},
+        work_dir="/w",
+        volumes=[("/h", "/j")],
+        user="1000:1000",
+    )
+    assert argv[argv.index("/h:/j") - 1] == "-v" and "--user" in argv
