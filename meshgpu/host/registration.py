@@ -10,6 +10,7 @@ import trio
 
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.gpu import collect_inventory
+from meshgpu.host.toolchain import JobUser, discover
 from meshgpu.runner.container import detect_runtime
 from meshgpu.state import GPURecord, NodeRecord, RegisterNode, encode
 
@@ -51,6 +52,11 @@ class Registration:
         inv = await trio.to_thread.run_sync(collect_inventory, self.gpus, s.data_dir)
         runtime = await trio.to_thread.run_sync(detect_runtime)
         self.executor.container_runtime = runtime
+        # What jobs' environments can be made with, as the job user sees the host (an
+        # interpreter under a directory it cannot enter does not count).
+        user = JobUser.named(getattr(s, "job_user", None))
+        toolchain = await trio.to_thread.run_sync(discover, user)
+        self.executor.toolchain = toolchain
         cmd = RegisterNode(
             at=self.clock.wall(),
             node_id=ident.node_id,
@@ -78,6 +84,8 @@ class Registration:
             memory_mib=inv.host.memory_mib,
             disk_gb=inv.host.disk_total_gb,  # like an offer's disk size (dstack matches totals)
             container_runtime=runtime.rsplit("/", 1)[-1] if runtime else None,
+            pythons=toolchain.versions(),
+            nvcc=toolchain.nvcc is not None,
             blocks=s.blocks,
         )
         if cmd.blocks is not None:

@@ -28,9 +28,9 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshgpu.client.upload import FILES_PREFIX
 from meshgpu.config.spec import RunSpec
 
-FILES_PREFIX = ".meshgpu/files"  # where ``files`` entries travel in the code archive
 RESERVED = ".meshgpu"  # the archive's reserved top-level directory (never the user's code)
 
 

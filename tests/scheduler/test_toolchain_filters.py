@@ -49,7 +49,9 @@ def test_an_old_registration_without_toolchain_facts_decodes_and_takes_plain_job
     sm = world(old, submit("plain", task(1)), submit("py", task(1, python="3.11")))
     schedule(sm)
     assert jobs(sm, "plain")[0].node_id == "h1"
-    assert "h1 has no Python 3.11 (it has none its job user can run)" in jobs(sm, "py")[0].why_pending
+    assert (
+        "h1 has no Python 3.11 (it has none its job user can run)" in jobs(sm, "py")[0].why_pending
+    )
 
 
 def test_an_image_brings_its_own_toolchain() -> None:
