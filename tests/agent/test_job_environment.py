@@ -37,7 +37,7 @@ def test_python_runs_the_requested_interpreter_in_a_venv(
     agent: AgentProcess, tmp_path: Path
 ) -> None:
     # The agent's job user is the agent's own user here: every interpreter it can run counts.
-    mine = "%d.%d" % sys.version_info[:2]
+    mine = f"{sys.version_info[0]}.{sys.version_info[1]}"
     others = [v for v in discover().versions() if v != mine]
     if not others:
         pytest.skip(f"this host has no Python other than the agent's own {mine}")
