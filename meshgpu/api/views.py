@@ -172,6 +172,9 @@ def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, A
         "memory_gb": round(n.memory_mib / 1024, 1),
         "disk_gb": n.disk_gb,
         "container_runtime": n.container_runtime,
+        # What process jobs' ``python: X.Y`` and ``nvcc: true`` can have here.
+        "pythons": n.pythons,
+        "nvcc": n.nvcc,
         "gpus": [g.model_dump() | {"busy": g.index in busy} for g in n.gpus],
         # dstack's blocks: how many equal shares the host is split into (None: GPU by GPU).
         "blocks": blocks,
@@ -366,6 +369,10 @@ class NodeView(BaseModel):
     memory_gb: float
     disk_gb: float
     container_runtime: str | None
+    pythons: list[str] = Field(
+        default_factory=list, description="Python versions the host's job user can run"
+    )
+    nvcc: bool = Field(default=False, description="The host has a CUDA toolkit (nvcc)")
     gpus: list[dict[str, Any]]
     blocks: int | None
     busy_blocks: int | None

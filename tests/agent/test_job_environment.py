@@ -195,3 +195,15 @@ commands:
     assert (
         r.returncode != 0 and f"repos: {scratch}/clone is not empty (if_exists: error" in r.stdout
     )
+
+
+def test_the_host_registers_its_toolchain_and_nvcc_runs_where_it_is(agent: AgentProcess) -> None:
+    here = discover()
+    node = agent.client().nodes()[0]
+    assert node["pythons"] == here.versions() and node["nvcc"] is (here.nvcc is not None)
+    if here.nvcc is None:
+        pytest.skip("no CUDA toolkit on this host")
+    c = agent.client()
+    c.submit("type: task\nnvcc: true\ncommands: [command -v nvcc]\n", name="cc")
+    wait_for(lambda: c.run("cc")["status"] == "done")
+    assert b"".join(c.logs("cc")).decode().strip().endswith("nvcc")
