@@ -309,7 +309,7 @@ class Executor:
             launch = self._prepare(job, run.run_args, run.spec, epoch)
             place = self._layout(job_id, run.spec)
             if run.code is not None:
-                await self._unpack(run.code.sha256, Path(place.code_root))
+                await self._unpack(run.code.sha256, Path(place.host_code_root))
             await self.runner.start(launch)
             if job_id in self.stopping and job_id not in self._draining:
                 # Stopped while its supervisor was being started: ask again now that its pid is
@@ -323,9 +323,9 @@ class Executor:
             )
             return
         now = self.clock.wall()
-        # Where its commands run (and SSH sessions open): the container's working directory
-        # for an image job, the job's working directory on this host otherwise.
-        where = (run.spec.working_dir or "/workflow") if run.spec.image else place.working_dir
+        # Where its commands run (and SSH sessions open): the job's working directory (the
+        # container's, for an image job).
+        where = place.working_dir
         self._enqueue(
             JobStarted(at=now, job_id=job_id, epoch=epoch, started_at=now, working_dir=where)
         )
@@ -381,12 +381,12 @@ class Executor:
             cluster=cluster,
             gpu_indices=tuple(job.gpu_indices),
             gpu_vendor=self.gpu_vendor() if job.gpu_indices else None,
-            working_dir=str(work) if spec.image else place.working_dir,
+            working_dir=place.working_dir,
             hostfile_path=hostfile,
             replica_num=job.replica_num if spec.service is not None else None,
             service_port=spec.service.port if spec.service is not None else None,
-            repo_dir=None if spec.image else place.repo_dir,
-            venv_dir=None if spec.image else place.venv_dir,
+            repo_dir=place.repo_dir,
+            venv_dir=place.venv_dir,
         )
         env = job_environment(inputs, user_env, base)
         commands = list(spec.job_spec(job.group, job.job_num).commands)
@@ -395,15 +395,20 @@ class Executor:
             "groups": self._groups_namespace(spec, jobs),
         }
         commands = [interpolate(c, namespaces, final=True) for c in commands]
-        if not spec.image and needs_prologue(spec, place):
+        if needs_prologue(spec, place):
+            if spec.image and not commands:
+                raise RuntimeError(
+                    "repos and files of an image job are placed by a prologue before its "
+                    "commands: give the job commands (its image's entrypoint alone cannot run it)"
+                )
             tc = self.toolchain or Toolchain()
             run = self.state.runs.get(job.run_name)
             setup = prologue(
                 spec,
                 place,
                 interpreter=interpreter,
-                uv=tc.uv,
-                git=tc.git,
+                uv=None if spec.image else tc.uv,
+                git=None if spec.image else tc.git,  # a container uses its image's git
                 has_code=run is not None and run.code is not None,
             )
             commands = [setup, *commands]
@@ -447,6 +452,8 @@ class Executor:
         job = self.state.jobs.get(job_id)
         run = self.state.runs.get(job.run_name) if job is not None else None
         has_code = run is not None and run.code is not None
+        if spec.image:  # the container sees the workspace at /workflow (container.py)
+            return layout(spec, self.runner.work_dir(job_id), None, has_code, mount="/workflow")
         return layout(spec, self.runner.work_dir(job_id), os.environ.get("HOME"), has_code)
 
     def _interpreter(self, spec: RunSpec) -> str | None:
@@ -456,7 +463,7 @@ class Executor:
         if self.toolchain is None and (spec.python or spec.repo is not None):
             self.toolchain = discover()  # blocking; _launch finds it in a thread first
         tc = self.toolchain or Toolchain()
-        if spec.repo is not None and spec.repo.url and not tc.git:
+        if spec.repo is not None and spec.repo.url and not tc.git and not spec.image:
             raise RuntimeError(
                 f"repos: {spec.repo.url} needs git, which this host does not have (install git)"
             )

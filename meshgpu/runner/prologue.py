@@ -39,9 +39,11 @@ class Layout:
     workspace: str
     working_dir: str  # where the commands run (DSTACK_WORKING_DIR)
     repo_dir: str | None  # where the repo is (DSTACK_REPO_DIR); None: no repo, nothing uploaded
-    code_root: str  # where the uploaded archive is unpacked
+    code_root: str  # where the uploaded archive is unpacked (as the job sees it)
     venv_dir: str | None  # DSTACK_VENV_DIR (``python:`` only)
     home: str  # what ``~`` is in ``working_dir``, ``repos`` and ``files`` paths
+    host_code_root: str = ""  # ``code_root`` on the host (differs in a container)
+    container: bool = False
 
 
 def _resolve(path: str, base: str, home: str) -> str:
@@ -50,9 +52,19 @@ def _resolve(path: str, base: str, home: str) -> str:
     return posixpath.normpath(path if path.startswith("/") else posixpath.join(base, path))
 
 
-def layout(spec: RunSpec, workspace: str | Path, home: str | None, has_code: bool) -> Layout:
-    """Where the job's working directory, repo, code and venv are on this host."""
-    work = str(workspace)
+def layout(
+    spec: RunSpec,
+    workspace: str | Path,
+    home: str | None,
+    has_code: bool,
+    mount: str | None = None,
+) -> Layout:
+    """Where the job's working directory, repo, code and venv are. ``mount``: where a
+    container sees the workspace (``/workflow``): the paths are then the container's, and the
+    code is staged inside the workspace (the one directory the container shares with the host);
+    ``~`` is left to the container (its ``HOME``)."""
+    host_work = str(workspace)
+    work = mount or host_work
     home = home or work
     working_dir = _resolve(spec.working_dir, work, home) if spec.working_dir else work
     repo = spec.repo
@@ -61,16 +73,24 @@ def layout(spec: RunSpec, workspace: str | Path, home: str | None, has_code: boo
     else:
         repo_dir = work if has_code else None
     local = repo is None or repo.local_path is not None
-    code_root = work if local and repo_dir == work else str(Path(work).parent / "code")
-    venv = str(Path(work).parent / "venv") if spec.python else None
-    return Layout(work, working_dir, repo_dir, code_root, venv, home)
+    if local and repo_dir == work:
+        code_root, host_code = work, host_work
+    elif mount:
+        code_root = posixpath.join(work, RESERVED, "code")
+        host_code = posixpath.join(host_work, RESERVED, "code")
+    else:
+        code_root = host_code = str(Path(work).parent / "code")
+    venv = str(Path(work).parent / "venv") if spec.python and not mount else None
+    return Layout(work, working_dir, repo_dir, code_root, venv, home, host_code, bool(mount))
 
 
 def needs_prologue(spec: RunSpec, place: Layout) -> bool:
+    """Is there anything to do before the commands (a container enters its working directory
+    through the runtime's ``-w``)?"""
     return bool(
-        spec.python
+        (spec.python and not place.container)
         or spec.files
-        or spec.working_dir
+        or (spec.working_dir and not place.container)
         or (spec.repo is not None and (spec.repo.url or place.code_root != place.repo_dir))
     )
 
@@ -123,6 +143,8 @@ def prologue(
             )
             clone += ["--", q(repo.url), q(R)]
             steps = [
+                f"command -v {gitcmd} >/dev/null || "
+                f"_mg_fail {q(f'repos: cloning {repo.url} needs git, which is not installed')}",
                 f"mkdir -p {q(R)} || _mg_fail {q(f'repos: cannot create {R}')}",
                 f"{' '.join(clone)} || _mg_fail {q(f'repos: git clone {repo.url} failed')}",
             ]
@@ -156,6 +178,8 @@ def prologue(
         lines.append(f"rm -rf {q(posixpath.join(place.code_root, RESERVED))}")
         if place.code_root != place.workspace:
             lines.append(f"rm -rf {q(place.code_root)}")
+        if place.container:
+            lines.append(f"rmdir {q(posixpath.join(place.workspace, RESERVED))} 2>/dev/null")
     wd = place.working_dir
     lines.append(
         f"mkdir -p {q(wd)} && cd {q(wd)} || _mg_fail {q(f'working_dir: cannot enter {wd}')}"
