@@ -73,6 +73,11 @@ def _shell(spec: RunSpec) -> str:
     return shutil.which("bash") or "/bin/sh"
 
 
+def _needs_toolchain(spec: RunSpec) -> bool:
+    """Does a job of ``spec`` need this host's interpreters or git (a process job's)?"""
+    return not spec.image and bool(spec.python or (spec.repo is not None and spec.repo.url))
+
+
 def startup_waits_for(state: StateMachine, job: JobRecord) -> str | None:
     """dstack's ``startup_order`` for the jobs of one replica: ``master-first`` starts the
     workers once the master (its first job) runs, ``workers-first`` the master once every worker
@@ -304,7 +309,7 @@ class Executor:
             if job_id in self.stopping:  # stopped, or moved away, before it could start
                 await self._report(job_id, epoch, JobResult(job_id, None, "terminated_by_server"))
                 return
-            if self.toolchain is None and (run.spec.python or run.spec.repo is not None):
+            if self.toolchain is None and _needs_toolchain(run.spec):
                 self.toolchain = await trio.to_thread.run_sync(discover)
             launch = self._prepare(job, run.run_args, run.spec, epoch)
             place = self._layout(job_id, run.spec)
@@ -460,7 +465,7 @@ class Executor:
         """The interpreter of ``python: X.Y`` on this host; the job fails saying so when the
         host has none (the scheduler placed it on a host that registered it: the host changed
         since). Also checks that a git URL repo can be cloned."""
-        if self.toolchain is None and (spec.python or spec.repo is not None):
+        if self.toolchain is None and _needs_toolchain(spec):
             self.toolchain = discover()  # blocking; _launch finds it in a thread first
         tc = self.toolchain or Toolchain()
         if spec.repo is not None and spec.repo.url and not tc.git and not spec.image:
