@@ -31,8 +31,9 @@ class RegisterNode(Command):
     memory_mib: int = 0
     disk_gb: float = 0.0
     container_runtime: str | None = None
-    pythons: list[str] = Field(default_factory=list)  # "3.N" the job user can run
-    nvcc: bool = False  # a CUDA toolkit is installed
+    # Left out when unset, so a registration without them encodes as before.
+    pythons: list[str] = Field(default_factory=list, exclude_if=lambda v: not v)  # "3.N"
+    nvcc: bool = Field(default=False, exclude_if=lambda v: not v)  # a CUDA toolkit
     blocks: int | Literal["auto"] | None = Field(
         default=None, description="dstack's blocks: N equal shares of the host; None: GPU by GPU"
     )

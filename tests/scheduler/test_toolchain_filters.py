@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from meshgpu.config.spec import compile_placement
 from meshgpu.scheduler.filters import run_filters
+from meshgpu.state import encode
 from tests.scheduler._world import host, jobs, schedule, submit, task, world
 
 
@@ -46,6 +47,9 @@ def test_nvcc_needs_a_host_with_a_cuda_toolkit() -> None:
 def test_an_old_registration_without_toolchain_facts_decodes_and_takes_plain_jobs() -> None:
     old = host("h1", 2)  # no pythons, no nvcc: an entry from before these fields
     assert old.pythons == [] and old.nvcc is False
+    # ... and encodes as it did then: older members can still read it.
+    assert b"pythons" not in encode(old) and b"nvcc" not in encode(old)
+    assert b'"pythons":["3.11"]' in encode(old.model_copy(update={"pythons": ["3.11"]}))
     sm = world(old, submit("plain", task(1)), submit("py", task(1, python="3.11")))
     schedule(sm)
     assert jobs(sm, "plain")[0].node_id == "h1"
