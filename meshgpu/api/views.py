@@ -180,6 +180,9 @@ def node_view(n: NodeRecord, state: StateMachine, role: str = "") -> dict[str, A
         "container_runtime": n.container_runtime,
         # what its process jobs get: {"user", "cgroup": v1|v2|null, "mount_ns"} (null: unknown)
         "sandbox": n.sandbox,
+        # What process jobs' ``python: X.Y`` and ``nvcc: true`` can have here.
+        "pythons": n.pythons,
+        "nvcc": n.nvcc,
         "gpus": [g.model_dump() | {"busy": g.index in busy} for g in n.gpus],
         # dstack's blocks: how many equal shares the host is split into (None: GPU by GPU).
         "blocks": blocks,
@@ -395,6 +398,10 @@ class NodeView(BaseModel):
         default=None,
         description="What its process jobs get: user, cgroup (v1, v2 or null), mount_ns",
     )
+    pythons: list[str] = Field(
+        default_factory=list, description="Python versions the host's job user can run"
+    )
+    nvcc: bool = Field(default=False, description="The host has a CUDA toolkit (nvcc)")
     gpus: list[dict[str, Any]]
     blocks: int | None
     busy_blocks: int | None

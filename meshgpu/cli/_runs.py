@@ -16,7 +16,8 @@ import typer
 
 from meshgpu.cli._common import JsonOpt, UrlOpt, ago, client, err, fail, out, table
 from meshgpu.cli._devenv import activity_text, attach_hook, connect_lines, wait_running
-from meshgpu.client import APIError, Client, CodeTooLarge, make_archive
+from meshgpu.client import APIError, Client, CodeTooLarge
+from meshgpu.client.upload import UploadRefused, code_root, run_archive
 from meshgpu.config import ConfigError
 from meshgpu.config.loader import load_config_located
 from meshgpu.config.render import plan_lines
@@ -84,16 +85,21 @@ def _submit(
     # A service's configuration file stays out of its code archive: editing only replicas or
     # scaling in it then changes no code, and the update applies without a redeploy.
     exclude = []
-    if getattr(config, "type", None) == "service":
-        try:
-            exclude.append(path.resolve().relative_to(code_dir.resolve()).as_posix())
-        except ValueError:
-            pass  # the file lives outside the directory: not in the archive anyway
     try:
-        data, sha = make_archive(code_dir, exclude=exclude)
-    except CodeTooLarge as e:
+        # The repo (``repos``; the current directory without one) and the ``files`` mappings.
+        root = code_root(config, path, code_dir)
+        if getattr(config, "type", None) == "service" and root is not None:
+            try:
+                exclude.append(path.resolve().relative_to(root.resolve()).as_posix())
+            except ValueError:
+                pass  # the file lives outside the directory: not in the archive anyway
+        upload = run_archive(config, path, code_dir, exclude=exclude)
+    except (CodeTooLarge, UploadRefused) as e:
         raise fail(str(e)) from None
-    c.upload_code(data, sha)
+    sha = None
+    if upload is not None:
+        data, sha = upload
+        c.upload_code(data, sha)
     body_env = _env_values(config, env)
     rid = uuid.uuid4().hex
     for attempt in range(3):  # the same request id: a retry never submits twice

@@ -133,21 +133,38 @@ def _walk(root: Path) -> list[str]:
     return files
 
 
-def make_archive(
-    root: str | Path, limit: int = DEFAULT_CODE_LIMIT, exclude: Iterable[str] = ()
-) -> tuple[bytes, str]:
-    """A reproducible ``tar.gz`` of ``root`` and its SHA-256; ``CodeTooLarge`` past ``limit``.
-    ``exclude``: paths relative to ``root`` left out (a service's own configuration file)."""
+def list_files(root: str | Path) -> list[str]:
+    """The files of ``root`` an upload takes (relative paths): ``.gitignore`` and
+    ``.dstackignore`` honoured."""
     root = Path(root)
     files = _git_files(root) if (root / ".git").exists() else None
-    if files is None:
-        files = _walk(root)
-    skip = {Path(e).as_posix() for e in exclude}
-    if skip:
-        files = [f for f in files if Path(f).as_posix() not in skip]
-    total = sum((root / f).stat().st_size for f in files)
+    return _walk(root) if files is None else files
+
+
+def make_archive(
+    root: str | Path | None,
+    limit: int = DEFAULT_CODE_LIMIT,
+    exclude: Iterable[str] = (),
+    extra: Iterable[tuple[str, Path]] = (),
+) -> tuple[bytes, str]:
+    """A reproducible ``tar.gz`` of ``root`` and its SHA-256; ``CodeTooLarge`` past ``limit``.
+    ``exclude``: paths relative to ``root`` left out (a service's own configuration file).
+    ``extra``: more files, as (path in the archive, file on disk) -- ``files:`` mappings under
+    the reserved ``.meshgpu/`` directory, which ``root``'s own files never use. ``root`` None:
+    only those."""
+    entries: dict[str, Path] = {}
+    if root is not None:
+        root = Path(root)
+        files = list_files(root)
+        skip = {Path(e).as_posix() for e in exclude}
+        for f in files:
+            rel = Path(f).as_posix()
+            if rel not in skip and rel.split("/", 1)[0] != ".meshgpu":
+                entries[f] = root / f
+    entries.update((name, Path(src)) for name, src in extra)
+    total = sum(p.stat().st_size for p in entries.values())
     if total > limit:
-        biggest = sorted(files, key=lambda f: (root / f).stat().st_size, reverse=True)[:3]
+        biggest = sorted(entries, key=lambda f: entries[f].stat().st_size, reverse=True)[:3]
         raise CodeTooLarge(
             f"the working directory {root} holds {total / 2**20:.1f} MiB to upload, over the "
             f"{limit / 2**20:.0f} MiB limit; add large files (biggest: {', '.join(biggest)}) to "
@@ -160,10 +177,10 @@ def make_archive(
         gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=0) as gz,
         tarfile.open(fileobj=gz, mode="w") as tar,
     ):
-        for f in sorted(files):
-            info = tar.gettarinfo(str(root / f), arcname=f)
+        for f in sorted(entries):
+            info = tar.gettarinfo(str(entries[f]), arcname=f)
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-            with open(root / f, "rb") as fh:
+            with open(entries[f], "rb") as fh:
                 tar.addfile(info, fh)
     data = buf.getvalue()
     return data, hashlib.sha256(data).hexdigest()

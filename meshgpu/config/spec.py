@@ -79,6 +79,8 @@ class Placement:
 
     key: str = "{}"
     image: bool = False
+    python: str | None = None  # hosts with this interpreter (process jobs)
+    nvcc: bool = False  # hosts with a CUDA toolkit (process jobs)
     fleets: tuple[str, ...] | None = None
     backends: tuple[str, ...] | None = None
     regions: tuple[str, ...] | None = None
@@ -97,6 +99,8 @@ class Placement:
         return canonical(
             {
                 "image": self.image,
+                "python": self.python,
+                "nvcc": self.nvcc,
                 "fleets": self.fleets,
                 "backends": self.backends,
                 "regions": self.regions,
@@ -256,6 +260,32 @@ def compile_volumes(raw: Any) -> tuple[InstanceVolume, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class RepoSpecC:
+    """dstack's ``repos`` entry (one at most): the uploaded local directory (``local_path``: the
+    CLI archives it; hosts only see the archive) or a git ``url`` the host clones (``branch``,
+    ``hash``). ``path`` is where it lands (relative: under the working directory), ``if_exists``
+    what happens when that directory is not empty (``error`` | ``skip``)."""
+
+    local_path: str | None = None
+    url: str | None = None
+    branch: str | None = None
+    hash: str | None = None
+    path: str = "."
+    if_exists: str = "error"
+    single_branch: bool = True  # dstack: false for dev environments, true otherwise
+
+
+@dataclass(frozen=True, slots=True)
+class FileMap:
+    """dstack's ``files`` entry: the local file or directory ``local_path`` (uploaded with the
+    code, under ``.meshgpu/files/<n>`` of the archive) placed at ``path`` in the job (relative:
+    under the working directory)."""
+
+    local_path: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
 class RunSpec:
     """Everything meshgpu does with a run, compiled from its configuration."""
 
@@ -298,6 +328,12 @@ class RunSpec:
     schedule: tuple[str, ...] = ()
     # ``registry_auth``: (username, password) the container runtime pulls the image with.
     registry_auth: tuple[str, str] | None = None
+    # The job's environment (runner/prologue.py): ``python`` (a venv with that interpreter),
+    # ``nvcc`` (a host with a CUDA toolkit), the one repo and the ``files`` mappings.
+    python: str | None = None
+    nvcc: bool = False
+    repo: RepoSpecC | None = None
+    files: tuple[FileMap, ...] = ()
 
     def job_spec(self, group: str | None, job_num: int = 0) -> JobSpec:
         """The spec a job of ``group`` (its ``job_num``-th node) runs with: a service replica
@@ -361,6 +397,11 @@ def compile_placement(config: Mapping[str, Any]) -> Placement:
     if image:
         doc["image"] = True  # which image does not matter; that one needs a container runtime does
     else:
+        # What a process job needs of its host's toolchain (an image brings its own).
+        if config.get("python"):
+            doc["python"] = config["python"]
+        if config.get("nvcc"):
+            doc["nvcc"] = True
         ports = _host_ports(config)
         if ports:
             # A process job holds its ports on its host: runs that need different ports fit
@@ -373,6 +414,8 @@ def compile_placement(config: Mapping[str, Any]) -> Placement:
         return Placement(
             key=key,
             image=bool(image),
+            python=None if image else config.get("python"),
+            nvcc=bool(config.get("nvcc")) and not image,
             fleets=_strings(config.get("fleets")),
             backends=_strings(config.get("backends")),
             regions=_strings(config.get("regions")),
@@ -612,6 +655,24 @@ def _registry_auth(raw: Any) -> tuple[str, str] | None:
     return (str(raw["username"]), str(raw.get("password") or ""))
 
 
+def compile_repo(config: Mapping[str, Any]) -> RepoSpecC | None:
+    """The run's one repo (``repos[0]``), None without one."""
+    repos = config.get("repos") or []
+    raw = repos[0] if repos and isinstance(repos[0], dict) else None
+    if raw is None:
+        return None
+    single = config.get("single_branch")
+    return RepoSpecC(
+        local_path=raw.get("local_path"),
+        url=raw.get("url"),
+        branch=raw.get("branch"),
+        hash=raw.get("hash"),
+        path=raw.get("path") or ".",
+        if_exists=raw.get("if_exists") or "error",
+        single_branch=(config.get("type") != "dev-environment") if single is None else bool(single),
+    )
+
+
 def compile_run(config: Mapping[str, Any]) -> RunSpec:
     """The spec of a run from its rendered configuration (``render.to_json``)."""
     commands = tuple(config.get("commands") or ())
@@ -675,4 +736,12 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
         utilization=compile_utilization(config.get("utilization_policy")),
         schedule=_crons(config.get("schedule")),
         registry_auth=_registry_auth(config.get("registry_auth")),
+        python=config.get("python") or None,
+        nvcc=bool(config.get("nvcc")),
+        repo=compile_repo(config),
+        files=tuple(
+            FileMap(local_path=str(f["local_path"]), path=str(f.get("path") or f["local_path"]))
+            for f in config.get("files") or ()
+            if isinstance(f, dict) and f.get("local_path")
+        ),
     )

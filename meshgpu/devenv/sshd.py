@@ -88,6 +88,9 @@ def load_job_context(jobs_dir: Path, job_id: str) -> JobContext:
         container = (argv[0], argv[argv.index("--name") + 1])
         shell = "/bin/sh"
     cwd = record.get("cwd") or str(jobs_dir / job_id / "work")
+    wd = env.get("MESHGPU_WORKING_DIR")
+    if container is None and wd and os.path.isdir(wd):
+        cwd = wd  # the job's ``working_dir`` (its prologue made it), where its commands run
     return JobContext(
         job_id=job_id,
         env=env,

@@ -10,6 +10,7 @@ import trio
 
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.gpu import collect_inventory
+from meshgpu.host.toolchain import JobUser, Toolchain, discover
 from meshgpu.runner.container import detect_runtime
 from meshgpu.state import GPURecord, NodeRecord, RegisterNode, encode
 
@@ -48,9 +49,24 @@ class Registration:
 
     async def register(self) -> None:
         s, ident = self.settings, self.identity
-        inv = await trio.to_thread.run_sync(collect_inventory, self.gpus, s.data_dir)
-        runtime = await trio.to_thread.run_sync(detect_runtime)
+        # What jobs' environments can be made with, as the job user sees the host (an
+        # interpreter under a directory it cannot enter does not count): found once per agent
+        # process, alongside the inventory.
+        user = JobUser.named(getattr(s, "job_user", None))
+        found: dict[str, Toolchain] = {}
+
+        async def find_toolchain() -> None:
+            found["tc"] = await trio.to_thread.run_sync(discover, user)
+
+        async with trio.open_nursery() as nursery:
+            if self.executor.toolchain is None:
+                nursery.start_soon(find_toolchain)
+            inv = await trio.to_thread.run_sync(collect_inventory, self.gpus, s.data_dir)
+            runtime = await trio.to_thread.run_sync(detect_runtime)
         self.executor.container_runtime = runtime
+        if "tc" in found:
+            self.executor.toolchain = found["tc"]
+        toolchain = self.executor.toolchain or Toolchain()
         cmd = RegisterNode(
             at=self.clock.wall(),
             node_id=ident.node_id,
@@ -79,6 +95,8 @@ class Registration:
             disk_gb=inv.host.disk_total_gb,  # like an offer's disk size (dstack matches totals)
             container_runtime=runtime.rsplit("/", 1)[-1] if runtime else None,
             sandbox=self.executor.confine.capabilities() if self.executor.confine else None,
+            pythons=toolchain.versions(),
+            nvcc=toolchain.nvcc is not None,
             blocks=s.blocks,
         )
         if cmd.blocks is not None:

@@ -28,12 +28,14 @@ from meshgpu.client.archive import ArchiveLimits, ArchiveRefused, extract_archiv
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.config.interpolation import group_ips, interpolate
 from meshgpu.config.spec import NO_SPEC, RunSpec
+from meshgpu.host.toolchain import Toolchain, discover
 from meshgpu.runner.code import CodeStore, fetch_sources
 from meshgpu.runner.confine import Confinement, JobSandbox, host_volumes
 from meshgpu.runner.container import container_argv
 from meshgpu.runner.drain import drain
 from meshgpu.runner.jobenv import ClusterInfo, JobEnvInputs, JobIdentity, job_environment
 from meshgpu.runner.process import JobLaunch, JobResult, ProcessRunner
+from meshgpu.runner.prologue import Layout, layout, needs_prologue, prologue
 from meshgpu.runner.registry_auth import remove_auth, write_auth
 from meshgpu.state import (
     CodeRef,
@@ -71,6 +73,11 @@ def _shell(spec: RunSpec) -> str:
     if shell:
         return shell
     return shutil.which("bash") or "/bin/sh"
+
+
+def _needs_toolchain(spec: RunSpec) -> bool:
+    """Does a job of ``spec`` need this host's interpreters or git (a process job's)?"""
+    return not spec.image and bool(spec.python or (spec.repo is not None and spec.repo.url))
 
 
 def startup_waits_for(state: StateMachine, job: JobRecord) -> str | None:
@@ -119,6 +126,9 @@ class Executor:
         self.confine = confine
         self._sandboxes: dict[str, JobSandbox] = {}  # job -> its sandbox, until it starts
         self.container_runtime = container_runtime
+        # What process jobs' environments are made with (interpreters, uv, git): set by the
+        # registration (which registers it); found on first need otherwise.
+        self.toolchain: Toolchain | None = None
         self.code = code  # fetches archives this host lacks (None: only local ones)
         self.node_id = node_id
         self.state = state
@@ -305,9 +315,12 @@ class Executor:
             if job_id in self.stopping:  # stopped, or moved away, before it could start
                 await self._report(job_id, epoch, JobResult(job_id, None, "terminated_by_server"))
                 return
+            if self.toolchain is None and _needs_toolchain(run.spec):
+                self.toolchain = await trio.to_thread.run_sync(discover)
             launch = self._prepare(job, run.run_args, run.spec, epoch)
+            place = self._layout(job_id, run.spec)
             if run.code is not None:
-                await self._unpack(run.code.sha256, self.runner.work_dir(job_id))
+                await self._unpack(run.code.sha256, Path(place.host_code_root))
             await self.runner.start(launch)
             if job_id in self.stopping and job_id not in self._draining:
                 # Stopped while its supervisor was being started: ask again now that its pid is
@@ -323,10 +336,9 @@ class Executor:
             )
             return
         now = self.clock.wall()
-        # Where its commands run (and SSH sessions open): the container's working directory
-        # for an image job, the job's own directory on this host otherwise.
-        work = str(self.runner.work_dir(job_id))
-        where = (run.spec.working_dir or "/workflow") if run.spec.image else work
+        # Where its commands run (and SSH sessions open): the job's working directory (the
+        # container's, for an image job).
+        where = place.working_dir
         box = self._sandboxes.pop(job_id, None)
         self._enqueue(
             JobStarted(
@@ -380,20 +392,24 @@ class Executor:
         )
         work = self.runner.prepare(job.job_id, hostfile=cluster.hostfile())
         hostfile = str(self.runner.hostfile_path(job.job_id))
+        user_env = dict(spec.env)
+        base = {
+            k: os.environ[k] for k in ("PATH", "HOME", "LANG", "USER", "TMPDIR") if k in os.environ
+        }
+        place = self._layout(job.job_id, spec)
+        interpreter = self._interpreter(spec) if not spec.image else None
         inputs = JobEnvInputs(
             identity=JobIdentity(job.run_name, job.run_id, job.job_id),
             cluster=cluster,
             gpu_indices=tuple(job.gpu_indices),
             gpu_vendor=self.gpu_vendor() if job.gpu_indices else None,
-            working_dir=str(work),
+            working_dir=place.working_dir,
             hostfile_path=hostfile,
             replica_num=job.replica_num if spec.service is not None else None,
             service_port=spec.service.port if spec.service is not None else None,
+            repo_dir=place.repo_dir,
+            venv_dir=place.venv_dir,
         )
-        user_env = dict(spec.env)
-        base = {
-            k: os.environ[k] for k in ("PATH", "HOME", "LANG", "USER", "TMPDIR") if k in os.environ
-        }
         env = job_environment(inputs, user_env, base)
         box = None if spec.image else self._sandbox(job, spec, work)
         if box is not None:
@@ -404,6 +420,23 @@ class Executor:
             "groups": self._groups_namespace(spec, jobs),
         }
         commands = [interpolate(c, namespaces, final=True) for c in commands]
+        if needs_prologue(spec, place):
+            if spec.image and not commands:
+                raise RuntimeError(
+                    "repos and files of an image job are placed by a prologue before its "
+                    "commands: give the job commands (its image's entrypoint alone cannot run it)"
+                )
+            tc = self.toolchain or Toolchain()
+            run = self.state.runs.get(job.run_name)
+            setup = prologue(
+                spec,
+                place,
+                interpreter=interpreter,
+                uv=None if spec.image else tc.uv,
+                git=None if spec.image else tc.git,  # a container uses its image's git
+                has_code=run is not None and run.code is not None,
+            )
+            commands = [setup, *commands]
         argv = None
         if spec.image:
             if not self.container_runtime:
@@ -474,6 +507,37 @@ class Executor:
             gpu_indices=tuple(job.gpu_indices),
             workspace=work,
         )
+
+    def _layout(self, job_id: str, spec: RunSpec) -> Layout:
+        """Where the job's working directory, repo, code and venv are (runner/prologue.py);
+        ``~`` in their paths is the agent's ``HOME``, which the job inherits."""
+        job = self.state.jobs.get(job_id)
+        run = self.state.runs.get(job.run_name) if job is not None else None
+        has_code = run is not None and run.code is not None
+        if spec.image:  # the container sees the workspace at /workflow (container.py)
+            return layout(spec, self.runner.work_dir(job_id), None, has_code, mount="/workflow")
+        return layout(spec, self.runner.work_dir(job_id), os.environ.get("HOME"), has_code)
+
+    def _interpreter(self, spec: RunSpec) -> str | None:
+        """The interpreter of ``python: X.Y`` on this host; the job fails saying so when the
+        host has none (the scheduler placed it on a host that registered it: the host changed
+        since). Also checks that a git URL repo can be cloned."""
+        if self.toolchain is None and _needs_toolchain(spec):
+            self.toolchain = discover()  # blocking; _launch finds it in a thread first
+        tc = self.toolchain or Toolchain()
+        if spec.repo is not None and spec.repo.url and not tc.git and not spec.image:
+            raise RuntimeError(
+                f"repos: {spec.repo.url} needs git, which this host does not have (install git)"
+            )
+        if not spec.python:
+            return None
+        interp = tc.pythons.get(spec.python)
+        if interp is None:
+            raise RuntimeError(
+                f"this host has no Python {spec.python} its job user can run "
+                f"(it has {', '.join(tc.versions()) or 'none'})"
+            )
+        return interp
 
     def _ip(self, job: JobRecord) -> str:
         """The address of the host a job is placed on ('' while it is not placed)."""

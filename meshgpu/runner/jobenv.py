@@ -57,6 +57,10 @@ class JobEnvInputs:
     # the app must listen on (``MESHGPU_/DSTACK_REPLICA_NUM``, ``MESHGPU_SERVICE_PORT``).
     replica_num: int | None = None
     service_port: int | None = None
+    # Where the repo is (``DSTACK_REPO_DIR``; None: the run has none) and the job's venv
+    # (``python:``; ``DSTACK_VENV_DIR``, activated through ``PATH`` and ``VIRTUAL_ENV``).
+    repo_dir: str | None = None
+    venv_dir: str | None = None
 
 
 def job_environment(
@@ -80,7 +84,13 @@ def job_environment(
     }
     if inputs.replica_num is not None:
         values["REPLICA_NUM"] = str(inputs.replica_num)
+    if inputs.repo_dir is not None:
+        values["REPO_DIR"] = inputs.repo_dir
     env = dict(base or {})
+    if inputs.venv_dir is not None:
+        values["VENV_DIR"] = inputs.venv_dir
+        env["VIRTUAL_ENV"] = inputs.venv_dir
+        env["PATH"] = f"{inputs.venv_dir}/bin:{env.get('PATH') or '/usr/local/bin:/usr/bin:/bin'}"
     for key, value in values.items():
         env["MESHGPU_" + key] = value
         env["DSTACK_" + key] = value

@@ -140,6 +140,8 @@ def _signature(node: NodeRecord, shape: BlockShape | None) -> tuple[Any, ...]:
         node.memory_mib,
         node.disk_gb,
         bool(node.container_runtime),
+        tuple(node.pythons),
+        node.nvcc,
         shape,
         tuple(node.labels.get(k) for k in LABEL_KEYS),
     )

@@ -21,6 +21,10 @@ run field           node label                   match
                     ``fleet`` + ``instance``
 =================== ============================ ==============================================
 
+Two facts come from what the host registers rather than from labels: ``python: X.Y`` needs the
+version among the node's ``pythons`` (interpreters its job user can run) and ``nvcc: true`` a node
+with a CUDA toolkit (``nvcc``); both concern process jobs only (an ``image`` brings its own).
+
 A filter the run sets excludes nodes that lack the label: asking for ``fleets: [a]`` means "only
 fleet a". ``placement: cluster`` (the default for multi-node runs, as dstack requires cluster
 fleets for them) keeps a gang on hosts with one value of the ``cluster`` label; hosts without the
@@ -60,6 +64,8 @@ class RunFilters:
 
     key: str  # canonical text: equal keys, equal filters
     image: bool = False
+    python: str | None = None
+    nvcc: bool = False
     fleets: frozenset[str] | None = None
     backends: frozenset[str] | None = None
     regions: frozenset[str] | None = None
@@ -80,6 +86,11 @@ class RunFilters:
         ``instances`` filter, the one part that differs between hosts of one class."""
         if self.image and not node.container_runtime:
             return f"{node.name} has no container runtime (docker/podman) for image jobs"
+        if self.python is not None and self.python not in node.pythons:
+            has = ", ".join(node.pythons) if node.pythons else "none its job user can run"
+            return f"{node.name} has no Python {self.python} (it has {has})"
+        if self.nvcc and not node.nvcc:
+            return f"{node.name} has no CUDA toolkit (nvcc: true needs nvcc on the host)"
         labels = node.labels
         if self.fleets is not None:
             fleet = labels.get("fleet")
@@ -141,6 +152,8 @@ def run_filters(placement: Placement) -> RunFilters:
     hit = _CACHE[placement.key] = RunFilters(
         key=placement.filters_key(),
         image=placement.image,
+        python=placement.python,
+        nvcc=placement.nvcc,
         fleets=frozenset(placement.fleets) if placement.fleets else None,
         backends=_lower(placement.backends),
         regions=_lower(placement.regions),

@@ -34,6 +34,9 @@ class RegisterNode(Command):
     # What this host's process jobs get (meshgpu/runner/confine.py): {"user": job user or
     # None, "cgroup": "v1" | "v2" | None, "mount_ns": bool}; left out when unset.
     sandbox: dict[str, Any] | None = Field(default=None, exclude_if=lambda v: v is None)
+    # Left out when unset, so a registration without them encodes as before.
+    pythons: list[str] = Field(default_factory=list, exclude_if=lambda v: not v)  # "3.N"
+    nvcc: bool = Field(default=False, exclude_if=lambda v: not v)  # a CUDA toolkit
     blocks: int | Literal["auto"] | None = Field(
         default=None, description="dstack's blocks: N equal shares of the host; None: GPU by GPU"
     )

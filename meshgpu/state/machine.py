@@ -1349,8 +1349,10 @@ _NO_RUN_EXTRAS: frozenset[str] = frozenset(
 
 
 def _node_defaults(node: NodeRecord) -> set[str]:
-    """A node's SSH fields left unset (left out of its snapshot: older members read it)."""
-    return {k for k in ("ssh_address", "ssh_host_key", "sandbox") if getattr(node, k) is None}
+    """A node's SSH, sandbox and toolchain fields left unset (left out of its snapshot: older
+    members read it)."""
+    out = {k for k in ("ssh_address", "ssh_host_key", "sandbox") if getattr(node, k) is None}
+    return out | {k for k in ("pythons", "nvcc") if not getattr(node, k)}
 
 
 def _job_defaults(job: JobRecord) -> set[str] | frozenset[str]:

@@ -171,7 +171,7 @@ class _Settings:
 async def test_a_submission_carries_its_first_start_and_ps_shows_it(tmp_path: Path) -> None:
     from meshgpu.api.views import run_view
     from meshgpu.cli._runs import next_start_text
-    from tests.ops.test_runs import Body, _runs, host
+    from tests.ops.test_runs import Body, _runs
 
     runs, sm, _ = _runs(tmp_path)
     text = "type: task\ncommands: [echo hi]\nschedule:\n  cron: ['0 9 * * 0', '30 7 * * sat']\n"
