@@ -16,8 +16,8 @@ protections and what each needs from the host are the table in docs/operations.m
   blocks, the job's blocks) but not CPU or memory on a host shared GPU by GPU, so the limits are:
   the job's share of blocks on a split host; else the upper bound of ``resources.memory`` /
   ``resources.cpu`` when there is one (``matching.py``: upper bounds "limit what a job may be
-  given"), else the lower bound -- what the scheduler checked the host has for it (dstack's
-  default ``8GB..`` memory and ``2..`` CPUs).
+  given"), else none: ``8GB..`` (dstack's default) means *at least* 8GB, and a dstack job gets
+  its whole instance, so a job asking for no top may use the host (the pids cap still holds).
 """
 
 from __future__ import annotations
@@ -130,8 +130,9 @@ def limits_for(
 
     text = json.dumps(resources, sort_keys=True)
     res = _resources(text, text)
-    mem = res.memory.max if res.memory.max is not None else res.memory.min
-    cpu = res.cpu.count.max if res.cpu.count.max is not None else res.cpu.count.min
+    # An open range (``8GB..``, dstack's default) is a floor the scheduler checked, not a cap.
+    mem = res.memory.max
+    cpu = res.cpu.count.max
     return (int(mem * (1 << 30)) if mem else None), (float(cpu) if cpu else None)
 
 

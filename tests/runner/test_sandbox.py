@@ -314,7 +314,8 @@ async def test_the_job_end_takes_processes_that_left_its_group(
 
 
 def test_limits_follow_the_range_or_the_block_share() -> None:
-    assert limits_for({}) == (8 << 30, 2.0)  # dstack's defaults: 8GB.., 2..
+    assert limits_for({}) == (None, None)  # dstack's defaults 8GB.., 2..: floors, not caps
+    assert limits_for({"memory": "16GB", "cpu": 4}) == (16 << 30, 4.0)
     assert limits_for({"memory": "4GB..16GB", "cpu": "1..4"}) == (16 << 30, 4.0)
     assert limits_for({"memory": "24GB"}, share=(32.0, 8.0)) == (32 << 30, 8.0)
 
