@@ -409,7 +409,7 @@ def _relay(t: Tunnel, fd_in: int, fd_out: int) -> None:  # noqa: C901 - one loop
     sock.setblocking(False)
     saved = _nonblocking({fd_in, fd_out})
     _grow_pipes((fd_in, fd_out))
-    raw = t.raw
+    stream = t.raw  # a plain byte stream (else WebSocket frames)
     sel = selectors.PollSelector()
     to_sock = bytearray()  # ciphertext waiting for the socket
     to_out = bytearray()  # payload waiting for fd_out
@@ -420,7 +420,7 @@ def _relay(t: Tunnel, fd_in: int, fd_out: int) -> None:  # noqa: C901 - one loop
 
     def take(plain: bytes) -> None:
         nonlocal done, error
-        if raw:
+        if stream:
             to_out.extend(plain)
             return
         for op, payload in frames.feed(plain):
@@ -471,17 +471,17 @@ def _relay(t: Tunnel, fd_in: int, fd_out: int) -> None:  # noqa: C901 - one loop
                         del to_sock[:n]
                     if ev & selectors.EVENT_READ:
                         try:
-                            raw = sock.recv(READ_SIZE)
+                            received = sock.recv(READ_SIZE)
                         except (BlockingIOError, InterruptedError):
                             continue
                         except OSError as e:
                             raise TunnelBroken(f"the tunnel broke: {e}") from None
-                        plain, back = wire.unwrap(raw)
+                        plain, back = wire.unwrap(received)
                         to_sock.extend(back)
                         take(plain)
                         if wire.eof and not done:
                             done = True
-                            if not closing and not (raw and (wire.clean or wire.tls is None)):
+                            if not closing and not (stream and (wire.clean or wire.tls is None)):
                                 error = "the node closed the tunnel"
                     continue
                 if ev & selectors.EVENT_WRITE and fd == fd_out and to_out:
@@ -500,17 +500,17 @@ def _relay(t: Tunnel, fd_in: int, fd_out: int) -> None:  # noqa: C901 - one loop
                     except (BlockingIOError, InterruptedError):
                         continue
                     if data:
-                        to_sock.extend(wire.wrap(data if raw else client_frame(OP_BINARY, data)))
+                        to_sock.extend(wire.wrap(data if stream else client_frame(OP_BINARY, data)))
                     else:
                         in_open = False
                         closing = True
-                        if raw:
+                        if stream:
                             to_sock.extend(wire.close())
                         else:
                             end = client_frame(OP_CLOSE, struct.pack("!H", 1000))
                             to_sock.extend(wire.wrap(end))
             if closing and not to_sock and not to_out:
-                if raw and wire.tls is None:
+                if stream and wire.tls is None:
                     try:
                         sock.shutdown(socket.SHUT_WR)  # plain http: the stream's end
                     except OSError:
@@ -561,7 +561,7 @@ def main(argv: list[str]) -> int:
     name, job, url = _parse_args(argv)
     try:
         profile = load_profile(url)
-        tunnel = connect(profile, name, job)
+        tunnel = connect(profile, name, job, protocols_from_env())
     except APIError as e:
         sys.stderr.write(f"meshgpu ssh-proxy: error: {e}\n")
         return 1
@@ -575,6 +575,14 @@ def main(argv: list[str]) -> int:
     finally:
         tunnel.close()
     return 0
+
+
+def protocols_from_env() -> tuple[str, ...]:
+    """``MESHGPU_SSH_TUNNEL=websocket``: the WebSocket only (e.g. through a proxy in front of
+    the API that mishandles the byte stream's upgrade); otherwise the byte stream first."""
+    if os.environ.get("MESHGPU_SSH_TUNNEL", "").strip().lower() == WEBSOCKET:
+        return (WEBSOCKET,)
+    return (RAW, WEBSOCKET)
 
 
 USAGE = "usage: meshgpu ssh-proxy RUN[-N] [--job N] [--url URL]"
