@@ -195,6 +195,8 @@ class Front:
         if handler is not None and isinstance(found, Head):
             try:
                 await handler(found, stream)
+            except Exception:  # one connection's trouble never takes the API port down
+                log.exception("the connection's handler failed")
             finally:
                 await trio.aclose_forcefully(stream)
             return
