@@ -115,7 +115,9 @@ class Replayed(trio.abc.Stream):
         await self._inner.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        # As hypercorn's own (``https_compatible``) TLS streams close: at once, never waiting
+        # to hand a close_notify to a client that does not read.
+        await trio.aclose_forcefully(self._inner)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -170,7 +172,11 @@ class Front:
     ) -> None:
         stream: trio.abc.Stream = tcp
         if self.ssl_context is not None:
-            stream = trio.SSLStream(tcp, self.ssl_context, server_side=True, https_compatible=True)
+            # Not ``https_compatible``: a tunnel's normal end is our close_notify (``aclose``),
+            # which the client tells from a broken connection. (What hypercorn gets closes as
+            # its own streams do: ``Replayed.aclose``; a client's EOF without close_notify
+            # reaches it as a broken stream, which it treats as the EOF it is.)
+            stream = trio.SSLStream(tcp, self.ssl_context, server_side=True)
             try:
                 with trio.fail_after(self.config.ssl_handshake_timeout):
                     await stream.do_handshake()

@@ -328,11 +328,12 @@ async def test_openssh_through_the_tunnel(tmp_path: Path) -> None:
             r = await run(ssh_argv(node, sshd, "echo hello; pwd"), env=node.env())
             assert r.returncode == 0, r.stderr
             assert r.stdout.startswith(b"hello\n")
+            assert b"ssh-proxy" not in r.stderr  # a normal end: TLS's close_notify, no complaint
             blob = tmp_path / "blob"
             blob.write_bytes(os.urandom(5 << 20))
             argv = ssh_argv(node, sshd, f"cat > {tmp_path}/copy && sha256sum {tmp_path}/copy")
             r = await run(argv, stdin=blob.read_bytes(), env=node.env())
-            assert r.returncode == 0, r.stderr
+            assert r.returncode == 0 and b"ssh-proxy" not in r.stderr, r.stderr
             import hashlib
 
             assert r.stdout.split()[0].decode() == hashlib.sha256(blob.read_bytes()).hexdigest()
