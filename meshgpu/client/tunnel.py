@@ -40,7 +40,7 @@ from urllib.parse import quote, urlsplit
 from meshgpu.client.profile import APIError, Profile
 
 READ_SIZE = 1 << 18
-HIGH_WATER = 1 << 20
+HIGH_WATER = 4 << 20  # (an SFTP copy's whole window in flight: ssh's own buffers stay small)
 RAW_UPGRADE = "meshgpu-ssh/1"
 RAW, WEBSOCKET = "raw", "websocket"  # the protocols connect() may try, in its order
 CONNECT_TIMEOUT_S = 5.0
