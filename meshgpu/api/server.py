@@ -1,5 +1,6 @@
 """Serving the API: a socket bound early (the API URL names its real port), served by hypercorn
-in the agent's nursery once the use cases it calls exist."""
+in the agent's nursery once the use cases it calls exist, behind a front door that answers the
+SSH tunnel's plain byte stream itself (``meshgpu/api/front.py``)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import hypercorn.config
-import hypercorn.trio
 import trio
 
+from meshgpu.api import tunnel
 from meshgpu.api.app import create_app
+from meshgpu.api.front import Front
 from meshgpu.mesh.address import is_unspecified
 from meshgpu.services.nginx import NginxPlane, front
 
@@ -52,15 +54,22 @@ async def serve(
     """Serve the API on ``sock`` (over TLS with this node's certificate unless ``tls`` None;
     ``wrap``: what stands in front of the app, e.g. the nginx data plane's ``front``)."""
     cfg = hypercorn.config.Config()
-    cfg.bind = [f"fd://{sock.detach()}"]
     if tls is not None:
         cfg.certfile = str(tls.files.cert)
         cfg.keyfile = str(tls.files.key)
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")
     cfg.graceful_timeout = 1.0
-    app = create_app(services)
-    await nursery.start(partial(hypercorn.trio.serve, wrap(app) if wrap else app, cfg))
+    app = create_app(services)  # (sets services.tunnels)
+    assert services.tunnels is not None
+    ingress = services.ingress
+    raw = tunnel.RawTunnel(
+        services.tunnels,
+        services.cluster.api_token_ok,
+        ingress.domain if ingress is not None else None,
+    )
+    front = Front(wrap(app) if wrap else app, cfg, tunnel.UPGRADE, raw.claim)
+    await nursery.start(partial(front.serve, sock))
 
 
 async def serve_front(

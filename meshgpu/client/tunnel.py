@@ -1,12 +1,20 @@
-"""The client's end of the SSH tunnel (``meshgpu ssh-proxy``, ssh's ``ProxyCommand``): a
-WebSocket to ``GET /api/v1/runs/{name}/ssh`` on any node, relayed to stdin/stdout.
+"""The client's end of the SSH tunnel (``meshgpu ssh-proxy``, ssh's ``ProxyCommand``):
+``GET /api/v1/runs/{name}/ssh`` on any node, upgraded to a plain byte stream (``Upgrade:
+meshgpu-ssh/1``, answered by the node's front door, ``meshgpu/api/front.py``) or, from a node
+that does not speak it, to a WebSocket; relayed to stdin/stdout.
 
 ssh starts this once per connection, so it is written for start-up time and throughput with
 the standard library only (no httpx, trio or asyncio: ~40 ms to import, a third of the CLI's):
 one thread, ``poll`` over the socket, stdin and stdout, TLS through ``ssl.MemoryBIO`` (the
-socket never blocks the relay), reads of up to 256 KiB, one binary frame per read, and the
-RFC 6455 client mask applied with ``bytes.translate`` (C speed). Backpressure both ways: a side
-is read only while what it feeds has less than ``HIGH_WATER`` bytes waiting.
+socket never blocks the relay), reads of up to 256 KiB; for a WebSocket, one binary frame per
+read with the RFC 6455 client mask applied with ``bytes.translate`` (C speed). The pipes to ssh
+are grown to ``PIPE_SIZE`` (ssh hands over more per write, and its own buffers stay small).
+Backpressure both ways: a side is read only while what it feeds has less than ``HIGH_WATER``
+bytes waiting.
+
+The byte stream is asked for first; an answer without ``Meshgpu-Tunnel`` (a node from before it,
+or a proxy in front of the API that does not pass it) makes the WebSocket the next try on the
+same node. The stream's end is TLS's close_notify (a connection that just breaks is reported).
 
 Falls back across members as ``Client`` does: a node that cannot be reached, or that answers
 502/503/504 (it cannot reach the job's host, or has no leader), hands over to the next one; an
@@ -32,7 +40,9 @@ from urllib.parse import quote, urlsplit
 from meshgpu.client.profile import APIError, Profile
 
 READ_SIZE = 1 << 18
-HIGH_WATER = 1 << 20
+HIGH_WATER = 4 << 20  # (an SFTP copy's whole window in flight: ssh's own buffers stay small)
+RAW_UPGRADE = "meshgpu-ssh/1"
+RAW, WEBSOCKET = "raw", "websocket"  # the protocols connect() may try, in its order
 CONNECT_TIMEOUT_S = 5.0
 SETUP_TIMEOUT_S = 20.0  # the upgrade's answer: the node connects to the job's host first
 MAX_HEADER = 64 << 10
@@ -40,6 +50,11 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _RETRY_STATUS = frozenset({502, 503, 504})
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 _NORMAL_CLOSE = frozenset({1000, 1001, 1005})
+
+
+class _NoRawTunnel(Exception):
+    """The node answered the byte stream's upgrade as a node without it would: try the
+    WebSocket."""
 
 
 class TunnelBroken(Exception):
@@ -139,6 +154,7 @@ class _Wire:
             self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
             self.tls = ctx.wrap_bio(self._in, self._out)
         self.eof = False
+        self.clean = False  # the peer ended with TLS's close_notify (not a broken connection)
 
     def handshake(self, sock: socket.socket) -> None:
         """Blocking (the socket has a timeout): before the relay starts."""
@@ -166,6 +182,16 @@ class _Wire:
         self.tls.write(plain)
         return self._out.read()
 
+    def close(self) -> bytes:
+        """TLS's close_notify (our end of the stream), to send."""
+        if self.tls is None:
+            return b""
+        try:
+            self.tls.unwrap()
+        except ssl.SSLError:
+            pass  # (it waits for the peer's: we do not)
+        return self._out.read()
+
     def unwrap(self, data: bytes) -> tuple[bytes, bytes]:
         """(plaintext, bytes to send back: TLS's own, e.g. a key update)."""
         if self.tls is None:
@@ -182,7 +208,10 @@ class _Wire:
                 chunk = self.tls.read(READ_SIZE)
             except ssl.SSLWantReadError:
                 break
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            except ssl.SSLZeroReturnError:
+                self.eof = self.clean = True
+                break
+            except ssl.SSLEOFError:
                 self.eof = True
                 break
             if not chunk:
@@ -197,9 +226,12 @@ class _Wire:
 class Tunnel:
     """An upgraded connection to a node: ``relay`` carries it to file descriptors."""
 
-    def __init__(self, sock: socket.socket, wire: _Wire, early: bytes, url: str) -> None:
+    def __init__(
+        self, sock: socket.socket, wire: _Wire, early: bytes, url: str, raw: bool = False
+    ) -> None:
         self.sock, self.wire, self.url = sock, wire, url
-        self.early = early  # frame bytes that came with the upgrade's answer
+        self.early = early  # stream (or frame) bytes that came with the upgrade's answer
+        self.raw = raw  # a plain byte stream (else WebSocket frames)
 
     def close(self) -> None:
         self.sock.close()
@@ -210,14 +242,20 @@ class Tunnel:
         _relay(self, fd_in, fd_out)
 
 
-def connect(profile: Profile, name: str, job: int | None = None) -> Tunnel:
+def connect(
+    profile: Profile,
+    name: str,
+    job: int | None = None,
+    protocols: tuple[str, ...] = (RAW, WEBSOCKET),
+) -> Tunnel:
     """A tunnel to the SSH server serving ``name`` (``RUN``, ``RUN-N``, with ``job``: job N of
-    ``RUN``) through the first member that can make one. Raises APIError."""
+    ``RUN``) through the first member that can make one, in the first of ``protocols`` it
+    speaks. Raises APIError."""
     failures: list[str] = []
     last: APIError | None = None
     for url in dict.fromkeys([profile.url, *profile.members]):
         try:
-            return _connect_one(url, profile, name, job)
+            return _connect_any(url, profile, name, job, protocols)
         except APIError as e:
             if e.status not in _RETRY_STATUS:
                 raise
@@ -236,7 +274,19 @@ def connect(profile: Profile, name: str, job: int | None = None) -> Tunnel:
     )
 
 
-def _connect_one(url: str, profile: Profile, name: str, job: int | None) -> Tunnel:
+def _connect_any(
+    url: str, profile: Profile, name: str, job: int | None, protocols: tuple[str, ...]
+) -> Tunnel:
+    for i, protocol in enumerate(protocols):
+        try:
+            return _connect_one(url, profile, name, job, protocol == RAW)
+        except _NoRawTunnel as e:
+            if i == len(protocols) - 1:
+                raise APIError(0, "no tunnel", f"{url} does not speak {RAW_UPGRADE}") from e
+    raise ValueError("no tunnel protocol to try")
+
+
+def _connect_one(url: str, profile: Profile, name: str, job: int | None, raw: bool) -> Tunnel:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {url!r}")
@@ -253,19 +303,29 @@ def _connect_one(url: str, profile: Profile, name: str, job: int | None) -> Tunn
         if job is not None:
             path += f"?job={int(job)}"
         host = parts.netloc.rpartition("@")[2]
-        lines = [
-            f"GET {path} HTTP/1.1",
-            f"Host: {host}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key.decode()}",
-            "Sec-WebSocket-Version: 13",
-            "User-Agent: meshgpu-ssh-proxy",
-        ]
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}"]
+        if raw:
+            lines += [f"Upgrade: {RAW_UPGRADE}", "Connection: Upgrade"]
+        else:
+            lines += [
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                f"Sec-WebSocket-Key: {key.decode()}",
+                "Sec-WebSocket-Version: 13",
+            ]
+        lines.append("User-Agent: meshgpu-ssh-proxy")
         if profile.token:
             lines.append(f"Authorization: Bearer {profile.token}")
         sock.sendall(wire.wrap(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")))
         status, headers, rest = _read_head(sock, wire)
+        if raw:
+            if headers.get("meshgpu-tunnel") != "1":
+                raise _NoRawTunnel(status)
+            if status != 101:
+                raise _problem(status, headers, rest, sock, wire)
+            if headers.get("upgrade", "").lower() != RAW_UPGRADE:
+                raise APIError(0, "not a meshgpu node", f"{url} answered the upgrade wrongly")
+            return Tunnel(sock, wire, rest, url, raw=True)
         if status != 101:
             raise _problem(status, headers, rest, sock, wire)
         want = base64.b64encode(hashlib.sha1(key + _GUID).digest()).decode()
@@ -348,6 +408,8 @@ def _relay(t: Tunnel, fd_in: int, fd_out: int) -> None:  # noqa: C901 - one loop
     sock, wire = t.sock, t.wire
     sock.setblocking(False)
     saved = _nonblocking({fd_in, fd_out})
+    _grow_pipes((fd_in, fd_out))
+    stream = t.raw  # a plain byte stream (else WebSocket frames)
     sel = selectors.PollSelector()
     to_sock = bytearray()  # ciphertext waiting for the socket
     to_out = bytearray()  # payload waiting for fd_out
@@ -358,6 +420,9 @@ def _relay(t: Tunnel, fd_in: int, fd_out: int) -> None:  # noqa: C901 - one loop
 
     def take(plain: bytes) -> None:
         nonlocal done, error
+        if stream:
+            to_out.extend(plain)
+            return
         for op, payload in frames.feed(plain):
             if op in (OP_BINARY, OP_TEXT):
                 to_out.extend(payload)
@@ -406,17 +471,17 @@ def _relay(t: Tunnel, fd_in: int, fd_out: int) -> None:  # noqa: C901 - one loop
                         del to_sock[:n]
                     if ev & selectors.EVENT_READ:
                         try:
-                            raw = sock.recv(READ_SIZE)
+                            received = sock.recv(READ_SIZE)
                         except (BlockingIOError, InterruptedError):
                             continue
                         except OSError as e:
                             raise TunnelBroken(f"the tunnel broke: {e}") from None
-                        plain, back = wire.unwrap(raw)
+                        plain, back = wire.unwrap(received)
                         to_sock.extend(back)
                         take(plain)
                         if wire.eof and not done:
                             done = True
-                            if not closing:
+                            if not closing and not (stream and (wire.clean or wire.tls is None)):
                                 error = "the node closed the tunnel"
                     continue
                 if ev & selectors.EVENT_WRITE and fd == fd_out and to_out:
@@ -435,12 +500,21 @@ def _relay(t: Tunnel, fd_in: int, fd_out: int) -> None:  # noqa: C901 - one loop
                     except (BlockingIOError, InterruptedError):
                         continue
                     if data:
-                        to_sock.extend(wire.wrap(client_frame(OP_BINARY, data)))
+                        to_sock.extend(wire.wrap(data if stream else client_frame(OP_BINARY, data)))
                     else:
                         in_open = False
                         closing = True
-                        to_sock.extend(wire.wrap(client_frame(OP_CLOSE, struct.pack("!H", 1000))))
+                        if stream:
+                            to_sock.extend(wire.close())
+                        else:
+                            end = client_frame(OP_CLOSE, struct.pack("!H", 1000))
+                            to_sock.extend(wire.wrap(end))
             if closing and not to_sock and not to_out:
+                if stream and wire.tls is None:
+                    try:
+                        sock.shutdown(socket.SHUT_WR)  # plain http: the stream's end
+                    except OSError:
+                        pass
                 break  # our side is done and said so: nothing more to wait for
         if error:
             raise TunnelBroken(error)
@@ -451,6 +525,23 @@ def _relay(t: Tunnel, fd_in: int, fd_out: int) -> None:  # noqa: C901 - one loop
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags)
             except OSError:
                 pass
+
+
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PIPE_SIZE = 1 << 20
+
+
+def _grow_pipes(fds: Iterable[int]) -> None:
+    """Pipes to ssh of up to PIPE_SIZE (Linux; 64 KiB by default): ssh hands over more per
+    write and we read more per wakeup. Best effort (a limit below it, or not a pipe)."""
+    import stat
+
+    for fd in fds:
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
 
 
 def _set(sel: selectors.BaseSelector, fd: int, events: int) -> None:
@@ -470,7 +561,7 @@ def main(argv: list[str]) -> int:
     name, job, url = _parse_args(argv)
     try:
         profile = load_profile(url)
-        tunnel = connect(profile, name, job)
+        tunnel = connect(profile, name, job, protocols_from_env())
     except APIError as e:
         sys.stderr.write(f"meshgpu ssh-proxy: error: {e}\n")
         return 1
@@ -484,6 +575,14 @@ def main(argv: list[str]) -> int:
     finally:
         tunnel.close()
     return 0
+
+
+def protocols_from_env() -> tuple[str, ...]:
+    """``MESHGPU_SSH_TUNNEL=websocket``: the WebSocket only (e.g. through a proxy in front of
+    the API that mishandles the byte stream's upgrade); otherwise the byte stream first."""
+    if os.environ.get("MESHGPU_SSH_TUNNEL", "").strip().lower() == WEBSOCKET:
+        return (WEBSOCKET,)
+    return (RAW, WEBSOCKET)
 
 
 USAGE = "usage: meshgpu ssh-proxy RUN[-N] [--job N] [--url URL]"

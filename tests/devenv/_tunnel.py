@@ -13,11 +13,15 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import hypercorn.config
+import hypercorn.trio
 import pytest
 import trio
 
+from meshgpu.api.app import create_app
 from meshgpu.api.server import listen, serve
 from meshgpu.client.profile import write_profile
 from meshgpu.scheduler import plan
@@ -135,7 +139,9 @@ def make_state(ssh_address: str | None) -> tuple[StateMachine, str]:
 
 
 @asynccontextmanager
-async def api_node(tmp: Path, ssh_address: str | None) -> AsyncIterator[Node]:
+async def api_node(tmp: Path, ssh_address: str | None, old: bool = False) -> AsyncIterator[Node]:
+    """``old``: the app served by hypercorn alone, as a node from before the API port's front
+    (the WebSocket tunnel only)."""
     sm, job_id = make_state(ssh_address)
     services = StubAgent(sm, tmp, node_id="n1")
     identity = NodeIdentity(tmp / "tls-n1")
@@ -146,9 +152,22 @@ async def api_node(tmp: Path, ssh_address: str | None) -> AsyncIterator[Node]:
     profile = tmp / "client.toml"
     write_profile(profile, url, TOKEN, ca=identity.files.ca_cert.read_text())
     async with trio.open_nursery() as nursery:
-        await serve(nursery, sock, services, identity)
+        if old:
+            await nursery.start(
+                partial(hypercorn.trio.serve, create_app(services), _old(sock, identity))
+            )
+        else:
+            await serve(nursery, sock, services, identity)
         yield Node(url, profile, sm, job_id, tmp)
         nursery.cancel_scope.cancel()
+
+
+def _old(sock: socket.socket, identity: NodeIdentity) -> hypercorn.config.Config:
+    cfg = hypercorn.config.Config()
+    cfg.bind = [f"fd://{sock.detach()}"]
+    cfg.certfile, cfg.keyfile = str(identity.files.cert), str(identity.files.key)
+    cfg.accesslog = None
+    return cfg
 
 
 async def run(
