@@ -15,6 +15,8 @@ not verify is refused before anything is proposed to Raft.
 
 from __future__ import annotations
 
+import meshgpu
+
 import base64
 import hashlib
 import json
@@ -120,6 +122,8 @@ class JoinToken:
             "ts": int(time.time()),
         } | fields
         body["signature"] = self.sign_join({**body, "cluster_id": self.cluster_id})
+        # Not signed (it grants nothing): a member refuses another version (ops/admission.py).
+        body.setdefault("agent_version", meshgpu.__version__)
         return body
 
 
