@@ -74,9 +74,7 @@ def agent(
     ] = None,
     token: Annotated[
         str | None,
-        typer.Option(
-            "--token", envvar="MESHGPU_TOKEN", help="Join token of an existing mesh"
-        ),
+        typer.Option("--token", envvar="MESHGPU_JOIN_TOKEN", help="Join token of an existing mesh"),
     ] = None,
     join: Annotated[str | None, typer.Option("--join", help="host:port of a member")] = None,
     no_mdns: Annotated[bool, typer.Option("--no-mdns", help="Do not use mDNS discovery")] = False,

@@ -446,7 +446,10 @@ def _translate(
             cause = (err.get("ctx") or {}).get("error")
             field = getattr(cause, "field", None)
             sub = _at(data, path)
-            if field is not None and isinstance(sub, dict):
+            if isinstance(field, tuple):  # a rule that points inside a field (hosts[3])
+                path = path + field
+                line_col = pos.get(path) or pos.get(path[:-1])
+            elif field is not None and isinstance(sub, dict):
                 path = path + (field,)
                 line_col = pos.get(("key",) + path) or pos.get(path[:-1])
             else:
@@ -588,6 +591,16 @@ def parse_config(text: str, file: str = "<string>") -> Configuration:
         issues.sort(key=lambda i: (i.line or 0, i.col or 0))
         raise ConfigError(issues)
     return config  # type: ignore[return-value]
+
+
+def positions(text: str) -> dict[Path_, tuple[int, int]]:
+    """Where each value of a (valid) document starts: path -> (line, col), 1-based; for checks
+    made after parsing (an identity file that does not exist where the CLI runs)."""
+    pos = _Positions()
+    node = yaml.compose(text, Loader=_Loader)
+    if node is not None:
+        _build(node, (), pos, [], "<string>")
+    return dict(pos)
 
 
 def printable(file: str) -> str:

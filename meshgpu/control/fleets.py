@@ -30,8 +30,8 @@ from consensus.node import NotLeader, Timeout
 from consensus.storage import StorageFull
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.state.cluster import NodeUnreachable, RemoveMember, SetNodeStatus, encode_cluster
-from meshgpu.state.commands import StopRun
 from meshgpu.state.codec import encode
+from meshgpu.state.commands import StopRun
 from meshgpu.state.fleets import ForgetFleetHost, UpdateFleetHost
 
 if TYPE_CHECKING:
@@ -182,7 +182,8 @@ class FleetController:
         spec = f.spec
         cfg = spec.get("ssh_config") or {}
         host_cfg = next(
-            (x for x in cfg.get("hosts", []) if x.get("hostname") == h.hostname), {"hostname": h.hostname}
+            (x for x in cfg.get("hosts", []) if x.get("hostname") == h.hostname),
+            {"hostname": h.hostname},
         )
         target = self._target(f, cfg, host_cfg)
         path = await trio.to_thread.run_sync(self.agent_file)
@@ -215,10 +216,8 @@ class FleetController:
             await self._update(f.name, h.hostname, token_id=token_id, if_state="provisioning")
             args = self._agent_args(f, h, host_cfg, facts)
             env = {str(k): str(v) for k, v in (spec.get("env") or {}).items() if v is not None}
-            env["MESHGPU_TOKEN"] = token
-            script = ssh.install_script(
-                facts.home, args, env, facts.systemd, restart=facts.running
-            )
+            env["MESHGPU_JOIN_TOKEN"] = token
+            script = ssh.install_script(facts.home, args, env, facts.systemd, restart=facts.running)
 
             async def install() -> None:
                 if facts.pyz_sha != local_sha:
@@ -286,9 +285,7 @@ class FleetController:
             net = ip_network(cfg["network"])
             advertise = next((a for a in facts.addresses if ip_address(a) in net), None)
         advertise = advertise or h.hostname
-        members = [
-            m.peer_address for m in self.cluster.members.values() if not m.removed
-        ]
+        members = [m.peer_address for m in self.cluster.members.values() if not m.removed]
         blocks = host_cfg.get("blocks", spec.get("blocks", 1))
         args = [
             "agent",
@@ -396,7 +393,8 @@ class FleetController:
             return  # never reached: nothing was installed
         cfg = f.spec.get("ssh_config") or {}
         host_cfg = next(
-            (x for x in cfg.get("hosts", []) if x.get("hostname") == h.hostname), {"hostname": h.hostname}
+            (x for x in cfg.get("hosts", []) if x.get("hostname") == h.hostname),
+            {"hostname": h.hostname},
         )
         target = self._target(f, cfg, host_cfg)
 

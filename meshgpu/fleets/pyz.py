@@ -181,7 +181,9 @@ def main(argv: list[str]) -> int:
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{path} ({path.stat().st_size} bytes, meshgpu {meshgpu.__version__}, python {python_tag()})")
+    print(
+        f"{path} ({path.stat().st_size} bytes, meshgpu {meshgpu.__version__}, python {python_tag()})"
+    )
     return 0
 
 

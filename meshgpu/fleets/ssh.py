@@ -17,7 +17,6 @@ import hashlib
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import asyncssh
 
@@ -97,7 +96,7 @@ async def connect(t: Target, host_key: str = "") -> tuple[asyncssh.SSHClientConn
         )
     except HostError:
         raise
-    except (OSError, asyncssh.Error, asyncio.TimeoutError, TimeoutError) as e:
+    except (OSError, asyncssh.Error, TimeoutError) as e:
         if tunnel is not None:
             tunnel.close()
         raise HostError(_reason(t, e)) from None
@@ -114,7 +113,9 @@ async def connect(t: Target, host_key: str = "") -> tuple[asyncssh.SSHClientConn
 
 DIR = 'D="${MESHGPU_HOME:-$HOME/.meshgpu-agent}"'
 
-CHECK = DIR + r"""
+CHECK = (
+    DIR
+    + r"""
 echo "home=$D"
 PY=$(command -v python3 || true)
 echo "python=$PY"
@@ -139,6 +140,7 @@ if [ -d /run/systemd/system ] && systemctl is-active --quiet meshgpu-agent 2>/de
 fi
 (ip -4 -o addr show 2>/dev/null || true) | awk '{print "addr=" $4}'
 """
+)
 
 
 def parse_facts(text: str) -> HostFacts:
@@ -172,7 +174,9 @@ def check_facts(facts: HostFacts, pyz_python: str) -> None:
     try:
         ver = tuple(int(x) for x in facts.python_version.split("."))
     except ValueError:
-        raise HostError(f"cannot tell the host's Python version ({facts.python_version!r})") from None
+        raise HostError(
+            f"cannot tell the host's Python version ({facts.python_version!r})"
+        ) from None
     if ver < MIN_PYTHON:
         raise HostError(
             f"the host's python3 is {facts.python_version}: the agent needs Python >= 3.11"
@@ -267,21 +271,23 @@ WantedBy=multi-user.target
             'if [ -f supervisor.pid ] && kill -0 "$(cat supervisor.pid)" 2>/dev/null; then',
             f"  if [ {int(restart)} = 1 ]; then",
             '    kill -TERM -- -"$(cat supervisor.pid)" 2>/dev/null || true',
-            "    i=0; while kill -0 \"$(cat supervisor.pid)\" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done",
+            '    i=0; while kill -0 "$(cat supervisor.pid)" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done',
             '    kill -KILL -- -"$(cat supervisor.pid)" 2>/dev/null || true',
             "  else exit 0; fi",
             "fi",
             # its own session: the agent outlives this SSH connection, and the whole group stops
             # at once (kill -- -PID)
             'setsid sh "$D/run.sh" </dev/null >/dev/null 2>&1 &',
-            'echo $! > supervisor.pid',
+            "echo $! > supervisor.pid",
         ]
     return "\n".join(parts) + "\n"
 
 
 def uninstall_script() -> str:
     """Stop the agent and everything it started, and remove what was installed."""
-    return DIR + rf"""
+    return (
+        DIR
+        + rf"""
 [ -d "$D" ] || exit 0
 touch "$D/stop"
 if [ -d /run/systemd/system ] && [ -f /etc/systemd/system/{UNIT}.service ] \
@@ -306,6 +312,7 @@ for p in /proc/[0-9]*; do
 done
 rm -rf "$D"
 """
+    )
 
 
 async def log_tail(conn: asyncssh.SSHClientConnection, lines: int = 15) -> str:
@@ -321,5 +328,3 @@ async def put_file(conn: asyncssh.SSHClientConnection, local: Path, remote: str)
 
 def facts_script() -> str:
     return CHECK
-
-

@@ -15,8 +15,6 @@ not verify is refused before anything is proposed to Raft.
 
 from __future__ import annotations
 
-import meshgpu
-
 import base64
 import hashlib
 import json
@@ -28,6 +26,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+import meshgpu
 
 PREFIX = "mgpu2"
 # How far a join request's time may be from the admitting leader's clock, and so how long its

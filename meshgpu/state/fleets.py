@@ -122,7 +122,11 @@ class Fleets:
                 host.updated_at = c.at
         for h, host in f.hosts.items():
             if h not in wanted and host.state != "terminating":
-                host.state, host.reason, host.updated_at = "terminating", "removed from the fleet", c.at
+                host.state, host.reason, host.updated_at = (
+                    "terminating",
+                    "removed from the fleet",
+                    c.at,
+                )
         return True, c.name, "", ""
 
     def update_host(self, c: UpdateFleetHost) -> tuple[bool, Any, str, str]:
@@ -133,7 +137,14 @@ class Fleets:
         if c.if_state is not None and host.state != c.if_state:
             return False, None, f"host {c.hostname} is {host.state} now", "stale"
         for field in (
-            "state", "reason", "attempts", "retry_at", "token_id", "node_id", "raft_id", "host_key"
+            "state",
+            "reason",
+            "attempts",
+            "retry_at",
+            "token_id",
+            "node_id",
+            "raft_id",
+            "host_key",
         ):
             value = getattr(c, field)
             if value is not None:
