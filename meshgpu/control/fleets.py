@@ -311,7 +311,7 @@ class FleetController:
         """Wait until the host joined (its token used) and registered; its Raft id."""
         from meshgpu.fleets.ssh import HostError
 
-        deadline = self.clock.monotonic() + JOIN_TIMEOUT_S
+        deadline = self.clock.now() + JOIN_TIMEOUT_S
         while True:
             found = self._host(fleet, hostname)
             if found is None or found[1].state != "provisioning":
@@ -320,7 +320,7 @@ class FleetController:
             if node_id and node_id in self.state.nodes:
                 m = self.cluster.member_by_node(node_id)
                 return m.raft_id if m else None
-            if self.clock.monotonic() > deadline:
+            if self.clock.now() > deadline:
                 raise HostError(
                     f"the agent was started but did not join within {JOIN_TIMEOUT_S:g} s "
                     f"(its log: {found[0].name}'s host, agent.log in the install dir)"
@@ -382,8 +382,8 @@ class FleetController:
 
         for run in running():
             await self.proposer.propose(encode(StopRun(at=self.clock.wall(), run_name=run)))
-        deadline = self.clock.monotonic() + DRAIN_TIMEOUT_S
-        while running() and self.clock.monotonic() < deadline:
+        deadline = self.clock.now() + DRAIN_TIMEOUT_S
+        while running() and self.clock.now() < deadline:
             await self.clock.sleep(0.2)
 
     async def _uninstall(self, f: Fleet, h: FleetHost) -> None:

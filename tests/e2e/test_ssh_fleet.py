@@ -114,7 +114,9 @@ def test_ssh_fleet_end_to_end(world: dict, tmp_path: Path) -> None:  # type: ign
     f = fleet_file(tmp_path / "fleet.yml", world["good"], [h3, h4])
     r = member.cli("apply", "-f", str(f), "-y", env=cli_env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert _states(member) == {h3: "active", h4: "active"}, _fleet(member)
+    assert _states(member) == {h3: "active", h4: "active"}, [
+        (h["hostname"], h["reason"]) for h in _fleet(member)["hosts"]
+    ]
     nodes = {n["name"]: n for n in member.client().nodes()}
     for name, inst in (("gpus-0", "0"), ("gpus-1", "1")):
         assert nodes[name]["labels"]["fleet"] == "gpus", nodes[name]
