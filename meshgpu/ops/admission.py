@@ -58,7 +58,6 @@ class Admission:
         return await self._admit(body)
 
     async def _admit(self, body: dict[str, Any]) -> dict[str, Any]:
-        node = self.node
         theirs = body.get("agent_version")
         if theirs != meshgpu.__version__:
             raise Conflict(
@@ -68,6 +67,7 @@ class Admission:
                 "fleet copies the mesh's own agent file)",
                 "version_mismatch",
             )
+        node = self.node
         try:
             req = check_join(body, self.cluster, time.time(), self._nonces)
         except JoinRefused as e:
