@@ -126,8 +126,10 @@ class FleetController:
                 reason=f"retrying (attempt {h.attempts + 1}) after: {h.reason}",
                 if_state="failed",
             )
+        t0 = self.clock.now()
         try:
             node_id = await self._bootstrap(f, h)
+            started = self.clock.now() - t0
             rid = await self._wait_joined(fleet, hostname, node_id)
         except Exception as e:  # noqa: BLE001 - every failure is this host's, shown and retried
             if isinstance(e, NotLeader | Timeout | ProposalDropped | StorageFull):
@@ -156,7 +158,14 @@ class FleetController:
             raft_id=rid,
             if_state="provisioning",
         )
-        log.info("fleet %s host %s joined as %s", fleet, hostname, node_id)
+        log.info(
+            "fleet %s host %s joined as %s (agent started in %.1f s, joined %.1f s later)",
+            fleet,
+            hostname,
+            node_id or self._joined_node(self._host(fleet, hostname)[1].token_id),  # type: ignore[index]
+            started,
+            self.clock.now() - t0 - started,
+        )
 
     def _joined_node(self, token_id: str) -> str:
         tok = self.cluster.tokens.get(token_id) if token_id else None
