@@ -225,6 +225,7 @@ class FleetController:
             await self._update(f.name, h.hostname, token_id=token_id, if_state="provisioning")
             args = self._agent_args(f, h, host_cfg, facts)
             env = {str(k): str(v) for k, v in (spec.get("env") or {}).items() if v is not None}
+            env["MESHGPU_FLEET_ENV"] = ",".join(sorted(env))  # passed on to every job here
             env["MESHGPU_JOIN_TOKEN"] = token
             script = ssh.install_script(facts.home, args, env, facts.systemd, restart=facts.running)
 

@@ -374,8 +374,14 @@ class Executor:
             service_port=spec.service.port if spec.service is not None else None,
         )
         user_env = dict(spec.env)
+        # The agent's own basics, and an SSH fleet's ``env`` (dstack: passed to every job on the
+        # fleet): the fleet controller starts the agent with it and names its keys in
+        # MESHGPU_FLEET_ENV. The run's own env wins over both.
+        fleet_keys = [k for k in os.environ.get("MESHGPU_FLEET_ENV", "").split(",") if k]
         base = {
-            k: os.environ[k] for k in ("PATH", "HOME", "LANG", "USER", "TMPDIR") if k in os.environ
+            k: os.environ[k]
+            for k in ("PATH", "HOME", "LANG", "USER", "TMPDIR", *fleet_keys)
+            if k in os.environ
         }
         env = job_environment(inputs, user_env, base)
         commands = list(spec.job_spec(job.group, job.job_num).commands)

@@ -30,6 +30,7 @@ name: gpus
 placement: cluster
 env:
   MESHGPU_FAKE_GPUS: 1xH100:80GB
+  FLEET_MARK: hello-from-the-fleet
 ssh_config:
   user: root
   identity_file: {key}
@@ -43,7 +44,7 @@ name: pair
 nodes: 2
 fleets: [gpus]
 commands:
-  - echo rank=$DSTACK_NODE_RANK of $DSTACK_NODES_NUM
+  - echo rank=$DSTACK_NODE_RANK of $DSTACK_NODES_NUM mark=$FLEET_MARK
 resources:
   gpu: H100:1
   cpu: 1..
@@ -143,6 +144,8 @@ def test_ssh_fleet_end_to_end(world: dict, tmp_path: Path) -> None:  # type: ign
     c = member.client()
     run = wait_for(lambda: (x := c.run("pair")) and x["status"] == "done" and x, timeout=120)
     assert sorted(j["node"] for j in run["jobs"]) == ["gpus-0", "gpus-1"], run
+    out = b"".join(c.logs("pair", job=0)).decode()
+    assert "mark=hello-from-the-fleet" in out, out  # the fleet's env reaches its jobs
 
     # 3. Re-apply with an unreachable host and a host that refuses the key: only those are
     # bootstrapped (and fail, with a reason), the others stay active.
