@@ -3,7 +3,8 @@
 fleet through a member (a follower) installs the agent file on both hosts over SSH and they join
 with the fleet's label; a ``nodes: 2`` task with ``fleets: [that fleet]`` runs on them;
 re-applying with an unreachable host and a host whose key is wrong adds only those, which fail
-with a readable reason while the others stay active; ``fleet delete`` leaves no meshgpu process
+with a readable reason while the others stay active, and re-applying without them removes only
+those; ``fleet delete`` leaves no meshgpu process
 in the namespaces and no member in Raft."""
 
 from __future__ import annotations
@@ -176,6 +177,15 @@ def test_ssh_fleet_end_to_end(world: dict, tmp_path: Path) -> None:  # type: ign
     assert "permission denied" in doc[h5]["reason"], doc[h5]
     r = member.cli("fleet", "get", "gpus", env=cli_env)
     assert "permission denied" in r.stdout and "cannot reach" in r.stdout, r.stdout
+
+    # 3b. Re-apply without the failed hosts: they go (never reached: nothing to clean up on
+    # them), the active ones are untouched.
+    f.write_text(FLEET.format(key=world["good"], hosts=f"    - {h3}\n    - {h4}"))
+    r = member.cli("apply", "-f", str(f), "-y", "-d", env=cli_env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for(lambda: set(_states(member)) == {h3, h4}, timeout=60)
+    doc = {h["hostname"]: h for h in _fleet(member)["hosts"]}
+    assert doc[h3]["updated_at"] == before[h3] and doc[h4]["updated_at"] == before[h4]
 
     # 4. Delete one host, then the fleet: no meshgpu process left, no member in Raft.
     r = member.cli("fleet", "delete", "gpus", "--host", h4, "-y", env=cli_env)

@@ -110,3 +110,52 @@ async def test_apply_seals_the_key_to_the_ca(tmp_path) -> None:  # type: ignore[
     ref = f.spec["ssh_config"]["identity_file"]
     ca_key = serialization.load_pem_private_key(ident.ca_key_path.read_bytes(), password=None)
     assert unseal(bytes.fromhex(f.keys[ref]), ca_key).decode() == pem  # type: ignore[arg-type]
+
+
+async def test_apply_refuses_what_it_cannot_provision(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A cloud fleet, a fleet without a name, a key that is not a private key, and a host that
+    belongs to another fleet are refused before anything is proposed."""
+    import pytest
+
+    from meshgpu.errors import Conflict, Invalid
+    from meshgpu.ops.fleets import Fleets
+    from meshgpu.security import NodeIdentity, create_cluster
+    from meshgpu.state import StateMachine
+    from meshgpu.state.machine import Result
+
+    ident = NodeIdentity(tmp_path / "tls")
+    create_cluster(ident, 1, hosts=("127.0.0.1",))
+    cluster = ClusterState()
+    cluster.ca_cert_pem = ident.files.ca_cert.read_text()
+    proposed: list[bytes] = []
+
+    class Proposer:
+        async def propose(self, data: bytes, request_id: bytes | None = None) -> Result:
+            proposed.append(data)
+            return cluster.apply_one(data[1:])
+
+    fleets = Fleets(Proposer(), cluster, StateMachine())  # type: ignore[arg-type]
+    _apply(cluster, ["10.0.0.1"])  # fleet gpus holds 10.0.0.1
+    ssh = "ssh_config:\n  hosts: [10.0.0.1]\n"
+    cases = [
+        ("type: fleet\nname: cloud\nnodes: 2\n", {}, Invalid, "not_ssh_fleet"),
+        ("type: fleet\n" + ssh, {}, Invalid, "no_name"),
+        (
+            "type: fleet\nname: x\nssh_config:\n  identity_file: k\n  hosts: [10.0.0.9]\n",
+            {"k": "not a key"},
+            Invalid,
+            "bad_key",
+        ),
+        (
+            "type: fleet\nname: x\nssh_config:\n  identity_file: k\n  hosts: [10.0.0.9]\n",
+            {},
+            Invalid,
+            "missing_key",
+        ),
+        ("type: fleet\nname: other\n" + ssh, {}, Conflict, "host_in_use"),
+    ]
+    for text, keys, kind, code in cases:
+        with pytest.raises(kind) as e:
+            await fleets.apply(text, "fleet.yml", keys)
+        assert e.value.code == code, (text, e.value)
+    assert proposed == []
