@@ -187,10 +187,19 @@ def test_ssh_fleet_end_to_end(world: dict, tmp_path: Path) -> None:  # type: ign
     doc = {h["hostname"]: h for h in _fleet(member)["hosts"]}
     assert doc[h3]["updated_at"] == before[h3] and doc[h4]["updated_at"] == before[h4]
 
-    # 4. Delete one host, then the fleet: no meshgpu process left, no member in Raft.
+    # 4. Delete one host while a run holds it (drained: the run gets the graceful stop), then
+    # the fleet: no meshgpu process left, no member in Raft.
+    long = TASK.replace("name: pair", "name: long").replace(
+        "echo rank=$DSTACK_NODE_RANK of $DSTACK_NODES_NUM mark=$FLEET_MARK", "sleep 600"
+    )
+    (proj / "long.yml").write_text(long)
+    r = member.cli("apply", "-f", "long.yml", "-y", "-d", cwd=proj, env=cli_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for(lambda: c.run("long")["status"] == "running", timeout=120)
     r = member.cli("fleet", "delete", "gpus", "--host", h4, "-y", env=cli_env)
     assert r.returncode == 0, r.stdout + r.stderr
-    wait_for(lambda: h4 not in _states(member), timeout=90)
+    wait_for(lambda: h4 not in _states(member), timeout=120)
+    assert c.run("long")["status"] in ("terminated", "failed", "done"), c.run("long")
     assert not any("meshgpu" in c for c in bare[1].processes()), bare[1].processes()
     assert not bare[1].install_dir.exists()
     r = member.cli("fleet", "delete", "gpus", "-y", env=cli_env)
