@@ -131,6 +131,9 @@ def test_ssh_fleet_end_to_end(world: dict, tmp_path: Path) -> None:  # type: ign
         for p in (a.data).rglob("*"):
             if p.is_file() and p.stat().st_size < 64 << 20:
                 assert secret.encode() not in p.read_bytes(), p
+    r = member.cli("nodes", env=cli_env)
+    rows = [line for line in r.stdout.splitlines() if line.startswith("gpus-")]
+    assert len(rows) == 2 and all("fleet=gpus" in x for x in rows), r.stdout
     r = member.cli("fleet", "ls", env=cli_env)
     assert r.returncode == 0 and "gpus" in r.stdout and "2 active" in r.stdout, r.stdout
     for b in bare[:2]:
