@@ -9,7 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import WebSocketRoute
 
-from meshgpu.api import metrics, offers, problems, sshkeys, tunnel, views
+from meshgpu.api import fleets, metrics, offers, problems, sshkeys, tunnel, views
 from meshgpu.api.problems import Problem
 from meshgpu.api.views import node_view, run_summary, run_view
 from meshgpu.client.http import MEMBERS_HEADER
@@ -486,6 +486,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     app.include_router(offers.router(services, Auth, Read))
     app.include_router(metrics.router(services, Auth, Read))
     app.include_router(sshkeys.router(services, Auth, Read))
+    app.include_router(fleets.router(services, Auth, Read))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

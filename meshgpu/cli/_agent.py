@@ -105,7 +105,8 @@ def agent(
         str | None, typer.Option("--fake-gpus", envvar="MESHGPU_FAKE_GPUS", help="e.g. 8xH100:80GB")
     ] = None,
     token: Annotated[
-        str | None, typer.Option("--token", help="Join token of an existing mesh")
+        str | None,
+        typer.Option("--token", envvar="MESHGPU_JOIN_TOKEN", help="Join token of an existing mesh"),
     ] = None,
     join: Annotated[str | None, typer.Option("--join", help="host:port of a member")] = None,
     no_mdns: Annotated[bool, typer.Option("--no-mdns", help="Do not use mDNS discovery")] = False,

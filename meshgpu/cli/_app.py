@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from meshgpu.cli import _agent, _attach, _cluster, _config, _metrics, _offer, _runs
+from meshgpu.cli import _agent, _attach, _cluster, _config, _fleets, _metrics, _offer, _runs
 
 app = typer.Typer(
     name="meshgpu",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 app.add_typer(_config.app, name="config")
 app.add_typer(_cluster.token_app, name="token")
+app.add_typer(_fleets.app, name="fleet")
 app.command()(_agent.agent)
 app.command(context_settings={"allow_interspersed_args": False})(_runs.apply)
 app.command(context_settings={"allow_interspersed_args": False})(_runs.submit)
@@ -27,6 +28,14 @@ app.command()(_cluster.nodes)
 app.command()(_cluster.status)
 app.command()(_offer.offer)
 app.command()(_metrics.metrics)
+
+
+@app.command()
+def version() -> None:
+    """The version of meshgpu (a host that runs another one cannot join the mesh)."""
+    import meshgpu
+
+    print(meshgpu.__version__)
 
 
 def main() -> None:

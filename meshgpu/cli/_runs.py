@@ -27,7 +27,7 @@ from meshgpu.config.support import check_config
 FINISHED = {"done", "failed", "terminated"}
 
 
-def _load(path: Path) -> tuple[BaseRunConfiguration, str]:
+def _load(path: Path, fleets: bool = False) -> tuple[Any, str]:
     try:
         config, positions = load_config_located(path)
         # What no mesh can honour is refused here, before the code is archived and uploaded;
@@ -38,6 +38,8 @@ def _load(path: Path) -> tuple[BaseRunConfiguration, str]:
     except ConfigError as e:
         err.print(str(e), markup=False)
         raise typer.Exit(1) from None
+    if fleets and config.type == "fleet":
+        return config, path.read_text()
     if not isinstance(config, BaseRunConfiguration):
         raise fail(
             f"{path} is a {config.type} configuration; apply runs (task, service, dev-environment) here"
@@ -171,8 +173,14 @@ def apply(
     args: Annotated[list[str] | None, typer.Argument(help="After --: ${{ run.args }}")] = None,
     url: UrlOpt = None,
 ) -> None:
-    """Plan, confirm, run, stream the output; exit with the run's status."""
-    config, text = _load(file)
+    """Plan, confirm, run, stream the output; exit with the run's status. An SSH fleet
+    (type: fleet with ssh_config) is recorded and its hosts brought in."""
+    config, text = _load(file, fleets=True)
+    if config.type == "fleet":
+        from meshgpu.cli._fleets import apply_fleet
+
+        apply_fleet(config, text, file, url, wait=not detach)
+        return
     table(["", ""], [[k, v] for k, v in plan_lines(config)], title=f"Plan for {file}")
     if not yes and not typer.confirm("Submit the run?", default=True):
         raise typer.Exit(1)

@@ -51,6 +51,6 @@ class ConfigError(Exception):
 class RuleError(ValueError):
     """A cross-field rule broken inside a model validator; ``field`` says where to point."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str | tuple[str | int, ...], message: str) -> None:
         super().__init__(message)
         self.field = field

@@ -101,6 +101,19 @@ class SSHConfig(Model):
     network: str | None = None
     hosts: list[SSHHost] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _unique_hosts(self) -> SSHConfig:
+        seen: dict[str, int] = {}
+        for i, h in enumerate(self.hosts):
+            if h.hostname in seen:
+                raise RuleError(
+                    ("hosts", i),
+                    f"host {h.hostname} is given twice (also hosts[{seen[h.hostname]}]): "
+                    "list each host once",
+                )
+            seen[h.hostname] = i
+        return self
+
     @field_validator("network")
     @classmethod
     def _network(cls, v: str | None) -> str | None:

@@ -450,7 +450,10 @@ def _translate(
             cause = (err.get("ctx") or {}).get("error")
             field = getattr(cause, "field", None)
             sub = _at(data, path)
-            if field is not None and isinstance(sub, dict):
+            if isinstance(field, tuple):  # a rule that points inside a field (hosts[3])
+                path = path + field
+                line_col = pos.get(path) or pos.get(path[:-1])
+            elif field is not None and isinstance(sub, dict):
                 path = path + (field,)
                 line_col = pos.get(("key",) + path) or pos.get(path[:-1])
             else:

@@ -1,6 +1,6 @@
 """The controllers a leader runs for each term (``Leadership`` starts them and cancels them at
-step-down): scheduling, retention, membership, gossip keys, the services' autoscaler, and the
-starts of scheduled runs."""
+step-down): scheduling, retention, membership, gossip keys, the services' autoscaler, the
+starts of scheduled runs, the SSH fleets."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshgpu.clock import Clock
 from meshgpu.control.autoscaling import Autoscaling
+from meshgpu.control.fleets import FleetController
 from meshgpu.control.gossip_keys import GossipKeys
 from meshgpu.control.retention import Retention
 from meshgpu.control.schedules import Schedules
@@ -32,13 +33,14 @@ def leader_controllers(
     local_counters: Callable[[], Mapping[str, tuple[int, int]]],
     settings: AgentSettings,
     clock: Clock,
+    fleets: Callable[[], FleetController] | None = None,
 ) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
     """(name, start) of each controller; a fresh controller per term where it keeps history."""
     s = settings
     retention = Retention(
         state, proposer, s.keep_runs, s.keep_runs_for_s, s.retention_interval_s, clock=clock
     )
-    return [
+    out: list[tuple[str, Callable[[], Awaitable[None]]]] = [
         ("scheduling", lambda: Scheduling(node, state, cluster, proposer, demand, clock).run()),
         ("retention", retention.run),
         ("membership", membership),
@@ -51,3 +53,6 @@ def leader_controllers(
         ),
         ("schedules", Schedules(state, proposer, clock=clock).run),
     ]
+    if fleets is not None:  # SSH fleets: a fresh controller per term (its state is in Raft)
+        out.append(("fleets", lambda: fleets().run()))
+    return out

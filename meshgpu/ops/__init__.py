@@ -12,6 +12,7 @@ import trio
 from meshgpu.ops.admission import Admission
 from meshgpu.ops.cluster import ClusterInfo
 from meshgpu.ops.code import Code
+from meshgpu.ops.fleets import Fleets
 from meshgpu.ops.logs import Logs, LogSource
 from meshgpu.ops.metrics import Metrics
 from meshgpu.ops.peers import NoPeers, Peers
@@ -67,6 +68,8 @@ class Services:
     tunnels: Tunnels | None = None
     # Users' SSH public keys (``/api/v1/ssh/keys``); None: the app answers 503.
     ssh_keys: SSHKeys | None = None
+    # SSH fleets (``/api/v1/fleets``); None: the app answers 503.
+    fleets: Fleets | None = None
 
     async def local_telemetry(self) -> list[dict[str, Any]]:
         """A fresh sample of this host's GPUs (a blocking driver call: in a worker thread)."""
@@ -78,6 +81,7 @@ __all__ = [
     "Admission",
     "ClusterInfo",
     "Code",
+    "Fleets",
     "GossipView",
     "LogSource",
     "Logs",

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import meshgpu
 from consensus.core import Role
 from meshgpu.errors import Conflict, Denied, Invalid, MeshError, Unavailable
 from meshgpu.mesh.admission import JoinRefused, check_join
@@ -57,6 +58,15 @@ class Admission:
         return await self._admit(body)
 
     async def _admit(self, body: dict[str, Any]) -> dict[str, Any]:
+        theirs = body.get("agent_version")
+        if theirs != meshgpu.__version__:
+            raise Conflict(
+                "join refused: another meshgpu version",
+                f"this host runs meshgpu {theirs or 'older than 0.1.0'} and the mesh runs "
+                f"{meshgpu.__version__}: install meshgpu {meshgpu.__version__} on it (an SSH "
+                "fleet copies the mesh's own agent file)",
+                "version_mismatch",
+            )
         node = self.node
         try:
             req = check_join(body, self.cluster, time.time(), self._nonces)

@@ -10,6 +10,7 @@ from meshgpu.ops import (
     Admission,
     ClusterInfo,
     Code,
+    Fleets,
     Logs,
     Metrics,
     Runs,
@@ -83,6 +84,7 @@ def assemble(
         gpus=parts.gpus,
         runner=parts.runner,
         ssh_keys=SSHKeys(proposer, cluster),
+        fleets=Fleets(proposer, cluster, state),
         ingress=Ingress(
             state,
             ident.node_id,

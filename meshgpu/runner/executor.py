@@ -393,8 +393,14 @@ class Executor:
         work = self.runner.prepare(job.job_id, hostfile=cluster.hostfile())
         hostfile = str(self.runner.hostfile_path(job.job_id))
         user_env = dict(spec.env)
+        # The agent's own basics, and an SSH fleet's ``env`` (dstack: passed to every job on the
+        # fleet): the fleet controller starts the agent with it and names its keys in
+        # MESHGPU_FLEET_ENV. The run's own env wins over both.
+        fleet_keys = [k for k in os.environ.get("MESHGPU_FLEET_ENV", "").split(",") if k]
         base = {
-            k: os.environ[k] for k in ("PATH", "HOME", "LANG", "USER", "TMPDIR") if k in os.environ
+            k: os.environ[k]
+            for k in ("PATH", "HOME", "LANG", "USER", "TMPDIR", *fleet_keys)
+            if k in os.environ
         }
         place = self._layout(job.job_id, spec)
         interpreter = self._interpreter(spec) if not spec.image else None

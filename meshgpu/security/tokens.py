@@ -27,6 +27,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+import meshgpu
+
 PREFIX = "mgpu2"
 # How far a join request's time may be from the admitting leader's clock, and so how long its
 # nonce must be remembered to refuse a replay.
@@ -120,6 +122,8 @@ class JoinToken:
             "ts": int(time.time()),
         } | fields
         body["signature"] = self.sign_join({**body, "cluster_id": self.cluster_id})
+        # Not signed (it grants nothing): a member refuses another version (ops/admission.py).
+        body.setdefault("agent_version", meshgpu.__version__)
         return body
 
 

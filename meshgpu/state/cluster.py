@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from meshgpu.security.tokens import JOIN_WINDOW_S
 from meshgpu.state.codec import DOMAIN_TAGS, Command, decode, encode
+from meshgpu.state.fleets import ApplyFleet, DeleteFleet, Fleets, ForgetFleetHost, UpdateFleetHost
 from meshgpu.state.machine import Result, StateMachine
 from meshgpu.state.records import JobTerminationReason
 
@@ -98,7 +99,9 @@ class SetNodeStatus(_Cmd):
 
     kind: Literal["set_node_status"] = "set_node_status"
     node_id: str
-    status: Literal["active", "unreachable"]
+    # draining: an SSH fleet's host being taken out (``meshgpu/control/fleets.py``): no new work,
+    # and no later ``active``/``unreachable`` brings it back.
+    status: Literal["active", "unreachable", "draining"]
 
 
 class InstallGossipKey(_Cmd):
@@ -186,6 +189,7 @@ class ClusterState:
         self.gossip_key_removed = 0
         self.gossip_key_at = 0.0
         self.ssh_keys: dict[str, SSHKey] = {}  # fingerprint -> key
+        self.fleets = Fleets()  # SSH fleets (``meshgpu/state/fleets.py``)
         self.next_raft_id = 2
         self.version = 0  # bumped on every change: the agent re-syncs peer addresses on change
 
@@ -363,6 +367,18 @@ class ClusterState:
             return "retire"
         return None
 
+    def _on_apply_fleet(self, c: ApplyFleet) -> Result:
+        return Result(*self.fleets.apply(c))
+
+    def _on_update_fleet_host(self, c: UpdateFleetHost) -> Result:
+        return Result(*self.fleets.update_host(c))
+
+    def _on_forget_fleet_host(self, c: ForgetFleetHost) -> Result:
+        return Result(*self.fleets.forget_host(c))
+
+    def _on_delete_fleet(self, c: DeleteFleet) -> Result:
+        return Result(*self.fleets.delete(c))
+
     def _on_set_node_status(self, c: SetNodeStatus) -> Result:
         return Result(True, c.node_id)  # handled by ``Replicated``
 
@@ -390,6 +406,8 @@ class ClusterState:
         }
         if self.ssh_keys:  # absent when there are none: older snapshots keep their shape
             doc["ssh_keys"] = [k.model_dump() for k in self.ssh_keys.values()]
+        if self.fleets.fleets:  # likewise
+            doc["fleets"] = self.fleets.snapshot()
         return doc
 
     def restore_doc(self, doc: dict[str, Any]) -> None:
@@ -405,6 +423,7 @@ class ClusterState:
         self.ssh_keys = {
             k["fingerprint"]: SSHKey.model_validate(k) for k in doc.get("ssh_keys", [])
         }
+        self.fleets.restore(doc.get("fleets", []))
         self.next_raft_id = doc.get("next_raft_id", 2)
         self.version += 1
 

@@ -1,0 +1,55 @@
+"""``/api/v1/fleets``: SSH fleets (``meshgpu apply -f fleet.yml``, ``meshgpu fleet ...``)."""
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+
+from meshgpu.api import problems
+from meshgpu.api.problems import Problem
+
+if TYPE_CHECKING:
+    from meshgpu.ops import Services
+
+
+class FleetBody(BaseModel):
+    configuration: str = Field(max_length=256 << 10, description="The fleet file's YAML")
+    filename: str = Field(default="fleet.yml", max_length=4096)
+    identities: dict[str, str] = Field(
+        default_factory=dict,
+        description="identity_file path (as written in the file) -> the private key's text; "
+        "sealed to the voters before it is stored",
+    )
+
+
+def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP037 - see app.py
+    r = APIRouter()
+
+    def fleets() -> Any:
+        if services.fleets is None:
+            raise Problem(503, "fleets unavailable", "this node serves no fleets", "unavailable")
+        return services.fleets
+
+    @r.post("/api/v1/fleets", status_code=201, responses=problems.responses(400, 409, 503, 507))
+    async def apply_fleet(body: FleetBody, _: auth) -> dict[str, Any]:
+        """Create or change an SSH fleet; the leader brings its hosts in (and out)."""
+        return await fleets().apply(body.configuration, body.filename, body.identities)
+
+    @r.get("/api/v1/fleets")
+    async def list_fleets(_: auth, __: read) -> list[dict[str, Any]]:
+        return fleets().list()
+
+    @r.get("/api/v1/fleets/{name}", responses=problems.responses(404))
+    async def get_fleet(name: str, _: auth, __: read) -> dict[str, Any]:
+        return fleets().get(name)
+
+    @r.delete("/api/v1/fleets/{name}", responses=problems.responses(404, 503, 507))
+    async def delete_fleet(
+        name: str,
+        _: auth,
+        host: Annotated[list[str] | None, Query(description="Only these hosts")] = None,
+    ) -> dict[str, Any]:
+        """Drain and remove the fleet's hosts (or only ``host``), then the fleet."""
+        return await fleets().delete(name, host or [])
+
+    return r

@@ -1,0 +1,330 @@
+"""What the fleet controller does on a host, over SSH (asyncssh, on the asyncio loop of
+``meshgpu/devenv/aio.py``): check it, install the agent file and start the agent, or stop it and
+remove what was installed. Every remote step is a POSIX ``sh`` script; nothing but ``python3`` is
+needed on the host.
+
+Where things go on the host (docs/fleets.md): one directory, ``$MESHGPU_HOME`` when the SSH
+session sets it, else ``~/.meshgpu-agent`` of the SSH user -- the agent file (``meshgpu.pyz``),
+where it unpacks (``shiv/``), the agent's data dir (``data/``), its environment (``agent.env``,
+0600: the join token), the supervisor (``run.sh``), its log (``agent.log``); and, where systemd
+runs and the user is root, the unit ``/etc/systemd/system/meshgpu-agent.service``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncssh
+
+CONNECT_TIMEOUT_S = 10.0
+UNIT = "meshgpu-agent"
+MIN_PYTHON = (3, 11)
+MIN_FREE_MB = 512
+
+
+class HostError(RuntimeError):
+    """A host cannot be used (yet); the message is the reason ``meshgpu fleet ls`` shows."""
+
+
+@dataclass
+class Target:
+    hostname: str
+    port: int
+    user: str
+    key: str  # the private key (OpenSSH or PEM text)
+    proxy: Target | None = None
+
+
+@dataclass
+class HostFacts:
+    home: str
+    python: str
+    python_version: str
+    free_mb: int
+    systemd: bool
+    uid: int
+    gpus: list[str] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
+    pyz_sha: str = ""
+    running: bool = False
+
+
+def _reason(t: Target, e: BaseException) -> str:
+    where = f"{t.user}@{t.hostname}:{t.port}"
+    if isinstance(e, asyncssh.PermissionDenied):
+        return (
+            f"{where} refused the fleet's key (permission denied): add its public key to "
+            f"~{t.user}/.ssh/authorized_keys on the host, or fix identity_file"
+        )
+    if isinstance(e, asyncssh.HostKeyNotVerifiable):
+        return f"{where}: {e}"
+    if isinstance(e, TimeoutError | asyncio.TimeoutError):
+        return f"cannot reach {where}: no answer within {CONNECT_TIMEOUT_S:g} s"
+    if isinstance(e, ConnectionRefusedError):
+        return f"cannot reach {where}: connection refused (is sshd running on port {t.port}?)"
+    if isinstance(e, OSError):
+        return f"cannot reach {where}: {e.strerror or e}"
+    if isinstance(e, asyncssh.Error):
+        return f"{where}: SSH error: {e.reason if hasattr(e, 'reason') else e}"
+    return f"{where}: {type(e).__name__}: {e}"
+
+
+async def connect(t: Target, host_key: str = "") -> tuple[asyncssh.SSHClientConnection, str]:
+    """A connection to ``t`` (through its proxy when given) and the fingerprint of the host key
+    it showed; ``host_key`` (seen before) must match when given."""
+    tunnel = None
+    try:
+        if t.proxy is not None:
+            tunnel, _ = await connect(t.proxy)
+        conn = await asyncio.wait_for(
+            asyncssh.connect(
+                t.hostname,
+                port=t.port,
+                username=t.user,
+                client_keys=[asyncssh.import_private_key(t.key)],
+                known_hosts=None,  # trust on first use: the fingerprint is kept in the state
+                tunnel=tunnel,
+                agent_path=None,
+                config=[],
+                connect_timeout=CONNECT_TIMEOUT_S,
+            ),
+            CONNECT_TIMEOUT_S + 1,
+        )
+    except HostError:
+        raise
+    except (OSError, asyncssh.Error, TimeoutError) as e:
+        if tunnel is not None:
+            tunnel.close()
+        raise HostError(_reason(t, e)) from None
+    server_key = conn.get_server_host_key()
+    fp = server_key.get_fingerprint() if server_key is not None else ""
+    if host_key and fp != host_key:
+        conn.close()
+        raise HostError(
+            f"{t.hostname}: its SSH host key changed ({fp}, was {host_key}): if the host was "
+            "reinstalled, delete it from the fleet and add it again"
+        )
+    return conn, fp
+
+
+DIR = 'D="${MESHGPU_HOME:-$HOME/.meshgpu-agent}"'
+
+CHECK = (
+    DIR
+    + r"""
+echo "home=$D"
+PY=$(command -v python3 || true)
+echo "python=$PY"
+[ -n "$PY" ] && echo "pyver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu=/'
+fi
+if command -v amd-smi >/dev/null 2>&1; then
+  amd-smi static --asic 2>/dev/null | sed -n 's/^ *MARKET_NAME: */gpu=/p'
+fi
+mkdir -p "$D" && chmod 700 "$D"
+echo "free_kb=$(df -Pk "$D" | awk 'NR==2 {print $4}')"
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+   && [ -z "${MESHGPU_NO_SYSTEMD:-}" ]; then echo systemd=1; fi
+echo "uid=$(id -u)"
+[ -f "$D/meshgpu.pyz" ] && echo "pyz_sha=$(sha256sum "$D/meshgpu.pyz" | cut -d' ' -f1)"
+if [ -f "$D/supervisor.pid" ] && kill -0 "$(cat "$D/supervisor.pid")" 2>/dev/null; then
+  echo running=1
+fi
+if [ -d /run/systemd/system ] && systemctl is-active --quiet meshgpu-agent 2>/dev/null; then
+  echo running=1
+fi
+(ip -4 -o addr show 2>/dev/null || true) | awk '{print "addr=" $4}'
+"""
+)
+
+
+def parse_facts(text: str) -> HostFacts:
+    kv: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        k, eq, v = line.partition("=")
+        if eq:
+            kv.setdefault(k.strip(), []).append(v.strip())
+
+    def one(k: str, default: str = "") -> str:
+        return kv.get(k, [default])[0]
+
+    return HostFacts(
+        home=one("home"),
+        python=one("python"),
+        python_version=one("pyver"),
+        free_mb=int(one("free_kb", "0") or 0) // 1024,
+        systemd=one("systemd") == "1",
+        uid=int(one("uid", "-1") or -1),
+        gpus=kv.get("gpu", []),
+        addresses=[a.split("/")[0] for a in kv.get("addr", [])],
+        pyz_sha=one("pyz_sha"),
+        running=one("running") == "1",
+    )
+
+
+def check_facts(facts: HostFacts, pyz_python: str) -> None:
+    """Why the host cannot run the agent, as a HostError; nothing when it can."""
+    if not facts.python:
+        raise HostError("no python3 on the host: install Python >= 3.11 (apt-get install python3)")
+    try:
+        ver = tuple(int(x) for x in facts.python_version.split("."))
+    except ValueError:
+        raise HostError(
+            f"cannot tell the host's Python version ({facts.python_version!r})"
+        ) from None
+    if ver < MIN_PYTHON:
+        raise HostError(
+            f"the host's python3 is {facts.python_version}: the agent needs Python >= 3.11"
+        )
+    if pyz_python and facts.python_version != pyz_python:
+        raise HostError(
+            f"the host's python3 is {facts.python_version} and the agent file is built for "
+            f"{pyz_python} (its compiled dependencies are): build it with Python "
+            f"{facts.python_version} (scripts/build) and set MESHGPU_AGENT_PYZ on the members"
+        )
+    if facts.free_mb < MIN_FREE_MB:
+        raise HostError(
+            f"only {facts.free_mb} MB free under {facts.home}: the agent needs {MIN_FREE_MB} MB"
+        )
+
+
+async def run(conn: asyncssh.SSHClientConnection, script: str, timeout: float = 60) -> str:
+    r = await asyncio.wait_for(conn.run("sh -s", input=script, check=False), timeout)
+    if r.exit_status != 0:
+        raise HostError(
+            f"a step on the host failed (exit {r.exit_status}): "
+            f"{str(r.stderr or r.stdout).strip()[-500:]}"
+        )
+    return str(r.stdout)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def agent_command(args: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def install_script(
+    home: str, agent_args: list[str], env: dict[str, str], systemd: bool, restart: bool
+) -> str:
+    """Write the environment and the supervisor, and (re)start the agent."""
+    d = shlex.quote(home)
+    env_lines = "\n".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+    cmd = agent_command(agent_args)
+    run_sh = f"""#!/bin/sh
+# The meshgpu agent, written by the fleet controller of the mesh that installed it.
+D={d}
+set -a; . "$D/agent.env"; set +a
+export SHIV_ROOT="$D/shiv"
+cd "$D"
+while :; do
+  python3 "$D/meshgpu.pyz" {cmd} >>"$D/agent.log" 2>&1
+  [ -f "$D/stop" ] && exit 0
+  [ -n "$MESHGPU_SUPERVISED_BY_SYSTEMD" ] && exit 1
+  sleep 2
+done
+"""
+    unit = f"""[Unit]
+Description=meshgpu agent (SSH fleet)
+After=network-online.target
+
+[Service]
+Environment=MESHGPU_SUPERVISED_BY_SYSTEMD=1
+ExecStart=/bin/sh {home}/run.sh
+Restart=always
+RestartSec=2
+KillMode=control-group
+
+[Install]
+WantedBy=multi-user.target
+"""
+    parts = [
+        f"D={d}",
+        'cd "$D"',
+        "umask 077",
+        f"cat > agent.env.tmp <<'MESHGPU_EOF'\n{env_lines}\nMESHGPU_EOF",
+        "mv agent.env.tmp agent.env",
+        f"cat > run.sh.tmp <<'MESHGPU_EOF'\n{run_sh}MESHGPU_EOF",
+        "mv run.sh.tmp run.sh",
+        "rm -f stop",
+    ]
+    if systemd:
+        parts += [
+            f"cat > /etc/systemd/system/{UNIT}.service <<'MESHGPU_EOF'\n{unit}MESHGPU_EOF",
+            "systemctl daemon-reload",
+            f"systemctl enable {UNIT} >/dev/null 2>&1 || true",
+            f"systemctl {'restart' if restart else 'start'} {UNIT}",
+        ]
+    else:
+        parts += [
+            'if [ -f supervisor.pid ] && kill -0 "$(cat supervisor.pid)" 2>/dev/null; then',
+            f"  if [ {int(restart)} = 1 ]; then",
+            '    kill -TERM -- -"$(cat supervisor.pid)" 2>/dev/null || true',
+            '    i=0; while kill -0 "$(cat supervisor.pid)" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done',
+            '    kill -KILL -- -"$(cat supervisor.pid)" 2>/dev/null || true',
+            "  else exit 0; fi",
+            "fi",
+            # its own session: the agent outlives this SSH connection, and the whole group stops
+            # at once (kill -- -PID)
+            'setsid sh "$D/run.sh" </dev/null >/dev/null 2>&1 &',
+            "echo $! > supervisor.pid",
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def uninstall_script() -> str:
+    """Stop the agent and everything it started, and remove what was installed."""
+    return (
+        DIR
+        + rf"""
+[ -d "$D" ] || exit 0
+touch "$D/stop"
+if [ -d /run/systemd/system ] && [ -f /etc/systemd/system/{UNIT}.service ] \
+   && grep -q "$D/run.sh" /etc/systemd/system/{UNIT}.service; then
+  systemctl disable --now {UNIT} >/dev/null 2>&1 || true
+  rm -f /etc/systemd/system/{UNIT}.service
+  systemctl daemon-reload || true
+fi
+if [ -f "$D/supervisor.pid" ]; then
+  P=$(cat "$D/supervisor.pid")
+  kill -TERM -- -"$P" 2>/dev/null || true
+  i=0; while kill -0 "$P" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
+  kill -KILL -- -"$P" 2>/dev/null || true
+fi
+# what the agent started (jobs run in their own sessions, under its data dir)
+for p in /proc/[0-9]*; do
+  pid=${{p#/proc/}}
+  [ "$pid" = "$$" ] && continue
+  cwd=$(readlink "$p/cwd" 2>/dev/null) || continue
+  case "$cwd/" in "$D"/*) kill -KILL "$pid" 2>/dev/null || true; continue;; esac
+  if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -qF "$D/"; then kill -KILL "$pid" 2>/dev/null || true; fi
+done
+rm -rf "$D"
+"""
+    )
+
+
+async def log_tail(conn: asyncssh.SSHClientConnection, lines: int = 15) -> str:
+    r = await conn.run(DIR + f'\ntail -n {lines} "$D/agent.log" 2>/dev/null', check=False)
+    return str(r.stdout or "").strip()
+
+
+async def put_file(conn: asyncssh.SSHClientConnection, local: Path, remote: str) -> None:
+    async with conn.start_sftp_client() as sftp:
+        await sftp.put(str(local), remote + ".part")
+        await sftp.posix_rename(remote + ".part", remote)
+
+
+def facts_script() -> str:
+    return CHECK

@@ -1,0 +1,168 @@
+"""SSH fleets as use cases: apply (record the fleet, its keys sealed), list, get, delete. The
+hosts are brought in and out by the leader's fleet controller (``meshgpu/control/fleets.py``)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from meshgpu.config import ConfigError
+from meshgpu.config.infra import FleetConfiguration
+from meshgpu.errors import Conflict, Invalid, NotFound
+from meshgpu.ops.configs import _invalid_config, parse_config_async
+from meshgpu.security import seal
+from meshgpu.state.cluster import encode_cluster
+from meshgpu.state.fleets import ApplyFleet, DeleteFleet
+
+if TYPE_CHECKING:
+    from meshgpu.replica.proposer import Proposer
+    from meshgpu.state import StateMachine
+    from meshgpu.state.cluster import ClusterState
+    from meshgpu.state.fleets import Fleet
+
+MAX_KEY_BYTES = 64 << 10
+
+
+def identity_refs(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every mapping of an SSH fleet spec that may carry an ``identity_file``."""
+    cfg = spec.get("ssh_config") or {}
+    out = [cfg]
+    if cfg.get("proxy_jump"):
+        out.append(cfg["proxy_jump"])
+    for h in cfg.get("hosts", []):
+        out.append(h)
+        if h.get("proxy_jump"):
+            out.append(h["proxy_jump"])
+    return out
+
+
+def key_id(text: str) -> str:
+    return "key-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Fleets:
+    def __init__(self, proposer: Proposer, cluster: ClusterState, state: StateMachine) -> None:
+        self.proposer, self.cluster, self.state = proposer, cluster, state
+
+    async def apply(self, text: str, filename: str, identities: dict[str, str]) -> dict[str, Any]:
+        try:
+            config = await parse_config_async(text, filename)
+        except ConfigError as e:
+            raise _invalid_config(e) from None
+        if not isinstance(config, FleetConfiguration):
+            raise Invalid(
+                f"{config.type} configurations are not fleets",
+                "apply runs with meshgpu apply (the CLI sends them to the runs API)",
+                "not_a_fleet",
+            )
+        if config.ssh_config is None:
+            raise Invalid(
+                "only SSH fleets are provisioned here",
+                "give ssh_config with the hosts: cloud fleets need a backend plugin",
+                "not_ssh_fleet",
+            )
+        if not config.name:
+            raise Invalid("the fleet needs a name", "add name: my-fleet to the file", "no_name")
+        spec = config.model_dump(mode="json", exclude_none=True)
+        keys: dict[str, str] = {}
+        ca = self.cluster.ca_cert_pem.encode()
+        for part in identity_refs(spec):
+            path = part.get("identity_file")
+            if not path:
+                continue
+            key = identities.get(path)
+            if key is None:
+                raise Invalid(
+                    "missing private key",
+                    f"identity_file {path}: the request carries no key for it (meshgpu apply "
+                    "reads the file and sends it)",
+                    "missing_key",
+                )
+            if len(key) > MAX_KEY_BYTES or not _is_private_key(key):
+                raise Invalid(
+                    "not a private key",
+                    f"identity_file {path} is not an unencrypted SSH private key",
+                    "bad_key",
+                )
+            kid = key_id(key)
+            # Sealed to the CA's public key: only the voters (holders of the CA key) open it.
+            keys.setdefault(kid, seal(key.encode(), ca).hex())
+            part["identity_file"] = kid
+        hostnames = [h.hostname for h in config.ssh_config.hosts]
+        for other in self.cluster.fleets.fleets.values():
+            if other.name == config.name:
+                continue
+            taken = sorted(set(hostnames) & set(other.hosts))
+            if taken:
+                raise Conflict(
+                    "host in another fleet",
+                    f"{', '.join(taken)} already belongs to fleet {other.name}: delete it there "
+                    f"first (meshgpu fleet delete {other.name} --host {taken[0]})",
+                    "host_in_use",
+                )
+        cmd = ApplyFleet(
+            at=time.time(), name=config.name, spec=spec, keys=keys, hostnames=hostnames
+        )
+        result = await self.proposer.propose(encode_cluster(cmd))
+        if not result.ok:
+            raise Invalid("fleet not applied", result.error, result.code or "invalid")
+        return self.get(config.name)
+
+    def list(self) -> list[dict[str, Any]]:
+        return [
+            self.view(f) for f in sorted(self.cluster.fleets.fleets.values(), key=lambda f: f.name)
+        ]
+
+    def get(self, name: str) -> dict[str, Any]:
+        f = self.cluster.fleets.fleets.get(name)
+        if f is None:
+            raise NotFound("fleet not found", f"no fleet {name}", "not_found")
+        return self.view(f)
+
+    async def delete(self, name: str, hosts: list[str]) -> dict[str, Any]:
+        cmd = DeleteFleet(at=time.time(), name=name, hosts=hosts)
+        result = await self.proposer.propose(encode_cluster(cmd))
+        if not result.ok:
+            raise NotFound("fleet not found", result.error, result.code or "not_found")
+        f = self.cluster.fleets.fleets.get(name)
+        return self.view(f) if f is not None else {"name": name, "deleted": True, "hosts": []}
+
+    def view(self, f: Fleet) -> dict[str, Any]:
+        """What a user sees of a fleet: never its keys."""
+        cfg = f.spec.get("ssh_config") or {}
+        hosts = []
+        for h in sorted(f.hosts.values(), key=lambda h: h.num):
+            node = self.state.nodes.get(h.node_id) if h.node_id else None
+            hosts.append(
+                {
+                    "hostname": h.hostname,
+                    "instance": h.num,
+                    "state": h.state,
+                    "reason": h.reason,
+                    "attempts": h.attempts,
+                    "retry_at": h.retry_at or None,
+                    "node_id": h.node_id or None,
+                    "node": node.name if node is not None else None,
+                    "updated_at": h.updated_at,
+                }
+            )
+        return {
+            "name": f.name,
+            "placement": f.spec.get("placement") or "any",
+            "user": cfg.get("user"),
+            "deleting": f.deleting,
+            "created_at": f.created_at,
+            "updated_at": f.updated_at,
+            "hosts": hosts,
+        }
+
+
+def _is_private_key(text: str) -> bool:
+    import asyncssh
+
+    try:
+        asyncssh.import_private_key(text)
+    except (asyncssh.KeyImportError, ValueError):
+        return False
+    return True
