@@ -10,8 +10,8 @@ import trio
 
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.gpu import collect_inventory
-from meshgpu.host.toolchain import JobUser, Toolchain, discover
 from meshgpu.runner.container import detect_runtime
+from meshgpu.runner.toolchain import JobUser, Toolchain, discover
 from meshgpu.state import GPURecord, NodeRecord, RegisterNode, encode
 
 if TYPE_CHECKING:

@@ -28,7 +28,6 @@ from meshgpu.client.archive import ArchiveLimits, ArchiveRefused, extract_archiv
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.config.interpolation import group_ips, interpolate
 from meshgpu.config.spec import NO_SPEC, RunSpec
-from meshgpu.host.toolchain import Toolchain, discover
 from meshgpu.runner.code import CodeStore, fetch_sources
 from meshgpu.runner.confine import Confinement, JobSandbox, host_volumes
 from meshgpu.runner.container import container_argv
@@ -37,6 +36,7 @@ from meshgpu.runner.jobenv import ClusterInfo, JobEnvInputs, JobIdentity, job_en
 from meshgpu.runner.process import JobLaunch, JobResult, ProcessRunner
 from meshgpu.runner.prologue import Layout, layout, needs_prologue, prologue
 from meshgpu.runner.registry_auth import remove_auth, write_auth
+from meshgpu.runner.toolchain import Toolchain, discover
 from meshgpu.state import (
     CodeRef,
     JobFinished,

@@ -173,7 +173,7 @@ class NodeRecord(_Record):
     # What its process jobs get (meshgpu/runner/confine.py): {"user": the job user or None,
     # "cgroup": "v1" | "v2" | None, "mount_ns": bool}; None: a host that predates the sandbox.
     sandbox: dict[str, Any] | None = None
-    # The toolchain the host's jobs can use (host/toolchain.py): Python versions ("3.11") the
+    # The toolchain the host's jobs can use (runner/toolchain.py): Python versions ("3.11") the
     # job user can execute, and whether a CUDA toolkit (nvcc) is installed.
     pythons: list[str] = Field(default_factory=list)
     nvcc: bool = False

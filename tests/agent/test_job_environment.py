@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from meshgpu.host.toolchain import discover
+from meshgpu.runner.toolchain import discover
 from meshgpu.testing import AgentProcess
 from tests.agent.conftest import wait_for
 

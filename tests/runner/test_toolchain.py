@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from meshgpu.host.toolchain import JobUser, Toolchain, discover, usable_by, version_key
+from meshgpu.runner.toolchain import JobUser, Toolchain, discover, usable_by, version_key
 
 OTHER = JobUser(uid=54321, gid=54321)  # owns nothing here
 
