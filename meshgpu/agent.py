@@ -72,8 +72,9 @@ class Agent:
         self.replicated = Replicated()
         # The process jobs' sandbox here (meshgpu/runner/confine.py): detected now, the job
         # user created once (not per job).
-        self.confine = Confinement(s.job_user)
-        self.confine.prepare_host()
+        self.confine = Confinement(s.job_user) if s.sandbox else None
+        if self.confine is not None:
+            self.confine.prepare_host()
         self.runner = ProcessRunner(s.data_dir / "jobs", workspace_dir=s.workspace_dir)
         self.gpus = detect(
             s.fake_gpus, seed=self.identity.node_id, state_file=s.data_dir / "fake-gpu-state.json"

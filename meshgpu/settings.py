@@ -86,3 +86,6 @@ class AgentSettings:
     # /var/lib/meshgpu/workspaces when it runs as root).
     job_user: str | None = None
     workspace_dir: Path | None = None
+    # False (``meshgpu agent --no-sandbox``): no sandbox at all -- jobs run as the agent's user,
+    # with no mount namespace and no cgroups (``user:`` and ``volumes:`` then fail the job).
+    sandbox: bool = True

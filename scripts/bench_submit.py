@@ -11,6 +11,11 @@ mount namespace; ``--job-user NAME`` also runs them as that user (created if mis
 after), with their workspaces in a directory under /tmp; ``--job-user ''`` (the default) keeps
 the agent's user.
 
+``--compare`` measures what the sandbox costs instead: two agents side by side, one with
+``--no-sandbox`` and one with the full sandbox (``--job-user``, default ``meshgpu-bench``), the
+sequential submit->running latency taken in alternating rounds of 10 on each, so that the
+machine's noise falls on both alike; the last line is JSON with both p50s and the difference.
+
 The last line is JSON with the keys in INTERFACE.md.
 """
 
@@ -163,12 +168,94 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
+async def compare(args: argparse.Namespace) -> dict[str, float]:
+    """submit->running p50 without and with the sandbox, in alternating rounds (see above)."""
+    import pwd
+
+    root = Path(tempfile.mkdtemp(prefix="bench-submit-"))
+    ws = Path(tempfile.mkdtemp(prefix="bench-submit-ws-", dir="/tmp"))
+    os.chmod(ws, 0o711)
+    user = args.job_user or "meshgpu-bench"
+    try:
+        pwd.getpwnam(user)
+        made_user = False
+    except KeyError:
+        made_user = True
+    agents = {
+        "off": AgentProcess(root, "plain", fake_gpus="8xH100:80GB", extra=["--no-sandbox"]),
+        "on": AgentProcess(root, "boxed", fake_gpus="8xH100:80GB", job_user=user, workspace_dir=ws),
+    }
+    lat: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for a in agents.values():
+            a.start()
+        clients = {
+            k: httpx.AsyncClient(
+                base_url=a.url,
+                headers={"Authorization": f"Bearer {a.token}"},
+                timeout=60,
+                verify=a.verify,
+            )
+            for k, a in agents.items()
+        }
+
+        async def one(c: httpx.AsyncClient) -> float:
+            t0 = time.time()
+            r = await c.post(
+                "/api/v1/runs", json={"config": TRIVIAL, "request_id": uuid.uuid4().hex}
+            )
+            r.raise_for_status()
+            name = r.json()["name"]
+            while True:
+                run = (await c.get(f"/api/v1/runs/{name}")).json()
+                if run["status"] in ("done", "failed", "terminated"):
+                    break
+                await trio.sleep(0.005)
+            assert run["status"] == "done", run
+            text = (await c.get(f"/api/v1/runs/{name}/logs")).text
+            return float(text.split()[0]) - t0
+
+        for c in clients.values():
+            for _ in range(5):  # warm up
+                await one(c)
+        rounds = max(1, args.sequential // 10)
+        for _ in range(rounds):
+            for k, c in clients.items():
+                for _ in range(10):
+                    lat[k].append(await one(c))
+        for c in clients.values():
+            await c.aclose()
+    finally:
+        for a in agents.values():
+            a.stop()
+            a.kill_jobs()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(ws, ignore_errors=True)
+        if made_user:
+            subprocess.run(["userdel", user], check=False, capture_output=True)
+    off, on = pct(lat["off"], 50) * 1000, pct(lat["on"], 50) * 1000
+    print(
+        f"submit->running p50 over {len(lat['on'])} jobs each, alternating rounds: "
+        f"no sandbox {off:.1f} ms, sandbox (user {user}, mount namespace, cgroups) {on:.1f} ms"
+    )
+    return {
+        "no_sandbox_p50_ms": off,
+        "sandbox_p50_ms": on,
+        "sandbox_added_p50_ms": on - off,
+        "no_sandbox_p99_ms": pct(lat["off"], 99) * 1000,
+        "sandbox_p99_ms": pct(lat["on"], 99) * 1000,
+    }
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--sequential", type=int, default=100)
     p.add_argument("--jobs", type=int, default=1000)
     p.add_argument("--job-user", default="", help="run the jobs as this OS user (root only)")
+    p.add_argument(
+        "--compare", action="store_true", help="the sandbox's cost: no sandbox vs sandbox"
+    )
     a = p.parse_args()
-    res = trio.run(main, a)
+    res = trio.run(compare if a.compare else main, a)
     print(json.dumps({k: round(v, 2) for k, v in res.items()}))
     os._exit(0)

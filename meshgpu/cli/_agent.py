@@ -253,6 +253,14 @@ def agent(
             "(default /var/lib/meshgpu/workspaces as root, else in the data dir)",
         ),
     ] = None,
+    no_sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--no-sandbox",
+            help="Run process jobs with no sandbox: as the agent's user, no mount namespace, no "
+            "cgroups (docs/operations.md says what that gives up)",
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the agent: the first one creates a mesh; it serves the API and runs jobs."""
@@ -357,8 +365,9 @@ def agent(
         activation_timeout_s=float(activation_timeout_s),
         data_plane="nginx" if data_plane == "nginx" else "embedded",
         nginx_workers=nginx_workers,
-        job_user=job_user or None,
+        job_user=None if no_sandbox else (job_user or None),
         workspace_dir=workspace_dir,
+        sandbox=not no_sandbox,
     )
     if settings.workspace_dir is None and os.geteuid() == 0:
         from meshgpu.runner.confine import DEFAULT_WORKSPACE_DIR

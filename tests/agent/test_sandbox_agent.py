@@ -84,3 +84,25 @@ def test_jobs_run_sandboxed_as_the_job_user(root: Path) -> None:
         assert line.startswith(f"user {USER}; ") and line.endswith(f"in {job['working_dir']}")
     finally:
         a.close()
+
+
+def test_no_sandbox_runs_jobs_as_the_agent_and_says_so(root: Path) -> None:
+    """``meshgpu agent --no-sandbox`` (what ``scripts/bench submit --compare`` measures against):
+    no job user even when one is named, no cgroups, no mount namespace; the node record has no
+    ``sandbox``, and a job that needs the sandbox (``user:``) fails saying so."""
+    a = AgentProcess(root, "agent", job_user=USER, extra=["--no-sandbox"])
+    try:
+        a.start()
+        c = a.client()
+        assert c.nodes()[0].get("sandbox") is None
+        c.submit("type: task\ncommands: ['echo uid=$(id -u)']\n", name="plain")
+        run = wait_for(lambda: (r := c.run("plain"))["status"] in ("done", "failed") and r)
+        assert run["status"] == "done"
+        assert f"uid={os.geteuid()}" in b"".join(c.logs("plain")).decode()
+        assert run["jobs"][0].get("limits") is None
+        c.submit("type: task\nuser: nobody\ncommands: ['true']\n", name="other")
+        run = wait_for(lambda: (r := c.run("other"))["status"] in ("done", "failed") and r)
+        assert run["status"] == "failed"
+        assert "sandbox" in run["jobs"][0]["termination_message"]
+    finally:
+        a.close()
