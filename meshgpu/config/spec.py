@@ -754,9 +754,7 @@ def _group_envs(config: Mapping[str, Any]) -> dict[str | None, JobEnv]:
         return {}
     out: dict[str | None, JobEnv] = {}
     for i, g in enumerate(config.get("groups") or ()):
-        if not isinstance(g, Mapping) or all(
-            g.get(k) in (None, False) for k in GROUP_ENV_FIELDS
-        ):
+        if not isinstance(g, Mapping) or all(g.get(k) in (None, False) for k in GROUP_ENV_FIELDS):
             continue
         merged = _group_config(config, g)
         image = job_image(merged)

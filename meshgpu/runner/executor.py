@@ -315,7 +315,9 @@ class Executor:
             if job_id in self.stopping:  # stopped, or moved away, before it could start
                 await self._report(job_id, epoch, JobResult(job_id, None, "terminated_by_server"))
                 return
-            spec = run.spec.for_group(job.group)  # a replica group's image/python/... over the run's
+            spec = run.spec.for_group(
+                job.group
+            )  # a replica group's image/python/... over the run's
             if self.toolchain is None and _needs_toolchain(spec):
                 self.toolchain = await trio.to_thread.run_sync(discover)
             launch = self._prepare(job, run.run_args, spec, epoch)

@@ -206,8 +206,7 @@ async def test_each_job_launches_with_its_groups_environment(runner: ProcessRunn
         AssignJobs(
             at=3.0,
             assignments=[
-                Assignment(job_id=j.job_id, node_id="n1", gpu_indices=[])
-                for j in by_group.values()
+                Assignment(job_id=j.job_id, node_id="n1", gpu_indices=[]) for j in by_group.values()
             ],
         )
     )
@@ -258,3 +257,13 @@ def test_registry_auth_goes_with_a_groups_image() -> None:
     got = [i.path for i in check_config(config, pos, MeshCapabilities(container_runtime=False))]
     assert got == ["registry_auth", "replicas[0].image"]
     assert parse_config(text) is not None
+
+
+def test_the_plan_shows_each_groups_own_environment() -> None:
+    from meshgpu.config.render import plan_lines
+
+    rows = dict(plan_lines(parse_config(GROUPS)))
+    assert rows["replicas py"].endswith(", python 3.9, nvcc")
+    assert rows["replicas img"].endswith(", vllm/vllm:latest, spot policy spot, reservation r-1")
+    assert rows["replicas dind"].endswith(", docker-in-docker")
+    assert rows["replicas front"] == "1, " + rows["replicas front"].split(", ", 1)[1]
