@@ -168,7 +168,10 @@ def answer(
     requests = []
     for (group, key, size), count in shapes.items():
         res = ResourcesSpec.model_validate(json.loads(key))
-        found = offer(state, res, spec=spec, nodes=size, now=now, after_queue=after_queue)
+        # A service replica group's own image/python/spot_policy/... decide its hosts.
+        found = offer(
+            state, res, spec=spec.for_group(group), nodes=size, now=now, after_queue=after_queue
+        )
         idle = [o for o in found if o.availability == "idle"]
         # A gang's jobs take one host each (in one cluster unless ``placement: any``); other jobs
         # are asked about one at a time.
@@ -181,7 +184,7 @@ def answer(
         fits = room >= hosts
         if not found:
             reason = "no host can ever run it: " + no_offer_reason(
-                state, res, spec=spec, nodes=size
+                state, res, spec=spec.for_group(group), nodes=size
             )
         elif not fits:
             reason = _why_wait(found, room, hosts, size > 1 and cluster_rule)

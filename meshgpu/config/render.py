@@ -42,7 +42,18 @@ def plan_lines(config: Configuration) -> list[tuple[str, str]]:
                 rows.append((f"group {g.name}", f"{g.nodes} node(s), {_res(g.resources)}"))
         elif isinstance(config, ServiceConfiguration) and config.groups:
             for g in config.groups:
-                rows.append((f"replicas {g.name}", f"{g.replicas}, {_res(g.resources)}"))
+                # The group's own environment and placement, where it sets them.
+                own = [
+                    "docker-in-docker" if g.docker else None,
+                    g.image,
+                    f"python {g.python}" if g.python else None,
+                    "nvcc" if g.nvcc else None,
+                    "privileged" if g.privileged else None,
+                    f"spot policy {g.spot_policy}" if g.spot_policy else None,
+                    f"reservation {g.reservation}" if g.reservation else None,
+                ]
+                extra = "".join(f", {x}" for x in own if x)
+                rows.append((f"replicas {g.name}", f"{g.replicas}, {_res(g.resources)}{extra}"))
         else:
             rows.append(("resources", _res(config.resources)))
         if isinstance(config, TaskConfiguration):

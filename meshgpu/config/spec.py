@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshgpu.config.common import ALL_RETRY_EVENTS, DEFAULT_RETRY_DURATION
@@ -128,6 +128,26 @@ class JobSpec:
     resources: Mapping[str, Any] = field(default_factory=dict)
     resources_key: str = "{}"
     commands: tuple[str, ...] = ()  # the group's own commands, or the run's
+    # The job's environment: a service replica group's own ``image``/``python``/``nvcc``/
+    # ``docker``/``privileged``/``spot_policy``/``reservation`` (dstack 0.22 ``groups:``), the
+    # run's where the group sets none. ``env`` None: the run's (every job of a run without
+    # replica groups, and of a group that sets none of them); ``RunSpec.for_group`` reads it.
+    env: JobEnv | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobEnv:
+    """What a replica group sets of its jobs' environment and placement, compiled as the run's
+    are (``job_image``, ``compile_placement``) from the run's configuration with the group's
+    fields over it."""
+
+    image: str | None = None
+    shell: str | None = None
+    privileged: bool = False
+    docker: bool = False  # Docker-in-Docker: ``start-dockerd`` runs before the commands
+    python: str | None = None
+    nvcc: bool = False
+    placement: Placement = field(default_factory=Placement)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +366,35 @@ class RunSpec:
             if j.group == group:
                 return j
         return self.jobs[job_num] if job_num < len(self.jobs) else self.jobs[0]
+
+    def for_group(self, group: str | None) -> RunSpec:
+        """The spec the jobs of ``group`` run with: the run's, with the group's own environment
+        (``JobSpec.env``: image, python, nvcc, docker, privileged, spot_policy, reservation of
+        a service replica group) over it. The executor, the prologue and the scheduler read a
+        job's spec through this."""
+        env = self.job_spec(group).env if self.jobs else None
+        if env is None:
+            return self
+        return replace(
+            self,
+            image=env.image,
+            shell=env.shell,
+            privileged=env.privileged,
+            python=env.python,
+            nvcc=env.nvcc,
+            placement=env.placement,
+        )
+
+    def placement_of(self, group: str | None) -> Placement:
+        """Where the jobs of ``group`` may run (the group's ``spot_policy``, ``reservation``,
+        and what its environment needs of a host, over the run's)."""
+        env = self.job_spec(group).env if self.jobs else None
+        return self.placement if env is None else env.placement
+
+    def image_of(self, group: str | None) -> str | None:
+        """The image the jobs of ``group`` run in (None: process jobs on their host)."""
+        env = self.job_spec(group).env if self.jobs else None
+        return self.image if env is None else env.image
 
     @property
     def group_kind(self) -> str:
@@ -673,6 +722,54 @@ def compile_repo(config: Mapping[str, Any]) -> RepoSpecC | None:
     )
 
 
+# A service replica group's fields that decide its jobs' environment and placement (dstack 0.22
+# ``groups:``; the models refuse setting one both on the service and on a group).
+GROUP_ENV_FIELDS = ("image", "python", "nvcc", "docker", "privileged", "spot_policy", "reservation")
+# One of these in a group chooses the group's environment: the service's other two do not apply.
+_ENV_KIND = ("image", "python", "docker")
+
+
+def _shell_of(config: Mapping[str, Any], image: str | None) -> str | None:
+    # dstack's own images run commands with bash (a custom image: sh, the runner's default)
+    return config.get("shell") or ("bash" if image and not config.get("image") else None)
+
+
+def _group_config(config: Mapping[str, Any], g: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's configuration as one replica group's jobs see it: the group's fields over the
+    service's. A group that picks its environment (``image``, ``python`` or ``docker``) drops
+    the service's choice of the other two (they are mutually exclusive in one place)."""
+    own = {k: g[k] for k in GROUP_ENV_FIELDS if g.get(k) not in (None, False)}
+    merged = dict(config)
+    if any(k in own for k in _ENV_KIND):
+        for k in _ENV_KIND:
+            merged.pop(k, None)
+    merged.update(own)
+    return merged
+
+
+def _group_envs(config: Mapping[str, Any]) -> dict[str | None, JobEnv]:
+    """``JobEnv`` of each service replica group that sets one of ``GROUP_ENV_FIELDS`` (the
+    others run with the run's)."""
+    if config.get("type") != "service":
+        return {}
+    out: dict[str | None, JobEnv] = {}
+    for i, g in enumerate(config.get("groups") or ()):
+        if not isinstance(g, Mapping) or all(g.get(k) in (None, False) for k in GROUP_ENV_FIELDS):
+            continue
+        merged = _group_config(config, g)
+        image = job_image(merged)
+        out[_service_group_name(g, i)] = JobEnv(
+            image=image,
+            shell=_shell_of(merged, image),
+            privileged=bool(merged.get("privileged") or merged.get("docker")),
+            docker=bool(merged.get("docker")) and not merged.get("image"),
+            python=merged.get("python") or None,
+            nvcc=bool(merged.get("nvcc")),
+            placement=compile_placement(merged),
+        )
+    return out
+
+
 def compile_run(config: Mapping[str, Any]) -> RunSpec:
     """The spec of a run from its rendered configuration (``render.to_json``)."""
     commands = tuple(config.get("commands") or ())
@@ -681,11 +778,14 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
         commands = dev_env_commands([*(config.get("setup") or ()), *(config.get("init") or ())])
     image = job_image(config)
     docker = bool(config.get("docker")) and not config.get("image")
-    if docker:
-        commands = (START_DOCKERD, *commands)
+    envs = _group_envs(config)
     jobs = []
     for group, raw, replica, num, group_commands in _jobs(config):
         resources, key = _resources(raw)
+        env = envs.get(group)
+        # ``docker: true`` (the run's or the group's) starts the daemon before the commands.
+        dind = docker if env is None else env.docker
+        own = tuple(group_commands) if group_commands else tuple(commands)
         jobs.append(
             JobSpec(
                 job_num=num,
@@ -693,11 +793,8 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
                 group=group,
                 resources=resources,
                 resources_key=key,
-                commands=(
-                    ((START_DOCKERD,) if docker else ()) + tuple(group_commands)
-                    if group_commands
-                    else commands
-                ),
+                commands=((START_DOCKERD,) if dind else ()) + own,
+                env=env,
             )
         )
     groups = config.get("groups") or []
@@ -721,8 +818,7 @@ def compile_run(config: Mapping[str, Any]) -> RunSpec:
         startup_order=config.get("startup_order"),
         env=tuple((k, v) for k, v in env.items() if v is not None),
         image=image,
-        # dstack's own images run commands with bash (a custom image: sh, the runner's default)
-        shell=config.get("shell") or ("bash" if image and not config.get("image") else None),
+        shell=_shell_of(config, image),
         working_dir=config.get("working_dir"),
         user=config.get("user"),
         entrypoint=config.get("entrypoint"),

@@ -110,8 +110,17 @@ def _set(value: Any) -> bool:
 
 
 def _container_job(config: BaseRunConfiguration) -> bool:
-    """Does the run's job run in a container (``config/spec.py`` ``job_image``)?"""
-    return bool(config.image or config.docker or config.privileged or config.entrypoint)
+    """Does one of the run's jobs run in a container (``config/spec.py`` ``job_image``; a
+    service replica group's own ``image``/``docker``/``privileged`` included)?"""
+    groups = getattr(config, "groups", None) or []
+    return bool(
+        config.image
+        or config.docker
+        or config.privileged
+        or config.entrypoint
+        or any(getattr(g, "image", None) or getattr(g, "docker", None) for g in groups)
+        or any(getattr(g, "privileged", None) for g in groups)
+    )
 
 
 def _no_runtime(value: Any, config: BaseRunConfiguration, caps: MeshCapabilities | None) -> bool:
@@ -170,9 +179,9 @@ def _volume_reason(value: Any) -> str:
     )
 
 
-_GROUP_FIELD = (
-    "is not carried to the group's replicas yet (they run with the service's); set it on the "
-    "service instead, or run the group as its own service"
+_GROUP = (
+    "meshgpu/config/spec.py (JobSpec.env, RunSpec.for_group: the group's over the service's; "
+    "tests/config/test_group_fields.py)"
 )
 
 # Where the common places are (each exists in the repository; the test checks the paths).
@@ -251,9 +260,10 @@ def _entries() -> dict[str, Entry]:
             f"{_SPEC}: a dev environment runs setup, then init",
         ),
         "dstack": Refused(
-            "dstack: true gives the job dstack's server API (DSTACK_SERVER_URL); meshgpu has no "
-            "dstack API to give it: remove it (a job reaches meshgpu's own API on its host with "
-            "a token you pass in env)",
+            "dstack: true gives the job dstack's server API at DSTACK_SERVER_URL for the dstack "
+            "CLI and Python API; meshgpu does not speak dstack's API, so a dstack client in the "
+            "job would fail: remove it, and use meshgpu's CLI or API from the job instead (pass "
+            "MESHGPU_URL, MESHGPU_TOKEN and MESHGPU_CA in env; see docs/job-environment.md)",
             lambda v, c, caps: v is True,
         ),
         "single_branch": Honoured(
@@ -407,8 +417,15 @@ def _entries() -> dict[str, Entry]:
         "probes": Honoured(_PROBES),
         "groups[].replicas": Honoured(f"{_SCALER}; {_SPEC} (compile_service)"),
         "groups[].router": Refused(
-            "router groups are not supported yet: the ingress would have to send the service's "
-            "traffic to the router and keep its worker list (run the router as its own service)",
+            lambda v: (
+                f"router (type: {getattr(v, 'type', v)}) is not supported: meshgpu's ingress "
+                "sends the service's traffic to every replica of every group, and neither tells "
+                "a router its workers (dstack's SMG worker sync) nor sets "
+                "DSTACK_ROUTER_INTERNAL_IP for a dynamo router's workers. Run the router as its "
+                "own service (one replica) and the workers as another service, giving the "
+                "router the workers' service URL (or, for dynamo, the workers the router "
+                "service's address in env); see docs/services.md"
+            ),
             _given,
         ),
         "groups[].router.type": Part("groups[].router"),
@@ -428,8 +445,29 @@ def _entries() -> dict[str, Entry]:
         e[f"probes[].{key}"] = Honoured(_PROBES)
     e["probes[].headers[].name"] = Honoured(_PROBES)
     e["probes[].headers[].value"] = Honoured(_PROBES)
-    for key in ("image", "python", "nvcc", "docker", "privileged", "spot_policy", "reservation"):
-        e[f"groups[].{key}"] = Refused(f"{key} in a replica group {_GROUP_FIELD}", _given)
+    # A service replica group's own environment and placement (dstack 0.22 ``groups:``): each
+    # job of the group runs with them, the service's where the group sets none.
+    e["groups[].image"] = Refused(
+        _needs_runtime("image (of a replica group)"),
+        _no_runtime,
+        f"{_GROUP}; {_FILTERS}: hosts with a runtime; {_CONTAINER}",
+    )
+    e["groups[].docker"] = Refused(
+        _needs_runtime("docker: true (of a replica group)"),
+        _no_runtime,
+        f"{_GROUP}: dstack's dind image, privileged, start-dockerd first; {_CONTAINER}",
+    )
+    e["groups[].privileged"] = Refused(
+        _needs_runtime("privileged (of a replica group)"),
+        _no_runtime,
+        f"{_GROUP}: a privileged container; {_CONTAINER}",
+    )
+    e["groups[].python"] = Honoured(
+        f"{_GROUP}; {_RUNNER}: a venv with that interpreter; {_FILTERS}"
+    )
+    e["groups[].nvcc"] = Honoured(f"{_GROUP}; {_FILTERS}: hosts with a CUDA toolkit")
+    e["groups[].spot_policy"] = Honoured(f"{_GROUP}; {_FILTERS}: the spot label")
+    e["groups[].reservation"] = Honoured(f"{_GROUP}; {_FILTERS}: the reservation label")
     return e
 
 

@@ -257,7 +257,7 @@ class Executor:
 
     def _spec(self, job: JobRecord) -> RunSpec:
         run = self.state.runs.get(job.run_name)
-        return run.spec if run else NO_SPEC
+        return run.spec.for_group(job.group) if run else NO_SPEC
 
     def _stop(
         self, job_id: str, abort: bool, spec: RunSpec, reason: str = "terminated_by_user"
@@ -315,10 +315,13 @@ class Executor:
             if job_id in self.stopping:  # stopped, or moved away, before it could start
                 await self._report(job_id, epoch, JobResult(job_id, None, "terminated_by_server"))
                 return
-            if self.toolchain is None and _needs_toolchain(run.spec):
+            spec = run.spec.for_group(
+                job.group
+            )  # a replica group's image/python/... over the run's
+            if self.toolchain is None and _needs_toolchain(spec):
                 self.toolchain = await trio.to_thread.run_sync(discover)
-            launch = self._prepare(job, run.run_args, run.spec, epoch)
-            place = self._layout(job_id, run.spec)
+            launch = self._prepare(job, run.run_args, spec, epoch)
+            place = self._layout(job_id, spec)
             if run.code is not None:
                 await self._unpack(run.code.sha256, Path(place.host_code_root))
             await self.runner.start(launch)
@@ -382,6 +385,7 @@ class Executor:
         spec: RunSpec,
         epoch: int,
     ) -> JobLaunch:
+        spec = spec.for_group(job.group)  # a replica group's own environment (idempotent)
         jobs = [self.state.jobs[j] for j in self.state.runs[job.run_name].job_ids]
         # The job's cluster is its replica: every node of a task, one replica of a service.
         nodes = [n for n in jobs if n.replica_num == job.replica_num]

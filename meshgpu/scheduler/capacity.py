@@ -246,7 +246,7 @@ class HostIndex:
         if node is not None:
             for j in state.jobs_on_node(node.node_id):
                 run = state.runs.get(j.run_name)
-                if run is not None and run.spec.host_ports and not run.spec.image:
+                if run is not None and run.spec.host_ports and not run.spec.image_of(j.group):
                     for port in run.spec.host_ports:
                         ports[port] = j.run_name
         node_id = node.node_id if node is not None else ""

@@ -281,7 +281,11 @@ class _Planner:
                 _REQS.clear()
             exclusive = len(gang.jobs) > 1
             reqs = _REQS[key] = [
-                req_of(spec_of(j.resources_key, j.resources), gang.run.spec.placement, exclusive)
+                req_of(
+                    spec_of(j.resources_key, j.resources),
+                    gang.run.spec.placement_of(j.group),  # a replica group's own, or the run's
+                    exclusive,
+                )
                 for j in gang.jobs
             ]
         return reqs
@@ -318,7 +322,7 @@ class _Planner:
         spec = gang.run.spec
         # A process job holds its ports on its host (a container has a network of its own);
         # a service's replicas spread over hosts when they can.
-        ports = spec.host_ports if not spec.image else ()
+        ports = spec.host_ports if not spec.image_of(gang.jobs[0].group) else ()
         spread = spec.service is not None
         conflict: tuple[int, str, str] | None = None
         for cluster in clusters:

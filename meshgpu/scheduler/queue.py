@@ -85,7 +85,8 @@ class WaitQueue:
         ckey: ClassKey = (
             run.priority,
             run.project,
-            run.spec.placement.key,
+            # A service replica's gang is one group: its placement (spot_policy, image, ...).
+            run.spec.placement_of(jobs[0].group).key,
             tuple(j.resources_key for j in jobs),
         )
         cls = self.classes.get(ckey)

@@ -505,7 +505,8 @@ class StateMachine:
                 blocks[a.node_id] = blocks.get(a.node_id, 0) + a.blocks
             elif a.blocks:
                 return f"{node.name} is not split into blocks"
-        if run is not None and run.spec.host_ports and not run.spec.image:
+        group = jobs[members[0][0].job_id].group if members else None
+        if run is not None and run.spec.host_ports and not run.spec.image_of(group):
             return self._ports_taken(run, [a.node_id for a, _ in members])
         return ""
 
@@ -525,7 +526,7 @@ class StateMachine:
                     continue
                 for job in self.held.get(other, {}).values():
                     holder = self.runs.get(job.run_name)
-                    if holder is None or holder.spec.image:
+                    if holder is None or holder.spec.image_of(job.group):
                         continue
                     both = ports.intersection(holder.spec.host_ports)
                     if both:

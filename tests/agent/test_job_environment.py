@@ -207,3 +207,47 @@ def test_the_host_registers_its_toolchain_and_nvcc_runs_where_it_is(agent: Agent
     c.submit("type: task\nnvcc: true\ncommands: [command -v nvcc]\n", name="cc")
     wait_for(lambda: c.run("cc")["status"] == "done")
     assert b"".join(c.logs("cc")).decode().strip().endswith("nvcc")
+
+
+def test_a_replica_groups_python_runs_that_interpreter(agent: AgentProcess) -> None:
+    """dstack 0.22 ``groups:``: a replica group's own ``python`` (the service sets none) makes
+    its replicas' venv with that interpreter; a group without one runs the service's (none)."""
+    import socket
+
+    mine = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    # dstack's range (3.9 ..), newest first: the one most likely to make a venv quickly.
+    others = [v for v in discover().versions() if v != mine and int(v.split(".")[1]) >= 9]
+    if not others:
+        pytest.skip(f"this host has no Python 3.9+ other than the agent's own {mine}")
+    version = others[-1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = agent.client()
+    c.submit(
+        f"""
+type: service
+port: {port}
+auth: false
+probes: []
+replicas:
+  - name: py
+    count: 1
+    python: "{version}"
+    commands:
+      - python -V
+      - echo "venv=$DSTACK_VENV_DIR"
+      - exec python -m http.server {port} --bind 127.0.0.1
+""",
+        name="grp",
+    )
+
+    def log() -> str:
+        return b"".join(c.logs("grp", job=0)).decode(errors="replace")
+
+    try:
+        out = wait_for(lambda: "venv=/" in log() and log(), timeout=60)
+        assert f"Python {version}." in out
+        assert c.run("grp")["jobs"][0]["status"] == "running"
+    finally:
+        c.stop("grp", abort=True)

@@ -118,7 +118,12 @@ REFUSALS: dict[str, tuple[str, MeshCapabilities | None, str, str]] = {
         "f.yml:3:1: setup",
         "dstack runs it only in dev environments: put these commands first in commands",
     ),
-    "dstack": (TASK + "dstack: true\n", None, "f.yml:3:1: dstack", "no dstack API"),
+    "dstack": (
+        TASK + "dstack: true\n",
+        None,
+        "f.yml:3:1: dstack",
+        "meshgpu does not speak dstack's API, so a dstack client in the job would fail",
+    ),
     "volumes[].name": (
         TASK + "volumes:\n  - name: data\n    path: /data\n",
         EVERYTHING.__class__(container_runtime=True),
@@ -148,18 +153,21 @@ REFUSALS: dict[str, tuple[str, MeshCapabilities | None, str, str]] = {
         "    router:\n      type: sglang\n  - count: 2\n    commands: [w]\n",
         None,
         "f.yml:6:5: replicas[0].router",
-        "router groups are not supported yet",
+        "router (type: sglang) is not supported: meshgpu's ingress sends the service's traffic "
+        "to every replica of every group",
     ),
 }
-for _key in ("image", "python", "nvcc", "docker", "privileged", "spot_policy", "reservation"):
-    _value = {"image": "x", "python": "'3.11'", "spot_policy": "spot", "reservation": "r"}.get(
-        _key, "true"
-    )
+# A replica group's image/docker/privileged (the rest are honoured: tests/config/test_group_fields.py)
+for _key, _value, _what in (
+    ("image", "x", "image (of a replica group)"),
+    ("docker", "true", "docker: true (of a replica group)"),
+    ("privileged", "true", "privileged (of a replica group)"),
+):
     REFUSALS[f"groups[].{_key}"] = (
         f"type: service\nport: 8000\ncommands: [s]\nreplicas:\n  - count: 1\n    {_key}: {_value}\n",
-        None,
+        NO_RUNTIME,
         f"f.yml:6:5: replicas[0].{_key}",
-        f"{_key} in a replica group is not carried to the group's replicas yet",
+        f"{_what} needs a container runtime; no member has one",
     )
 
 
@@ -300,20 +308,9 @@ CORPUS_REFUSED = {
     "service--mkdocs__docs__concepts__exports--9d820e19c1.yml": {"gateway"},
     "service--mkdocs__docs__concepts__services--0356c1c459.yml": {"replicas[0].router"},
     "service--mkdocs__docs__concepts__services--8bbc99d10f.yml": {"dstack"},
-    "service--mkdocs__docs__examples__inference__dynamo--8b04de1170.yml": {
-        "replicas[0].docker",
-        "replicas[0].router",
-        "replicas[1].python",
-        "replicas[1].nvcc",
-        "replicas[2].python",
-        "replicas[2].nvcc",
-    },
-    "service--mkdocs__docs__examples__inference__vllm--ed21972eed.yml": {
-        "replicas[0].python",
-        "replicas[0].router",
-        "replicas[1].image",
-        "replicas[2].image",
-    },
+    # Their groups' image/python/nvcc/docker are honoured; the router is not (support.py).
+    "service--mkdocs__docs__examples__inference__dynamo--8b04de1170.yml": {"replicas[0].router"},
+    "service--mkdocs__docs__examples__inference__vllm--ed21972eed.yml": {"replicas[0].router"},
     "task--mkdocs__docs__concepts__tasks--b64df5307d.yml": {"dstack"},
 }
 # And at apply on a mesh with a container runtime but no network volumes, besides those.
