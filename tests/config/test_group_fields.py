@@ -188,7 +188,7 @@ async def runner(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 async def test_each_job_launches_with_its_groups_environment(runner: ProcessRunner) -> None:
-    from meshgpu.host.toolchain import Toolchain
+    from meshgpu.runner.toolchain import Toolchain
 
     from meshgpu.state import SubmitRun
 
