@@ -12,6 +12,7 @@ import trio
 from meshgpu.ops.admission import Admission
 from meshgpu.ops.cluster import ClusterInfo
 from meshgpu.ops.code import Code
+from meshgpu.ops.backends import Backends
 from meshgpu.ops.fleets import Fleets
 from meshgpu.ops.logs import Logs, LogSource
 from meshgpu.ops.metrics import Metrics
@@ -70,6 +71,8 @@ class Services:
     ssh_keys: SSHKeys | None = None
     # SSH fleets (``/api/v1/fleets``); None: the app answers 503.
     fleets: Fleets | None = None
+    # Cloud backends (``/api/v1/backends``); None: the app answers 503.
+    backends: Backends | None = None
 
     async def local_telemetry(self) -> list[dict[str, Any]]:
         """A fresh sample of this host's GPUs (a blocking driver call: in a worker thread)."""

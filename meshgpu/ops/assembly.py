@@ -85,6 +85,7 @@ def assemble(
         runner=parts.runner,
         ssh_keys=SSHKeys(proposer, cluster),
         fleets=Fleets(proposer, cluster, state),
+        backends=Backends(proposer, cluster),
         ingress=Ingress(
             state,
             ident.node_id,

@@ -90,6 +90,8 @@ class AddFleetInstance(_Cmd):
     backend: str
     offer: dict[str, Any]
     reason: str = ""  # why it was created ("for run X", "nodes.min")
+    for_job: str = ""  # the waiting job it is bought for ("" for nodes.min)
+    candidates: list[dict[str, Any]] = Field(default_factory=list)  # offers to fall back on
     max_instances: int | None = None  # refused when the fleet already has this many
 
 
@@ -152,6 +154,8 @@ class FleetInstance(BaseModel):
     num: int
     backend: str
     offer: dict[str, Any]  # the Offer taken (type, region, price, spot, gpus ...)
+    for_job: str = ""
+    candidates: list[dict[str, Any]] = Field(default_factory=list)
     state: InstanceState = "pending"
     reason: str = ""
     ref: dict[str, Any] = Field(default_factory=dict)
@@ -177,7 +181,9 @@ class Fleet(BaseModel):
     spec: dict[str, Any]
     keys: dict[str, str] = Field(default_factory=dict)
     hosts: dict[str, FleetHost] = Field(default_factory=dict)
-    instances: dict[str, FleetInstance] = Field(default_factory=dict)
+    instances: dict[str, FleetInstance] = Field(
+        default_factory=dict, exclude_if=lambda v: not v
+    )
     created_at: float = 0.0
     updated_at: float = 0.0
     deleting: bool = False
@@ -237,6 +243,8 @@ class Fleets:
             backend=c.backend,
             offer=dict(c.offer),
             reason=c.reason,
+            for_job=c.for_job,
+            candidates=list(c.candidates),
             created_at=c.at,
             updated_at=c.at,
         )
