@@ -66,7 +66,9 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
 
     def backends() -> Any:
         if services.backends is None:
-            raise Problem(503, "backends unavailable", "this node serves no backends", "unavailable")
+            raise Problem(
+                503, "backends unavailable", "this node serves no backends", "unavailable"
+            )
         return services.backends
 
     @r.post("/api/v1/backends", status_code=201, responses=problems.responses(400, 503, 507))

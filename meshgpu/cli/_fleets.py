@@ -109,7 +109,18 @@ def _print_instances(doc: dict[str, Any]) -> None:
     if not doc.get("instances"):
         return
     table(
-        ["INSTANCE", "BACKEND", "REGION", "TYPE", "GPUS", "SPOT", "PRICE", "STATUS", "NODE", "REASON"],
+        [
+            "INSTANCE",
+            "BACKEND",
+            "REGION",
+            "TYPE",
+            "GPUS",
+            "SPOT",
+            "PRICE",
+            "STATUS",
+            "NODE",
+            "REASON",
+        ],
         [
             [
                 i["name"],
@@ -250,7 +261,12 @@ def backend_add(
     config = _settings(option, "-o")
     if bridge:
         config["bridge"] = bridge
-    body = {"name": name or type_, "type": type_, "config": config, "secrets": _settings(secret, "--secret")}
+    body = {
+        "name": name or type_,
+        "type": type_,
+        "config": config,
+        "secrets": _settings(secret, "--secret"),
+    }
     with client(url) as c:
         doc = c._request("POST", "/api/v1/backends", json=body).json()  # noqa: SLF001
     out.print(f"backend [bold]{doc['name']}[/] ({doc['type']}) added")

@@ -91,7 +91,9 @@ def idle_s(spec: dict[str, Any]) -> float | None:
     return None if int(v) < 0 else float(v)
 
 
-def requirements(spec: dict[str, Any], resources: dict[str, Any] | None, placement: Any) -> Requirements:
+def requirements(
+    spec: dict[str, Any], resources: dict[str, Any] | None, placement: Any
+) -> Requirements:
     """What an instance of the fleet must have for a job of ``resources`` (the fleet's own
     ``resources`` when None) under the run's ``placement``."""
     from meshgpu.config.resources import ResourcesSpec
@@ -245,7 +247,9 @@ class BackendFleetController:
                 )
                 secrets = json.loads(unseal(bytes.fromhex(cfg.sealed), ca_key))  # type: ignore[arg-type]
             except (OSError, ValueError) as e:
-                raise BackendError(f"this leader cannot open backend {name}'s secrets: {e}") from None
+                raise BackendError(
+                    f"this leader cannot open backend {name}'s secrets: {e}"
+                ) from None
         b = self.loader(cfg.type, name, cfg.config, secrets)
         self.backends[name] = (key, b)
         return b
@@ -377,7 +381,9 @@ class BackendFleetController:
         }
         self.notes.update(reasons)
         if changed:
-            await self.proposer.propose(encode(SetPendingReasons(at=self.clock.wall(), reasons=changed)))
+            await self.proposer.propose(
+                encode(SetPendingReasons(at=self.clock.wall(), reasons=changed))
+            )
 
     # -- creating ----------------------------------------------------------------------------
 
@@ -395,9 +401,7 @@ class BackendFleetController:
             return
         f, inst = found
         candidates = [Offer.from_dict(d) for d in (inst.candidates or [inst.offer])]
-        start = next(
-            (k for k, o in enumerate(candidates) if o.to_dict() == inst.offer), 0
-        )
+        start = next((k for k, o in enumerate(candidates) if o.to_dict() == inst.offer), 0)
         tried: list[str] = []
         for offer in candidates[start:]:
             try:
@@ -435,7 +439,9 @@ class BackendFleetController:
                 continue
             except BackendError as e:
                 attempts = inst.attempts + 1
-                log.warning("fleet %s instance %s: %s (retry in %gs)", fleet, iid, e, backoff_s(attempts))
+                log.warning(
+                    "fleet %s instance %s: %s (retry in %gs)", fleet, iid, e, backoff_s(attempts)
+                )
                 await self._update(
                     fleet,
                     iid,
@@ -687,7 +693,9 @@ class BackendFleetController:
     async def reconcile(self, name: str) -> None:
         """Terminate this cluster's instances at ``name`` that no record knows (orphans)."""
         backend = self.backend(name)
-        refs = await self._cloud(f"{name}: list", backend.list, {TAG_CLUSTER: self.cluster.cluster_id})
+        refs = await self._cloud(
+            f"{name}: list", backend.list, {TAG_CLUSTER: self.cluster.cluster_id}
+        )
         known = {
             i.instance_id for f in self.cluster.fleets.fleets.values() for i in f.instances.values()
         }

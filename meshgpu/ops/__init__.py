@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from meshgpu.ops.admission import Admission
+from meshgpu.ops.backends import Backends
 from meshgpu.ops.cluster import ClusterInfo
 from meshgpu.ops.code import Code
-from meshgpu.ops.backends import Backends
 from meshgpu.ops.fleets import Fleets
 from meshgpu.ops.logs import Logs, LogSource
 from meshgpu.ops.metrics import Metrics
@@ -81,6 +81,7 @@ class Services:
 
 
 __all__ = [
+    "Backends",
     "Admission",
     "ClusterInfo",
     "Code",

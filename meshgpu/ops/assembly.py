@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshgpu.ops import (
     Admission,
+    Backends,
     ClusterInfo,
     Code,
     Fleets,

@@ -181,9 +181,7 @@ class Fleet(BaseModel):
     spec: dict[str, Any]
     keys: dict[str, str] = Field(default_factory=dict)
     hosts: dict[str, FleetHost] = Field(default_factory=dict)
-    instances: dict[str, FleetInstance] = Field(
-        default_factory=dict, exclude_if=lambda v: not v
-    )
+    instances: dict[str, FleetInstance] = Field(default_factory=dict, exclude_if=lambda v: not v)
     created_at: float = 0.0
     updated_at: float = 0.0
     deleting: bool = False
