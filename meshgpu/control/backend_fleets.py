@@ -98,7 +98,8 @@ def requirements(
     ``resources`` when None) under the run's ``placement``."""
     from meshgpu.config.resources import ResourcesSpec
 
-    res = ResourcesSpec.model_validate(resources or spec.get("resources") or {})
+    given = resources or spec.get("resources")
+    res = ResourcesSpec.model_validate(given or {})
     g = res.gpu
     policy = spec.get("spot_policy") or (placement.spot_policy if placement else None)
     spot = {"spot": True, "auto": None}.get(policy or "on-demand", False)
@@ -107,6 +108,13 @@ def requirements(
     types = tuple(
         spec.get("instance_types") or (placement.instance_types if placement else None) or ()
     )
+    if not given:  # nodes.min of a fleet without resources: any offer of its filters
+        return Requirements(
+            spot=spot,
+            max_price=min(prices) if prices else None,
+            regions=regions,
+            instance_types=types,
+        )
     return Requirements(
         gpu_count=int(g.count.min or 0),
         gpu_count_max=g.count.max,
@@ -390,8 +398,11 @@ class BackendFleetController:
     def _tags(self, fleet: str, iid: str) -> dict[str, str]:
         return {TAG_CLUSTER: self.cluster.cluster_id, TAG_FLEET: fleet, TAG_INSTANCE: iid}
 
+    def _lookup(self, iid: str) -> dict[str, str]:
+        return {TAG_CLUSTER: self.cluster.cluster_id, TAG_INSTANCE: iid}
+
     async def _existing(self, backend: Backend, fleet: str, iid: str) -> InstanceRef | None:
-        refs = await self._cloud("list", backend.list, self._tags(fleet, iid))
+        refs = await self._cloud("list", backend.list, self._lookup(iid))
         alive = [r for r in refs if r.state not in GONE]
         return alive[0] if alive else None
 
@@ -633,7 +644,7 @@ class BackendFleetController:
             # a create that the cloud did though the answer was lost: find it by its tag
             refs += [
                 r
-                for r in await self._cloud("list", backend.list, self._tags(fleet, iid))
+                for r in await self._cloud("list", backend.list, self._lookup(iid))
                 if r.state not in GONE and all(r.instance_id != x.instance_id for x in refs)
             ]
             for ref in refs:

@@ -96,6 +96,7 @@ class AwsBackend:
             cls = get_driver(Provider.EC2)
             self._driver = cls(self._key, self._secret, **kw)
             self._driver.connection.timeout = 20
+            self._driver.connection.responseCls = _response_cls()
         return self._driver
 
     def _call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -222,6 +223,35 @@ class AwsBackend:
                 port,
                 [self.allow_cidr],
             )
+
+
+def _response_cls() -> Any:
+    """libcloud's EC2 response, reading an error by its Code and Message elements (its own
+    parser expects exactly those two, and fails on answers that carry more, e.g. a RequestId)."""
+    import xml.etree.ElementTree as ET
+
+    from libcloud.common.types import InvalidCredsError
+    from libcloud.compute.drivers.ec2 import EC2Response
+
+    class Response(EC2Response):  # type: ignore[misc]
+        def parse_error(self) -> Any:
+            try:
+                body = ET.XML(self.body)
+            except ET.ParseError:
+                return super().parse_error()
+            errors = body.findall(".//Errors/Error") or body.findall(".//Error")
+            if not errors:
+                return super().parse_error()
+            out = []
+            for err in errors:
+                code = (err.findtext("Code") or "").strip()
+                message = (err.findtext("Message") or "").strip()
+                out.append(f"{code}: {message}")
+                if code in ("AuthFailure", "InvalidClientTokenId", "SignatureDoesNotMatch"):
+                    raise InvalidCredsError(out[-1])
+            return "\n".join(out)
+
+    return Response
 
 
 __all__ = ["TAG_CLUSTER", "AwsBackend", "create"]
