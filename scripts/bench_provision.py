@@ -86,14 +86,14 @@ def main() -> None:
                 inst = wait_for(lambda: fleet()["instances"], timeout=60)[0]
                 submitted = c.run(name)["submitted_at"]
                 decide.append((inst["created_at"] - submitted) * 1000)
-                node = wait_for(
-                    lambda: next((n for n in c.nodes() if n["name"] == inst["name"]), None),
+                want = inst["name"]
+                wait_for(
+                    lambda: want in {n["name"] for n in c.nodes()},  # noqa: B023
                     timeout=180,
                     interval=0.05,
                 )
                 boot.append(time.time() - inst["created_at"])
-                del node
-                run = wait_for(lambda: (x := c.run(name))["status"] == "done" and x, 120)
+                run = wait_for(lambda: (x := c.run(name))["status"] == "done" and x, 120)  # noqa: B023
                 end = max(j.get("finished_at") or 0 for j in run["jobs"]) or time.time()
                 wait_for(lambda: not fleet()["instances"], timeout=120, interval=0.05)
                 gone.append(time.time() - end - a.idle)
