@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -281,6 +281,7 @@ class Agent:
                     s,
                     clock,
                     self._fleet_controller(node, proposer, services, clock),
+                    self._backend_fleet_controller(node, proposer, services, clock),
                 ),
             )
             nursery.start_soon(leadership.run)
@@ -343,6 +344,30 @@ class Agent:
             get_bridge,
             clock=clock,
         )
+
+    def _backend_fleet_controller(
+        self, node: RaftNode, proposer: RaftProposer, services: Services, clock: Clock
+    ) -> Callable[[], Any]:
+        from meshgpu.control.backend_fleets import BackendFleetController
+        from meshgpu.fleets.pyz import agent_file
+
+        cache = self.settings.data_dir / "dist"
+
+        def make() -> BackendFleetController:
+            c = BackendFleetController(
+                node,
+                self.replicated.cluster,
+                self.replicated.jobs,
+                proposer,
+                services.tokens.create,
+                self.identity.tls.ca_key_path,
+                lambda: agent_file(cache),
+                clock=clock,
+            )
+            self.backend_fleets = c
+            return c
+
+        return make
 
     def _nginx_binary(self) -> str | None:
         if self.settings.data_plane != "nginx":

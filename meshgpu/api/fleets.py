@@ -22,6 +22,18 @@ class FleetBody(BaseModel):
     )
 
 
+Setting = Annotated[str, Field(max_length=4096)]
+
+
+class BackendBody(BaseModel):
+    name: str = Field(max_length=41)
+    type: str = Field(max_length=64, description="The plugin (meshgpu.backends entry point)")
+    config: dict[Annotated[str, Field(max_length=64)], Setting] = Field(default_factory=dict)
+    secrets: dict[Annotated[str, Field(max_length=64)], Setting] = Field(
+        default_factory=dict, description="Credentials: sealed to the voters before stored"
+    )
+
+
 def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP037 - see app.py
     r = APIRouter()
 
@@ -51,5 +63,25 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
     ) -> dict[str, Any]:
         """Drain and remove the fleet's hosts (or only ``host``), then the fleet."""
         return await fleets().delete(name, host or [])
+
+    def backends() -> Any:
+        if services.backends is None:
+            raise Problem(
+                503, "backends unavailable", "this node serves no backends", "unavailable"
+            )
+        return services.backends
+
+    @r.post("/api/v1/backends", status_code=201, responses=problems.responses(400, 503, 507))
+    async def add_backend(body: BackendBody, _: auth) -> dict[str, Any]:
+        """Configure a backend: its credentials are checked, then sealed to the voters."""
+        return await backends().add(body.name, body.type, body.config, body.secrets)
+
+    @r.get("/api/v1/backends")
+    async def list_backends(_: auth, __: read) -> list[dict[str, Any]]:
+        return backends().list()
+
+    @r.delete("/api/v1/backends/{name}", responses=problems.responses(404, 409, 503, 507))
+    async def remove_backend(name: str, _: auth) -> dict[str, Any]:
+        return await backends().remove(name)
 
     return r

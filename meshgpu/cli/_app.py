@@ -16,6 +16,7 @@ app = typer.Typer(
 app.add_typer(_config.app, name="config")
 app.add_typer(_cluster.token_app, name="token")
 app.add_typer(_fleets.app, name="fleet")
+app.add_typer(_fleets.backend_app, name="backend")
 app.command()(_agent.agent)
 app.command(context_settings={"allow_interspersed_args": False})(_runs.apply)
 app.command(context_settings={"allow_interspersed_args": False})(_runs.submit)

@@ -14,7 +14,15 @@ from meshgpu.cli._common import JsonOpt, UrlOpt, ago, client, err, fail, out, ta
 from meshgpu.config import ConfigError
 from meshgpu.config.errors import ConfigIssue
 
-app = typer.Typer(help="SSH fleets: hosts the mesh installs its agent on.", no_args_is_help=True)
+app = typer.Typer(
+    help="Fleets: SSH hosts the mesh installs its agent on, and backend (cloud) fleets the "
+    "leader buys instances for.",
+    no_args_is_help=True,
+)
+backend_app = typer.Typer(
+    help="Backends: where backend fleets buy instances (plugins of meshgpu.backends).",
+    no_args_is_help=True,
+)
 
 
 def read_identities(config: Any, text: str, file: Path) -> dict[str, str]:
@@ -67,11 +75,17 @@ def read_identities(config: Any, text: str, file: Path) -> dict[str, str]:
 
 
 def apply_fleet(config: Any, text: str, file: Path, url: str | None, wait: bool) -> None:
-    if config.ssh_config is None:
-        raise fail(
-            f"{file}: only SSH fleets (ssh_config with hosts) are provisioned by meshgpu; "
-            "cloud fleets need a backend plugin"
+    if config.ssh_config is None:  # a backend fleet: instances come when runs need them
+        body = {"configuration": text, "filename": str(file), "identities": {}}
+        with client(url) as c:
+            doc = c._request("POST", "/api/v1/fleets", json=body).json()  # noqa: SLF001
+        nodes = doc.get("nodes") or {}
+        out.print(
+            f"fleet [bold]{doc['name']}[/]: backend fleet, nodes {nodes.get('min', 0)}.."
+            f"{'' if nodes.get('max') is None else nodes['max']}"
         )
+        _print_instances(doc)
+        return
     try:
         identities = read_identities(config, text, file)
     except ConfigError as e:
@@ -91,7 +105,44 @@ def apply_fleet(config: Any, text: str, file: Path, url: str | None, wait: bool)
     _print_hosts(doc)
 
 
+def _print_instances(doc: dict[str, Any]) -> None:
+    if not doc.get("instances"):
+        return
+    table(
+        [
+            "INSTANCE",
+            "BACKEND",
+            "REGION",
+            "TYPE",
+            "GPUS",
+            "SPOT",
+            "PRICE",
+            "STATUS",
+            "NODE",
+            "REASON",
+        ],
+        [
+            [
+                i["name"],
+                i["backend"],
+                i["region"],
+                i["instance_type"],
+                i["gpus"],
+                "spot" if i["spot"] else "on-demand",
+                "-" if i["price"] is None else f"${i['price']:g}",
+                i["state"],
+                i.get("node") or "-",
+                i.get("reason") or "",
+            ]
+            for i in doc["instances"]
+        ],
+    )
+
+
 def _print_hosts(doc: dict[str, Any]) -> None:
+    if doc.get("kind") == "backend":
+        _print_instances(doc)
+        return
     table(
         ["HOST", "INSTANCE", "STATE", "NODE", "UPDATED", "REASON"],
         [
@@ -120,18 +171,28 @@ def ls(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
     rows = []
     for f in docs:
         states: dict[str, int] = {}
-        for h in f["hosts"]:
+        members = f["hosts"] if f.get("kind") != "backend" else f.get("instances", [])
+        for h in members:
             states[h["state"]] = states.get(h["state"], 0) + 1
+        nodes = f.get("nodes") or {}
         rows.append(
             [
                 f["name"],
+                "ssh" if f.get("kind") != "backend" else "backend",
                 f["placement"],
-                len(f["hosts"]),
+                len(members),
+                "-"
+                if not nodes
+                else f"{nodes.get('min', 0)}..{'' if nodes.get('max') is None else nodes['max']}",
                 ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "-",
                 "deleting" if f["deleting"] else "",
             ]
         )
-    table(["FLEET", "PLACEMENT", "HOSTS", "STATES", ""], rows)
+    table(["FLEET", "KIND", "PLACEMENT", "HOSTS", "NODES", "STATES", ""], rows)
+    for f in docs:
+        if f.get("instances"):
+            out.print(f"fleet [bold]{f['name']}[/]")
+            _print_instances(f)
 
 
 @app.command("get")
@@ -168,3 +229,78 @@ def delete(
     with client(url) as c:
         c._request("DELETE", f"/api/v1/fleets/{name}", params={"host": host or []})  # noqa: SLF001
     out.print(f"deleting {what}: meshgpu fleet get {name} shows the progress")
+
+
+def _settings(items: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise fail(f"{what} takes key=value (e.g. {what} region=us-east-1); got {item!r}")
+        out[k.strip()] = v
+    return out
+
+
+@backend_app.command("add")
+def backend_add(
+    type_: Annotated[str, typer.Argument(metavar="TYPE", help="The plugin: local, aws, ...")],
+    name: Annotated[str | None, typer.Option("--name", help="Its name (default: TYPE)")] = None,
+    bridge: Annotated[
+        str | None, typer.Option("--bridge", help="local: attach instances to this bridge")
+    ] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("-o", "--option", help="key=value setting (repeatable)")
+    ] = None,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option("--secret", help="key=value credential, sealed to the voters (repeatable)"),
+    ] = None,
+    url: UrlOpt = None,
+) -> None:
+    """Configure a backend; its credentials are checked before they are stored."""
+    config = _settings(option, "-o")
+    if bridge:
+        config["bridge"] = bridge
+    body = {
+        "name": name or type_,
+        "type": type_,
+        "config": config,
+        "secrets": _settings(secret, "--secret"),
+    }
+    with client(url) as c:
+        doc = c._request("POST", "/api/v1/backends", json=body).json()  # noqa: SLF001
+    out.print(f"backend [bold]{doc['name']}[/] ({doc['type']}) added")
+
+
+@backend_app.command("ls")
+def backend_ls(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
+    """The configured backends (never their secrets)."""
+    with client(url) as c:
+        docs = c._request("GET", "/api/v1/backends").json()  # noqa: SLF001
+    if as_json:
+        json.dump(docs, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    table(
+        ["BACKEND", "TYPE", "SETTINGS", "SECRETS", "INSTANCES"],
+        [
+            [
+                d["name"],
+                d["type"],
+                ", ".join(f"{k}={v}" for k, v in sorted(d["config"].items())) or "-",
+                d["secrets"],
+                d["instances"],
+            ]
+            for d in docs
+        ],
+    )
+
+
+@backend_app.command("rm")
+def backend_rm(
+    name: Annotated[str, typer.Argument(help="The backend's name")], url: UrlOpt = None
+) -> None:
+    """Remove a backend (refused while it has instances)."""
+    with client(url) as c:
+        c._request("DELETE", f"/api/v1/backends/{name}")  # noqa: SLF001
+    out.print(f"backend {name} removed")

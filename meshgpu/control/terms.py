@@ -34,6 +34,7 @@ def leader_controllers(
     settings: AgentSettings,
     clock: Clock,
     fleets: Callable[[], FleetController] | None = None,
+    backend_fleets: Callable[[], Any] | None = None,
 ) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
     """(name, start) of each controller; a fresh controller per term where it keeps history."""
     s = settings
@@ -55,4 +56,6 @@ def leader_controllers(
     ]
     if fleets is not None:  # SSH fleets: a fresh controller per term (its state is in Raft)
         out.append(("fleets", lambda: fleets().run()))
+    if backend_fleets is not None:  # backend fleets: likewise (meshgpu/control/backend_fleets.py)
+        out.append(("backend-fleets", lambda: backend_fleets().run()))
     return out

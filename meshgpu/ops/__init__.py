@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from meshgpu.ops.admission import Admission
+from meshgpu.ops.backends import Backends
 from meshgpu.ops.cluster import ClusterInfo
 from meshgpu.ops.code import Code
 from meshgpu.ops.fleets import Fleets
@@ -70,6 +71,8 @@ class Services:
     ssh_keys: SSHKeys | None = None
     # SSH fleets (``/api/v1/fleets``); None: the app answers 503.
     fleets: Fleets | None = None
+    # Cloud backends (``/api/v1/backends``); None: the app answers 503.
+    backends: Backends | None = None
 
     async def local_telemetry(self) -> list[dict[str, Any]]:
         """A fresh sample of this host's GPUs (a blocking driver call: in a worker thread)."""
@@ -78,6 +81,7 @@ class Services:
 
 
 __all__ = [
+    "Backends",
     "Admission",
     "ClusterInfo",
     "Code",

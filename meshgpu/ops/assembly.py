@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshgpu.ops import (
     Admission,
+    Backends,
     ClusterInfo,
     Code,
     Fleets,
@@ -85,6 +86,7 @@ def assemble(
         runner=parts.runner,
         ssh_keys=SSHKeys(proposer, cluster),
         fleets=Fleets(proposer, cluster, state),
+        backends=Backends(proposer, cluster),
         ingress=Ingress(
             state,
             ident.node_id,

@@ -56,14 +56,10 @@ class Fleets:
                 "apply runs with meshgpu apply (the CLI sends them to the runs API)",
                 "not_a_fleet",
             )
-        if config.ssh_config is None:
-            raise Invalid(
-                "only SSH fleets are provisioned here",
-                "give ssh_config with the hosts: cloud fleets need a backend plugin",
-                "not_ssh_fleet",
-            )
         if not config.name:
             raise Invalid("the fleet needs a name", "add name: my-fleet to the file", "no_name")
+        if config.ssh_config is None:
+            return await self._apply_backend_fleet(config)
         spec = config.model_dump(mode="json", exclude_none=True)
         keys: dict[str, str] = {}
         ca = self.cluster.ca_cert_pem.encode()
@@ -109,6 +105,46 @@ class Fleets:
             raise Invalid("fleet not applied", result.error, result.code or "invalid")
         return self.get(config.name)
 
+    async def _apply_backend_fleet(self, config: FleetConfiguration) -> dict[str, Any]:
+        """A backend (cloud) fleet: its instances are bought by the leader's controller."""
+        backends = self.cluster.fleets.backends
+        if not backends:
+            raise Invalid(
+                "no backend configured",
+                "a fleet without ssh_config provisions from backends: add one first "
+                "(meshgpu backend add local, or meshgpu backend add aws ...)",
+                "no_backend",
+            )
+        if config.nodes is None:
+            raise Invalid(
+                "a backend fleet needs nodes",
+                "give nodes: N or a range (nodes: 0..2 buys instances only for waiting runs)",
+                "no_nodes",
+            )
+        if config.backends:
+            known = set(backends) | {b.type for b in backends.values()}
+            unknown = [b for b in config.backends if b not in known]
+            if unknown:
+                raise Invalid(
+                    "unknown backend",
+                    f"backends: {', '.join(unknown)} is not configured (meshgpu backend ls "
+                    f"shows {', '.join(sorted(backends))})",
+                    "unknown_backend",
+                )
+        other = self.cluster.fleets.fleets.get(config.name)  # type: ignore[arg-type]
+        if other is not None and other.hosts:
+            raise Conflict(
+                "an SSH fleet has this name",
+                f"fleet {config.name} is an SSH fleet: delete it first or pick another name",
+                "fleet_kind",
+            )
+        spec = config.model_dump(mode="json", exclude_none=True)
+        cmd = ApplyFleet(at=time.time(), name=config.name, spec=spec, hostnames=[])  # type: ignore[arg-type]
+        result = await self.proposer.propose(encode_cluster(cmd))
+        if not result.ok:
+            raise Invalid("fleet not applied", result.error, result.code or "invalid")
+        return self.get(config.name)  # type: ignore[arg-type]
+
     def list(self) -> list[dict[str, Any]]:
         return [
             self.view(f) for f in sorted(self.cluster.fleets.fleets.values(), key=lambda f: f.name)
@@ -147,8 +183,38 @@ class Fleets:
                     "updated_at": h.updated_at,
                 }
             )
+        instances = []
+        for i in sorted(f.instances.values(), key=lambda i: i.num):
+            node = self.state.nodes.get(i.node_id) if i.node_id else None
+            o = i.offer
+            instances.append(
+                {
+                    "instance_id": i.instance_id,
+                    "instance": i.num,
+                    "name": f"{f.name}-{i.num}",
+                    "backend": i.backend,
+                    "region": o.get("region", ""),
+                    "instance_type": o.get("instance_type", ""),
+                    "spot": bool(o.get("spot")),
+                    "price": o.get("price"),
+                    "gpus": _gpus_text(o),
+                    "state": i.state,
+                    "reason": i.reason,
+                    "cloud_id": i.ref.get("instance_id") if i.ref else None,
+                    "address": i.ref.get("address") if i.ref else None,
+                    "for_job": i.for_job or None,
+                    "node_id": i.node_id or None,
+                    "node": node.name if node is not None else None,
+                    "created_at": i.created_at,
+                    "updated_at": i.updated_at,
+                }
+            )
+        nodes = f.spec.get("nodes") or {}
         return {
             "name": f.name,
+            "kind": "ssh" if f.spec.get("ssh_config") else "backend",
+            "nodes": {"min": nodes.get("min", 0), "max": nodes.get("max")} if nodes else None,
+            "instances": instances,
             "placement": f.spec.get("placement") or "any",
             "user": cfg.get("user"),
             "deleting": f.deleting,
@@ -156,6 +222,14 @@ class Fleets:
             "updated_at": f.updated_at,
             "hosts": hosts,
         }
+
+
+def _gpus_text(o: dict[str, Any]) -> str:
+    n = o.get("gpu_count") or 0
+    if not n:
+        return "-"
+    mem = f":{o['gpu_memory_gb']:g}GB" if o.get("gpu_memory_gb") else ""
+    return f"{n}x{o.get('gpu_name', '')}{mem}"
 
 
 def _is_private_key(text: str) -> bool:

@@ -92,6 +92,36 @@ def no_offer_reason(
         cap.close()
 
 
+def fits_no_host(
+    state: StateMachine,
+    resources: ResourcesSpec | dict[str, Any],
+    *,
+    spec: RunSpec | None = None,
+    nodes: int = 1,
+    index: SchedulerIndex | None = None,
+) -> bool:
+    """Could no active host run the request, even idle? (What a backend fleet grows for.)"""
+    res = (
+        resources
+        if isinstance(resources, ResourcesSpec)
+        else ResourcesSpec.model_validate(resources)
+    )
+    if index is None:
+        index = SchedulerIndex.shared(state)
+    index.sync(state)
+    cap = Capacity(state, index.hosts, Deadlines(None, SchedulerPolicy()))
+    try:
+        req = req_of(res, (spec or NO_SPEC).placement, exclusive=nodes > 1)
+        for cls, _ in cap.feasible(req):
+            for host in cap.members(cls):
+                if req.filters.by_name() and req.filters.reject(host.node):
+                    continue
+                return False
+        return True
+    finally:
+        cap.close()
+
+
 def _offers(planner: _Planner, res: ResourcesSpec, spec: RunSpec, nodes: int) -> list[Offer]:
     cap = planner.cap
     req = req_of(res, spec.placement, exclusive=nodes > 1)

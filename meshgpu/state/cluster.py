@@ -20,7 +20,18 @@ from pydantic import BaseModel, Field
 
 from meshgpu.security.tokens import JOIN_WINDOW_S
 from meshgpu.state.codec import DOMAIN_TAGS, Command, decode, encode
-from meshgpu.state.fleets import ApplyFleet, DeleteFleet, Fleets, ForgetFleetHost, UpdateFleetHost
+from meshgpu.state.fleets import (
+    AddBackend,
+    AddFleetInstance,
+    ApplyFleet,
+    DeleteFleet,
+    Fleets,
+    ForgetFleetHost,
+    ForgetFleetInstance,
+    RemoveBackend,
+    UpdateFleetHost,
+    UpdateFleetInstance,
+)
 from meshgpu.state.machine import Result, StateMachine
 from meshgpu.state.records import JobTerminationReason
 
@@ -379,6 +390,21 @@ class ClusterState:
     def _on_delete_fleet(self, c: DeleteFleet) -> Result:
         return Result(*self.fleets.delete(c))
 
+    def _on_add_backend(self, c: AddBackend) -> Result:
+        return Result(*self.fleets.add_backend(c))
+
+    def _on_remove_backend(self, c: RemoveBackend) -> Result:
+        return Result(*self.fleets.remove_backend(c))
+
+    def _on_add_fleet_instance(self, c: AddFleetInstance) -> Result:
+        return Result(*self.fleets.add_instance(c))
+
+    def _on_update_fleet_instance(self, c: UpdateFleetInstance) -> Result:
+        return Result(*self.fleets.update_instance(c))
+
+    def _on_forget_fleet_instance(self, c: ForgetFleetInstance) -> Result:
+        return Result(*self.fleets.forget_instance(c))
+
     def _on_set_node_status(self, c: SetNodeStatus) -> Result:
         return Result(True, c.node_id)  # handled by ``Replicated``
 
@@ -408,6 +434,8 @@ class ClusterState:
             doc["ssh_keys"] = [k.model_dump() for k in self.ssh_keys.values()]
         if self.fleets.fleets:  # likewise
             doc["fleets"] = self.fleets.snapshot()
+        if self.fleets.backends:  # likewise
+            doc["backends"] = self.fleets.snapshot_backends()
         return doc
 
     def restore_doc(self, doc: dict[str, Any]) -> None:
@@ -424,6 +452,7 @@ class ClusterState:
             k["fingerprint"]: SSHKey.model_validate(k) for k in doc.get("ssh_keys", [])
         }
         self.fleets.restore(doc.get("fleets", []))
+        self.fleets.restore_backends(doc.get("backends", []))
         self.next_raft_id = doc.get("next_raft_id", 2)
         self.version += 1
 

@@ -22,6 +22,13 @@ from pydantic import BaseModel, Field
 from meshgpu.state.codec import Command
 
 HostState = Literal["provisioning", "active", "failed", "terminating"]
+# A backend fleet's instance (dstack's instance status machine, section 4.3 of the reference):
+# recorded ``pending`` *before* the cloud is asked (so a leader that dies during the call leaves
+# a record the next one reconciles by tag: no orphan, no duplicate), ``provisioning`` once the
+# cloud accepted it, ``idle``/``busy`` once its agent joined, ``terminating`` until the cloud
+# confirms, then forgotten.
+InstanceState = Literal["pending", "provisioning", "idle", "busy", "terminating"]
+BACKEND_NAME = r"^[a-z0-9][a-z0-9-]{0,40}$"
 FLEET_NAME = r"^[a-z0-9][a-z0-9-]{0,40}$"
 
 
@@ -58,6 +65,59 @@ class UpdateFleetHost(_Cmd):
     if_state: HostState | None = None
 
 
+class AddBackend(_Cmd):
+    """Configure a backend (a plugin of the ``meshgpu.backends`` entry-point group) under a
+    name; its credentials sealed to the CA (as fleet keys are)."""
+
+    kind: Literal["add_backend"] = "add_backend"
+    name: str = Field(pattern=BACKEND_NAME)
+    type: str
+    config: dict[str, Any] = Field(default_factory=dict)  # non-secret settings
+    sealed: str = ""  # sealed JSON of the secret settings (hex)
+
+
+class RemoveBackend(_Cmd):
+    kind: Literal["remove_backend"] = "remove_backend"
+    name: str
+
+
+class AddFleetInstance(_Cmd):
+    """A backend fleet's new instance, recorded before the cloud call (state ``pending``)."""
+
+    kind: Literal["add_fleet_instance"] = "add_fleet_instance"
+    name: str  # the fleet
+    instance_id: str
+    backend: str
+    offer: dict[str, Any]
+    reason: str = ""  # why it was created ("for run X", "nodes.min")
+    for_job: str = ""  # the waiting job it is bought for ("" for nodes.min)
+    candidates: list[dict[str, Any]] = Field(default_factory=list)  # offers to fall back on
+    max_instances: int | None = None  # refused when the fleet already has this many
+
+
+class UpdateFleetInstance(_Cmd):
+    kind: Literal["update_fleet_instance"] = "update_fleet_instance"
+    name: str
+    instance_id: str
+    state: InstanceState | None = None
+    reason: str | None = None
+    ref: dict[str, Any] | None = None  # the cloud's handle (InstanceRef)
+    offer: dict[str, Any] | None = None
+    backend: str | None = None
+    token_id: str | None = None
+    node_id: str | None = None
+    idle_since: float | None = None
+    attempts: int | None = None
+    retry_at: float | None = None
+    if_state: InstanceState | None = None
+
+
+class ForgetFleetInstance(_Cmd):
+    kind: Literal["forget_fleet_instance"] = "forget_fleet_instance"
+    name: str
+    instance_id: str
+
+
 class ForgetFleetHost(_Cmd):
     """A terminated host is gone: its record goes (and the fleet's, once it is deleted and
     empty)."""
@@ -89,11 +149,39 @@ class FleetHost(BaseModel):
     updated_at: float = 0.0
 
 
+class FleetInstance(BaseModel):
+    instance_id: str  # also the cloud tag meshgpu-instance
+    num: int
+    backend: str
+    offer: dict[str, Any]  # the Offer taken (type, region, price, spot, gpus ...)
+    for_job: str = ""
+    candidates: list[dict[str, Any]] = Field(default_factory=list)
+    state: InstanceState = "pending"
+    reason: str = ""
+    ref: dict[str, Any] = Field(default_factory=dict)
+    token_id: str = ""
+    node_id: str = ""
+    idle_since: float = 0.0
+    attempts: int = 0
+    retry_at: float = 0.0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class BackendConfig(BaseModel):
+    name: str
+    type: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    sealed: str = ""
+    created_at: float = 0.0
+
+
 class Fleet(BaseModel):
     name: str
     spec: dict[str, Any]
     keys: dict[str, str] = Field(default_factory=dict)
     hosts: dict[str, FleetHost] = Field(default_factory=dict)
+    instances: dict[str, FleetInstance] = Field(default_factory=dict, exclude_if=lambda v: not v)
     created_at: float = 0.0
     updated_at: float = 0.0
     deleting: bool = False
@@ -105,6 +193,96 @@ class Fleets:
 
     def __init__(self) -> None:
         self.fleets: dict[str, Fleet] = {}
+        self.backends: dict[str, BackendConfig] = {}
+
+    def is_backend_fleet(self, f: Fleet) -> bool:
+        return not f.spec.get("ssh_config")
+
+    # -- backends ------------------------------------------------------------------------------
+
+    def add_backend(self, c: AddBackend) -> tuple[bool, Any, str, str]:
+        self.backends[c.name] = BackendConfig(
+            name=c.name, type=c.type, config=dict(c.config), sealed=c.sealed, created_at=c.at
+        )
+        return True, c.name, "", ""
+
+    def remove_backend(self, c: RemoveBackend) -> tuple[bool, Any, str, str]:
+        if c.name not in self.backends:
+            return False, None, f"no backend {c.name}", "not_found"
+        users = sorted(
+            f.name
+            for f in self.fleets.values()
+            if any(i.backend == c.name for i in f.instances.values())
+        )
+        if users:
+            return (
+                False,
+                None,
+                f"backend {c.name} still has instances in fleet {', '.join(users)}: delete "
+                "the fleet (or wait for its instances to go) first",
+                "in_use",
+            )
+        del self.backends[c.name]
+        return True, c.name, "", ""
+
+    # -- backend fleets' instances -------------------------------------------------------------
+
+    def add_instance(self, c: AddFleetInstance) -> tuple[bool, Any, str, str]:
+        f = self.fleets.get(c.name)
+        if f is None or f.deleting:
+            return False, None, f"no fleet {c.name}", "not_found"
+        if c.instance_id in f.instances:
+            return False, None, f"instance {c.instance_id} exists", "exists"
+        if c.max_instances is not None and len(f.instances) >= c.max_instances:
+            return False, None, f"fleet {c.name} has nodes.max instances", "full"
+        f.instances[c.instance_id] = FleetInstance(
+            instance_id=c.instance_id,
+            num=f.next_num,
+            backend=c.backend,
+            offer=dict(c.offer),
+            reason=c.reason,
+            for_job=c.for_job,
+            candidates=list(c.candidates),
+            created_at=c.at,
+            updated_at=c.at,
+        )
+        f.next_num += 1
+        return True, c.instance_id, "", ""
+
+    def update_instance(self, c: UpdateFleetInstance) -> tuple[bool, Any, str, str]:
+        f = self.fleets.get(c.name)
+        inst = f.instances.get(c.instance_id) if f else None
+        if inst is None:
+            return False, None, f"no instance {c.instance_id} in fleet {c.name}", "not_found"
+        if c.if_state is not None and inst.state != c.if_state:
+            return False, None, f"instance {c.instance_id} is {inst.state} now", "stale"
+        if inst.state == "terminating" and c.state not in (None, "terminating"):
+            return False, None, f"instance {c.instance_id} is terminating", "stale"
+        for field in (
+            "state",
+            "reason",
+            "ref",
+            "offer",
+            "backend",
+            "token_id",
+            "node_id",
+            "idle_since",
+            "attempts",
+            "retry_at",
+        ):
+            value = getattr(c, field)
+            if value is not None:
+                setattr(inst, field, value)
+        inst.updated_at = c.at
+        return True, c.instance_id, "", ""
+
+    def forget_instance(self, c: ForgetFleetInstance) -> tuple[bool, Any, str, str]:
+        f = self.fleets.get(c.name)
+        if f is None or f.instances.pop(c.instance_id, None) is None:
+            return False, None, f"no instance {c.instance_id} in fleet {c.name}", "not_found"
+        if f.deleting and not f.hosts and not f.instances:
+            del self.fleets[c.name]
+        return True, c.instance_id, "", ""
 
     def apply(self, c: ApplyFleet) -> tuple[bool, Any, str, str]:
         f = self.fleets.get(c.name)
@@ -156,7 +334,7 @@ class Fleets:
         f = self.fleets.get(c.name)
         if f is None or f.hosts.pop(c.hostname, None) is None:
             return False, None, f"no host {c.hostname} in fleet {c.name}", "not_found"
-        if f.deleting and not f.hosts:
+        if f.deleting and not f.hosts and not f.instances:
             del self.fleets[c.name]
         return True, c.hostname, "", ""
 
@@ -172,8 +350,11 @@ class Fleets:
             if host.state != "terminating":
                 host.state, host.reason, host.updated_at = "terminating", "deleted", c.at
         if not c.hosts:
+            for inst in f.instances.values():
+                if inst.state != "terminating":
+                    inst.state, inst.reason, inst.updated_at = "terminating", "deleted", c.at
             f.deleting = True
-            if not f.hosts:
+            if not f.hosts and not f.instances:
                 del self.fleets[c.name]
         return True, c.name, "", ""
 
@@ -184,8 +365,21 @@ class Fleets:
                     return f, h
         return None
 
+    def instance_by_node(self, node_id: str) -> tuple[Fleet, FleetInstance] | None:
+        for f in self.fleets.values():
+            for i in f.instances.values():
+                if i.node_id == node_id:
+                    return f, i
+        return None
+
     def snapshot(self) -> list[dict[str, Any]]:
         return [f.model_dump() for f in self.fleets.values()]
 
     def restore(self, docs: list[dict[str, Any]]) -> None:
         self.fleets = {d["name"]: Fleet.model_validate(d) for d in docs}
+
+    def snapshot_backends(self) -> list[dict[str, Any]]:
+        return [b.model_dump() for b in self.backends.values()]
+
+    def restore_backends(self, docs: list[dict[str, Any]]) -> None:
+        self.backends = {d["name"]: BackendConfig.model_validate(d) for d in docs}

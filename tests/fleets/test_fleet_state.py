@@ -138,7 +138,7 @@ async def test_apply_refuses_what_it_cannot_provision(tmp_path) -> None:  # type
     _apply(cluster, ["10.0.0.1"])  # fleet gpus holds 10.0.0.1
     ssh = "ssh_config:\n  hosts: [10.0.0.1]\n"
     cases = [
-        ("type: fleet\nname: cloud\nnodes: 2\n", {}, Invalid, "not_ssh_fleet"),
+        ("type: fleet\nname: cloud\nnodes: 2\n", {}, Invalid, "no_backend"),
         ("type: fleet\n" + ssh, {}, Invalid, "no_name"),
         (
             "type: fleet\nname: x\nssh_config:\n  identity_file: k\n  hosts: [10.0.0.9]\n",
@@ -159,3 +159,44 @@ async def test_apply_refuses_what_it_cannot_provision(tmp_path) -> None:  # type
             await fleets.apply(text, "fleet.yml", keys)
         assert e.value.code == code, (text, e.value)
     assert proposed == []
+
+
+def test_backend_fleet_instances_and_backends_in_the_state() -> None:
+    from meshgpu.state.fleets import (
+        AddBackend,
+        AddFleetInstance,
+        ForgetFleetInstance,
+        RemoveBackend,
+        UpdateFleetInstance,
+    )
+
+    c = ClusterState()
+    assert c.apply_cmd(AddBackend(at=1, name="aws", type="aws", sealed="00ff")).ok
+    spec = {"nodes": {"min": 0, "max": 1}}
+    assert c.apply_cmd(ApplyFleet(at=1, name="cloud", spec=spec, hostnames=[])).ok
+    add = AddFleetInstance(
+        at=2, name="cloud", instance_id="i1", backend="aws", offer={"price": 1}, max_instances=1
+    )
+    assert c.apply_cmd(add).ok
+    # nodes.max is enforced by the state (two leaders' decisions cannot both pass)
+    again = add.model_copy(update={"instance_id": "i2"})
+    assert c.apply_cmd(again).code == "full"
+    assert c.apply_cmd(RemoveBackend(at=3, name="aws")).code == "in_use"
+    upd = UpdateFleetInstance(at=3, name="cloud", instance_id="i1", state="terminating")
+    assert c.apply_cmd(upd).ok
+    back = UpdateFleetInstance(at=4, name="cloud", instance_id="i1", state="idle")
+    assert c.apply_cmd(back).code == "stale"  # terminating is final
+    # snapshot round trip; the secrets stay sealed
+    doc = json.loads(json.dumps(c.snapshot_doc()))
+    assert doc["backends"][0]["sealed"] == "00ff"
+    c2 = ClusterState()
+    c2.restore_doc(doc)
+    assert c2.fleets.fleets["cloud"].instances["i1"].state == "terminating"
+    assert c2.fleets.backends["aws"].type == "aws"
+    assert c.apply_cmd(ForgetFleetInstance(at=5, name="cloud", instance_id="i1")).ok
+    assert c.apply_cmd(RemoveBackend(at=6, name="aws")).ok
+    # an SSH fleet's snapshot keeps its shape (no "instances" key when there are none)
+    c.apply_cmd(ApplyFleet(at=7, name="gpus", spec={"ssh_config": {}}, hostnames=["a"]))
+    snap = c.snapshot_doc()
+    assert "instances" not in next(f for f in snap["fleets"] if f["name"] == "gpus")
+    assert "backends" not in snap

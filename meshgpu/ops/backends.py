@@ -1,0 +1,110 @@
+"""Backends as use cases: add (the plugin is loaded and its credentials checked *before* they
+are stored, sealed to the voters), list, remove, and the offers of every backend beside the
+mesh's own capacity (``meshgpu offer``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from meshgpu.errors import Conflict, Invalid, NotFound
+from meshgpu.security import seal
+from meshgpu.state.cluster import encode_cluster
+from meshgpu.state.fleets import BACKEND_NAME, AddBackend, RemoveBackend
+
+if TYPE_CHECKING:
+    from meshgpu.replica.proposer import Proposer
+    from meshgpu.state.cluster import ClusterState
+
+CHECK_TIMEOUT_S = 30.0
+MAX_SETTINGS = 32
+
+
+class Backends:
+    def __init__(self, proposer: Proposer, cluster: ClusterState) -> None:
+        self.proposer, self.cluster = proposer, cluster
+
+    async def add(
+        self, name: str, type_: str, config: dict[str, str], secrets: dict[str, str]
+    ) -> dict[str, Any]:
+        import re
+
+        from meshgpu.fleets.backends import BackendError, CredentialsError, load, types
+
+        if not re.match(BACKEND_NAME, name):
+            raise Invalid(
+                "bad backend name",
+                f"{name!r}: use lowercase letters, digits and dashes (at most 41)",
+                "bad_name",
+            )
+        if len(config) + len(secrets) > MAX_SETTINGS:
+            raise Invalid("too many settings", f"at most {MAX_SETTINGS}", "too_many")
+        if type_ not in types():
+            raise Invalid(
+                "unknown backend type",
+                f"{type_!r} is not installed here (installed: {', '.join(sorted(types()))}): "
+                "install its plugin package on every voter",
+                "unknown_type",
+            )
+
+        def check() -> None:
+            load(type_, name, config, secrets).check()
+
+        try:
+            with trio.fail_after(CHECK_TIMEOUT_S):
+                await trio.to_thread.run_sync(check, abandon_on_cancel=True)
+        except CredentialsError as e:
+            raise Invalid("backend refused the credentials", str(e), "bad_credentials") from None
+        except BackendError as e:
+            raise Invalid("backend not usable", str(e), "backend_error") from None
+        except trio.TooSlowError:
+            raise Invalid(
+                "backend did not answer",
+                f"{type_} did not answer within {CHECK_TIMEOUT_S:g} s: check its endpoint "
+                "and this host's network",
+                "backend_timeout",
+            ) from None
+        sealed = ""
+        if secrets:
+            blob = json.dumps(secrets, sort_keys=True).encode()
+            sealed = seal(blob, self.cluster.ca_cert_pem.encode()).hex()
+        cmd = AddBackend(at=time.time(), name=name, type=type_, config=config, sealed=sealed)
+        result = await self.proposer.propose(encode_cluster(cmd))
+        if not result.ok:
+            raise Invalid("backend not added", result.error, result.code or "invalid")
+        return self.get(name)
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.get(n) for n in sorted(self.cluster.fleets.backends)]
+
+    def get(self, name: str) -> dict[str, Any]:
+        b = self.cluster.fleets.backends.get(name)
+        if b is None:
+            raise NotFound("backend not found", f"no backend {name}", "not_found")
+        used = sum(
+            1
+            for f in self.cluster.fleets.fleets.values()
+            for i in f.instances.values()
+            if i.backend == name
+        )
+        return {
+            "name": b.name,
+            "type": b.type,
+            "config": b.config,
+            "secrets": "sealed" if b.sealed else "none",
+            "instances": used,
+            "created_at": b.created_at,
+        }
+
+    async def remove(self, name: str) -> dict[str, Any]:
+        result = await self.proposer.propose(
+            encode_cluster(RemoveBackend(at=time.time(), name=name))
+        )
+        if not result.ok:
+            if result.code == "in_use":
+                raise Conflict("backend in use", result.error, "in_use")
+            raise NotFound("backend not found", result.error, result.code or "not_found")
+        return {"name": name, "removed": True}
