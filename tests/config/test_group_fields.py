@@ -189,7 +189,6 @@ async def runner(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 async def test_each_job_launches_with_its_groups_environment(runner: ProcessRunner) -> None:
     from meshgpu.runner.toolchain import Toolchain
-
     from meshgpu.state import SubmitRun
 
     text = (
