@@ -307,6 +307,27 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         with contextlib.suppress(OSError):
             os.killpg(pid, sig)  # the session leads its own process group
 
+    async def abort(self, timeout: float = 2.0) -> None:
+        """The server is stopping: kill the session's process group and wait (bounded) until
+        the process is reaped and its pipes are closed (``_finish``)."""
+        proc = self.proc
+        if proc is None or proc.is_closing():
+            return
+        _kill(proc)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not proc.is_closing() and proc.get_returncode() is None:
+                    await asyncio.sleep(0.01)
+        if not proc.is_closing():
+            for t in (*self.readers, self.stdin):
+                if t is not None:
+                    t.close()
+            proc.close()
+        if self.master is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.master)
+            self.master = None
+
     def _output(self, data: bytes, stderr: bool = False) -> None:
         if self.chan is None:
             return

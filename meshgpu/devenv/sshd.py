@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import pwd
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,6 +161,7 @@ class _Connection(asyncssh.SSHServer):
         if self.ctx is None:
             return False
         session = JobSession(self.ctx, self.server.sftp_server)
+        self.server.live.add(session)
         self.channels = [c for c in self.channels if c.chan is not None]
         self.channels.append(session)
         return session
@@ -224,6 +226,8 @@ class SSHServer:
         self.sftp_server = sftp_server() if callable(sftp_server) else sftp_server
         self.bridge = AsyncioThread("sshd")
         self._ids = itertools.count(1)
+        # Every session's process, so that stopping the server leaves none behind (asyncio side).
+        self.live: weakref.WeakSet[JobSession] = weakref.WeakSet()
         self._server: Any = None
         # job -> its open connections (trio side, like the SessionTracker)
         self._by_job: dict[str, dict[int, _Connection]] = {}
@@ -297,6 +301,10 @@ class SSHServer:
 
             async def close() -> None:
                 self._server.close()
+                # Sessions whose client left are still ending (SIGHUP, then SIGKILL later):
+                # end them now, and wait for their processes, so that no process or pipe of
+                # this server outlives it.
+                await asyncio.gather(*(s.abort() for s in list(self.live)))
                 await self._server.wait_closed()
 
             try:
