@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from meshgpu.ops.access import AccessOps
 from meshgpu.ops.admission import Admission
 from meshgpu.ops.cluster import ClusterInfo
 from meshgpu.ops.code import Code
@@ -70,6 +71,9 @@ class Services:
     ssh_keys: SSHKeys | None = None
     # SSH fleets (``/api/v1/fleets``); None: the app answers 503.
     fleets: Fleets | None = None
+    # Users, projects, members, secrets, audit (``/api/v1/users``, ``/projects``, ``/audit``);
+    # None: the app answers 503.
+    access: AccessOps | None = None
 
     async def local_telemetry(self) -> list[dict[str, Any]]:
         """A fresh sample of this host's GPUs (a blocking driver call: in a worker thread)."""
@@ -78,6 +82,7 @@ class Services:
 
 
 __all__ = [
+    "AccessOps",
     "Admission",
     "ClusterInfo",
     "Code",
