@@ -446,9 +446,18 @@ class Replicated:
     """The node's one state machine: jobs state and cluster state on one log."""
 
     def __init__(self) -> None:
-        self.jobs = StateMachine()
         self.cluster = ClusterState()
-        self.jobs.on_audit = lambda at, action, user, project, target: self.cluster.access.audit(
+        self.jobs = StateMachine()
+
+    @property
+    def jobs(self) -> StateMachine:
+        return self._jobs
+
+    @jobs.setter
+    def jobs(self, machine: StateMachine) -> None:
+        # Submit and stop are recorded in the cluster's audit trail as they apply.
+        self._jobs = machine
+        machine.on_audit = lambda at, action, user, project, target: self.cluster.access.audit(
             at, action, user, project, target
         )
 
