@@ -97,7 +97,9 @@ async def test_a_manager_adds_a_member_who_then_can(agent: StubAgent) -> None:
     tokens = await _setup(agent)
     async with as_user(agent, tokens["alice"], "a") as alice:
         assert (await _submit(alice, "alice-run")).status_code == 201
-        r = await alice.post("/api/v1/projects/a/members", json={"user": "carol", "role": "manager"})
+        r = await alice.post(
+            "/api/v1/projects/a/members", json={"user": "carol", "role": "manager"}
+        )
         assert r.status_code == 200, r.text
     async with as_user(agent, tokens["carol"], "a") as carol:
         # A manager adds users, not admins.
@@ -112,7 +114,9 @@ async def test_a_manager_adds_a_member_who_then_can(agent: StubAgent) -> None:
         r = await bob.post("/api/v1/projects/a/members", json={"user": "carol", "role": "user"})
         assert r.status_code == 403
         assert (await bob.post("/api/v1/runs/alice-run/stop", json={})).status_code == 200
-    projects = {p["name"]: p for p in (await as_user(agent, tokens["bob"]).get("/api/v1/projects")).json()}
+    projects = {
+        p["name"]: p for p in (await as_user(agent, tokens["bob"]).get("/api/v1/projects")).json()
+    }
     assert set(projects) == {"a", "b"}
     assert projects["a"]["role"] == "user" and projects["b"]["role"] == "admin"
     async with api(agent) as admin:
@@ -156,9 +160,7 @@ async def test_secrets_are_ciphertext_in_the_log_and_never_in_run_views(agent: S
         r = await alice.put("/api/v1/projects/a/secrets/hf", json={"value": SECRET})
         assert r.status_code == 200, r.text
         assert (await alice.get("/api/v1/projects/a/secrets/hf")).json()["value"] == SECRET
-        assert [s["name"] for s in (await alice.get("/api/v1/projects/a/secrets")).json()] == [
-            "hf"
-        ]
+        assert [s["name"] for s in (await alice.get("/api/v1/projects/a/secrets")).json()] == ["hf"]
         assert (await bob.get("/api/v1/projects/a/secrets/hf")).status_code == 404
         assert (await bob.get("/api/v1/projects/a/secrets")).status_code == 404
         # Referenced in env: accepted; the run keeps the reference, not the value.
