@@ -19,6 +19,7 @@ from meshgpu.testing import AgentProcess
 from tests.agent.conftest import start_mesh, stop_all, wait_for
 
 SECRET = "hf_e2e-Secret-7c1d0a9b52"
+_CLIENTS: list[httpx.Client] = []
 
 
 @pytest.fixture
@@ -27,6 +28,8 @@ def mesh(tmp_path: Path) -> Iterator[list[AgentProcess]]:
     try:
         yield agents
     finally:
+        while _CLIENTS:
+            _CLIENTS.pop().close()
         stop_all(agents)
 
 
@@ -34,7 +37,9 @@ def http(ag: AgentProcess, token: str, project: str | None = None) -> httpx.Clie
     headers = {"Authorization": f"Bearer {token}"}
     if project:
         headers["X-Meshgpu-Project"] = project
-    return httpx.Client(base_url=ag.url, headers=headers, verify=ag.verify(), timeout=15)
+    client = httpx.Client(base_url=ag.url, headers=headers, verify=ag.verify, timeout=15)
+    _CLIENTS.append(client)
+    return client
 
 
 def ok(r: httpx.Response, status: int = 200) -> dict:
