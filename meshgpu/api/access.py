@@ -67,11 +67,11 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
         """Users and their token ids (a global admin sees all; others themselves)."""
         return ops().list_users(who)
 
-    @r.post("/api/v1/users", status_code=201, responses=problems.responses(403, 409, 503, 507))
+    @r.post("/api/v1/users", status_code=201, responses=problems.responses(400, 403, 409, 503, 507))
     async def create_user(body: UserBody, who: auth) -> dict[str, Any]:
         return await ops().create_user(who, body.name, body.global_role)
 
-    @r.delete("/api/v1/users/{name}", responses=problems.responses(403, 404, 503, 507))
+    @r.delete("/api/v1/users/{name}", responses=problems.responses(400, 403, 404, 503, 507))
     async def delete_user(name: str, who: auth) -> dict[str, Any]:
         await ops().delete_user(who, name)
         return {"removed": name}
@@ -96,11 +96,13 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
         """The projects the caller sees: its role, members, quota and GPUs in use."""
         return ops().list_projects(who)
 
-    @r.post("/api/v1/projects", status_code=201, responses=problems.responses(403, 409, 503, 507))
+    @r.post(
+        "/api/v1/projects", status_code=201, responses=problems.responses(400, 403, 409, 503, 507)
+    )
     async def create_project(body: ProjectBody, who: auth) -> dict[str, Any]:
         return await ops().create_project(who, body.name, body.max_gpus)
 
-    @r.delete("/api/v1/projects/{name}", responses=problems.responses(403, 404, 409, 503, 507))
+    @r.delete("/api/v1/projects/{name}", responses=problems.responses(400, 403, 404, 409, 503, 507))
     async def delete_project(name: str, who: auth) -> dict[str, Any]:
         await ops().delete_project(who, name)
         return {"removed": name}

@@ -288,7 +288,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
         its token before it trusts this API's certificate (public: it is no secret)."""
         return {"ca_pem": cluster.ca_pem(), "cluster_id": cluster.cluster_id()}
 
-    @app.post("/api/v1/tokens", status_code=201, responses=problems.responses(503, 507))
+    @app.post("/api/v1/tokens", status_code=201, responses=problems.responses(403, 503, 507))
     async def create_token(
         who: Auth,
         ttl_s: Annotated[
@@ -409,7 +409,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
                 "(in_place)",
                 "model": views.SubmittedRun,
             },
-            **problems.responses(409, 503, 507),
+            **problems.responses(403, 404, 409, 503, 507),
         },
     )
     async def submit(body: SubmitBody, who: Auth, project: ProjectHeader = None) -> JSONResponse:
@@ -425,7 +425,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     @app.patch(
         "/api/v1/runs/{name}",
         response_model=views.RunView,
-        responses=problems.responses(404, 409, 503, 507),
+        responses=problems.responses(403, 404, 409, 503, 507),
     )
     async def update_run(name: str, body: RunUpdate, who: Auth) -> JSONResponse:
         see_run(who, name, "run.stop")
@@ -435,7 +435,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     @app.post(
         "/api/v1/runs/{name}/stop",
         response_model=views.RunView,
-        responses=problems.responses(404, 503, 507),
+        responses=problems.responses(403, 404, 503, 507),
     )
     async def stop(name: str, body: StopBody, who: Auth) -> JSONResponse:
         see_run(who, name, "run.stop")

@@ -64,7 +64,7 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
             raise Denied("not allowed", "/metrics is for global admins", "forbidden")
         return Response(await scrape(services), media_type=CONTENT_TYPE)
 
-    @r.get("/api/v1/runs/{name}/metrics", responses=responses(404))
+    @r.get("/api/v1/runs/{name}/metrics", responses=responses(403, 404))
     async def job_metrics(
         name: str,
         who: auth,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from cryptography.exceptions import InvalidTag
 
+from meshgpu.config.interpolation import secret_names
 from meshgpu.errors import Conflict, Denied, Invalid, NotFound, Unavailable, run_not_found
 from meshgpu.security import policy
 from meshgpu.security.policy import Principal
@@ -453,30 +454,6 @@ class AccessOps:
             return {n: self._open(run.project, n) for n in names}
 
         return await trio.to_thread.run_sync(open_all)
-
-
-def secret_names(config: dict[str, Any]) -> list[str]:
-    """Names of the secrets a run configuration (its JSON) references in ``env`` and
-    ``registry_auth``."""
-    from meshgpu.config.interpolation import references
-
-    texts: list[str] = []
-    env = config.get("env") or {}
-    if isinstance(env, dict):
-        texts += [v for v in env.values() if isinstance(v, str)]
-    elif isinstance(env, list):
-        texts += [v for v in env if isinstance(v, str)]
-    auth = config.get("registry_auth") or {}
-    if isinstance(auth, dict):
-        texts += [v for v in auth.values() if isinstance(v, str)]
-    names: list[str] = []
-    for t in texts:
-        try:
-            refs = references(t)
-        except ValueError:
-            continue
-        names += [r.name for r in refs if r.namespace == "secrets"]
-    return sorted(set(names))
 
 
 def project_gpus(state: StateMachine) -> dict[str, int]:

@@ -26,7 +26,7 @@ import trio
 
 from meshgpu.client.archive import ArchiveLimits, ArchiveRefused, extract_archive
 from meshgpu.clock import SYSTEM_CLOCK, Clock
-from meshgpu.config.interpolation import group_ips, interpolate
+from meshgpu.config.interpolation import group_ips, interpolate, secret_names
 from meshgpu.config.spec import NO_SPEC, RunSpec
 from meshgpu.host.toolchain import Toolchain, discover
 from meshgpu.runner.code import CodeStore, fetch_sources
@@ -508,8 +508,6 @@ class Executor:
     async def _secrets(self, job_id: str, config: dict[str, Any]) -> dict[str, str]:
         """The project secrets the job's configuration names, from a voter over the peer
         port (``{}`` when it names none)."""
-        from meshgpu.ops.access import secret_names
-
         if not secret_names(config):
             return {}
         if self.secrets is None:

@@ -18,10 +18,11 @@ what another project runs. A member who may read but not do gets 403 (``denied``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from meshgpu.state.access import Access
+# The replicated access records (``meshgpu.state.access.Access``; not imported: the state
+# imports this module).
+Access = Any
 
 ADMIN = "admin"
 

@@ -8,6 +8,9 @@ and is masked in the job's log."""
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,4 +151,28 @@ def test_projects_roles_tokens_and_secrets_across_three_nodes(
     seen = {(e["action"], e["user"]) for e in audit}
     assert {("submit", "alice"), ("secret set", "alice"), ("member add", "carol")} <= seen
     assert ("stop", "bob") in seen
+
+    # The CLI: a profile's project, secrets from stdin, project usage, the audit trail.
+    env = {"MESHGPU_TOKEN": tokens["alice"], "MESHGPU_PROJECT": "a"}
+    r = subprocess.run(
+        [sys.executable, "-m", "meshgpu", "secret", "set", "wandb"],
+        input="from-stdin-value\n",
+        capture_output=True,
+        text=True,
+        env=c.cli_env() | env,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    r = c.cli("secret", "get", "wandb", env=env)
+    assert r.stdout.strip() == "from-stdin-value", r.stderr
+    assert "wandb" in c.cli("secret", "ls", env=env).stdout
+    listed = c.cli("project", "ls", "--json", env=env)
+    assert {p["name"] for p in json.loads(listed.stdout)} == {"a"}, listed.stderr
+    assert "alice-run" in c.cli("ps", "-a", env=env).stdout
+    assert "alice-run" not in c.cli("--project", "main", "ps", "-a").stdout
+    r = c.cli("audit", "--project", "a", "--since", "1h", env=env)
+    assert "secret set" in r.stdout and "wandb" in r.stdout, r.stderr
+    r = c.cli("user", "create", "dave", env=env)
+    assert r.returncode != 0 and "global admin" in r.stderr
     gate.touch()
