@@ -211,6 +211,9 @@ class Agent:
                 nursery.start_soon(follow_applied, node, services.ingress.notify)
                 nursery.start_soon(services.ingress.run)
             peer_server.serve(answers(services, cluster, gossip.handle_request))
+            executor.secrets = partial(
+                fetch_job_secrets, services, cluster, self.peer, ident.node_id, ident.tls
+            )
             await serve_front(
                 nursery,
                 api_socket,
@@ -387,3 +390,29 @@ class Agent:
             await self.runner.aclose()
         if self.node is not None:
             self.node.storage.close()
+
+
+async def fetch_job_secrets(
+    services: Any, cluster: Any, peer: Any, node_id: str, tls: Any, job_id: str
+) -> dict[str, str]:
+    """A job's project secrets for this host: opened here if this host is a voter (it holds
+    the CA key), else from the leader or another voter over the peer port (mutual TLS; the
+    callee checks the job is this host's)."""
+    from meshgpu.errors import MeshError
+
+    if services.access is not None and tls.ca_key_path.exists():
+        return await services.access.resolve_for_job(node_id, job_id)  # type: ignore[no-any-return]
+    holders = [
+        m
+        for m in cluster.members.values()
+        if not m.removed
+        and m.node_id != node_id
+        and (m.raft_id in cluster.ca_grants or not m.csr_pem)
+    ]
+    last: Exception | None = None
+    for m in holders:
+        try:
+            return await peer.secrets(m.node_id, job_id, timeout=10.0)  # type: ignore[no-any-return]
+        except MeshError as e:
+            last = e
+    raise RuntimeError(f"no voter could give this job its secrets: {last or 'no voter known'}")

@@ -9,13 +9,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import WebSocketRoute
 
-from meshgpu.api import fleets, metrics, offers, problems, sshkeys, tunnel, views
+from meshgpu.api import access, fleets, metrics, offers, problems, sshkeys, tunnel, views
 from meshgpu.api.problems import Problem
 from meshgpu.api.views import node_view, run_summary, run_view
 from meshgpu.client.http import MEMBERS_HEADER
 from meshgpu.config.common import EnvOverrides, Utf8Str
 from meshgpu.devenv.tunnel import Tunnels
+from meshgpu.errors import Denied
 from meshgpu.runner.code import valid_sha256
+from meshgpu.security import policy
+from meshgpu.security.policy import Principal
 from meshgpu.services.ingress import Ingress
 
 if TYPE_CHECKING:
@@ -27,6 +30,9 @@ MAX_JSON_BODY = 1 << 20
 # checked before its body is read.
 PUBLIC_PATHS = frozenset({"/healthz", "/api/v1/join", "/api/v1/join/ca", "/openapi.json"})
 AUTHENTICATED = "meshgpu.authenticated"  # set in the ASGI scope once the token checked out
+PRINCIPAL = "meshgpu.principal"  # who the token is (``meshgpu/security/policy.py``), likewise
+PROJECT_HEADER = "X-Meshgpu-Project"
+DEFAULT_PROJECT = "main"
 BEARER_DOC = "The cluster's API token (~/.meshgpu/client.toml)"
 ARCHIVE_BODY = {  # a code archive's body (read as it streams, not as a parameter)
     "requestBody": {
@@ -121,7 +127,8 @@ class _Guard:
         if path not in PUBLIC_PATHS:
             header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             token = problems.bearer_token(header.decode("latin-1"))
-            if not token or not cluster.api_token_ok(token):
+            who = cluster.principal(token) if token else None
+            if who is None:
                 e = problems.unauthorized()
                 response = problems.problem_response(
                     e.status, e.title, e.detail, e.code, headers=e.headers
@@ -129,6 +136,7 @@ class _Guard:
                 await response(scope, receive, send_with_index)
                 return
             scope[AUTHENTICATED] = True
+            scope[PRINCIPAL] = who
 
         limit = self.code_limit + (64 << 10) if path.startswith("/api/v1/code") else MAX_JSON_BODY
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
@@ -173,11 +181,13 @@ class _Guard:
         the same 401 problem an HTTP request gets (the WebSocket denial response)."""
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         token = problems.bearer_token(header.decode("latin-1"))
-        if not token or not self.cluster.api_token_ok(token):
+        who = self.cluster.principal(token) if token else None
+        if who is None:
             e = problems.unauthorized()
             await tunnel.deny(scope, receive, send, e)
             return
         scope[AUTHENTICATED] = True
+        scope[PRINCIPAL] = who
         await self.app(scope, receive, send)
 
 
@@ -188,7 +198,7 @@ class _IngressHook:
     def __init__(self, app: Any, services: "Services") -> None:  # noqa: UP037
         if services.ingress is None:
             services.ingress = Ingress(
-                services.state, services.node_id, services.cluster.api_token_ok
+                services.state, services.node_id, services.cluster.project_token_ok
             )
         self.handle = services.ingress.handle
         self.app = app
@@ -215,20 +225,44 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
 
     async def auth(
         request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-    ) -> None:
-        """The bearer token; ``_Guard`` checked it before the body was read (the dependency
-        documents it in /openapi.json, and holds a route to it wherever the app is served)."""
-        if request.scope.get(AUTHENTICATED):
-            return
+    ) -> Principal:
+        """The caller, by its bearer token; ``_Guard`` checked it before the body was read (the
+        dependency documents it in /openapi.json, and holds a route to it wherever the app is
+        served)."""
+        who = request.scope.get(PRINCIPAL)
+        if who is not None:
+            return who  # type: ignore[no-any-return]
         token = problems.bearer_token(request.headers.get("authorization", ""))
-        if not token or not cluster.api_token_ok(token):
+        who = cluster.principal(token) if token else None
+        if who is None:
             raise problems.unauthorized()
+        return who
+
+    def see_run(who: Principal, name: str, action: str = "project.read") -> Any:
+        """The run, if the caller may see its project (else 404, as for no such run) and do
+        ``action`` there (else 403): the policy's answer (``meshgpu/ops/access.py``)."""
+        if services.access is None:
+            return runs.get(name)
+        return services.access.see_run(who, name, action)
+
+    def require_global(who: Principal, action: str) -> None:
+        if not policy.allowed_global(who, action):
+            raise Denied("not allowed", f"{who.user} is no global admin", "forbidden")
+
+    ProjectHeader = Annotated[
+        str | None,
+        Header(
+            alias=PROJECT_HEADER,
+            max_length=40,
+            description="The project (the client profile's; default main)",
+        ),
+    ]
 
     async def consistent_read(consistent: bool = False) -> None:
         if consistent:
             await cluster.read_index()
 
-    Auth = Annotated[None, Depends(auth)]
+    Auth = Annotated[Principal, Depends(auth)]
     Read = Annotated[None, Depends(consistent_read)]
 
     @app.post("/api/v1/join", responses=problems.responses(400, 403, 409, 503, 507))
@@ -254,9 +288,9 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
         its token before it trusts this API's certificate (public: it is no secret)."""
         return {"ca_pem": cluster.ca_pem(), "cluster_id": cluster.cluster_id()}
 
-    @app.post("/api/v1/tokens", status_code=201, responses=problems.responses(503, 507))
+    @app.post("/api/v1/tokens", status_code=201, responses=problems.responses(403, 503, 507))
     async def create_token(
-        _: Auth,
+        who: Auth,
         ttl_s: Annotated[
             float,
             Query(
@@ -269,6 +303,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
             bool, Query(description="Let many hosts join with it (default: single-use)")
         ] = False,
     ) -> dict[str, Any]:
+        require_global(who, "cluster.manage")
         token = await services.tokens.create(ttl_s or None, reusable=reusable)
         return {
             "token": token,
@@ -277,8 +312,9 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
             "reusable": reusable,
         }
 
-    @app.delete("/api/v1/tokens/{token_id}", responses=problems.responses(404, 503, 507))
-    async def revoke_token(token_id: str, _: Auth) -> dict[str, Any]:
+    @app.delete("/api/v1/tokens/{token_id}", responses=problems.responses(403, 404, 503, 507))
+    async def revoke_token(token_id: str, who: Auth) -> dict[str, Any]:
+        require_global(who, "cluster.manage")
         await services.tokens.revoke(token_id)
         return {"revoked": token_id}
 
@@ -330,8 +366,9 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
 
     @app.get("/api/v1/runs", response_model=views.RunPage)
     async def list_runs(
-        _: Auth,
+        who: Auth,
         __: Read,
+        project: ProjectHeader = None,
         all: Annotated[bool, Query(description="Finished runs too (else active only)")] = False,
         limit: Limit = views.DEFAULT_LIMIT,
         cursor: Cursor = None,
@@ -339,7 +376,13 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
         """Runs, newest first, a page at a time; without their configurations (``GET
         /api/v1/runs/{name}`` has it)."""
         after = views.decode_cursor("runs", cursor) if cursor else None
-        found_runs = state.runs.values()
+        acc = cluster.cluster.access
+        seen = set(policy.visible_projects(acc, who)) if not who.is_admin else None
+        found_runs = [
+            r
+            for r in state.runs.values()
+            if (project is None or r.project == project) and (seen is None or r.project in seen)
+        ]
         if not all:
             found_runs = [r for r in found_runs if not r.status.is_finished()]
         found, last = views.page(found_runs, views.run_key, limit, after)
@@ -351,9 +394,9 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
         )
 
     @app.get("/api/v1/runs/{name}", response_model=views.RunView, responses=problems.responses(404))
-    async def get_run(name: str, _: Auth, __: Read) -> JSONResponse:
+    async def get_run(name: str, who: Auth, __: Read) -> JSONResponse:
         """One run with its configuration."""
-        return JSONResponse(run_view(runs.get(name), state, services.rates))
+        return JSONResponse(run_view(see_run(who, name), state, services.rates))
 
     @app.post(
         "/api/v1/runs",
@@ -366,11 +409,14 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
                 "(in_place)",
                 "model": views.SubmittedRun,
             },
-            **problems.responses(409, 503, 507),
+            **problems.responses(403, 404, 409, 503, 507),
         },
     )
-    async def submit(body: SubmitBody, _: Auth) -> JSONResponse:
-        run, updated = await runs.submit(body)
+    async def submit(body: SubmitBody, who: Auth, project: ProjectHeader = None) -> JSONResponse:
+        where = project or DEFAULT_PROJECT
+        if services.access is not None:
+            services.access.require(who, "run.submit", where)
+        run, updated = await runs.submit(body, project=where, user=who.user)
         if updated is not None:
             view = run_view(run, state, services.rates) | {"updated_in_place": updated}
             return JSONResponse(view, status_code=200)
@@ -379,19 +425,21 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     @app.patch(
         "/api/v1/runs/{name}",
         response_model=views.RunView,
-        responses=problems.responses(404, 409, 503, 507),
+        responses=problems.responses(403, 404, 409, 503, 507),
     )
-    async def update_run(name: str, body: RunUpdate, _: Auth) -> JSONResponse:
+    async def update_run(name: str, body: RunUpdate, who: Auth) -> JSONResponse:
+        see_run(who, name, "run.stop")
         run = await runs.set_priority(name, body.priority)
         return JSONResponse(run_view(run, state, services.rates))
 
     @app.post(
         "/api/v1/runs/{name}/stop",
         response_model=views.RunView,
-        responses=problems.responses(404, 503, 507),
+        responses=problems.responses(403, 404, 503, 507),
     )
-    async def stop(name: str, body: StopBody, _: Auth) -> JSONResponse:
-        run = await runs.stop(name, body.abort)
+    async def stop(name: str, body: StopBody, who: Auth) -> JSONResponse:
+        see_run(who, name, "run.stop")
+        run = await runs.stop(name, body.abort, by=who.user)
         return JSONResponse(run_view(run, state, services.rates))
 
     async def read_archive(request: Request) -> bytes:
@@ -463,8 +511,9 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
         },
     )
     async def logs(
-        name: str, _: Auth, job: int = 0, follow: Annotated[bool, Query()] = False
+        name: str, who: Auth, job: int = 0, follow: Annotated[bool, Query()] = False
     ) -> StreamingResponse:
+        see_run(who, name)
         source = services.logs.source(name, job)
         if source.node_id is not None:
             # The log lives on the host that ran the job: streamed through from there, over
@@ -478,15 +527,22 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
 
     if services.tunnels is None:
         services.tunnels = Tunnels(state, services.node_id)
+    if services.tunnels.may_attach is None:
+        services.tunnels.may_attach = lambda who, project: policy.allowed(
+            cluster.cluster.access, who, "run.attach", project
+        )
     # ssh-proxy's tunnel (a WebSocket): plain ASGI, the guard checked the token before it.
     app.router.routes.append(
-        WebSocketRoute(tunnel.PATH, tunnel.TunnelEndpoint(services.tunnels, AUTHENTICATED))
+        WebSocketRoute(
+            tunnel.PATH, tunnel.TunnelEndpoint(services.tunnels, AUTHENTICATED, PRINCIPAL)
+        )
     )
 
     app.include_router(offers.router(services, Auth, Read))
     app.include_router(metrics.router(services, Auth, Read))
     app.include_router(sshkeys.router(services, Auth, Read))
     app.include_router(fleets.router(services, Auth, Read))
+    app.include_router(access.router(services, Auth, Read))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

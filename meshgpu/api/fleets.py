@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field
 
 from meshgpu.api import problems
 from meshgpu.api.problems import Problem
+from meshgpu.errors import Denied
 
 if TYPE_CHECKING:
     from meshgpu.ops import Services
@@ -37,14 +38,26 @@ class BackendBody(BaseModel):
 def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP037 - see app.py
     r = APIRouter()
 
+    def admin_only(who: Any) -> None:
+        if not who.is_admin:
+            raise Denied(
+                "not allowed",
+                "fleets are the mesh's: only a global admin changes them",
+                "forbidden",
+            )
+
     def fleets() -> Any:
         if services.fleets is None:
             raise Problem(503, "fleets unavailable", "this node serves no fleets", "unavailable")
         return services.fleets
 
-    @r.post("/api/v1/fleets", status_code=201, responses=problems.responses(400, 409, 503, 507))
-    async def apply_fleet(body: FleetBody, _: auth) -> dict[str, Any]:
-        """Create or change an SSH fleet; the leader brings its hosts in (and out)."""
+    @r.post(
+        "/api/v1/fleets", status_code=201, responses=problems.responses(400, 403, 409, 503, 507)
+    )
+    async def apply_fleet(body: FleetBody, who: auth) -> dict[str, Any]:
+        """Create or change an SSH fleet; the leader brings its hosts in (and out). Its hosts
+        join the mesh every project shares (fair share), so it takes a global admin."""
+        admin_only(who)
         return await fleets().apply(body.configuration, body.filename, body.identities)
 
     @r.get("/api/v1/fleets")
@@ -55,13 +68,14 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
     async def get_fleet(name: str, _: auth, __: read) -> dict[str, Any]:
         return fleets().get(name)
 
-    @r.delete("/api/v1/fleets/{name}", responses=problems.responses(404, 503, 507))
+    @r.delete("/api/v1/fleets/{name}", responses=problems.responses(403, 404, 503, 507))
     async def delete_fleet(
         name: str,
-        _: auth,
+        who: auth,
         host: Annotated[list[str] | None, Query(description="Only these hosts")] = None,
     ) -> dict[str, Any]:
         """Drain and remove the fleet's hosts (or only ``host``), then the fleet."""
+        admin_only(who)
         return await fleets().delete(name, host or [])
 
     def backends() -> Any:

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 
 from meshgpu.api.problems import responses
 from meshgpu.api.prometheus import CONTENT_TYPE, node_families, render
+from meshgpu.errors import Denied
 from meshgpu.ops.metrics import usage_of
 from meshgpu.runner.usage import GroupUsage
 
@@ -48,21 +49,25 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
         "/metrics",
         response_class=Response,
         responses={
+            **responses(403),
             200: {
                 "description": "Prometheus text exposition format",
                 "content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
-            }
+            },
         },
     )
-    async def metrics(_: auth) -> Response:
-        """Prometheus text format. It names the runs with jobs on this host, so it takes the
-        bearer token like the rest of the API (Prometheus: ``authorization.credentials_file``)."""
+    async def metrics(who: auth) -> Response:
+        """Prometheus text format. It names the runs with jobs on this host, of every project,
+        so it takes a global admin's bearer token (Prometheus:
+        ``authorization.credentials_file``)."""
+        if not who.is_admin:
+            raise Denied("not allowed", "/metrics is for global admins", "forbidden")
         return Response(await scrape(services), media_type=CONTENT_TYPE)
 
-    @r.get("/api/v1/runs/{name}/metrics", responses=responses(404))
+    @r.get("/api/v1/runs/{name}/metrics", responses=responses(403, 404))
     async def job_metrics(
         name: str,
-        _: auth,
+        who: auth,
         __: read,
         job: Annotated[int | None, Query(ge=0, description="Job number; all by default")] = None,
         local: Annotated[
@@ -70,6 +75,8 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
         ] = False,
     ) -> dict[str, Any]:
         # The hosts that run the jobs are asked over the peer port (meshgpu/peer).
+        if services.access is not None:
+            services.access.see_run(who, name)
         return await services.metrics.run(name, job, local=local)
 
     return r

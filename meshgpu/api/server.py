@@ -65,7 +65,7 @@ async def serve(
     ingress = services.ingress
     raw = tunnel.RawTunnel(
         services.tunnels,
-        services.cluster.api_token_ok,
+        services.cluster.principal,
         ingress.domain if ingress is not None else None,
     )
     front = Front(wrap(app) if wrap else app, cfg, tunnel.UPGRADE, raw.claim)

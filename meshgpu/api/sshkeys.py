@@ -46,17 +46,20 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
         response_model=SSHKeyView,
         responses=problems.responses(400, 503, 507),
     )
-    async def add_ssh_key(body: SSHKeyBody, _: auth) -> dict[str, Any]:
-        """Register a public key (the same key again is no error: it keeps its first name)."""
-        return await keys().add(body.public_key, body.name)
+    async def add_ssh_key(body: SSHKeyBody, who: auth) -> dict[str, Any]:
+        """Register a public key as the caller's: it opens sessions into the jobs of the
+        projects the caller may attach to (the same key again is no error: it keeps its first
+        name and user)."""
+        return await keys().add(body.public_key, body.name, user=who.user)
 
     @r.get("/api/v1/ssh/keys", response_model=list[SSHKeyView])
-    async def list_ssh_keys(_: auth, __: read) -> list[dict[str, Any]]:
-        return keys().list()
+    async def list_ssh_keys(who: auth, __: read) -> list[dict[str, Any]]:
+        """The caller's keys (a global admin: everyone's)."""
+        return [k for k in keys().list() if who.is_admin or k["user"] == who.user]
 
     @r.delete("/api/v1/ssh/keys/{fingerprint:path}", responses=problems.responses(404, 503, 507))
-    async def remove_ssh_key(fingerprint: str, _: auth) -> dict[str, Any]:
-        await keys().remove(fingerprint)
+    async def remove_ssh_key(fingerprint: str, who: auth) -> dict[str, Any]:
+        await keys().remove(fingerprint, None if who.is_admin else who.user)
         return {"removed": fingerprint}
 
     return r

@@ -45,9 +45,10 @@ MARK = (b"Meshgpu-Tunnel", b"1")  # on every answer to an UPGRADE request: "a no
 class TunnelEndpoint:
     """The route's ASGI app (a WebSocket route of the API's router)."""
 
-    def __init__(self, tunnels: Tunnels, authenticated: str) -> None:
+    def __init__(self, tunnels: Tunnels, authenticated: str, principal: str = "") -> None:
         self.tunnels = tunnels
         self.authenticated = authenticated  # the scope key the guard sets
+        self.principal = principal  # the scope key of the caller (policy checks)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if not scope.get(self.authenticated):  # the guard answers first; never relay without
@@ -56,7 +57,7 @@ class TunnelEndpoint:
         name = scope["path_params"]["name"]
         try:
             job = _job_param(scope.get("query_string", b""))
-            target = self.tunnels.target(name, job)
+            target = self.tunnels.target(name, job, scope.get(self.principal))
             stream = await self.tunnels.connect(target)
         except errors.MeshError as e:
             await deny(scope, receive, send, problems.from_error(e))
@@ -121,8 +122,10 @@ class RawTunnel:
     answers with, before any SSH byte."""
 
     def __init__(
-        self, tunnels: Tunnels, token_ok: Callable[[str], bool], ingress_domain: bytes | None
+        self, tunnels: Tunnels, token_ok: Callable[[str], Any], ingress_domain: bytes | None
     ) -> None:
+        """``token_ok``: the caller of a token (a ``Principal``; None or False: no valid
+        token)."""
         self.tunnels, self.token_ok, self.domain = tunnels, token_ok, ingress_domain
 
     def claim(self, head: Head) -> Callable[[Head, trio.abc.Stream], Awaitable[None]] | None:
@@ -141,12 +144,13 @@ class RawTunnel:
 
     async def handle(self, head: Head, client: trio.abc.Stream) -> None:
         token = problems.bearer_token((head.header(b"authorization") or b"").decode("latin-1"))
-        if not token or not self.token_ok(token):
+        who = self.token_ok(token) if token else None
+        if not who:
             await answer_problem(client, problems.unauthorized())
             return
         try:
             job = _job_param(head.query)
-            target = self.tunnels.target(head.name, job)
+            target = self.tunnels.target(head.name, job, who if who is not True else None)
             server = await self.tunnels.connect(target)
         except errors.MeshError as e:
             await answer_problem(client, problems.from_error(e))

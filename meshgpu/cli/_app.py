@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import os
+from typing import Annotated
+
 import typer
 
-from meshgpu.cli import _agent, _attach, _cluster, _config, _fleets, _metrics, _offer, _runs
+from meshgpu.cli import (
+    _access,
+    _agent,
+    _attach,
+    _cluster,
+    _config,
+    _fleets,
+    _metrics,
+    _offer,
+    _runs,
+)
 
 app = typer.Typer(
     name="meshgpu",
@@ -17,6 +30,10 @@ app.add_typer(_config.app, name="config")
 app.add_typer(_cluster.token_app, name="token")
 app.add_typer(_fleets.app, name="fleet")
 app.add_typer(_fleets.backend_app, name="backend")
+app.add_typer(_access.user_app, name="user")
+app.add_typer(_access.project_app, name="project")
+app.add_typer(_access.secret_app, name="secret")
+app.command()(_access.audit)
 app.command()(_agent.agent)
 app.command(context_settings={"allow_interspersed_args": False})(_runs.apply)
 app.command(context_settings={"allow_interspersed_args": False})(_runs.submit)
@@ -37,6 +54,20 @@ def version() -> None:
     import meshgpu
 
     print(meshgpu.__version__)
+
+
+@app.callback()
+def _options(
+    project: Annotated[
+        str | None,
+        typer.Option(
+            "--project",
+            help="The project commands act in (or MESHGPU_PROJECT; the profile's project = ...)",
+        ),
+    ] = None,
+) -> None:
+    if project:
+        os.environ["MESHGPU_PROJECT"] = project
 
 
 def main() -> None:

@@ -48,9 +48,12 @@ class Client:
     def __init__(self, profile: Profile, timeout: float = 30.0) -> None:
         self.profile = profile
         self._urls = [profile.url, *profile.members]
+        headers = {"Authorization": f"Bearer {profile.token}"} if profile.token else {}
+        if profile.project:
+            headers[PROJECT_HEADER] = profile.project
         self._http = httpx.Client(
             base_url=profile.url,
-            headers={"Authorization": f"Bearer {profile.token}"} if profile.token else {},
+            headers=headers,
             timeout=httpx.Timeout(timeout, connect=5.0),
             verify=profile.verify(),
         )
@@ -75,7 +78,9 @@ class Client:
         p = self.profile
         if p.path is not None and self.url == p.url:
             try:
-                write_profile(p.path, p.url, p.token, tuple(self._urls[1:]), p.ca)
+                write_profile(
+                    p.path, p.url, p.token, tuple(self._urls[1:]), p.ca, _file_project(p.path)
+                )
             except OSError:
                 pass  # a read-only profile: the members are only remembered for this process
 
@@ -121,6 +126,10 @@ class Client:
         i = self._urls.index(self.url) if self.url in self._urls else -1
         self._http.base_url = httpx.URL(self._urls[(i + 1) % len(self._urls)])
         return True
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        """Any API call: its JSON answer (``APIError`` on a problem)."""
+        return self._request(method, path, **kw).json()
 
     # -- endpoints ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -247,3 +256,17 @@ class Client:
     def prometheus(self) -> str:
         """The node's ``/metrics`` page (Prometheus text format)."""
         return self._request("GET", "/metrics").text
+
+
+PROJECT_HEADER = "X-Meshgpu-Project"
+
+
+def _file_project(path: Any) -> str | None:
+    """The ``project`` the profile file itself names (kept when it is rewritten)."""
+    import tomllib
+
+    try:
+        value = tomllib.loads(path.read_text()).get("project")
+    except (OSError, ValueError):
+        return None
+    return str(value) if value else None

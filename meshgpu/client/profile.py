@@ -34,6 +34,9 @@ class Profile:
     # The cluster CA (PEM) the node's certificate must chain to; None: the system's CAs (a
     # node behind a proxy with a public certificate, or plain http).
     ca: str | None = None
+    # The project commands act in (``--project``/``MESHGPU_PROJECT``, else the file's
+    # ``project``); None: the server's default (main).
+    project: str | None = None
 
     def verify(self) -> ssl.SSLContext | bool:
         """What httpx checks the node's certificate against."""
@@ -82,12 +85,14 @@ def load_profile(url: str | None = None, token: str | None = None) -> Profile:
             ca = Path(ca_file).read_text()
         except OSError as e:
             raise APIError(0, f"cannot read MESHGPU_CA={ca_file}", str(e)) from None
+    project = os.environ.get("MESHGPU_PROJECT") or data.get("project") or None
     return Profile(
         urls[0],
         token or "",
         tuple(dict.fromkeys(m for m in members if m != urls[0])),
         path if path.exists() and not given else None,
         ca,
+        str(project) if project else None,
     )
 
 
@@ -97,12 +102,15 @@ def write_profile(
     token: str,
     members: tuple[str, ...] | list[str] = (),
     ca: str | None = None,
+    project: str | None = None,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     text = f'url = "{url}"\ntoken = "{token}"\n'
     if members:
         text += "members = [" + ", ".join(f'"{m}"' for m in members) + "]\n"
+    if project:
+        text += f'project = "{project}"\n'
     if ca:
         text += f'ca = """\n{ca.strip()}\n"""\n'
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

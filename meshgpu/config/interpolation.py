@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 KNOWN_NAMESPACES = ("secrets", "env", "run", "dstack", "groups")
 _REF = re.compile(r"(\$?)\$\{\{(.*?)\}\}", re.DOTALL)
@@ -158,3 +159,25 @@ def group_ips(ips: Sequence[Sequence[str]], member: str) -> Callable[[str], str]
         return ips[i][j]
 
     return lookup
+
+
+def secret_names(config: dict[str, Any]) -> list[str]:
+    """Names of the secrets a run configuration (its JSON) references in ``env`` and
+    ``registry_auth``."""
+    texts: list[str] = []
+    env = config.get("env") or {}
+    if isinstance(env, dict):
+        texts += [v for v in env.values() if isinstance(v, str)]
+    elif isinstance(env, list):
+        texts += [v for v in env if isinstance(v, str)]
+    auth = config.get("registry_auth") or {}
+    if isinstance(auth, dict):
+        texts += [v for v in auth.values() if isinstance(v, str)]
+    names: list[str] = []
+    for t in texts:
+        try:
+            refs = references(t)
+        except ValueError:
+            continue
+        names += [r.name for r in refs if r.namespace == "secrets"]
+    return sorted(set(names))

@@ -73,7 +73,7 @@ def judge(
     if found is None:
         return Verdict(True, error=f"no run or job named {username!r} (see meshgpu ps)")
     run, num, job = found
-    if not may_see(key, run.project):
+    if not may_see(key, run.project, cluster.access):
         return Verdict(False)
     if job is None:
         n = len(run.job_ids)

@@ -8,8 +8,9 @@ project) is the SSH server's, on the host: the tunnel carries SSH bytes it canno
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -67,9 +68,19 @@ class Tunnels:
 
     def __init__(self, state: StateMachine, node_id: str) -> None:
         self.state, self.node_id = state, node_id
+        # (caller, project) -> may attach there (the policy's, set by the API); None: anyone
+        # with a valid token (tests that build tunnels alone).
+        self.may_attach: Callable[[Any, str], bool] | None = None
 
-    def target(self, name: str, job: int | None = None) -> TunnelTarget:
+    def target(self, name: str, job: int | None = None, who: Any = None) -> TunnelTarget:
         found = select_job(self.state, name, job)
+        run = self.state.runs.get(found.run_name)
+        if (
+            who is not None
+            and self.may_attach is not None
+            and (run is None or not self.may_attach(who, run.project))
+        ):
+            raise run_not_found(name)  # another project's run is no run at all to the caller
         label = f"{found.run_name} job {found.job_num}"
         if found.status.is_finished():
             reason = found.termination_reason or found.status.value

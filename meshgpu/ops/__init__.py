@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from meshgpu.ops.access import AccessOps
 from meshgpu.ops.admission import Admission
 from meshgpu.ops.backends import Backends
 from meshgpu.ops.cluster import ClusterInfo
@@ -73,6 +74,9 @@ class Services:
     fleets: Fleets | None = None
     # Cloud backends (``/api/v1/backends``); None: the app answers 503.
     backends: Backends | None = None
+    # Users, projects, members, secrets, audit (``/api/v1/users``, ``/projects``, ``/audit``);
+    # None: the app answers 503.
+    access: AccessOps | None = None
 
     async def local_telemetry(self) -> list[dict[str, Any]]:
         """A fresh sample of this host's GPUs (a blocking driver call: in a worker thread)."""
@@ -81,6 +85,7 @@ class Services:
 
 
 __all__ = [
+    "AccessOps",
     "Backends",
     "Admission",
     "ClusterInfo",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from meshgpu.ops import (
+    AccessOps,
     Admission,
     Backends,
     ClusterInfo,
@@ -64,12 +65,20 @@ def assemble(
         lambda: ident.admin_token,
         ident.tls.files.ca_cert.read_text,
     )
+    access = AccessOps(
+        proposer,
+        cluster,
+        state,
+        ident.tls.files.ca_cert.read_bytes,
+        ident.tls.ca_key_path,
+    )
     return Services(
         node_id=ident.node_id,
         node_name=node_name,
         state=state,
         cluster=cluster_info,
-        runs=Runs(state, proposer, parts.code, ident.node_id),
+        runs=Runs(state, proposer, parts.code, ident.node_id, access.check_references),
+        access=access,
         logs=Logs(state, parts.runner, ident.node_id, parts.peer),
         metrics=Metrics(state, parts.runner, parts.gpus, ident.node_id, node_name, parts.peer),
         code=Code(parts.code, state, ident.node_id, s.code_copies, s.code_limit),
@@ -90,7 +99,7 @@ def assemble(
         ingress=Ingress(
             state,
             ident.node_id,
-            cluster_info.api_token_ok,
+            cluster_info.project_token_ok,
             parts.counters,
             IngressSettings(domain=s.ingress_domain, activation_timeout_s=s.activation_timeout_s),
         ),

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from meshgpu.errors import Unavailable
 from meshgpu.security import hash_api_token
+from meshgpu.security.policy import FOUNDING_ADMIN, Principal, principal_of, visible
+from meshgpu.security.secrets import USER_TOKEN_PREFIX, user_token_verifier
 
 if TYPE_CHECKING:
     from consensus.node import RaftNode
@@ -54,11 +56,29 @@ class ClusterInfo:
             raise Unavailable("no linearizable read possible now", str(e), "unavailable") from None
 
     def api_token_ok(self, token: str) -> bool:
+        return self.principal(token) is not None
+
+    def principal(self, token: str) -> Principal | None:
+        """Who a bearer token is: the founding admin, a user by one of its live tokens (looked
+        up by its verifier; expiry checked now), or None. One SHA-256 and a dict lookup."""
+        if token.startswith(USER_TOKEN_PREFIX + "_"):
+            access = self.cluster.access
+            tok = access.by_verifier.get(user_token_verifier(token))
+            if tok is None or (tok.expires_at is not None and time.time() > tok.expires_at):
+                return None
+            return principal_of(access, tok.user)
         expected = self.cluster.api_token_hash
         if expected:
-            return hmac.compare_digest(hash_api_token(token), expected)
-        admin = self.admin_token()
-        return bool(admin) and hmac.compare_digest(token, admin)
+            ok = hmac.compare_digest(hash_api_token(token), expected)
+        else:
+            admin = self.admin_token()
+            ok = bool(admin) and hmac.compare_digest(token, admin)
+        return FOUNDING_ADMIN if ok else None
+
+    def project_token_ok(self, token: str, project: str) -> bool:
+        """The ingress's ``auth: true``: a token whose user may read ``project``."""
+        who = self.principal(token)
+        return who is not None and visible(self.cluster.access, who, project)
 
     def members_header(self) -> bytes:
         """API URLs of the live members, for clients to fall back on (cached for a second)."""

@@ -53,8 +53,15 @@ def answers(
     async def metrics(run: str, job: int | None) -> dict[str, Any]:
         return await services.metrics.run(run, job, local=True)
 
+    async def secrets(raft_id: int, job_id: str) -> dict[str, str]:
+        member = cluster.members.get(raft_id)
+        if member is None or services.access is None:
+            raise Unavailable("no secrets here", "this member serves no secrets", "unavailable")
+        return await services.access.resolve_for_job(member.node_id, job_id)
+
     return PeerHandlers(
         is_member=is_member,
+        secrets=secrets,
         gossip=gossip,
         code_path=services.code.path,
         code_put=services.code.put,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshgpu.config.cron import next_start
@@ -87,9 +88,17 @@ class Submission(Protocol):
 
 class Runs:
     def __init__(
-        self, state: StateMachine, proposer: Proposer, code: CodeStore, node_id: str
+        self,
+        state: StateMachine,
+        proposer: Proposer,
+        code: CodeStore,
+        node_id: str,
+        secrets: Callable[[str, list[str]], None] | None = None,
     ) -> None:
         self.state, self.proposer, self.code, self.node_id = state, proposer, code, node_id
+        # Checks that a project has the secrets a configuration names (``AccessOps.
+        # check_references``); None: ``${{ secrets.X }}`` is refused (no secret store).
+        self.secrets = secrets
 
     def get(self, name: str) -> RunRecord:
         run = self.state.runs.get(name)
@@ -97,7 +106,9 @@ class Runs:
             raise run_not_found(name)
         return run
 
-    async def submit(self, body: Submission) -> tuple[RunRecord, list[str] | None]:
+    async def submit(
+        self, body: Submission, project: str = "main", user: str = "admin"
+    ) -> tuple[RunRecord, list[str] | None]:
         """Submit a run; returns it and, when an active run was updated in place instead, what
         changed (``["priority"]``, or a service's changed fields: ``[]`` when the service was
         applied unchanged); None for a new run."""
@@ -124,15 +135,32 @@ class Runs:
                 "or write KEY=VALUE",
                 "missing_env",
             )
-        for text in config.env.values():
-            if text and any(r.namespace == "secrets" for r in references(text)):
+        names = [
+            r.name
+            for text in config.env.values()
+            if text
+            for r in references(text)
+            if r.namespace == "secrets"
+        ]
+        names += self._check_registry_auth(config)
+        if names:
+            if self.secrets is None:
                 raise Invalid(
-                    "secrets are not available yet",
-                    "this mesh has no secret store yet; pass the value through the environment",
+                    "secrets are not available",
+                    "this node has no secret store; pass the value through the environment",
                     "no_secrets",
                 )
-        self._check_registry_auth(config)
+            self.secrets(project, names)
         chosen = body.name or config.name
+        if chosen:
+            current = self.state.runs.get(chosen)
+            if current is not None and current.project != project:
+                raise Conflict(
+                    "run not submitted",
+                    f"the run name {chosen!r} is taken (names are unique in the mesh); "
+                    "choose another",
+                    "name_in_use",
+                )
         code = None
         if body.code_sha256:
             if not self.code.has(body.code_sha256):
@@ -172,6 +200,8 @@ class Runs:
                 request_id=rid,
                 run_id=uuid.uuid4().hex,
                 run_name=name,
+                project=project,
+                user=user,
                 config=config_json,
                 run_args=body.run_args,
                 code=code,
@@ -201,21 +231,18 @@ class Runs:
         return self.state.runs[result.value], None
 
     @staticmethod
-    def _check_registry_auth(config: Any) -> None:
-        """``registry_auth`` references: ``secrets.*`` are refused as in ``env`` (no secret
-        store yet), and so are ``env.*`` (dstack resolves them in its CLI; meshgpu's sends the
+    def _check_registry_auth(config: Any) -> list[str]:
+        """``registry_auth`` references: the secrets it names (resolved on the job's host at
+        start); ``env.*`` are refused (dstack resolves them in its CLI; meshgpu's sends the
         file as written), rather than pulling with the reference's text as a password."""
         auth = config.registry_auth
         if auth is None:
-            return
+            return []
+        names: list[str] = []
         for field in ("username", "password"):
             refs = references(getattr(auth, field))
-            if any(r.namespace == "secrets" for r in refs):
-                raise Invalid(
-                    "secrets are not available yet",
-                    f"registry_auth.{field}: this mesh has no secret store yet; write the value",
-                    "no_secrets",
-                )
+            names += [r.name for r in refs if r.namespace == "secrets"]
+            refs = [r for r in refs if r.namespace != "secrets"]
             if refs:
                 raise Invalid(
                     "references in registry_auth are not resolved",
@@ -223,6 +250,7 @@ class Runs:
                     "write the value",
                     "unresolved_reference",
                 )
+        return names
 
     async def _update_service(
         self, name: str, config: dict[str, Any], run_args: list[str], code: CodeRef | None
@@ -283,9 +311,10 @@ class Runs:
                 return name
         return f"run-{uuid.uuid4().hex[:8]}"
 
-    async def stop(self, name: str, abort: bool) -> RunRecord:
+    async def stop(self, name: str, abort: bool, by: str = "") -> RunRecord:
         self.get(name)
-        await self.proposer.propose(encode(StopRun(at=time.time(), run_name=name, abort=abort)))
+        cmd = StopRun(at=time.time(), run_name=name, abort=abort, by=by)
+        await self.proposer.propose(encode(cmd))
         return self.state.runs[name]
 
     async def set_priority(self, name: str, priority: int) -> RunRecord:

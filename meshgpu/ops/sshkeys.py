@@ -55,8 +55,12 @@ class SSHKeys:
             key_view(k) for k in sorted(self.cluster.ssh_keys.values(), key=lambda k: k.added_at)
         ]
 
-    async def remove(self, fingerprint: str) -> None:
+    async def remove(self, fingerprint: str, user: str | None = None) -> None:
+        """Remove a key (``user``: only if it is that user's)."""
         fp = fingerprint if fingerprint.startswith("SHA256:") else f"SHA256:{fingerprint}"
+        key = self.cluster.ssh_keys.get(fp)
+        if user is not None and (key is None or key.user != user):
+            raise NotFound("SSH key not found", f"no SSH key {fp} of yours", "not_found")
         result = await self.proposer.propose(
             encode_cluster(RemoveSSHKey(at=time.time(), fingerprint=fp))
         )

@@ -144,6 +144,18 @@ class PeerClient:
             raise Remote(502, "bad join reply", f"node {node_id} sent {type(result).__name__}")
         return result
 
+    async def secrets(self, node_id: str, job_id: str, *, timeout: float) -> dict[str, str]:
+        """The secret values ``job_id`` (a job of this host) needs, from the voter
+        ``node_id``, which checks that the job is ours."""
+        with _deadline(timeout):
+            async with self._call(node_id, "secrets", {"job": job_id}) as ch:
+                result = await wire.read_result(ch, idle=self.idle)
+        if not isinstance(result, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in result.items()
+        ):
+            raise Remote(502, "bad secrets reply", f"node {node_id} sent no name -> value map")
+        return result
+
 
 @contextmanager
 def _deadline(seconds: float) -> Iterator[None]:

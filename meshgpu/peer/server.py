@@ -23,6 +23,7 @@ Ops (``args`` are msgpack maps; ``→`` what the reply is):
     logs       {run, job, follow}  → DATA ... END                       this host's log only
     metrics    {run, job}          → END {run, jobs}                    this host's jobs only
     join       {body}              → END {join reply}                   on the leader only
+    secrets    {job}               → END {name: value}                  a voter; the job's host only
 
 A handler refuses by raising an error of ``meshgpu.errors`` (the use cases' own: ``NotFound``,
 ``Denied``, ``Unavailable``, ...): the caller gets it as an ERROR frame naming its kind, and
@@ -69,6 +70,9 @@ class PeerHandlers:
     logs: Callable[[str, int, bool], AsyncIterator[bytes]]
     metrics: Callable[[str, int | None], Awaitable[dict[str, Any]]]
     admit: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+    # (caller's Raft id, job id) -> the secret values the job needs (``AccessOps.
+    # resolve_for_job``: only to the job's own host); None: this host answers none.
+    secrets: Callable[[int, str], Awaitable[dict[str, str]]] | None = None
 
 
 class PeerServer:
@@ -94,6 +98,7 @@ class PeerServer:
             "logs": self._logs,
             "metrics": self._metrics,
             "join": self._join,
+            "secrets": self._secrets,
         }
 
     def serve(self, handlers: PeerHandlers) -> None:
@@ -137,6 +142,8 @@ class PeerServer:
         self.stats["calls"] += 1
         self.active += 1
         try:
+            if op == "secrets":
+                args = {**args, "_caller": peer_id}
             await run(h, ch, args)
         except Exception as caught:
             exc = caught
@@ -224,6 +231,13 @@ class PeerServer:
             raise ProtocolError("join takes {body: {...}}")
         await self._no_body(ch)
         await wire.send_end(ch, await h.admit(body))
+
+    async def _secrets(self, h: PeerHandlers, ch: Channel, args: dict[str, Any]) -> None:
+        job = _str(args, "job")
+        await self._no_body(ch)
+        if h.secrets is None:
+            raise Unavailable("no secrets here", "this member serves no secrets", "unavailable")
+        await wire.send_end(ch, await h.secrets(int(args["_caller"]), job))
 
 
 def _str(args: dict[str, Any], key: str) -> str:

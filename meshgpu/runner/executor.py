@@ -26,7 +26,7 @@ import trio
 
 from meshgpu.client.archive import ArchiveLimits, ArchiveRefused, extract_archive
 from meshgpu.clock import SYSTEM_CLOCK, Clock
-from meshgpu.config.interpolation import group_ips, interpolate
+from meshgpu.config.interpolation import group_ips, interpolate, secret_names
 from meshgpu.config.spec import NO_SPEC, RunSpec
 from meshgpu.runner.code import CodeStore, fetch_sources
 from meshgpu.runner.confine import Confinement, JobSandbox, host_volumes
@@ -149,6 +149,9 @@ class Executor:
         # Reports waiting to be proposed, in order (see _reporter).
         self._reports: list[JobStarted | JobFinished] = []
         self._reports_ready = trio.Event()
+        # A job's project secrets, from a voter (job id -> name -> value; set by the agent once
+        # its peer client and use cases exist). None: a job that names secrets fails to start.
+        self.secrets: Callable[[str], Awaitable[dict[str, str]]] | None = None
 
     def notify(self, _index: int = 0) -> None:
         self._changed.set()
@@ -320,7 +323,8 @@ class Executor:
             )  # a replica group's image/python/... over the run's
             if self.toolchain is None and _needs_toolchain(spec):
                 self.toolchain = await trio.to_thread.run_sync(discover)
-            launch = self._prepare(job, run.run_args, spec, epoch)
+            values = await self._secrets(job_id, run.config)
+            launch = self._prepare(job, run.run_args, spec, epoch, values)
             place = self._layout(job_id, spec)
             if run.code is not None:
                 await self._unpack(run.code.sha256, Path(place.host_code_root))
@@ -384,6 +388,7 @@ class Executor:
         run_args: list[str],
         spec: RunSpec,
         epoch: int,
+        secrets: dict[str, str] | None = None,
     ) -> JobLaunch:
         spec = spec.for_group(job.group)  # a replica group's own environment (idempotent)
         jobs = [self.state.jobs[j] for j in self.state.runs[job.run_name].job_ids]
@@ -397,6 +402,10 @@ class Executor:
         work = self.runner.prepare(job.job_id, hostfile=cluster.hostfile())
         hostfile = str(self.runner.hostfile_path(job.job_id))
         user_env = dict(spec.env)
+        if secrets:
+            # ``${{ secrets.X }}`` (dstack: env and registry_auth), resolved here at start: the
+            # values never enter the replicated state, only this job's environment.
+            user_env = {k: interpolate(v, {"secrets": secrets}) for k, v in user_env.items()}
         # The agent's own basics, and an SSH fleet's ``env`` (dstack: passed to every job on the
         # fleet): the fleet controller starts the agent with it and names its keys in
         # MESHGPU_FLEET_ENV. The run's own env wins over both.
@@ -454,7 +463,13 @@ class Executor:
             # ``registry_auth``: a per-job auth file in the job's record directory (0600),
             # removed when the job ends (``_watch``).
             auth_file = (
-                str(write_auth(self.runner.job_dir(job.job_id), spec.image, spec.registry_auth))
+                str(
+                    write_auth(
+                        self.runner.job_dir(job.job_id),
+                        spec.image,
+                        _resolve_auth(spec.registry_auth, secrets or {}),
+                    )
+                )
                 if spec.registry_auth is not None
                 else None
             )
@@ -488,10 +503,20 @@ class Executor:
             epoch=epoch,  # in the record, so a restarted agent knows which assignment it runs
             argv=argv,
             sandbox=box.spec if box is not None else None,
+            mask=tuple(sorted(set((secrets or {}).values()))),
         )
         if box is not None:
             self._sandboxes[job.job_id] = box
         return launch
+
+    async def _secrets(self, job_id: str, config: dict[str, Any]) -> dict[str, str]:
+        """The project secrets the job's configuration names, from a voter over the peer
+        port (``{}`` when it names none)."""
+        if not secret_names(config):
+            return {}
+        if self.secrets is None:
+            raise RuntimeError("this host cannot fetch secrets (no peer client)")
+        return await self.secrets(job_id)
 
     def _sandbox(self, job: JobRecord, spec: RunSpec, work: Path) -> JobSandbox | None:
         """A process job's sandbox here (None: this host makes none)."""
@@ -625,3 +650,12 @@ class Executor:
                 log.warning("report not committed yet (%s); retrying", e)
                 await self.clock.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
+
+
+def _resolve_auth(auth: tuple[str, str], secrets: dict[str, str]) -> tuple[str, str]:
+    """``registry_auth`` with its ``${{ secrets.X }}`` filled (``$${{`` stays escaped: the
+    auth file's own final pass unescapes it)."""
+    if not secrets:
+        return auth
+    user, password = auth
+    return interpolate(user, {"secrets": secrets}), interpolate(password, {"secrets": secrets})

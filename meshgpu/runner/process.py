@@ -49,6 +49,8 @@ class JobLaunch:
     # The job's sandbox (meshgpu/runner/sandbox.py's JSON form; None: none): its cgroups, mount
     # namespace, volumes and user, made by the supervisor and the job's child.
     sandbox: dict[str, Any] | None = None
+    # Values masked in the job's log (its project secrets), by the supervisor as it writes.
+    mask: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

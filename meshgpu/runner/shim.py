@@ -26,9 +26,11 @@ import time
 
 if __package__:
     from meshgpu.runner import sandbox
+    from meshgpu.runner.masking import Masker
 else:  # run as a script (python -I -S shim.py) or by the fork server: next to this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import sandbox  # type: ignore[no-redef]  # stdlib only
+    from masking import Masker  # type: ignore[no-redef]  # stdlib only
 
 LOG_NAME = "output.log"
 
@@ -191,6 +193,8 @@ def main(job_dir: str) -> int:
     # inherits the umask).
     log_fd = os.open(os.path.join(job_dir, LOG_NAME), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     log = open(log_fd, "ab", buffering=0)  # noqa: SIM115 - closed below
+    # The project secrets the job was given: masked in its log as it is written.
+    masker = Masker([str(v).encode() for v in spec.get("mask") or ()])
     eof = False
     status = None
     try:
@@ -235,7 +239,11 @@ def main(job_dir: str) -> int:
             chunk = os.read(rd, 65536)
             if not chunk:
                 eof = True
-                continue
+                chunk = masker.flush()
+                if not chunk:
+                    continue
+            else:
+                chunk = masker.feed(chunk)
             if written < log_cap:
                 part = chunk[: log_cap - written]
                 log.write(part)

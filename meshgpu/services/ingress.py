@@ -15,6 +15,7 @@ app, never. WebSockets are relayed frame by frame (``wsproto`` toward the replic
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -137,13 +138,16 @@ class Ingress:
         self,
         state: StateMachine,
         node_id: str,
-        token_ok: Callable[[str], bool],
+        token_ok: Callable[[str], bool] | Callable[[str, str], bool],
         counters: ServiceCounters | None = None,
         settings: IngressSettings | None = None,
     ) -> None:
         self.settings = s = settings or IngressSettings()
         self.routes = RouteTable(state, node_id)
         self.token_ok = token_ok
+        # (token, project) -> may read the project (the policy's); a one-argument one: any
+        # valid token (a test's).
+        self._per_project = len(inspect.signature(token_ok).parameters) >= 2
         self.counters = counters if counters is not None else ServiceCounters()
         self.pool = Pool()
         self.metrics = IngressMetrics()
@@ -270,13 +274,17 @@ class Ingress:
         return True
 
     def authorized(self, scope: Scope, project: str) -> bool:
-        """A bearer token with access to ``project`` (every valid token has, until projects and
-        users exist)."""
+        """A bearer token whose user may read ``project`` (``meshgpu/security/policy.py``;
+        ``token_ok`` takes the token and the project; a one-argument one, the token alone)."""
         for k, v in scope["headers"]:
             if k == b"authorization":
                 scheme, _, token = v.decode("latin-1").strip().partition(" ")
                 token = token.strip()
-                return scheme.lower() == "bearer" and bool(token) and self.token_ok(token)
+                if scheme.lower() != "bearer" or not token:
+                    return False
+                if self._per_project:
+                    return bool(self.token_ok(token, project))  # type: ignore[call-arg]
+                return bool(self.token_ok(token))  # type: ignore[call-arg]
         return False
 
     async def rate_limited_ok(self, scope: Scope, send: Send, route: Route, rest: bytes) -> bool:

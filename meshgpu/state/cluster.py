@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field
 
 from meshgpu.security.tokens import JOIN_WINDOW_S
+from meshgpu.state.access import ACCESS_COMMANDS, Access
 from meshgpu.state.codec import DOMAIN_TAGS, Command, decode, encode
 from meshgpu.state.fleets import (
     AddBackend,
@@ -176,11 +177,17 @@ class SSHKey(BaseModel):
     added_at: float = 0.0
 
 
-def may_see(key: SSHKey, project: str) -> bool:
-    """Whether ``key`` may open sessions into jobs of ``project``: the one place this is
-    decided. Today every registered key is the admin's, who sees every project."""
-    # Users and projects (#18) narrow this to the projects the key's user belongs to.
-    return key.user == "admin" and bool(project)
+def may_see(key: SSHKey, project: str, access: Access | None = None) -> bool:
+    """Whether ``key`` may open sessions into jobs of ``project``: its user's role there, as
+    the policy decides (``meshgpu/security/policy.py``)."""
+    from meshgpu.security import policy
+
+    if not project:
+        return False
+    principal = policy.principal_of(access or Access(), key.user)
+    return principal is not None and policy.allowed(
+        access or Access(), principal, "run.attach", project
+    )
 
 
 class ClusterState:
@@ -201,6 +208,8 @@ class ClusterState:
         self.gossip_key_at = 0.0
         self.ssh_keys: dict[str, SSHKey] = {}  # fingerprint -> key
         self.fleets = Fleets()  # SSH fleets (``meshgpu/state/fleets.py``)
+        # Users, projects, tokens, secrets, audit (``meshgpu/state/access.py``).
+        self.access = Access()
         self.next_raft_id = 2
         self.version = 0  # bumped on every change: the agent re-syncs peer addresses on change
 
@@ -212,6 +221,8 @@ class ClusterState:
 
     def apply_cmd(self, cmd: Any) -> Result:
         self.version += 1
+        if isinstance(cmd, ACCESS_COMMANDS):
+            return Result(*self.access.apply(cmd))
         return getattr(self, "_on_" + cmd.kind)(cmd)
 
     def _on_init_cluster(self, c: InitCluster) -> Result:
@@ -436,6 +447,8 @@ class ClusterState:
             doc["fleets"] = self.fleets.snapshot()
         if self.fleets.backends:  # likewise
             doc["backends"] = self.fleets.snapshot_backends()
+        if not self.access.empty():  # likewise
+            doc["access"] = self.access.snapshot()
         return doc
 
     def restore_doc(self, doc: dict[str, Any]) -> None:
@@ -453,6 +466,7 @@ class ClusterState:
         }
         self.fleets.restore(doc.get("fleets", []))
         self.fleets.restore_backends(doc.get("backends", []))
+        self.access.restore(doc.get("access", {}))
         self.next_raft_id = doc.get("next_raft_id", 2)
         self.version += 1
 
@@ -461,8 +475,20 @@ class Replicated:
     """The node's one state machine: jobs state and cluster state on one log."""
 
     def __init__(self) -> None:
-        self.jobs = StateMachine()
         self.cluster = ClusterState()
+        self.jobs = StateMachine()
+
+    @property
+    def jobs(self) -> StateMachine:
+        return self._jobs
+
+    @jobs.setter
+    def jobs(self, machine: StateMachine) -> None:
+        # Submit and stop are recorded in the cluster's audit trail as they apply.
+        self._jobs = machine
+        machine.on_audit = lambda at, action, user, project, target: self.cluster.access.audit(
+            at, action, user, project, target
+        )
 
     def apply(self, batch: list[tuple[int, bytes]]) -> list[Result]:
         """Apply committed entries ``(index, data)`` in order, each to its domain."""

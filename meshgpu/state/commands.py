@@ -246,6 +246,8 @@ class StopRun(Command):
     kind: Literal["stop_run"] = "stop_run"
     run_name: str
     abort: bool = False
+    # Who asked (the audit trail); left out of the entry when unset (older entries).
+    by: str = Field(default="", exclude_if=lambda v: not v)
 
 
 class SetRunPriority(Command):

@@ -110,6 +110,9 @@ class StateMachine:
         self.active: dict[str, JobRecord] = {}
         self.requests: dict[str, str] = {}  # request_id -> run_name
         self.applied_index = 0
+        # Who did what (submit, stop): ``Replicated`` points it at the cluster's audit trail
+        # (``meshgpu/state/access.py``); called on apply, in log order.
+        self.on_audit: Callable[[float, str, str, str, str], None] | None = None
         # Bumped on every change that can free or need capacity: the scheduler's trigger.
         self.demand_version = 0
         # Bumped on every change to what a service routes to (a replica's readiness, a ready
@@ -318,6 +321,8 @@ class StateMachine:
             )
         if current is not None:
             self._forget_run(current)
+        if self.on_audit is not None:
+            self.on_audit(cmd.at, "submit", cmd.user, cmd.project, cmd.run_name)
         run = RunRecord.create(
             cmd.config,
             run_id=cmd.run_id,
@@ -657,6 +662,9 @@ class StateMachine:
             return _err("not_found", f"no run named {cmd.run_name!r}")
         if run.status.is_finished():
             return _ok(run.run_name)
+        if self.on_audit is not None:
+            action = "abort" if cmd.abort else "stop"
+            self.on_audit(cmd.at, action, cmd.by or run.user, run.project, run.run_name)
         # An abort may follow a stop (it cuts the grace period short); a stop never softens
         # an abort.
         abort = cmd.abort or run.termination_reason is RunTerminationReason.ABORTED_BY_USER

@@ -12,6 +12,7 @@ import httpx
 from meshgpu.api import create_app
 from meshgpu.gpu import FakeProvider
 from meshgpu.ops import (
+    AccessOps,
     Admission,
     ClusterInfo,
     Code,
@@ -25,7 +26,7 @@ from meshgpu.ops import (
 )
 from meshgpu.runner import ProcessRunner
 from meshgpu.runner.code import CodeStore
-from meshgpu.security import NodeIdentity
+from meshgpu.security import NodeIdentity, create_cluster
 from meshgpu.state import Result, StateMachine
 from meshgpu.state.cluster import Replicated
 
@@ -114,6 +115,8 @@ def StubAgent(state: StateMachine, tmp: Path, node_id: str = "n1") -> StubServic
     runner = ProcessRunner(tmp / "jobs", use_launcher=False)
     store = CodeStore(tmp / "code", limit=1 << 20)
     tls = NodeIdentity(tmp / "tls")
+    create_cluster(tls, 1, ("127.0.0.1",))  # this lone node holds the CA key (a voter)
+    access = AccessOps(proposer, cluster, state, tls.files.ca_cert.read_bytes, tls.ca_key_path)
 
     peers = NoPeers()  # a lone node: no other member to call
     gpus = FakeProvider("8xH100:80GB", seed=node_id)
@@ -124,7 +127,8 @@ def StubAgent(state: StateMachine, tmp: Path, node_id: str = "n1") -> StubServic
         cluster=_Cluster(
             node, state, cluster, node_id, node_id, "", lambda: TOKEN, lambda: "no CA"
         ),
-        runs=Runs(state, proposer, store, node_id),
+        runs=Runs(state, proposer, store, node_id, access.check_references),
+        access=access,
         logs=Logs(state, runner, node_id, peers),
         metrics=Metrics(state, runner, gpus, node_id, node_id, peers),
         code=Code(store, state, node_id, copies=0, limit=1 << 20),
