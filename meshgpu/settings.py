@@ -31,6 +31,9 @@ class AgentSettings:
     # dstack's blocks: split this host into N equal shares (or "auto"); None: GPU by GPU.
     blocks: int | Literal["auto"] | None = None
     fake_gpus: str | None = None
+    # A GPU found unhealthy gets new work again after this many healthy checks in a row
+    # (--gpu-healthy-checks; meshgpu/gpu/health.py). A check is one gossip telemetry sample.
+    gpu_healthy_checks: int = 3
     code_limit: int = DEFAULT_CODE_LIMIT
     # What an archive may expand to (None: 16 x code_limit) and hold (docs/operations.md).
     code_expanded_limit: int | None = None

@@ -104,6 +104,15 @@ def agent(
     fake_gpus: Annotated[
         str | None, typer.Option("--fake-gpus", envvar="MESHGPU_FAKE_GPUS", help="e.g. 8xH100:80GB")
     ] = None,
+    gpu_healthy_checks: Annotated[
+        int,
+        typer.Option(
+            "--gpu-healthy-checks",
+            envvar="MESHGPU_GPU_HEALTHY_CHECKS",
+            help="Healthy checks in a row (one every 2 s) before a GPU found unhealthy "
+            "gets new work again",
+        ),
+    ] = 3,
     token: Annotated[
         str | None,
         typer.Option("--token", envvar="MESHGPU_JOIN_TOKEN", help="Join token of an existing mesh"),
@@ -300,6 +309,11 @@ def agent(
             raise fail(f"{flag} must be a positive number, not {value}")
     if min_free_mb < 0:
         raise fail(f"--min-free-mb must be 0 or more, not {min_free_mb}")
+    if not 1 <= gpu_healthy_checks <= 10_000:
+        raise fail(
+            f"--gpu-healthy-checks must be 1..10000, not {gpu_healthy_checks} "
+            "(1: a GPU is back as soon as one check finds it healthy)"
+        )
     price = _price(price)
     _check_data_dir(data_dir)
     keep_runs_for_s = positive_duration("--keep-runs-for", keep_runs_for, "12h or 7d")
@@ -336,6 +350,7 @@ def agent(
         price=price,
         blocks=_blocks(blocks),
         fake_gpus=fake_gpus,
+        gpu_healthy_checks=gpu_healthy_checks,
         code_limit=code_limit_mb << 20,
         code_expanded_limit=code_expanded_limit_mb << 20 if code_expanded_limit_mb else None,
         code_max_files=code_max_files,
