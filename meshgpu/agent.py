@@ -206,6 +206,7 @@ class Agent:
             # 4. The use cases and the API over them (it answers while a restart waits for a
             # quorum: reads are local, writes wait for a leader up to their deadline).
             services = self._services(node, proposer, gossip)
+            nursery.start_soon(services.metrics.sample_forever, s.history_interval_s)
             if services.rates is not None:
                 nursery.start_soon(services.rates.run)
             if services.ingress is not None:  # held requests wake on applied entries

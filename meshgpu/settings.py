@@ -62,6 +62,9 @@ class AgentSettings:
     # utilization_policy's time_window (hidden --utilization-window-scale: tests shrink dstack's
     # five-minute minimum window to seconds).
     autostop_interval_s: float = 5.0
+    # How often this host samples its GPUs and jobs into its metrics history
+    # (meshgpu/ops/history.py; hidden --history-interval-ms: tests shorten it).
+    history_interval_s: float = 10.0
     utilization_window_scale: float = 1.0
     # The ingress (meshgpu/services/ingress.py): <run>.<ingress_domain> routes to the run when
     # set; a request for a service with no ready replica is held this long (scale from zero).

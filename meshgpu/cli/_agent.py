@@ -185,6 +185,15 @@ def agent(
             help="How often the retention policy is applied (tests shorten it)",
         ),
     ] = 10_000.0,
+    history_interval_ms: Annotated[
+        float,
+        typer.Option(
+            "--history-interval-ms",
+            hidden=True,
+            help="How often this host samples its GPUs and jobs into the metrics history "
+            "(tests shorten it)",
+        ),
+    ] = 10_000.0,
     autostop_interval_ms: Annotated[
         float,
         typer.Option(
@@ -299,6 +308,8 @@ def agent(
         raise fail(f"--keep-runs must be 0 or more, not {keep_runs}")
     if not retention_interval_ms > 0:
         raise fail(f"--retention-interval-ms must be positive, not {retention_interval_ms}")
+    if not 10 <= history_interval_ms <= 3_600_000:
+        raise fail(f"--history-interval-ms must be 10..3600000, not {history_interval_ms}")
     if not autostop_interval_ms > 0 or not utilization_window_scale > 0:
         raise fail("--autostop-interval-ms and --utilization-window-scale must be positive")
     for flag, value in (
@@ -366,6 +377,7 @@ def agent(
         keep_runs_for_s=float(keep_runs_for_s),
         retention_interval_s=retention_interval_ms / 1000,
         autostop_interval_s=autostop_interval_ms / 1000,
+        history_interval_s=history_interval_ms / 1000,
         utilization_window_scale=utilization_window_scale,
         api_tls=api_tls == "on",
         ingress_domain=ingress_domain,

@@ -22,6 +22,7 @@ Ops (``args`` are msgpack maps; ``→`` what the reply is):
     code.put   {sha} + DATA body   → END {sha256}                       (a pushed copy)
     logs       {run, job, follow}  → DATA ... END                       this host's log only
     metrics    {run, job}          → END {run, jobs}                    this host's jobs only
+    history    {run, job, since_s, points} → END {run, jobs}            this host's history only
     join       {body}              → END {join reply}                   on the leader only
 
 A handler refuses by raising an error of ``meshgpu.errors`` (the use cases' own: ``NotFound``,
@@ -54,6 +55,7 @@ KEEPALIVE_S = 10.0
 """A followed log that has been quiet this long sends an empty DATA frame, so the caller can
 tell a quiet job from a dead peer (its ``idle`` is longer)."""
 JOIN_BODY_LIMIT = 64 * 1024
+HISTORY_MAX_POINTS = 2000  # meshgpu.ops.history.MAX_POINTS: what one answer may hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,8 @@ class PeerHandlers:
     logs: Callable[[str, int, bool], AsyncIterator[bytes]]
     metrics: Callable[[str, int | None], Awaitable[dict[str, Any]]]
     admit: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+    # (run, job, since_s, points) -> this host's metrics history of the job; None: not kept
+    history: Callable[[str, int, float, int], Awaitable[dict[str, Any]]] | None = None
 
 
 class PeerServer:
@@ -94,6 +98,7 @@ class PeerServer:
             "logs": self._logs,
             "metrics": self._metrics,
             "join": self._join,
+            "history": self._history,
         }
 
     def serve(self, handlers: PeerHandlers) -> None:
@@ -217,6 +222,20 @@ class PeerServer:
             raise ProtocolError("job is an integer or null")
         await self._no_body(ch)
         await wire.send_end(ch, await h.metrics(run, job))
+
+    async def _history(self, h: PeerHandlers, ch: Channel, args: dict[str, Any]) -> None:
+        run, job = _str(args, "run"), args.get("job")
+        since_s, points = args.get("since_s"), args.get("points")
+        if type(job) is not int:
+            raise ProtocolError("job is an integer")
+        if type(since_s) not in (int, float) or not 0 < since_s <= 31 * 86400:
+            raise ProtocolError("since_s is a number of seconds, 0 < since_s <= 31 days")
+        if type(points) is not int or not 1 <= points <= HISTORY_MAX_POINTS:
+            raise ProtocolError(f"points is an integer 1..{HISTORY_MAX_POINTS}")
+        await self._no_body(ch)
+        if h.history is None:
+            raise NotFound("no metrics history", "this host keeps no metrics history", "not_found")
+        await wire.send_end(ch, await h.history(run, job, float(since_s), points))
 
     async def _join(self, h: PeerHandlers, ch: Channel, args: dict[str, Any]) -> None:
         body = args.get("body")
