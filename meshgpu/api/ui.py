@@ -131,6 +131,7 @@ def _page(title: str, body: str, *, nav: str = "") -> HTMLResponse:
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{e(title)} - meshgpu</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="{PREFIX}/static/ui.css">
 <script src="{PREFIX}/static/ui.js" defer></script>
 </head><body>
@@ -201,9 +202,11 @@ class Console:
             return f"<p>No run {e(name)} (it may have been forgotten).</p>"
         now = time.time()
         view = views.run_summary(r, self.s.state)
+        message = view["status_message"] or ""
+        message = "" if message == r.status.value else message
         head = (
             f'<p class="runhead">{_status(r.status.value)} <span id="run-status" '
-            f'data-status="{e(r.status.value)}"></span> {e(view["status_message"] or "")} '
+            f'data-status="{e(r.status.value)}"></span> {e(message)} '
             f"priority {r.priority}, submitted {_age(r.submitted_at, now)} ago "
             f"{_buttons(name, r.status.is_finished())}</p>"
         )

@@ -7,14 +7,14 @@
   const HISTORY_MS = 3000;
   const LOG_LINES = 2000;
 
-  async function post(url, body) {
+  async function post(url, body, signedIn = true) {
     const r = await fetch(url, {
       method: "POST",
       credentials: "same-origin",
       headers: Object.assign({ "Content-Type": "application/json" }, CSRF),
       body: body === undefined ? "{}" : JSON.stringify(body),
     });
-    if (r.status === 401) location.assign("/ui/login");
+    if (r.status === 401 && signedIn) location.assign("/ui/login");
     return r;
   }
 
@@ -155,7 +155,7 @@
       ev.preventDefault();
       const err = document.getElementById("login-error");
       err.textContent = "";
-      const r = await post(form.dataset.login, { token: form.token.value });
+      const r = await post(form.dataset.login, { token: form.token.value }, false);
       if (r.status === 204) { location.assign("/ui/runs"); return; }
       const doc = await r.json().catch(() => ({}));
       err.textContent = doc.detail || doc.title || "sign-in failed (" + r.status + ")";
