@@ -213,7 +213,8 @@ class Console:
         rows = []
         for j in view["jobs"]:
             rows.append(
-                f"<tr><td>{j['job_num']}</td><td>{_status(j['status'])}</td>"
+                f'<tr><td><a href="{PREFIX}/runs/{quote(name, safe="")}?job={j["job_num"]}">'
+                f"{j['job_num']}</a></td><td>{_status(j['status'])}</td>"
                 f"<td>{e(j['node'] or '-')}</td>"
                 f"<td>{e(','.join(str(g) for g in j['gpus']) or '-')}</td>"
                 f"<td>{'-' if j['exit_code'] is None else j['exit_code']}</td>"
