@@ -5,8 +5,8 @@ device does not support (``NVMLError_NotSupported``) is reported as None rather 
 whole sample; a GPU that stops answering (``GPU is lost``) is reported unhealthy.
 
 Health, the checks DCGM's health watches make from NVML (each one a reason in
-``GPUTelemetry.reasons``): critical XID events since the last sample (an event set registered at
-start and drained, without waiting, at each sample; application faults like XID 13/31/43 are the
+``GPUTelemetry.reasons``): critical XID events of the last 30 s (an event set registered at
+start and drained, without waiting, at each sample, its events kept for every sampler to see; application faults like XID 13/31/43 are the
 job's, not the GPU's, and are not counted), uncorrected volatile ECC errors, retired pages or
 remapped rows waiting for a GPU reset, a failed row remapping, hardware thermal or power-brake
 slowdown, and a GPU that has fallen off the bus (NVML's ``GPU is lost``, or no answer at all).
@@ -17,6 +17,8 @@ How long a GPU stays out once it looks healthy again is the agent's choice
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_EVENTS = 256  # XID events read per sample
+XID_REPORT_S = 30.0  # how long every sample reports an XID after it was read
 # XIDs a program causes (illegal address, MMU fault from the app, a killed context): the job's
 # fault, not the GPU's (DCGM does not count them against the GPU either).
 APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 69})
@@ -66,6 +69,8 @@ class NVMLProvider:
         self._handles = [
             nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())
         ]
+        self._xid_lock = threading.Lock()  # samples are taken in several worker threads
+        self._xids: list[tuple[float, int, int]] = []  # (when read, GPU index, XID)
         self._events = self._xid_events()
 
     def _xid_events(self) -> Any | None:
@@ -82,21 +87,29 @@ class NVMLProvider:
         return events
 
     def _drain_xids(self) -> dict[int, list[int]]:
-        """The critical XIDs each GPU reported since the last call (index -> XIDs), at most
-        ``MAX_EVENTS`` per sample; never waits."""
-        out: dict[int, list[int]] = {}
+        """The critical XIDs each GPU reported in the last ``XID_REPORT_S`` seconds (index ->
+        XIDs): pending events are read (at most ``MAX_EVENTS``, never waiting) and kept that
+        long, so every caller's sample shows them -- the health check's, a ``/metrics``
+        scrape's and the history's alike, whichever happened to read the event."""
         if self._events is None:
-            return out
+            return {}
         n = self._n
-        for _ in range(MAX_EVENTS):
-            try:
-                ev = n.nvmlEventSetWait(self._events, 0)
-            except n.NVMLError:  # NVML_ERROR_TIMEOUT: nothing pending (or the set is gone)
-                break
-            i = self._try(n.nvmlDeviceGetIndex, ev.device)
-            if i is not None and int(ev.eventData) not in APPLICATION_XIDS:
-                out.setdefault(i, []).append(int(ev.eventData))
-        return out
+        with self._xid_lock:
+            now = time.monotonic()
+            for _ in range(MAX_EVENTS):
+                try:
+                    ev = n.nvmlEventSetWait(self._events, 0)
+                except n.NVMLError:  # NVML_ERROR_TIMEOUT: nothing pending (or the set is gone)
+                    break
+                i = self._try(n.nvmlDeviceGetIndex, ev.device)
+                if i is not None and int(ev.eventData) not in APPLICATION_XIDS:
+                    self._xids.append((now, i, int(ev.eventData)))
+            self._xids = [x for x in self._xids if now - x[0] < XID_REPORT_S][-MAX_EVENTS:]
+            out: dict[int, list[int]] = {}
+            for _, i, xid in self._xids:
+                if xid not in out.get(i, []):
+                    out.setdefault(i, []).append(xid)
+            return out
 
     def _lost(self, h: Any) -> bool:
         """True when NVML says the GPU has fallen off the bus."""
