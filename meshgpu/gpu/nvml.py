@@ -6,8 +6,9 @@ whole sample; a GPU that stops answering (``GPU is lost``) is reported unhealthy
 
 Health, the checks DCGM's health watches make from NVML (each one a reason in
 ``GPUTelemetry.reasons``): critical XID events of the last 30 s (an event set registered at
-start and drained, without waiting, at each sample, its events kept for every sampler to see; application faults like XID 13/31/43 are the
-job's, not the GPU's, and are not counted), uncorrected volatile ECC errors, retired pages or
+start and drained, without waiting, at each sample, its events kept for every sampler to see;
+application faults like XID 13/31/43 are the job's, not the GPU's, and are not counted),
+uncorrected volatile ECC errors, retired pages or
 remapped rows waiting for a GPU reset, a failed row remapping, hardware thermal or power-brake
 slowdown, and a GPU that has fallen off the bus (NVML's ``GPU is lost``, or no answer at all).
 How long a GPU stays out once it looks healthy again is the agent's choice
