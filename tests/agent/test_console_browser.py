@@ -145,6 +145,17 @@ def test_console_on_a_follower_tails_charts_and_stops_a_run(tmp_path: Path) -> N
             assert page.locator("#leader").text_content() == leader_name
             page.screenshot(path=str(shots / "cluster.png"), full_page=True)
 
+            # Without a leader (the other two agents gone: no quorum) this node still shows
+            # the mesh: pages read its own replica.
+            for other in agents:
+                if other is not follower:
+                    other.kill()
+            for path in ("runs", "nodes", "cluster"):
+                _goto(page, f"{follower.url}/ui/{path}")
+                assert page.url.endswith(f"/ui/{path}")
+            _goto(page, f"{follower.url}/ui/runs")
+            page.locator("tr[data-run=ticker]").wait_for()
+
             # No page had a console error (what follows signs out: the open page's next
             # refresh is refused, which the browser logs).
             before_sign_out = list(errors)

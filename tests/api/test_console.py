@@ -88,9 +88,12 @@ async def test_names_and_reasons_are_escaped(tmp_path: Path) -> None:
     agent = StubAgent(sm, tmp_path)
     node = sm.nodes["n1"]
     node.labels["team"] = "<script>alert(1)</script>"
+    node.gpus[3].healthy = False  # as the leader's SetGPUHealth leaves it
+    node.gpus[3].health_reason = "XID 79"
     async with _client(agent) as c:
         c.cookies.set(COOKIE, TOKEN)
         nodes = (await c.get("/ui/nodes")).text
         assert "<script>alert(1)</script>" not in nodes and "&lt;script&gt;" in nodes
+        assert "unhealthy: XID 79" in nodes and nodes.count(">healthy<") == 7
         runs = (await c.get("/ui/fragments/runs")).text
         assert "xss" in runs and "<td>" in runs
