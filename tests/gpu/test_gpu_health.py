@@ -160,3 +160,36 @@ def test_a_gpu_returns_after_the_configured_healthy_checks() -> None:
     assert HealthTracker(recover_after=1).apply(_sample(True))[0].healthy
     with pytest.raises(ValueError, match="at least 1"):
         HealthTracker(recover_after=0)
+
+
+def test_amdsmi_health_from_ecc_pending_pages_and_silence() -> None:
+    from meshgpu.gpu.amd import AMDProvider
+
+    class _AmdError(Exception):
+        pass
+
+    def gone(h: int) -> dict:
+        if h == 2:
+            raise _AmdError("AMDSMI_STATUS_NOT_INIT")
+        return {"gfx_activity": 30, "vram_used": 1024, "current_socket_power": 300}
+
+    a = types.SimpleNamespace(
+        AmdSmiInitFlags=types.SimpleNamespace(INIT_AMD_GPUS=1),
+        amdsmi_init=lambda flags: None,
+        amdsmi_get_processor_handles=lambda: [0, 1, 2],
+        amdsmi_get_gpu_activity=gone,
+        amdsmi_get_gpu_vram_usage=gone,
+        amdsmi_get_power_info=gone,
+        amdsmi_get_gpu_total_ecc_count=lambda h: {
+            "uncorrectable_count": 4 if h == 0 else 0,
+            "correctable_count": 1,
+        },
+        amdsmi_get_gpu_bad_page_info=lambda h: (
+            [{"page_address": 1, "status": "PENDING"}, {"status": "RESERVED"}] if h == 1 else []
+        ),
+    )
+    t = AMDProvider(a).telemetry()
+    assert t[0].reasons == ("4 uncorrectable ECC errors",)
+    assert t[1].reasons == ("retired pages pending (reset the GPU)",)
+    assert t[1].utilization_pct == 30 and t[1].memory_used_mib == 1024
+    assert not t[2].healthy and t[2].reasons == ("GPU does not answer amdsmi queries",)
