@@ -56,6 +56,16 @@ MAX_TOKEN_BYTES = 4096
 LOG_LINE_LIMIT = 8192  # characters of one log line sent to the browser
 RUNS_SHOWN = 200
 COOKIE_MAX_AGE_S = 12 * 3600
+# Only this node's own script and styles run; no page may frame the console (its buttons stop
+# runs: no clickjacking); no URL of it leaks to another site.
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 
 
 def is_ui(path: str) -> bool:
@@ -140,7 +150,7 @@ def _page(title: str, body: str, *, nav: str = "") -> HTMLResponse:
 </header>
 <main>{body}</main>
 </body></html>"""
-    return HTMLResponse(doc, headers={"Cache-Control": "no-store"})
+    return HTMLResponse(doc, headers=PAGE_HEADERS)
 
 
 def _status(s: str) -> str:

@@ -53,7 +53,11 @@ def test_console_on_a_follower_tails_charts_and_stops_a_run(tmp_path: Path) -> N
         ca = agents[0].client()
         wait_for(lambda: len(ca.nodes()) == 3)
         leader = wait_for(lambda: ca.status()["leader"])
-        follower = next(a for a in agents if a.client().status()["raft_id"] != leader)
+        # A follower that is not the job's host either (node-b has the only H100s): its log and
+        # history come over the peer port.
+        follower = next(
+            a for a in agents if a.client().status()["raft_id"] != leader and a.name != "node-b"
+        )
         assert follower.client().status()["role"] != "leader"
         ca.submit(
             "type: task\ncommands:\n"
@@ -62,6 +66,7 @@ def test_console_on_a_follower_tails_charts_and_stops_a_run(tmp_path: Path) -> N
             name="ticker",
         )
         wait_for(lambda: ca.run("ticker")["status"] == "running")
+        assert ca.run("ticker")["jobs"][0]["node"] == "node-b" != follower.name
 
         errors: list[str] = []
         with playwright.sync_playwright() as p:

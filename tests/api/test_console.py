@@ -61,6 +61,8 @@ async def test_sign_in_keeps_the_token_in_an_httponly_strict_cookie(tmp_path: Pa
             r = await c.get(path)
             assert r.status_code == 200 and "<!doctype html>" in r.text, path
             assert TOKEN not in r.text  # never in a page
+            assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+            assert r.headers["x-frame-options"] == "DENY"
         assert "train" in (await c.get("/ui/fragments/runs")).text
         hist = (await c.get("/ui/api/runs/train/history")).json()
         assert hist["run"] == "train" and hist["jobs"][0]["node"] == "n1"
