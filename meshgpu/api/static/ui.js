@@ -132,6 +132,7 @@
   }
 
   function bytes(v) {
+    if (v === 0) return "0";
     if (v >= 1 << 30) return (v / (1 << 30)).toFixed(1) + "G";
     if (v >= 1 << 20) return (v / (1 << 20)).toFixed(0) + "M";
     return (v / 1024).toFixed(0) + "K";
@@ -145,7 +146,7 @@
       const job = doc.jobs[0] || { t: [], cpu_pct: [], memory_bytes: [], gpus: [] };
       const gpus = (job.gpus || []).map((g) => ({ name: "gpu" + g.index, t: g.t, v: g.utilization_pct }));
       chart(document.getElementById("chart-gpu"), gpus, 100, (v) => v.toFixed(0));
-      chart(document.getElementById("chart-cpu"), [{ name: "cpu", t: job.t || [], v: job.cpu_pct || [] }], 0, (v) => v.toFixed(0));
+      chart(document.getElementById("chart-cpu"), [{ name: "cpu", t: job.t || [], v: job.cpu_pct || [] }], 0, (v) => v.toFixed(v < 10 ? 1 : 0));
       chart(document.getElementById("chart-mem"), [{ name: "memory", t: job.t || [], v: job.memory_bytes || [] }], 0, bytes);
     } catch (e) { /* try again next round */ }
   }
