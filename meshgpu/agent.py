@@ -31,6 +31,7 @@ from meshgpu.devenv.monitor import AutoStop
 from meshgpu.devenv.sessions import SessionTracker
 from meshgpu.devenv.sshd import start_ssh_server
 from meshgpu.gpu import FakeProvider, detect
+from meshgpu.gpu.health import HealthTracker
 from meshgpu.host.fencing import Fencing
 from meshgpu.host.founding import found_cluster
 from meshgpu.host.housekeeping import Housekeeping
@@ -180,6 +181,7 @@ class Agent:
             # 3. Host duties.
             fence_s = s.membership.dead_grace_s * s.membership.fence_fraction
             fencing = Fencing(node, executor, fence_s, clock=clock)
+            health = HealthTracker(s.gpu_healthy_checks)  # fed by gossip's samples only
             gossip = MeshGossip(
                 GossipHost(
                     node_id=ident.node_id,
@@ -195,7 +197,7 @@ class Agent:
                     state=state,
                     local_jobs=lambda: executor.local,
                     cut_off=lambda: fencing.cut_off,
-                    telemetry=self.gpus.telemetry,
+                    telemetry=lambda: health.apply(self.gpus.telemetry()),
                     service_counters=self.counters.snapshot,
                     on_telemetry=autostop.record_telemetry,
                 ),
@@ -205,6 +207,7 @@ class Agent:
             # 4. The use cases and the API over them (it answers while a restart waits for a
             # quorum: reads are local, writes wait for a leader up to their deadline).
             services = self._services(node, proposer, gossip)
+            nursery.start_soon(services.metrics.sample_forever, s.history_interval_s)
             if services.rates is not None:
                 nursery.start_soon(services.rates.run)
             if services.ingress is not None:  # held requests wake on applied entries

@@ -31,6 +31,9 @@ class AgentSettings:
     # dstack's blocks: split this host into N equal shares (or "auto"); None: GPU by GPU.
     blocks: int | Literal["auto"] | None = None
     fake_gpus: str | None = None
+    # A GPU found unhealthy gets new work again after this many healthy checks in a row
+    # (--gpu-healthy-checks; meshgpu/gpu/health.py). A check is one gossip telemetry sample.
+    gpu_healthy_checks: int = 3
     code_limit: int = DEFAULT_CODE_LIMIT
     # What an archive may expand to (None: 16 x code_limit) and hold (docs/operations.md).
     code_expanded_limit: int | None = None
@@ -59,6 +62,9 @@ class AgentSettings:
     # utilization_policy's time_window (hidden --utilization-window-scale: tests shrink dstack's
     # five-minute minimum window to seconds).
     autostop_interval_s: float = 5.0
+    # How often this host samples its GPUs and jobs into its metrics history
+    # (meshgpu/ops/history.py; hidden --history-interval-ms: tests shorten it).
+    history_interval_s: float = 10.0
     utilization_window_scale: float = 1.0
     # The ingress (meshgpu/services/ingress.py): <run>.<ingress_domain> routes to the run when
     # set; a request for a service with no ready replica is held this long (scale from zero).

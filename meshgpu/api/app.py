@@ -9,7 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import WebSocketRoute
 
-from meshgpu.api import access, fleets, metrics, offers, problems, sshkeys, tunnel, views
+from meshgpu.api import access, fleets, metrics, offers, problems, sshkeys, tunnel, ui, views
 from meshgpu.api.problems import Problem
 from meshgpu.api.views import node_view, run_summary, run_view
 from meshgpu.client.http import MEMBERS_HEADER
@@ -124,7 +124,14 @@ class _Guard:
                 message = {**message, "headers": headers}
             await send(message)
 
-        if path not in PUBLIC_PATHS:
+        if ui.is_ui(path):
+            # The console: its own sign-in (an HttpOnly cookie) and CSRF header (api/ui.py).
+            refusal = ui.guard(scope, cluster.api_token_ok)
+            if refusal is not None:
+                await refusal(scope, receive, send_with_index)
+                return
+            scope[AUTHENTICATED] = True
+        elif path not in PUBLIC_PATHS:
             header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             token = problems.bearer_token(header.decode("latin-1"))
             who = cluster.principal(token) if token else None
@@ -543,6 +550,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     app.include_router(sshkeys.router(services, Auth, Read))
     app.include_router(fleets.router(services, Auth, Read))
     app.include_router(access.router(services, Auth, Read))
+    app.include_router(ui.router(services))  # the console (not in /openapi.json)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from meshgpu.api.problems import responses
 from meshgpu.api.prometheus import CONTENT_TYPE, node_families, render
 from meshgpu.errors import Denied
+from meshgpu.ops.history import DEFAULT_POINTS, MAX_POINTS
 from meshgpu.ops.metrics import usage_of
 from meshgpu.runner.usage import GroupUsage
 
@@ -78,6 +79,33 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
         if services.access is not None:
             services.access.see_run(who, name)
         return await services.metrics.run(name, job, local=local)
+
+    @r.get("/api/v1/runs/{name}/history", responses=responses(404))
+    async def job_history(
+        name: str,
+        _: auth,
+        __: read,
+        since_s: Annotated[
+            float,
+            Query(gt=0, le=7 * 86400, description="How far back, in seconds (at most 7 days)"),
+        ] = 3600.0,
+        points: Annotated[
+            int,
+            Query(ge=1, le=MAX_POINTS, description="Most samples per series (averaged down)"),
+        ] = DEFAULT_POINTS,
+        job: Annotated[int | None, Query(ge=0, description="Job number; all by default")] = None,
+        local: Annotated[
+            bool, Query(description="Answer for jobs on this node only (no proxying)")
+        ] = False,
+    ) -> dict[str, Any]:
+        """Each job's CPU, memory and GPU samples over the last ``since_s`` seconds, kept by
+        the host that ran it (10 s apart for 24 h, 5-minute averages for a week): columns
+        ``t`` (Unix seconds), ``cpu_pct``, ``memory_bytes``, ``processes`` and per GPU
+        ``utilization_pct``, ``memory_used_mib``, ``temperature_c``, ``power_w`` (null: not
+        reported)."""
+        return await services.metrics.history_of(
+            name, job, since_s=since_s, points=points, local=local
+        )
 
     return r
 

@@ -104,6 +104,15 @@ def agent(
     fake_gpus: Annotated[
         str | None, typer.Option("--fake-gpus", envvar="MESHGPU_FAKE_GPUS", help="e.g. 8xH100:80GB")
     ] = None,
+    gpu_healthy_checks: Annotated[
+        int,
+        typer.Option(
+            "--gpu-healthy-checks",
+            envvar="MESHGPU_GPU_HEALTHY_CHECKS",
+            help="Healthy checks in a row (one every 2 s) before a GPU found unhealthy "
+            "gets new work again",
+        ),
+    ] = 3,
     token: Annotated[
         str | None,
         typer.Option("--token", envvar="MESHGPU_JOIN_TOKEN", help="Join token of an existing mesh"),
@@ -174,6 +183,15 @@ def agent(
             "--retention-interval-ms",
             hidden=True,
             help="How often the retention policy is applied (tests shorten it)",
+        ),
+    ] = 10_000.0,
+    history_interval_ms: Annotated[
+        float,
+        typer.Option(
+            "--history-interval-ms",
+            hidden=True,
+            help="How often this host samples its GPUs and jobs into the metrics history "
+            "(tests shorten it)",
         ),
     ] = 10_000.0,
     autostop_interval_ms: Annotated[
@@ -298,6 +316,8 @@ def agent(
         raise fail(f"--keep-runs must be 0 or more, not {keep_runs}")
     if not retention_interval_ms > 0:
         raise fail(f"--retention-interval-ms must be positive, not {retention_interval_ms}")
+    if not 10 <= history_interval_ms <= 3_600_000:
+        raise fail(f"--history-interval-ms must be 10..3600000, not {history_interval_ms}")
     if not autostop_interval_ms > 0 or not utilization_window_scale > 0:
         raise fail("--autostop-interval-ms and --utilization-window-scale must be positive")
     for flag, value in (
@@ -308,6 +328,11 @@ def agent(
             raise fail(f"{flag} must be a positive number, not {value}")
     if min_free_mb < 0:
         raise fail(f"--min-free-mb must be 0 or more, not {min_free_mb}")
+    if not 1 <= gpu_healthy_checks <= 10_000:
+        raise fail(
+            f"--gpu-healthy-checks must be 1..10000, not {gpu_healthy_checks} "
+            "(1: a GPU is back as soon as one check finds it healthy)"
+        )
     price = _price(price)
     _check_data_dir(data_dir)
     keep_runs_for_s = positive_duration("--keep-runs-for", keep_runs_for, "12h or 7d")
@@ -344,6 +369,7 @@ def agent(
         price=price,
         blocks=_blocks(blocks),
         fake_gpus=fake_gpus,
+        gpu_healthy_checks=gpu_healthy_checks,
         code_limit=code_limit_mb << 20,
         code_expanded_limit=code_expanded_limit_mb << 20 if code_expanded_limit_mb else None,
         code_max_files=code_max_files,
@@ -359,6 +385,7 @@ def agent(
         keep_runs_for_s=float(keep_runs_for_s),
         retention_interval_s=retention_interval_ms / 1000,
         autostop_interval_s=autostop_interval_ms / 1000,
+        history_interval_s=history_interval_ms / 1000,
         utilization_window_scale=utilization_window_scale,
         api_tls=api_tls == "on",
         ingress_domain=ingress_domain,

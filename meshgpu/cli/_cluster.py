@@ -11,10 +11,28 @@ import typer
 from meshgpu.cli._common import JsonOpt, UrlOpt, client, out, positive_duration, table
 
 
-def nodes(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
+def nodes(
+    as_json: JsonOpt = False,
+    unhealthy: Annotated[
+        bool,
+        typer.Option(
+            "--unhealthy", help="Only hosts with a GPU marked unhealthy, and only those GPUs"
+        ),
+    ] = False,
+    url: UrlOpt = None,
+) -> None:
     """Members, roles, GPUs, health and labels."""
     with client(url) as c:
         ns = c.nodes()
+    if unhealthy:
+        ns = [
+            n | {"gpus": [g for g in n["gpus"] if not g["healthy"]]}
+            for n in ns
+            if any(not g["healthy"] for g in n["gpus"])
+        ]
+        if not ns and not as_json:
+            out.print("every GPU is healthy")
+            return
     if not as_json:  # the API pages newest first; a table reads best by name
         ns.sort(key=lambda n: n["name"])
     if as_json:

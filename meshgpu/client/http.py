@@ -248,6 +248,17 @@ class Client:
         body |= {k: v for k, v in overrides.items() if v is not None}
         return self._request("POST", "/api/v1/offers", json=body).json()
 
+    def run_history(
+        self, name: str, since_s: float, job: int | None = None, points: int | None = None
+    ) -> dict[str, Any]:
+        """A run's metrics history (``GET /api/v1/runs/{name}/history``)."""
+        params: dict[str, Any] = {"since_s": since_s}
+        if job is not None:
+            params["job"] = job
+        if points is not None:
+            params["points"] = points
+        return self._request("GET", f"/api/v1/runs/{name}/history", params=params).json()
+
     def run_metrics(self, name: str, job: int | None = None) -> dict[str, Any]:
         """CPU, memory and GPU use of a run's jobs, sampled on the hosts that run them."""
         params = {"job": job} if job is not None else {}

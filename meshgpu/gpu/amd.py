@@ -67,14 +67,38 @@ class AMDProvider:
             )
         return out
 
+    def _pending_pages(self, h: Any) -> int:
+        """Bad pages waiting to be retired (a reset retires them); 0 when not reported."""
+        pages = self._try(self._a.amdsmi_get_gpu_bad_page_info, h)
+        if not isinstance(pages, list):
+            return 0
+        return sum(
+            1
+            for p in pages
+            if isinstance(p, dict) and "PENDING" in str(p.get("status", "")).upper()
+        )
+
     def telemetry(self) -> list[GPUTelemetry]:
+        """One sample per GPU. Health: uncorrectable ECC errors, bad pages pending retirement,
+        and a GPU that answers none of the queries (gone from the bus, or a hung driver)."""
         out = []
         for i, h in enumerate(self._handles):
-            act = self._try(self._a.amdsmi_get_gpu_activity, h) or {}
-            vram = self._try(self._a.amdsmi_get_gpu_vram_usage, h) or {}
-            power = self._try(self._a.amdsmi_get_power_info, h) or {}
+            act = self._try(self._a.amdsmi_get_gpu_activity, h)
+            vram = self._try(self._a.amdsmi_get_gpu_vram_usage, h)
+            power = self._try(self._a.amdsmi_get_power_info, h)
+            if act is None and vram is None and power is None:
+                out.append(
+                    GPUTelemetry(
+                        index=i, healthy=False, reasons=("GPU does not answer amdsmi queries",)
+                    )
+                )
+                continue
+            act, vram, power = act or {}, vram or {}, power or {}
             ecc = self._try(self._a.amdsmi_get_gpu_total_ecc_count, h) or {}
             ue = ecc.get("uncorrectable_count")
+            reasons = [f"{ue} uncorrectable ECC errors"] if ue else []
+            if self._pending_pages(h):
+                reasons.append("retired pages pending (reset the GPU)")
             out.append(
                 GPUTelemetry(
                     index=i,
@@ -83,8 +107,8 @@ class AMDProvider:
                     power_w=power.get("current_socket_power") or power.get("average_socket_power"),
                     ecc_uncorrected=ue,
                     ecc_corrected=ecc.get("correctable_count"),
-                    healthy=not ue,
-                    reasons=(f"{ue} uncorrectable ECC errors",) if ue else (),
+                    healthy=not reasons,
+                    reasons=tuple(reasons),
                 )
             )
         return out

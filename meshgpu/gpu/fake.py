@@ -7,8 +7,10 @@ Telemetry is plausible and controllable: GPUs that jobs hold (``set_busy``) show
 heat and power; ``set_state`` (or a JSON state file, re-read at each sample, for tests that drive
 an agent process from outside) overrides any value or marks a GPU unhealthy. Faults can be
 injected the way NVML reports them: ``{"3": {"xid": 79}}`` (an XID event; a list for several)
-or ``{"3": {"ecc_uncorrected": 2}}`` make GPU 3 unhealthy with that reason; ``healthy`` given
-outright wins; removing the entry (or ``{}``) heals it.
+or ``{"3": {"ecc_uncorrected": 2}}`` make GPU 3 unhealthy with that reason, as do
+``"retired_pages_pending": true``, ``"row_remap_pending": true``, ``"thermal_slowdown": true``,
+``"power_slowdown": true`` and ``"fallen_off_bus": true`` (no readings then, as NVML gives none);
+``healthy`` given outright wins; removing the entry (or ``{}``) heals it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ from meshgpu.gpu._types import (
 from meshgpu.gpu.catalog import lookup
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(GPUTelemetry)) - {"index"}
+
+# Boolean faults of the state file, each with the reason NVML's checks give (meshgpu/gpu/nvml.py).
+FAULTS = {
+    "retired_pages_pending": "retired pages pending (reset the GPU)",
+    "row_remap_pending": "row remapping pending (reset the GPU)",
+    "thermal_slowdown": "thermal slowdown (hardware)",
+    "power_slowdown": "power brake slowdown (hardware)",
+    "fallen_off_bus": "fallen off the bus (NVML: GPU is lost)",
+}
 
 _GROUP = re.compile(
     r"^\s*(?:(\d+)\s*[xX*]\s*)?([A-Za-z][A-Za-z0-9_-]*)\s*(?::\s*([0-9.]+\s*[A-Za-z]*))?\s*$"
@@ -166,6 +177,11 @@ class FakeProvider:
                 reasons.append(f"XID {xid}")
             if values.get("ecc_uncorrected"):
                 reasons.append(f"{values['ecc_uncorrected']} uncorrected ECC errors")
+            reasons += [why for key, why in FAULTS.items() if overrides.get(key)]
+            if overrides.get("fallen_off_bus"):  # a lost GPU answers nothing
+                for key in ("utilization_pct", "memory_used_mib", "temperature_c", "power_w"):
+                    values[key] = None
+                values["ecc_uncorrected"] = values["ecc_corrected"] = None
             values["reasons"] = tuple(reasons)
             if "healthy" not in overrides:
                 values["healthy"] = not reasons

@@ -3,11 +3,23 @@
 Every call blocks in the driver, so the agent runs these methods in a worker thread. A value the
 device does not support (``NVMLError_NotSupported``) is reported as None rather than failing the
 whole sample; a GPU that stops answering (``GPU is lost``) is reported unhealthy.
+
+Health, the checks DCGM's health watches make from NVML (each one a reason in
+``GPUTelemetry.reasons``): critical XID events of the last 30 s (an event set registered at
+start and drained, without waiting, at each sample, its events kept for every sampler to see;
+application faults like XID 13/31/43 are the job's, not the GPU's, and are not counted),
+uncorrected volatile ECC errors, retired pages or
+remapped rows waiting for a GPU reset, a failed row remapping, hardware thermal or power-brake
+slowdown, and a GPU that has fallen off the bus (NVML's ``GPU is lost``, or no answer at all).
+How long a GPU stays out once it looks healthy again is the agent's choice
+(``meshgpu.gpu.health.HealthTracker``).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,6 +37,15 @@ from meshgpu.gpu.catalog import lookup
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+MAX_EVENTS = 256  # XID events read per sample
+XID_REPORT_S = 30.0  # how long every sample reports an XID after it was read
+# XIDs a program causes (illegal address, MMU fault from the app, a killed context): the job's
+# fault, not the GPU's (DCGM does not count them against the GPU either).
+APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 69})
+# Clock event reasons that mean the hardware is protecting itself (NVML's bit values).
+HW_THERMAL_SLOWDOWN = 0x40
+HW_POWER_BRAKE_SLOWDOWN = 0x80
 
 
 def _text(v: Any) -> str:
@@ -49,6 +70,56 @@ class NVMLProvider:
         self._handles = [
             nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())
         ]
+        self._xid_lock = threading.Lock()  # samples are taken in several worker threads
+        self._xids: list[tuple[float, int, int]] = []  # (when read, GPU index, XID)
+        self._events = self._xid_events()
+
+    def _xid_events(self) -> Any | None:
+        """An event set with every GPU's critical XID events (None: not supported here)."""
+        n = self._n
+        kind = getattr(n, "nvmlEventTypeXidCriticalError", None)
+        if kind is None or not hasattr(n, "nvmlEventSetCreate"):
+            return None
+        events = self._try(n.nvmlEventSetCreate)
+        if events is None:
+            return None
+        for h in self._handles:
+            self._try(n.nvmlDeviceRegisterEvents, h, kind, events)
+        return events
+
+    def _drain_xids(self) -> dict[int, list[int]]:
+        """The critical XIDs each GPU reported in the last ``XID_REPORT_S`` seconds (index ->
+        XIDs): pending events are read (at most ``MAX_EVENTS``, never waiting) and kept that
+        long, so every caller's sample shows them -- the health check's, a ``/metrics``
+        scrape's and the history's alike, whichever happened to read the event."""
+        if self._events is None:
+            return {}
+        n = self._n
+        with self._xid_lock:
+            now = time.monotonic()
+            for _ in range(MAX_EVENTS):
+                try:
+                    ev = n.nvmlEventSetWait(self._events, 0)
+                except n.NVMLError:  # NVML_ERROR_TIMEOUT: nothing pending (or the set is gone)
+                    break
+                i = self._try(n.nvmlDeviceGetIndex, ev.device)
+                if i is not None and int(ev.eventData) not in APPLICATION_XIDS:
+                    self._xids.append((now, i, int(ev.eventData)))
+            self._xids = [x for x in self._xids if now - x[0] < XID_REPORT_S][-MAX_EVENTS:]
+            out: dict[int, list[int]] = {}
+            for _, i, xid in self._xids:
+                if xid not in out.get(i, []):
+                    out.setdefault(i, []).append(xid)
+            return out
+
+    def _lost(self, h: Any) -> bool:
+        """True when NVML says the GPU has fallen off the bus."""
+        lost = getattr(self._n, "NVMLError_GpuIsLost", None)
+        try:
+            self._n.nvmlDeviceGetUtilizationRates(h)
+        except self._n.NVMLError as e:
+            return (lost is not None and isinstance(e, lost)) or "lost" in str(e).lower()
+        return False
 
     def _try(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         try:
@@ -56,6 +127,11 @@ class NVMLProvider:
         except self._n.NVMLError as e:
             log.debug("nvml call=%s error=%s", getattr(fn, "__name__", fn), e)
             return None
+
+    def _optional(self, name: str, *args: Any) -> Any | None:
+        """``_try`` of a function older bindings may not have (None then)."""
+        fn = getattr(self._n, name, None)
+        return None if fn is None else self._try(fn, *args)
 
     def driver_version(self) -> str | None:
         v = self._try(self._n.nvmlSystemGetDriverVersion)
@@ -92,15 +168,18 @@ class NVMLProvider:
     def telemetry(self) -> list[GPUTelemetry]:
         n = self._n
         out = []
+        xids = self._drain_xids()
         for i, h in enumerate(self._handles):
             util = self._try(n.nvmlDeviceGetUtilizationRates, h)
             mem = self._try(n.nvmlDeviceGetMemoryInfo, h)
             if util is None and mem is None:
-                out.append(
-                    GPUTelemetry(
-                        index=i, healthy=False, reasons=("GPU does not answer NVML queries",)
-                    )
+                why = (
+                    "fallen off the bus (NVML: GPU is lost)"
+                    if self._lost(h)
+                    else "GPU does not answer NVML queries"
                 )
+                reasons = tuple(f"XID {x}" for x in xids.get(i, ())) + (why,)
+                out.append(GPUTelemetry(index=i, healthy=False, reasons=reasons))
                 continue
             temp = self._try(n.nvmlDeviceGetTemperature, h, n.NVML_TEMPERATURE_GPU)
             power = self._try(n.nvmlDeviceGetPowerUsage, h)
@@ -116,12 +195,27 @@ class NVMLProvider:
                 n.NVML_MEMORY_ERROR_TYPE_CORRECTED,
                 n.NVML_VOLATILE_ECC,
             )
-            reasons = []
+            reasons = [f"XID {x}" for x in xids.get(i, ())]
             if ecc_u:
                 reasons.append(f"{ecc_u} uncorrected ECC errors since boot")
             remap = self._try(n.nvmlDeviceGetRemappedRows, h)
-            if remap is not None and len(remap) >= 4 and remap[3]:
-                reasons.append("row remapping failed")
+            if remap is not None and len(remap) >= 4:
+                if remap[2]:
+                    reasons.append("row remapping pending (reset the GPU)")
+                if remap[3]:
+                    reasons.append("row remapping failed")
+            pending = self._optional("nvmlDeviceGetRetiredPagesPendingStatus", h)
+            if pending is not None and pending == getattr(n, "NVML_FEATURE_ENABLED", 1):
+                reasons.append("retired pages pending (reset the GPU)")
+            clocks = getattr(n, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+                n, "nvmlDeviceGetCurrentClocksThrottleReasons", None
+            )
+            slowdown = self._try(clocks, h) if clocks is not None else None
+            if slowdown:
+                if slowdown & HW_THERMAL_SLOWDOWN:
+                    reasons.append("thermal slowdown (hardware)")
+                if slowdown & HW_POWER_BRAKE_SLOWDOWN:
+                    reasons.append("power brake slowdown (hardware)")
             out.append(
                 GPUTelemetry(
                     index=i,
@@ -162,4 +256,7 @@ class NVMLProvider:
         return out
 
     def close(self) -> None:
+        if self._events is not None:
+            self._try(self._n.nvmlEventSetFree, self._events)
+            self._events = None
         self._try(self._n.nvmlShutdown)

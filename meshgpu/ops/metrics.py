@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from meshgpu.errors import MeshError, Unavailable, job_not_found, run_not_found
+from meshgpu.ops.history import MetricsHistory
 from meshgpu.runner.usage import GroupUsage, cpu_percent, job_pgid, sample_groups
 
 if TYPE_CHECKING:
@@ -45,6 +46,88 @@ class Metrics:
         self.state, self.runner, self.gpus = state, runner, gpus
         self.node_id, self.node_name = node_id, node_name
         self.peers = peers  # other members, over the peer port
+        self.history = MetricsHistory()  # this host's GPUs and jobs over time (ops/history.py)
+
+    async def sample_forever(self, interval_s: float | None = None) -> None:
+        """Feed ``history`` every ``interval_s`` (default: its own interval) until cancelled."""
+        interval = interval_s or self.history.interval_s
+        self.history.interval_s = interval
+        while True:
+            await self.sample_history()
+            await trio.sleep(interval)
+
+    async def sample_history(self) -> None:
+        """One sample of this host's GPUs and running jobs into ``history``."""
+        jobs = self.state.jobs_on_node(self.node_id)
+
+        def take() -> tuple[float, float, list[Any], dict[str, GroupUsage]]:
+            return (
+                time.time(),
+                time.monotonic(),
+                [dataclasses.asdict(t) for t in self.gpus.telemetry()],
+                usage_of(self.runner, jobs),
+            )
+
+        t, mono, telemetry, usage = await trio.to_thread.run_sync(take)
+        self.history.record(t, mono, telemetry, usage)
+
+    async def history_of(
+        self, name: str, job: int | None, *, since_s: float, points: int, local: bool
+    ) -> dict[str, Any]:
+        """``GET /api/v1/runs/{name}/history``: each job's samples of the last ``since_s``
+        seconds (at most ``points`` per series), read here for the jobs this host ran and asked
+        of their hosts for the others (``local``: this host's only)."""
+        record = self.state.runs.get(name)
+        if record is None:
+            raise run_not_found(name)
+        jobs = self.state.run_jobs(record)
+        if job is not None:
+            if not 0 <= job < len(jobs):
+                raise job_not_found(name, len(jobs))
+            jobs = [jobs[job]]
+        until = time.time()
+        since = until - since_s
+        entries: dict[str, dict[str, Any]] = {}
+
+        def here(j: JobRecord) -> dict[str, Any]:
+            return self._job_base(j) | self.history.job(
+                j.job_id, j.gpu_indices, since, until, points
+            )
+
+        async def remote(j: JobRecord, owner_id: str, owner_name: str) -> None:
+            base = self._job_base(j)
+            try:
+                doc = await self.peers.history(
+                    owner_id, name, j.job_num, since_s, points, timeout=PROXY_TIMEOUT_S
+                )
+                entries[j.job_id] = (doc.get("jobs") or [base | {"error": "no samples"}])[0]
+            except Unavailable as e:
+                entries[j.job_id] = base | {"error": f"cannot reach {owner_name}: {e}"}
+            except MeshError as e:
+                entries[j.job_id] = base | {"error": f"{owner_name} answered: {e.title}"}
+
+        async with trio.open_nursery() as nursery:
+            for j in jobs:
+                owner = self.state.nodes.get(j.node_id or "")
+                if j.node_id == self.node_id:
+                    entries[j.job_id] = here(j)
+                elif owner is None:
+                    entries[j.job_id] = self._job_base(j) | {
+                        "error": "the job has not run yet" if not j.node_id else "unknown host"
+                    }
+                elif local:
+                    entries[j.job_id] = self._job_base(j) | {
+                        "error": f"this node ({self.node_name}) does not run the job"
+                    }
+                else:
+                    nursery.start_soon(remote, j, owner.node_id, owner.name)
+        return {
+            "run": name,
+            "since": round(since, 3),
+            "until": round(until, 3),
+            "interval_s": self.history.interval_s,
+            "jobs": [entries[j.job_id] for j in jobs],
+        }
 
     def _job_base(self, j: JobRecord) -> dict[str, Any]:
         node = self.state.nodes.get(j.node_id) if j.node_id else None

@@ -37,6 +37,12 @@ class Peers(Protocol):
         """A join request forwarded to the leader ``node_id``: its answer."""
         ...
 
+    async def history(
+        self, node_id: str, run: str, job: int, since_s: float, points: int, *, timeout: float
+    ) -> dict[str, Any]:
+        """``node_id``'s own metrics history of the run's job there."""
+        ...
+
 
 def answers(
     services: Services,
@@ -59,6 +65,11 @@ def answers(
             raise Unavailable("no secrets here", "this member serves no secrets", "unavailable")
         return await services.access.resolve_for_job(member.node_id, job_id)
 
+    async def history(run: str, job: int, since_s: float, points: int) -> dict[str, Any]:
+        return await services.metrics.history_of(
+            run, job, since_s=since_s, points=points, local=True
+        )
+
     return PeerHandlers(
         is_member=is_member,
         secrets=secrets,
@@ -69,6 +80,7 @@ def answers(
         logs=services.logs.here,
         metrics=metrics,
         admit=services.admission.admit_forwarded,
+        history=history,
     )
 
 
@@ -86,4 +98,9 @@ class NoPeers:
         raise Unavailable("peer unavailable", f"no calls to node {node_id} here", "unavailable")
 
     async def join(self, node_id: str, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        raise Unavailable("peer unavailable", f"no calls to node {node_id} here", "unavailable")
+
+    async def history(
+        self, node_id: str, run: str, job: int, since_s: float, points: int, *, timeout: float
+    ) -> dict[str, Any]:
         raise Unavailable("peer unavailable", f"no calls to node {node_id} here", "unavailable")

@@ -135,6 +135,18 @@ class PeerClient:
             raise Remote(502, "bad metrics reply", f"node {node_id} sent {type(result).__name__}")
         return result
 
+    async def history(
+        self, node_id: str, run: str, job: int, since_s: float, points: int, *, timeout: float
+    ) -> dict[str, Any]:
+        """``node_id``'s own metrics history of the run's job there (``ops/history.py``)."""
+        args = {"run": run, "job": job, "since_s": since_s, "points": points}
+        with _deadline(timeout):
+            async with self._call(node_id, "history", args) as ch:
+                result = await wire.read_result(ch, idle=self.idle)
+        if not isinstance(result, dict):
+            raise Remote(502, "bad history reply", f"node {node_id} sent {type(result).__name__}")
+        return result
+
     async def join(self, node_id: str, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
         """Forward a join request to the leader ``node_id``; its answer or its refusal."""
         with _deadline(timeout):

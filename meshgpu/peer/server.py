@@ -22,6 +22,7 @@ Ops (``args`` are msgpack maps; ``→`` what the reply is):
     code.put   {sha} + DATA body   → END {sha256}                       (a pushed copy)
     logs       {run, job, follow}  → DATA ... END                       this host's log only
     metrics    {run, job}          → END {run, jobs}                    this host's jobs only
+    history    {run, job, since_s, points} → END {run, jobs}            this host's history only
     join       {body}              → END {join reply}                   on the leader only
     secrets    {job}               → END {name: value}                  a voter; the job's host only
 
@@ -55,6 +56,7 @@ KEEPALIVE_S = 10.0
 """A followed log that has been quiet this long sends an empty DATA frame, so the caller can
 tell a quiet job from a dead peer (its ``idle`` is longer)."""
 JOIN_BODY_LIMIT = 64 * 1024
+HISTORY_MAX_POINTS = 2000  # meshgpu.ops.history.MAX_POINTS: what one answer may hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,8 @@ class PeerHandlers:
     # (caller's Raft id, job id) -> the secret values the job needs (``AccessOps.
     # resolve_for_job``: only to the job's own host); None: this host answers none.
     secrets: Callable[[int, str], Awaitable[dict[str, str]]] | None = None
+    # (run, job, since_s, points) -> this host's metrics history of the job; None: not kept
+    history: Callable[[str, int, float, int], Awaitable[dict[str, Any]]] | None = None
 
 
 class PeerServer:
@@ -99,6 +103,7 @@ class PeerServer:
             "metrics": self._metrics,
             "join": self._join,
             "secrets": self._secrets,
+            "history": self._history,
         }
 
     def serve(self, handlers: PeerHandlers) -> None:
@@ -224,6 +229,20 @@ class PeerServer:
             raise ProtocolError("job is an integer or null")
         await self._no_body(ch)
         await wire.send_end(ch, await h.metrics(run, job))
+
+    async def _history(self, h: PeerHandlers, ch: Channel, args: dict[str, Any]) -> None:
+        run, job = _str(args, "run"), args.get("job")
+        since_s, points = args.get("since_s"), args.get("points")
+        if type(job) is not int:
+            raise ProtocolError("job is an integer")
+        if type(since_s) not in (int, float) or not 0 < since_s <= 31 * 86400:
+            raise ProtocolError("since_s is a number of seconds, 0 < since_s <= 31 days")
+        if type(points) is not int or not 1 <= points <= HISTORY_MAX_POINTS:
+            raise ProtocolError(f"points is an integer 1..{HISTORY_MAX_POINTS}")
+        await self._no_body(ch)
+        if h.history is None:
+            raise NotFound("no metrics history", "this host keeps no metrics history", "not_found")
+        await wire.send_end(ch, await h.history(run, job, float(since_s), points))
 
     async def _join(self, h: PeerHandlers, ch: Channel, args: dict[str, Any]) -> None:
         body = args.get("body")

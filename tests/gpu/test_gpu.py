@@ -212,7 +212,7 @@ def test_nvml_inventory_and_telemetry_mapping() -> None:
 def test_nvml_health() -> None:
     t = NVMLProvider(_fake_pynvml(ecc_uncorrected=2, lost=1)).telemetry()
     assert not t[0].healthy and "uncorrected ECC" in t[0].reasons[0]
-    assert not t[1].healthy and "does not answer" in t[1].reasons[0]
+    assert not t[1].healthy and "fallen off the bus" in t[1].reasons[0]
 
 
 def test_nvml_unavailable_here() -> None:
