@@ -131,6 +131,8 @@ class _Guard:
                 await refusal(scope, receive, send_with_index)
                 return
             scope[AUTHENTICATED] = True
+            cookie = ui.cookie_token(scope["headers"])
+            scope[PRINCIPAL] = cluster.principal(cookie) if cookie else None
         elif path not in PUBLIC_PATHS:
             header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             token = problems.bearer_token(header.decode("latin-1"))
@@ -550,7 +552,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     app.include_router(sshkeys.router(services, Auth, Read))
     app.include_router(fleets.router(services, Auth, Read))
     app.include_router(access.router(services, Auth, Read))
-    app.include_router(ui.router(services))  # the console (not in /openapi.json)
+    app.include_router(ui.router(services, PRINCIPAL))  # the console (not in /openapi.json)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -40,8 +40,9 @@ from fastapi.responses import (
 )
 
 from meshgpu.api import problems, views
-from meshgpu.errors import MeshError
+from meshgpu.errors import MeshError, NotFound
 from meshgpu.ops.history import DEFAULT_POINTS, MAX_POINTS
+from meshgpu.security import policy
 
 if TYPE_CHECKING:
     from meshgpu.ops import Services
@@ -174,11 +175,31 @@ class Console:
     def __init__(self, services: Services) -> None:
         self.s = services
 
+    # -- who sees what (the API's policy: meshgpu/security/policy.py) -------------------------
+
+    def visible(self, who: Any, project: str) -> bool:
+        """Whether ``who`` may see runs of ``project`` (everything without an access store)."""
+        if self.s.access is None:
+            return True
+        return who is not None and policy.visible(self.s.cluster.cluster.access, who, project)
+
+    def see_run(self, who: Any, name: str, action: str = "project.read") -> Any:
+        """The run, if ``who`` may see it and do ``action`` (NotFound / Denied otherwise, as
+        the API answers)."""
+        acc = self.s.access
+        if acc is None:
+            run = self.s.state.runs.get(name)
+            if run is None:
+                raise NotFound("no such run", f"no run {name}", "run_not_found")
+            return run
+        return acc.see_run(who, name, action)
+
     # -- runs -------------------------------------------------------------------------------
 
-    def runs_fragment(self) -> str:
+    def runs_fragment(self, who: Any) -> str:
         state, now = self.s.state, time.time()
-        runs = sorted(state.runs.values(), key=lambda r: (r.submitted_at, r.run_name))[::-1]
+        mine = (r for r in state.runs.values() if self.visible(who, r.project))
+        runs = sorted(mine, key=lambda r: (r.submitted_at, r.run_name))[::-1]
         rows = []
         for r in runs[:RUNS_SHOWN]:
             jobs = state.run_jobs(r)
@@ -206,9 +227,10 @@ class Console:
             + more
         )
 
-    def run_fragment(self, name: str) -> str:
-        r = self.s.state.runs.get(name)
-        if r is None:
+    def run_fragment(self, who: Any, name: str) -> str:
+        try:
+            r = self.see_run(who, name)
+        except NotFound:
             return f"<p>No run {e(name)} (it may have been forgotten).</p>"
         now = time.time()
         view = views.run_summary(r, self.s.state)
@@ -277,7 +299,7 @@ class Console:
             )
         return "".join(out) or "<p>No hosts registered yet.</p>"
 
-    def cluster_fragment(self) -> str:
+    def cluster_fragment(self, who: Any) -> str:
         s = self.s
         st = s.cluster.status()
         roles = s.cluster.roles()
@@ -297,7 +319,11 @@ class Console:
         runs = s.state.runs.values()
         by_type: dict[str, list[str]] = {"service": [], "dev-environment": []}
         for r in runs:
-            if r.spec.type in by_type and not r.status.is_finished():
+            if (
+                r.spec.type in by_type
+                and not r.status.is_finished()
+                and self.visible(who, r.project)
+            ):
                 q = quote(r.run_name, safe="")
                 by_type[r.spec.type].append(
                     f'<li><a href="{PREFIX}/runs/{q}">{e(r.run_name)}</a> '
@@ -361,10 +387,15 @@ def _sse(line: str, event: str | None = None) -> bytes:
     return f"{head}data: {text}\n\n".encode()
 
 
-def router(services: Services) -> APIRouter:
-    """The console's routes (their auth is ``guard``, run by the API's guard)."""
+def router(services: Services, principal_key: str) -> APIRouter:
+    """The console's routes (their auth is ``guard``, run by the API's guard, which puts the
+    signed-in caller in the request under ``principal_key``). What a page shows and does is
+    what the API would let that caller see and do."""
     r = APIRouter(prefix=PREFIX, include_in_schema=False)
     console = Console(services)
+
+    def who(request: Request) -> Any:
+        return request.scope.get(principal_key)
 
     @r.get("")
     async def root() -> RedirectResponse:
@@ -428,24 +459,30 @@ def router(services: Services) -> APIRouter:
         return resp
 
     @r.get("/runs")
-    async def runs_page() -> HTMLResponse:
+    async def runs_page(request: Request) -> HTMLResponse:
         body = (
             f'<h1>Runs</h1><div id="runs" data-refresh="{PREFIX}/fragments/runs">'
-            f"{console.runs_fragment()}</div>"
+            f"{console.runs_fragment(who(request))}</div>"
         )
         return _page("Runs", body, nav="runs")
 
     @r.get("/fragments/runs")
-    async def runs_fragment() -> HTMLResponse:
-        return HTMLResponse(console.runs_fragment(), headers={"Cache-Control": "no-store"})
+    async def runs_fragment(request: Request) -> HTMLResponse:
+        return HTMLResponse(
+            console.runs_fragment(who(request)), headers={"Cache-Control": "no-store"}
+        )
 
     @r.get("/runs/{name}")
-    async def run_page(name: str, job: Annotated[int, Query(ge=0, le=100_000)] = 0) -> Response:
-        if name not in services.state.runs:
+    async def run_page(
+        request: Request, name: str, job: Annotated[int, Query(ge=0, le=100_000)] = 0
+    ) -> Response:
+        try:
+            console.see_run(who(request), name)
+        except NotFound:
             return _page("Not found", f"<h1>No run {e(name)}</h1>", nav="runs")
         q = quote(name, safe="")
         body = f"""<h1>{e(name)}</h1>
-<div id="run" data-refresh="{PREFIX}/fragments/runs/{q}">{console.run_fragment(name)}</div>
+<div id="run" data-refresh="{PREFIX}/fragments/runs/{q}">{console.run_fragment(who(request), name)}</div>
 <h2>Usage <small>(job {job}; kept by its host)</small></h2>
 <div class="charts" data-history="{PREFIX}/api/runs/{q}/history?job={job}">
 <figure><figcaption>GPU utilization %</figcaption><svg id="chart-gpu" class="chart"></svg></figure>
@@ -457,13 +494,16 @@ def router(services: Services) -> APIRouter:
         return _page(name, body, nav="runs")
 
     @r.get("/fragments/runs/{name}")
-    async def run_fragment(name: str) -> HTMLResponse:
-        return HTMLResponse(console.run_fragment(name), headers={"Cache-Control": "no-store"})
+    async def run_fragment(request: Request, name: str) -> HTMLResponse:
+        return HTMLResponse(
+            console.run_fragment(who(request), name), headers={"Cache-Control": "no-store"}
+        )
 
     @r.get("/runs/{name}/events")
     async def run_events(
-        name: str, job: Annotated[int, Query(ge=0, le=100_000)] = 0
+        request: Request, name: str, job: Annotated[int, Query(ge=0, le=100_000)] = 0
     ) -> StreamingResponse:
+        console.see_run(who(request), name)
         return StreamingResponse(
             console.log_events(name, job),
             media_type="text/event-stream",
@@ -471,17 +511,20 @@ def router(services: Services) -> APIRouter:
         )
 
     @r.post("/runs/{name}/stop")
-    async def stop(name: str, abort: bool = False) -> JSONResponse:
+    async def stop(request: Request, name: str, abort: bool = False) -> JSONResponse:
+        console.see_run(who(request), name, "run.stop")
         run = await services.runs.stop(name, abort)
         return JSONResponse({"name": name, "status": run.status.value})
 
     @r.get("/api/runs/{name}/history")
     async def history(
+        request: Request,
         name: str,
         job: Annotated[int, Query(ge=0, le=100_000)] = 0,
         since_s: Annotated[float, Query(gt=0, le=7 * 86400)] = 3600.0,
         points: Annotated[int, Query(ge=1, le=MAX_POINTS)] = DEFAULT_POINTS,
     ) -> dict[str, Any]:
+        console.see_run(who(request), name)
         return await services.metrics.history_of(
             name, job, since_s=since_s, points=points, local=False
         )
@@ -499,16 +542,18 @@ def router(services: Services) -> APIRouter:
         return HTMLResponse(await console.nodes_fragment(), headers={"Cache-Control": "no-store"})
 
     @r.get("/cluster")
-    async def cluster_page() -> HTMLResponse:
+    async def cluster_page(request: Request) -> HTMLResponse:
         body = (
             f'<h1>Cluster</h1><div id="cluster" data-refresh="{PREFIX}/fragments/cluster">'
-            f"{console.cluster_fragment()}</div>"
+            f"{console.cluster_fragment(who(request))}</div>"
         )
         return _page("Cluster", body, nav="cluster")
 
     @r.get("/fragments/cluster")
-    async def cluster_fragment() -> HTMLResponse:
-        return HTMLResponse(console.cluster_fragment(), headers={"Cache-Control": "no-store"})
+    async def cluster_fragment(request: Request) -> HTMLResponse:
+        return HTMLResponse(
+            console.cluster_fragment(who(request)), headers={"Cache-Control": "no-store"}
+        )
 
     return r
 
