@@ -127,7 +127,15 @@ def requirements(
         max_price=min(prices) if prices else None,
         regions=regions,
         instance_types=types,
+        gpu_memory_gb_max=_max(g.memory) if g.memory else None,
+        cpus_max=_max(res.cpu.count),
+        memory_gb_max=_max(res.memory),
+        disk_gb_max=_max(res.disk.size),
     )
+
+
+def _max(rng: Any) -> Any:
+    return None if rng is None or rng.max is None else rng.max
 
 
 class BackendFleetController:
@@ -346,6 +354,9 @@ class BackendFleetController:
         for job_id, resources, placement in wants:
             req = requirements(f.spec, resources, placement)
             offers, failed = await self.offers_for(f, req)
+            if resources is not None and f.spec.get("resources"):
+                # an instance for a job is still one of the fleet's: within its resources too
+                offers = filter_offers(offers, requirements(f.spec, None, placement))
             if not offers:
                 why = _no_offer_reason(fleet, req, failed, bool(self._fleet_backends(f)))
                 if job_id:
@@ -396,7 +407,11 @@ class BackendFleetController:
     # -- creating ----------------------------------------------------------------------------
 
     def _tags(self, fleet: str, iid: str) -> dict[str, str]:
-        return {TAG_CLUSTER: self.cluster.cluster_id, TAG_FLEET: fleet, TAG_INSTANCE: iid}
+        """The fleet's ``tags`` (``config/support.py`` refuses the reserved keys) and the
+        controller's own, which reconciliation finds instances by."""
+        f = self.cluster.fleets.fleets.get(fleet)
+        own = {str(k): str(v) for k, v in ((f.spec.get("tags") or {}) if f else {}).items()}
+        return own | {TAG_CLUSTER: self.cluster.cluster_id, TAG_FLEET: fleet, TAG_INSTANCE: iid}
 
     def _lookup(self, iid: str) -> dict[str, str]:
         return {TAG_CLUSTER: self.cluster.cluster_id, TAG_INSTANCE: iid}
