@@ -438,21 +438,31 @@ class BackendFleetController:
                 if ref is None:
                     token = await self.create_token(TOKEN_TTL_S)
                     from meshgpu.control.fleets import _token_id
+                    from meshgpu.ops.backends import download_hash
 
+                    # the agent file comes from the members, for this secret (ops/backends.py)
+                    secret = _secrets.token_urlsafe(32)
                     ok = await self._update(
                         fleet,
                         iid,
                         token_id=_token_id(token),
                         offer=offer.to_dict(),
                         backend=offer.backend,
+                        download_hash=download_hash(secret),
                         if_state="pending",
                     )
                     if not ok:
                         return
                     cfg = self.cluster.fleets.backends.get(offer.backend)
                     url = str(cfg.config.get("agent_url") or "") if cfg else ""
-                    path = "" if url else str(await trio.to_thread.run_sync(self.agent_file))
-                    boot = self._bootstrap(f, inst, offer, token, url, path)
+                    if not url:  # this node serves it too: have it ready (built once)
+                        from meshgpu.fleets.pyz import BuildError
+
+                        try:
+                            await trio.to_thread.run_sync(self.agent_file)
+                        except BuildError as e:
+                            raise BackendError(f"no agent file to serve: {e}") from None
+                    boot = self._bootstrap(f, inst, offer, token, url, secret)
                     ref = await self._cloud(
                         f"{offer.backend}: create {offer.instance_type}",
                         backend.create,
@@ -512,9 +522,11 @@ class BackendFleetController:
             await self._reasons({inst.for_job: why})
 
     def _bootstrap(
-        self, f: Fleet, inst: FleetInstance, offer: Offer, token: str, url: str, path: str
+        self, f: Fleet, inst: FleetInstance, offer: Offer, token: str, url: str, secret: str
     ) -> Bootstrap:
-        from meshgpu.fleets.userdata import user_data
+        """The instance's user data: the agent file from ``url`` (the backend's ``agent_url``)
+        or else from the members with ``secret``, and the agent's arguments."""
+        from meshgpu.fleets.userdata import Download, user_data
 
         labels = {
             "fleet": f.name,
@@ -552,7 +564,20 @@ class BackendFleetController:
         env["MESHGPU_JOIN_TOKEN"] = token
         return Bootstrap(
             name=f"{f.name}-{inst.num}",
-            user_data=user_data(args, env, agent_path=path, agent_url=url),
+            user_data=user_data(
+                args,
+                env,
+                agent_url=url,
+                download=Download(
+                    urls=tuple(
+                        m.api_url
+                        for m in self.cluster.members.values()
+                        if not m.removed and m.api_url
+                    ),
+                    secret=secret,
+                    ca_pem=self.cluster.ca_cert_pem,
+                ),
+            ),
             tags=self._tags(f.name, inst.instance_id),
         )
 

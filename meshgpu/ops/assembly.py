@@ -86,7 +86,7 @@ def assemble(
         runner=parts.runner,
         ssh_keys=SSHKeys(proposer, cluster),
         fleets=Fleets(proposer, cluster, state),
-        backends=Backends(proposer, cluster),
+        backends=Backends(proposer, cluster, _agent_file(s)),
         ingress=Ingress(
             state,
             ident.node_id,
@@ -103,3 +103,11 @@ def assemble(
             domain=s.ingress_domain,
         ),
     )
+
+
+def _agent_file(s: AgentSettings) -> Any:
+    """() -> the file new hosts get from this node (``fleets/pyz.agent_file``; blocking)."""
+    from meshgpu.fleets.pyz import agent_file
+
+    cache = s.data_dir / "dist"
+    return lambda: agent_file(cache)

@@ -4,13 +4,17 @@ mesh's own capacity (``meshgpu offer``)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from meshgpu.errors import Conflict, Invalid, NotFound
+from meshgpu.errors import Conflict, Denied, Invalid, NotFound, Unavailable
 from meshgpu.security import seal
 from meshgpu.state.cluster import encode_cluster
 from meshgpu.state.fleets import BACKEND_NAME, AddBackend, RemoveBackend
@@ -23,9 +27,65 @@ CHECK_TIMEOUT_S = 30.0
 MAX_SETTINGS = 32
 
 
+# Instances a download secret is good for: not yet joined (``pending`` before the cloud call
+# returned, ``provisioning`` after), at most this long after the record last changed.
+DOWNLOAD_STATES = ("pending", "provisioning")
+DOWNLOAD_TTL_S = 1800.0
+MAX_DOWNLOAD_SECRET = 256
+MAX_AGENT_FILE = 1 << 30  # what a member serves at most (the file is ~30 MB)
+
+
+def download_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
 class Backends:
-    def __init__(self, proposer: Proposer, cluster: ClusterState) -> None:
+    def __init__(
+        self,
+        proposer: Proposer,
+        cluster: ClusterState,
+        agent_file: Callable[[], Path] | None = None,
+    ) -> None:
         self.proposer, self.cluster = proposer, cluster
+        self.agent_file = agent_file  # () -> this node's agent file (blocking: may build it)
+        self.downloads = trio.CapacityLimiter(4)  # files streamed at once by this node
+
+    def download_allowed(self, secret: str, now: float | None = None) -> str:
+        """The instance id a download secret (the ``X-Meshgpu-Download`` header of an
+        instance's user data) is good for, or ``Denied``: a secret is single-instance,
+        and good only until the instance joins (or ``DOWNLOAD_TTL_S`` after its record last
+        changed). The join token is not touched: the download neither shows nor consumes it."""
+        now = time.time() if now is None else now
+        if not secret or len(secret) > MAX_DOWNLOAD_SECRET:
+            raise Denied(
+                "no download secret", "this file is for the mesh's new instances", "forbidden"
+            )
+        want = download_hash(secret)
+        found = ""
+        for f in self.cluster.fleets.fleets.values():
+            for i in f.instances.values():
+                if i.download_hash and hmac.compare_digest(i.download_hash, want):
+                    if i.state in DOWNLOAD_STATES and now - i.updated_at <= DOWNLOAD_TTL_S:
+                        found = i.instance_id
+        if not found:
+            raise Denied(
+                "download refused",
+                "the secret is unknown, or its instance has joined or expired",
+                "forbidden",
+            )
+        return found
+
+    async def agent_path(self) -> Path:
+        """This node's agent file (built once from its installation if it runs from none)."""
+        if self.agent_file is None:
+            raise Unavailable("no agent file", "this node serves no agent file", "unavailable")
+        from meshgpu.fleets.pyz import BuildError
+
+        try:
+            path = await trio.to_thread.run_sync(self.agent_file)
+        except BuildError as e:
+            raise Unavailable("no agent file", str(e), "unavailable") from None
+        return path
 
     async def add(
         self, name: str, type_: str, config: dict[str, str], secrets: dict[str, str]

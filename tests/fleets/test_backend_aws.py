@@ -11,6 +11,8 @@ clear error at ``backend add``."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import re
 import os
 import socket
 import subprocess
@@ -173,7 +175,12 @@ def test_offers_by_gpu_price_and_spot(moto: str) -> None:
 
 
 async def test_create_with_fallback_tags_user_data_and_terminate(moto: str) -> None:
-    spec = {"nodes": {"min": 1, "max": 2}, "max_price": 1.0, "idle_duration": 20}
+    spec = {
+        "nodes": {"min": 1, "max": 2},
+        "max_price": 1.0,
+        "idle_duration": 20,
+        "tags": {"team": "ml"},
+    }
     rep, ctl = _world(moto, spec)
     backend = ctl.backend("aws")
     conn = backend.driver.connection
@@ -206,6 +213,7 @@ async def test_create_with_fallback_tags_user_data_and_terminate(moto: str) -> N
     (ec2,) = _tagged(moto)
     tags = {t["Key"]: t["Value"] for t in ec2["Tags"]}
     assert tags[TAG_INSTANCE] == inst.instance_id and tags["meshgpu-fleet"] == "cloud"
+    assert tags["team"] == "ml"  # the fleet's tags (config/support.py honours them)
     assert ec2["InstanceType"] == "g6.xlarge"
     ud = _ec2(moto).describe_instance_attribute(InstanceId=ec2["InstanceId"], Attribute="userData")
     text = base64.b64decode(ud["UserData"]["Value"]).decode()
@@ -213,6 +221,13 @@ async def test_create_with_fallback_tags_user_data_and_terminate(moto: str) -> N
     assert "--labels fleet=cloud,instance=0,backend=aws,region=us-east-1" in text
     assert "instance_type=g6.xlarge" in text and "--price 0.805" in text
     assert inst.token_id in text
+    # the agent file from the members, by default: their API URLs, the download path, a
+    # secret whose hash is in the record (not the join token), the cluster CA pinned
+    assert "'https://10.0.0.1:7480'" in text and "/api/v1/agent/meshgpu.pyz" in text
+    (secret,) = re.findall(r"'([A-Za-z0-9_-]{43})', '/api/v1/agent/meshgpu.pyz'", text)
+    assert hashlib.sha256(secret.encode()).hexdigest() == inst.download_hash
+    assert "ctx.check_hostname = False" in text and "cadata=CA" in text
+    assert "curl" not in text
 
     # terminate (idle past idle_duration above nodes.min, or deleted): released at EC2
     upd = UpdateFleetInstance(at=2, name="cloud", instance_id=inst.instance_id, state="terminating")
