@@ -64,9 +64,13 @@ class Backends:
         found = ""
         for f in self.cluster.fleets.fleets.values():
             for i in f.instances.values():
-                if i.download_hash and hmac.compare_digest(i.download_hash, want):
-                    if i.state in DOWNLOAD_STATES and now - i.updated_at <= DOWNLOAD_TTL_S:
-                        found = i.instance_id
+                if (
+                    i.download_hash
+                    and hmac.compare_digest(i.download_hash, want)
+                    and i.state in DOWNLOAD_STATES
+                    and now - i.updated_at <= DOWNLOAD_TTL_S
+                ):
+                    found = i.instance_id
         if not found:
             raise Denied(
                 "download refused",

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 import os
+import re
 import socket
 import subprocess
 import sys
