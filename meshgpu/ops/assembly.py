@@ -86,7 +86,14 @@ def assemble(
         runner=parts.runner,
         ssh_keys=SSHKeys(proposer, cluster),
         fleets=Fleets(proposer, cluster, state),
-        backends=Backends(proposer, cluster, _agent_file(s)),
+        backends=Backends(
+            proposer,
+            cluster,
+            _agent_file(s),
+            node=node,
+            peers=parts.peer,
+            ca_key_path=ident.tls.ca_key_path,
+        ),
         ingress=Ingress(
             state,
             ident.node_id,

@@ -37,6 +37,12 @@ class Peers(Protocol):
         """A join request forwarded to the leader ``node_id``: its answer."""
         ...
 
+    async def backend_offers(
+        self, node_id: str, body: dict[str, Any], *, timeout: float
+    ) -> dict[str, Any]:
+        """The backends' offers, asked of the leader ``node_id`` (it opens the credentials)."""
+        ...
+
 
 def answers(
     services: Services,
@@ -62,6 +68,7 @@ def answers(
         logs=services.logs.here,
         metrics=metrics,
         admit=services.admission.admit_forwarded,
+        backend_offers=services.backends.offers_forwarded if services.backends else None,
     )
 
 
@@ -79,4 +86,9 @@ class NoPeers:
         raise Unavailable("peer unavailable", f"no calls to node {node_id} here", "unavailable")
 
     async def join(self, node_id: str, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        raise Unavailable("peer unavailable", f"no calls to node {node_id} here", "unavailable")
+
+    async def backend_offers(
+        self, node_id: str, body: dict[str, Any], *, timeout: float
+    ) -> dict[str, Any]:
         raise Unavailable("peer unavailable", f"no calls to node {node_id} here", "unavailable")

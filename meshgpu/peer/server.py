@@ -69,6 +69,8 @@ class PeerHandlers:
     logs: Callable[[str, int, bool], AsyncIterator[bytes]]
     metrics: Callable[[str, int | None], Awaitable[dict[str, Any]]]
     admit: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+    # the leader's answer to a follower's ``meshgpu offer`` (backends' offers); None: refused
+    backend_offers: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
 
 
 class PeerServer:
@@ -94,6 +96,7 @@ class PeerServer:
             "logs": self._logs,
             "metrics": self._metrics,
             "join": self._join,
+            "backend_offers": self._backend_offers,
         }
 
     def serve(self, handlers: PeerHandlers) -> None:
@@ -224,6 +227,15 @@ class PeerServer:
             raise ProtocolError("join takes {body: {...}}")
         await self._no_body(ch)
         await wire.send_end(ch, await h.admit(body))
+
+    async def _backend_offers(self, h: PeerHandlers, ch: Channel, args: dict[str, Any]) -> None:
+        body = args.get("body")
+        if not isinstance(body, dict):
+            raise ProtocolError("backend_offers takes {body: {...}}")
+        await self._no_body(ch)
+        if h.backend_offers is None:
+            raise Unavailable("no backends here", "this member answers no offers", "not_leader")
+        await wire.send_end(ch, await h.backend_offers(body))
 
 
 def _str(args: dict[str, Any], key: str) -> str:

@@ -326,3 +326,133 @@ async def test_wrong_credentials_at_backend_add(tmp_path: Path) -> None:
 
 def test_cluster_tag_constant() -> None:
     assert CLUSTER_TAG  # the cluster domain's log tag (the proposer above routes by it)
+
+
+# --- meshgpu offer: the backends' offers beside the mesh's hosts, answered by the leader ------
+
+
+class _RaftNode:
+    def __init__(self, role: str, leader: int) -> None:
+        from consensus.core import Role
+
+        self.role = Role.LEADER if role == "leader" else Role.FOLLOWER
+        self.leader = leader
+
+
+class _ToLeader:
+    """``Peers.backend_offers`` as the peer port does it: the leader's use case answers."""
+
+    def __init__(self, leader: Any) -> None:
+        self.leader, self.asked = leader, []
+
+    async def backend_offers(self, node_id: str, body: dict[str, Any], *, timeout: float) -> Any:
+        self.asked.append(node_id)
+        return await self.leader.offers_forwarded(body)
+
+
+def _offer_world(url: str, tmp_path: Path) -> tuple[Any, Any, Any]:
+    """A leader holding the CA key (a voter) and a follower without it, over one state with an
+    ``aws`` backend whose credentials are sealed to the CA."""
+    import json
+
+    from meshgpu.ops.backends import Backends
+    from meshgpu.security import NodeIdentity, create_cluster, seal
+    from meshgpu.state import StateMachine
+    from tests.api._stub import StubAgent
+
+    ident = NodeIdentity(tmp_path / "tls")
+    ca = create_cluster(ident, 1, ("127.0.0.1",))
+    services = StubAgent(StateMachine(), tmp_path)
+    assert services.ssh_keys is not None
+    cluster = services.ssh_keys.cluster
+    cluster.cluster_id = ""  # initialized below, with a real CA
+    rep = Replicated()
+    rep.jobs, rep.cluster = services.state, cluster
+    init = InitCluster(
+        at=1,
+        cluster_id="c-test",
+        ca_cert_pem=ca.cert_pem().decode(),
+        api_token_hash="",
+        founder_raft_id=1,
+        founder_node_id="n1",
+        founder_name="m1",
+        founder_peer_address="10.0.0.1:7481",
+        founder_api_url="https://10.0.0.1:7480",
+    )
+    sealed = seal(json.dumps(KEYS).encode(), ca.cert_pem()).hex()
+    for i, cmd in enumerate(
+        (init, AddBackend(at=1, name="aws", type="aws", config={"endpoint": url}, sealed=sealed))
+    ):
+        assert rep.apply([(i + 1, encode_cluster(cmd))])[0].ok
+    leader = Backends(
+        None,
+        cluster,
+        node=_RaftNode("leader", 1),
+        ca_key_path=ident.ca_key_path,  # type: ignore[arg-type]
+    )
+    peers = _ToLeader(leader)
+    follower = Backends(None, cluster, node=_RaftNode("follower", 1), peers=peers)  # type: ignore[arg-type]
+    return services, leader, follower
+
+
+async def test_offer_lists_backend_offers_through_the_leader(moto: str, tmp_path: Path) -> None:
+    import httpx
+
+    from meshgpu.api import create_app
+    from tests.api._stub import TOKEN
+
+    services, leader, follower = _offer_world(moto, tmp_path)
+    # The credentials open on the leader: the plugin's check against moto works with them.
+    backend = load(
+        "aws",
+        "aws",
+        {"endpoint": moto},
+        leader._secrets("aws", leader.cluster.fleets.backends["aws"].sealed),
+    )
+    backend.check()
+    services.backends = follower  # asked through a follower: forwarded to the leader
+    app = create_app(services)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://node",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as c:
+        r = await c.get("/api/v1/offers", params={"gpu": "A10G:1", "memory": "8GB.."})
+        assert r.status_code == 200, r.text
+        (req,) = r.json()["requests"]
+        offers = req["backend_offers"]
+        assert req["backend_errors"] == []
+        assert {o["instance_type"] for o in offers} == {"g5.xlarge"}  # 1 GPU: not the 4-GPU one
+        assert {o["spot"] for o in offers} == {False}  # spot_policy: on-demand by default
+        assert [o["price"] for o in offers] == sorted(o["price"] for o in offers)
+        assert all(o["region"] == "us-east-1" and o["backend"] == "aws" for o in offers)
+        # the mesh's own hosts are still there, beside them
+        assert req["offers"] == [] and req["fits_now"] is False and req["reason"]
+        assert follower.peers.asked == ["n1"]
+        # a run's filters count: on-demand under $2/h
+        cfg = "type: task\ncommands: [x]\nresources: {gpu: A10G}\nspot_policy: on-demand\nmax_price: 2\n"
+        r = await c.post("/api/v1/offers", json={"config": cfg})
+        (req,) = r.json()["requests"]
+        assert [(o["instance_type"], o["spot"]) for o in req["backend_offers"]] == [
+            ("g5.xlarge", False)
+        ]
+        cfg = "type: task\ncommands: [x]\nresources: {gpu: A10G:1}\nspot_policy: auto\n"
+        r = await c.post("/api/v1/offers", json={"config": cfg})
+        (req,) = r.json()["requests"]
+        assert [o["spot"] for o in req["backend_offers"]] == [True, False]  # cheapest first
+        r = await c.get("/api/v1/offers", params={"gpu": "1", "backends": "false"})
+        assert "backend_offers" not in r.json()["requests"][0]
+
+
+async def test_offers_need_the_leader_and_its_ca_key(moto: str, tmp_path: Path) -> None:
+    from meshgpu.errors import Unavailable
+
+    _, leader, follower = _offer_world(moto, tmp_path)
+    with pytest.raises(Unavailable) as e:  # a forwarded question lands on a non-leader
+        await follower.offers_forwarded({"req": {}})
+    assert e.value.code == "not_leader"
+    leader.ca_key_path = tmp_path / "none.pem"  # a leader that cannot open the credentials
+    got = await leader.offers({"gpu_count": 1})
+    assert got["offers"] == [] and "cannot open backend aws's secrets" in got["failed"][0]
+    with pytest.raises(Invalid):
+        await leader.offers_forwarded({"req": {}, "only": "aws"})
