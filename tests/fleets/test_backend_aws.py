@@ -456,3 +456,41 @@ async def test_offers_need_the_leader_and_its_ca_key(moto: str, tmp_path: Path) 
     assert got["offers"] == [] and "cannot open backend aws's secrets" in got["failed"][0]
     with pytest.raises(Invalid):
         await leader.offers_forwarded({"req": {}, "only": "aws"})
+
+
+def test_offer_cli_shows_backend_offers_beside_the_hosts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from meshgpu.cli._offer import _show_request
+
+    o = {
+        "backend": "aws",
+        "region": "us-east-1",
+        "zone": "",
+        "instance_type": "g5.xlarge",
+        "gpu_count": 1,
+        "gpu_name": "A10G",
+        "gpu_memory_gb": 24.0,
+        "cpus": 4,
+        "memory_gb": 16.0,
+        "spot": True,
+        "price": 0.45,
+        "availability": "available",
+    }
+    req = {
+        "summary": "1xA10G",
+        "group": None,
+        "nodes": 1,
+        "jobs": 1,
+        "offers": [],
+        "fits_now": False,
+        "reason": "no host can ever run it",
+        "idle": 0,
+        "backend_offers": [o],
+        "backend_errors": ["gcp: no answer within 20 s"],
+    }
+    _show_request(req)
+    text = capsys.readouterr().out
+    assert "backend offers" in text and "g5.xlarge" in text and "$0.45" in text
+    assert "spot" in text and "us-east-1" in text and "1xA10G:24GB" in text
+    assert "backend error: gcp: no answer within 20 s" in text
