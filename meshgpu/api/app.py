@@ -28,7 +28,12 @@ MAX_JSON_BODY = 1 << 20
 # Answered without a bearer token: liveness, a new host's join (its token proof is the
 # credential) and the cluster CA it checks first, and the API's description. Everything else is
 # checked before its body is read.
-PUBLIC_PATHS = frozenset({"/healthz", "/api/v1/join", "/api/v1/join/ca", "/openapi.json"})
+# The agent file's download is authorized by its own secret (``X-Meshgpu-Download``), not the
+# API token: a new instance has only what its user data carries (``api/fleets.py``).
+AGENT_FILE_PATH = "/api/v1/agent/meshgpu.pyz"
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/api/v1/join", "/api/v1/join/ca", "/openapi.json", AGENT_FILE_PATH}
+)
 AUTHENTICATED = "meshgpu.authenticated"  # set in the ASGI scope once the token checked out
 PRINCIPAL = "meshgpu.principal"  # who the token is (``meshgpu/security/policy.py``), likewise
 PROJECT_HEADER = "X-Meshgpu-Project"

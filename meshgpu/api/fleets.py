@@ -2,7 +2,9 @@
 
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Query
+import trio
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from meshgpu.api import problems
@@ -97,5 +99,53 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
     @r.delete("/api/v1/backends/{name}", responses=problems.responses(404, 409, 503, 507))
     async def remove_backend(name: str, _: auth) -> dict[str, Any]:
         return await backends().remove(name)
+
+    @r.get("/api/v1/agent/meshgpu.pyz", responses=problems.responses(403, 503))
+    async def agent_file(
+        x_meshgpu_download: Annotated[
+            str,
+            Header(
+                max_length=256,
+                description="The download secret in the instance's user data (not the API "
+                "token): good for one instance until it joins",
+            ),
+        ] = "",
+    ) -> StreamingResponse:
+        """The agent file, for an instance a backend fleet is booting (its user data fetches
+        it over TLS pinned to the cluster CA). Streamed from disk in a worker thread, a few
+        downloads at a time."""
+        from meshgpu.ops.backends import MAX_AGENT_FILE
+
+        b = backends()
+        b.download_allowed(x_meshgpu_download)
+        path = await b.agent_path()
+        f = await trio.to_thread.run_sync(path.open, "rb")
+        try:
+            size = await trio.to_thread.run_sync(lambda: path.stat().st_size)
+        except OSError:
+            f.close()
+            raise
+        if size > MAX_AGENT_FILE:
+            f.close()
+            raise Problem(503, "agent file too large", f"{path} is {size} bytes", "unavailable")
+
+        async def chunks() -> Any:
+            try:
+                async with b.downloads:
+                    left = size
+                    while left > 0:
+                        data = await trio.to_thread.run_sync(f.read, min(1 << 20, left))
+                        if not data:
+                            break
+                        left -= len(data)
+                        yield data
+            finally:
+                f.close()
+
+        return StreamingResponse(
+            chunks(),
+            media_type="application/zip",
+            headers={"Content-Length": str(size), "Cache-Control": "no-store"},
+        )
 
     return r

@@ -57,6 +57,9 @@ class OfferBody(BaseModel):
     after_queue: bool = Field(
         default=False, description="Plan the waiting queue first: what it takes is gone"
     )
+    backends: bool = Field(
+        default=True, description="Add the configured backends' offers (asked of the leader)"
+    )
 
 
 def _spec_problem(e: ConfigError, title: str, strip: str = "") -> Problem:
@@ -211,6 +214,35 @@ def answer(
     }
 
 
+async def with_backend_offers(
+    services: "Services",  # noqa: UP037
+    config: BaseRunConfiguration,
+    doc: dict[str, Any],
+) -> None:
+    """Beside each request's hosts, what the configured backends would sell for it
+    (``backend_offers``: cheapest first; ``backend_errors``: backends that did not answer).
+    Asked of the leader (``ops/backends.py``): a backend that fails never fails the answer."""
+    import dataclasses
+
+    from meshgpu.control.backend_fleets import requirements
+    from meshgpu.errors import MeshError
+
+    b = services.backends
+    if b is None or not b.cluster.fleets.backends:
+        return
+    spec = compile_run(to_json(config))
+    for req in doc["requests"]:
+        placement = spec.for_group(req["group"]).placement
+        # the run's spot_policy as the scheduler reads it (on-demand unless it says)
+        need = requirements({}, req["resources"], placement)
+        try:
+            got = await b.offers(dataclasses.asdict(need), list(placement.backends or []) or None)
+        except MeshError as e:
+            req["backend_offers"], req["backend_errors"] = [], [f"{e.title}: {e.detail}"]
+            continue
+        req["backend_offers"], req["backend_errors"] = got["offers"], got["failed"]
+
+
 def _why_wait(found: list[Offer], room: int, hosts: int, one_cluster: bool) -> str:
     if hosts == 1:
         why = "it would wait: no host can take it now"
@@ -247,15 +279,24 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
         nodes: Annotated[int, Query(ge=1, le=10_000, description="Jobs of one gang")] = 1,
         fleet: Annotated[list[str] | None, Query(description="Only these fleets")] = None,
         after_queue: Annotated[bool, Query(description="Plan the waiting queue first")] = False,
+        backends: Annotated[
+            bool, Query(description="Add the backends' offers (asked of the leader)")
+        ] = True,
     ) -> dict[str, Any]:
         fields = {"gpu": gpu, "cpu": cpu, "memory": memory, "disk": disk, "shm_size": shm_size}
         config = config_of_query(resources, fields, nodes, fleet or [])
-        return answer(services.state, config, now=time.time(), after_queue=after_queue)
+        doc = answer(services.state, config, now=time.time(), after_queue=after_queue)
+        if backends:
+            await with_backend_offers(services, config, doc)
+        return doc
 
     @r.post("/api/v1/offers")
     async def post_offers(body: OfferBody, _: auth, __: read) -> dict[str, Any]:
         config = await config_of_body(body)
-        return answer(services.state, config, now=time.time(), after_queue=body.after_queue)
+        doc = answer(services.state, config, now=time.time(), after_queue=body.after_queue)
+        if body.backends:
+            await with_backend_offers(services, config, doc)
+        return doc
 
     return r
 

@@ -33,6 +33,13 @@ def offer(
         bool,
         typer.Option("--after-queue", help="Let the waiting queue take its share first"),
     ] = False,
+    backends: Annotated[
+        bool,
+        typer.Option(
+            "--backends/--no-backends",
+            help="Also list what the configured backends would sell for it (prices)",
+        ),
+    ] = True,
     as_json: JsonOpt = False,
     url: UrlOpt = None,
 ) -> None:
@@ -53,6 +60,7 @@ def offer(
                 disk=disk,
                 nodes=nodes,
                 after_queue=after_queue or None,
+                backends=backends,
             )
     else:
         with client(url) as c:
@@ -64,6 +72,7 @@ def offer(
                 nodes=nodes,
                 fleet=fleet or None,
                 after_queue=after_queue or None,
+                backends=backends,
             )
     if as_json:
         json.dump(doc, sys.stdout, indent=2)
@@ -118,3 +127,51 @@ def _show_request(req: dict[str, Any]) -> None:
         out.print(f"fits now: {req['idle']} idle {hosts}", markup=False)
     else:
         out.print(req["reason"], markup=False)
+    _show_backend_offers(req)
+
+
+def _show_backend_offers(req: dict[str, Any]) -> None:
+    """What the backends would sell for it (a backend fleet buys the cheapest that fits)."""
+    offers, errors = req.get("backend_offers"), req.get("backend_errors") or []
+    if offers is None:
+        return
+    rows = []
+    for i, o in enumerate(offers, 1):
+        gpus = f"{o['gpu_count']}x{o['gpu_name']}" if o["gpu_count"] else "-"
+        if o["gpu_count"] and o["gpu_memory_gb"]:
+            gpus += f":{o['gpu_memory_gb']:g}GB"
+        rows.append(
+            [
+                i,
+                o["backend"],
+                o["region"] + (f"/{o['zone']}" if o.get("zone") else ""),
+                o["instance_type"],
+                gpus,
+                o["cpus"],
+                f"{o['memory_gb']:g}GB",
+                "spot" if o["spot"] else "on-demand",
+                f"${o['price']:g}",
+                o["availability"],
+            ]
+        )
+    if rows:
+        out.print("backend offers (bought by a backend fleet that may grow):", markup=False)
+        table(
+            [
+                "#",
+                "BACKEND",
+                "REGION",
+                "INSTANCE TYPE",
+                "GPUS",
+                "CPUS",
+                "MEMORY",
+                "SPOT",
+                "PRICE/H",
+                "AVAILABILITY",
+            ],
+            rows,
+        )
+    else:
+        out.print("no backend offer meets it", markup=False)
+    for e in errors:
+        out.print(f"backend error: {e}", markup=False)

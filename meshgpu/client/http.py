@@ -235,8 +235,9 @@ class Client:
         """``GET /api/v1/offers``: ``gpu``, ``cpu``, ``memory``, ``disk``, ``shm_size``,
         ``resources`` (JSON text), ``nodes``, ``fleet`` (a list), ``after_queue``."""
         query = {k: v for k, v in params.items() if v is not None}
-        if "after_queue" in query:
-            query["after_queue"] = str(bool(query["after_queue"])).lower()
+        for flag in ("after_queue", "backends"):
+            if flag in query:
+                query[flag] = str(bool(query[flag])).lower()
         return self._request("GET", "/api/v1/offers", params=query).json()
 
     def offers_for(

@@ -32,6 +32,7 @@ from pydantic import BaseModel
 
 from meshgpu.config._units import IntRange, MemoryRange
 from meshgpu.config.errors import ConfigIssue
+from meshgpu.config.infra import FleetConfiguration
 from meshgpu.config.loader import Positions, fmt_path, models_in
 from meshgpu.config.resources import ResourcesSpec
 from meshgpu.config.runs import (
@@ -65,7 +66,7 @@ class MeshCapabilities:
         return cls(container_runtime=any(getattr(n, "container_runtime", None) for n in nodes))
 
 
-Predicate = Callable[[Any, BaseRunConfiguration, MeshCapabilities | None], bool]
+Predicate = Callable[[Any, Any, MeshCapabilities | None], bool]
 Reason = str | Callable[[Any], str]
 
 
@@ -508,9 +509,258 @@ def field_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
             yield from field_keys(sub, _child_key(key, sub, _is_list(info.annotation)) + ".")
 
 
+def fleet_field_keys(kind: str) -> set[str]:
+    """Every field of ``type: fleet`` an SSH (``kind`` "ssh") or backend fleet has an entry for."""
+    keys = set(field_keys(FleetConfiguration))
+    return keys if kind == "ssh" else {k for k in keys if not k.startswith("ssh_config")}
+
+
 def all_field_keys() -> set[str]:
     """Every field of every run type (``RUN_TYPES``)."""
     return {k for model in RUN_TYPES for k in field_keys(model)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fleets (``type: fleet``): the same rule. An SSH fleet (``ssh_config``) and a backend fleet
+# (everything else) take different fields, so each has its own table; both cover every field of
+# ``FleetConfiguration`` (the backend table leaves out ``ssh_config``'s, whose presence makes a
+# fleet an SSH fleet). Nothing here depends on the mesh: checked offline and at apply alike.
+
+_SSH_CTL = "meshgpu/control/fleets.py (FleetController; tests/e2e/test_ssh_fleet.py)"
+_SSH_TARGET = "meshgpu/control/fleets.py (FleetController._target: the SSH connection)"
+_SSH_ARGS = "meshgpu/control/fleets.py (FleetController._agent_args)"
+_BF = "meshgpu/control/backend_fleets.py"
+_BF_TEST = "tests/fleets/test_backend_aws.py"
+_BF_REQ = f"{_BF} (requirements, filter_offers: the offers an instance is bought from; {_BF_TEST})"
+
+# Parsing already refuses these in an SSH fleet (``config/infra.py`` ``FleetConfiguration._kind``).
+_CLOUD_ONLY_PARSED = ("nodes", "resources", "backends", "regions", "instance_types", "spot_policy")
+
+
+def _for_backend_fleets(field: str) -> str:
+    return (
+        f"{field} is for backend fleets (instances bought from a cloud); an SSH fleet's hosts "
+        "are the ones listed in ssh_config: remove it"
+    )
+
+
+def _cluster_of_many(value: Any, config: Any, caps: Any) -> bool:
+    if value != "cluster":
+        return False
+    hi = config.nodes.max if config.nodes is not None else None
+    return hi is None or hi > 1
+
+
+def _target_not_min(value: Any, config: Any, caps: Any) -> bool:
+    return value is not None and value != config.nodes.min
+
+
+def _not_x86(value: Any, config: Any, caps: Any) -> bool:
+    return value is not None and str(getattr(value, "value", value)).lower() not in ("x86",)
+
+
+def _not_nvidia(value: Any, config: Any, caps: Any) -> bool:
+    return value is not None and str(getattr(value, "value", value)).lower() != "nvidia"
+
+
+def _retry_cannot_mean(value: Any, config: Any, caps: Any) -> bool:
+    """``retry: false`` (parsed to None), or events that leave out what the controller always
+    retries on (a capacity error moves to the next offer; any other error backs off)."""
+    if value is None:
+        return True
+    return not {"no-capacity", "error"} <= set(value.on_events)
+
+
+# AWS's limits on a resource's tags (the strictest of the plugins'); ``meshgpu-*`` are the
+# controller's own (``fleets/backends.py`` TAG_*).
+MAX_TAGS, MAX_TAG_KEY, MAX_TAG_VALUE = 40, 128, 256
+
+
+def _bad_tags(value: Any, config: Any, caps: Any) -> bool:
+    if not value:
+        return False
+    return (
+        len(value) > MAX_TAGS
+        or any(k.lower().startswith(("meshgpu-", "aws:")) for k in value)
+        or any(not k or len(k) > MAX_TAG_KEY or len(v) > MAX_TAG_VALUE for k, v in value.items())
+    )
+
+
+def _tags_reason(value: Any) -> str:
+    reserved = [k for k in value if k.lower().startswith(("meshgpu-", "aws:"))]
+    if reserved:
+        return (
+            f"tags {', '.join(reserved)}: keys starting with meshgpu- (the controller's own: "
+            "cluster, fleet and instance ids) or aws: are reserved; rename them"
+        )
+    return (
+        f"tags: at most {MAX_TAGS} tags, keys of 1 to {MAX_TAG_KEY} and values of at most "
+        f"{MAX_TAG_VALUE} characters (the clouds' limits)"
+    )
+
+
+def _fleet_entries(kind: str) -> dict[str, Entry]:
+    ssh = kind == "ssh"
+    e: dict[str, Entry] = {
+        "type": Honoured("meshgpu/config/loader.py (CONFIG_TYPES)"),
+        "name": Honoured("meshgpu/ops/fleets.py (Fleets.apply: the fleet's name)"),
+        "blocks": Honoured(
+            f"{_SSH_ARGS}: --blocks" if ssh else f"{_BF} (BackendFleetController._bootstrap)"
+        ),
+        "env": Honoured(
+            f"{_SSH_CTL}: the agent's environment"
+            if ssh
+            else f"{_BF} (BackendFleetController._bootstrap: the user data's environment)"
+        ),
+    }
+    if ssh:
+        e["placement"] = Honoured(
+            f"{_SSH_ARGS}: the cluster label (tests/fleets/test_fleet_input.py)"
+        )
+        for key in _CLOUD_ONLY_PARSED:
+            e[key] = Refused(_for_backend_fleets(key))
+        for key in ("nodes.min", "nodes.target", "nodes.max"):
+            e[key] = Part("nodes")
+        for key in (
+            "availability_zones",
+            "reservation",
+            "max_price",
+            "retry",
+            "idle_duration",
+            "tags",
+            "backend_options",
+        ):
+            e[key] = Refused(_for_backend_fleets(key), _given)
+        e["retry"] = Refused(
+            "retry is for backend fleets; an SSH fleet's controller retries a host that fails "
+            "with backoff, always: remove it",
+            lambda v, c, caps: "retry" in c.model_fields_set,
+        )
+        e["retry.on_events"] = Part("retry")
+        e["retry.duration"] = Part("retry")
+        e["ssh_config"] = Honoured(_SSH_CTL)
+        for key in ("user", "port", "identity_file", "proxy_jump"):
+            e[f"ssh_config.{key}"] = Honoured(_SSH_TARGET)
+            e[f"ssh_config.hosts[].{key}"] = Honoured(_SSH_TARGET + ": the host's over the fleet's")
+        for key in ("hostname", "port", "user", "identity_file"):
+            e[f"ssh_config.proxy_jump.{key}"] = Honoured(_SSH_TARGET)
+            e[f"ssh_config.hosts[].proxy_jump.{key}"] = Honoured(_SSH_TARGET)
+        e["ssh_config.network"] = Honoured(f"{_SSH_ARGS}: the address the host advertises")
+        e["ssh_config.hosts"] = Honoured(_SSH_CTL)
+        e["ssh_config.hosts[].hostname"] = Honoured(_SSH_TARGET)
+        e["ssh_config.hosts[].internal_ip"] = Honoured(f"{_SSH_ARGS}: the address it advertises")
+        e["ssh_config.hosts[].blocks"] = Honoured(f"{_SSH_ARGS}: --blocks, over the fleet's")
+        for key in field_keys(ResourcesSpec, "resources."):
+            e[key] = Part("resources")
+        return e
+    # --- backend fleets
+    e["placement"] = Refused(
+        "placement: cluster with more than one node needs instances placed together (a cloud "
+        "placement group); backend fleets do not make placement groups yet: use nodes: 1 (or "
+        "0..1), or an SSH fleet of hosts you placed together",
+        _cluster_of_many,
+        f"{_BF} (BackendFleetController._bootstrap: the cluster label)",
+    )
+    e["nodes"] = Honoured(f"{_BF} (nodes_range: keeps nodes.min, grows to nodes.max; {_BF_TEST})")
+    e["nodes.min"] = Honoured(f"{_BF} (BackendFleetController._wants)")
+    e["nodes.max"] = Honoured(
+        f"{_BF} (BackendFleetController._wants; AddFleetInstance.max_instances)"
+    )
+    e["nodes.target"] = Refused(
+        lambda v: (
+            f"nodes.target {v}: the controller keeps nodes.min instances and buys more only for "
+            "waiting runs; a target above min is not kept: set min to it instead"
+        ),
+        _target_not_min,
+        f"{_BF}: equal to min",
+    )
+    e["resources"] = Honoured(_BF_REQ)
+    for key in ("cpu", "cpu.count", "memory", "gpu", "gpu.name", "gpu.count", "gpu.memory"):
+        e[f"resources.{key}"] = Honoured(_BF_REQ + " (lower and upper bounds)")
+    e["resources.disk"] = Honoured(_BF_REQ + " (lower and upper bounds)")
+    e["resources.disk.size"] = Honoured(_BF_REQ + " (lower and upper bounds)")
+    e["resources.cpu.arch"] = Refused(
+        lambda v: (
+            f"cpu.arch {getattr(v, 'value', v)}: backend offers do not say their CPU "
+            "architecture yet (the aws catalogue is x86 only): remove it, or write x86"
+        ),
+        _not_x86,
+        "x86: every offer of the built-in plugins",
+    )
+    e["resources.gpu.vendor"] = Refused(
+        lambda v: (
+            f"gpu.vendor {getattr(v, 'value', v)}: the backends' offers are NVIDIA GPUs only: "
+            "remove it, or write nvidia"
+        ),
+        _not_nvidia,
+        "nvidia: every GPU offer of the built-in plugins",
+    )
+    e["resources.gpu.total_memory"] = Refused(
+        "gpu.total_memory: offers are filtered by per-GPU memory and count; write gpu.memory "
+        "and gpu.count instead",
+        _given,
+    )
+    e["resources.gpu.compute_capability"] = Refused(
+        "gpu.compute_capability: offers do not say it; name the GPUs instead (gpu: H100)",
+        _given,
+    )
+    e["resources.shm_size"] = Refused(
+        "shm_size is a job's /dev/shm, not an instance property: put it in the run's resources",
+        _given,
+    )
+    e["backends"] = Honoured(
+        f"{_BF} (BackendFleetController._fleet_backends); meshgpu/ops/fleets.py"
+    )
+    e["regions"] = Honoured(_BF_REQ)
+    e["instance_types"] = Honoured(_BF_REQ)
+    e["spot_policy"] = Honoured(_BF_REQ)
+    e["max_price"] = Honoured(_BF_REQ)
+    e["availability_zones"] = Refused(
+        "availability_zones: instances are not placed by zone yet (the plugins pick the "
+        "region's default): remove it, or use regions",
+        _given,
+    )
+    e["reservation"] = Refused(
+        "reservation: capacity reservations are not used by the backends yet: remove it",
+        _given,
+    )
+    e["retry"] = Refused(
+        lambda v: (
+            "retry: false: the controller always retries a failed provisioning (the next offer "
+            "on a capacity error, with backoff on any other): remove it"
+            if v is None
+            else "retry.on_events: the controller retries on no-capacity and error always; "
+            "list both (or write retry: true)"
+        ),
+        _retry_cannot_mean,
+        f"{_BF} (BackendFleetController.create: the next offer on a capacity error, backoff "
+        "on any other; always)",
+    )
+    e["retry.on_events"] = Part("retry")
+    e["retry.duration"] = Refused(
+        lambda v: (
+            f"retry.duration {v}: the controller retries provisioning without a deadline (a "
+            "run waiting for it is bounded by the run's own retry and max_duration): remove it, "
+            "or write retry: true"
+        ),
+        _given,
+    )
+    e["idle_duration"] = Honoured(f"{_BF} (idle_s, BackendFleetController._account)")
+    e["tags"] = Refused(
+        _tags_reason,
+        _bad_tags,
+        f"{_BF} (BackendFleetController._tags: on every instance; plugins/aws: EC2 tags)",
+    )
+    e["backend_options"] = Refused(
+        "backend_options: no backend plugin takes per-fleet options yet; set the backend's "
+        "settings with meshgpu backend add NAME -o key=value",
+        _given,
+    )
+    return e
+
+
+SSH_FLEET_FIELDS: dict[str, Entry] = _fleet_entries("ssh")
+BACKEND_FLEET_FIELDS: dict[str, Entry] = _fleet_entries("backend")
 
 
 def _yaml_key(model: BaseModel, name: str, path: tuple[Any, ...], pos: Positions) -> str:
@@ -549,6 +799,16 @@ def check_support(
     """One issue per field of ``config`` refused by ``FIELDS`` (fields the user set only: a
     default is never refused), located with the loader's ``positions`` (``parse_config_located``)
     in their file (or ``file``)."""
+    return _check(config, FIELDS, positions, caps, file)
+
+
+def _check(
+    config: BaseModel,
+    table: dict[str, Entry],
+    positions: Positions | None,
+    caps: MeshCapabilities | None,
+    file: str | None = None,
+) -> list[ConfigIssue]:
     pos = positions if positions is not None else Positions()
     file = file or pos.file
     issues: list[ConfigIssue] = []
@@ -560,7 +820,7 @@ def check_support(
             key = prefix + name
             value = getattr(model, name)
             ypath = path + (_yaml_key(model, name, path, pos),)
-            entry = FIELDS.get(key)
+            entry = table.get(key)
             if isinstance(entry, Refused) and entry.when(value, config, caps):
                 line, col = _locate(ypath, pos)
                 issues.append(ConfigIssue(file, line, col, fmt_path(ypath), entry.text(value)))
@@ -576,11 +836,22 @@ def check_support(
     return issues
 
 
+def check_fleet(
+    config: FleetConfiguration, positions: Positions | None, file: str | None = None
+) -> list[ConfigIssue]:
+    """``check_support`` for a fleet: ``SSH_FLEET_FIELDS`` or ``BACKEND_FLEET_FIELDS`` (what a
+    fleet may ask does not depend on the mesh's members: checked offline and at apply alike)."""
+    table = SSH_FLEET_FIELDS if config.is_ssh() else BACKEND_FLEET_FIELDS
+    return _check(config, table, positions, None, file)
+
+
 def check_config(
     config: Any, positions: Positions | None, caps: MeshCapabilities | None
 ) -> list[ConfigIssue]:
-    """``check_support`` for run configurations; other kinds (fleets, volumes) have nothing
-    to check here yet."""
+    """``check_support`` for run configurations, ``check_fleet`` for fleets; other kinds
+    (volumes, gateways) are refused whole by the API that would take them."""
+    if isinstance(config, FleetConfiguration):
+        return check_fleet(config, positions)
     if not isinstance(config, BaseRunConfiguration):
         return []
     return check_support(config, positions, caps)
@@ -593,8 +864,12 @@ __all__ = [
     "MeshCapabilities",
     "Part",
     "Refused",
+    "BACKEND_FLEET_FIELDS",
+    "SSH_FLEET_FIELDS",
     "all_field_keys",
     "check_config",
+    "check_fleet",
     "check_support",
     "field_keys",
+    "fleet_field_keys",
 ]

@@ -127,7 +127,15 @@ def requirements(
         max_price=min(prices) if prices else None,
         regions=regions,
         instance_types=types,
+        gpu_memory_gb_max=_max(g.memory) if g.memory else None,
+        cpus_max=_max(res.cpu.count),
+        memory_gb_max=_max(res.memory),
+        disk_gb_max=_max(res.disk.size),
     )
+
+
+def _max(rng: Any) -> Any:
+    return None if rng is None or rng.max is None else rng.max
 
 
 class BackendFleetController:
@@ -346,6 +354,9 @@ class BackendFleetController:
         for job_id, resources, placement in wants:
             req = requirements(f.spec, resources, placement)
             offers, failed = await self.offers_for(f, req)
+            if resources is not None and f.spec.get("resources"):
+                # an instance for a job is still one of the fleet's: within its resources too
+                offers = filter_offers(offers, requirements(f.spec, None, placement))
             if not offers:
                 why = _no_offer_reason(fleet, req, failed, bool(self._fleet_backends(f)))
                 if job_id:
@@ -396,7 +407,11 @@ class BackendFleetController:
     # -- creating ----------------------------------------------------------------------------
 
     def _tags(self, fleet: str, iid: str) -> dict[str, str]:
-        return {TAG_CLUSTER: self.cluster.cluster_id, TAG_FLEET: fleet, TAG_INSTANCE: iid}
+        """The fleet's ``tags`` (``config/support.py`` refuses the reserved keys) and the
+        controller's own, which reconciliation finds instances by."""
+        f = self.cluster.fleets.fleets.get(fleet)
+        own = {str(k): str(v) for k, v in ((f.spec.get("tags") or {}) if f else {}).items()}
+        return own | {TAG_CLUSTER: self.cluster.cluster_id, TAG_FLEET: fleet, TAG_INSTANCE: iid}
 
     def _lookup(self, iid: str) -> dict[str, str]:
         return {TAG_CLUSTER: self.cluster.cluster_id, TAG_INSTANCE: iid}
@@ -423,21 +438,31 @@ class BackendFleetController:
                 if ref is None:
                     token = await self.create_token(TOKEN_TTL_S)
                     from meshgpu.control.fleets import _token_id
+                    from meshgpu.ops.backends import download_hash
 
+                    # the agent file comes from the members, for this secret (ops/backends.py)
+                    secret = _secrets.token_urlsafe(32)
                     ok = await self._update(
                         fleet,
                         iid,
                         token_id=_token_id(token),
                         offer=offer.to_dict(),
                         backend=offer.backend,
+                        download_hash=download_hash(secret),
                         if_state="pending",
                     )
                     if not ok:
                         return
                     cfg = self.cluster.fleets.backends.get(offer.backend)
                     url = str(cfg.config.get("agent_url") or "") if cfg else ""
-                    path = "" if url else str(await trio.to_thread.run_sync(self.agent_file))
-                    boot = self._bootstrap(f, inst, offer, token, url, path)
+                    if not url:  # this node serves it too: have it ready (built once)
+                        from meshgpu.fleets.pyz import BuildError
+
+                        try:
+                            await trio.to_thread.run_sync(self.agent_file)
+                        except BuildError as e:
+                            raise BackendError(f"no agent file to serve: {e}") from None
+                    boot = self._bootstrap(f, inst, offer, token, url, secret)
                     ref = await self._cloud(
                         f"{offer.backend}: create {offer.instance_type}",
                         backend.create,
@@ -497,9 +522,11 @@ class BackendFleetController:
             await self._reasons({inst.for_job: why})
 
     def _bootstrap(
-        self, f: Fleet, inst: FleetInstance, offer: Offer, token: str, url: str, path: str
+        self, f: Fleet, inst: FleetInstance, offer: Offer, token: str, url: str, secret: str
     ) -> Bootstrap:
-        from meshgpu.fleets.userdata import user_data
+        """The instance's user data: the agent file from ``url`` (the backend's ``agent_url``)
+        or else from the members with ``secret``, and the agent's arguments."""
+        from meshgpu.fleets.userdata import Download, user_data
 
         labels = {
             "fleet": f.name,
@@ -537,7 +564,20 @@ class BackendFleetController:
         env["MESHGPU_JOIN_TOKEN"] = token
         return Bootstrap(
             name=f"{f.name}-{inst.num}",
-            user_data=user_data(args, env, agent_path=path, agent_url=url),
+            user_data=user_data(
+                args,
+                env,
+                agent_url=url,
+                download=Download(
+                    urls=tuple(
+                        m.api_url
+                        for m in self.cluster.members.values()
+                        if not m.removed and m.api_url
+                    ),
+                    secret=secret,
+                    ca_pem=self.cluster.ca_cert_pem,
+                ),
+            ),
             tags=self._tags(f.name, inst.instance_id),
         )
 

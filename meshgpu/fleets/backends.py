@@ -62,6 +62,11 @@ class Requirements:
     max_price: float | None = None
     regions: tuple[str, ...] = ()
     instance_types: tuple[str, ...] = ()
+    # upper bounds (a range's max in ``resources``): None, none
+    gpu_memory_gb_max: float | None = None
+    cpus_max: int | None = None
+    memory_gb_max: float | None = None
+    disk_gb_max: float | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,16 @@ def filter_offers(offers: list[Offer], req: Requirements) -> list[Offer]:
         if o.cpus < req.cpus or o.memory_gb < req.memory_gb:
             continue
         if req.disk_gb and o.disk_gb and o.disk_gb < req.disk_gb:
+            continue
+        if any(
+            hi is not None and have > hi
+            for have, hi in (
+                (o.gpu_memory_gb, req.gpu_memory_gb_max),
+                (o.cpus, req.cpus_max),
+                (o.memory_gb, req.memory_gb_max),
+                (o.disk_gb, req.disk_gb_max),
+            )
+        ):
             continue
         if req.spot is not None and o.spot != req.spot:
             continue

@@ -4,20 +4,71 @@ its namespace) that fetches the agent file, writes its environment (the single-u
 and starts it under the same supervisor an SSH fleet host gets (``ssh.install_script``): systemd
 where it runs, else a ``setsid`` loop.
 
-Where the agent file comes from: ``agent_path`` (a file the instance can read: the ``local``
-plugin's instances share this machine's filesystem) or ``agent_url`` (the backend's
+Where the agent file comes from, by default: the mesh itself (``download``): the script asks
+the members' APIs in turn for ``GET /api/v1/agent/meshgpu.pyz`` with a download secret of its
+own (``X-Meshgpu-Download``; its sha256 is in the instance's record, good until it joins), over
+TLS that trusts only the cluster CA written into the script (as the join pins the CA by the
+fingerprint in the token: ``mesh/join.py`` ``pinned_context``), with Python's urllib (the host
+needs Python >= 3.11 for the agent anyway). Otherwise ``agent_url`` (the backend's
 ``agent_url`` setting: an HTTPS location the operator publishes ``dist/meshgpu.pyz`` at, fetched
-with curl or, lacking curl, Python's urllib).
+with curl or, lacking curl, Python's urllib), or ``agent_path`` (a file the instance can read).
 """
 
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 
 from meshgpu.fleets.ssh import install_script
 
 DEFAULT_HOME = "/var/lib/meshgpu-agent"
 MAX_USER_DATA = 16 << 10  # EC2 takes 16 KiB
+
+
+@dataclass(frozen=True)
+class Download:
+    """The agent file from the mesh's members (``GET /api/v1/agent/meshgpu.pyz``)."""
+
+    urls: tuple[str, ...]  # the members' API URLs
+    secret: str  # X-Meshgpu-Download
+    ca_pem: str  # the cluster CA: the only one trusted
+
+
+DOWNLOAD_PATH = "/api/v1/agent/meshgpu.pyz"
+MAX_FILE = 1 << 30
+# Python, not curl: curl cannot trust a CA while skipping the host name check (a member's
+# certificate proves membership, whatever address it is reached at: ``pinned_context``).
+_FETCH = """\
+import ssl, sys, time, urllib.request
+CA, URLS, KEY, PATH, LIMIT = {ca!r}, {urls!r}, {key!r}, {path!r}, {limit}
+ctx = ssl.create_default_context(cadata=CA)
+ctx.check_hostname = False
+errors = []
+for attempt in range(40):
+    for url in URLS:
+        try:
+            req = urllib.request.Request(url + PATH, headers={{"X-Meshgpu-Download": KEY}})
+            tls = ctx if url.startswith("https://") else None
+            with urllib.request.urlopen(req, context=tls, timeout=60) as r, open(sys.argv[1], "wb") as out:
+                size, got = int(r.headers.get("Content-Length") or 0), 0
+                while True:
+                    chunk = r.read(1 << 20)
+                    if not chunk:
+                        break
+                    got += len(chunk)
+                    if got > LIMIT:
+                        raise ValueError("over %d bytes" % LIMIT)
+                    out.write(chunk)
+            if size and got != size:
+                raise ValueError("got %d of %d bytes" % (got, size))
+            sys.exit(0)
+        except Exception as e:
+            errors.append("%s: %s" % (url, e))
+            if getattr(e, "code", 0) == 403:
+                sys.exit("meshgpu: the mesh refused the download: " + str(e))
+    time.sleep(min(15, 1 + attempt))
+sys.exit("meshgpu: cannot download the agent file: " + "; ".join(errors[-len(URLS):]))
+"""
 
 
 def user_data(
@@ -26,10 +77,26 @@ def user_data(
     *,
     agent_path: str = "",
     agent_url: str = "",
+    download: Download | None = None,
 ) -> str:
-    if not agent_path and not agent_url:
-        raise ValueError("an instance needs the agent file: give agent_path or agent_url")
-    fetch = (
+    if not agent_path and not agent_url and download is None:
+        raise ValueError("an instance needs the agent file: give download, agent_url or agent_path")
+    if download is not None and not agent_url and not agent_path:
+        code = _FETCH.format(
+            ca=download.ca_pem,
+            urls=list(download.urls),
+            key=download.secret,
+            path=DOWNLOAD_PATH,
+            limit=MAX_FILE,
+        )
+        fetch = "python3 - \"$D/meshgpu.pyz.part\" <<'MESHGPU_FETCH'\n" + code + "MESHGPU_FETCH"
+    else:
+        fetch = _fetch_file(agent_path, agent_url)
+    return _script(agent_args, env, fetch)
+
+
+def _fetch_file(agent_path: str, agent_url: str) -> str:
+    return (
         f'cp {shlex.quote(agent_path)} "$D/meshgpu.pyz.part"'
         if agent_path
         else (
@@ -40,6 +107,9 @@ def user_data(
             f'{shlex.quote(agent_url)} "$D/meshgpu.pyz.part"; fi'
         )
     )
+
+
+def _script(agent_args: list[str], env: dict[str, str], fetch: str) -> str:
     with_systemd = install_script("$D", agent_args, env, systemd=True, restart=False)
     without = install_script("$D", agent_args, env, systemd=False, restart=False)
     with_systemd, without = _unquote_home(with_systemd), _unquote_home(without)

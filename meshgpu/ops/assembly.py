@@ -95,7 +95,14 @@ def assemble(
         runner=parts.runner,
         ssh_keys=SSHKeys(proposer, cluster),
         fleets=Fleets(proposer, cluster, state),
-        backends=Backends(proposer, cluster),
+        backends=Backends(
+            proposer,
+            cluster,
+            _agent_file(s),
+            node=node,
+            peers=parts.peer,
+            ca_key_path=ident.tls.ca_key_path,
+        ),
         ingress=Ingress(
             state,
             ident.node_id,
@@ -112,3 +119,11 @@ def assemble(
             domain=s.ingress_domain,
         ),
     )
+
+
+def _agent_file(s: AgentSettings) -> Any:
+    """() -> the file new hosts get from this node (``fleets/pyz.agent_file``; blocking)."""
+    from meshgpu.fleets.pyz import agent_file
+
+    cache = s.data_dir / "dist"
+    return lambda: agent_file(cache)

@@ -47,7 +47,9 @@ class Fleets:
 
     async def apply(self, text: str, filename: str, identities: dict[str, str]) -> dict[str, Any]:
         try:
-            config = await parse_config_async(text, filename)
+            # caps None: what a fleet may ask does not depend on the members (support.py's
+            # fleet tables); a refused field is an issue at its line like a parse error
+            config = await parse_config_async(text, filename, caps=None)
         except ConfigError as e:
             raise _invalid_config(e) from None
         if not isinstance(config, FleetConfiguration):

@@ -43,6 +43,12 @@ class Peers(Protocol):
         """``node_id``'s own metrics history of the run's job there."""
         ...
 
+    async def backend_offers(
+        self, node_id: str, body: dict[str, Any], *, timeout: float
+    ) -> dict[str, Any]:
+        """The backends' offers, asked of the leader ``node_id`` (it opens the credentials)."""
+        ...
+
 
 def answers(
     services: Services,
@@ -81,6 +87,7 @@ def answers(
         metrics=metrics,
         admit=services.admission.admit_forwarded,
         history=history,
+        backend_offers=services.backends.offers_forwarded if services.backends else None,
     )
 
 
@@ -102,5 +109,10 @@ class NoPeers:
 
     async def history(
         self, node_id: str, run: str, job: int, since_s: float, points: int, *, timeout: float
+    ) -> dict[str, Any]:
+        raise Unavailable("peer unavailable", f"no calls to node {node_id} here", "unavailable")
+
+    async def backend_offers(
+        self, node_id: str, body: dict[str, Any], *, timeout: float
     ) -> dict[str, Any]:
         raise Unavailable("peer unavailable", f"no calls to node {node_id} here", "unavailable")

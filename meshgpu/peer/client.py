@@ -168,6 +168,17 @@ class PeerClient:
             raise Remote(502, "bad secrets reply", f"node {node_id} sent no name -> value map")
         return result
 
+    async def backend_offers(
+        self, node_id: str, body: dict[str, Any], *, timeout: float
+    ) -> dict[str, Any]:
+        """The backends' offers, asked of the leader ``node_id``."""
+        with _deadline(timeout):
+            async with self._call(node_id, "backend_offers", {"body": body}) as ch:
+                result = await wire.read_result(ch, idle=timeout)
+        if not isinstance(result, dict):
+            raise Remote(502, "bad offers reply", f"node {node_id} sent {type(result).__name__}")
+        return result
+
 
 @contextmanager
 def _deadline(seconds: float) -> Iterator[None]:

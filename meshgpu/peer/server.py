@@ -77,6 +77,8 @@ class PeerHandlers:
     secrets: Callable[[int, str], Awaitable[dict[str, str]]] | None = None
     # (run, job, since_s, points) -> this host's metrics history of the job; None: not kept
     history: Callable[[str, int, float, int], Awaitable[dict[str, Any]]] | None = None
+    # the leader's answer to a follower's ``meshgpu offer`` (backends' offers); None: refused
+    backend_offers: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
 
 
 class PeerServer:
@@ -104,6 +106,7 @@ class PeerServer:
             "join": self._join,
             "secrets": self._secrets,
             "history": self._history,
+            "backend_offers": self._backend_offers,
         }
 
     def serve(self, handlers: PeerHandlers) -> None:
@@ -257,6 +260,15 @@ class PeerServer:
         if h.secrets is None:
             raise Unavailable("no secrets here", "this member serves no secrets", "unavailable")
         await wire.send_end(ch, await h.secrets(int(args["_caller"]), job))
+
+    async def _backend_offers(self, h: PeerHandlers, ch: Channel, args: dict[str, Any]) -> None:
+        body = args.get("body")
+        if not isinstance(body, dict):
+            raise ProtocolError("backend_offers takes {body: {...}}")
+        await self._no_body(ch)
+        if h.backend_offers is None:
+            raise Unavailable("no backends here", "this member answers no offers", "not_leader")
+        await wire.send_end(ch, await h.backend_offers(body))
 
 
 def _str(args: dict[str, Any], key: str) -> str:

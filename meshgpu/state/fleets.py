@@ -110,6 +110,8 @@ class UpdateFleetInstance(_Cmd):
     attempts: int | None = None
     retry_at: float | None = None
     if_state: InstanceState | None = None
+    # sha256 of the secret the instance's user data downloads the agent file with
+    download_hash: str | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ForgetFleetInstance(_Cmd):
@@ -166,6 +168,9 @@ class FleetInstance(BaseModel):
     retry_at: float = 0.0
     created_at: float = 0.0
     updated_at: float = 0.0
+    # sha256 (hex) of the secret in its user data that downloads the agent file from a member
+    # (``GET /api/v1/agent/meshgpu.pyz``) while it is pending or provisioning
+    download_hash: str = Field(default="", exclude_if=lambda v: not v)
 
 
 class BackendConfig(BaseModel):
@@ -269,6 +274,7 @@ class Fleets:
             "idle_since",
             "attempts",
             "retry_at",
+            "download_hash",
         ):
             value = getattr(c, field)
             if value is not None:

@@ -312,6 +312,16 @@ CORPUS_REFUSED = {
     "service--mkdocs__docs__examples__inference__dynamo--8b04de1170.yml": {"replicas[0].router"},
     "service--mkdocs__docs__examples__inference__vllm--ed21972eed.yml": {"replicas[0].router"},
     "task--mkdocs__docs__concepts__tasks--b64df5307d.yml": {"dstack"},
+    # Backend fleets: placement: cluster of several instances needs placement groups, and a
+    # nodes.target above min is not kept (support.py BACKEND_FLEET_FIELDS).
+    "fleet--examples__misc__ray__README--6ca30636d4.yml": {"placement"},
+    "fleet--examples__misc__spark__README--bc35ef4a23.yml": {"placement"},
+    "fleet--mkdocs__docs__concepts__fleets--5dec0ba6a9.yml": {"nodes.target"},
+    "fleet--mkdocs__docs__examples__clusters__crusoe--790495ed35.yml": {"placement"},
+    "fleet--mkdocs__docs__examples__clusters__crusoe--e9d80004d7.yml": {"placement"},
+    "fleet--mkdocs__docs__examples__clusters__lambda--87ebfd0b8e.yml": {"placement"},
+    "fleet--mkdocs__docs__examples__clusters__nebius--62c61fe2c3.yml": {"placement"},
+    "fleet--mkdocs__docs__examples__clusters__nebius--7af708a7bb.yml": {"placement"},
 }
 # And at apply on a mesh with a container runtime but no network volumes, besides those.
 CORPUS_NAMED_VOLUMES = {

@@ -69,7 +69,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:  # type: 
     try:
         agent.start(None)
         wait_for(lambda: len(agent.client().nodes()) == 1, timeout=60)
-        yield {"net": net, "agent": agent, "root": root, "state_dir": state_dir}
+        yield {"net": net, "agent": agent, "root": root, "state_dir": state_dir, "pyz": pyz}
     finally:
         agent.close()
         from plugins.local import LocalBackend
@@ -156,6 +156,13 @@ def test_local_backend_fleet(world: dict, tmp_path: Path) -> None:  # type: igno
     assert labels["backend"] == "local" and labels["instance_type"] == "local", labels
     assert labels["region"] == "local" and labels["fleet"] == "cloud", labels
     assert len(_netns() - before) == 1
+    # The instance fetched the agent file from the member (its download secret, the cluster
+    # CA pinned), not from a path on this machine: as a cloud VM does.
+    (ud,) = world["state_dir"].glob("mgl*/user-data.sh")
+    text = ud.read_text()
+    assert "/api/v1/agent/meshgpu.pyz" in text and "ctx.check_hostname = False" in text
+    assert str(world["pyz"]) not in text
+    assert f"'https://10.213.{net.subnet}.254:{API_PORT}'" in text, text[:2000]
     r = agent.cli("fleet", "ls", env=env)
     assert "backend" in r.stdout and "$2" in r.stdout and "idle" in r.stdout, r.stdout
 

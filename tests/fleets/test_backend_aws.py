@@ -11,7 +11,9 @@ clear error at ``backend add``."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -173,7 +175,12 @@ def test_offers_by_gpu_price_and_spot(moto: str) -> None:
 
 
 async def test_create_with_fallback_tags_user_data_and_terminate(moto: str) -> None:
-    spec = {"nodes": {"min": 1, "max": 2}, "max_price": 1.0, "idle_duration": 20}
+    spec = {
+        "nodes": {"min": 1, "max": 2},
+        "max_price": 1.0,
+        "idle_duration": 20,
+        "tags": {"team": "ml"},
+    }
     rep, ctl = _world(moto, spec)
     backend = ctl.backend("aws")
     conn = backend.driver.connection
@@ -206,6 +213,7 @@ async def test_create_with_fallback_tags_user_data_and_terminate(moto: str) -> N
     (ec2,) = _tagged(moto)
     tags = {t["Key"]: t["Value"] for t in ec2["Tags"]}
     assert tags[TAG_INSTANCE] == inst.instance_id and tags["meshgpu-fleet"] == "cloud"
+    assert tags["team"] == "ml"  # the fleet's tags (config/support.py honours them)
     assert ec2["InstanceType"] == "g6.xlarge"
     ud = _ec2(moto).describe_instance_attribute(InstanceId=ec2["InstanceId"], Attribute="userData")
     text = base64.b64decode(ud["UserData"]["Value"]).decode()
@@ -213,6 +221,13 @@ async def test_create_with_fallback_tags_user_data_and_terminate(moto: str) -> N
     assert "--labels fleet=cloud,instance=0,backend=aws,region=us-east-1" in text
     assert "instance_type=g6.xlarge" in text and "--price 0.805" in text
     assert inst.token_id in text
+    # the agent file from the members, by default: their API URLs, the download path, a
+    # secret whose hash is in the record (not the join token), the cluster CA pinned
+    assert "'https://10.0.0.1:7480'" in text and "/api/v1/agent/meshgpu.pyz" in text
+    (secret,) = re.findall(r"'([A-Za-z0-9_-]{43})', '/api/v1/agent/meshgpu.pyz'", text)
+    assert hashlib.sha256(secret.encode()).hexdigest() == inst.download_hash
+    assert "ctx.check_hostname = False" in text and "cadata=CA" in text
+    assert "curl" not in text
 
     # terminate (idle past idle_duration above nodes.min, or deleted): released at EC2
     upd = UpdateFleetInstance(at=2, name="cloud", instance_id=inst.instance_id, state="terminating")
@@ -311,3 +326,171 @@ async def test_wrong_credentials_at_backend_add(tmp_path: Path) -> None:
 
 def test_cluster_tag_constant() -> None:
     assert CLUSTER_TAG  # the cluster domain's log tag (the proposer above routes by it)
+
+
+# --- meshgpu offer: the backends' offers beside the mesh's hosts, answered by the leader ------
+
+
+class _RaftNode:
+    def __init__(self, role: str, leader: int) -> None:
+        from consensus.core import Role
+
+        self.role = Role.LEADER if role == "leader" else Role.FOLLOWER
+        self.leader = leader
+
+
+class _ToLeader:
+    """``Peers.backend_offers`` as the peer port does it: the leader's use case answers."""
+
+    def __init__(self, leader: Any) -> None:
+        self.leader, self.asked = leader, []
+
+    async def backend_offers(self, node_id: str, body: dict[str, Any], *, timeout: float) -> Any:
+        self.asked.append(node_id)
+        return await self.leader.offers_forwarded(body)
+
+
+def _offer_world(url: str, tmp_path: Path) -> tuple[Any, Any, Any]:
+    """A leader holding the CA key (a voter) and a follower without it, over one state with an
+    ``aws`` backend whose credentials are sealed to the CA."""
+    import json
+
+    from meshgpu.ops.backends import Backends
+    from meshgpu.security import NodeIdentity, create_cluster, seal
+    from meshgpu.state import StateMachine
+    from tests.api._stub import StubAgent
+
+    ident = NodeIdentity(tmp_path / "tls")
+    ca = create_cluster(ident, 1, ("127.0.0.1",))
+    services = StubAgent(StateMachine(), tmp_path)
+    assert services.ssh_keys is not None
+    cluster = services.ssh_keys.cluster
+    cluster.cluster_id = ""  # initialized below, with a real CA
+    rep = Replicated()
+    rep.jobs, rep.cluster = services.state, cluster
+    init = InitCluster(
+        at=1,
+        cluster_id="c-test",
+        ca_cert_pem=ca.cert_pem().decode(),
+        api_token_hash="",
+        founder_raft_id=1,
+        founder_node_id="n1",
+        founder_name="m1",
+        founder_peer_address="10.0.0.1:7481",
+        founder_api_url="https://10.0.0.1:7480",
+    )
+    sealed = seal(json.dumps(KEYS).encode(), ca.cert_pem()).hex()
+    for i, cmd in enumerate(
+        (init, AddBackend(at=1, name="aws", type="aws", config={"endpoint": url}, sealed=sealed))
+    ):
+        assert rep.apply([(i + 1, encode_cluster(cmd))])[0].ok
+    leader = Backends(
+        None,
+        cluster,
+        node=_RaftNode("leader", 1),
+        ca_key_path=ident.ca_key_path,  # type: ignore[arg-type]
+    )
+    peers = _ToLeader(leader)
+    follower = Backends(None, cluster, node=_RaftNode("follower", 1), peers=peers)  # type: ignore[arg-type]
+    return services, leader, follower
+
+
+async def test_offer_lists_backend_offers_through_the_leader(moto: str, tmp_path: Path) -> None:
+    import httpx
+
+    from meshgpu.api import create_app
+    from tests.api._stub import TOKEN
+
+    services, leader, follower = _offer_world(moto, tmp_path)
+    # The credentials open on the leader: the plugin's check against moto works with them.
+    backend = load(
+        "aws",
+        "aws",
+        {"endpoint": moto},
+        leader._secrets("aws", leader.cluster.fleets.backends["aws"].sealed),
+    )
+    backend.check()
+    services.backends = follower  # asked through a follower: forwarded to the leader
+    app = create_app(services)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://node",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as c:
+        r = await c.get("/api/v1/offers", params={"gpu": "A10G:1", "memory": "8GB.."})
+        assert r.status_code == 200, r.text
+        (req,) = r.json()["requests"]
+        offers = req["backend_offers"]
+        assert req["backend_errors"] == []
+        assert {o["instance_type"] for o in offers} == {"g5.xlarge"}  # 1 GPU: not the 4-GPU one
+        assert {o["spot"] for o in offers} == {False}  # spot_policy: on-demand by default
+        assert [o["price"] for o in offers] == sorted(o["price"] for o in offers)
+        assert all(o["region"] == "us-east-1" and o["backend"] == "aws" for o in offers)
+        # the mesh's own hosts are still there, beside them
+        assert req["offers"] == [] and req["fits_now"] is False and req["reason"]
+        assert follower.peers.asked == ["n1"]
+        # a run's filters count: on-demand under $2/h
+        cfg = "type: task\ncommands: [x]\nresources: {gpu: A10G}\nspot_policy: on-demand\nmax_price: 2\n"
+        r = await c.post("/api/v1/offers", json={"config": cfg})
+        (req,) = r.json()["requests"]
+        assert [(o["instance_type"], o["spot"]) for o in req["backend_offers"]] == [
+            ("g5.xlarge", False)
+        ]
+        cfg = "type: task\ncommands: [x]\nresources: {gpu: A10G:1}\nspot_policy: auto\n"
+        r = await c.post("/api/v1/offers", json={"config": cfg})
+        (req,) = r.json()["requests"]
+        assert [o["spot"] for o in req["backend_offers"]] == [True, False]  # cheapest first
+        r = await c.get("/api/v1/offers", params={"gpu": "1", "backends": "false"})
+        assert "backend_offers" not in r.json()["requests"][0]
+
+
+async def test_offers_need_the_leader_and_its_ca_key(moto: str, tmp_path: Path) -> None:
+    from meshgpu.errors import Unavailable
+
+    _, leader, follower = _offer_world(moto, tmp_path)
+    with pytest.raises(Unavailable) as e:  # a forwarded question lands on a non-leader
+        await follower.offers_forwarded({"req": {}})
+    assert e.value.code == "not_leader"
+    leader.ca_key_path = tmp_path / "none.pem"  # a leader that cannot open the credentials
+    got = await leader.offers({"gpu_count": 1})
+    assert got["offers"] == [] and "cannot open backend aws's secrets" in got["failed"][0]
+    with pytest.raises(Invalid):
+        await leader.offers_forwarded({"req": {}, "only": "aws"})
+
+
+def test_offer_cli_shows_backend_offers_beside_the_hosts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from meshgpu.cli._offer import _show_request
+
+    o = {
+        "backend": "aws",
+        "region": "us-east-1",
+        "zone": "",
+        "instance_type": "g5.xlarge",
+        "gpu_count": 1,
+        "gpu_name": "A10G",
+        "gpu_memory_gb": 24.0,
+        "cpus": 4,
+        "memory_gb": 16.0,
+        "spot": True,
+        "price": 0.45,
+        "availability": "available",
+    }
+    req = {
+        "summary": "1xA10G",
+        "group": None,
+        "nodes": 1,
+        "jobs": 1,
+        "offers": [],
+        "fits_now": False,
+        "reason": "no host can ever run it",
+        "idle": 0,
+        "backend_offers": [o],
+        "backend_errors": ["gcp: no answer within 20 s"],
+    }
+    _show_request(req)
+    text = capsys.readouterr().out
+    assert "backend offers" in text and "g5.xlarge" in text and "$0.45" in text
+    assert "spot" in text and "us-east-1" in text and "1xA10G:24GB" in text
+    assert "backend error: gcp: no answer within 20 s" in text
