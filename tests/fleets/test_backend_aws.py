@@ -360,7 +360,8 @@ def _offer_world(url: str, tmp_path: Path) -> tuple[Any, Any, Any]:
     from meshgpu.state import StateMachine
     from tests.api._stub import StubAgent
 
-    ident = NodeIdentity(tmp_path / "tls")
+    # Its own directory: the stub agent keeps an identity of its own under tmp_path.
+    ident = NodeIdentity(tmp_path / "leader-tls")
     ca = create_cluster(ident, 1, ("127.0.0.1",))
     services = StubAgent(StateMachine(), tmp_path)
     assert services.ssh_keys is not None
