@@ -16,6 +16,7 @@ joined; a host whose agent still runs with an unused token is waited for, not st
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from consensus.core import ProposalDropped
 from consensus.node import NotLeader, Timeout
 from consensus.storage import StorageFull
 from meshgpu.clock import SYSTEM_CLOCK, Clock
-from meshgpu.state.cluster import NodeUnreachable, RemoveMember, SetNodeStatus, encode_cluster
+from meshgpu.state.cluster import ForgetNode, RemoveMember, SetNodeStatus, encode_cluster
 from meshgpu.state.codec import encode
 from meshgpu.state.commands import StopRun
 from meshgpu.state.fleets import ForgetFleetHost, UpdateFleetHost
@@ -204,7 +205,7 @@ class FleetController:
         async def look() -> tuple[Any, str, Any]:
             conn, fp = await ssh.connect(target, h.host_key)
             try:
-                facts = ssh.parse_facts(await ssh.run(conn, ssh.facts_script()))
+                facts = ssh.parse_facts(await ssh.run(conn, ssh.facts_script(f.name)))
             except BaseException:
                 conn.close()
                 raise
@@ -224,10 +225,12 @@ class FleetController:
             # Recorded before the agent gets it: a new leader knows which token to watch.
             await self._update(f.name, h.hostname, token_id=token_id, if_state="provisioning")
             args = self._agent_args(f, h, host_cfg, facts)
-            env = {str(k): str(v) for k, v in (spec.get("env") or {}).items() if v is not None}
+            env = self._env(f)
             env["MESHGPU_FLEET_ENV"] = ",".join(sorted(env))  # passed on to every job here
             env["MESHGPU_JOIN_TOKEN"] = token
-            script = ssh.install_script(facts.home, args, env, facts.systemd, restart=facts.running)
+            script = ssh.install_script(
+                f.name, facts.home, args, env, facts.systemd, restart=facts.running
+            )
 
             async def install() -> None:
                 if facts.pyz_sha != local_sha:
@@ -268,6 +271,20 @@ class FleetController:
             key=key(ident),
             proxy=proxy,
         )
+
+    def _env(self, f: Fleet) -> dict[str, str]:
+        """The fleet's env, its values unsealed (plaintext in fleets applied before they were
+        sealed)."""
+        from meshgpu.fleets.ssh import HostError
+
+        if not f.env_sealed:
+            env = f.spec.get("env") or {}
+            return {str(k): str(v) for k, v in env.items() if v is not None}
+        try:
+            doc = json.loads(self._unseal(f.env_sealed))
+        except ValueError as e:
+            raise HostError(f"the fleet's sealed env is unreadable ({e}): apply it again") from None
+        return {str(k): str(v) for k, v in doc.items()}
 
     def _unseal(self, sealed_hex: str) -> str:
         from meshgpu.fleets.ssh import HostError
@@ -365,9 +382,9 @@ class FleetController:
                 raise
             note = str(e)
             log.warning("fleet %s host %s: not cleaned up: %s", fleet, hostname, note)
-        if node_id and node_id in self.state.nodes:  # gone from the mesh: dead to the scheduler
+        if node_id and node_id in self.state.nodes:  # gone from the mesh: its record goes too
             await self.proposer.propose(
-                encode_cluster(NodeUnreachable(at=self.clock.wall(), node_id=node_id))
+                encode_cluster(ForgetNode(at=self.clock.wall(), node_id=node_id))
             )
         await self.proposer.propose(
             encode_cluster(ForgetFleetHost(at=self.clock.wall(), name=fleet, hostname=hostname))
@@ -411,7 +428,7 @@ class FleetController:
         async def go() -> None:
             conn, _ = await ssh.connect(target, h.host_key)
             try:
-                await ssh.run(conn, ssh.uninstall_script(), timeout=60)
+                await ssh.run(conn, ssh.uninstall_script(f.name), timeout=60)
             finally:
                 conn.close()
 
