@@ -137,8 +137,42 @@ def build(out: Path, python: str = "/usr/bin/env python3") -> Path:
         if r.returncode != 0:
             part.unlink(missing_ok=True)
             raise BuildError(f"shiv failed: {(r.stderr or r.stdout).strip()[-2000:]}")
+        try:
+            add_bytecode(part, site)
+        except (OSError, zipfile.BadZipFile) as e:
+            part.unlink(missing_ok=True)
+            raise BuildError(f"cannot add the bytecode to {part}: {e}") from None
         os.replace(part, out)
     return out
+
+
+def add_bytecode(archive: Path, site: Path) -> int:
+    """Add the compiled bytecode of every module in ``site`` to the zipapp (shiv leaves .pyc
+    out): a new host then imports without compiling ~900 modules at its first start (about
+    2 s of its 3.5 s cold start here). The .pyc are *unchecked-hash* ones: valid whatever the
+    unpacked sources' mtimes (unpacking does not keep them), and tagged with this Python's
+    version (``cpython-3XY``): another Python ignores them. How many were added."""
+    import compileall
+    import py_compile
+
+    compileall.compile_dir(
+        str(site),
+        quiet=2,
+        legacy=False,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        workers=1,
+    )
+    n = 0
+    with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as z:
+        for pyc in sorted(site.rglob("*.pyc")):
+            info = zipfile.ZipInfo(
+                "site-packages/" + pyc.relative_to(site).as_posix(), (1980, 1, 1, 0, 0, 0)
+            )
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o100644 << 16  # shiv restores these permissions
+            z.writestr(info, pyc.read_bytes())
+            n += 1
+    return n
 
 
 def running_file() -> Path | None:

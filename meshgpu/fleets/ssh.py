@@ -273,6 +273,9 @@ D={d}
 set -a; . "$D/agent.env"; set +a
 export SHIV_ROOT="$D/shiv"
 cd "$D"
+# agent.env was written under umask 077; what the agent creates outside this (0700) directory
+# -- the jobs' workspaces under /var/lib/meshgpu as root -- must stay traversable by the job user
+umask 022
 while :; do
   python3 "$D/meshgpu.pyz" {cmd} >>"$D/agent.log" 2>&1
   [ -f "$D/stop" ] && exit 0
