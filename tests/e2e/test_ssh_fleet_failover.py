@@ -71,7 +71,9 @@ def test_leader_killed_during_bootstrap(world: dict, tmp_path: Path) -> None:  #
     r = others[0].cli("apply", "-f", str(f), "-y", "-d", env={"HOME": str(tmp_path)})
     assert r.returncode == 0, r.stdout + r.stderr
     # the leader dies once it has started bootstrapping (an agent file is on a host)
-    wait_for(lambda: any((b.install_dir / "meshgpu.pyz").exists() for b in bare), timeout=60)
+    wait_for(
+        lambda: any((b.install_dir / "gpus" / "meshgpu.pyz").exists() for b in bare), timeout=60
+    )
     leader.kill()
     c = others[0].client()
 
