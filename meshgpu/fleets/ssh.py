@@ -339,14 +339,34 @@ if [ -f "$D/supervisor.pid" ]; then
   i=0; while kill -0 "$P" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
   kill -KILL -- -"$P" 2>/dev/null || true
 fi
-# what the agent started (jobs run in their own sessions, under its data dir)
-for p in /proc/[0-9]*; do
-  pid=${{p#/proc/}}
-  [ "$pid" = "$$" ] && continue
-  cwd=$(readlink "$p/cwd" 2>/dev/null) || continue
-  case "$cwd/" in "$D"/*) kill -KILL "$pid" 2>/dev/null || true; continue;; esac
-  if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -qF "$D/"; then kill -KILL "$pid" 2>/dev/null || true; fi
-done
+kill_sh() {{
+  for p in /proc/[0-9]*; do
+    pid=${{p#/proc/}}
+    [ "$pid" = "$$" ] && continue
+    cwd=$(readlink "$p/cwd" 2>/dev/null) || continue
+    case "$cwd/" in "$D"/*) kill -KILL "$pid" 2>/dev/null || true; continue;; esac
+    if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -qF "$D/"; then kill -KILL "$pid" 2>/dev/null || true; fi
+  done
+}}
+# what the agent started (jobs run in their own sessions, under its data dir): one pass over
+# /proc in python3 (a fork or three per process in sh takes seconds on a busy host), sh if not
+python3 - "$D" <<'MESHGPU_PY' 2>/dev/null || kill_sh
+import os, signal, sys
+d = sys.argv[1].rstrip("/") + "/"
+skip = {{os.getpid(), os.getppid()}}
+for pid in os.listdir("/proc"):
+    if not pid.isdigit() or int(pid) in skip:
+        continue
+    try:
+        hit = (os.readlink(f"/proc/{{pid}}/cwd") + "/").startswith(d)
+        if not hit:
+            with open(f"/proc/{{pid}}/cmdline", "rb") as f:
+                hit = d.encode() in f.read().replace(b"\0", b" ")
+        if hit:
+            os.kill(int(pid), signal.SIGKILL)
+    except OSError:
+        continue
+MESHGPU_PY
 rm -rf "$D"
 rmdir "$B" 2>/dev/null || true
 """

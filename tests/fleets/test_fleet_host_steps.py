@@ -8,6 +8,7 @@ list; the scripts are valid ``sh``."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -314,3 +315,62 @@ def test_python_mismatch_says_what_to_do() -> None:
         "Python 3.12",
     ):
         assert part in msg, msg
+
+
+def test_uninstall_stops_what_runs_in_the_fleet_dir_only(tmp_path: Path) -> None:
+    """The uninstall script, run for real with sh: it kills the processes working in the
+    fleet's directory (a job's), leaves another fleet's alone, and removes the directory (and
+    the parent once empty)."""
+    import os
+    import time
+
+    base = tmp_path / "agent-home"
+    mine, other = base / "gpus", base / "other"
+    for d in (mine / "data", other):
+        d.mkdir(parents=True)
+    job = subprocess.Popen(["sleep", "300"], cwd=mine / "data")
+    keep = subprocess.Popen(["sleep", "300"], cwd=other)
+    try:
+        env = {**os.environ, "MESHGPU_HOME": str(base)}
+        r = subprocess.run(
+            ["sh", "-s"],
+            input=ssh.uninstall_script("gpus", unit_dir=str(tmp_path / "units")),
+            text=True,
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 10
+        while job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.poll() is not None  # killed
+        assert keep.poll() is None  # another fleet's process: untouched
+        assert not mine.exists() and other.is_dir()
+        keep.kill()
+        keep.wait()
+        shutil.rmtree(other)
+        r = subprocess.run(
+            ["sh", "-s"],
+            input=ssh.uninstall_script("gpus"),
+            text=True,
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert not base.exists()  # the last fleet gone: its parent too
+    finally:
+        for p in (job, keep):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def test_run_sh_resets_the_umask() -> None:
+    """agent.env is written under umask 077; the agent itself runs under 022 (a root agent's
+    /var/lib/meshgpu must stay traversable by the job user, or its next start refuses it)."""
+    script = ssh.install_script("gpus", "/h/gpus", ["agent"], {}, systemd=False, restart=False)
+    run_sh = script.split("cat > run.sh.tmp <<'MESHGPU_EOF'\n", 1)[1].split("MESHGPU_EOF", 1)[0]
+    lines = run_sh.splitlines()
+    assert lines.index("umask 022") < lines.index("while :; do")
