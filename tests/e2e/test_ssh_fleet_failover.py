@@ -127,11 +127,19 @@ def test_leader_killed_during_delete(world: dict, tmp_path: Path) -> None:  # ty
     others = [a for a in agents if a is not leader]
     r = others[0].cli("fleet", "delete", "gpus", "-y", env=home)
     assert r.returncode == 0, r.stdout + r.stderr
-    # the leader dies in the middle: once one host's agent is stopped (its member is out of
-    # Raft by then; its files, its node record and its fleet record may not be gone yet)
-    wait_for(lambda: any(not _agent_processes(b) for b in bare), timeout=120)
-    leader.kill()
+    # the leader dies in the middle: once one host is out of Raft or its agent is stopped
+    # (its files, its node record and its fleet record are not all gone yet)
     c = others[0].client()
+
+    def begun() -> bool:
+        st = c.status()
+        out = fleet_rids - (set(st["voters"]) | set(st["learners"]))
+        return bool(out) or any(not _agent_processes(b) for b in bare)
+
+    wait_for(begun, timeout=120, interval=0.02)
+    pending = c._request("GET", "/api/v1/fleets").json()  # noqa: SLF001
+    leader.kill()
+    assert pending and pending[0]["hosts"], pending  # the delete was not over when it died
     wait_for(lambda: c._request("GET", "/api/v1/fleets").json() == [], timeout=180)  # noqa: SLF001
     time.sleep(2)  # anything done twice (a host brought back, a node re-registered) shows now
     st = c.status()
