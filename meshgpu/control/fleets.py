@@ -16,6 +16,7 @@ joined; a host whose agent still runs with an unused token is waited for, not st
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from consensus.core import ProposalDropped
 from consensus.node import NotLeader, Timeout
 from consensus.storage import StorageFull
 from meshgpu.clock import SYSTEM_CLOCK, Clock
-from meshgpu.state.cluster import NodeUnreachable, RemoveMember, SetNodeStatus, encode_cluster
+from meshgpu.state.cluster import ForgetNode, RemoveMember, SetNodeStatus, encode_cluster
 from meshgpu.state.codec import encode
 from meshgpu.state.commands import StopRun
 from meshgpu.state.fleets import ForgetFleetHost, UpdateFleetHost
@@ -72,6 +73,9 @@ class FleetController:
         self.agent_file, self.bridge = agent_file, bridge
         self.clock, self.interval_s = clock, interval_s
         self.busy: set[tuple[str, str]] = set()
+        # The last bootstrap's steps per host (name, seconds), for the log.
+        self.steps: dict[tuple[str, str], list[tuple[str, float]]] = {}
+        self._file_cache: tuple[tuple[str, int, int], dict[str, str], str] | None = None
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -158,12 +162,14 @@ class FleetController:
             raft_id=rid,
             if_state="provisioning",
         )
+        steps = ", ".join(f"{n} {s:.2f}" for n, s in self.steps.pop((fleet, hostname), []))
         log.info(
-            "fleet %s host %s joined as %s (agent started in %.1f s, joined %.1f s later)",
+            "fleet %s host %s joined as %s (agent started in %.2f s [%s], joined %.2f s later)",
             fleet,
             hostname,
             node_id or self._joined_node(self._host(fleet, hostname)[1].token_id),  # type: ignore[index]
             started,
+            steps,
             self.clock.now() - t0 - started,
         )
 
@@ -186,7 +192,7 @@ class FleetController:
         joined = self._joined_node(h.token_id)
         if joined:
             return joined  # a previous leader started it, and it joined
-        from meshgpu.fleets import pyz, ssh
+        from meshgpu.fleets import ssh
 
         spec = f.spec
         cfg = spec.get("ssh_config") or {}
@@ -195,22 +201,32 @@ class FleetController:
             {"hostname": h.hostname},
         )
         target = self._target(f, cfg, host_cfg)
+        steps = self.steps[(f.name, h.hostname)] = []
+        t = self.clock.now()
+
+        def step(name: str) -> None:
+            nonlocal t
+            now = self.clock.now()
+            steps.append((name, now - t))
+            t = now
+
         path = await trio.to_thread.run_sync(self.agent_file)
-        info = pyz.file_info(path)
-        local_sha = await trio.to_thread.run_sync(ssh.sha256, path)
+        info, local_sha = await trio.to_thread.run_sync(self._file_facts, path)
         bridge = self.bridge()
+        step("file")
 
         # Connect and look (asyncio side): the facts decide the rest.
         async def look() -> tuple[Any, str, Any]:
             conn, fp = await ssh.connect(target, h.host_key)
             try:
-                facts = ssh.parse_facts(await ssh.run(conn, ssh.facts_script()))
+                facts = ssh.parse_facts(await ssh.run(conn, ssh.facts_script(f.name)))
             except BaseException:
                 conn.close()
                 raise
             return conn, fp, facts
 
         conn, fp, facts = await bridge.run(look())
+        step("connect+check")
         try:
             if not h.host_key:
                 await self._update(f.name, h.hostname, host_key=fp)
@@ -223,21 +239,34 @@ class FleetController:
             token_id = _token_id(token)
             # Recorded before the agent gets it: a new leader knows which token to watch.
             await self._update(f.name, h.hostname, token_id=token_id, if_state="provisioning")
+            step("token")
             args = self._agent_args(f, h, host_cfg, facts)
-            env = {str(k): str(v) for k, v in (spec.get("env") or {}).items() if v is not None}
+            env = self._env(f)
             env["MESHGPU_FLEET_ENV"] = ",".join(sorted(env))  # passed on to every job here
             env["MESHGPU_JOIN_TOKEN"] = token
-            script = ssh.install_script(facts.home, args, env, facts.systemd, restart=facts.running)
+            script = ssh.install_script(
+                f.name, facts.home, args, env, facts.systemd, restart=facts.running
+            )
 
-            async def install() -> None:
-                if facts.pyz_sha != local_sha:
-                    await ssh.put_file(conn, path, f"{facts.home}/meshgpu.pyz")
-                await ssh.run(conn, script)
-
-            await bridge.run(install())
+            if facts.pyz_sha != local_sha:
+                await bridge.run(ssh.put_file(conn, path, f"{facts.home}/meshgpu.pyz"))
+                step("copy")
+            await bridge.run(ssh.run(conn, script))
+            step("start")
         finally:
             conn.close()
         return ""
+
+    def _file_facts(self, path: Path) -> tuple[dict[str, str], str]:
+        """What the agent file says about itself, and its SHA-256 (hashed once per file
+        version, not per host: it is 15 MB)."""
+        from meshgpu.fleets import pyz, ssh
+
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if self._file_cache is None or self._file_cache[0] != key:
+            self._file_cache = (key, pyz.file_info(path), ssh.sha256(path))
+        return self._file_cache[1], self._file_cache[2]
 
     def _target(self, f: Fleet, cfg: dict[str, Any], host: dict[str, Any]) -> Any:
         from meshgpu.fleets.ssh import HostError, Target
@@ -268,6 +297,20 @@ class FleetController:
             key=key(ident),
             proxy=proxy,
         )
+
+    def _env(self, f: Fleet) -> dict[str, str]:
+        """The fleet's env, its values unsealed (plaintext in fleets applied before they were
+        sealed)."""
+        from meshgpu.fleets.ssh import HostError
+
+        if not f.env_sealed:
+            env = f.spec.get("env") or {}
+            return {str(k): str(v) for k, v in env.items() if v is not None}
+        try:
+            doc = json.loads(self._unseal(f.env_sealed))
+        except ValueError as e:
+            raise HostError(f"the fleet's sealed env is unreadable ({e}): apply it again") from None
+        return {str(k): str(v) for k, v in doc.items()}
 
     def _unseal(self, sealed_hex: str) -> str:
         from meshgpu.fleets.ssh import HostError
@@ -365,9 +408,9 @@ class FleetController:
                 raise
             note = str(e)
             log.warning("fleet %s host %s: not cleaned up: %s", fleet, hostname, note)
-        if node_id and node_id in self.state.nodes:  # gone from the mesh: dead to the scheduler
+        if node_id and node_id in self.state.nodes:  # gone from the mesh: its record goes too
             await self.proposer.propose(
-                encode_cluster(NodeUnreachable(at=self.clock.wall(), node_id=node_id))
+                encode_cluster(ForgetNode(at=self.clock.wall(), node_id=node_id))
             )
         await self.proposer.propose(
             encode_cluster(ForgetFleetHost(at=self.clock.wall(), name=fleet, hostname=hostname))
@@ -411,7 +454,7 @@ class FleetController:
         async def go() -> None:
             conn, _ = await ssh.connect(target, h.host_key)
             try:
-                await ssh.run(conn, ssh.uninstall_script(), timeout=60)
+                await ssh.run(conn, ssh.uninstall_script(f.name), timeout=60)
             finally:
                 conn.close()
 

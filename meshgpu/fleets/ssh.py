@@ -3,11 +3,13 @@
 remove what was installed. Every remote step is a POSIX ``sh`` script; nothing but ``python3`` is
 needed on the host.
 
-Where things go on the host (docs/fleets.md): one directory, ``$MESHGPU_HOME`` when the SSH
-session sets it, else ``~/.meshgpu-agent`` of the SSH user -- the agent file (``meshgpu.pyz``),
-where it unpacks (``shiv/``), the agent's data dir (``data/``), its environment (``agent.env``,
-0600: the join token), the supervisor (``run.sh``), its log (``agent.log``); and, where systemd
-runs and the user is root, the unit ``/etc/systemd/system/meshgpu-agent.service``.
+Where things go on the host (docs/fleets.md): one directory per fleet, ``FLEET`` under
+``$MESHGPU_HOME`` when the SSH session sets it, else under ``~/.meshgpu-agent`` of the SSH user --
+the agent file (``meshgpu.pyz``), where it unpacks (``shiv/``), the agent's data dir (``data/``),
+its environment (``agent.env``, 0600: the fleet's env and the join token), the supervisor
+(``run.sh``), its log (``agent.log``); and, where systemd runs and the user is root, the unit
+``/etc/systemd/system/meshgpu-agent-FLEET.service``. Nothing is shared between two fleets, so
+one host can serve fleets of two meshes (given distinct agent ports).
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from pathlib import Path
 import asyncssh
 
 CONNECT_TIMEOUT_S = 10.0
-UNIT = "meshgpu-agent"
+UNIT_DIR = "/etc/systemd/system"
 MIN_PYTHON = (3, 11)
 MIN_FREE_MB = 512
+# The agent's dependencies whose compiled extension modules are built for one CPython minor
+# version and have no pure-Python fallback (docs/fleets.md, "The agent file": cryptography's is
+# abi3, msgpack, PyYAML and zeroconf fall back to pure Python).
+COMPILED_DEPS = "pydantic-core, cffi"
 
 
 class HostError(RuntimeError):
@@ -111,11 +117,22 @@ async def connect(t: Target, host_key: str = "") -> tuple[asyncssh.SSHClientConn
     return conn, fp
 
 
-DIR = 'D="${MESHGPU_HOME:-$HOME/.meshgpu-agent}"'
+def unit_name(fleet: str) -> str:
+    """The systemd unit of ``fleet``'s agent (fleet names are ``[a-z0-9-]``: safe as is)."""
+    return f"meshgpu-agent-{fleet}"
 
-CHECK = (
-    DIR
-    + r"""
+
+def dir_script(fleet: str) -> str:
+    """Sets ``B`` (where every fleet's directory is) and ``D`` (this fleet's)."""
+    return f'B="${{MESHGPU_HOME:-$HOME/.meshgpu-agent}}"; D="$B"/{shlex.quote(fleet)}'
+
+
+def facts_script(fleet: str) -> str:
+    """One ``sh`` run that reports everything the controller decides on (``parse_facts``)."""
+    return dir_script(fleet) + CHECK.replace("@UNIT@", unit_name(fleet))
+
+
+CHECK = r"""
 echo "home=$D"
 PY=$(command -v python3 || true)
 echo "python=$PY"
@@ -126,7 +143,7 @@ fi
 if command -v amd-smi >/dev/null 2>&1; then
   amd-smi static --asic 2>/dev/null | sed -n 's/^ *MARKET_NAME: */gpu=/p'
 fi
-mkdir -p "$D" && chmod 700 "$D"
+mkdir -p "$D" && chmod 700 "$B" "$D"
 echo "free_kb=$(df -Pk "$D" | awk 'NR==2 {print $4}')"
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
    && [ -z "${MESHGPU_NO_SYSTEMD:-}" ]; then echo systemd=1; fi
@@ -135,12 +152,11 @@ echo "uid=$(id -u)"
 if [ -f "$D/supervisor.pid" ] && kill -0 "$(cat "$D/supervisor.pid")" 2>/dev/null; then
   echo running=1
 fi
-if [ -d /run/systemd/system ] && systemctl is-active --quiet meshgpu-agent 2>/dev/null; then
+if [ -d /run/systemd/system ] && systemctl is-active --quiet @UNIT@ 2>/dev/null; then
   echo running=1
 fi
 (ip -4 -o addr show 2>/dev/null || true) | awk '{print "addr=" $4}'
 """
-)
 
 
 def parse_facts(text: str) -> HostFacts:
@@ -184,8 +200,11 @@ def check_facts(facts: HostFacts, pyz_python: str) -> None:
     if pyz_python and facts.python_version != pyz_python:
         raise HostError(
             f"the host's python3 is {facts.python_version} and the agent file is built for "
-            f"{pyz_python} (its compiled dependencies are): build it with Python "
-            f"{facts.python_version} (scripts/build) and set MESHGPU_AGENT_PYZ on the members"
+            f"Python {pyz_python}: its compiled dependencies ({COMPILED_DEPS}) load only "
+            f"in Python {pyz_python}. Either install python{pyz_python} on the host as "
+            f"python3 (e.g. apt-get install python{pyz_python}), or build the agent file "
+            f"with Python {facts.python_version} (scripts/build on a machine with it) and "
+            "set MESHGPU_AGENT_PYZ=/path/to/that/meshgpu.pyz for the members' agents"
         )
     if facts.free_mb < MIN_FREE_MB:
         raise HostError(
@@ -215,28 +234,10 @@ def agent_command(args: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-def install_script(
-    home: str, agent_args: list[str], env: dict[str, str], systemd: bool, restart: bool
-) -> str:
-    """Write the environment and the supervisor, and (re)start the agent."""
-    d = shlex.quote(home)
-    env_lines = "\n".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
-    cmd = agent_command(agent_args)
-    run_sh = f"""#!/bin/sh
-# The meshgpu agent, written by the fleet controller of the mesh that installed it.
-D={d}
-set -a; . "$D/agent.env"; set +a
-export SHIV_ROOT="$D/shiv"
-cd "$D"
-while :; do
-  python3 "$D/meshgpu.pyz" {cmd} >>"$D/agent.log" 2>&1
-  [ -f "$D/stop" ] && exit 0
-  [ -n "$MESHGPU_SUPERVISED_BY_SYSTEMD" ] && exit 1
-  sleep 2
-done
-"""
-    unit = f"""[Unit]
-Description=meshgpu agent (SSH fleet)
+def unit_text(fleet: str, home: str) -> str:
+    """The systemd unit that supervises ``fleet``'s agent installed in ``home``."""
+    return f"""[Unit]
+Description=meshgpu agent (SSH fleet {fleet})
 After=network-online.target
 
 [Service]
@@ -248,6 +249,39 @@ KillMode=control-group
 
 [Install]
 WantedBy=multi-user.target
+"""
+
+
+def install_script(
+    fleet: str,
+    home: str,
+    agent_args: list[str],
+    env: dict[str, str],
+    systemd: bool,
+    restart: bool,
+    unit_dir: str = UNIT_DIR,
+) -> str:
+    """Write the environment and the supervisor, and (re)start ``fleet``'s agent."""
+    d = shlex.quote(home)
+    env_lines = "\n".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+    cmd = agent_command(agent_args)
+    unit = unit_name(fleet)
+    unit_file = shlex.quote(f"{unit_dir}/{unit}.service")
+    run_sh = f"""#!/bin/sh
+# The meshgpu agent of fleet {fleet}, written by the fleet controller of the mesh that installed it.
+D={d}
+set -a; . "$D/agent.env"; set +a
+export SHIV_ROOT="$D/shiv"
+cd "$D"
+# agent.env was written under umask 077; what the agent creates outside this (0700) directory
+# -- the jobs' workspaces under /var/lib/meshgpu as root -- must stay traversable by the job user
+umask 022
+while :; do
+  python3 "$D/meshgpu.pyz" {cmd} >>"$D/agent.log" 2>&1
+  [ -f "$D/stop" ] && exit 0
+  [ -n "$MESHGPU_SUPERVISED_BY_SYSTEMD" ] && exit 1
+  sleep 2
+done
 """
     parts = [
         f"D={d}",
@@ -261,10 +295,11 @@ WantedBy=multi-user.target
     ]
     if systemd:
         parts += [
-            f"cat > /etc/systemd/system/{UNIT}.service <<'MESHGPU_EOF'\n{unit}MESHGPU_EOF",
+            f"cat > {unit_file} <<'MESHGPU_EOF'\n{unit_text(fleet, home)}MESHGPU_EOF",
+            f"chmod 644 {unit_file}",
             "systemctl daemon-reload",
-            f"systemctl enable {UNIT} >/dev/null 2>&1 || true",
-            f"systemctl {'restart' if restart else 'start'} {UNIT}",
+            f"systemctl enable {unit} >/dev/null 2>&1 || true",
+            f"systemctl {'restart' if restart else 'start'} {unit}",
         ]
     else:
         parts += [
@@ -283,17 +318,19 @@ WantedBy=multi-user.target
     return "\n".join(parts) + "\n"
 
 
-def uninstall_script() -> str:
-    """Stop the agent and everything it started, and remove what was installed."""
+def uninstall_script(fleet: str, unit_dir: str = UNIT_DIR) -> str:
+    """Stop ``fleet``'s agent and everything it started, and remove what was installed (the
+    directory of every fleet goes too once it is empty)."""
+    unit = unit_name(fleet)
+    unit_file = shlex.quote(f"{unit_dir}/{unit}.service")
     return (
-        DIR
+        dir_script(fleet)
         + rf"""
-[ -d "$D" ] || exit 0
+[ -d "$D" ] || {{ rmdir "$B" 2>/dev/null; exit 0; }}
 touch "$D/stop"
-if [ -d /run/systemd/system ] && [ -f /etc/systemd/system/{UNIT}.service ] \
-   && grep -q "$D/run.sh" /etc/systemd/system/{UNIT}.service; then
-  systemctl disable --now {UNIT} >/dev/null 2>&1 || true
-  rm -f /etc/systemd/system/{UNIT}.service
+if [ -f {unit_file} ] && grep -qF "$D/run.sh" {unit_file}; then
+  systemctl disable --now {unit} >/dev/null 2>&1 || true
+  rm -f {unit_file}
   systemctl daemon-reload || true
 fi
 if [ -f "$D/supervisor.pid" ]; then
@@ -302,21 +339,44 @@ if [ -f "$D/supervisor.pid" ]; then
   i=0; while kill -0 "$P" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
   kill -KILL -- -"$P" 2>/dev/null || true
 fi
-# what the agent started (jobs run in their own sessions, under its data dir)
-for p in /proc/[0-9]*; do
-  pid=${{p#/proc/}}
-  [ "$pid" = "$$" ] && continue
-  cwd=$(readlink "$p/cwd" 2>/dev/null) || continue
-  case "$cwd/" in "$D"/*) kill -KILL "$pid" 2>/dev/null || true; continue;; esac
-  if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -qF "$D/"; then kill -KILL "$pid" 2>/dev/null || true; fi
-done
+kill_sh() {{
+  for p in /proc/[0-9]*; do
+    pid=${{p#/proc/}}
+    [ "$pid" = "$$" ] && continue
+    cwd=$(readlink "$p/cwd" 2>/dev/null) || continue
+    case "$cwd/" in "$D"/*) kill -KILL "$pid" 2>/dev/null || true; continue;; esac
+    if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -qF "$D/"; then kill -KILL "$pid" 2>/dev/null || true; fi
+  done
+}}
+# what the agent started (jobs run in their own sessions, under its data dir): one pass over
+# /proc in python3 (a fork or three per process in sh takes seconds on a busy host), sh if not
+python3 - "$D" <<'MESHGPU_PY' 2>/dev/null || kill_sh
+import os, signal, sys
+d = sys.argv[1].rstrip("/") + "/"
+skip = {{os.getpid(), os.getppid()}}
+for pid in os.listdir("/proc"):
+    if not pid.isdigit() or int(pid) in skip:
+        continue
+    try:
+        hit = (os.readlink(f"/proc/{{pid}}/cwd") + "/").startswith(d)
+        if not hit:
+            with open(f"/proc/{{pid}}/cmdline", "rb") as f:
+                hit = d.encode() in f.read().replace(b"\0", b" ")
+        if hit:
+            os.kill(int(pid), signal.SIGKILL)
+    except OSError:
+        continue
+MESHGPU_PY
 rm -rf "$D"
+rmdir "$B" 2>/dev/null || true
 """
     )
 
 
-async def log_tail(conn: asyncssh.SSHClientConnection, lines: int = 15) -> str:
-    r = await conn.run(DIR + f'\ntail -n {lines} "$D/agent.log" 2>/dev/null', check=False)
+async def log_tail(conn: asyncssh.SSHClientConnection, fleet: str, lines: int = 15) -> str:
+    r = await conn.run(
+        dir_script(fleet) + f'\ntail -n {lines} "$D/agent.log" 2>/dev/null', check=False
+    )
     return str(r.stdout or "").strip()
 
 
@@ -324,7 +384,3 @@ async def put_file(conn: asyncssh.SSHClientConnection, local: Path, remote: str)
     async with conn.start_sftp_client() as sftp:
         await sftp.put(str(local), remote + ".part")
         await sftp.posix_rename(remote + ".part", remote)
-
-
-def facts_script() -> str:
-    return CHECK

@@ -4,6 +4,7 @@ hosts are brought in and out by the leader's fleet controller (``meshgpu/control
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,12 @@ class Fleets:
             # Sealed to the CA's public key: only the voters (holders of the CA key) open it.
             keys.setdefault(kid, seal(key.encode(), ca).hex())
             part["identity_file"] = kid
+        # The env values are sealed like the keys (they often hold tokens); the spec keeps the
+        # names (null values, as in a file's bare ``- NAME``).
+        env = {str(k): str(v) for k, v in (spec.get("env") or {}).items() if v is not None}
+        env_sealed = seal(json.dumps(env).encode(), ca).hex() if env else ""
+        if spec.get("env"):
+            spec["env"] = dict.fromkeys(spec["env"])
         hostnames = [h.hostname for h in config.ssh_config.hosts]
         for other in self.cluster.fleets.fleets.values():
             if other.name == config.name:
@@ -100,7 +107,12 @@ class Fleets:
                     "host_in_use",
                 )
         cmd = ApplyFleet(
-            at=time.time(), name=config.name, spec=spec, keys=keys, hostnames=hostnames
+            at=time.time(),
+            name=config.name,
+            spec=spec,
+            keys=keys,
+            hostnames=hostnames,
+            env_sealed=env_sealed,
         )
         result = await self.proposer.propose(encode_cluster(cmd))
         if not result.ok:

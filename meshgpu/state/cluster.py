@@ -105,6 +105,15 @@ class NodeUnreachable(_Cmd):
     node_id: str
 
 
+class ForgetNode(_Cmd):
+    """A host taken out of the mesh for good (an SSH fleet's host deleted): its unfinished jobs
+    end as unreachable and its node record goes (``meshgpu nodes`` no longer lists it). A host
+    that only died keeps its record (``NodeUnreachable``)."""
+
+    kind: Literal["forget_node"] = "forget_node"
+    node_id: str
+
+
 class SetNodeStatus(_Cmd):
     """The leader's view of a host between "heard from" and "dead": ``unreachable`` keeps new
     work off it (its jobs keep running), ``active`` brings it back."""
@@ -419,6 +428,9 @@ class ClusterState:
     def _on_set_node_status(self, c: SetNodeStatus) -> Result:
         return Result(True, c.node_id)  # handled by ``Replicated``
 
+    def _on_forget_node(self, c: ForgetNode) -> Result:
+        return Result(True, c.node_id)  # handled by ``Replicated``
+
     def _on_node_unreachable(self, c: NodeUnreachable) -> Result:
         # Handled by ``Replicated``, which owns the jobs state too.
         return Result(True, c.node_id)
@@ -507,6 +519,9 @@ class Replicated:
                 results.append(self.cluster.apply_cmd(cmd))
                 if isinstance(cmd, NodeUnreachable):
                     self._node_unreachable(cmd)
+                elif isinstance(cmd, ForgetNode):
+                    self._node_unreachable(NodeUnreachable(at=cmd.at, node_id=cmd.node_id))
+                    self.jobs.forget_node(cmd.node_id)
                 elif isinstance(cmd, SetNodeStatus):
                     node = self.jobs.nodes.get(cmd.node_id)
                     if node is not None and node.status in ("active", "unreachable"):

@@ -45,6 +45,9 @@ class ApplyFleet(_Cmd):
     spec: dict[str, Any]  # FleetConfiguration as JSON; identity files replaced by key ids
     keys: dict[str, str] = Field(default_factory=dict)  # key id -> sealed private key (hex)
     hostnames: list[str]
+    # The fleet's ``env`` values (JSON of name -> value), sealed like the keys; ``spec`` keeps
+    # only the names. Absent in entries written before it was sealed (their spec has the values).
+    env_sealed: str = Field(default="", exclude_if=lambda v: not v)
 
 
 class UpdateFleetHost(_Cmd):
@@ -185,6 +188,7 @@ class Fleet(BaseModel):
     name: str
     spec: dict[str, Any]
     keys: dict[str, str] = Field(default_factory=dict)
+    env_sealed: str = ""  # sealed JSON of the env values (ApplyFleet.env_sealed)
     hosts: dict[str, FleetHost] = Field(default_factory=dict)
     instances: dict[str, FleetInstance] = Field(default_factory=dict, exclude_if=lambda v: not v)
     created_at: float = 0.0
@@ -295,6 +299,7 @@ class Fleets:
         if f is None:
             f = self.fleets[c.name] = Fleet(name=c.name, spec=c.spec, created_at=c.at)
         f.spec, f.keys, f.updated_at, f.deleting = c.spec, dict(c.keys), c.at, False
+        f.env_sealed = c.env_sealed
         wanted = list(dict.fromkeys(c.hostnames))
         for h in wanted:
             host = f.hosts.get(h)

@@ -262,6 +262,15 @@ class StateMachine:
         self._node_changed(node_id)
         self.demand_version += 1
 
+    def forget_node(self, node_id: str) -> None:
+        """Drop a node's record (a host taken out of the mesh for good, once its jobs ended:
+        ``cluster.ForgetNode``). Finished jobs keep the node id they ran on."""
+        if self.nodes.pop(node_id, None) is None:
+            return
+        self.held.pop(node_id, None)
+        self._node_changed(node_id)  # the scheduler's host index drops it
+        self.demand_version += 1
+
     def _node_changed(self, node_id: str) -> None:
         """Note a change to a node's record, status or holdings, or to how the scheduler weighs
         what it holds (every handler that makes one must call this, or readers of the feed miss

@@ -32,6 +32,7 @@ placement: cluster
 env:
   MESHGPU_FAKE_GPUS: 1xH100:80GB
   FLEET_MARK: hello-from-the-fleet
+  FLEET_SECRET: {secret}
 ssh_config:
   user: root
   identity_file: {key}
@@ -54,8 +55,13 @@ resources:
 """
 
 
+SECRET = "sealed-env-value-7f3a9c"
+
+
 def fleet_file(path: Path, key: Path, hosts: list[str]) -> Path:
-    path.write_text(FLEET.format(key=key, hosts="\n".join(f"    - {h}" for h in hosts)))
+    path.write_text(
+        FLEET.format(key=key, secret=SECRET, hosts="\n".join(f"    - {h}" for h in hosts))
+    )
     return path
 
 
@@ -125,12 +131,17 @@ def test_ssh_fleet_end_to_end(world: dict, tmp_path: Path) -> None:  # type: ign
         assert nodes[name]["labels"]["instance"] == inst
     roles = {n["name"]: n["role"] for n in nodes.values()}
     assert {roles["gpus-0"], roles["gpus-1"]} <= {"learner", "voter"}
-    # the key is sealed: no plaintext of it in any member's log or snapshot
-    secret = world["good"].read_text().splitlines()[1]
-    for a in agents:
-        for p in (a.data).rglob("*"):
+    # the key and the env values are sealed: no plaintext of them in any member's Raft log or
+    # snapshot (the members', and the fleet hosts' own replicas)
+    key_line = world["good"].read_text().splitlines()[1]
+    data_dirs = [a.data for a in agents] + [b.install_dir / "gpus" / "data" for b in bare[:2]]
+    for d in data_dirs:
+        assert d.is_dir(), d
+        for p in d.rglob("*"):
             if p.is_file() and p.stat().st_size < 64 << 20:
-                assert secret.encode() not in p.read_bytes(), p
+                body = p.read_bytes()
+                assert key_line.encode() not in body, p
+                assert SECRET.encode() not in body, p
     r = member.cli("nodes", env=cli_env)
     rows = [line for line in r.stdout.splitlines() if line.startswith("gpus-")]
     assert len(rows) == 2 and all("fleet=gpus" in x for x in rows), r.stdout
@@ -138,6 +149,8 @@ def test_ssh_fleet_end_to_end(world: dict, tmp_path: Path) -> None:  # type: ign
     assert r.returncode == 0 and "gpus" in r.stdout and "2 active" in r.stdout, r.stdout
     for b in bare[:2]:
         assert any("meshgpu.pyz" in c for c in b.processes()), b.processes()
+        # each fleet has its own directory under the install dir
+        assert (b.install_dir / "gpus" / "meshgpu.pyz").is_file()
 
     # 2. A nodes: 2 task for the fleet runs on its two hosts (not on the members).
     proj = tmp_path / "proj"
@@ -149,7 +162,7 @@ def test_ssh_fleet_end_to_end(world: dict, tmp_path: Path) -> None:  # type: ign
     run = wait_for(lambda: (x := c.run("pair")) and x["status"] == "done" and x, timeout=120)
     assert sorted(j["node"] for j in run["jobs"]) == ["gpus-0", "gpus-1"], run
     out = b"".join(c.logs("pair", job=0)).decode()
-    assert "mark=hello-from-the-fleet" in out, out  # the fleet's env reaches its jobs
+    assert "mark=hello-from-the-fleet" in out, out  # the fleet's env reaches its jobs (unsealed)
 
     # 3. Re-apply with an unreachable host and a host that refuses the key: only those are
     # bootstrapped (and fail, with a reason), the others stay active.
@@ -157,6 +170,7 @@ def test_ssh_fleet_end_to_end(world: dict, tmp_path: Path) -> None:  # type: ign
     f.write_text(
         FLEET.format(
             key=world["good"],
+            secret=SECRET,
             hosts="\n".join(
                 [
                     f"    - {h3}",
@@ -183,7 +197,7 @@ def test_ssh_fleet_end_to_end(world: dict, tmp_path: Path) -> None:  # type: ign
 
     # 3b. Re-apply without the failed hosts: they go (never reached: nothing to clean up on
     # them), the active ones are untouched.
-    f.write_text(FLEET.format(key=world["good"], hosts=f"    - {h3}\n    - {h4}"))
+    f.write_text(FLEET.format(key=world["good"], secret=SECRET, hosts=f"    - {h3}\n    - {h4}"))
     r = member.cli("apply", "-f", str(f), "-y", "-d", env=cli_env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     wait_for(lambda: set(_states(member)) == {h3, h4}, timeout=60)
@@ -205,6 +219,9 @@ def test_ssh_fleet_end_to_end(world: dict, tmp_path: Path) -> None:  # type: ign
     assert c.run("long")["status"] in ("terminated", "failed", "done"), c.run("long")
     assert not any("meshgpu" in c for c in bare[1].processes()), bare[1].processes()
     assert not bare[1].install_dir.exists()
+    # the deleted host left the node list (its member and its record); the other stays
+    names = [n["name"] for n in c.nodes()]
+    assert "gpus-1" not in names and "gpus-0" in names, names
     r = member.cli("fleet", "delete", "gpus", "-y", env=cli_env)
     assert r.returncode == 0, r.stdout + r.stderr
     wait_for(lambda: member.client()._request("GET", "/api/v1/fleets").json() == [], timeout=90)  # noqa: SLF001
@@ -213,3 +230,7 @@ def test_ssh_fleet_end_to_end(world: dict, tmp_path: Path) -> None:  # type: ign
         assert not b.install_dir.exists()
     st = member.client().status()
     assert len(st["voters"]) + len(st["learners"]) == 2, st
+    names = [n["name"] for n in member.client().nodes()]
+    assert not [n for n in names if n.startswith("gpus-")], names
+    r = member.cli("nodes", env=cli_env)
+    assert "gpus-" not in r.stdout, r.stdout

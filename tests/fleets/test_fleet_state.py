@@ -200,3 +200,40 @@ def test_backend_fleet_instances_and_backends_in_the_state() -> None:
     snap = c.snapshot_doc()
     assert "instances" not in next(f for f in snap["fleets"] if f["name"] == "gpus")
     assert "backends" not in snap
+
+
+def test_env_sealed_is_left_out_when_unset() -> None:
+    """An ApplyFleet without sealed env encodes as before it existed, and old entries (no
+    env_sealed, the values in the spec) still decode."""
+    cmd = ApplyFleet(at=1, name="gpus", spec={"env": {"A": "1"}}, hostnames=["a"])
+    data = encode_cluster(cmd)
+    assert b"env_sealed" not in data
+    assert decode(data).env_sealed == ""
+    sealed = cmd.model_copy(update={"env_sealed": "ab"})
+    assert decode(encode_cluster(sealed)).env_sealed == "ab"
+
+
+def test_forget_node_ends_its_jobs_and_drops_the_record() -> None:
+    """ForgetNode (a fleet host deleted): the node's record goes from the state and from
+    snapshots; a second ForgetNode, or one for an unknown node, changes nothing."""
+    from meshgpu.state.cluster import ForgetNode, Replicated
+    from meshgpu.state.codec import encode
+    from meshgpu.state.commands import RegisterNode
+
+    rep = Replicated()
+    i = 0
+
+    def apply(data: bytes) -> None:
+        nonlocal i
+        i += 1
+        assert rep.apply([(i, data)])[0].ok
+
+    for node_id in ("n1", "n2"):
+        apply(encode(RegisterNode(at=1, node_id=node_id, name=node_id)))
+    apply(encode_cluster(ForgetNode(at=2, node_id="n1")))
+    assert set(rep.jobs.nodes) == {"n2"}
+    apply(encode_cluster(ForgetNode(at=3, node_id="n1")))
+    apply(encode_cluster(ForgetNode(at=3, node_id="nope")))
+    other = Replicated()
+    other.restore(rep.snapshot())
+    assert set(other.jobs.nodes) == {"n2"}
