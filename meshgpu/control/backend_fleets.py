@@ -567,6 +567,7 @@ class BackendFleetController:
             user_data=user_data(
                 args,
                 env,
+                fleet=f.name,
                 agent_url=url,
                 download=Download(
                     urls=tuple(

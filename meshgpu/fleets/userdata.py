@@ -75,6 +75,7 @@ def user_data(
     agent_args: list[str],
     env: dict[str, str],
     *,
+    fleet: str,
     agent_path: str = "",
     agent_url: str = "",
     download: Download | None = None,
@@ -92,7 +93,7 @@ def user_data(
         fetch = "python3 - \"$D/meshgpu.pyz.part\" <<'MESHGPU_FETCH'\n" + code + "MESHGPU_FETCH"
     else:
         fetch = _fetch_file(agent_path, agent_url)
-    return _script(agent_args, env, fetch)
+    return _script(fleet, agent_args, env, fetch)
 
 
 def _fetch_file(agent_path: str, agent_url: str) -> str:
@@ -109,15 +110,16 @@ def _fetch_file(agent_path: str, agent_url: str) -> str:
     )
 
 
-def _script(agent_args: list[str], env: dict[str, str], fetch: str) -> str:
-    with_systemd = install_script("$D", agent_args, env, systemd=True, restart=False)
-    without = install_script("$D", agent_args, env, systemd=False, restart=False)
+def _script(fleet: str, agent_args: list[str], env: dict[str, str], fetch: str) -> str:
+    # The fleet's own unit and directory, as on an SSH fleet host (``ssh.install_script``).
+    with_systemd = install_script(fleet, "$D", agent_args, env, systemd=True, restart=False)
+    without = install_script(fleet, "$D", agent_args, env, systemd=False, restart=False)
     with_systemd, without = _unquote_home(with_systemd), _unquote_home(without)
     script = f"""#!/bin/sh
 # meshgpu instance bootstrap (user data): fetch the agent file, start the agent with a
 # single-use join token. Written by the fleet controller of the mesh that created this instance.
 set -e
-D="${{MESHGPU_HOME:-{DEFAULT_HOME}}}"
+D="${{MESHGPU_HOME:-{DEFAULT_HOME}}}"/{shlex.quote(fleet)}
 mkdir -p "$D" && chmod 700 "$D"
 if [ ! -f "$D/meshgpu.pyz" ]; then
   {fetch}
