@@ -99,3 +99,41 @@ async def test_names_and_reasons_are_escaped(tmp_path: Path) -> None:
         assert "unhealthy: XID 79" in nodes and nodes.count(">healthy<") == 7
         runs = (await c.get("/ui/fragments/runs")).text
         assert "xss" in runs and "<td>" in runs
+
+
+async def test_the_console_shows_and_does_only_what_the_api_allows(tmp_path: Path) -> None:
+    """Signed in with bob's token, the console is the API for bob: alice's run (project a)
+    is not in the runs list nor the cluster page, its page, fragment, log events and history
+    are "no such run", and its Stop is refused as the API would (404), while his own run shows
+    and stops."""
+    from tests.api.test_access import _setup, _submit, as_user
+
+    agent = StubAgent(world(host("n1", 8)), tmp_path)
+    tokens = await _setup(agent)
+    async with (
+        as_user(agent, tokens["alice"], "a") as alice,
+        as_user(agent, tokens["bob"], "b") as bob,
+    ):
+        assert (await _submit(alice, "alice-run")).status_code == 201
+        assert (await _submit(bob, "bob-run")).status_code == 201
+    async with _client(agent) as c:
+        c.cookies.set(COOKIE, tokens["bob"])
+        runs = (await c.get("/ui/runs")).text
+        assert "bob-run" in runs and "alice-run" not in runs
+        assert "alice-run" not in (await c.get("/ui/fragments/runs")).text
+        assert "alice-run" not in (await c.get("/ui/cluster")).text
+        page = await c.get("/ui/runs/alice-run")
+        assert "No run alice-run" in page.text and "chart-gpu" not in page.text
+        assert "No run" in (await c.get("/ui/fragments/runs/alice-run")).text
+        assert (await c.get("/ui/runs/alice-run/events")).status_code == 404
+        assert (await c.get("/ui/api/runs/alice-run/history")).status_code == 404
+        stop = await c.post("/ui/runs/alice-run/stop", headers=CSRF)
+        assert stop.status_code == 404
+        assert not agent.state.runs["alice-run"].status.is_finished()
+        assert agent.state.runs["alice-run"].termination_reason is None
+        assert "chart-gpu" in (await c.get("/ui/runs/bob-run")).text
+        assert (await c.post("/ui/runs/bob-run/stop", headers=CSRF)).status_code == 200
+        # the founding admin sees every project's runs
+        c.cookies.set(COOKIE, TOKEN)
+        runs = (await c.get("/ui/fragments/runs")).text
+        assert "alice-run" in runs and "bob-run" in runs
