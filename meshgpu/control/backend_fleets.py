@@ -5,7 +5,13 @@ between ``nodes.min`` and ``nodes.max`` instances bought from its backends
 * **grow**: a waiting job no active host could run (``fits_no_host``) and that the fleet may
   serve gets an instance: the cheapest offer meeting the job's resources and the fleet's
   filters (``spot_policy``, ``max_price``, ``regions``, ``instance_types``, ``backends``); the
-  fleet keeps ``nodes.min`` the same way. Its why-pending says "provisioning on fleet X".
+  fleet keeps ``nodes.min`` the same way, and buys ``nodes.target`` at first
+  (``Fleet.target_left``). Its why-pending says "provisioning on fleet X". A job is served by
+  one fleet only; a multi-node gang that keeps to one cluster grows one ``placement: cluster``
+  fleet by all the instances it lacks, or none (``_gang_wants``).
+* **cluster** (``placement: cluster``, more than one node): instances labelled
+  ``cluster=<fleet>``, bought only from backends with ``cluster_placement``, into the fleet's
+  placement group, pinned to the first instance's backend, region and zone (``_pinned``).
 * **create** (state ``pending``): the record is in Raft *before* the cloud call, the instance
   tagged with the cluster id and the record's id; before every call the backend is asked
   (``list``) whether an instance with that tag exists -- a leader that died during the call

@@ -113,8 +113,8 @@ class InstanceRef:
     region: str = ""
     address: str = ""
     state: str = ""  # the cloud's word (running, pending, terminated ...)
-    zone: str = ""  # the availability zone it runs in, where the cloud says
     tags: dict[str, str] = field(default_factory=dict)
+    zone: str = ""  # the availability zone it runs in, where the cloud says
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -363,11 +363,14 @@ CORPUS_CLUSTER_FLEETS = {
 
 
 def test_the_corpus_cluster_fleets_depend_on_the_backends_at_apply() -> None:
-    with_aws = MeshCapabilities(container_runtime=True, backends=(("aws", "aws", True),))
-    got = _corpus_refusals(with_aws)
+    # the backends they name (gcp, crusoe, kubernetes, nebius), configured under those names:
+    # with plugins that place instances together, and with plugins that cannot
+    named = ("crusoe", "gcp", "kubernetes", "nebius")
+    can = MeshCapabilities(container_runtime=True, backends=tuple((n, n, True) for n in named))
+    got = _corpus_refusals(can)
     assert set(got) == set(CORPUS_REFUSED) | CORPUS_NAMED_VOLUMES
-    without = MeshCapabilities(container_runtime=True, backends=(("gpuco", "gpuco", False),))
-    got = _corpus_refusals(without)
+    cannot = MeshCapabilities(container_runtime=True, backends=tuple((n, n, False) for n in named))
+    got = _corpus_refusals(cannot)
     assert set(got) == set(CORPUS_REFUSED) | CORPUS_NAMED_VOLUMES | CORPUS_CLUSTER_FLEETS
     for name in CORPUS_CLUSTER_FLEETS:
         assert got[name] == {"placement"}

@@ -167,10 +167,14 @@ async def test_target_at_first_then_down_to_min_and_not_bought_again() -> None:
     assert "target_left" not in next(x for x in doc["fleets"] if x["name"] == "cloud")
     # applied again with a new target: bought up to it
     spec2 = {**spec, "nodes": {"min": 1, "target": 2, "max": 4}}
-    assert rep.apply([(200, encode_cluster(ApplyFleet(at=3, name="cloud", spec=spec2, hostnames=[])))])[0].ok
+    assert rep.apply(
+        [(200, encode_cluster(ApplyFleet(at=3, name="cloud", spec=spec2, hostnames=[])))]
+    )[0].ok
     assert f.target_left == 1 and len(ctl._wants(f)) == 1
     # the same file applied again changes nothing
-    assert rep.apply([(201, encode_cluster(ApplyFleet(at=4, name="cloud", spec=spec2, hostnames=[])))])[0].ok
+    assert rep.apply(
+        [(201, encode_cluster(ApplyFleet(at=4, name="cloud", spec=spec2, hostnames=[])))]
+    )[0].ok
     assert f.target_left == 1
 
 
@@ -214,7 +218,9 @@ async def test_a_cluster_fleet_places_its_instances_together() -> None:
 
 async def test_a_fleet_of_one_makes_no_placement_group() -> None:
     b = FakeBackend("fake")
-    rep, ctl, _ = _world({"one": {"nodes": {"min": 1, "target": 1, "max": 1}, "placement": "cluster"}}, {"fake": b})
+    rep, ctl, _ = _world(
+        {"one": {"nodes": {"min": 1, "target": 1, "max": 1}, "placement": "cluster"}}, {"fake": b}
+    )
     await _grow_all(ctl, "one")
     ((_, boot),) = b.created
     assert boot.placement_group == "" and "cluster=one" in boot.user_data
