@@ -59,6 +59,9 @@ class MeshCapabilities:
     container_runtime: bool = False  # some member runs image jobs (docker/podman)
     # Some member (or a backend) provides named network volumes: none does yet.
     network_volumes: bool = False
+    # The mesh's configured backends (for a backend fleet applied to it): (name, type, whether
+    # it places instances together: ``Backend.cluster_placement``); None: not known (offline).
+    backends: tuple[tuple[str, str, bool], ...] | None = None
 
     @classmethod
     def from_nodes(cls, nodes: Iterable[Any]) -> MeshCapabilities:
@@ -544,15 +547,21 @@ def _for_backend_fleets(field: str) -> str:
     )
 
 
-def _cluster_of_many(value: Any, config: Any, caps: Any) -> bool:
-    if value != "cluster":
+def _cluster_without_backend(value: Any, config: Any, caps: Any) -> bool:
+    """``placement: cluster`` with more than one node on a mesh none of whose backends that the
+    fleet may use places instances together (known at apply only: offline, never)."""
+    if value != "cluster" or caps is None or caps.backends is None:
         return False
     hi = config.nodes.max if config.nodes is not None else None
-    return hi is None or hi > 1
-
-
-def _target_not_min(value: Any, config: Any, caps: Any) -> bool:
-    return value is not None and value != config.nodes.min
+    if hi is not None and hi <= 1:
+        return False
+    allowed = set(config.backends or ())
+    usable = [
+        can
+        for name, type_, can in caps.backends
+        if not allowed or name in allowed or type_ in allowed
+    ]
+    return bool(usable) and not any(usable)  # none at all: apply says "add a backend"
 
 
 def _not_x86(value: Any, config: Any, caps: Any) -> bool:
@@ -655,24 +664,24 @@ def _fleet_entries(kind: str) -> dict[str, Entry]:
         return e
     # --- backend fleets
     e["placement"] = Refused(
-        "placement: cluster with more than one node needs instances placed together (a cloud "
-        "placement group); backend fleets do not make placement groups yet: use nodes: 1 (or "
-        "0..1), or an SSH fleet of hosts you placed together",
-        _cluster_of_many,
-        f"{_BF} (BackendFleetController._bootstrap: the cluster label)",
+        "placement: cluster with more than one node needs instances placed together, and none "
+        "of this fleet's backends can (their plugins lack cluster_placement; aws and local "
+        "have it): add such a backend (meshgpu backend add ...) and list it in backends:, "
+        "or use nodes: 1",
+        _cluster_without_backend,
+        f"{_BF} (BackendFleetController._bootstrap: the cluster label on every instance; "
+        "placement_group and _pinned: one placement group and zone from backends with "
+        "cluster_placement; _gang_wants: a multi-node gang grows one fleet; plugins/aws: EC2 "
+        f"cluster placement group; {_BF_TEST}, tests/fleets/test_backend_fleet_growth.py)",
     )
     e["nodes"] = Honoured(f"{_BF} (nodes_range: keeps nodes.min, grows to nodes.max; {_BF_TEST})")
     e["nodes.min"] = Honoured(f"{_BF} (BackendFleetController._wants)")
     e["nodes.max"] = Honoured(
         f"{_BF} (BackendFleetController._wants; AddFleetInstance.max_instances)"
     )
-    e["nodes.target"] = Refused(
-        lambda v: (
-            f"nodes.target {v}: the controller keeps nodes.min instances and buys more only for "
-            "waiting runs; a target above min is not kept: set min to it instead"
-        ),
-        _target_not_min,
-        f"{_BF}: equal to min",
+    e["nodes.target"] = Honoured(
+        f"{_BF} (BackendFleetController._wants: target instances at first, Fleet.target_left; "
+        "idle ones then go down to nodes.min; tests/fleets/test_backend_fleet_growth.py)"
     )
     e["resources"] = Honoured(_BF_REQ)
     for key in ("cpu", "cpu.count", "memory", "gpu", "gpu.name", "gpu.count", "gpu.memory"):
@@ -837,12 +846,16 @@ def _check(
 
 
 def check_fleet(
-    config: FleetConfiguration, positions: Positions | None, file: str | None = None
+    config: FleetConfiguration,
+    positions: Positions | None,
+    file: str | None = None,
+    caps: MeshCapabilities | None = None,
 ) -> list[ConfigIssue]:
     """``check_support`` for a fleet: ``SSH_FLEET_FIELDS`` or ``BACKEND_FLEET_FIELDS`` (what a
-    fleet may ask does not depend on the mesh's members: checked offline and at apply alike)."""
+    fleet may ask does not depend on the mesh's members; only ``placement: cluster`` depends on
+    the mesh's backends, ``caps.backends``, known at apply)."""
     table = SSH_FLEET_FIELDS if config.is_ssh() else BACKEND_FLEET_FIELDS
-    return _check(config, table, positions, None, file)
+    return _check(config, table, positions, caps, file)
 
 
 def check_config(
@@ -851,7 +864,7 @@ def check_config(
     """``check_support`` for run configurations, ``check_fleet`` for fleets; other kinds
     (volumes, gateways) are refused whole by the API that would take them."""
     if isinstance(config, FleetConfiguration):
-        return check_fleet(config, positions)
+        return check_fleet(config, positions, caps=caps)
     if not isinstance(config, BaseRunConfiguration):
         return []
     return check_support(config, positions, caps)

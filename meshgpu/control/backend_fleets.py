@@ -5,7 +5,13 @@ between ``nodes.min`` and ``nodes.max`` instances bought from its backends
 * **grow**: a waiting job no active host could run (``fits_no_host``) and that the fleet may
   serve gets an instance: the cheapest offer meeting the job's resources and the fleet's
   filters (``spot_policy``, ``max_price``, ``regions``, ``instance_types``, ``backends``); the
-  fleet keeps ``nodes.min`` the same way. Its why-pending says "provisioning on fleet X".
+  fleet keeps ``nodes.min`` the same way, and buys ``nodes.target`` at first
+  (``Fleet.target_left``). Its why-pending says "provisioning on fleet X". A job is served by
+  one fleet only; a multi-node gang that keeps to one cluster grows one ``placement: cluster``
+  fleet by all the instances it lacks, or none (``_gang_wants``).
+* **cluster** (``placement: cluster``, more than one node): instances labelled
+  ``cluster=<fleet>``, bought only from backends with ``cluster_placement``, into the fleet's
+  placement group, pinned to the first instance's backend, region and zone (``_pinned``).
 * **create** (state ``pending``): the record is in Raft *before* the cloud call, the instance
   tagged with the cluster id and the record's id; before every call the backend is asked
   (``list``) whether an instance with that tag exists -- a leader that died during the call
@@ -24,6 +30,7 @@ from __future__ import annotations
 import logging
 import secrets as _secrets
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +59,12 @@ from meshgpu.fleets.backends import (
 from meshgpu.state.cluster import NodeUnreachable, RemoveMember, SetNodeStatus, encode_cluster
 from meshgpu.state.codec import encode
 from meshgpu.state.commands import SetPendingReasons, StopRun
-from meshgpu.state.fleets import AddFleetInstance, ForgetFleetInstance, UpdateFleetInstance
+from meshgpu.state.fleets import (
+    TARGET_REASON,
+    AddFleetInstance,
+    ForgetFleetInstance,
+    UpdateFleetInstance,
+)
 
 if TYPE_CHECKING:
     from meshgpu.replica.proposer import Proposer
@@ -82,6 +94,13 @@ def is_backend_fleet(f: Fleet) -> bool:
 def nodes_range(spec: dict[str, Any]) -> tuple[int, int | None]:
     n = spec.get("nodes") or {}
     return int(n.get("min") or 0), (None if n.get("max") is None else int(n["max"]))
+
+
+def cluster_of_many(spec: dict[str, Any]) -> bool:
+    """``placement: cluster`` on a fleet that may have more than one instance: its instances
+    are bought from backends that place them together (``Backend.cluster_placement``)."""
+    _, hi = nodes_range(spec)
+    return spec.get("placement") == "cluster" and (hi is None or hi > 1)
 
 
 def idle_s(spec: dict[str, Any]) -> float | None:
@@ -161,6 +180,8 @@ class BackendFleetController:
         self.clock, self.interval_s, self.loader = clock, interval_s, loader
         self.busy: set[str] = set()  # instance ids with a step in flight
         self.growing: set[str] = set()  # fleets with an offer search in flight
+        self.claimed: dict[str, str] = {}  # job id -> the fleet whose offer search has it
+        self.gang_notes: dict[str, str] = {}  # why-pending of gangs no fleet can hold
         self.backends: dict[str, tuple[str, Backend]] = {}
         self.reconciled: set[str] = set()
         self.reconcile_at: dict[str, float] = {}
@@ -204,7 +225,11 @@ class BackendFleetController:
                 wants = self._wants(f)
                 if wants:
                     self.growing.add(f.name)
+                    self.claimed.update({w[0]: f.name for w in wants if w[0]})
                     nursery.start_soon(self._guard_grow, f.name, wants)
+        if self.gang_notes:
+            notes, self.gang_notes = self.gang_notes, {}
+            nursery.start_soon(self._guard_reasons, notes)
             for inst in list(f.instances.values()):
                 if inst.instance_id in self.busy:
                     continue
@@ -280,22 +305,40 @@ class BackendFleetController:
 
     # -- growing -----------------------------------------------------------------------------
 
+    def _served(self) -> dict[str, str]:
+        """Waiting jobs an instance is already being bought for (in any fleet: a job is served
+        by one fleet only), or that a fleet's offer search has claimed: job id -> fleet."""
+        from meshgpu.state.records import JobStatus
+
+        out = dict(self.claimed)
+        for f in self.fleets():
+            for i in f.instances.values():
+                if not i.for_job or i.state == "terminating":
+                    continue
+                j = self.state.jobs.get(i.for_job)
+                # joined but its job not placed yet (a gang waits for all its hosts): still its
+                if i.state in ("pending", "provisioning") or (
+                    j is not None and j.status == JobStatus.SUBMITTED and not j.node_id
+                ):
+                    out[i.for_job] = f.name
+        return out
+
     def _wants(self, f: Fleet) -> list[tuple[str, dict[str, Any] | None, Any]]:
-        """(for_job, resources, placement) of each instance to buy now ("" = nodes.min)."""
+        """(for_job, resources, placement) of each instance to buy now ("" = the floor:
+        ``nodes.target`` at first, ``nodes.min`` always)."""
         from meshgpu.scheduler.offer import fits_no_host
         from meshgpu.state.records import JobStatus
 
         lo, hi = nodes_range(f.spec)
         alive = [i for i in f.instances.values() if i.state != "terminating"]
         out: list[tuple[str, dict[str, Any] | None, Any]] = []
-        for _ in range(max(0, lo - len(alive))):
+        for _ in range(max(0, lo - len(alive), f.target_left)):
             out.append(("", None, None))
         room = (hi - len(alive) - len(out)) if hi is not None else 1 << 30
-        serving = {i.for_job for i in alive if i.for_job and i.state in ("pending", "provisioning")}
+        served = self._served()
+        gangs: dict[tuple[str, int], list[Any]] = {}
         for j in self.state.jobs.values():
-            if room <= 0:
-                break
-            if j.status != JobStatus.SUBMITTED or j.node_id or j.job_id in serving:
+            if j.status != JobStatus.SUBMITTED or j.node_id:
                 continue
             if j.not_before and j.not_before > self.clock.wall():
                 continue
@@ -305,11 +348,71 @@ class BackendFleetController:
             placement = run.spec.placement
             if placement.fleets is not None and f.name not in placement.fleets:
                 continue
+            if placement.cluster and self._gang_size(j) > 1:
+                gangs.setdefault((j.run_name, j.replica_num), []).append(j)
+                continue
+            if room <= 0 or j.job_id in served:
+                continue
             if not fits_no_host(self.state, j.resources, spec=run.spec):
                 continue
             out.append((j.job_id, j.resources, placement))
             room -= 1
+        for jobs in gangs.values():
+            got = self._gang_wants(f, jobs, served, room)
+            out += got
+            room -= len(got)
         return out
+
+    def _gang_size(self, job: Any) -> int:
+        return sum(
+            1
+            for j in self.state.jobs.values()
+            if j.run_name == job.run_name
+            and j.replica_num == job.replica_num
+            and j.submission_num == job.submission_num
+            and not j.status.is_finished()
+        )
+
+    def _gang_wants(
+        self, f: Fleet, jobs: list[Any], served: dict[str, str], room: int
+    ) -> list[tuple[str, dict[str, Any] | None, Any]]:
+        """A multi-node gang that keeps to one cluster (``placement: cluster``, the default for
+        multi-node runs) grows one cluster fleet by as many instances as its waiting jobs lack
+        -- all of them in this fleet, or none (a gang never spreads over fleets)."""
+        from meshgpu.scheduler.offer import fits_no_host
+
+        if not cluster_of_many(f.spec):
+            return []
+        if any(served.get(j.job_id, f.name) != f.name for j in jobs):
+            return []  # another fleet is buying for this gang
+        run = self.state.runs[jobs[0].run_name]
+        n = self._gang_size(jobs[0])
+        if not fits_no_host(self.state, jobs[0].resources, spec=run.spec, nodes=n) and not any(
+            j.why_pending for j in jobs
+        ):
+            return []  # hosts might take it: let the scheduler try first
+        placement = run.spec.placement
+        req = requirements(f.spec, jobs[0].resources, placement)
+        # the fleet's idle instances bought for no waiting job (nodes.min, a finished run's)
+        idle = sum(
+            1
+            for i in f.instances.values()
+            if i.state == "idle"
+            and i.for_job not in served
+            and filter_offers([Offer.from_dict(i.offer)], replace(req, max_price=None))
+        )
+        unserved = [j for j in jobs if j.job_id not in served]
+        buy = len(unserved) - idle
+        if buy <= 0:
+            return []
+        if buy > room:
+            why = (
+                f"fleet {f.name}: the {n}-node gang needs {buy} more instance(s) in one cluster, "
+                f"and nodes.max leaves room for {max(0, room)}"
+            )
+            self.gang_notes.update({j.job_id: why for j in jobs})
+            return []
+        return [(j.job_id, j.resources, placement) for j in unserved[:buy]]
 
     async def _guard_grow(self, fleet: str, wants: list[Any]) -> None:
         try:
@@ -321,6 +424,14 @@ class BackendFleetController:
             self.grow_at[fleet] = self.clock.wall() + backoff_s(3)
         finally:
             self.growing.discard(fleet)
+            for job_id in [j for j, name in self.claimed.items() if name == fleet]:
+                del self.claimed[job_id]
+
+    async def _guard_reasons(self, notes: dict[str, str]) -> None:
+        try:
+            await self._reasons(notes)
+        except (NotLeader, Timeout, ProposalDropped, StorageFull) as e:
+            log.info("backend fleets: reasons deferred (%s)", e)
 
     def _fleet_backends(self, f: Fleet) -> list[str]:
         allowed = f.spec.get("backends")
@@ -339,10 +450,34 @@ class BackendFleetController:
         for name in self._fleet_backends(f):
             try:
                 b = self.backend(name)
+                if cluster_of_many(f.spec) and not getattr(b, "cluster_placement", False):
+                    failed.append(f"{name}: cannot place instances together (placement: cluster)")
+                    continue
                 offers += await self._cloud(f"{name}: offers", b.offers, req)
             except BackendError as e:
                 failed.append(f"{name}: {e}")
-        return filter_offers(offers, req), failed
+        return self._pinned(f, filter_offers(offers, req), ""), failed
+
+    def _pinned(self, f: Fleet, offers: list[Offer], iid: str) -> list[Offer]:
+        """A cluster fleet's offers where its other instances are: the same backend, region
+        and zone (the first instance's zone, kept for the fleet), the zone written into them."""
+        if not cluster_of_many(f.spec):
+            return offers
+        for i in sorted(f.instances.values(), key=lambda i: i.num):
+            if i.instance_id == iid or i.state == "terminating" or not i.offer:
+                continue
+            backend, region = i.backend, str(i.offer.get("region") or "")
+            zone = str(i.ref.get("zone") or "") or str(i.offer.get("zone") or "")
+            if i.state == "pending" and not zone:
+                continue  # not created yet: no zone to keep
+            return [
+                replace(o, zone=zone or o.zone)
+                for o in offers
+                if o.backend == backend
+                and o.region == region
+                and (not zone or not o.zone or o.zone == zone)
+            ]
+        return offers
 
     async def grow(self, fleet: str, wants: list[tuple[str, Any, Any]]) -> None:
         t0 = self.clock.now()
@@ -367,16 +502,18 @@ class BackendFleetController:
                 continue
             iid = "i" + _secrets.token_hex(6)
             first = offers[0]
+            floor = TARGET_REASON if f.target_left > 0 else "nodes.min"
             cmd = AddFleetInstance(
                 at=self.clock.wall(),
                 name=fleet,
                 instance_id=iid,
                 backend=first.backend,
                 offer=first.to_dict(),
-                reason=f"for job {job_id}" if job_id else "nodes.min",
+                reason=f"for job {job_id}" if job_id else floor,
                 for_job=job_id,
                 candidates=[o.to_dict() for o in offers[:MAX_CANDIDATES]],
                 max_instances=hi,
+                for_target=floor == TARGET_REASON and not job_id,
             )
             res = await self.proposer.propose(encode_cluster(cmd))
             if not res.ok:
@@ -429,7 +566,8 @@ class BackendFleetController:
         candidates = [Offer.from_dict(d) for d in (inst.candidates or [inst.offer])]
         start = next((k for k, o in enumerate(candidates) if o.to_dict() == inst.offer), 0)
         tried: list[str] = []
-        for offer in candidates[start:]:
+        # a cluster fleet: where its first instance went (it may have been created since)
+        for offer in self._pinned(f, candidates[start:], iid):
             try:
                 backend = self.backend(offer.backend)
                 # A previous attempt (this leader's timed-out call, or a dead leader's) may
@@ -580,7 +718,15 @@ class BackendFleetController:
                 ),
             ),
             tags=self._tags(f.name, inst.instance_id),
+            placement_group=self.placement_group(f),
         )
+
+    def placement_group(self, f: Fleet) -> str:
+        """The fleet's placement group (``placement: cluster`` with more than one node): one
+        name per cluster and fleet, within EC2's 255 characters."""
+        if not cluster_of_many(f.spec):
+            return ""
+        return f"meshgpu-{self.cluster.cluster_id}-{f.name}"[:255]
 
     # -- joining -----------------------------------------------------------------------------
 

@@ -16,6 +16,12 @@ controller calls them in a worker thread, with a deadline.
   tagged with ``bootstrap.tags``; a ``CapacityError`` makes the controller try the next offer.
 * ``terminate(ref)``: release it (idempotent: an instance already gone is fine).
 * ``list(tags)``: the instances carrying all of ``tags`` -- how a new leader reconciles.
+
+``cluster_placement`` (a class attribute of the backend, and of its factory for the API's check
+at ``apply``): the backend co-locates the instances of one ``Bootstrap.placement_group`` (a cloud
+placement group, one rack or network spine) -- what a backend fleet with ``placement: cluster``
+and more than one node needs. A backend without it is not used for such fleets, and applying one
+whose backends all lack it is refused (``config/support.py``).
 """
 
 from __future__ import annotations
@@ -108,6 +114,7 @@ class InstanceRef:
     address: str = ""
     state: str = ""  # the cloud's word (running, pending, terminated ...)
     tags: dict[str, str] = field(default_factory=dict)
+    zone: str = ""  # the availability zone it runs in, where the cloud says
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,10 +130,14 @@ class Bootstrap:
     name: str  # a readable instance name (``<fleet>-<num>``)
     user_data: str  # the cloud-init shell script
     tags: dict[str, str]
+    # ``placement: cluster``: the fleet's placement group (one name per cluster and fleet), made
+    # by the backend on first use; every instance of the fleet is created into it ("": none)
+    placement_group: str = ""
 
 
 class Backend(Protocol):
     name: str
+    cluster_placement: bool
 
     def check(self) -> None: ...
 
@@ -161,6 +172,19 @@ def load(type_: str, name: str, config: dict[str, Any], secrets: dict[str, Any])
         )
     factory = ep.load()
     return factory(name=name, config=dict(config), secrets=dict(secrets))  # type: ignore[no-any-return]
+
+
+def supports_cluster(type_: str) -> bool:
+    """Does the installed backend type ``type_`` co-locate a placement group's instances
+    (``cluster_placement`` on its factory)? False for an unknown type."""
+    ep = types().get(type_)
+    if ep is None:
+        return False
+    try:
+        factory = ep.load()
+    except Exception:  # noqa: BLE001 - a broken plugin cannot place anything
+        return False
+    return bool(getattr(factory, "cluster_placement", False))
 
 
 def filter_offers(offers: list[Offer], req: Requirements) -> list[Offer]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshgpu.config import ConfigError
 from meshgpu.config.infra import FleetConfiguration
+from meshgpu.config.support import MeshCapabilities
 from meshgpu.errors import Conflict, Invalid, NotFound
 from meshgpu.ops.configs import _invalid_config, parse_config_async
 from meshgpu.security import seal
@@ -48,9 +49,10 @@ class Fleets:
 
     async def apply(self, text: str, filename: str, identities: dict[str, str]) -> dict[str, Any]:
         try:
-            # caps None: what a fleet may ask does not depend on the members (support.py's
-            # fleet tables); a refused field is an issue at its line like a parse error
-            config = await parse_config_async(text, filename, caps=None)
+            # what a fleet may ask does not depend on the members (support.py's fleet tables),
+            # only placement: cluster on the backends; a refused field is an issue at its line
+            # like a parse error
+            config = await parse_config_async(text, filename, caps=self._caps())
         except ConfigError as e:
             raise _invalid_config(e) from None
         if not isinstance(config, FleetConfiguration):
@@ -118,6 +120,16 @@ class Fleets:
         if not result.ok:
             raise Invalid("fleet not applied", result.error, result.code or "invalid")
         return self.get(config.name)
+
+    def _caps(self) -> MeshCapabilities:
+        from meshgpu.fleets.backends import supports_cluster
+
+        return MeshCapabilities(
+            backends=tuple(
+                (name, cfg.type, supports_cluster(cfg.type))
+                for name, cfg in sorted(self.cluster.fleets.backends.items())
+            )
+        )
 
     async def _apply_backend_fleet(self, config: FleetConfiguration) -> dict[str, Any]:
         """A backend (cloud) fleet: its instances are bought by the leader's controller."""

@@ -96,6 +96,8 @@ class AddFleetInstance(_Cmd):
     for_job: str = ""  # the waiting job it is bought for ("" for nodes.min)
     candidates: list[dict[str, Any]] = Field(default_factory=list)  # offers to fall back on
     max_instances: int | None = None  # refused when the fleet already has this many
+    # bought for nodes.target (counts down Fleet.target_left)
+    for_target: bool = Field(default=False, exclude_if=lambda v: not v)
 
 
 class UpdateFleetInstance(_Cmd):
@@ -140,6 +142,14 @@ class DeleteFleet(_Cmd):
     hosts: list[str] = Field(default_factory=list)
 
 
+TARGET_REASON = "nodes.target"  # AddFleetInstance.reason of an instance bought for nodes.target
+
+
+def _target(spec: dict[str, Any]) -> int | None:
+    n = spec.get("nodes") or {}
+    return None if n.get("target") is None else int(n["target"])
+
+
 class FleetHost(BaseModel):
     hostname: str
     num: int  # the instance number, stable for the host's life in the fleet (label instance=N)
@@ -160,6 +170,7 @@ class FleetInstance(BaseModel):
     backend: str
     offer: dict[str, Any]  # the Offer taken (type, region, price, spot, gpus ...)
     for_job: str = ""
+    for_target: bool = Field(default=False, exclude_if=lambda v: not v)  # AddFleetInstance's
     candidates: list[dict[str, Any]] = Field(default_factory=list)
     state: InstanceState = "pending"
     reason: str = ""
@@ -195,6 +206,10 @@ class Fleet(BaseModel):
     updated_at: float = 0.0
     deleting: bool = False
     next_num: int = 0
+    # A backend fleet's ``nodes.target``: instances still to buy to reach it (set when the fleet
+    # is applied with a new target; each instance added for it counts down, one that never got
+    # created counts back up). Only the first provisioning: idle ones then go down to nodes.min.
+    target_left: int = Field(default=0, exclude_if=lambda v: not v)
 
 
 class Fleets:
@@ -244,6 +259,10 @@ class Fleets:
             return False, None, f"instance {c.instance_id} exists", "exists"
         if c.max_instances is not None and len(f.instances) >= c.max_instances:
             return False, None, f"fleet {c.name} has nodes.max instances", "full"
+        if c.for_target:
+            if f.target_left <= 0:
+                return False, None, f"fleet {c.name} has reached nodes.target", "full"
+            f.target_left -= 1
         f.instances[c.instance_id] = FleetInstance(
             instance_id=c.instance_id,
             num=f.next_num,
@@ -251,6 +270,7 @@ class Fleets:
             offer=dict(c.offer),
             reason=c.reason,
             for_job=c.for_job,
+            for_target=c.for_target,
             candidates=list(c.candidates),
             created_at=c.at,
             updated_at=c.at,
@@ -288,16 +308,24 @@ class Fleets:
 
     def forget_instance(self, c: ForgetFleetInstance) -> tuple[bool, Any, str, str]:
         f = self.fleets.get(c.name)
-        if f is None or f.instances.pop(c.instance_id, None) is None:
+        inst = f.instances.pop(c.instance_id, None) if f is not None else None
+        if f is None or inst is None:
             return False, None, f"no instance {c.instance_id} in fleet {c.name}", "not_found"
+        if inst.for_target and inst.state == "pending" and not f.deleting:
+            f.target_left += 1  # never created (no offer had capacity): still to buy
         if f.deleting and not f.hosts and not f.instances:
             del self.fleets[c.name]
         return True, c.instance_id, "", ""
 
     def apply(self, c: ApplyFleet) -> tuple[bool, Any, str, str]:
         f = self.fleets.get(c.name)
+        old_target = _target(f.spec) if f is not None and not f.deleting else None
         if f is None:
             f = self.fleets[c.name] = Fleet(name=c.name, spec=c.spec, created_at=c.at)
+        new_target = _target(c.spec)
+        if not c.spec.get("ssh_config") and new_target != old_target:
+            alive = sum(1 for i in f.instances.values() if i.state != "terminating")
+            f.target_left = max(0, (new_target or 0) - alive)
         f.spec, f.keys, f.updated_at, f.deleting = c.spec, dict(c.keys), c.at, False
         f.env_sealed = c.env_sealed
         wanted = list(dict.fromkeys(c.hostnames))

@@ -11,6 +11,13 @@ account's prices, overriding the catalogue's). Secrets: ``access_key``, ``secret
 Offers come from a small catalogue of GPU instance types below (on-demand prices of us-east-1;
 spot at the catalogue's typical discount): EC2 has no price API in libcloud, and the pricing
 API is a separate service. A third party with better prices ships its own plugin.
+
+``placement: cluster`` (``cluster_placement``): a fleet's instances are launched into one EC2
+*cluster* placement group (``Bootstrap.placement_group``), created on first use, idempotently
+(described first; a concurrent create's ``InvalidPlacementGroup.Duplicate`` is success) and
+tagged with the cluster and fleet; the controller pins the fleet's later instances to the first
+one's availability zone (``Offer.zone`` -> ``Placement.AvailabilityZone``), as a cluster
+placement group is one zone.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 
 from meshgpu.fleets.backends import (
     TAG_CLUSTER,
+    TAG_INSTANCE,
     BackendError,
     BackendUnavailable,
     Bootstrap,
@@ -55,7 +63,12 @@ def create(name: str, config: dict[str, Any], secrets: dict[str, Any]) -> AwsBac
     return AwsBackend(name, config, secrets)
 
 
+create.cluster_placement = True  # type: ignore[attr-defined]
+
+
 class AwsBackend:
+    cluster_placement = True  # EC2 cluster placement groups
+
     def __init__(self, name: str, config: dict[str, Any], secrets: dict[str, Any]) -> None:
         self.name = name
         self.region = str(config.get("region") or "us-east-1")
@@ -170,6 +183,14 @@ class AwsBackend:
         if offer.spot:
             kw["ex_spot"] = True
             kw["ex_spot_max_price"] = offer.price
+        if bootstrap.placement_group:
+            self._ensure_placement_group(bootstrap.placement_group, bootstrap.tags)
+            kw["ex_placement_group"] = bootstrap.placement_group
+        if offer.zone:
+            from libcloud.compute.drivers.ec2 import ExEC2AvailabilityZone
+
+            zone = ExEC2AvailabilityZone(offer.zone, "available", self.region)
+            kw["location"] = _Zone(zone)
         node = self._call(f"RunInstances {offer.instance_type}", self.driver.create_node, **kw)
         return self._ref(node)
 
@@ -195,7 +216,37 @@ class AwsBackend:
         ips = list(node.private_ips or []) + list(node.public_ips or [])
         tags = dict(node.extra.get("tags") or {})
         state = str(node.extra.get("status") or node.state)
-        return InstanceRef(self.name, node.id, self.region, ips[0] if ips else "", state, tags)
+        zone = str(node.extra.get("availability") or "")
+        return InstanceRef(
+            self.name, node.id, self.region, ips[0] if ips else "", state, tags, zone=zone
+        )
+
+    def _ensure_placement_group(self, name: str, tags: dict[str, str]) -> None:
+        """The cluster placement group ``name``, made once (tagged with the controller's own
+        tags: cluster and fleet, not the instance's id)."""
+        # all groups, filtered here: libcloud 3.9's ex_list_placement_groups(names=...) builds
+        # its parameters wrongly ("GroupName.%s" % index + 1)
+        groups = self._call("DescribePlacementGroups", self.driver.ex_list_placement_groups)
+        if any(g.name == name for g in groups):
+            return
+        params: dict[str, Any] = {
+            "Action": "CreatePlacementGroup",
+            "GroupName": name,
+            "Strategy": "cluster",
+            "TagSpecification.1.ResourceType": "placement-group",
+        }
+        own = {k: v for k, v in tags.items() if k != TAG_INSTANCE}
+        for i, (k, v) in enumerate(sorted(own.items()), 1):
+            params[f"TagSpecification.1.Tag.{i}.Key"] = k
+            params[f"TagSpecification.1.Tag.{i}.Value"] = v
+        try:
+            self._call(
+                "CreatePlacementGroup",
+                lambda: self.driver.connection.request(self.driver.path, params=params),
+            )
+        except BackendError as e:
+            if "InvalidPlacementGroup.Duplicate" not in str(e):
+                raise  # made by a concurrent create of the same fleet: fine
 
     def _subnet(self) -> Any:
         found = self.driver.ex_list_subnets(subnet_ids=[self.subnet])
@@ -223,6 +274,13 @@ class AwsBackend:
                 port,
                 [self.allow_cidr],
             )
+
+
+class _Zone:
+    """A location for libcloud's ``create_node``: only its availability zone is read."""
+
+    def __init__(self, zone: Any) -> None:
+        self.availability_zone = zone
 
 
 def _response_cls() -> Any:

@@ -18,6 +18,10 @@ Settings (``meshgpu backend add local -o key=value``):
   instances.
 
 Root is needed (``ip netns``).
+
+``placement: cluster`` (``cluster_placement``): every instance is on the one bridge of this
+machine, so a fleet's instances are always one cluster; ``Bootstrap.placement_group`` needs no
+cloud object here.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ def create(name: str, config: dict[str, Any], secrets: dict[str, Any]) -> LocalB
     return LocalBackend(name, config)
 
 
+create.cluster_placement = True  # type: ignore[attr-defined]
+
+
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(list(args), capture_output=True, text=True, check=False, timeout=30)
     if check and r.returncode != 0:
@@ -74,6 +81,8 @@ def _gpu_parts(spec: str) -> tuple[int, str, float]:
 
 
 class LocalBackend:
+    cluster_placement = True  # one bridge on one machine: trivially co-located
+
     def __init__(self, name: str, config: dict[str, Any]) -> None:
         self.name = name
         self.state_dir = Path(config.get("state_dir") or DEFAULT_STATE)

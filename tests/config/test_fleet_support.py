@@ -18,6 +18,7 @@ from meshgpu.config.support import (
     BACKEND_FLEET_FIELDS,
     SSH_FLEET_FIELDS,
     Honoured,
+    MeshCapabilities,
     Part,
     Refused,
     check_config,
@@ -33,9 +34,17 @@ SSH = "type: fleet\nname: f\nssh_config:\n  hosts: [10.0.0.1]\n"
 BACKEND = "type: fleet\nname: f\nnodes: 0..2\n"
 
 
-def issues(text: str, file: str = "f.yml") -> list[str]:
+def issues(text: str, file: str = "f.yml", caps: MeshCapabilities | None = None) -> list[str]:
     config, positions = parse_config_located(text, file)
-    return [str(i) for i in check_config(config, positions, None)]
+    return [str(i) for i in check_config(config, positions, caps)]
+
+
+# A mesh whose only backend cannot place instances together (a plugin without
+# cluster_placement), and one with aws besides it.
+NO_CLUSTER = MeshCapabilities(backends=(("gpuco", "gpuco", False),))
+WITH_AWS = MeshCapabilities(backends=(("aws", "aws", True), ("gpuco", "gpuco", False)))
+# The caps each refusal example is checked with (None: offline).
+REFUSAL_CAPS = {"placement": NO_CLUSTER}
 
 
 @pytest.mark.parametrize("kind", sorted(TABLES))
@@ -64,12 +73,7 @@ BACKEND_REFUSALS: dict[str, tuple[str, str, str]] = {
     "placement": (
         BACKEND + "placement: cluster\n",
         "f.yml:4:1: placement",
-        "backend fleets do not make placement groups yet",
-    ),
-    "nodes.target": (
-        "type: fleet\nname: f\nnodes:\n  min: 0\n  target: 2\n  max: 4\n",
-        "f.yml:5:3: nodes.target",
-        "a target above min is not kept: set min to it instead",
+        "none of this fleet's backends can (their plugins lack cluster_placement",
     ),
     "resources.cpu.arch": (
         BACKEND + "resources:\n  cpu: arm:4\n",
@@ -161,7 +165,7 @@ def test_every_fleet_refusal_has_an_example() -> None:
 @pytest.mark.parametrize("key", sorted(BACKEND_REFUSALS))
 def test_a_backend_fleet_field_is_refused_at_its_line(key: str) -> None:
     text, where, reason = BACKEND_REFUSALS[key]
-    [issue] = issues(text)
+    [issue] = issues(text, caps=REFUSAL_CAPS.get(key))
     assert issue.startswith(where + ": "), issue
     assert reason in issue
 
@@ -189,6 +193,8 @@ def test_values_that_a_backend_fleet_honours() -> None:
         "type: fleet\nname: f\nnodes: 1\nplacement: cluster\n",
         "type: fleet\nname: f\nnodes: 0..1\nplacement: cluster\n",
         "type: fleet\nname: f\nnodes:\n  min: 1\n  target: 1\n  max: 3\n",
+        "type: fleet\nname: f\nnodes:\n  min: 0\n  target: 2\n  max: 4\n",
+        BACKEND + "placement: cluster\n",  # offline: the mesh's backends are not known
         BACKEND + "resources:\n  cpu: x86:4..8\n  gpu: nvidia:A100:40GB..80GB:1..2\n"
         "  memory: 16GB..64GB\n  disk: 100GB..200GB\n",
         BACKEND + "retry: true\n",
@@ -199,6 +205,29 @@ def test_values_that_a_backend_fleet_honours() -> None:
         SSH + "placement: cluster\nblocks: auto\nenv: [A=1]\n",
     ):
         assert issues(text) == [], text
+
+
+def test_placement_cluster_at_apply_depends_on_the_fleets_backends() -> None:
+    """Refused at apply only where none of the backends the fleet may use places instances
+    together; honoured offline, on one node, and where a backend (aws) can."""
+    cluster = BACKEND + "placement: cluster\n"
+    assert issues(cluster, caps=WITH_AWS) == []
+    assert issues(cluster + "backends: [aws]\n", caps=WITH_AWS) == []
+    [issue] = issues(cluster + "backends: [gpuco]\n", caps=WITH_AWS)
+    assert issue.startswith("f.yml:4:1: placement: ") and "add such a backend" in issue
+    assert issues("type: fleet\nname: f\nnodes: 1\nplacement: cluster\n", caps=NO_CLUSTER) == []
+    assert issues(BACKEND + "placement: any\n", caps=NO_CLUSTER) == []
+    # no backend at all: apply's own "add a backend first" says it
+    assert issues(cluster, caps=MeshCapabilities(backends=())) == []
+    # the SSH fleet's table is not the backends' business
+    assert issues(SSH + "placement: cluster\n", caps=NO_CLUSTER) == []
+
+
+def test_the_plugins_say_whether_they_place_instances_together() -> None:
+    from meshgpu.fleets.backends import supports_cluster
+
+    assert supports_cluster("aws") and supports_cluster("local")
+    assert not supports_cluster("no-such-plugin")
 
 
 def test_retry_on_events_leaving_out_what_the_controller_retries_on() -> None:

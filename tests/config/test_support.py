@@ -312,16 +312,6 @@ CORPUS_REFUSED = {
     "service--mkdocs__docs__examples__inference__dynamo--8b04de1170.yml": {"replicas[0].router"},
     "service--mkdocs__docs__examples__inference__vllm--ed21972eed.yml": {"replicas[0].router"},
     "task--mkdocs__docs__concepts__tasks--b64df5307d.yml": {"dstack"},
-    # Backend fleets: placement: cluster of several instances needs placement groups, and a
-    # nodes.target above min is not kept (support.py BACKEND_FLEET_FIELDS).
-    "fleet--examples__misc__ray__README--6ca30636d4.yml": {"placement"},
-    "fleet--examples__misc__spark__README--bc35ef4a23.yml": {"placement"},
-    "fleet--mkdocs__docs__concepts__fleets--5dec0ba6a9.yml": {"nodes.target"},
-    "fleet--mkdocs__docs__examples__clusters__crusoe--790495ed35.yml": {"placement"},
-    "fleet--mkdocs__docs__examples__clusters__crusoe--e9d80004d7.yml": {"placement"},
-    "fleet--mkdocs__docs__examples__clusters__lambda--87ebfd0b8e.yml": {"placement"},
-    "fleet--mkdocs__docs__examples__clusters__nebius--62c61fe2c3.yml": {"placement"},
-    "fleet--mkdocs__docs__examples__clusters__nebius--7af708a7bb.yml": {"placement"},
 }
 # And at apply on a mesh with a container runtime but no network volumes, besides those.
 CORPUS_NAMED_VOLUMES = {
@@ -356,3 +346,31 @@ def test_the_corpus_on_a_mesh_with_a_container_runtime() -> None:
     assert set(got) == set(CORPUS_REFUSED) | CORPUS_NAMED_VOLUMES
     for name in CORPUS_NAMED_VOLUMES:
         assert got[name] == {"volumes[0].name"}
+
+
+# The corpus's multi-node cluster fleets: honoured on a mesh with a backend that places
+# instances together (aws, local), refused at apply, at the placement line, on one whose only
+# backend cannot (config/support.py BACKEND_FLEET_FIELDS["placement"]).
+CORPUS_CLUSTER_FLEETS = {
+    "fleet--examples__misc__ray__README--6ca30636d4.yml",
+    "fleet--examples__misc__spark__README--bc35ef4a23.yml",
+    "fleet--mkdocs__docs__examples__clusters__crusoe--790495ed35.yml",
+    "fleet--mkdocs__docs__examples__clusters__crusoe--e9d80004d7.yml",
+    "fleet--mkdocs__docs__examples__clusters__lambda--87ebfd0b8e.yml",
+    "fleet--mkdocs__docs__examples__clusters__nebius--62c61fe2c3.yml",
+    "fleet--mkdocs__docs__examples__clusters__nebius--7af708a7bb.yml",
+}
+
+
+def test_the_corpus_cluster_fleets_depend_on_the_backends_at_apply() -> None:
+    # the backends they name (gcp, crusoe, kubernetes, nebius), configured under those names:
+    # with plugins that place instances together, and with plugins that cannot
+    named = ("crusoe", "gcp", "kubernetes", "nebius")
+    can = MeshCapabilities(container_runtime=True, backends=tuple((n, n, True) for n in named))
+    got = _corpus_refusals(can)
+    assert set(got) == set(CORPUS_REFUSED) | CORPUS_NAMED_VOLUMES
+    cannot = MeshCapabilities(container_runtime=True, backends=tuple((n, n, False) for n in named))
+    got = _corpus_refusals(cannot)
+    assert set(got) == set(CORPUS_REFUSED) | CORPUS_NAMED_VOLUMES | CORPUS_CLUSTER_FLEETS
+    for name in CORPUS_CLUSTER_FLEETS:
+        assert got[name] == {"placement"}

@@ -495,3 +495,79 @@ def test_offer_cli_shows_backend_offers_beside_the_hosts(
     assert "backend offers" in text and "g5.xlarge" in text and "$0.45" in text
     assert "spot" in text and "us-east-1" in text and "1xA10G:24GB" in text
     assert "backend error: gcp: no answer within 20 s" in text
+
+
+async def test_cluster_fleet_in_one_placement_group_and_zone(moto: str) -> None:
+    """placement: cluster: a cluster placement group made once (tagged), both instances
+    launched into it, the second in the first one's zone. moto 5.2 has no placement groups:
+    their two calls are answered here (their parameters checked), RunInstances goes to moto."""
+    import xml.etree.ElementTree as ET
+
+    import libcloud.compute.drivers.ec2 as ec2mod
+
+    spec = {"nodes": {"min": 2, "max": 2}, "placement": "cluster", "max_price": 1.0}
+    rep, ctl = _world(moto, spec)
+    conn = ctl.backend("aws").driver.connection
+    real = conn.request
+    groups: list[str] = []
+    calls: list[dict[str, Any]] = []
+
+    class Answer:
+        def __init__(self, xml: str) -> None:
+            self.object = ET.fromstring(xml)
+
+    def request(action: str, params: Any = None, *a: Any, **kw: Any) -> Any:
+        p = dict(params or {})
+        ns = ec2mod.NAMESPACE
+        if p.get("Action") == "DescribePlacementGroups":
+            items = "".join(
+                f"<item><groupName>{g}</groupName><state>available</state>"
+                "<strategy>cluster</strategy></item>"
+                for g in groups
+            )
+            return Answer(f'<R xmlns="{ns}"><placementGroupSet>{items}</placementGroupSet></R>')
+        if p.get("Action") == "CreatePlacementGroup":
+            calls.append(p)
+            groups.append(p["GroupName"])
+            return Answer(f'<R xmlns="{ns}"><return>true</return></R>')
+        if p.get("Action") == "RunInstances":
+            calls.append(p)
+        return real(action, params, *a, **kw)
+
+    conn.request = request
+    ctl.reconciled.add("aws")
+    f = rep.cluster.fleets.fleets["cloud"]
+    await ctl.grow("cloud", ctl._wants(f))
+    first, second = sorted(f.instances.values(), key=lambda i: i.num)
+    await ctl.create("cloud", first.instance_id)
+    await ctl.create("cloud", second.instance_id)
+    made = [c for c in calls if c["Action"] == "CreatePlacementGroup"]
+    assert len(made) == 1  # once per fleet
+    (pg,) = made
+    assert pg["GroupName"] == "meshgpu-c-test-cloud" and pg["Strategy"] == "cluster"
+    assert pg["TagSpecification.1.ResourceType"] == "placement-group"
+    tags = {
+        pg[k]: pg[k.replace(".Key", ".Value")]
+        for k in pg
+        if k.startswith("TagSpecification.1.Tag.") and k.endswith(".Key")
+    }
+    assert tags == {TAG_CLUSTER: "c-test", "meshgpu-fleet": "cloud"}
+    runs = [c for c in calls if c["Action"] == "RunInstances"]
+    assert [r["Placement.GroupName"] for r in runs] == ["meshgpu-c-test-cloud"] * 2
+    zone = first.ref["zone"]
+    assert zone.startswith("us-east-1") and "Placement.AvailabilityZone" not in runs[0]
+    assert runs[1]["Placement.AvailabilityZone"] == zone == second.ref["zone"]
+    ids = {first.ref["instance_id"], second.ref["instance_id"]}
+    ec2 = [i for i in _tagged(moto) if i["InstanceId"] in ids]  # (other tests' share moto)
+    assert len(ec2) == 2 and {i["Placement"]["AvailabilityZone"] for i in ec2} == {zone}
+    ud = _ec2(moto).describe_instance_attribute(
+        InstanceId=ec2[0]["InstanceId"], Attribute="userData"
+    )
+    assert ",cluster=cloud" in base64.b64decode(ud["UserData"]["Value"]).decode()
+    for inst in list(f.instances.values()):
+        upd = UpdateFleetInstance(
+            at=2, name="cloud", instance_id=inst.instance_id, state="terminating"
+        )
+        assert rep.apply([(99, encode_cluster(upd))])[0].ok
+        await ctl.terminate("cloud", inst.instance_id)
+    assert not ids & {i["InstanceId"] for i in _tagged(moto)}
