@@ -218,6 +218,14 @@ class Access:
         p = self.projects.get(project)
         return None if p is None else p.members.get(user)
 
+    def quota_of(self, project: str) -> int | None:
+        p = self.projects.get(project)
+        return None if p is None else p.max_gpus
+
+    def quotas(self) -> dict[str, int]:
+        """Project -> ``max_gpus``, for the projects that have one (the scheduler's input)."""
+        return {n: p.max_gpus for n, p in self.projects.items() if p.max_gpus is not None}
+
     def project_exists(self, name: str) -> bool:
         return name == DEFAULT_PROJECT or name in self.projects
 
