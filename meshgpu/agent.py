@@ -26,6 +26,7 @@ from meshgpu.client.http import write_profile
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.control import Demand
 from meshgpu.control.fleets import FleetController
+from meshgpu.control.secret_keys import SecretKeys
 from meshgpu.control.terms import leader_controllers
 from meshgpu.devenv.monitor import AutoStop
 from meshgpu.devenv.sessions import SessionTracker
@@ -288,6 +289,7 @@ class Agent:
                     clock,
                     self._fleet_controller(node, proposer, services, clock),
                     self._backend_fleet_controller(node, proposer, services, clock),
+                    SecretKeys(services.access, clock=clock).run if services.access else None,
                 ),
             )
             nursery.start_soon(leadership.run)

@@ -153,6 +153,19 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
         await ops().delete_secret(who, name, secret)
         return {"removed": secret}
 
+    @r.post("/api/v1/secrets/rotate-key", responses=problems.responses(403, 503, 507))
+    async def rotate_key(who: auth) -> dict[str, Any]:
+        """A new cluster data key (global admins): values are re-encrypted in the background
+        on the leader; the old key goes when no value uses it."""
+        return await ops().rotate_key(who)
+
+    @r.get("/api/v1/secrets/keys", responses=problems.responses(403))
+    async def key_status(who: auth, _: read) -> dict[str, Any]:
+        """The data keys (ids only), how many values each holds, and how many are left to
+        re-encrypt (global admins)."""
+        ops().require_global(who, "secret.rotate_key")
+        return ops().key_status()
+
     @r.get("/api/v1/audit", responses=problems.responses(403, 404))
     async def audit(
         who: auth,

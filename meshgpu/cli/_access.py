@@ -261,6 +261,35 @@ def secret_rm(name: str, project: ProjectOpt = None, url: UrlOpt = None) -> None
     out.print(f"removed secret {name} from project {p}")
 
 
+@secret_app.command("rotate-key")
+def secret_rotate_key(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
+    """A new cluster data key (global admins). New values use it at once; the leader
+    re-encrypts the stored ones in the background and drops the old key when none uses it."""
+    with client(url) as c:
+        doc = c.call("POST", "/api/v1/secrets/rotate-key")
+    if as_json:
+        _print(doc)
+        return
+    out.print(
+        f"data key {doc['key_id']} is the primary key; {doc['to_reencrypt']} value(s) to "
+        "re-encrypt in the background (meshgpu secret keys shows progress)"
+    )
+
+
+@secret_app.command("keys")
+def secret_keys(as_json: JsonOpt = False, url: UrlOpt = None) -> None:
+    """The cluster data keys (ids only) and how many values each encrypts (global admins)."""
+    with client(url) as c:
+        doc = c.call("GET", "/api/v1/secrets/keys")
+    if as_json:
+        _print(doc)
+        return
+    table(
+        ["KEY", "VALUES", "PRIMARY"],
+        [[k, str(n), "yes" if k == doc["primary_key"] else ""] for k, n in doc["keys"].items()],
+    )
+
+
 def _since(text: str) -> float:
     """``--since``: a duration back from now (``2h``, ``7d``) or an ISO date/time."""
     try:

@@ -106,7 +106,7 @@ class Scheduling:
                 continue
             seen = state.demand_version
             now = clock.wall()
-            p = plan(state, now, index=self.index)
+            p = plan(state, now, index=self.index, quotas=self.cluster.access.quotas())
             wake = float("inf")
             if p.wake_at is not None:
                 wake = clock.now() + max(0.0, p.wake_at - now) + 0.01

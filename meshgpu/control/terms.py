@@ -1,6 +1,6 @@
 """The controllers a leader runs for each term (``Leadership`` starts them and cancels them at
 step-down): scheduling, retention, membership, gossip keys, the services' autoscaler, the
-starts of scheduled runs, the SSH fleets."""
+starts of scheduled runs, the SSH fleets, the re-encryption of secrets after a key rotation."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def leader_controllers(
     clock: Clock,
     fleets: Callable[[], FleetController] | None = None,
     backend_fleets: Callable[[], Any] | None = None,
+    secret_keys: Callable[[], Awaitable[None]] | None = None,
 ) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
     """(name, start) of each controller; a fresh controller per term where it keeps history."""
     s = settings
@@ -58,4 +59,6 @@ def leader_controllers(
         out.append(("fleets", lambda: fleets().run()))
     if backend_fleets is not None:  # backend fleets: likewise (meshgpu/control/backend_fleets.py)
         out.append(("backend-fleets", lambda: backend_fleets().run()))
+    if secret_keys is not None:  # re-encryption after a data key rotation (secret_keys.py)
+        out.append(("secret-keys", secret_keys))
     return out

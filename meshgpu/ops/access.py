@@ -11,6 +11,7 @@ job start from a voter over the peer port (``resolve_for_job``), never through t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
     from meshgpu.state import StateMachine
     from meshgpu.state.cluster import ClusterState
 
+log = logging.getLogger(__name__)
+
 MAX_TOKEN_TTL_S = 3 * 366 * 86400.0
 
 
@@ -83,6 +86,8 @@ class AccessOps:
         self.proposer, self.cluster, self.state = proposer, cluster, state
         self.ca_pem, self.ca_key_path = ca_pem, ca_key_path
         self._keys: dict[str, bytes] = {}  # opened data keys, by id (voters only)
+        # Values that did not open while re-encrypting (project, name, ciphertext): skipped.
+        self._unopenable: set[tuple[str, str, str]] = set()
 
     @property
     def access(self) -> Any:
@@ -385,20 +390,113 @@ class AccessOps:
         data = value.encode()
         if len(data) > MAX_SECRET_BYTES:
             raise Invalid("secret too large", f"at most {MAX_SECRET_BYTES} bytes", "too_large")
-        key_id, key = await self._primary_key()
-        blob = encrypt(key, project, name, data)
-        await self._propose(
-            SetSecret(
+        for attempt in range(3):
+            key_id, key = await self._primary_key()
+            blob = encrypt(key, project, name, data)
+            cmd = SetSecret(
                 at=time.time(),
                 project=project,
                 name=name,
                 key_id=key_id,
                 ciphertext_hex=blob.hex(),
                 by=who.user,
+            )
+            result = await self.proposer.propose(encode_cluster(cmd))
+            if result.ok:
+                return {"name": name, "project": project}
+            if result.code != "stale" or attempt == 2:
+                break
+            # The key was rotated and retired meanwhile: encrypt under the new one.
+        kind = NotFound if result.code == "not_found" else Conflict
+        raise kind("secret not set", result.error, result.code)
+
+    # -- data key rotation ---------------------------------------------------------------------
+
+    async def rotate_key(self, who: Principal) -> dict[str, Any]:
+        """A new cluster data key (global admins): new values are encrypted under it at once;
+        the leader re-encrypts the stored ones in the background (``reencrypt``), and the old
+        key goes when no value uses it."""
+        self.require_global(who, "secret.rotate_key")
+        if not self.access.primary_key:
+            key_id, _ = await self._primary_key()  # the first key: nothing to re-encrypt
+            return {"key_id": key_id, "to_reencrypt": 0}
+        from meshgpu.security import seal
+
+        key_id, key = new_data_key()
+        sealed = await trio.to_thread.run_sync(seal, key, self.ca_pem())
+        self._keys[key_id] = key
+        await self._propose(
+            InstallDataKey(
+                at=time.time(), key_id=key_id, sealed_hex=sealed.hex(), rotate=True, by=who.user
             ),
-            "secret not set",
+            "key not rotated",
         )
-        return {"name": name, "project": project}
+        pending = sum(n for k, n in self.access.key_uses.items() if k != key_id)
+        return {"key_id": key_id, "to_reencrypt": pending}
+
+    def key_status(self) -> dict[str, Any]:
+        access = self.access
+        return {
+            "primary_key": access.primary_key,
+            "keys": {k: access.key_uses.get(k, 0) for k in sorted(access.data_keys)},
+            "to_reencrypt": sum(n for k, n in access.key_uses.items() if k != access.primary_key),
+        }
+
+    async def reencrypt(self, batch: int = 64) -> int:
+        """Re-encrypt up to ``batch`` values stored under an older key with the primary one
+        (the leader's ``SecretKeys`` controller calls it). Each is proposed with
+        ``if_ciphertext``, so a ``secret set`` that lands first wins; the proposals of a batch
+        go together. Returns how many were re-encrypted."""
+        access = self.access
+        skip = self._unopenable
+        stale = [
+            s
+            for s in access.stale_secrets(batch + len(skip))
+            if (s.project, s.name, s.ciphertext_hex) not in skip
+        ][:batch]
+        if not stale:
+            return 0
+        primary = access.primary_key
+
+        def seal_all() -> list[SetSecret]:
+            key = self._data_key(primary)
+            out = []
+            for s in stale:
+                old = bytes.fromhex(s.ciphertext_hex)
+                try:
+                    value = decrypt(self._data_key(s.key_id), s.project, s.name, old)
+                except InvalidTag:
+                    # Stays under its key (which stays too) until set again; said once.
+                    log.error(
+                        "secret %s of project %s does not open: not re-encrypted", s.name, s.project
+                    )
+                    skip.add((s.project, s.name, s.ciphertext_hex))
+                    continue
+                out.append(
+                    SetSecret(
+                        at=time.time(),
+                        project=s.project,
+                        name=s.name,
+                        key_id=primary,
+                        ciphertext_hex=encrypt(key, s.project, s.name, value).hex(),
+                        by=s.updated_by,
+                        if_ciphertext=s.ciphertext_hex,
+                    )
+                )
+            return out
+
+        cmds = await trio.to_thread.run_sync(seal_all)
+        done = 0
+
+        async def one(cmd: SetSecret) -> None:
+            nonlocal done
+            result = await self.proposer.propose(encode_cluster(cmd))
+            done += bool(result.ok)
+
+        async with trio.open_nursery() as nursery:
+            for cmd in cmds:
+                nursery.start_soon(one, cmd)
+        return done
 
     def _open(self, project: str, name: str) -> str:
         s = self.access.secrets.get((project, name))

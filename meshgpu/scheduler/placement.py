@@ -19,6 +19,11 @@ nothing.
 **Preemption** (opt-in, ``preemption.py``): a gang that does not fit may stop lower-priority
 preemptible gangs when its whole gang then fits; it then reserves the hosts it will start on.
 
+**Quotas.** A project's ``max_gpus`` (``meshgpu project quota``) caps the GPUs its jobs hold:
+a gang that would take the project over it is not placed -- it neither reserves hosts nor
+preempts -- and says so; the rest of its class waits with it. The quotas come from the
+replicated state (the leader passes them in), and ``AssignJobs`` re-checks them at apply.
+
 **Retry backoff.** A resubmitted gang (``retry``) that must wait out its backoff keeps its place
 and blocks nobody; ``Plan.wake_at`` says when to plan again.
 
@@ -36,16 +41,17 @@ from __future__ import annotations
 
 import heapq
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshgpu.scheduler.backfill import Backfill
 from meshgpu.scheduler.capacity import Capacity, Host, HostClass, Reservation
 from meshgpu.scheduler.deadlines import Deadlines
 from meshgpu.scheduler.index import SchedulerIndex
-from meshgpu.scheduler.matching import Req, StaticFit, describe, req_of, spec_of
+from meshgpu.scheduler.matching import Req, StaticFit, describe, gpus_wanted, req_of, spec_of
 from meshgpu.scheduler.policy import SchedulerPolicy
 from meshgpu.scheduler.preemption import Decision, Preemptor
-from meshgpu.scheduler.queue import Gang, QueueClass
+from meshgpu.scheduler.queue import ClassKey, Gang, QueueClass
 from meshgpu.state.commands import Assignment, Preemption
 from meshgpu.state.machine import StateMachine
 from meshgpu.state.retry import backoff
@@ -54,7 +60,9 @@ QUEUED = "waiting for capacity: earlier or higher-priority runs are ahead in the
 
 # How a gang failed; decides its reason and whether it reserves. PORTS: hosts had room, but the
 # host ports its jobs listen on are taken there (it reserves nothing: GPUs freeing up do not help).
+# QUOTA: the gang would take its project over its ``max_gpus``.
 NEVER, OVERSIZED, CAPACITY, RESERVED, PORTS = "never", "oversized", "capacity", "reserved", "ports"
+QUOTA = "quota"
 _SAYS_WHY = (NEVER, OVERSIZED, PORTS)  # failures whose reason the whole class shares
 _DURATION_FIELDS = ("max_duration", "stop_duration")
 _Kind = tuple[str, tuple[str, ...]]  # (placement fields but durations, the jobs' resources)
@@ -89,15 +97,17 @@ def plan(
     policy: SchedulerPolicy | None = None,
     *,
     index: SchedulerIndex | None = None,
+    quotas: Mapping[str, int] | None = None,
 ) -> Plan:
     """Decide what to start, preempt and say about the waiting queue of ``state``.
 
     ``now`` (seconds since the epoch, the proposer's clock) turns ``max_duration`` into deadlines
     for backfill; without it no deadline is known, so nothing is backfilled onto reserved hosts.
     ``index``: the caller's indexes of ``state`` (brought up to date here; by default the one
-    ``SchedulerIndex.shared`` keeps for it).
+    ``SchedulerIndex.shared`` keeps for it). ``quotas``: project -> ``max_gpus`` (projects
+    without a quota are left out), from the replicated state (``ClusterState.quotas()``).
     """
-    return _Planner(state, now, policy or SchedulerPolicy(), index).run()
+    return _Planner(state, now, policy or SchedulerPolicy(), index, quotas).run()
 
 
 class _Planner:
@@ -107,6 +117,7 @@ class _Planner:
         now: float | None,
         policy: SchedulerPolicy,
         index: SchedulerIndex | None = None,
+        quotas: Mapping[str, int] | None = None,
     ) -> None:
         if index is None:
             index = SchedulerIndex.shared(state)
@@ -120,7 +131,10 @@ class _Planner:
         self.failed: dict[_Kind, tuple[_Failure, float]] = {}  # kind -> (failure, its deadline)
         self.reserved_kinds: set[_Kind] = set()
         self.no_preempt: set[tuple[_Kind, int]] = set()
-        self.usage = dict(index.project_gpus) if policy.fair_share else {}
+        # GPUs each project holds, counting what this plan gives it (fair share, quotas).
+        self.usage = dict(index.project_gpus)
+        self.quotas = dict(quotas or {})
+        self.over_quota: set[ClassKey] = set()  # classes settled by their project's quota
         self.preemptor = Preemptor(self.cap)
         self.backfill = Backfill(self.cap, policy)
 
@@ -173,7 +187,8 @@ class _Planner:
         """The class's last gang failed: the rest of the class fails too (they fit exactly the
         same hosts, and capacity only shrinks within a plan). One bulk update for all."""
         seen = self.failed.get(self._fit_kind(cls))
-        follower = reason if seen is not None and seen[0].kind in _SAYS_WHY else QUEUED
+        says_why = cls.key in self.over_quota or (seen is not None and seen[0].kind in _SAYS_WHY)
+        follower = reason if says_why else QUEUED
         self.out.pending.update(dict.fromkeys(cls.job_ids, follower))
         for gang, why in done:
             for job in gang.jobs:
@@ -189,6 +204,10 @@ class _Planner:
         backing_off = self._backing_off(gang)
         if backing_off is not None:
             return backing_off, True
+        over = self._over_quota(gang.run.project, self._gpus_wanted(cls, gang))
+        if over is not None:
+            self.over_quota.add(cls.key)
+            return over, False
         kind = self._fit_kind(cls)
         reqs = self._requirements(cls, gang)
         end = self.deadlines.of_new(gang.run.spec)
@@ -197,12 +216,14 @@ class _Planner:
             placed = self._place(gang, reqs, end)
             if isinstance(placed, list):
                 self.out.assignments.extend(placed)
-                if self.policy.fair_share:
-                    project = gang.run.project
-                    self.usage[project] = self.usage.get(project, 0) + sum(
-                        len(a.gpu_indices) for a in placed
-                    )
+                project = gang.run.project
+                self.usage[project] = self.usage.get(project, 0) + sum(
+                    len(a.gpu_indices) for a in placed
+                )
                 return None, True
+            if placed.kind == QUOTA:  # this project's, not the kind's: other projects may fit
+                self.over_quota.add(cls.key)
+                return placed.reason, False
             failure = placed
             self.failed[kind] = (placed, end)
         if (
@@ -234,6 +255,30 @@ class _Planner:
                 self.out.reservations.append(r)
             return failure.reason, False
         return (failure.reason if failure.kind in _SAYS_WHY else QUEUED), False
+
+    # -- quotas --------------------------------------------------------------------------------
+    def _gpus_wanted(self, cls: QueueClass, gang: Gang) -> int:
+        """The fewest GPUs the gang takes (a host split into blocks may give it more)."""
+        return sum(gpus_wanted(r.res.gpu) for r in self._requirements(cls, gang))
+
+    def _over_quota(self, project: str, gpus: int) -> str | None:
+        """Why ``gpus`` more GPUs would take ``project`` over its ``max_gpus`` (None: they
+        would not)."""
+        quota = self.quotas.get(project)
+        if quota is None or gpus == 0:
+            return None
+        held = self.usage.get(project, 0)
+        if held + gpus <= quota:
+            return None
+        if gpus > quota:
+            return (
+                f"needs {gpus} GPUs but project {project} may hold at most {quota} (max_gpus): "
+                f"raise its quota (meshgpu project quota {project} --max-gpus N)"
+            )
+        return (
+            f"project {project} uses {held} of its {quota} GPUs (max_gpus): waiting for one of "
+            "its jobs to end"
+        )
 
     def _backing_off(self, gang: Gang) -> str | None:
         """Why a resubmitted gang may not start yet (its retry backoff), or None. It keeps its
@@ -325,6 +370,7 @@ class _Planner:
         ports = spec.host_ports if not spec.image_of(gang.jobs[0].group) else ()
         spread = spec.service is not None
         conflict: tuple[int, str, str] | None = None
+        quota_failure: _Failure | None = None
         for cluster in clusters:
             if sizes[cluster] < n:
                 continue
@@ -350,7 +396,12 @@ class _Planner:
                     r.slack[host.node_id] -= charge
                 taken.append((host, gpus, blocks, r, charge))
                 used.add(host.node_id)
-            if len(taken) == n:
+            if len(taken) == n and (
+                over := self._over_quota(gang.run.project, sum(len(t[1]) for t in taken))
+            ):
+                # A host split into blocks gave it more GPUs than it asks for at least.
+                quota_failure = _Failure(QUOTA, over)
+            elif len(taken) == n:
                 return [
                     Assignment(job_id=job.job_id, node_id=h.node_id, gpu_indices=list(g), blocks=b)
                     for job, (h, g, b, _, _) in zip(gang.jobs, taken, strict=True)
@@ -360,6 +411,8 @@ class _Planner:
                 self.cap.unclaim(host, ports, gang.run.run_name)
                 if r is not None:
                     r.slack[host.node_id] += charge
+        if quota_failure is not None:
+            return quota_failure
         if conflict is not None and not blocked:
             port, ip, holder = conflict
             return _Failure(PORTS, f"port {port} is in use on {ip} by run {holder}")

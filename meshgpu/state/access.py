@@ -105,12 +105,16 @@ class RemoveProjectMember(_Cmd):
 class InstallDataKey(_Cmd):
     """The cluster data key (32 random bytes) sealed to the CA's public key. The first one
     wins: a second proposal (two members racing to make one) is refused, and its proposer uses
-    the installed key."""
+    the installed key. With ``rotate`` (``meshgpu secret rotate-key``) it becomes the primary
+    key: new values are encrypted under it, the leader re-encrypts the others in the
+    background (``SetSecret.if_ciphertext``), and an older key is dropped as soon as no value
+    uses it."""
 
     kind: Literal["install_data_key"] = "install_data_key"
     key_id: str = Field(pattern=r"^[0-9a-f]{8}$")
     sealed_hex: str = Field(max_length=4096)
     rotate: bool = False  # a new primary key; the old ones stay until nothing uses them
+    by: str = Field(default=ADMIN, exclude_if=lambda v: v == ADMIN)
 
 
 class SetSecret(_Cmd):
@@ -204,6 +208,7 @@ class Access:
         self.secrets: dict[tuple[str, str], Secret] = {}
         self.data_keys: dict[str, str] = {}  # key id -> sealed key (hex)
         self.primary_key = ""
+        self.key_uses: dict[str, int] = {}  # key id -> how many values use it (derived)
         self.audit_log: list[Audit] = []
 
     def empty(self) -> bool:
@@ -217,6 +222,22 @@ class Access:
     def role_in(self, user: str, project: str) -> str | None:
         p = self.projects.get(project)
         return None if p is None else p.members.get(user)
+
+    def quota_of(self, project: str) -> int | None:
+        p = self.projects.get(project)
+        return None if p is None else p.max_gpus
+
+    def quotas(self) -> dict[str, int]:
+        """Project -> ``max_gpus``, for the projects that have one (the scheduler's input)."""
+        return {n: p.max_gpus for n, p in self.projects.items() if p.max_gpus is not None}
+
+    def stale_secrets(self, limit: int) -> list[Secret]:
+        """Up to ``limit`` values under a key other than the primary one (to re-encrypt)."""
+        if all(k == self.primary_key for k in self.key_uses):
+            return []
+        out = [s for s in self.secrets.values() if s.key_id != self.primary_key]
+        out.sort(key=lambda s: (s.project, s.name))
+        return out[:limit]
 
     def project_exists(self, name: str) -> bool:
         return name == DEFAULT_PROJECT or name in self.projects
@@ -312,7 +333,8 @@ class Access:
         if self.projects.pop(c.name, None) is None:
             return _no(f"no project {c.name}")
         for key in [k for k in self.secrets if k[0] == c.name]:
-            del self.secrets[key]
+            self._use(self.secrets.pop(key).key_id, -1)
+        self._prune_keys()
         self.audit(c.at, "project rm", c.by, project=c.name)
         return _ok(c.name)
 
@@ -333,13 +355,30 @@ class Access:
         self.audit(c.at, "member rm", c.by, project=c.project, target=c.user)
         return _ok(c.user)
 
+    def _use(self, key_id: str, n: int) -> None:
+        left = self.key_uses.get(key_id, 0) + n
+        if left > 0:
+            self.key_uses[key_id] = left
+        else:
+            self.key_uses.pop(key_id, None)
+
+    def _prune_keys(self) -> None:
+        """Drop every key but the primary one that no value uses any more."""
+        for key_id in [k for k in self.data_keys if k != self.primary_key]:
+            if key_id not in self.key_uses:
+                del self.data_keys[key_id]
+
     def _install_data_key(self, c: InstallDataKey) -> Outcome:
         if c.key_id in self.data_keys:
             return _ok(c.key_id)
         if self.primary_key and not c.rotate:
             return _no("a data key is already installed", "exists")
         self.data_keys[c.key_id] = c.sealed_hex
+        rotated = bool(self.primary_key)
         self.primary_key = c.key_id
+        if rotated:
+            self._prune_keys()
+            self.audit(c.at, "data key rotate", c.by, target=c.key_id)
         return _ok(c.key_id)
 
     def _set_secret(self, c: SetSecret) -> Outcome:
@@ -349,10 +388,16 @@ class Access:
         if c.if_ciphertext is not None:
             if current is None or current.ciphertext_hex != c.if_ciphertext:
                 return _no("the secret changed meanwhile", "stale")
+            self._use(current.key_id, -1)
+            self._use(c.key_id, 1)
             current.key_id, current.ciphertext_hex = c.key_id, c.ciphertext_hex
+            self._prune_keys()
             return _ok(c.name)
         if self._project(c.project) is None:
             return _no(f"no project {c.project}")
+        if current is not None:
+            self._use(current.key_id, -1)
+        self._use(c.key_id, 1)
         self.secrets[(c.project, c.name)] = Secret(
             project=c.project,
             name=c.name,
@@ -361,12 +406,16 @@ class Access:
             updated_at=c.at,
             updated_by=c.by,
         )
+        self._prune_keys()
         self.audit(c.at, "secret set", c.by, project=c.project, target=c.name)
         return _ok(c.name)
 
     def _delete_secret(self, c: DeleteSecret) -> Outcome:
-        if self.secrets.pop((c.project, c.name), None) is None:
+        gone = self.secrets.pop((c.project, c.name), None)
+        if gone is None:
             return _no(f"no secret {c.name} in project {c.project}")
+        self._use(gone.key_id, -1)
+        self._prune_keys()
         self.audit(c.at, "secret rm", c.by, project=c.project, target=c.name)
         return _ok(c.name)
 
@@ -398,6 +447,7 @@ class Access:
         for s in doc.get("secrets", []):
             sec = Secret.model_validate(s)
             self.secrets[(sec.project, sec.name)] = sec
+            self._use(sec.key_id, 1)
         self.data_keys = dict(doc.get("data_keys", {}))
         self.primary_key = doc.get("primary_key", "")
         self.audit_log = [Audit.model_validate(a) for a in doc.get("audit", [])]

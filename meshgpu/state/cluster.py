@@ -19,7 +19,13 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field
 
 from meshgpu.security.tokens import JOIN_WINDOW_S
-from meshgpu.state.access import ACCESS_COMMANDS, Access
+from meshgpu.state.access import (
+    ACCESS_COMMANDS,
+    Access,
+    CreateProject,
+    DeleteProject,
+    SetProjectQuota,
+)
 from meshgpu.state.codec import DOMAIN_TAGS, Command, decode, encode
 from meshgpu.state.fleets import (
     AddBackend,
@@ -37,6 +43,8 @@ from meshgpu.state.machine import Result, StateMachine
 from meshgpu.state.records import JobTerminationReason
 
 CLUSTER_TAG = DOMAIN_TAGS["cluster"]
+# Cluster commands that change a project's GPU quota: the scheduler plans again.
+QUOTA_CHANGES = (CreateProject, SetProjectQuota, DeleteProject)
 
 
 class _Cmd(Command):
@@ -501,6 +509,7 @@ class Replicated:
         machine.on_audit = lambda at, action, user, project, target: self.cluster.access.audit(
             at, action, user, project, target
         )
+        machine.quota_of = lambda project: self.cluster.access.quota_of(project)
 
     def apply(self, batch: list[tuple[int, bytes]]) -> list[Result]:
         """Apply committed entries ``(index, data)`` in order, each to its domain."""
@@ -517,6 +526,8 @@ class Replicated:
                     results.append(cmd)
                     continue
                 results.append(self.cluster.apply_cmd(cmd))
+                if isinstance(cmd, QUOTA_CHANGES):
+                    self.jobs.demand_version += 1  # a quota moved: plan again
                 if isinstance(cmd, NodeUnreachable):
                     self._node_unreachable(cmd)
                 elif isinstance(cmd, ForgetNode):

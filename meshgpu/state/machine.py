@@ -113,6 +113,9 @@ class StateMachine:
         # Who did what (submit, stop): ``Replicated`` points it at the cluster's audit trail
         # (``meshgpu/state/access.py``); called on apply, in log order.
         self.on_audit: Callable[[float, str, str, str, str], None] | None = None
+        # A project's GPU quota (``max_gpus``, None: none): ``Replicated`` points it at the
+        # cluster's projects; ``AssignJobs`` re-checks it on apply, in log order.
+        self.quota_of: Callable[[str], int | None] | None = None
         # Bumped on every change that can free or need capacity: the scheduler's trigger.
         self.demand_version = 0
         # Bumped on every change to what a service routes to (a replica's readiness, a ready
@@ -519,10 +522,32 @@ class StateMachine:
                 blocks[a.node_id] = blocks.get(a.node_id, 0) + a.blocks
             elif a.blocks:
                 return f"{node.name} is not split into blocks"
+        if run is not None and self.quota_of is not None:
+            why = self._over_quota(run.project, sum(len(a.gpu_indices) for a, _ in members))
+            if why:
+                return why
         group = jobs[members[0][0].job_id].group if members else None
         if run is not None and run.spec.host_ports and not run.spec.image_of(group):
             return self._ports_taken(run, [a.node_id for a, _ in members])
         return ""
+
+    def _over_quota(self, project: str, gpus: int) -> str:
+        """Why ``gpus`` more GPUs would take ``project`` over its quota ('' if they would not).
+        Costs a scan of the active jobs, only for a project that has a quota."""
+        assert self.quota_of is not None
+        quota = self.quota_of(project) if gpus else None
+        if quota is None:
+            return ""
+        runs = self.runs
+        held = 0
+        for j in self.active.values():
+            if j.gpu_indices and j.node_id is not None and j.status.holds_resources():
+                r = runs.get(j.run_name)
+                if r is not None and r.project == project:
+                    held += len(j.gpu_indices)
+        if held + gpus <= quota:
+            return ""
+        return f"project {project} uses {held} of its {quota} GPUs (max_gpus)"
 
     def _ports_taken(self, run: RunRecord, node_ids: list[str]) -> str:
         """Why a process job of ``run`` cannot listen on its host ports on these nodes (''

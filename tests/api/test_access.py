@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
+import trio
+import trio.testing
 
+from consensus.node import NodeOptions
+from meshgpu.control import Demand, Scheduling
 from meshgpu.security.policy import Principal
 from meshgpu.state.access import SetSecret
 from meshgpu.state.cluster import decode_cluster
-from tests.api._stub import StubAgent, api
+from tests.api._stub import Proposer, StubAgent, api
 from tests.scheduler._world import host, world
 
 TASK = "type: task\ncommands: [echo hi]\n"
@@ -202,3 +208,47 @@ async def test_bad_names_and_unknown_things_say_what_to_do(agent: StubAgent) -> 
         assert r.status_code == 404 and "meshgpu user create" in r.json()["detail"]
         r = await admin.delete("/api/v1/projects/main")
         assert r.status_code == 400
+
+
+async def test_a_project_quota_holds_its_runs_through_the_api_and_scheduler(
+    agent: StubAgent,
+) -> None:
+    """The leader's scheduling controller over the agent's state: a run that would take
+    project a over its ``max_gpus`` waits and says why; raising the quota starts it."""
+    tokens = await _setup(agent)
+    gpu_task = "type: task\ncommands: [echo hi]\nresources: {gpu: H100:2}\n"
+    replicated = agent.access.proposer.replicated
+    node: Any = SimpleNamespace(
+        id=1, leader_since=trio.current_time(), last_heard={}, options=NodeOptions()
+    )
+    demand = Demand()
+    scheduling = Scheduling(node, agent.state, agent.access.cluster, Proposer(replicated), demand)
+    async with (
+        as_user(agent, tokens["alice"], "a") as alice,
+        trio.open_nursery() as nursery,
+    ):
+        r = await alice.put("/api/v1/projects/a/quota", json={"max_gpus": 4})
+        assert r.status_code == 200, r.text
+        for i in range(3):
+            assert (await _submit(alice, f"q{i}", gpu_task)).status_code == 201
+        nursery.start_soon(scheduling.run)
+        await trio.testing.wait_all_tasks_blocked()
+        got = (await alice.get("/api/v1/runs/q2")).json()
+        assert got["status"] == "submitted", got
+        reasons = [j.get("why_pending") for j in got.get("jobs", [])] or [got.get("why_pending")]
+        assert "project a uses 4 of its 4 GPUs (max_gpus): waiting for one of its jobs to end" in (
+            reasons
+        ), got
+        projects = (await alice.get("/api/v1/projects")).json()
+        a = next(p for p in projects if p["name"] == "a")
+        assert (a["gpus_in_use"], a["max_gpus"]) == (4, 4)
+        # Bob cannot change a's quota (a is invisible to him).
+        async with as_user(agent, tokens["bob"], "b") as bob:
+            r = await bob.put("/api/v1/projects/a/quota", json={"max_gpus": 8})
+            assert r.status_code == 404, r.text
+        r = await alice.put("/api/v1/projects/a/quota", json={"max_gpus": 6})
+        assert r.status_code == 200, r.text
+        demand.notify()
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await alice.get("/api/v1/runs/q2")).json()["status"] == "provisioning"
+        nursery.cancel_scope.cancel()
