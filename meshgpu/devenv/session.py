@@ -65,6 +65,7 @@ class JobContext:
     # Said on the session's stderr when it starts (e.g. its secret variables are unavailable).
     notice: str = ""
     secret_names: list[str] = field(default_factory=list)  # variables whose values are secrets
+    pending: Any = None  # an asyncio task that completes ``env`` (its secret variables)
 
     def preexec(self, tty: bool) -> Callable[[], None] | None:
         """What the session's child runs before exec: take the PTY as its terminal, enter the
@@ -223,6 +224,10 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         chan = self.chan
         if chan is None:
             return
+        if self.ctx.pending is not None:
+            await asyncio.shield(self.ctx.pending)  # never raises: it says why in ``notice``
+            if self.chan is None:
+                return
         if self.ctx.notice and self.subsystem is None:
             chan.write_stderr(f"{self.ctx.notice}\r\n".encode())
         loop = asyncio.get_running_loop()

@@ -151,7 +151,9 @@ class _Connection(asyncssh.SSHServer):
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, msg)
             return
         if self.ctx.secret_names:
-            await self._secret_env(target.job_id)
+            # Asked now, awaited by each session before its process starts (asyncssh already
+            # accepts the client's channel requests while this method runs).
+            self.ctx.pending = asyncio.ensure_future(self._secret_env(target.job_id))
         peer = self.conn.get_extra_info("peername") or ("", 0)
         local = self.conn.get_extra_info("sockname") or ("", 0)
         self.ctx.extra_env = {

@@ -534,12 +534,13 @@ class Executor:
         if job is None or run is None or job_id not in self.local:
             raise RuntimeError("the job does not run on this host")
         spec = run.spec.for_group(job.group)
-        keys = _secret_keys(dict(spec.env))
+        templates = dict(spec.env)
+        keys = _secret_keys(templates)
         if not keys:
             return {}
         with trio.fail_after(SESSION_SECRETS_TIMEOUT_S):
             values = await self._secrets(job_id, run.config)
-        env = {k: interpolate(spec.env[k], {"secrets": values}) for k in keys}
+        env = {k: interpolate(templates[k], {"secrets": values}) for k in keys}
         if job_id in self.local:
             self._secret_env[job_id] = env
         return dict(env)

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import trio
 
+import tests.runner.test_executor as tx  # its state helpers (a module: not collected twice)
 from meshgpu.runner import JobLaunch, ProcessRunner
 from meshgpu.runner.container import container_argv
+from meshgpu.runner.executor import Executor
 from meshgpu.runner.process import LAUNCHER_SOCK, MAX_SECRETS_BYTES
 
 BASE = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -192,3 +194,54 @@ def test_image_jobs_take_secret_values_from_the_runtimes_environment() -> None:
     )
     i = argv.index("HF_TOKEN")
     assert argv[i - 1] == "-e" and "PLAIN=1" in argv and not any(SECRET in a for a in argv)
+
+
+SECRET_TASK = """\
+type: task
+env:
+  - HF_TOKEN=${{ secrets.hf }}
+  - PLAIN=x
+commands:
+  - sleep 1
+resources: {gpu: 1}
+"""
+
+
+def _executor(sm: object, runner: ProcessRunner, node_id: str) -> Executor:
+    return Executor(
+        node_id, sm, runner, propose=None, code_dir=Path("/nonexistent"), gpu_vendor=lambda: None
+    )  # type: ignore[arg-type]
+
+
+async def test_the_executor_keeps_secret_variables_apart_and_refetches_them_for_sessions(
+    tmp_path: Path,
+) -> None:
+    sm = tx._state()
+    (job,) = tx._submit(sm, "hf", SECRET_TASK)
+    tx._assign(sm, [(job, "n1", [0])])
+    job = sm.jobs[job.job_id]
+    runner = ProcessRunner(tmp_path / "jobs", use_launcher=False)
+    ex = _executor(sm, runner, "n1")
+    run = sm.runs["hf"]
+    launch = ex._prepare(job, run.run_args, run.spec, job.epoch, {"hf": SECRET})
+    assert launch.secret_env == {"HF_TOKEN": SECRET} and launch.mask == (SECRET,)
+    assert "HF_TOKEN" not in launch.env and launch.env["PLAIN"] == "x"
+
+    # A restarted agent (nothing in memory) re-adopted the job: a session's lookup asks a
+    # voter once (the peer call: here a function that counts), then keeps the answer.
+    again = _executor(sm, runner, "n1")
+    with pytest.raises(RuntimeError, match="does not run on this host"):
+        await again.session_secrets(job.job_id)
+    again.local[job.job_id] = job.epoch
+    with pytest.raises(RuntimeError, match="cannot fetch secrets"):
+        await again.session_secrets(job.job_id)
+    asked: list[str] = []
+
+    async def fetch(job_id: str) -> dict[str, str]:
+        asked.append(job_id)
+        return {"hf": SECRET}
+
+    again.secrets = fetch
+    assert await again.session_secrets(job.job_id) == {"HF_TOKEN": SECRET}
+    assert await again.session_secrets(job.job_id) == {"HF_TOKEN": SECRET}
+    assert asked == [job.job_id]
