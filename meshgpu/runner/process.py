@@ -255,7 +255,7 @@ class ProcessRunner:
         finally:
             tmp.unlink(missing_ok=True)
 
-    async def _launch_via_launcher(self, job_dir: Path, secrets: bytes | None) -> int | None:
+    async def _launch_via_launcher(self, job_dir: Path, secrets: bytes | None = None) -> int | None:
         """Ask the fork server for a supervisor; None if it cannot be had (then spawn directly).
 
         Requests are combined: whoever holds the connection sends every request waiting at that
