@@ -240,6 +240,7 @@ class Agent:
                 s.ssh_port,
                 ident.host,
                 lambda notify: nursery.start_soon(follow_applied, node, notify),
+                secret_env=executor.session_secrets,
             )
             await wait_leader(node)
             if founding:

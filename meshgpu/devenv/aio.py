@@ -9,7 +9,9 @@ crosses into trio). The two meet in two narrow places:
 - asyncio -> trio: ``await bridge.call_trio(fn, *args)`` (from asyncio) runs a plain function
   on the trio loop and returns its result: the replicated state, the SessionTracker and
   anything else "event loop only" is read and changed there, never from the asyncio thread;
-  ``bridge.notify_trio(fn, *args)`` does the same without waiting (in order).
+  ``bridge.notify_trio(fn, *args)`` does the same without waiting (in order);
+  ``await bridge.call_trio_async(afn, *args)`` awaits an async function there (a trio system
+  task: ``afn`` bounds its own time).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import trio
@@ -84,6 +86,30 @@ class AsyncioThread:
 
         try:
             self._token.run_sync_soon(call)
+        except trio.RunFinishedError:
+            raise ConnectionAbortedError("the agent is stopping") from None
+        return await fut
+
+    async def call_trio_async(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Await ``afn(*args)`` on the trio loop and return its result (from asyncio)."""
+        assert self.loop is not None and self._token is not None
+        loop = self.loop
+        fut: asyncio.Future[T] = loop.create_future()
+
+        async def task() -> None:
+            try:
+                value = await afn(*args)
+            except Exception as e:  # handed to the asyncio caller
+                loop.call_soon_threadsafe(_settle, fut, None, e)
+            except BaseException:  # trio is ending (Cancelled): the caller hears of it
+                why = ConnectionAbortedError("the agent is stopping")
+                loop.call_soon_threadsafe(_settle, fut, None, why)
+                raise
+            else:
+                loop.call_soon_threadsafe(_settle, fut, value, None)
+
+        try:
+            self._token.run_sync_soon(trio.lowlevel.spawn_system_task, task)
         except trio.RunFinishedError:
             raise ConnectionAbortedError("the agent is stopping") from None
         return await fut

@@ -62,6 +62,10 @@ class JobContext:
     # sessions enter the same cgroups, mount namespace and user.
     sandbox: dict[str, Any] | None = None
     job_pid: int | None = None
+    # Said on the session's stderr when it starts (e.g. its secret variables are unavailable).
+    notice: str = ""
+    secret_names: list[str] = field(default_factory=list)  # variables whose values are secrets
+    pending: Any = None  # an asyncio task that completes ``env`` (its secret variables)
 
     def preexec(self, tty: bool) -> Callable[[], None] | None:
         """What the session's child runs before exec: take the PTY as its terminal, enter the
@@ -220,6 +224,12 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         chan = self.chan
         if chan is None:
             return
+        if self.ctx.pending is not None:
+            await asyncio.shield(self.ctx.pending)  # never raises: it says why in ``notice``
+            if self.chan is None:
+                return
+        if self.ctx.notice and self.subsystem is None:
+            chan.write_stderr(f"{self.ctx.notice}\r\n".encode())
         loop = asyncio.get_running_loop()
         try:
             argv, env = self._argv(), self._env()

@@ -2,7 +2,8 @@
 
 Users authenticate with public keys registered through the API (``/api/v1/ssh/keys``, kept in
 the replicated state); the username names the job (``RUN``, ``RUN-N`` or a job id:
-``target.py``). A session runs as the job does: its environment (``job.json``), working
+``target.py``). A session runs as the job does: its environment (``job.json``, and the
+variables that hold its project secrets, which are never on disk: asked of the executor), working
 directory and OS user (for an image job, ``<runtime> exec`` into its container), with a PTY
 shell, exec, SFTP (and so scp), local port forwarding to the job's host (127.0.0.1 only) and
 agent forwarding. Every authenticated connection is one session in the agent's
@@ -25,7 +26,7 @@ import logging
 import os
 import pwd
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,7 @@ def load_job_context(jobs_dir: Path, job_id: str) -> JobContext:
     if len(argv) > 2 and argv[1] == "run" and "--name" in argv:  # an image job (container.py)
         container = (argv[0], argv[argv.index("--name") + 1])
         shell = "/bin/sh"
+    secret_names = [str(k) for k in record.get("secret_env") or ()]
     cwd = record.get("cwd") or str(jobs_dir / job_id / "work")
     wd = env.get("MESHGPU_WORKING_DIR")
     if container is None and wd and os.path.isdir(wd):
@@ -100,6 +102,7 @@ def load_job_context(jobs_dir: Path, job_id: str) -> JobContext:
         container=container,
         sandbox=sandbox,
         job_pid=job_pid,
+        secret_names=secret_names,
     )
 
 
@@ -147,6 +150,10 @@ class _Connection(asyncssh.SSHServer):
             msg = f"meshgpu: the job's record on this host cannot be read ({e})"
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, msg)
             return
+        if self.ctx.secret_names:
+            # Asked now, awaited by each session before its process starts (asyncssh already
+            # accepts the client's channel requests while this method runs).
+            self.ctx.pending = asyncio.ensure_future(self._secret_env(target.job_id))
         peer = self.conn.get_extra_info("peername") or ("", 0)
         local = self.conn.get_extra_info("sockname") or ("", 0)
         self.ctx.extra_env = {
@@ -156,6 +163,24 @@ class _Connection(asyncssh.SSHServer):
         self.ctx.agent_path = self.conn.get_agent_path
         self.opened = True
         self.server.bridge.notify_trio(self.server._opened, target, self)
+
+    async def _secret_env(self, job_id: str) -> None:
+        """The job's secret variables into the session's environment (from the executor, on
+        the trio loop); a session without them says so, and why."""
+        assert self.ctx is not None
+        names = ", ".join(self.ctx.secret_names)
+        lookup = self.server.secret_env
+        try:
+            if lookup is None:
+                raise RuntimeError("this host's SSH server has no access to them")
+            values = await self.server.bridge.call_trio_async(lookup, job_id)
+        except Exception as e:  # the session still opens, saying what it lacks
+            log.warning("job=%s: secret variables unavailable to an SSH session: %s", job_id, e)
+            why = str(e) or type(e).__name__
+            self.ctx.notice = f"meshgpu: the job's secret variables ({names}) are unavailable "
+            self.ctx.notice += f"in this session: {why}"
+            return
+        self.ctx.env.update(values)
 
     def session_requested(self) -> Any:
         if self.ctx is None:
@@ -218,6 +243,7 @@ class SSHServer:
         window: int = WINDOW,
         max_pktsize: int = MAX_PKTSIZE,
         sftp_server: str | None | Callable[[], str | None] = find_sftp_server,
+        secret_env: Callable[[str], Awaitable[dict[str, str]]] | None = None,
     ) -> None:
         self.node_id, self.state, self.cluster = node_id, state, cluster
         self.jobs_dir, self.sessions = jobs_dir, sessions
@@ -225,6 +251,9 @@ class SSHServer:
         self.window, self.max_pktsize = window, max_pktsize
         self.sftp_server = sftp_server() if callable(sftp_server) else sftp_server
         self.bridge = AsyncioThread("sshd")
+        # A job's secret variables (name -> value), awaited on the trio loop: the executor's
+        # ``session_secrets`` (they are in no file on this host).
+        self.secret_env = secret_env
         self._ids = itertools.count(1)
         # Every session's process, so that stopping the server leaves none behind (asyncio side).
         self.live: weakref.WeakSet[JobSession] = weakref.WeakSet()
@@ -325,6 +354,7 @@ async def start_ssh_server(
     port: int,
     host: str,
     follow: Callable[[Callable[[int], None]], None],
+    secret_env: Callable[[str], Awaitable[dict[str, str]]] | None = None,
 ) -> tuple[str, str]:
     """This host's SSH server into its jobs, started in ``nursery`` with its host key (made once
     in ``data_dir``); ``follow`` registers its reaction to applied entries (sessions of jobs that
@@ -342,6 +372,7 @@ async def start_ssh_server(
         host_key=host_key,
         bind=bind,
         port=port,
+        secret_env=secret_env,
     )
     bound = await nursery.start(server.run)
     follow(server.notify)

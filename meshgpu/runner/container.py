@@ -58,8 +58,12 @@ def container_argv(
     entrypoint: str | None = None,
     auth_file: str | None = None,
     volumes: Sequence[tuple[str, str]] = (),
+    pass_env: Sequence[str] = (),
 ) -> list[str]:
-    """``auth_file``: the job's registry credentials (a ``config.json``) to pull ``image``."""
+    """``auth_file``: the job's registry credentials (a ``config.json``) to pull ``image``.
+    ``pass_env``: variables given by name only (``-e NAME``): the runtime takes their values
+    from its own environment -- the job's secrets, which must not be in its command line (nor
+    so in ``job.json``)."""
     podman = runtime.rsplit("/", 1)[-1] == "podman"
     argv = [runtime]
     if auth_file and not podman:
@@ -100,6 +104,8 @@ def container_argv(
     for key, value in sorted(env.items()):
         if key not in _HOST_ONLY:
             argv += ["-e", f"{key}={value}"]
+    for key in pass_env:
+        argv += ["-e", key]
     argv.append(image)
     if entrypoint:
         argv += [*args, *commands]

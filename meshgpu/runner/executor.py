@@ -52,6 +52,7 @@ from meshgpu.state import (
 log = logging.getLogger(__name__)
 MAX_BATCH = 500  # reports per Raft entry
 MAX_MESSAGE = 2000  # characters of a report's message
+SESSION_SECRETS_TIMEOUT_S = 15.0  # an SSH session waits this long for a voter to give them
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 5.0  # a report that did not commit is retried, backing off
 
 
@@ -152,6 +153,10 @@ class Executor:
         # A job's project secrets, from a voter (job id -> name -> value; set by the agent once
         # its peer client and use cases exist). None: a job that names secrets fails to start.
         self.secrets: Callable[[str], Awaitable[dict[str, str]]] | None = None
+        # The variables of jobs running here whose values are project secrets (job -> name ->
+        # value): in memory only, for SSH sessions into the job (``session_secrets``); a
+        # restarted agent asks a voter again when a session needs them.
+        self._secret_env: dict[str, dict[str, str]] = {}
 
     def notify(self, _index: int = 0) -> None:
         self._changed.set()
@@ -329,6 +334,8 @@ class Executor:
             if run.code is not None:
                 await self._unpack(run.code.sha256, Path(place.host_code_root))
             await self.runner.start(launch)
+            if launch.secret_env:
+                self._secret_env[job_id] = dict(launch.secret_env)
             if job_id in self.stopping and job_id not in self._draining:
                 # Stopped while its supervisor was being started: ask again now that its pid is
                 # known (the first request may have come before the supervisor could see it).
@@ -336,6 +343,7 @@ class Executor:
                 self.runner.stop(job_id, grace_s=grace, reason=why)
         except Exception as e:  # any failure to start is the job's, not the agent's
             self._sandboxes.pop(job_id, None)
+            self._secret_env.pop(job_id, None)
             log.exception("job=%s failed to start", job_id)
             remove_auth(self.runner.job_dir(job_id))
             await self._report(
@@ -402,6 +410,7 @@ class Executor:
         work = self.runner.prepare(job.job_id, hostfile=cluster.hostfile())
         hostfile = str(self.runner.hostfile_path(job.job_id))
         user_env = dict(spec.env)
+        secret_keys = _secret_keys(user_env) if secrets else []
         if secrets:
             # ``${{ secrets.X }}`` (dstack: env and registry_auth), resolved here at start: the
             # values never enter the replicated state, only this job's environment.
@@ -433,6 +442,8 @@ class Executor:
         box = None if spec.image else self._sandbox(job, spec, work)
         if box is not None:
             env.update({k: v for k, v in box.env.items() if k not in user_env})
+        # Never on disk: the supervisor gets these in memory (JobLaunch.secret_env).
+        secret_env = {k: env.pop(k) for k in secret_keys}
         commands = list(spec.job_spec(job.group, job.job_num).commands)
         namespaces = {
             "run": {"args": shlex.join(run_args)},
@@ -491,6 +502,7 @@ class Executor:
                     entrypoint=spec.entrypoint,
                     auth_file=auth_file,
                     volumes=host_volumes(spec.volumes),
+                    pass_env=sorted(secret_env),  # from the runtime's environment, not argv
                 )
             )
         launch = JobLaunch(
@@ -504,10 +516,34 @@ class Executor:
             argv=argv,
             sandbox=box.spec if box is not None else None,
             mask=tuple(sorted(set((secrets or {}).values()))),
+            secret_env=secret_env,
         )
         if box is not None:
             self._sandboxes[job.job_id] = box
         return launch
+
+    async def session_secrets(self, job_id: str) -> dict[str, str]:
+        """The secret variables of ``job_id`` (running here) for an SSH session into it: kept
+        since its start, or -- this agent restarted and re-adopted the job, whose supervisor
+        alone holds them -- fetched again from a voter (which checks the job is this host's)."""
+        known = self._secret_env.get(job_id)
+        if known is not None:
+            return dict(known)
+        job = self.state.jobs.get(job_id)
+        run = self.state.runs.get(job.run_name) if job is not None else None
+        if job is None or run is None or job_id not in self.local:
+            raise RuntimeError("the job does not run on this host")
+        spec = run.spec.for_group(job.group)
+        templates = dict(spec.env)
+        keys = _secret_keys(templates)
+        if not keys:
+            return {}
+        with trio.fail_after(SESSION_SECRETS_TIMEOUT_S):
+            values = await self._secrets(job_id, run.config)
+        env = {k: interpolate(templates[k], {"secrets": values}) for k in keys}
+        if job_id in self.local:
+            self._secret_env[job_id] = env
+        return dict(env)
 
     async def _secrets(self, job_id: str, config: dict[str, Any]) -> dict[str, str]:
         """The project secrets the job's configuration names, from a voter over the peer
@@ -588,6 +624,7 @@ class Executor:
 
     async def _watch(self, job_id: str, epoch: int) -> None:
         result = await self.runner.wait(job_id)
+        self._secret_env.pop(job_id, None)
         remove_auth(self.runner.job_dir(job_id))  # the image was pulled long since
         await self._report(job_id, epoch, result)
 
@@ -633,6 +670,7 @@ class Executor:
                         log.warning("job=%s not marked reported: %s", r.job_id, e)
                     if self.local.get(r.job_id) == r.epoch:
                         self.local.pop(r.job_id, None)
+                        self._secret_env.pop(r.job_id, None)
                     self.stopping.discard(r.job_id)
                     self._stop_args.pop(r.job_id, None)
                     self._stop_messages.pop(r.job_id, None)
@@ -650,6 +688,11 @@ class Executor:
                 log.warning("report not committed yet (%s); retrying", e)
                 await self.clock.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
+
+
+def _secret_keys(env: dict[str, str]) -> list[str]:
+    """The variables of a job's ``env`` whose values reference ``${{ secrets.X }}``."""
+    return [k for k, v in env.items() if secret_names({"env": {k: v}})]
 
 
 def _resolve_auth(auth: tuple[str, str], secrets: dict[str, str]) -> tuple[str, str]:

@@ -2,9 +2,11 @@
 forking one that is already running costs ~1 ms.
 
 The agent starts ``python -I -S launcher.py DIR`` once, in its own session (so it survives the
-agent like the jobs do). It listens on ``DIR/launcher.sock``; each request is a job directory, and
-the launcher forks a child that becomes that job's supervisor (``shim.main``) and answers with the
-child's pid. Supervisors started this way are exactly those started directly: their state lives in
+agent like the jobs do). It listens on ``DIR/launcher-2.sock``; each request is a line: a job
+directory, or a JSON object ``{"dir": DIR, "secrets": {"env": {...}, "mask": [...]}}`` (the job's
+secret values, which never touch the disk: the forked supervisor gets them in memory), and the
+launcher forks a child that becomes that job's supervisor (``shim.main``) and answers with the
+child's pid (or ``{"error": ...}``). A request is at most ``MAX_REQUEST`` bytes. Supervisors started this way are exactly those started directly: their state lives in
 the job directory, and the agent watches them through pidfds. The launcher reaps its children and
 exits after ``IDLE_EXIT_S`` with no supervisor left and no request.
 
@@ -25,6 +27,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shim  # noqa: E402 - next to this file; stdlib only
 
 IDLE_EXIT_S = 600.0
+SOCK = "launcher-2.sock"  # process.py's LAUNCHER_SOCK: the request format's version
+MAX_REQUEST = shim.MAX_SECRETS + 8192  # the secrets, the directory and the JSON around them
+
+
+def _request(line: bytes) -> tuple[str, dict | None]:
+    """A request line: (job directory, its secrets or None). ValueError if malformed."""
+    if not line.startswith(b"{"):
+        return line.decode(), None
+    req = json.loads(line)
+    if not isinstance(req, dict) or not isinstance(req.get("dir"), str):
+        raise ValueError('a request object needs its job directory as "dir"')
+    secrets = req.get("secrets")
+    if secrets is not None and not isinstance(secrets, dict):
+        raise ValueError('"secrets" must be an object')
+    return req["dir"], secrets
 
 
 def _reap(children: set[int]) -> None:
@@ -38,7 +55,9 @@ def _reap(children: set[int]) -> None:
         children.discard(pid)
 
 
-def _spawn(job_dir: str, listener: socket.socket, conn: socket.socket) -> int:
+def _spawn(
+    job_dir: str, listener: socket.socket, conn: socket.socket, secrets: dict | None = None
+) -> int:
     pid = os.fork()
     if pid == 0:
         try:
@@ -50,7 +69,7 @@ def _spawn(job_dir: str, listener: socket.socket, conn: socket.socket) -> int:
             )
             os.dup2(err, 2)
             os.close(err)
-            code = shim.main(job_dir)
+            code = shim.main(job_dir, secrets)
         except BaseException:  # noqa: BLE001 - a supervisor must never fall back into the server
             code = 1
         os._exit(code)
@@ -63,7 +82,7 @@ def serve(directory: str) -> int:
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
-    path = os.path.join(directory, "launcher.sock")
+    path = os.path.join(directory, SOCK)
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -111,12 +130,17 @@ def serve(directory: str) -> int:
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
                     try:
-                        pid = _spawn(line.decode(), listener, conn)
+                        job_dir, secrets = _request(line)
+                        pid = _spawn(job_dir, listener, conn, secrets)
                         children.add(pid)
                         reply = {"pid": pid}
-                    except OSError as e:
+                    except (OSError, ValueError) as e:
                         reply = {"error": str(e)}
                     conn.sendall(json.dumps(reply).encode() + b"\n")
+                if len(buf) > MAX_REQUEST:  # bounded: a request that never ends is refused
+                    msg = f"a request is at most {MAX_REQUEST} bytes"
+                    conn.sendall(json.dumps({"error": msg}).encode() + b"\n")
+                    break
             idle_since = time.monotonic()
     try:
         os.unlink(path)

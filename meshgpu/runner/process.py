@@ -17,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,20 @@ from meshgpu.runner.jobenv import command_argv
 log = logging.getLogger(__name__)
 SHIM = Path(__file__).with_name("shim.py")
 LAUNCHER = Path(__file__).with_name("launcher.py")
+# launcher.py's socket (its request format's version is in the name: a fork server left running
+# by an older agent answers on the old name and leaves on its own when idle).
+LAUNCHER_SOCK = "launcher-2.sock"
 DEFAULT_LOG_CAP = 64 << 20
+# The job's secrets as they reach its supervisor in memory (JSON): launcher.py and shim.py
+# refuse more (MAX_SECRETS there).
+MAX_SECRETS_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class JobLaunch:
-    """Everything the shim needs; written to ``job.json``."""
+    """Everything the shim needs; written to ``job.json`` -- but for ``secret_env`` and
+    ``mask``: secret values never touch the disk. They reach the supervisor in memory (the fork
+    server's request, or a pipe on its stdin), and ``job.json`` names only the variables."""
 
     job_id: str
     commands: tuple[str, ...]
@@ -51,6 +59,22 @@ class JobLaunch:
     sandbox: dict[str, Any] | None = None
     # Values masked in the job's log (its project secrets), by the supervisor as it writes.
     mask: tuple[str, ...] = ()
+    # The job's environment variables whose values came from its project secrets (``env`` holds
+    # the others): the supervisor adds them when it starts the job.
+    secret_env: dict[str, str] = field(default_factory=dict)
+
+    def secrets_payload(self) -> bytes | None:
+        """What the supervisor gets in memory (JSON), or None when the job has no secrets.
+        ValueError past MAX_SECRETS_BYTES."""
+        if not self.secret_env and not self.mask:
+            return None
+        data = json.dumps({"env": self.secret_env, "mask": list(self.mask)}).encode()
+        if len(data) > MAX_SECRETS_BYTES:
+            raise ValueError(
+                f"the job's secrets take {len(data)} bytes, over the {MAX_SECRETS_BYTES} a job's "
+                "supervisor accepts: reference fewer or smaller secrets in env/registry_auth"
+            )
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +107,16 @@ def _write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path``, mode 0600 (like everything in the data dir)."""
     with os.fdopen(open_private(path), "w") as f:
         f.write(text)
+
+
+def _feed(pipe: Any, data: bytes) -> None:
+    """Write the job's secrets to its supervisor's stdin and close it (worker thread). A
+    supervisor that left at once (the job already has one) reads nothing: that is fine."""
+    try:
+        with pipe:
+            pipe.write(data)
+    except BrokenPipeError:
+        pass
 
 
 def _read_json(path: Path) -> dict | None:
@@ -180,15 +214,24 @@ class ProcessRunner:
         if user and root != d and not give_tree(root, user["uid"], user["gid"], budget=64):
             await trio.to_thread.run_sync(give_tree, root, user["uid"], user["gid"])
         argv = list(launch.argv) if launch.argv else command_argv(launch.shell, launch.commands)
+        secrets = launch.secrets_payload()
+        overlap = set(launch.secret_env) & set(launch.env)
+        if overlap:
+            raise ValueError(f"secret variables also in the job's plain env: {sorted(overlap)}")
         record = asdict(launch) | {"argv": argv, "cwd": str(work)}
+        del record["mask"]
+        # Names only: the supervisor has the values in memory (and so does the agent, for SSH
+        # sessions; a restarted agent asks a voter again: Executor.session_secrets).
+        record["secret_env"] = sorted(launch.secret_env)
+        record["secrets_in_memory"] = secrets is not None  # the supervisor waits for them
         _write_private(d / "job.json", json.dumps(record))
-        pid = await self._launch_via_launcher(d) if self.use_launcher else None
+        pid = await self._launch_via_launcher(d, secrets) if self.use_launcher else None
         if pid is None:
             with os.fdopen(open_private(d / "shim.err"), "wb") as err:
                 proc = subprocess.Popen(
                     [sys.executable, "-I", "-S", str(SHIM), str(d)],
                     start_new_session=True,  # the agent's death (or its Ctrl-C) must not reach the job
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL if secrets is None else subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
                     stderr=err,
                     close_fds=True,
@@ -196,6 +239,10 @@ class ProcessRunner:
             # Kept so ``wait`` can reap it: a shim must not linger as a zombie under the agent.
             self._children[launch.job_id] = proc
             pid = proc.pid
+            if secrets is not None:
+                assert proc.stdin is not None
+                # In a worker thread: the pipe holds 64 KiB, the rest waits for the shim to read.
+                await trio.to_thread.run_sync(_feed, proc.stdin, secrets)
         # The shim is our child only until the agent restarts; track it by pid + start time.
         # Unless the supervisor wrote it first (it does, once it holds the job's lock): the
         # file names the one supervisor of the job, never a repeated launch that left at once.
@@ -208,14 +255,21 @@ class ProcessRunner:
         finally:
             tmp.unlink(missing_ok=True)
 
-    async def _launch_via_launcher(self, job_dir: Path) -> int | None:
+    async def _launch_via_launcher(self, job_dir: Path, secrets: bytes | None = None) -> int | None:
         """Ask the fork server for a supervisor; None if it cannot be had (then spawn directly).
 
         Requests are combined: whoever holds the connection sends every request waiting at that
         moment and reads all their replies, so eight jobs assigned at once cost one round trip
         instead of eight in a row."""
         assert self._launch_lock is not None
-        slot: dict[str, Any] = {"dir": job_dir, "done": False, "pid": None}
+        # A request is a line: the job directory, or a JSON object with its secrets
+        # (``{"dir": ..., "secrets": {"env": {...}, "mask": [...]}}``: the fork server hands
+        # them to the supervisor it forks, in memory).
+        if secrets is None:
+            request = str(job_dir).encode() + b"\n"
+        else:
+            request = b'{"dir": %s, "secrets": %s}\n' % (json.dumps(str(job_dir)).encode(), secrets)
+        slot: dict[str, Any] = {"request": request, "done": False, "pid": None}
         self._launch_waiting.append(slot)
         async with self._launch_lock:
             if slot["done"]:
@@ -224,7 +278,7 @@ class ProcessRunner:
             for _ in range(2):
                 try:
                     stream, buf = await self._launcher_conn()
-                    await stream.send_all(b"".join(str(s["dir"]).encode() + b"\n" for s in batch))
+                    await stream.send_all(b"".join(s["request"] for s in batch))
                     for s in batch:
                         while b"\n" not in buf:
                             chunk = await stream.receive_some(65536)
@@ -249,7 +303,7 @@ class ProcessRunner:
     async def _launcher_conn(self) -> tuple[trio.SocketStream, bytearray]:
         if self._launcher is not None:
             return self._launcher
-        sock = self.jobs_dir / "launcher.sock"
+        sock = self.jobs_dir / LAUNCHER_SOCK
         try:
             stream = await trio.open_unix_socket(str(sock))
         except OSError:

@@ -33,6 +33,26 @@ else:  # run as a script (python -I -S shim.py) or by the fork server: next to t
     from masking import Masker  # type: ignore[no-redef]  # stdlib only
 
 LOG_NAME = "output.log"
+# The job's secrets (JSON: ``{"env": {...}, "mask": [...]}``) as they come in memory: from the
+# fork server (launcher.py) or on stdin. Never on disk: ``job.json`` names the variables only.
+MAX_SECRETS = 1 << 20
+
+
+def _read_secrets(fd: int) -> dict | None:
+    """The job's secrets from ``fd`` (read to EOF, bounded); None if they did not come whole."""
+    data = b""
+    while len(data) <= MAX_SECRETS:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    if len(data) > MAX_SECRETS:
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _write_json(path: str, value: object) -> None:
@@ -67,7 +87,7 @@ def _starttime(pid: int) -> int | None:
         return None
 
 
-def main(job_dir: str) -> int:
+def main(job_dir: str, secrets: dict | None = None) -> int:
     # One supervisor per job, ever: a launch repeated after a lost answer (the fork server's
     # connection broke mid-batch) finds the lock held, or the job already started, and leaves.
     lock = os.open(os.path.join(job_dir, "shim.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
@@ -82,6 +102,24 @@ def main(job_dir: str) -> int:
     # is not there yet, so a repeated launch's pid never replaces this one).
     _write_json(os.path.join(job_dir, "shim.pid"), {"pid": me, "starttime": _starttime(me)})
     spec = _read_json(os.path.join(job_dir, "job.json"))
+    if spec.get("secrets_in_memory") and secrets is None:
+        try:
+            secrets = _read_secrets(0)  # started directly: the agent writes them to our stdin
+        except OSError:
+            secrets = None
+        if secrets is None:
+            _write_json(
+                os.path.join(job_dir, "status.json"),
+                {
+                    "exit_code": None,
+                    "reason": "executor_error",
+                    "message": "the job's secrets did not reach its supervisor",
+                    "finished_at": time.time(),
+                },
+            )
+            return 1
+    secrets = secrets or {}
+    env = {**spec.get("env", {}), **(secrets.get("env") or {})}
     log_cap = int(spec.get("log_cap_bytes", 64 << 20))
     max_duration = spec.get("max_duration_s")
     default_grace = float(spec.get("stop_grace_s", 10))
@@ -144,7 +182,7 @@ def main(job_dir: str) -> int:
                     os.write(ready_wr, str(e).encode()[:4000] or b"?")
                     os._exit(127)
             os.chdir(spec["cwd"])
-            os.execve(spec["argv"][0], spec["argv"], spec["env"])
+            os.execve(spec["argv"][0], spec["argv"], env)
         except BaseException as e:  # noqa: BLE001 - report anything, the job cannot start
             os.write(2, f"meshgpu: cannot start the job: {e}\n".encode())
             os._exit(127)
@@ -194,7 +232,7 @@ def main(job_dir: str) -> int:
     log_fd = os.open(os.path.join(job_dir, LOG_NAME), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     log = open(log_fd, "ab", buffering=0)  # noqa: SIM115 - closed below
     # The project secrets the job was given: masked in its log as it is written.
-    masker = Masker([str(v).encode() for v in spec.get("mask") or ()])
+    masker = Masker([str(v).encode() for v in secrets.get("mask") or ()])
     eof = False
     status = None
     try:

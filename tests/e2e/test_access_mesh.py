@@ -2,8 +2,8 @@
 (project a) and bob (project b) each submit; bob cannot list, read the logs of, stop or attach
 to alice's run through any node (404); a manager adds him and then he can; a revoked token is
 refused on every node within a second; a secret set through one node reaches a job's env on
-another, never appears in any member's data dir (Raft DB, WAL, snapshots) nor in the run API,
-and is masked in the job's log."""
+another, never appears in any member's data dir (Raft DB, WAL, snapshots, job records) nor in
+the jobs' workspaces nor in the run API, and is masked in the job's log."""
 
 from __future__ import annotations
 
@@ -114,11 +114,17 @@ def test_projects_roles_tokens_and_secrets_across_three_nodes(
         )
         assert r.status_code == 404, r.text
 
-    # The secret's bytes are nowhere in any member's Raft DB, WAL or snapshots, nor in views.
+    # The secret's bytes are nowhere in any member's data dir (Raft DB, WAL, snapshots, and the
+    # job records: the supervisor got the value in memory) nor in the jobs' workspaces, nor in
+    # views -- while the job that has it in its env still runs.
+    seen = set()
     for ag in mesh:
-        for f in ag.data.rglob("*"):
-            if f.is_file() and "jobs" not in f.relative_to(ag.data).parts:
-                assert SECRET.encode() not in f.read_bytes(), f
+        for root in (ag.data, ag.workspace_dir):
+            for f in root.rglob("*") if root.exists() else ():
+                if f.is_file():
+                    assert SECRET.encode() not in f.read_bytes(), f
+                    seen.add(f.name)
+    assert {"job.json", "output.log"} <= seen, sorted(seen)
     for ag in mesh:
         assert SECRET not in http(ag, tokens["alice"]).get("/api/v1/runs/alice-run").text
         assert SECRET not in http(ag, a.token).get("/api/v1/runs", params={"all": True}).text
