@@ -87,6 +87,24 @@ def _starttime(pid: int) -> int | None:
         return None
 
 
+def _yield_to_the_holder(job_dir: str, bound_s: float = 5.0) -> None:
+    """Another supervisor holds the job's lock: leave only once ``shim.pid`` names someone
+    else (or the job has started or ended). The agent may have recorded *this* process's pid
+    there (the first answer of a repeated launch), and it reads a supervisor gone without a
+    status as a job lost: lingering here until the holder has recorded its own pid closes
+    that window."""
+    me = os.getpid()
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        if _read_json(os.path.join(job_dir, "shim.pid")).get("pid") not in (None, me):
+            return
+        if os.path.exists(os.path.join(job_dir, "job.pid")) or os.path.exists(
+            os.path.join(job_dir, "status.json")
+        ):
+            return
+        time.sleep(0.01)
+
+
 def main(job_dir: str, secrets: dict | None = None) -> int:
     # One supervisor per job, ever: a launch repeated after a lost answer (the fork server's
     # connection broke mid-batch) finds the lock held, or the job already started, and leaves.
@@ -94,6 +112,7 @@ def main(job_dir: str, secrets: dict | None = None) -> int:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        _yield_to_the_holder(job_dir)
         return 0
     if os.path.exists(os.path.join(job_dir, "job.pid")):
         return 0
