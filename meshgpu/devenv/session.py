@@ -66,21 +66,44 @@ class JobContext:
     notice: str = ""
     secret_names: list[str] = field(default_factory=list)  # variables whose values are secrets
     pending: Any = None  # an asyncio task that completes ``env`` (its secret variables)
+    # The job has a PID namespace of its own (its init is ``job_pid``): sessions join it.
+    pid_ns: bool = False
 
     def preexec(self, tty: bool) -> Callable[[], None] | None:
         """What the session's child runs before exec: take the PTY as its terminal, enter the
         job's sandbox (then start where the job does: cwd was set before the mounts)."""
-        box, pid, cwd = self.sandbox, self.job_pid, self.cwd
+        box, pid, cwd, pid_ns = self.sandbox, self.job_pid, self.cwd, self.pid_ns
         if box is None or pid is None:
             return _controlling_tty if tty else None
 
         def enter() -> None:
             if tty:
                 _controlling_tty()
-            sandbox.enter_job(box, pid)
+            sandbox.enter_job(box, pid, pid_ns)
             os.chdir(cwd)
 
         return enter
+
+    def command(self, argv: list[str]) -> list[str]:
+        """The argv the session's child execs. Joining a PID namespace (``setns``) places only
+        the caller's *children* in it, so in a job with one the command runs as the child of
+        util-linux's ``unshare --fork`` (no namespace of its own: a plain fork), which waits
+        for it and ends the way it did (its exit code or signal); it lets the signals a
+        session sends its process group (SIGINT, SIGTERM) reach the command alone. One extra
+        process per session, already in the job's cgroups and running as its user."""
+        if not self.pid_ns or self.sandbox is None or self.job_pid is None:
+            return argv
+        return [_unshare(), "--fork", "--", *argv]
+
+
+def _unshare() -> str:
+    path = shutil.which("unshare") or "/usr/bin/unshare"
+    if not os.access(path, os.X_OK):
+        raise RuntimeError(
+            "this job has a PID namespace and sessions join it through unshare(1), which this "
+            "host lacks: install util-linux"
+        )
+    return path
 
 
 def _winsize(fd: int, size: tuple[int, int, int, int]) -> None:
@@ -195,7 +218,7 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                     "this host has no sftp-server (install openssh-sftp-server); "
                     "`scp -O` copies without it"
                 )
-            return [self.sftp_server]
+            return ctx.command([self.sftp_server])
         inner = [ctx.shell, "-c", self.command] if self.command is not None else [ctx.shell]
         if ctx.container is not None:
             runtime, name = ctx.container
@@ -203,7 +226,7 @@ class JobSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             if self.term is not None:
                 argv += ["-t", "-e", f"TERM={self.term[0]}"]
             return [*argv, name, *inner]
-        return inner
+        return ctx.command(inner)
 
     def _env(self) -> dict[str, str]:
         env = dict(self.ctx.env)

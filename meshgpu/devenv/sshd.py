@@ -36,6 +36,7 @@ import trio
 from meshgpu.devenv.aio import AsyncioThread
 from meshgpu.devenv.session import JobContext, JobSession, find_sftp_server
 from meshgpu.devenv.target import Target, Verdict, judge, still_serves
+from meshgpu.runner import sandbox as sandbox_mod
 
 if TYPE_CHECKING:
     from meshgpu.devenv.sessions import SessionTracker
@@ -69,11 +70,15 @@ def load_job_context(jobs_dir: Path, job_id: str) -> JobContext:
     # mount namespace and cgroups (entered through its first process: job.pid).
     sandbox = record.get("sandbox") or None
     job_pid = None
+    pid_ns = False
     if sandbox is not None:
         try:
             job_pid = int(json.loads((jobs_dir / job_id / "job.pid").read_text())["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             raise RuntimeError("the job's process is not known yet; try again shortly") from None
+        # Its PID namespace, if it got one (its init is job_pid): the kernel's word, not the
+        # record's, so a job that ran without one (the host refused it) is entered as it is.
+        pid_ns = sandbox_mod.own_pid_ns(job_pid)
     user = pwd.getpwuid(os.getuid())
     env.setdefault("HOME", user.pw_dir)
     env.setdefault("USER", user.pw_name)
@@ -103,6 +108,7 @@ def load_job_context(jobs_dir: Path, job_id: str) -> JobContext:
         sandbox=sandbox,
         job_pid=job_pid,
         secret_names=secret_names,
+        pid_ns=pid_ns,
     )
 
 

@@ -11,6 +11,10 @@ protections and what each needs from the host are the table in docs/operations.m
 - **mount namespace** (root): private mounts per job; ``volumes:`` (instance volumes) are bind
   mounts there, ``resources.shm_size`` a tmpfs at /dev/shm, GPUs the job does not hold hidden
   behind /dev/null binds over their ``/dev/nvidiaN``.
+- **PID namespace** (root, and a host that lets it unshare one and mount its /proc -- asked once,
+  at agent start, in a throwaway process): each job sees and can signal only its own processes,
+  not the agent's nor another job's, even one running as the same user; SSH sessions join it.
+  Without it jobs run as before (``pid_ns: false`` in the node's ``sandbox``).
 - **cgroups** (root; v2 when the unified hierarchy has the memory controller, else v1): memory,
   CPU quota and a pids cap per job. The scheduler reserves GPUs (and, on a host split into
   blocks, the job's blocks) but not CPU or memory on a host shared GPU by GPU, so the limits are:
@@ -28,6 +32,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -65,6 +70,29 @@ def ensure_user(name: str) -> None:
             "create it yourself or start the agent with --job-user ''"
         )
     log.info("created the job user %s", name)
+
+
+@lru_cache(maxsize=1)
+def probe_pid_ns() -> bool:
+    """Whether this host lets the agent give each job a PID namespace with its own /proc (a
+    container may refuse either): tried once in a short-lived process (``sandbox.py --probe``),
+    since the namespace outlives nothing but that process."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", sandbox.__file__, "--probe"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("cannot tell whether jobs may have a PID namespace (%s): they get none", e)
+        return False
+    if done.returncode != 0:
+        log.warning(
+            "this host refuses a PID namespace (or its /proc) to jobs: they run without one, "
+            "and can see (and, under the same user, signal) each other's processes"
+        )
+    return done.returncode == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +216,7 @@ class Confinement:
         pids_max: int = sandbox.DEFAULT_PIDS_MAX,
         dev_dir: str = "/dev",
         root: bool | None = None,
+        pid_ns: bool | None = None,
     ) -> None:
         self.root = is_root() if root is None else root
         me = pwd.getpwuid(os.geteuid()).pw_name
@@ -195,6 +224,10 @@ class Confinement:
         found = sandbox.cgroup_version(cgroup_root) if self.root else None
         self.cgroup = found  # (version, mount) or None
         self.mount_ns = self.root and os.path.exists("/proc/self/ns/mnt")
+        # A PID namespace needs the mount namespace (its own /proc); None: ask the host.
+        if pid_ns is None:
+            pid_ns = self.mount_ns and probe_pid_ns()
+        self.pid_ns = bool(pid_ns and self.mount_ns)
         self.pids_max = pids_max
         self.dev_dir = dev_dir
 
@@ -204,6 +237,7 @@ class Confinement:
             "user": self.job_user,
             "cgroup": self.cgroup[0] if self.cgroup else None,
             "mount_ns": self.mount_ns,
+            "pid_ns": self.pid_ns,
         }
 
     def prepare_host(self) -> None:
@@ -274,6 +308,7 @@ class Confinement:
         spec: dict[str, Any] = {
             "cgroup": cg,
             "mount_ns": self.mount_ns,
+            "pid_ns": self.pid_ns,
             "binds": binds,
             "shm_bytes": int(shm_size_gb * (1 << 30)) if shm_size_gb else None,
             "hide": sorted(hide),

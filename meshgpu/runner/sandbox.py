@@ -12,6 +12,7 @@ The sandbox of a job is a JSON object in its ``job.json`` (``"sandbox"``; absent
                 "memory_bytes": N|null, "cpu_quota_us": N|null, "cpu_period_us": 100000,
                 "pids_max": N|null},            # or null: no cgroup
      "mount_ns": true,                           # a private mount namespace
+     "pid_ns": true,                             # a PID namespace (needs mount_ns: its /proc)
      "binds": [["/host/src", "/job/dst"], ...],  # instance volumes (bind mounts)
      "shm_bytes": N|null,                        # tmpfs at /dev/shm of that size
      "hide": ["/dev/nvidia1", ...],              # /dev/null bound over them
@@ -19,6 +20,12 @@ The sandbox of a job is a JSON object in its ``job.json`` (``"sandbox"``; absent
 
 Order in the job's child (``enter``): join the cgroups, unshare the mount namespace and make the
 mounts, then drop privileges (setgroups, setgid, setuid) -- every step that needs root first.
+
+With ``pid_ns`` the supervisor unshares a PID namespace before it forks, so that child is PID 1
+of the job's namespace: it makes the sandbox as above (its mounts include a fresh ``/proc``, which
+shows only the namespace's processes), then runs as the job's minimal init (``shim.py``), and the
+job is its child. Nobody in the namespace sees or can signal a process outside it: not the agent,
+not another job (even one running as the same user).
 """
 
 from __future__ import annotations
@@ -26,12 +33,15 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import time
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_NOEXEC = 8
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
@@ -73,6 +83,45 @@ def setns(path: str, nstype: int = CLONE_NEWNS) -> None:
         _check(_c().setns(fd, nstype), f"setns {path}")
     finally:
         os.close(fd)
+
+
+def own_pid_ns(pid: int) -> bool:
+    """Whether process ``pid`` lives in another PID namespace than this process (a job with a
+    namespace of its own: its sessions must join it). False when it cannot be told."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return False
+
+
+def set_name(name: str) -> None:
+    """This process's name as ``ps`` shows it (``comm``; prctl PR_SET_NAME, at most 15 bytes)."""
+    _c().prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+def probe_pid_ns() -> int:
+    """0 when this host lets us make a job's PID namespace and mount its /proc (in a fresh
+    process: it unshares its own mount namespace), 1 when not. ``python sandbox.py --probe``
+    runs it: the agent asks once, at start (``confine.py``)."""
+    try:
+        unshare(CLONE_NEWPID | CLONE_NEWNS)
+        pid = os.fork()
+    except OSError:
+        return 1
+    if pid == 0:
+        try:
+            mount(None, "/", None, MS_REC | MS_PRIVATE)
+            mount_proc()
+            os._exit(0 if os.getpid() == 1 else 1)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return 0 if status == 0 else 1
+
+
+def mount_proc() -> None:
+    """A /proc of this process's PID namespace over the host's (in a private mount namespace)."""
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def mount(
@@ -248,7 +297,7 @@ def cgroup_remove(cg: dict, timeout: float = 2.0) -> bool:
 # The job's child
 
 
-def _mounts(sb: dict) -> None:
+def _mounts(sb: dict, proc: bool = False) -> None:
     unshare(CLONE_NEWNS)
     # Nothing mounted here propagates back to the host (and the host's later mounts stay out).
     mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -268,6 +317,8 @@ def _mounts(sb: dict) -> None:
     for dev in sb.get("hide") or ():
         if os.path.exists(dev):
             mount("/dev/null", dev, None, MS_BIND)
+    if proc:  # PID 1 of the job's PID namespace: its /proc shows the job's processes alone
+        mount_proc()
 
 
 def drop_privileges(user: dict) -> None:
@@ -276,22 +327,44 @@ def drop_privileges(user: dict) -> None:
     os.setuid(user["uid"])
 
 
-def enter(sb: dict) -> None:
-    """Put this process (the job's child, before exec) into its sandbox."""
+def enter(sb: dict, pid_ns: bool = False) -> None:
+    """Put this process (the job's child, before exec; with ``pid_ns``, the init of the job's
+    fresh PID namespace, which gets its own /proc) into its sandbox."""
     if sb.get("cgroup"):
         cgroup_join(sb["cgroup"])
     if sb.get("mount_ns"):
-        _mounts(sb)
+        _mounts(sb, proc=pid_ns)
     if sb.get("user"):
         drop_privileges(sb["user"])
 
 
-def enter_job(sb: dict, job_pid: int) -> None:
+def enter_job(sb: dict, job_pid: int, pid_ns: bool = False) -> None:
     """Put this process (an SSH session's child, before exec) into the sandbox of the running
-    job whose first process is ``job_pid``: its cgroups, its mount namespace, its user."""
-    if sb.get("cgroup"):
-        cgroup_join(sb["cgroup"])
-    if sb.get("mount_ns"):
-        setns(f"/proc/{job_pid}/ns/mnt")
+    job whose first process is ``job_pid``: its cgroups, its PID namespace (``pid_ns``: only
+    this process's children enter it -- the caller runs its command through a fork, see
+    ``devenv/session.py``), its mount namespace, its user."""
+    # Both namespaces opened through the host's /proc first: once in the job's mount namespace,
+    # /proc is the job's own, where ``job_pid`` (a host pid) means nothing.
+    fds = []
+    try:
+        if pid_ns:
+            fds.append(
+                (os.open(f"/proc/{job_pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC), CLONE_NEWPID)
+            )
+        if sb.get("mount_ns"):
+            fds.append(
+                (os.open(f"/proc/{job_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC), CLONE_NEWNS)
+            )
+        if sb.get("cgroup"):
+            cgroup_join(sb["cgroup"])
+        for fd, kind in fds:
+            _check(_c().setns(fd, kind), f"setns into the job's namespace ({kind:#x})")
+    finally:
+        for fd, _ in fds:
+            os.close(fd)
     if sb.get("user"):
         drop_privileges(sb["user"])
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--probe"]:
+    sys.exit(probe_pid_ns())

@@ -12,6 +12,16 @@ Standard library only, and no package imports, so it starts in a few millisecond
 Stop protocol: the agent writes ``stop.json`` (``{"grace_s": N, "reason": "..."}``) and sends
 SIGTERM to the shim; the shim sends SIGTERM to the job's process group, then SIGKILL after the
 grace period. ``grace_s: 0`` is an abort.
+
+With a PID namespace (the sandbox's ``pid_ns``), the shim unshares it before forking: that child
+is PID 1 of the job's namespace, makes the sandbox (its /proc included) and stays as the job's
+minimal init (``_init``): it forks the job into its own process group -- which is what
+``job.pid`` names, so the stop signals, ``max_duration`` and the per-group usage reach the job as
+they did without a namespace (init catches none of them: as PID 1 it is immune to all but the
+SIGKILL sent from outside, and forwarding would deliver each twice) -- reaps the orphans handed to
+it, and ends with the job, passing the job's exact wait status up a pipe (a signal cannot be
+reflected by a PID 1). Its end kills whatever is left in the namespace. Where the namespace cannot
+be made, the job runs as without one.
 """
 
 from __future__ import annotations
@@ -160,6 +170,15 @@ def main(job_dir: str, secrets: dict | None = None) -> int:
 
     sb = spec.get("sandbox") or {}
     cg = sb.get("cgroup")
+    pid_ns = False
+    if sb.get("pid_ns"):
+        try:
+            sandbox.unshare(sandbox.CLONE_NEWPID)  # our next child is PID 1 of the job's own
+            pid_ns = True
+        except OSError as e:
+            os.write(2, f"meshgpu: the job runs without a PID namespace: {e}\n".encode())
+    # The job's wait status, from its init (who alone can wait for it).
+    status_rd, status_wr = os.pipe() if pid_ns else (-1, -1)
     rd, wr = os.pipe()
     # A sandboxed child says "in its sandbox" by exec'ing (this end is close-on-exec) or why
     # not by writing it here: job.pid means the job is inside, and a failure is the job's.
@@ -196,16 +215,21 @@ def main(job_dir: str, secrets: dict | None = None) -> int:
             if sb:
                 os.close(ready_rd)
                 try:
-                    sandbox.enter(sb)  # cgroups, mount namespace, then the job's user
+                    sandbox.enter(sb, pid_ns)  # cgroups, mount namespace, then the job's user
                 except BaseException as e:  # noqa: BLE001
                     os.write(ready_wr, str(e).encode()[:4000] or b"?")
                     os._exit(127)
+            if pid_ns:
+                os.close(status_rd)
+                os._exit(_init(spec, ready_wr, status_wr))
             os.chdir(spec["cwd"])
             os.execve(spec["argv"][0], spec["argv"], env)
         except BaseException as e:  # noqa: BLE001 - report anything, the job cannot start
             os.write(2, f"meshgpu: cannot start the job: {e}\n".encode())
             os._exit(127)
     os.close(wr)
+    if pid_ns:
+        os.close(status_wr)
     try:
         os.setpgid(pid, pid)
     except OSError:
@@ -238,7 +262,12 @@ def main(job_dir: str, secrets: dict | None = None) -> int:
     state["pgid"] = pid
     # job.pid doubles as "ready for stop requests": the agent signals only once it exists, and
     # a request written before it is picked up here.
-    _write_json(os.path.join(job_dir, "job.pid"), {"pid": pid, "pgid": pid, "started_at": started})
+    # With a PID namespace, ``pid`` is the job's init (which shares the job's process group):
+    # SSH sessions join the job's namespaces through it.
+    _write_json(
+        os.path.join(job_dir, "job.pid"),
+        {"pid": pid, "pgid": pid, "started_at": started, "pid_ns": pid_ns},
+    )
     if os.path.exists(os.path.join(job_dir, "stop.json")):
         on_term(signal.SIGTERM, None)
 
@@ -311,6 +340,18 @@ def main(job_dir: str, secrets: dict | None = None) -> int:
     if exit_fd is not None:
         os.close(exit_fd)
     log.close()
+    if pid_ns:
+        # The job's own status, as its init saw it; none when the init was killed (SIGKILL after
+        # the grace period: the whole namespace died of it, the job included).
+        got = b""
+        while len(got) < 4:
+            chunk = os.read(status_rd, 4 - len(got))
+            if not chunk:
+                break
+            got += chunk
+        os.close(status_rd)
+        if len(got) == 4:
+            status = int.from_bytes(got, "little")
     if os.WIFEXITED(status):
         code, sig = os.WEXITSTATUS(status), None
     else:
@@ -345,6 +386,48 @@ def main(job_dir: str, secrets: dict | None = None) -> int:
         },
     )
     return 0
+
+
+def _init(spec: dict, ready_wr: int, status_wr: int) -> int:
+    """PID 1 of the job's PID namespace, already in the job's sandbox (its user, its mounts):
+    fork the job, reap whatever is handed to us, and end with the job, its wait status written
+    to ``status_wr`` first (the exit code is the job's, or 128 + the signal that ended it).
+
+    Signals: the job runs in our process group, where the supervisor sends its stop signals;
+    a PID 1 never gets a signal it has no handler for (SIGKILL from outside the namespace
+    excepted, which kills the whole namespace), so we leave them at their defaults."""
+    sandbox.set_name("meshgpu-init")
+    # Nothing of the supervisor's (the job's lock, the fork server's descriptors) stays open
+    # in a process that runs as the job's user.
+    keep = {0, 1, 2, ready_wr, status_wr}
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in keep:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass  # the listing's own descriptor
+    job = os.fork()
+    if job == 0:
+        try:
+            os.chdir(spec["cwd"])
+            os.execve(spec["argv"][0], spec["argv"], spec["env"])
+        except BaseException as e:  # noqa: BLE001 - report anything, the job cannot start
+            os.write(2, f"meshgpu: cannot start the job: {e}\n".encode())
+            os._exit(127)
+    os.close(ready_wr)  # the job's copy closes as it execs: then the supervisor writes job.pid
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:  # cannot be: the job is ours until we reaped it
+            return 127
+        if pid == job:
+            break
+    try:
+        os.write(status_wr, status.to_bytes(4, "little"))
+    except OSError:
+        pass
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
 
 
 def _size(n: int | None) -> str:

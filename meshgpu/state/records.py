@@ -171,7 +171,8 @@ class NodeRecord(_Record):
     disk_gb: float = 0.0
     container_runtime: str | None = None
     # What its process jobs get (meshgpu/runner/confine.py): {"user": the job user or None,
-    # "cgroup": "v1" | "v2" | None, "mount_ns": bool}; None: a host that predates the sandbox.
+    # "cgroup": "v1" | "v2" | None, "mount_ns": bool, "pid_ns": bool}; None: a host that predates
+    # the sandbox (a missing "pid_ns": one that predates the PID namespace, as false).
     sandbox: dict[str, Any] | None = None
     # The toolchain the host's jobs can use (runner/toolchain.py): Python versions ("3.11") the
     # job user can execute, and whether a CUDA toolkit (nvcc) is installed.

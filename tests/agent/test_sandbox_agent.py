@@ -59,6 +59,7 @@ def test_jobs_run_sandboxed_as_the_job_user(root: Path) -> None:
             f"cat {raft} >/dev/null 2>&1 && echo READ-RAFT",
             f"kill -0 {a.proc.pid} 2>/dev/null && echo SIGNALLED-AGENT",  # type: ignore[union-attr]
             "echo user=$(id -un) pwd=$(pwd)",
+            "echo procs=$(ps -e -o comm= | sort | tr '\\n' ,)",
         ]
         # commands are joined with && (dstack): each probe must succeed either way
         cfg = "type: task\ncommands:\n" + "".join(f"  - {p + ' || true'!r}\n" for p in probes)
@@ -75,6 +76,10 @@ def test_jobs_run_sandboxed_as_the_job_user(root: Path) -> None:
         work = a.work_dir(job["job_id"])
         assert "READ-" not in out and "SIGNALLED" not in out, out
         assert f"user={USER}" in out
+        if node["sandbox"]["pid_ns"]:  # its own PID namespace: its init, its shell, the pipe
+            procs = out.split("procs=", 1)[1].split()[0].strip(",").split(",")
+            assert set(procs) <= {"meshgpu-init", "bash", "sh", "ps", "sort", "tr"}, out
+            assert "meshgpu-init" in procs, out
         assert f"pwd={work}" in out
         assert job["user"] == USER
         assert job["working_dir"] == str(work)
