@@ -56,9 +56,9 @@ from meshgpu.fleets.backends import (
     filter_offers,
     load,
 )
-from meshgpu.state.cluster import NodeUnreachable, RemoveMember, SetNodeStatus, encode_cluster
+from meshgpu.state.cluster import NodeUnreachable, RemoveMember, encode_cluster
 from meshgpu.state.codec import encode
-from meshgpu.state.commands import SetPendingReasons, StopRun
+from meshgpu.state.commands import SetPendingReasons
 from meshgpu.state.fleets import (
     TARGET_REASON,
     AddFleetInstance,
@@ -857,26 +857,9 @@ class BackendFleetController:
         log.info("fleet %s instance %s terminated (%s)", fleet, iid, inst.reason)
 
     async def _drain(self, node_id: str) -> None:
-        node = self.state.nodes.get(node_id)
-        if node is not None and node.status != "draining":
-            await self.proposer.propose(
-                encode_cluster(
-                    SetNodeStatus(at=self.clock.wall(), node_id=node_id, status="draining")
-                )
-            )
+        from meshgpu.control.fleets import drain_node
 
-        def running() -> set[str]:
-            return {
-                j.run_name
-                for j in self.state.jobs.values()
-                if j.node_id == node_id and not j.status.is_finished()
-            }
-
-        for run in running():
-            await self.proposer.propose(encode(StopRun(at=self.clock.wall(), run_name=run)))
-        deadline = self.clock.now() + DRAIN_TIMEOUT_S
-        while running() and self.clock.now() < deadline:
-            await self.clock.sleep(0.2)
+        await drain_node(self.state, self.proposer, self.clock, node_id, DRAIN_TIMEOUT_S)
 
     # -- reconciling -------------------------------------------------------------------------
 

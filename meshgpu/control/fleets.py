@@ -418,26 +418,7 @@ class FleetController:
         log.info("fleet %s host %s removed%s", fleet, hostname, f" ({note})" if note else "")
 
     async def _drain(self, node_id: str) -> None:
-        node = self.state.nodes.get(node_id)
-        if node is not None and node.status != "draining":
-            await self.proposer.propose(
-                encode_cluster(
-                    SetNodeStatus(at=self.clock.wall(), node_id=node_id, status="draining")
-                )
-            )
-
-        def running() -> set[str]:
-            return {
-                j.run_name
-                for j in self.state.jobs.values()
-                if j.node_id == node_id and not j.status.is_finished()
-            }
-
-        for run in running():
-            await self.proposer.propose(encode(StopRun(at=self.clock.wall(), run_name=run)))
-        deadline = self.clock.now() + DRAIN_TIMEOUT_S
-        while running() and self.clock.now() < deadline:
-            await self.clock.sleep(0.2)
+        await drain_node(self.state, self.proposer, self.clock, node_id)
 
     async def _uninstall(self, f: Fleet, h: FleetHost) -> None:
         from meshgpu.fleets import ssh
@@ -465,3 +446,28 @@ def _token_id(token: str) -> str:
     from meshgpu.security import JoinToken
 
     return JoinToken.parse(token).token_id
+
+
+async def drain_node(
+    state: Any, proposer: Any, clock: Clock, node_id: str, timeout_s: float = DRAIN_TIMEOUT_S
+) -> None:
+    """A fleet host leaving (SSH or backend fleet): no new work for it (``draining``), its runs
+    asked to stop gracefully, then wait (bounded) until none is left there."""
+    node = state.nodes.get(node_id)
+    if node is not None and node.status != "draining":
+        await proposer.propose(
+            encode_cluster(SetNodeStatus(at=clock.wall(), node_id=node_id, status="draining"))
+        )
+
+    def running() -> set[str]:
+        return {
+            j.run_name
+            for j in state.jobs.values()
+            if j.node_id == node_id and not j.status.is_finished()
+        }
+
+    for run in running():
+        await proposer.propose(encode(StopRun(at=clock.wall(), run_name=run)))
+    deadline = clock.now() + timeout_s
+    while running() and clock.now() < deadline:
+        await clock.sleep(0.2)
