@@ -227,9 +227,6 @@ class BackendFleetController:
                     self.growing.add(f.name)
                     self.claimed.update({w[0]: f.name for w in wants if w[0]})
                     nursery.start_soon(self._guard_grow, f.name, wants)
-        if self.gang_notes:
-            notes, self.gang_notes = self.gang_notes, {}
-            nursery.start_soon(self._guard_reasons, notes)
             for inst in list(f.instances.values()):
                 if inst.instance_id in self.busy:
                     continue
@@ -239,6 +236,9 @@ class BackendFleetController:
                     self._start(nursery, f.name, inst.instance_id, self.wait_joined)
                 elif inst.state == "terminating" and inst.retry_at <= now:
                     self._start(nursery, f.name, inst.instance_id, self.terminate)
+        if self.gang_notes:
+            notes, self.gang_notes = self.gang_notes, {}
+            nursery.start_soon(self._guard_reasons, notes)
 
     def _start(self, nursery: trio.Nursery, fleet: str, iid: str, step: Any) -> None:
         self.busy.add(iid)

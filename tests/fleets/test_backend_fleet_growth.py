@@ -289,3 +289,21 @@ async def test_a_cluster_gang_does_not_grow_a_fleet_that_is_not_a_cluster() -> N
     rep, ctl, _ = _world({"plain": {"nodes": {"min": 0, "max": 4}}}, {"fake": b})
     _gang(rep, "train", nodes=2)
     assert ctl._wants(rep.cluster.fleets.fleets["plain"]) == []
+
+
+async def test_the_controllers_own_loop_buys_and_creates_the_target() -> None:
+    """``tick`` (what the leader runs every interval), not the steps one by one: a fleet with
+    a target gets its instances decided *and* created at the cloud (a loop that decided but
+    never created left them pending forever)."""
+    b = FakeBackend("fake")
+    spec = {"nodes": {"min": 0, "target": 2, "max": 2}}
+    rep, ctl, _ = _world({"cloud": spec}, {"fake": b})
+    f = rep.cluster.fleets.fleets["cloud"]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            while len(b.created) < 2:
+                ctl.tick(n)
+                await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+    assert len(b.created) == 2
+    assert {i.state for i in f.instances.values()} == {"provisioning"}
