@@ -221,7 +221,7 @@ def main(job_dir: str, secrets: dict | None = None) -> int:
                     os._exit(127)
             if pid_ns:
                 os.close(status_rd)
-                os._exit(_init(spec, ready_wr, status_wr))
+                os._exit(_init(spec, env, ready_wr, status_wr))
             os.chdir(spec["cwd"])
             os.execve(spec["argv"][0], spec["argv"], env)
         except BaseException as e:  # noqa: BLE001 - report anything, the job cannot start
@@ -388,7 +388,7 @@ def main(job_dir: str, secrets: dict | None = None) -> int:
     return 0
 
 
-def _init(spec: dict, ready_wr: int, status_wr: int) -> int:
+def _init(spec: dict, env: dict, ready_wr: int, status_wr: int) -> int:
     """PID 1 of the job's PID namespace, already in the job's sandbox (its user, its mounts):
     fork the job, reap whatever is handed to us, and end with the job, its wait status written
     to ``status_wr`` first (the exit code is the job's, or 128 + the signal that ended it).
@@ -410,7 +410,7 @@ def _init(spec: dict, ready_wr: int, status_wr: int) -> int:
     if job == 0:
         try:
             os.chdir(spec["cwd"])
-            os.execve(spec["argv"][0], spec["argv"], spec["env"])
+            os.execve(spec["argv"][0], spec["argv"], env)  # the record's env and the secrets
         except BaseException as e:  # noqa: BLE001 - report anything, the job cannot start
             os.write(2, f"meshgpu: cannot start the job: {e}\n".encode())
             os._exit(127)

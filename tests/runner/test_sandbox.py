@@ -643,3 +643,29 @@ async def test_ssh_sessions_join_the_pid_namespace(
     with trio.fail_after(10):
         await runner.wait("sp")
     assert not Path(f"/proc/{init}").exists()
+
+
+async def test_a_sandboxed_job_in_its_pid_namespace_gets_its_secrets(
+    users: tuple[str, str], runner: ProcessRunner
+) -> None:
+    """The secrets reach the job through the init of its PID namespace too (they come to the
+    supervisor in memory, never in job.json), and are masked in its log."""
+    needs_pid_ns()
+    secret = "hf_pidns-s3cr3t-0123"
+    box = box_for(Confinement(users[0]), runner, "s1")
+    await runner.start(
+        JobLaunch(
+            job_id="s1",
+            commands=('echo "len=${#HF_TOKEN} value=$HF_TOKEN"',),
+            env=ENV | box.env,  # type: ignore[union-attr]
+            sandbox=box.spec,  # type: ignore[union-attr]
+            secret_env={"HF_TOKEN": secret},
+            mask=(secret,),
+        )
+    )
+    with trio.fail_after(30):
+        res = await runner.wait("s1")
+    out = runner.log_path("s1").read_text()
+    assert res.reason == "done_by_runner", (res, out)
+    assert f"len={len(secret)} value=***" in out and secret not in out
+    assert json.loads((runner.job_dir("s1") / "job.pid").read_text())["pid_ns"] is True
