@@ -236,7 +236,7 @@ async def compare(args: argparse.Namespace) -> dict[str, float]:
     off, on = pct(lat["off"], 50) * 1000, pct(lat["on"], 50) * 1000
     print(
         f"submit->running p50 over {len(lat['on'])} jobs each, alternating rounds: "
-        f"no sandbox {off:.1f} ms, sandbox (user {user}, mount namespace, cgroups) {on:.1f} ms"
+        f"no sandbox {off:.1f} ms, sandbox (user {user}, mount and PID namespaces, cgroups) {on:.1f} ms"
     )
     return {
         "no_sandbox_p50_ms": off,
