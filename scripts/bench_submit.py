@@ -157,6 +157,19 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
             )
         out["agent_rss_mb"] = rss_mb(proc.pid)
         print(f"agent RSS after the run: {out['agent_rss_mb']:.0f} MB")
+        # Each request's token check (the API guard's ``principal``), among 1,000 live user
+        # tokens: measured in this process on the same code (scripts/bench_tokens.py).
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_tokens import measure
+
+        tok = measure(100, 10, 5000)
+        out["token_check_p50_us"] = tok["user_token_p50_us"]
+        print(
+            f"token check per request (1,000 live user tokens): p50 "
+            f"{tok['user_token_p50_us']} us, founding admin token {tok['admin_token_p50_us']} us"
+        )
     finally:
         agent.stop()
         agent.kill_jobs()
