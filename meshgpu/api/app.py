@@ -555,7 +555,7 @@ def create_app(services: "Services") -> FastAPI:  # noqa: UP037 - annotations ar
     app.include_router(offers.router(services, Auth, Read))
     app.include_router(metrics.router(services, Auth, Read))
     app.include_router(sshkeys.router(services, Auth, Read))
-    app.include_router(fleets.router(services, Auth, Read))
+    app.include_router(fleets.router(services, Auth, Read, ProjectHeader))
     app.include_router(access.router(services, Auth, Read))
     app.include_router(ui.router(services, PRINCIPAL))  # the console (not in /openapi.json)
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from meshgpu.api import problems
 from meshgpu.api.problems import Problem
-from meshgpu.errors import Denied
+from meshgpu.state.access import DEFAULT_PROJECT
 
 if TYPE_CHECKING:
     from meshgpu.ops import Services
@@ -37,16 +37,14 @@ class BackendBody(BaseModel):
     )
 
 
-def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP037 - see app.py
+def router(
+    services: "Services",  # noqa: UP037 - see app.py
+    auth: Any,
+    read: Any,
+    project_header: Any,  # app.py's ``X-Meshgpu-Project`` (default main)
+) -> APIRouter:
     r = APIRouter()
-
-    def admin_only(who: Any) -> None:
-        if not who.is_admin:
-            raise Denied(
-                "not allowed",
-                "fleets are the mesh's: only a global admin changes them",
-                "forbidden",
-            )
+    ProjectHeader = project_header  # noqa: N806
 
     def fleets() -> Any:
         if services.fleets is None:
@@ -56,19 +54,29 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
     @r.post(
         "/api/v1/fleets", status_code=201, responses=problems.responses(400, 403, 409, 503, 507)
     )
-    async def apply_fleet(body: FleetBody, who: auth) -> dict[str, Any]:
-        """Create or change an SSH fleet; the leader brings its hosts in (and out). Its hosts
-        join the mesh every project shares (fair share), so it takes a global admin."""
-        admin_only(who)
-        return await fleets().apply(body.configuration, body.filename, body.identities)
+    async def apply_fleet(
+        body: FleetBody, who: auth, project: ProjectHeader = None
+    ) -> dict[str, Any]:
+        """Create or change a fleet of the project (``X-Meshgpu-Project``; default main); the
+        leader brings its hosts in (and out). It takes the project's admin (or a global one);
+        another project's project is not found (404)."""
+        return await fleets().apply(
+            body.configuration,
+            body.filename,
+            body.identities,
+            who=who,
+            project=project or DEFAULT_PROJECT,
+        )
 
     @r.get("/api/v1/fleets")
-    async def list_fleets(_: auth, __: read) -> list[dict[str, Any]]:
-        return fleets().list()
+    async def list_fleets(who: auth, __: read) -> list[dict[str, Any]]:
+        """The fleets of the projects the caller may see (a global admin: all)."""
+        return fleets().list(who)  # type: ignore[no-any-return]
 
     @r.get("/api/v1/fleets/{name}", responses=problems.responses(404))
-    async def get_fleet(name: str, _: auth, __: read) -> dict[str, Any]:
-        return fleets().get(name)
+    async def get_fleet(name: str, who: auth, __: read) -> dict[str, Any]:
+        """A fleet; one of a project the caller may not see is not found (404)."""
+        return fleets().get(name, who)  # type: ignore[no-any-return]
 
     @r.delete("/api/v1/fleets/{name}", responses=problems.responses(403, 404, 503, 507))
     async def delete_fleet(
@@ -76,9 +84,9 @@ def router(services: "Services", auth: Any, read: Any) -> APIRouter:  # noqa: UP
         who: auth,
         host: Annotated[list[str] | None, Query(description="Only these hosts")] = None,
     ) -> dict[str, Any]:
-        """Drain and remove the fleet's hosts (or only ``host``), then the fleet."""
-        admin_only(who)
-        return await fleets().delete(name, host or [])
+        """Drain and remove the fleet's hosts (or only ``host``), then the fleet: its project's
+        admin (or a global one); a fleet of a project the caller may not see is not found."""
+        return await fleets().delete(name, host or [], who)  # type: ignore[no-any-return]
 
     def backends() -> Any:
         if services.backends is None:

@@ -331,7 +331,8 @@ class Console:
                 )
         fleets = []
         if s.fleets is not None:
-            for f in s.fleets.list():
+            seen = s.fleets.list(who) if who is not None or s.access is None else []
+            for f in seen:
                 ready = sum(1 for h in f["hosts"] if h["node"])
                 fleets.append(
                     f"<li>{e(f['name'])}: {ready}/{len(f['hosts'])} hosts in the mesh</li>"

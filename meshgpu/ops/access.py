@@ -275,6 +275,13 @@ class AccessOps:
                 f"stop them first: {', '.join(sorted(active)[:5])}",
                 "active_runs",
             )
+        fleets = sorted(f.name for f in self.cluster.fleets.fleets.values() if f.project == name)
+        if fleets:
+            raise Conflict(
+                "project has fleets",
+                f"delete them first (meshgpu fleet delete NAME): {', '.join(fleets[:5])}",
+                "has_fleets",
+            )
         await self._propose(
             DeleteProject(at=time.time(), name=name, by=who.user), "project not removed"
         )

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 from meshgpu.config import ConfigError
 from meshgpu.config.infra import FleetConfiguration
 from meshgpu.config.support import MeshCapabilities
-from meshgpu.errors import Conflict, Invalid, NotFound
+from meshgpu.errors import Conflict, Denied, Invalid, NotFound
 from meshgpu.ops.configs import _invalid_config, parse_config_async
-from meshgpu.security import seal
+from meshgpu.security import policy, seal
+from meshgpu.security.policy import Principal
+from meshgpu.state.access import DEFAULT_PROJECT
 from meshgpu.state.cluster import encode_cluster
 from meshgpu.state.fleets import ApplyFleet, DeleteFleet
 
@@ -47,7 +49,60 @@ class Fleets:
     def __init__(self, proposer: Proposer, cluster: ClusterState, state: StateMachine) -> None:
         self.proposer, self.cluster, self.state = proposer, cluster, state
 
-    async def apply(self, text: str, filename: str, identities: dict[str, str]) -> dict[str, Any]:
+    # -- who can see what (``meshgpu/security/policy.py``; ``who`` None: the node itself) -----
+
+    def _visible(self, who: Principal | None, f: Fleet) -> bool:
+        return who is None or policy.visible(self.cluster.access, who, f.project)
+
+    def _require(self, who: Principal | None, action: str, project: str) -> None:
+        """``NotFound`` unless the caller may see ``project``, ``Denied`` unless it may do
+        ``action`` there."""
+        if who is None:
+            return
+        access = self.cluster.access
+        if not policy.visible(access, who, project):
+            raise NotFound(
+                "project not found",
+                f"no project {project!r} of yours; see meshgpu project ls",
+                "not_found",
+            )
+        if not policy.allowed(access, who, action, project):
+            raise Denied(
+                "not allowed",
+                f"{who.user} is a {policy.role(access, who, project)} of project {project}: "
+                f"only a project admin may {action.split('.')[1]} its fleets",
+                "forbidden",
+            )
+
+    def _fleet(self, who: Principal | None, name: str) -> Fleet:
+        """The fleet, if the caller may see its project (else the same ``NotFound`` as for no
+        such fleet)."""
+        f = self.cluster.fleets.fleets.get(name)
+        if f is None or not self._visible(who, f):
+            raise NotFound("fleet not found", f"no fleet {name}", "not_found")
+        return f
+
+    def _name_free(self, who: Principal | None, name: str, project: str) -> None:
+        other = self.cluster.fleets.fleets.get(name)
+        if other is not None and other.project != project:
+            where = other.project if self._visible(who, other) else "another project"
+            raise Conflict(
+                "fleet name taken",
+                f"a fleet named {name} belongs to {where} (fleet names are the mesh's): "
+                "pick another name",
+                "exists",
+            )
+
+    async def apply(
+        self,
+        text: str,
+        filename: str,
+        identities: dict[str, str],
+        who: Principal | None = None,
+        project: str = DEFAULT_PROJECT,
+    ) -> dict[str, Any]:
+        """Create or change a fleet of ``project`` (the caller: its admin, or a global one)."""
+        self._require(who, "fleet.apply", project)
         try:
             # what a fleet may ask does not depend on the members (support.py's fleet tables),
             # only placement: cluster on the backends; a refused field is an issue at its line
@@ -63,8 +118,9 @@ class Fleets:
             )
         if not config.name:
             raise Invalid("the fleet needs a name", "add name: my-fleet to the file", "no_name")
+        self._name_free(who, config.name, project)
         if config.ssh_config is None:
-            return await self._apply_backend_fleet(config)
+            return await self._apply_backend_fleet(config, project)
         spec = config.model_dump(mode="json", exclude_none=True)
         keys: dict[str, str] = {}
         ca = self.cluster.ca_cert_pem.encode()
@@ -101,6 +157,13 @@ class Fleets:
             if other.name == config.name:
                 continue
             taken = sorted(set(hostnames) & set(other.hosts))
+            if taken and not self._visible(who, other):
+                raise Conflict(
+                    "host in another fleet",
+                    f"{', '.join(taken)} already belongs to a fleet of another project: its "
+                    "admin must delete it there first",
+                    "host_in_use",
+                )
             if taken:
                 raise Conflict(
                     "host in another fleet",
@@ -115,6 +178,7 @@ class Fleets:
             keys=keys,
             hostnames=hostnames,
             env_sealed=env_sealed,
+            project=project,
         )
         result = await self.proposer.propose(encode_cluster(cmd))
         if not result.ok:
@@ -131,7 +195,9 @@ class Fleets:
             )
         )
 
-    async def _apply_backend_fleet(self, config: FleetConfiguration) -> dict[str, Any]:
+    async def _apply_backend_fleet(
+        self, config: FleetConfiguration, project: str = DEFAULT_PROJECT
+    ) -> dict[str, Any]:
         """A backend (cloud) fleet: its instances are bought by the leader's controller."""
         backends = self.cluster.fleets.backends
         if not backends:
@@ -165,24 +231,34 @@ class Fleets:
                 "fleet_kind",
             )
         spec = config.model_dump(mode="json", exclude_none=True)
-        cmd = ApplyFleet(at=time.time(), name=config.name, spec=spec, hostnames=[])  # type: ignore[arg-type]
+        cmd = ApplyFleet(
+            at=time.time(),
+            name=config.name,  # type: ignore[arg-type]
+            spec=spec,
+            hostnames=[],
+            project=project,
+        )
         result = await self.proposer.propose(encode_cluster(cmd))
         if not result.ok:
             raise Invalid("fleet not applied", result.error, result.code or "invalid")
         return self.get(config.name)  # type: ignore[arg-type]
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self, who: Principal | None = None) -> list[dict[str, Any]]:
+        """The fleets of the projects the caller may see (a global admin: all)."""
         return [
-            self.view(f) for f in sorted(self.cluster.fleets.fleets.values(), key=lambda f: f.name)
+            self.view(f)
+            for f in sorted(self.cluster.fleets.fleets.values(), key=lambda f: f.name)
+            if self._visible(who, f)
         ]
 
-    def get(self, name: str) -> dict[str, Any]:
-        f = self.cluster.fleets.fleets.get(name)
-        if f is None:
-            raise NotFound("fleet not found", f"no fleet {name}", "not_found")
-        return self.view(f)
+    def get(self, name: str, who: Principal | None = None) -> dict[str, Any]:
+        return self.view(self._fleet(who, name))
 
-    async def delete(self, name: str, hosts: list[str]) -> dict[str, Any]:
+    async def delete(
+        self, name: str, hosts: list[str], who: Principal | None = None
+    ) -> dict[str, Any]:
+        f = self._fleet(who, name)
+        self._require(who, "fleet.delete", f.project)
         cmd = DeleteFleet(at=time.time(), name=name, hosts=hosts)
         result = await self.proposer.propose(encode_cluster(cmd))
         if not result.ok:
@@ -238,6 +314,7 @@ class Fleets:
         nodes = f.spec.get("nodes") or {}
         return {
             "name": f.name,
+            "project": f.project,
             "kind": "ssh" if f.spec.get("ssh_config") else "backend",
             "nodes": {"min": nodes.get("min", 0), "max": nodes.get("max")} if nodes else None,
             "instances": instances,

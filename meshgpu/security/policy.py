@@ -6,9 +6,11 @@ Roles are dstack's (reference/dstack-semantics.md §8):
 
 - global ``admin``: everything, every project (the founding admin token is one);
 - global ``user``: may create projects (becoming their admin), read the cluster (nodes, offers);
-- project ``admin``: everything in the project (members of any role, quota, removal, secrets);
+- project ``admin``: everything in the project (members of any role, quota, removal, secrets,
+  its fleets: their hosts join the mesh, so applying and deleting one is an admin's);
 - project ``manager``: members (not admins), secrets, and all a ``user`` may;
-- project ``user``: runs (submit, stop, logs, metrics, attach), fleets, reading the project.
+- project ``user``: runs (submit, stop, logs, metrics, attach), reading the project (its
+  fleets too).
 
 Visibility: what a caller may not even read in a project (it is no member) is *invisible*: the
 API answers 404 as for a name that does not exist (``hidden``), so a non-member cannot learn
@@ -31,7 +33,8 @@ Action = Literal[
     "run.submit",
     "run.stop",
     "run.attach",
-    "fleet.manage",
+    "fleet.apply",  # create or change a fleet of the project
+    "fleet.delete",  # remove a fleet of the project (or some of its hosts)
     "secret.read",  # a secret's value (get)
     "secret.manage",  # set, remove
     "member.manage",  # add/remove members (managers: not admins)
@@ -41,14 +44,13 @@ Action = Literal[
 ]
 
 _PROJECT_ROLE_ACTIONS: dict[str, frozenset[str]] = {
-    "user": frozenset({"project.read", "run.submit", "run.stop", "run.attach", "fleet.manage"}),
+    "user": frozenset({"project.read", "run.submit", "run.stop", "run.attach"}),
     "manager": frozenset(
         {
             "project.read",
             "run.submit",
             "run.stop",
             "run.attach",
-            "fleet.manage",
             "secret.read",
             "secret.manage",
             "member.manage",
@@ -59,6 +61,8 @@ _PROJECT_ROLE_ACTIONS: dict[str, frozenset[str]] = {
 _PROJECT_ROLE_ACTIONS["admin"] = _PROJECT_ROLE_ACTIONS["manager"] | {
     "member.manage_admin",
     "project.manage",
+    "fleet.apply",
+    "fleet.delete",
 }
 
 GlobalAction = Literal[

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
+from meshgpu.state.access import DEFAULT_PROJECT
 from meshgpu.state.codec import Command
 
 HostState = Literal["provisioning", "active", "failed", "terminating"]
@@ -48,6 +49,9 @@ class ApplyFleet(_Cmd):
     # The fleet's ``env`` values (JSON of name -> value), sealed like the keys; ``spec`` keeps
     # only the names. Absent in entries written before it was sealed (their spec has the values).
     env_sealed: str = Field(default="", exclude_if=lambda v: not v)
+    # The project the fleet belongs to (who may see and change it); entries written before
+    # fleets had one are main's.
+    project: str = Field(default=DEFAULT_PROJECT, exclude_if=lambda v: v == DEFAULT_PROJECT)
 
 
 class UpdateFleetHost(_Cmd):
@@ -200,6 +204,7 @@ class Fleet(BaseModel):
     spec: dict[str, Any]
     keys: dict[str, str] = Field(default_factory=dict)
     env_sealed: str = ""  # sealed JSON of the env values (ApplyFleet.env_sealed)
+    project: str = Field(default=DEFAULT_PROJECT, exclude_if=lambda v: v == DEFAULT_PROJECT)
     hosts: dict[str, FleetHost] = Field(default_factory=dict)
     instances: dict[str, FleetInstance] = Field(default_factory=dict, exclude_if=lambda v: not v)
     created_at: float = 0.0
@@ -319,9 +324,14 @@ class Fleets:
 
     def apply(self, c: ApplyFleet) -> tuple[bool, Any, str, str]:
         f = self.fleets.get(c.name)
+        if f is not None and f.project != c.project:
+            # fleet names are the mesh's: one project cannot take over (nor revive) another's
+            return False, None, f"fleet {c.name} belongs to another project", "exists"
         old_target = _target(f.spec) if f is not None and not f.deleting else None
         if f is None:
-            f = self.fleets[c.name] = Fleet(name=c.name, spec=c.spec, created_at=c.at)
+            f = self.fleets[c.name] = Fleet(
+                name=c.name, spec=c.spec, created_at=c.at, project=c.project
+            )
         new_target = _target(c.spec)
         if not c.spec.get("ssh_config") and new_target != old_target:
             alive = sum(1 for i in f.instances.values() if i.state != "terminating")
