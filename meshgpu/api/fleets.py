@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field
 
 from meshgpu.api import problems
 from meshgpu.api.problems import Problem
+from meshgpu.errors import Denied
+from meshgpu.security import policy
 from meshgpu.state.access import DEFAULT_PROJECT
 
 if TYPE_CHECKING:
@@ -88,6 +90,11 @@ def router(
         admin (or a global one); a fleet of a project the caller may not see is not found."""
         return await fleets().delete(name, host or [], who)  # type: ignore[no-any-return]
 
+    def admin(who: Any) -> None:
+        """Backends spend the mesh's money and hold cloud credentials: global admins only."""
+        if not policy.allowed_global(who, "cluster.manage"):
+            raise Denied("not allowed", f"{who.user} is no global admin (backends)", "forbidden")
+
     def backends() -> Any:
         if services.backends is None:
             raise Problem(
@@ -95,17 +102,21 @@ def router(
             )
         return services.backends
 
-    @r.post("/api/v1/backends", status_code=201, responses=problems.responses(400, 503, 507))
-    async def add_backend(body: BackendBody, _: auth) -> dict[str, Any]:
-        """Configure a backend: its credentials are checked, then sealed to the voters."""
+    @r.post("/api/v1/backends", status_code=201, responses=problems.responses(400, 403, 503, 507))
+    async def add_backend(body: BackendBody, who: auth) -> dict[str, Any]:
+        """Configure a backend (global admins): its credentials are checked, then sealed to
+        the voters."""
+        admin(who)
         return await backends().add(body.name, body.type, body.config, body.secrets)
 
     @r.get("/api/v1/backends")
     async def list_backends(_: auth, __: read) -> list[dict[str, Any]]:
         return backends().list()
 
-    @r.delete("/api/v1/backends/{name}", responses=problems.responses(404, 409, 503, 507))
-    async def remove_backend(name: str, _: auth) -> dict[str, Any]:
+    @r.delete("/api/v1/backends/{name}", responses=problems.responses(403, 404, 409, 503, 507))
+    async def remove_backend(name: str, who: auth) -> dict[str, Any]:
+        """Remove a backend with no instances (global admins)."""
+        admin(who)
         return await backends().remove(name)
 
     @r.get("/api/v1/agent/meshgpu.pyz", responses=problems.responses(403, 503))

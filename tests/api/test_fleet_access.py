@@ -81,3 +81,19 @@ async def test_another_projects_fleet_is_invisible(agent: StubAgent) -> None:
         r = await alice.delete("/api/v1/fleets/gpus-a")
         assert r.status_code == 200, r.text
         assert r.json()["deleting"] is True
+
+
+async def test_only_a_global_admin_adds_or_removes_a_backend(agent: StubAgent) -> None:
+    """Backends hold cloud credentials and spend money: a project admin (alice) is refused with
+    403 before anything is checked or stored; the founding admin gets past that check (here to
+    the 503 of a node that serves no backends)."""
+    tokens = await _setup(agent)
+    body = {"name": "aws", "type": "aws", "config": {}, "secrets": {"key": "x"}}
+    async with as_user(agent, tokens["alice"], "a") as alice:
+        r = await alice.post("/api/v1/backends", json=body)
+        assert r.status_code == 403 and "global admin" in r.json()["detail"], r.text
+        r = await alice.delete("/api/v1/backends/aws")
+        assert r.status_code == 403, r.text
+    async with api(agent) as admin:
+        assert (await admin.post("/api/v1/backends", json=body)).status_code == 503
+        assert (await admin.delete("/api/v1/backends/aws")).status_code == 503
