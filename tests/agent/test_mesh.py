@@ -159,7 +159,11 @@ def test_a_dead_host_is_declared_and_its_job_is_fenced_when_it_returns(tmp_path:
         assert run["jobs"][0]["node"] == "node-b"
         job_id = run["jobs"][0]["job_id"]
         pidfile = b.work_dir(job_id) / "pid"
-        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip()))
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip())
+        # The job's own ``$$`` is a pid of its PID namespace; on the host, its process tree is
+        # the one its supervisor recorded (the namespace's init, or the job itself without one).
+        record = b.data / "jobs" / job_id / "job.pid"
+        pid = int(json.loads(record.read_text())["pid"])
         assert b.proc is not None
         b.proc.send_signal(sig.SIGSTOP)  # the host hangs (or is cut off)
         run = wait_for(
