@@ -54,7 +54,9 @@ def router(
         return services.fleets
 
     @r.post(
-        "/api/v1/fleets", status_code=201, responses=problems.responses(400, 403, 409, 503, 507)
+        "/api/v1/fleets",
+        status_code=201,
+        responses=problems.responses(400, 403, 404, 409, 503, 507),
     )
     async def apply_fleet(
         body: FleetBody, who: auth, project: ProjectHeader = None
