@@ -13,7 +13,6 @@ trio nursery, serving no request before the parts it needs exist:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,7 @@ from meshgpu.client.archive import ArchiveLimits
 from meshgpu.client.http import write_profile
 from meshgpu.clock import SYSTEM_CLOCK, Clock
 from meshgpu.control import Demand
-from meshgpu.control.fleets import FleetController
+from meshgpu.control.fleet_parts import fleet_controllers
 from meshgpu.control.secret_keys import SecretKeys
 from meshgpu.control.terms import leader_controllers
 from meshgpu.devenv.monitor import AutoStop
@@ -288,8 +287,15 @@ class Agent:
                     self.counters.snapshot,
                     s,
                     clock,
-                    self._fleet_controller(node, proposer, services, clock),
-                    self._backend_fleet_controller(node, proposer, services, clock),
+                    *fleet_controllers(
+                        node,
+                        self.replicated,
+                        proposer,
+                        services.tokens.create,
+                        ident.tls.ca_key_path,
+                        s.data_dir,
+                        clock,
+                    ),
                     SecretKeys(services.access, clock=clock).run if services.access else None,
                 ),
             )
@@ -324,59 +330,6 @@ class Agent:
             gossip,
             Parts(self.code, self.runner, self.gpus, self.peer, self.counters),
         )
-
-    def _fleet_controller(
-        self, node: RaftNode, proposer: RaftProposer, services: Services, clock: Clock
-    ) -> Callable[[], FleetController]:
-        """A fleet controller per term, sharing one asyncio loop (asyncssh) started when a
-        fleet first needs it."""
-        from meshgpu.devenv.aio import AsyncioThread
-        from meshgpu.fleets.pyz import agent_file
-
-        bridge: list[AsyncioThread] = []
-
-        def get_bridge() -> AsyncioThread:
-            if not bridge:
-                bridge.append(AsyncioThread("fleet-ssh"))
-                bridge[0].start()
-            return bridge[0]
-
-        cache = self.settings.data_dir / "dist"
-        return lambda: FleetController(
-            node,
-            self.replicated.cluster,
-            self.replicated.jobs,
-            proposer,
-            services.tokens.create,
-            self.identity.tls.ca_key_path,
-            lambda: agent_file(cache),
-            get_bridge,
-            clock=clock,
-        )
-
-    def _backend_fleet_controller(
-        self, node: RaftNode, proposer: RaftProposer, services: Services, clock: Clock
-    ) -> Callable[[], Any]:
-        from meshgpu.control.backend_fleets import BackendFleetController
-        from meshgpu.fleets.pyz import agent_file
-
-        cache = self.settings.data_dir / "dist"
-
-        def make() -> BackendFleetController:
-            c = BackendFleetController(
-                node,
-                self.replicated.cluster,
-                self.replicated.jobs,
-                proposer,
-                services.tokens.create,
-                self.identity.tls.ca_key_path,
-                lambda: agent_file(cache),
-                clock=clock,
-            )
-            self.backend_fleets = c
-            return c
-
-        return make
 
     def _nginx_binary(self) -> str | None:
         if self.settings.data_plane != "nginx":

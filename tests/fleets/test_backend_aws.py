@@ -77,7 +77,7 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import libcloud.compute.drivers.ec2 as ec2mod
 
     # moto 5.2 answers in the 2016-11-15 namespace without libcloud's trailing slash
-    # (../shared reference notes): a test-only patch, real EC2 keeps the slash.
+    # (the libcloud-against-moto notes): a test-only patch, real EC2 keeps the slash.
     saved = ec2mod.NAMESPACE
     ec2mod.NAMESPACE = saved.rstrip("/")
     proc, url = _moto(tmp_path_factory.mktemp("moto"))
